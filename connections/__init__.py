@@ -1,1 +1,1 @@
-
+"""Connection types and the connection registry."""

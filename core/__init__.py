@@ -1,1 +1,5 @@
+"""kubegate core: the data path, the flow object and the plugin host."""
 
+from .plugins import hookimpl
+
+__all__ = ["hookimpl"]

@@ -1,1 +1,1 @@
-
+"""Built-in kubegate plugins: one feature per module, registered like third-party plugins."""

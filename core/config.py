@@ -1,0 +1,150 @@
+"""The gateway configuration file (YAML), validated at start.
+
+A bad file never produces a traceback: :class:`ConfigError` names the file, the key and the reason, and the
+CLI prints it and exits non-zero. Connection upstreams and plugin settings are validated by the models
+their connection type and plugin declare (see the ``kubegate_connection_types`` and
+``kubegate_plugin_settings`` hooks).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as `FILE: KEY: REASON`."""
+
+    def __init__(self, file: str | Path, key: str, reason: str):
+        self.file, self.key, self.reason = str(file), key, reason
+        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(StrictModel):
+    enabled: bool = Field(True, description="Serve https. kubectl sends bearer tokens only over https.")
+    cert_file: Path | None = Field(None, description="Server certificate (PEM); generated when unset.")
+    key_file: Path | None = Field(None, description="Server private key (PEM); generated when unset.")
+    hostnames: list[str] = Field(default_factory=list, description="Extra names for a generated certificate.")
+
+
+class LimitSettings(StrictModel):
+    max_request_body_bytes: int = Field(3 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
+    upstream_response_timeout_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="Longest wait for upstream response headers (not for the body: watches stream).",
+    )
+    max_websocket_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    upstream_pool_size: int = Field(100, gt=0, description="Open connections to each upstream, at most.")
+
+
+class ConnectionSettings(StrictModel):
+    type: str = "kubernetes"
+    description: str = ""
+    upstream: dict[str, Any]
+    plugins: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+
+
+class GatewaySettings(StrictModel):
+    listen: str = Field("127.0.0.1:8443", description="HOST:PORT to serve on.")
+    public_url: str | None = Field(None, description="URL clients use; defaults to one built from `listen`.")
+    state_dir: Path = Field(Path(".kubegate"), description="Generated certificates and local state.")
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    log_level: str = "info"
+    connections: dict[str, ConnectionSettings]
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443")
+        return value
+
+    @field_validator("connections")
+    @classmethod
+    def _names(cls, value: dict[str, ConnectionSettings]) -> dict[str, ConnectionSettings]:
+        if not value:
+            raise ValueError("at least one connection is needed")
+        for name in value:
+            if not CONNECTION_NAME.match(name):
+                raise ValueError(f"connection name {name!r} must be a DNS label (a-z, 0-9, '-')")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def format_location(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
+    err = exc.errors()[0]
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    return format_location(tuple(err["loc"]), prefix), msg
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, where, f"invalid YAML: {problem}") from None
+
+
+def parse_settings(path: Path) -> GatewaySettings:
+    """Read and validate the top level of the config file (connections' inner blocks come later)."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(path, "", "the file must be a YAML mapping")
+    try:
+        settings = GatewaySettings.model_validate(data)
+    except ValidationError as exc:
+        key, reason = first_error(exc)
+        raise ConfigError(path, key, reason) from None
+    base = path.parent
+    settings.state_dir = resolve(base, settings.state_dir)
+    if settings.tls.cert_file:
+        settings.tls.cert_file = resolve(base, settings.tls.cert_file)
+    if settings.tls.key_file:
+        settings.tls.key_file = resolve(base, settings.tls.key_file)
+    if bool(settings.tls.cert_file) != bool(settings.tls.key_file):
+        raise ConfigError(path, "tls", "cert_file and key_file go together")
+    return settings
+
+
+def resolve(base: Path, value: Path) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else (base / value).resolve()

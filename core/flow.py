@@ -1,0 +1,218 @@
+"""The flow: one object that carries a request through every hook.
+
+Per-request state lives here (never in module globals): the parsed attributes, the authenticated identity,
+the decision, the headers sent upstream, the response, and a `state` dict that plugins key by their name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .attributes import RequestAttributes
+from .errors import StatusError
+
+if TYPE_CHECKING:
+    from kubegate.connections.registry import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling, as an authentication plugin established it.
+
+    `user` and `groups` become `Impersonate-User` / `Impersonate-Group`; `uid` and `extra` become
+    `Impersonate-Uid` / `Impersonate-Extra-*` when set. `method` names the plugin that authenticated
+    (e.g. `static-tokens`), for audit and policy.
+    """
+
+    user: str
+    groups: tuple[str, ...] = ()
+    uid: str = ""
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    method: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """An authentication plugin recognised the credential as its own and rejected it (e.g. expired)."""
+
+    reason: str
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer of a decision plugin. The strictest answer wins: deny > needs_approval > allow."""
+
+    verdict: Verdict
+    reason: str = ""
+    rule: str = ""
+    plugin: str = ""
+
+    @classmethod
+    def allow(cls, reason: str = "", rule: str = "") -> Decision:
+        return cls(Verdict.ALLOW, reason, rule)
+
+    @classmethod
+    def deny(cls, reason: str, rule: str = "") -> Decision:
+        return cls(Verdict.DENY, reason, rule)
+
+
+class BodyTransformer(Protocol):
+    """Transforms a response body as it streams (see the `kubegate_response_stream` hook).
+
+    `feed` gets each chunk as it arrives and returns what to send now (possibly b"", keeping state for
+    data split across chunks); `end` is called once after the last chunk and returns any remaining bytes.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+@dataclass(slots=True)
+class Request:
+    """The client's request as the gateway received it (connection-relative path)."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    scheme: str = "https"
+    client_addr: str = ""
+    websocket: bool = False
+    subprotocols: list[str] = field(default_factory=list)
+    body: bytes | None = None
+    _body_reader: Callable[[], Awaitable[bytes]] | None = None
+
+    def header(self, name: str, default: str = "") -> str:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+    def header_values(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [value for key, value in self.headers if key.lower() == lname]
+
+    @property
+    def user_agent(self) -> str:
+        return self.header("user-agent")
+
+    async def read_body(self) -> bytes:
+        """Buffer the whole request body (up to the connection's byte cap) and return it.
+
+        Plugins that need the body (policy on the request object, approval hashes) call this; when nobody
+        does, the body streams to the API server without being buffered.
+        """
+        if self.body is None:
+            self.body = await self._body_reader() if self._body_reader else b""
+        return self.body
+
+
+@dataclass(slots=True)
+class Response:
+    """The response being sent to the client. Plugins may edit headers in `kubegate_response_headers`."""
+
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    bytes_sent: int = 0
+
+
+@dataclass(slots=True)
+class Flow:
+    """One client request on its way through the gateway."""
+
+    connection: Connection
+    request: Request
+    attributes: RequestAttributes
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
+    wall_time: float = field(default_factory=time.time)
+    identity: Identity | None = None
+    auth_failure: str = ""
+    decision: Decision | None = None
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    response: Response = field(default_factory=Response)
+    error: StatusError | None = None
+    # Per-plugin, per-request state: plugins use their own name as key.
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kubectl_command(self) -> str:
+        return self.request.header("kubectl-command")
+
+    @property
+    def kubectl_session(self) -> str:
+        return self.request.header("kubectl-session")
+
+    @property
+    def latency_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000
+
+
+class FrameDirection(StrEnum):
+    CLIENT_TO_UPSTREAM = "client_to_upstream"
+    UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+
+@dataclass(slots=True)
+class Frame:
+    """One WebSocket message of an exec/attach/port-forward session.
+
+    For the channel protocols the first byte of `data` is the channel (0 stdin, 1 stdout, 2 stderr,
+    3 status, 4 resize; v5 adds `0xFF <channel>` close frames). A plugin may replace `data`, or set
+    `drop` to swallow the frame.
+    """
+
+    direction: FrameDirection
+    data: bytes
+    text: bool = False
+    drop: bool = False
+
+    @property
+    def channel(self) -> int | None:
+        return self.data[0] if self.data and not self.text else None
+
+
+@dataclass(slots=True)
+class Session:
+    """An exec/attach/port-forward session relayed over WebSocket."""
+
+    flow: Flow
+    subprotocol: str
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    bytes_from_client: int = 0
+    bytes_from_upstream: int = 0
+    close_code: int | None = None
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """A structured record of something the gateway did, handed to every `kubegate_audit_event` hook."""
+
+    kind: str
+    flow_id: str
+    connection: str
+    time: float
+    data: dict[str, Any]
+
+
+def token_fingerprint(token: str) -> str:
+    """A stable, non-reversible name for a credential: safe to log and to store."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+BodyStream = AsyncIterator[bytes]

@@ -1,0 +1,114 @@
+"""The gateway: config + plugins + connections, served as one ASGI application.
+
+``/k8s/...`` goes to the raw-ASGI data path (:mod:`kubegate.core.proxy`); everything else (health, plugin
+routes, the UI to come) is a Quart application.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from quart import Quart, jsonify
+
+from kubegate.connections.registry import ConnectionRegistry, build_registry
+
+from .config import GatewaySettings, parse_settings
+from .plugins import PluginHost
+from .proxy import PREFIX, Proxy, Receive, Scope, Send
+
+log = logging.getLogger("kubegate")
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, config_path: Path, plugins: PluginHost):
+        self.settings = settings
+        self.config_path = config_path
+        self.plugins = plugins
+        self.connections: ConnectionRegistry = build_registry(settings, config_path, plugins)
+        self.proxy = Proxy(self.connections)
+        self.app = self._make_app()
+        self.public_url = settings.public_url or _default_url(settings)
+
+    @classmethod
+    def from_config(cls, path: Path, plugins: PluginHost | None = None) -> Gateway:
+        """Load and validate a config file; raises ConfigError naming the file, key and reason."""
+        settings = parse_settings(path)
+        return cls(settings, path, plugins or PluginHost())
+
+    def connection_url(self, name: str) -> str:
+        return f"{self.public_url.rstrip('/')}/k8s/{name}"
+
+    def _make_app(self) -> Quart:
+        app = Quart(__name__)
+        app.config["RESPONSE_TIMEOUT"] = None  # plugin routes may stream too
+
+        @app.get("/healthz")
+        async def healthz() -> tuple[str, int]:
+            return "ok", 200
+
+        @app.get("/")
+        async def index() -> Any:
+            return jsonify(
+                {
+                    "name": "kubegate",
+                    "connections": [
+                        {"name": c.name, "url": f"/k8s/{c.name}", "plugins": c.enabled_plugins}
+                        for c in self.connections
+                    ],
+                }
+            )
+
+        for blueprint in self.plugins.http_routes(self):
+            app.register_blueprint(blueprint)
+        return app
+
+    async def start(self) -> None:
+        await self.connections.start()
+        await self.plugins.startup(self)
+        await self.app.startup()
+
+    async def stop(self) -> None:
+        await self.plugins.shutdown(self)
+        await self.app.shutdown()
+        await self.connections.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        raw_path: bytes = scope.get("raw_path") or scope.get("path", "").encode()
+        if raw_path.startswith(PREFIX):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.stop()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _default_url(settings: GatewaySettings) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if settings.tls.enabled else "http"
+    return f"{scheme}://{host}:{settings.port}"

@@ -1,0 +1,101 @@
+"""Which headers cross the gateway, and the last check before anything is sent upstream.
+
+The caller's ``Authorization`` and every ``Impersonate-*`` header (kubectl ``--as``/``--as-group`` send
+them) must never reach the API server: left in, any caller could act as anyone the gateway may
+impersonate, up to ``system:masters``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from .errors import StatusError
+from .flow import Identity
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the gateway sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "http2-settings",
+    }
+)
+WEBSOCKET_HANDSHAKE = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+)
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+
+def is_credential_header(lname: str) -> bool:
+    return lname == "authorization" or lname.startswith(("impersonate-", "proxy-"))
+
+
+def client_headers_for_upstream(
+    headers: list[tuple[str, str]], *, websocket: bool = False, keep_length: bool = False
+) -> list[tuple[str, str]]:
+    """The client's headers minus credentials, impersonation and hop-by-hop headers."""
+    listed = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            listed |= {token.strip().lower() for token in value.split(",")}
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in listed or is_credential_header(lname):
+            continue
+        if websocket and lname in WEBSOCKET_HANDSHAKE:
+            continue
+        if lname == "content-length" and not keep_length:
+            continue
+        out.append((name, value))
+    return out
+
+
+def _safe(value: str, what: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        # An identity that cannot be written as a header is refused rather than mangled.
+        raise StatusError(
+            403, f"the authenticated {what} contains control characters and cannot be impersonated"
+        )
+    return value
+
+
+def impersonation_headers(identity: Identity) -> list[tuple[str, str]]:
+    """``Impersonate-*`` headers for the caller: one ``Impersonate-Group`` per group (the API server adds
+    ``system:authenticated`` itself), ``Impersonate-Uid`` and ``Impersonate-Extra-<key>`` when known."""
+    out = [("Impersonate-User", _safe(identity.user, "user name"))]
+    out += [("Impersonate-Group", _safe(group, "group")) for group in identity.groups]
+    if identity.uid:
+        out.append(("Impersonate-Uid", _safe(identity.uid, "uid")))
+    for key, values in identity.extra.items():
+        header = "Impersonate-Extra-" + quote(key.lower(), safe="")
+        out += [(header, _safe(value, "extra value")) for value in values]
+    return out
+
+
+def check_upstream_headers(
+    headers: list[tuple[str, str]], credential: list[tuple[str, str]], impersonation: list[tuple[str, str]]
+) -> None:
+    """Refuse to send a request where a header that carries identity is not one the gateway set.
+
+    Runs after every plugin had its say, as the last step before the request leaves.
+    """
+    allowed = {(n.lower(), v) for n, v in credential} | {(n.lower(), v) for n, v in impersonation}
+    expected = len(credential) + len(impersonation)
+    seen = 0
+    for name, value in headers:
+        lname = name.lower()
+        if is_credential_header(lname):
+            if (lname, value) not in allowed:
+                raise StatusError(
+                    500, f"refusing to send a request carrying an unexpected {name} header upstream"
+                )
+            seen += 1
+    if seen != expected:
+        raise StatusError(500, "refusing to send a request whose identity headers were altered")

@@ -1,0 +1,220 @@
+"""Every kubegate hook, in the order a request meets them. The docstrings are the reference.
+
+Plugins implement hooks with ``@kubegate.core.hookimpl``; a plugin module is one feature. Implementations
+may be plain functions or ``async def`` — the host awaits every result, so never rely on ``firstresult``
+semantics: where a hook says "the first non-None answer wins", the host awaits implementations in call
+order and stops at the first answer.
+
+Scopes:
+
+* **Gateway hooks** (connection types, plugin settings, routes, startup/shutdown) are called on every
+  installed plugin.
+* **Connection hooks** (everything that receives a ``flow``) are called only on the plugins enabled on
+  that flow's connection (``connections.NAME.plugins`` in the config). The per-connection plugin set is
+  computed once per config load.
+
+Failure rule: an exception in ``kubegate_authenticate`` or ``kubegate_decide`` denies the request
+(fail closed); an exception in a transformer ends that response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from quart import Blueprint
+
+    from kubegate.connections.registry import ConnectionType
+    from kubegate.core.flow import (
+        AuditEvent,
+        AuthFailure,
+        BodyTransformer,
+        Decision,
+        Flow,
+        Frame,
+        Identity,
+        Session,
+    )
+    from kubegate.core.gateway import Gateway
+
+PROJECT = "kubegate"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+# ---------------------------------------------------------------------------------------------------------
+# Gateway: configuration, start and stop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kubegate_connection_types() -> dict[str, ConnectionType]:
+    """Register connection types by name (``type:`` of a connection in the config).
+
+    :return: a mapping of type name to a :class:`~kubegate.connections.registry.ConnectionType`.
+        The built-in ``kubernetes`` type is registered through this hook like any other.
+    """
+
+
+@hookspec
+def kubegate_plugin_settings() -> type[BaseModel] | None:
+    """Declare the pydantic model that validates this plugin's per-connection settings.
+
+    The host validates ``connections.NAME.plugins.PLUGIN`` against it when the config loads, and reports
+    a bad value with the file, the key and the reason. The validated instance is then available as
+    ``flow.connection.settings_for(PLUGIN)``. Return None (or don't implement) for a plugin without
+    settings.
+    """
+
+
+@hookspec
+def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
+    """Return a Quart blueprint of extra HTTP routes served by the gateway (outside ``/k8s/``).
+
+    :param gateway: the running gateway (config, connections, hooks).
+    """
+
+
+@hookspec
+def kubegate_startup(gateway: Gateway) -> Awaitable[None] | None:
+    """Called once when the gateway starts serving, after the config and connections are loaded.
+
+    :param gateway: the running gateway.
+    """
+
+
+@hookspec
+def kubegate_shutdown(gateway: Gateway) -> Awaitable[None] | None:
+    """Called once when the gateway stops, before upstream sessions close.
+
+    :param gateway: the running gateway.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request: who is calling, and may they?
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kubegate_authenticate(
+    flow: Flow,
+) -> Identity | AuthFailure | Awaitable[Identity | AuthFailure | None] | None:
+    """Establish who sent the request.
+
+    Tri-state, asked in call order until one answers: return None when the credential is not this
+    plugin's to judge (no token, a token of another kind), an :class:`~kubegate.core.flow.Identity` to
+    accept it, or an :class:`~kubegate.core.flow.AuthFailure` to reject it. The first non-None answer wins.
+    When no plugin answers, or one raises, the request gets a 401 ``Status`` and never reaches upstream.
+
+    :param flow: the request; ``flow.request.headers`` holds the caller's ``Authorization`` header.
+    """
+
+
+@hookspec
+def kubegate_decide(flow: Flow) -> Decision | Awaitable[Decision | None] | None:
+    """Decide whether the authenticated request may go on: allow, deny, or needs approval.
+
+    Every enabled plugin is asked; the strictest answer wins (deny, then needs approval, then allow).
+    None means no opinion; when nobody has one, the request is allowed (cluster RBAC still applies,
+    because the API server sees the caller through impersonation). A plugin that needs the body awaits
+    ``flow.request.read_body()``. Called for REST requests and before a WebSocket upgrade is relayed.
+
+    :param flow: the request, with ``flow.identity`` and ``flow.attributes`` set.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Upstream request and response
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kubegate_upstream_request(flow: Flow) -> Awaitable[None] | None:
+    """Adjust the request about to be sent to the API server.
+
+    ``flow.upstream_headers`` already has the connection's credential and the impersonation headers; a
+    plugin may add headers. Whatever it does, the host checks afterwards that no client ``Authorization``
+    or client ``Impersonate-*`` header survived, and refuses the request with a 500 ``Status`` otherwise.
+
+    :param flow: the request about to be sent.
+    """
+
+
+@hookspec
+def kubegate_response_headers(flow: Flow) -> Awaitable[None] | None:
+    """Inspect or edit the response status and headers (``flow.response``) before they go to the client.
+
+    :param flow: the request, with ``flow.response.status`` and ``flow.response.headers`` from upstream.
+    """
+
+
+@hookspec
+def kubegate_response_stream(flow: Flow) -> BodyTransformer | Awaitable[BodyTransformer | None] | None:
+    """Return a transformer for the response body, or None to leave it untouched.
+
+    Called once per response, after ``kubegate_response_headers``. Transformers are chained in call order;
+    each sees chunks as they stream (a watch or ``logs -f`` never ends) and must carry state for data split
+    across chunks. When a transformer may change the length, the host drops ``Content-Length``.
+
+    :param flow: the request, with the response headers known.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exec / attach / port-forward sessions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kubegate_session_start(flow: Flow, session: Session) -> Awaitable[None] | None:
+    """A WebSocket session (exec, attach, port-forward) was accepted by upstream and the client.
+
+    :param flow: the upgrade request.
+    :param session: the session (subprotocol, counters).
+    """
+
+
+@hookspec
+def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> Awaitable[None] | None:
+    """Inspect or rewrite one WebSocket message of a session, in either direction.
+
+    Set ``frame.data`` to rewrite it or ``frame.drop = True`` to swallow it. Called only on connections
+    where some enabled plugin implements it; otherwise frames are relayed without this call.
+
+    :param flow: the upgrade request.
+    :param session: the session.
+    :param frame: the message, with its direction.
+    """
+
+
+@hookspec
+def kubegate_session_end(flow: Flow, session: Session) -> Awaitable[None] | None:
+    """A WebSocket session ended (either side closed, or an error).
+
+    :param flow: the upgrade request.
+    :param session: the session, with ``ended``, byte counters and ``close_code`` set.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Audit
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kubegate_audit_event(event: AuditEvent) -> Awaitable[None] | None:
+    """Receive an audit event: one per finished request (including denials and authentication failures,
+    which carry a token fingerprint, never the token), and one per session start and end.
+
+    :param event: the event; ``event.data`` is JSON-serialisable.
+    """
+
+
+def all_hook_names() -> list[str]:
+    """Names of every hook spec, for documentation checks."""
+    return sorted(
+        name for name, value in globals().items() if name.startswith("kubegate_") and callable(value)
+    )

@@ -1,0 +1,228 @@
+"""The plugin host: a typed facade over pluggy.
+
+Built-in features are plugins registered exactly like third-party ones (from ``DEFAULT_PLUGINS``, then the
+``kubegate`` entry-point group). Each call site goes through a method of :class:`GatewayHooks` or
+:class:`ConnectionHooks`, so hook calls are type-checked and every async result is awaited.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .flow import AuditEvent, AuthFailure, BodyTransformer, Decision, Flow, Frame, Identity, Session, Verdict
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from quart import Blueprint
+
+    from kubegate.connections.registry import ConnectionType
+    from kubegate.core.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+
+ENTRY_POINT_GROUP = "kubegate"
+
+# Built-ins, registered like third-party plugins. Each module sets PLUGIN_NAME.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "kubegate.connections.kubernetes",
+    "kubegate.plugins.static_tokens",
+)
+
+_DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """Await `value` when it is awaitable: hooks may be implemented with or without ``async``."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _close_pending(results: Iterable[Any]) -> None:
+    for value in results:
+        if inspect.iscoroutine(value):
+            value.close()
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    module: str
+    origin: str  # "builtin" or "entry point <dist>"
+    hooks: tuple[str, ...]
+
+
+class PluginHost:
+    """Owns the pluggy manager and knows which plugins exist."""
+
+    def __init__(self, *, load_entry_points: bool = True, extra: Iterable[ModuleType | object] = ()):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._origins: dict[str, str] = {}
+        for module_name in DEFAULT_PLUGINS:
+            module = importlib.import_module(module_name)
+            self.register(module, origin="builtin")
+        if load_entry_points:
+            before = set(self.pm.get_plugins())
+            self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            for plugin in set(self.pm.get_plugins()) - before:
+                name = self.pm.get_name(plugin) or repr(plugin)
+                dist = dict(self.pm.list_plugin_distinfo()).get(plugin)
+                self._origins[name] = f"entry point ({dist.project_name})" if dist else "entry point"
+        for plugin in extra:
+            self.register(plugin, origin="extra")
+        self.pm.check_pending()
+
+    def register(self, plugin: ModuleType | object, *, origin: str, name: str | None = None) -> str:
+        name = name or getattr(plugin, "PLUGIN_NAME", None) or getattr(plugin, "__name__", None)
+        if not name:
+            raise ValueError(f"plugin {plugin!r} has no PLUGIN_NAME")
+        self.pm.register(plugin, name=name)
+        self._origins[name] = origin
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(n for n, _ in self.pm.list_name_plugin())
+
+    def plugin(self, name: str) -> object | None:
+        return self.pm.get_plugin(name)
+
+    def describe(self) -> list[PluginInfo]:
+        infos = []
+        for name, plugin in sorted(self.pm.list_name_plugin()):
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
+            module = getattr(plugin, "__name__", type(plugin).__module__)
+            infos.append(PluginInfo(name, module, self._origins.get(name, "?"), hooks))
+        return infos
+
+    # -- gateway hooks --------------------------------------------------------------------------------
+
+    def connection_types(self) -> dict[str, ConnectionType]:
+        types: dict[str, ConnectionType] = {}
+        for result in self.pm.hook.kubegate_connection_types():
+            for type_name, ctype in (result or {}).items():
+                if type_name in types:
+                    raise ValueError(f"connection type {type_name!r} is registered twice")
+                types[type_name] = ctype
+        return types
+
+    def plugin_settings_models(self) -> dict[str, type[BaseModel]]:
+        """Settings model per plugin name (only plugins that declare one)."""
+        models: dict[str, type[BaseModel]] = {}
+        for impl in self.pm.hook.kubegate_plugin_settings.get_hookimpls():
+            model = impl.function()
+            if model is not None:
+                models[impl.plugin_name] = model
+        return models
+
+    def http_routes(self, gateway: Gateway) -> list[Blueprint]:
+        return [bp for bp in self.pm.hook.kubegate_http_routes(gateway=gateway) if bp is not None]
+
+    async def startup(self, gateway: Gateway) -> None:
+        for result in self.pm.hook.kubegate_startup(gateway=gateway):
+            await await_me_maybe(result)
+
+    async def shutdown(self, gateway: Gateway) -> None:
+        for result in self.pm.hook.kubegate_shutdown(gateway=gateway):
+            try:
+                await await_me_maybe(result)
+            except Exception:
+                log.exception("shutdown hook failed")
+
+    def for_connection(self, enabled: Iterable[str]) -> ConnectionHooks:
+        return ConnectionHooks(self.pm, frozenset(enabled))
+
+
+class ConnectionHooks:
+    """The hooks of one connection: only its enabled plugins are called. Built once per config load."""
+
+    def __init__(self, pm: pluggy.PluginManager, enabled: frozenset[str]):
+        self.enabled = enabled
+        remove = [plugin for name, plugin in pm.list_name_plugin() if name not in enabled]
+        caller = pm.subset_hook_caller
+        self._authenticate = caller("kubegate_authenticate", remove)
+        self._decide = caller("kubegate_decide", remove)
+        self._upstream_request = caller("kubegate_upstream_request", remove)
+        self._response_headers = caller("kubegate_response_headers", remove)
+        self._response_stream = caller("kubegate_response_stream", remove)
+        self._session_start = caller("kubegate_session_start", remove)
+        self._stream_frame = caller("kubegate_stream_frame", remove)
+        self._session_end = caller("kubegate_session_end", remove)
+        self._audit_event = caller("kubegate_audit_event", remove)
+        # Hooks nobody implements on this connection are skipped on the hot path.
+        self.has_upstream_request = bool(self._upstream_request.get_hookimpls())
+        self.has_response_headers = bool(self._response_headers.get_hookimpls())
+        self.has_response_stream = bool(self._response_stream.get_hookimpls())
+        self.has_frame_hooks = bool(self._stream_frame.get_hookimpls())
+        self.has_session_hooks = bool(
+            self._session_start.get_hookimpls() or self._session_end.get_hookimpls()
+        )
+        self.has_audit = bool(self._audit_event.get_hookimpls())
+
+    async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
+        results = self._authenticate(flow=flow)
+        # pluggy returns results last-registered-first; ask them in that order, stop at the first answer.
+        for index, result in enumerate(results):
+            try:
+                answer = await await_me_maybe(result)
+            except BaseException:
+                _close_pending(results[index + 1 :])
+                raise
+            if answer is not None:
+                _close_pending(results[index + 1 :])
+                return answer
+        return None
+
+    async def decide(self, flow: Flow) -> Decision | None:
+        strictest: Decision | None = None
+        for result in self._decide(flow=flow):
+            decision = await await_me_maybe(result)
+            if decision is None:
+                continue
+            if strictest is None or _DECISION_RANK[decision.verdict] > _DECISION_RANK[strictest.verdict]:
+                strictest = decision
+        return strictest
+
+    async def upstream_request(self, flow: Flow) -> None:
+        for result in self._upstream_request(flow=flow):
+            await await_me_maybe(result)
+
+    async def response_headers(self, flow: Flow) -> None:
+        for result in self._response_headers(flow=flow):
+            await await_me_maybe(result)
+
+    async def response_stream(self, flow: Flow) -> list[BodyTransformer]:
+        transformers = []
+        for result in self._response_stream(flow=flow):
+            transformer = await await_me_maybe(result)
+            if transformer is not None:
+                transformers.append(transformer)
+        return transformers
+
+    async def session_start(self, flow: Flow, session: Session) -> None:
+        for result in self._session_start(flow=flow, session=session):
+            await await_me_maybe(result)
+
+    async def stream_frame(self, flow: Flow, session: Session, frame: Frame) -> None:
+        for result in self._stream_frame(flow=flow, session=session, frame=frame):
+            await await_me_maybe(result)
+
+    async def session_end(self, flow: Flow, session: Session) -> None:
+        for result in self._session_end(flow=flow, session=session):
+            await await_me_maybe(result)
+
+    async def audit_event(self, event: AuditEvent) -> None:
+        for result in self._audit_event(event=event):
+            await await_me_maybe(result)
