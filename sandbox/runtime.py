@@ -155,7 +155,7 @@ def kill_session(pid: int, sig: int = signal.SIGKILL) -> None:
             continue
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: kept in sets of a pod's running execs
 class Process:
     """A running process with its stdio as raw non-blocking fds (None where not connected)."""
 
