@@ -168,9 +168,9 @@ class KubernetesConnectionType:
                     "in_cluster", "KUBERNETES_SERVICE_HOST/PORT are not set: not running in a pod"
                 )
             server = settings.server or f"https://{_bracket(host)}:{port}"
-            ca_file = settings.certificate_authority or IN_CLUSTER_DIR / "ca.crt"
+            cluster_ca = settings.certificate_authority or IN_CLUSTER_DIR / "ca.crt"
             token_path = IN_CLUSTER_DIR / "token"
-            ctx = _ssl_context(ca_file=ca_file, key="certificate_authority")
+            ctx = _ssl_context(ca_file=cluster_ca, key="certificate_authority")
             return KubernetesUpstream(
                 name,
                 _check_server(server),

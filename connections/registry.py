@@ -53,7 +53,10 @@ class Upstream(Protocol):
 class ConnectionType(Protocol):
     """A kind of connection (``type:`` in the config)."""
 
-    settings_model: type[BaseModel]
+    @property
+    def settings_model(self) -> type[BaseModel]:
+        """The pydantic model that validates the connection's ``upstream`` block."""
+        ...
 
     def create_upstream(self, name: str, settings: Any, base_dir: Path, limits: LimitSettings) -> Upstream:
         """Build the upstream from validated settings; raise :class:`SettingError` for a bad value."""

@@ -60,8 +60,8 @@ class GatewaySettings(StrictModel):
     listen: str = Field("127.0.0.1:8443", description="HOST:PORT to serve on.")
     public_url: str | None = Field(None, description="URL clients use; defaults to one built from `listen`.")
     state_dir: Path = Field(Path(".kubegate"), description="Generated certificates and local state.")
-    tls: TLSSettings = Field(default_factory=TLSSettings)
-    limits: LimitSettings = Field(default_factory=LimitSettings)
+    tls: TLSSettings = Field(default_factory=lambda: TLSSettings())
+    limits: LimitSettings = Field(default_factory=lambda: LimitSettings())
     log_level: str = "info"
     connections: dict[str, ConnectionSettings]
 

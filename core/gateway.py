@@ -83,7 +83,7 @@ class Gateway:
         if raw_path.startswith(PREFIX):
             await self.proxy(scope, receive, send)
         else:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send)  # type: ignore[arg-type]
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

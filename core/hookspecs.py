@@ -214,7 +214,5 @@ def kubegate_audit_event(event: AuditEvent) -> Awaitable[None] | None:
 
 
 def all_hook_names() -> list[str]:
-    """Names of every hook spec, for documentation checks."""
-    return sorted(
-        name for name, value in globals().items() if name.startswith("kubegate_") and callable(value)
-    )
+    """Names of every hook spec in the order a request meets them (definition order)."""
+    return [name for name, value in globals().items() if name.startswith("kubegate_") and callable(value)]

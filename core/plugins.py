@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -122,7 +122,7 @@ class PluginHost:
         """Settings model per plugin name (only plugins that declare one)."""
         models: dict[str, type[BaseModel]] = {}
         for impl in self.pm.hook.kubegate_plugin_settings.get_hookimpls():
-            model = impl.function()
+            model = cast("type[BaseModel] | None", impl.function())
             if model is not None:
                 models[impl.plugin_name] = model
         return models

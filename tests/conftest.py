@@ -67,7 +67,7 @@ def start_sandbox(directory: Path) -> Sandbox:
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubegate.sandbox", "serve", "--dir", str(directory), "--port", "0"],
         stdout=subprocess.PIPE,
-        stderr=open(directory / "sandbox.log", "wb"),  # noqa: SIM115 - lives as long as the process
+        stderr=open(directory / "sandbox.log", "wb"),
         text=True,
     )
     assert proc.stdout is not None
@@ -126,3 +126,163 @@ def run_kubectl(
     if check and proc.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gateway, as a real `kubegate serve` process in front of the sandbox
+# ---------------------------------------------------------------------------------------------------------
+
+GATEWAY_USERS = {
+    # user: (groups, token)
+    "alice": (["developers"], "alice-token-0123456789abcdef"),
+    "bob": (["readonly"], "bob-token-0123456789abcdef"),
+    "ci-bot": (["ci", "deployers"], "ci-bot-token-0123456789abcdef"),
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Gateway:
+    """A running `kubegate serve` process."""
+
+    dir: Path
+    url: str
+    config: Path
+    ca_file: Path
+    process: subprocess.Popen
+    log: Path
+
+    def connection_url(self, name: str) -> str:
+        return f"{self.url}/k8s/{name}"
+
+    def kubeconfig(self, user: str = "alice", connection: str = "sandbox", token: str | None = None) -> Path:
+        """A kubeconfig for `user` (a GATEWAY_USERS name) reaching `connection` through the gateway."""
+        import base64
+
+        import yaml
+
+        token = token if token is not None else GATEWAY_USERS[user][1]
+        path = self.dir / f"kubeconfig-{user}-{connection}-{abs(hash(token))}"
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": connection,
+                    "cluster": {
+                        "server": self.connection_url(connection),
+                        "certificate-authority-data": base64.b64encode(self.ca_file.read_bytes()).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token} if token else {}}],
+            "contexts": [{"name": "gw", "context": {"cluster": connection, "user": user}}],
+            "current-context": "gw",
+        }
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+
+def gateway_config(
+    sandbox: Sandbox, directory: Path, port: int, extra_connections: dict | None = None
+) -> dict:
+    import hashlib
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "upstream-token").write_text(sandbox.token)
+    tokens = [
+        {"user": user, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+        for user, (groups, token) in GATEWAY_USERS.items()
+    ]
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "state_dir": str(directory / "state"),
+        "limits": {"max_request_body_bytes": 1024 * 1024, "upstream_connect_timeout_seconds": 2},
+        "connections": {
+            "sandbox": {
+                "upstream": {
+                    "server": sandbox.url,
+                    "certificate_authority": str(sandbox.ca_file),
+                    "token_file": str(directory / "upstream-token"),
+                },
+                "plugins": {"static-tokens": {"tokens": tokens}},
+            },
+            **(extra_connections or {}),
+        },
+    }
+
+
+def start_gateway(directory: Path, config: dict) -> Gateway:
+    import ssl
+    import urllib.request
+
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / "kubegate.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log = directory / "gateway.log"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "kubegate"), "serve", "--config", str(config_path)],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"https://{config['listen']}"
+    ca_file = Path(config["state_dir"]) / "tls" / "ca.crt"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited ({proc.returncode}): {log.read_text()}")
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca_file))
+            with urllib.request.urlopen(f"{url}/healthz", context=ctx, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except (OSError, ssl.SSLError):
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"gateway did not start: {log.read_text()}")
+    return Gateway(dir=directory, url=url, config=config_path, ca_file=ca_file, process=proc, log=log)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The gateway in front of the sandbox, with connection `sandbox`, plus `down` (nothing listening)."""
+    directory = tmp_path_factory.mktemp("gateway")
+    dead_port = free_port()
+    extra = {
+        "down": {
+            "upstream": {
+                "server": f"https://127.0.0.1:{dead_port}",
+                "certificate_authority": str(sandbox.ca_file),
+                "token_file": str(directory / "upstream-token"),
+            },
+            "plugins": {
+                "static-tokens": {
+                    "tokens": gateway_config(sandbox, directory, 0)["connections"]["sandbox"]["plugins"][
+                        "static-tokens"
+                    ]["tokens"]
+                }
+            },
+        }
+    }
+    gw = start_gateway(directory, gateway_config(sandbox, directory, free_port(), extra))
+    yield gw
+    stop_process(gw.process)

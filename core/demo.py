@@ -1,0 +1,140 @@
+"""``kubegate demo``: a sandbox cluster behind the gateway, with demo users and a ready kubeconfig.
+
+Everything runs in one process: the sandbox cluster (the stand-in API server) and the gateway in front of
+it, connected exactly as a real deployment would be (TLS, the gateway's own token, impersonation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError
+from .kubeconfig import dump, gateway_kubeconfig, write_private
+
+CONNECTION = "demo"
+DEMO_USERS = (
+    # user, groups, what they are for
+    ("alice", ["developers"], "a developer"),
+    ("ci-bot", ["ci", "deployers"], "a CI pipeline"),
+    ("rita", ["reviewers"], "a reviewer"),
+)
+
+
+def write_demo_config(
+    directory: Path, sandbox_url: str, sandbox_ca: Path, sandbox_token: str, port: int
+) -> tuple[Path, list[tuple[str, str]]]:
+    """Write the gateway config and the gateway token file; returns (config path, [(user, token)])."""
+    write_private(directory / "upstream-token", sandbox_token + "\n")
+    users = [(name, secrets.token_urlsafe(24)) for name, _, _ in DEMO_USERS]
+    tokens = [
+        {"user": name, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+        for (name, groups, _), (_, token) in zip(DEMO_USERS, users, strict=True)
+    ]
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "state_dir": "state",
+        "connections": {
+            CONNECTION: {
+                "description": "the sandbox cluster started by `kubegate demo`",
+                "upstream": {
+                    "server": sandbox_url,
+                    "certificate_authority": str(sandbox_ca),
+                    "token_file": "upstream-token",
+                },
+                "plugins": {"static-tokens": {"tokens": tokens}},
+            }
+        },
+    }
+    path = directory / "kubegate.yaml"
+    path.write_text(
+        "# Written by `kubegate demo`; tokens are stored as SHA-256 hashes.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    return path, users
+
+
+async def _run(directory: Path, port: int) -> None:
+    from kubegate.sandbox.server import start_sandbox
+
+    from .gateway import Gateway
+    from .server import hypercorn_config, serve_until_signal, tls_files
+
+    sandbox = await start_sandbox(directory / "sandbox")
+    try:
+        config_path, users = write_demo_config(
+            directory, sandbox.url, Path(sandbox.ca_file), sandbox.token, port
+        )
+        gateway = Gateway.from_config(config_path)
+        tls = tls_files(gateway)
+        assert tls is not None and tls.ca is not None
+        kubeconfig = directory / "kubeconfig"
+        write_private(
+            kubeconfig,
+            dump(
+                gateway_kubeconfig(
+                    cluster=CONNECTION,
+                    server=gateway.connection_url(CONNECTION),
+                    ca_pem=tls.ca.read_bytes(),
+                    users=users,
+                )
+            ),
+        )
+        _announce(gateway.connection_url(CONNECTION), sandbox.url, config_path, kubeconfig)
+        await serve_until_signal(gateway, hypercorn_config(gateway, tls))
+    finally:
+        await sandbox.close()
+
+
+def _announce(gateway_url: str, sandbox_url: str, config: Path, kubeconfig: Path) -> None:
+    who = "\n".join(
+        f"    {name}@{CONNECTION:<8} {what} (groups: {', '.join(groups)})"
+        for name, groups, what in DEMO_USERS
+    )
+    print(
+        f"""
+kubegate demo is running.
+  gateway:  {gateway_url}
+  sandbox:  {sandbox_url} (the stand-in API server; only the gateway talks to it)
+  config:   {config}
+
+Contexts in the kubeconfig (each a demo user with its own token):
+{who}
+
+Try, in another terminal:
+  export KUBECONFIG={kubeconfig.resolve()}
+  kubectl auth whoami                         # alice, as the sandbox sees her (impersonation)
+  kubectl get pods -n prod
+  kubectl get secret db-credentials -n prod -o yaml
+  kubectl logs web -n prod --tail=3
+  kubectl exec -it web -n prod -- sh
+  kubectl port-forward pod/web -n prod 8080:8080
+  kubectl --context ci-bot@{CONNECTION} auth whoami
+
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+
+
+def run_demo(directory: Path, *, port: int = 8443) -> int:
+    from .server import asyncio_run
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        asyncio_run(_run(directory, port))
+    except ConfigError:
+        raise
+    except OSError as exc:
+        print(
+            f"kubegate: error: cannot start the demo on port {port}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    return 0

@@ -1,0 +1,40 @@
+"""Documentation that must not drift from the code."""
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from kubegate.core import hookspecs
+from kubegate.core.plugins import PluginHost
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGINS_DOC = (ROOT / "docs" / "plugins.md").read_text()
+
+
+@pytest.mark.parametrize("name", hookspecs.all_hook_names())
+def test_every_hook_is_documented_with_its_docstring(name):
+    fn = getattr(hookspecs, name)
+    params = ", ".join(inspect.signature(fn).parameters)
+    heading = f"### `{name}({params})`"
+    assert heading in PLUGINS_DOC, f"docs/plugins.md lacks {heading}"
+    section = PLUGINS_DOC.split(heading, 1)[1].split("\n### ", 1)[0]
+    assert inspect.getdoc(fn) in section, f"docs/plugins.md: the text of {name} differs from its docstring"
+
+
+def test_documented_hooks_exist():
+    documented = set(re.findall(r"^### `(kubegate_\w+)\(", PLUGINS_DOC, re.M))
+    assert documented == set(hookspecs.all_hook_names())
+
+
+def test_every_hook_has_a_docstring():
+    for name in hookspecs.all_hook_names():
+        assert (getattr(hookspecs, name).__doc__ or "").strip(), name
+
+
+def test_builtin_plugins_implement_only_known_hooks():
+    host = PluginHost(load_entry_points=False)
+    for info in host.describe():
+        assert set(info.hooks) <= set(hookspecs.all_hook_names())
+    assert {"kubernetes", "static-tokens"} <= set(host.names)

@@ -1,0 +1,109 @@
+"""Paths never escape their connection; identity headers are the gateway's alone."""
+
+import pytest
+
+from kubegate.core.errors import StatusError
+from kubegate.core.flow import Identity
+from kubegate.core.headers import check_upstream_headers, client_headers_for_upstream, impersonation_headers
+from kubegate.core.proxy import split_path
+
+
+@pytest.mark.parametrize(
+    ("raw", "name", "path"),
+    [
+        (b"/k8s/prod/api/v1/pods", "prod", "/api/v1/pods"),
+        (b"/k8s/prod/apis/", "prod", "/apis/"),
+        (b"/k8s/prod", "prod", "/"),
+        (b"/k8s/prod/", "prod", "/"),
+        (
+            b"/k8s/prod/api/v1/namespaces/p/services/web:80/proxy",
+            "prod",
+            "/api/v1/namespaces/p/services/web:80/proxy",
+        ),
+    ],
+)
+def test_split_path(raw, name, path):
+    assert split_path(raw) == (name, path)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/k8s/prod/../other/api",
+        b"/k8s/prod/api/../../other",
+        b"/k8s/prod/./api",
+        b"/k8s/prod//api/v1",
+        b"/k8s/prod/api/v1//pods",
+        b"/k8s/prod%2F..%2Fother/api",
+        b"/k8s/prod/api%2fv1",
+        b"/k8s/prod/%2e%2e/other",
+        b"/k8s/prod/%2E./other",
+        b"/k8s/prod/api\\..\\other",
+        b"/k8s/prod/%252e%252e/other",
+        b"/k8s/prod/api%00",
+    ],
+)
+def test_escapes_are_refused(raw):
+    with pytest.raises(StatusError) as info:
+        split_path(raw)
+    assert info.value.code == 400
+
+
+def test_no_connection_name():
+    with pytest.raises(StatusError) as info:
+        split_path(b"/k8s/")
+    assert info.value.code == 404
+
+
+def test_client_credentials_and_impersonation_are_stripped():
+    headers = [
+        ("Authorization", "Bearer caller"),
+        ("authorization", "Basic eHg6eXk="),
+        ("Impersonate-User", "admin"),
+        ("impersonate-group", "system:masters"),
+        ("IMPERSONATE-UID", "0"),
+        ("Impersonate-Extra-Scopes", "all"),
+        ("Proxy-Authorization", "x"),
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("X-Secret-Hop", "1"),
+        ("Accept", "application/json"),
+        ("Kubectl-Command", "kubectl get"),
+    ]
+    assert client_headers_for_upstream(headers) == [
+        ("Accept", "application/json"),
+        ("Kubectl-Command", "kubectl get"),
+    ]
+
+
+def test_impersonation_headers():
+    identity = Identity(user="alice", groups=("dev", "ops"), uid="u-1", extra={"Scopes": ("a b", "c")})
+    assert impersonation_headers(identity) == [
+        ("Impersonate-User", "alice"),
+        ("Impersonate-Group", "dev"),
+        ("Impersonate-Group", "ops"),
+        ("Impersonate-Uid", "u-1"),
+        ("Impersonate-Extra-scopes", "a b"),
+        ("Impersonate-Extra-scopes", "c"),
+    ]
+
+
+def test_identity_with_control_characters_is_refused():
+    with pytest.raises(StatusError) as info:
+        impersonation_headers(Identity(user="alice\r\nImpersonate-Group: system:masters"))
+    assert info.value.code == 403
+
+
+def test_last_check_refuses_surviving_client_headers():
+    credential = [("Authorization", "Bearer gateway")]
+    imp = [("Impersonate-User", "alice")]
+    check_upstream_headers([("Accept", "*/*"), *credential, *imp], credential, imp)
+    for extra in [
+        ("authorization", "Bearer caller"),
+        ("Impersonate-Group", "system:masters"),
+        ("IMPERSONATE-USER", "root"),
+    ]:
+        with pytest.raises(StatusError) as info:
+            check_upstream_headers([*credential, *imp, extra], credential, imp)
+        assert info.value.code == 500
+    with pytest.raises(StatusError):
+        check_upstream_headers(list(credential), credential, imp)  # impersonation removed by a plugin
