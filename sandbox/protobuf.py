@@ -1,0 +1,339 @@
+"""A small decoder for Kubernetes protobuf request bodies (no protobuf dependency).
+
+kubectl's generators (`create secret|configmap|namespace|deployment|service|serviceaccount`, `auth whoami`,
+`auth can-i`) POST `application/vnd.kubernetes.protobuf`: the magic `k8s\\x00` followed by a
+runtime.Unknown {typeMeta=1 {apiVersion=1, kind=2}, raw=2, contentEncoding=3, contentType=4} whose `raw` is
+the object's own protobuf encoding. The schemas below carry the field numbers of k8s.io/api's
+generated.proto for the kinds those generators send; fields not listed are skipped like unknown fields.
+The result is the JSON-shaped dict the same object would have had as a JSON body.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+MAGIC = b"k8s\x00"
+
+
+class ProtobufError(ValueError):
+    pass
+
+
+class UnsupportedKind(ProtobufError):
+    def __init__(self, api_version: str, kind: str) -> None:
+        super().__init__(
+            f"the sandbox cannot decode a protobuf body of kind {kind!r} ({api_version}); send it as JSON "
+            "(Content-Type: application/json)"
+        )
+        self.api_version = api_version
+        self.kind = kind
+
+
+# Field spec: number -> (json name, type). Types: "string", "bytes", "int", "bool", "time", "intorstr",
+# "quantity", "map:<value type>", a message name, "[]<type>" for repeated, "inline:<message>" for Go
+# embedded structs (their fields appear at the parent level in JSON).
+S = dict[int, tuple[str, str]]
+
+MESSAGES: dict[str, S] = {
+    "TypeMeta": {1: ("apiVersion", "string"), 2: ("kind", "string")},
+    "Unknown": {
+        1: ("typeMeta", "TypeMeta"),
+        2: ("raw", "rawbytes"),
+        3: ("contentEncoding", "string"),
+        4: ("contentType", "string"),
+    },
+    "ObjectMeta": {
+        1: ("name", "string"),
+        2: ("generateName", "string"),
+        3: ("namespace", "string"),
+        4: ("selfLink", "string"),
+        5: ("uid", "string"),
+        6: ("resourceVersion", "string"),
+        7: ("generation", "int"),
+        8: ("creationTimestamp", "time"),
+        9: ("deletionTimestamp", "time"),
+        10: ("deletionGracePeriodSeconds", "int"),
+        11: ("labels", "map:string"),
+        12: ("annotations", "map:string"),
+        13: ("ownerReferences", "[]OwnerReference"),
+        14: ("finalizers", "[]string"),
+    },
+    "OwnerReference": {
+        1: ("kind", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+        5: ("apiVersion", "string"),
+        6: ("controller", "bool"),
+        7: ("blockOwnerDeletion", "bool"),
+    },
+    "Secret": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:bytes"),
+        3: ("type", "string"),
+        4: ("stringData", "map:string"),
+        5: ("immutable", "bool"),
+    },
+    "ConfigMap": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:string"),
+        3: ("binaryData", "map:bytes"),
+        4: ("immutable", "bool"),
+    },
+    "Namespace": {1: ("metadata", "ObjectMeta"), 2: ("spec", "NamespaceSpec")},
+    "NamespaceSpec": {1: ("finalizers", "[]string")},
+    "ServiceAccount": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("secrets", "[]ObjectReference"),
+        3: ("imagePullSecrets", "[]LocalObjectReference"),
+        4: ("automountServiceAccountToken", "bool"),
+    },
+    "ObjectReference": {
+        1: ("kind", "string"),
+        2: ("namespace", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+        5: ("apiVersion", "string"),
+        6: ("resourceVersion", "string"),
+        7: ("fieldPath", "string"),
+    },
+    "LocalObjectReference": {1: ("name", "string")},
+    "SelfSubjectReview": {1: ("metadata", "ObjectMeta")},
+    "SelfSubjectAccessReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SelfSubjectAccessReviewSpec")},
+    "SelfSubjectAccessReviewSpec": {
+        1: ("resourceAttributes", "ResourceAttributes"),
+        2: ("nonResourceAttributes", "NonResourceAttributes"),
+    },
+    "ResourceAttributes": {
+        1: ("namespace", "string"),
+        2: ("verb", "string"),
+        3: ("group", "string"),
+        4: ("version", "string"),
+        5: ("resource", "string"),
+        6: ("subresource", "string"),
+        7: ("name", "string"),
+    },
+    "NonResourceAttributes": {1: ("path", "string"), 2: ("verb", "string")},
+    "Deployment": {1: ("metadata", "ObjectMeta"), 2: ("spec", "DeploymentSpec")},
+    "DeploymentSpec": {
+        1: ("replicas", "int"),
+        2: ("selector", "LabelSelector"),
+        3: ("template", "PodTemplateSpec"),
+        4: ("strategy", "DeploymentStrategy"),
+        5: ("minReadySeconds", "int"),
+        6: ("revisionHistoryLimit", "int"),
+        7: ("paused", "bool"),
+        9: ("progressDeadlineSeconds", "int"),
+    },
+    "DeploymentStrategy": {1: ("type", "string"), 2: ("rollingUpdate", "RollingUpdateDeployment")},
+    "RollingUpdateDeployment": {1: ("maxUnavailable", "intorstr"), 2: ("maxSurge", "intorstr")},
+    "LabelSelector": {
+        1: ("matchLabels", "map:string"),
+        2: ("matchExpressions", "[]LabelSelectorRequirement"),
+    },
+    "LabelSelectorRequirement": {1: ("key", "string"), 2: ("operator", "string"), 3: ("values", "[]string")},
+    "PodTemplateSpec": {1: ("metadata", "ObjectMeta"), 2: ("spec", "PodSpec")},
+    "PodSpec": {
+        2: ("containers", "[]Container"),
+        3: ("restartPolicy", "string"),
+        4: ("terminationGracePeriodSeconds", "int"),
+        5: ("activeDeadlineSeconds", "int"),
+        6: ("dnsPolicy", "string"),
+        7: ("nodeSelector", "map:string"),
+        8: ("serviceAccountName", "string"),
+        10: ("nodeName", "string"),
+        11: ("hostNetwork", "bool"),
+        15: ("imagePullSecrets", "[]LocalObjectReference"),
+        16: ("hostname", "string"),
+        17: ("subdomain", "string"),
+        19: ("schedulerName", "string"),
+        20: ("initContainers", "[]Container"),
+    },
+    "Container": {
+        1: ("name", "string"),
+        2: ("image", "string"),
+        3: ("command", "[]string"),
+        4: ("args", "[]string"),
+        5: ("workingDir", "string"),
+        6: ("ports", "[]ContainerPort"),
+        7: ("env", "[]EnvVar"),
+        8: ("resources", "ResourceRequirements"),
+        9: ("volumeMounts", "[]VolumeMount"),
+        13: ("terminationMessagePath", "string"),
+        14: ("imagePullPolicy", "string"),
+        16: ("stdin", "bool"),
+        17: ("stdinOnce", "bool"),
+        18: ("tty", "bool"),
+        20: ("terminationMessagePolicy", "string"),
+    },
+    "ContainerPort": {
+        1: ("name", "string"),
+        2: ("hostPort", "int"),
+        3: ("containerPort", "int"),
+        4: ("protocol", "string"),
+        5: ("hostIP", "string"),
+    },
+    "EnvVar": {1: ("name", "string"), 2: ("value", "string"), 3: ("valueFrom", "EnvVarSource")},
+    "EnvVarSource": {3: ("configMapKeyRef", "KeySelector"), 4: ("secretKeyRef", "KeySelector")},
+    "KeySelector": {1: ("", "inline:LocalObjectReference"), 2: ("key", "string"), 3: ("optional", "bool")},
+    "ResourceRequirements": {1: ("limits", "map:quantity"), 2: ("requests", "map:quantity")},
+    "VolumeMount": {
+        1: ("name", "string"),
+        2: ("readOnly", "bool"),
+        3: ("mountPath", "string"),
+        4: ("subPath", "string"),
+    },
+    "Service": {1: ("metadata", "ObjectMeta"), 2: ("spec", "ServiceSpec")},
+    "ServiceSpec": {
+        1: ("ports", "[]ServicePort"),
+        2: ("selector", "map:string"),
+        3: ("clusterIP", "string"),
+        4: ("type", "string"),
+        5: ("externalIPs", "[]string"),
+        7: ("sessionAffinity", "string"),
+        8: ("loadBalancerIP", "string"),
+        11: ("externalName", "string"),
+    },
+    "ServicePort": {
+        1: ("name", "string"),
+        2: ("protocol", "string"),
+        3: ("port", "int"),
+        4: ("targetPort", "intorstr"),
+        5: ("nodePort", "int"),
+    },
+}
+
+# (apiVersion, kind) -> top-level message
+KINDS: dict[tuple[str, str], str] = {
+    ("v1", "Secret"): "Secret",
+    ("v1", "ConfigMap"): "ConfigMap",
+    ("v1", "Namespace"): "Namespace",
+    ("v1", "ServiceAccount"): "ServiceAccount",
+    ("v1", "Service"): "Service",
+    ("apps/v1", "Deployment"): "Deployment",
+    ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",
+    ("authentication.k8s.io/v1beta1", "SelfSubjectReview"): "SelfSubjectReview",
+    ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
+}
+
+# int fields that are Go pointers: an explicit 0 is meaningful and must survive.
+KEEP_ZERO = {"replicas", "terminationGracePeriodSeconds", "revisionHistoryLimit", "progressDeadlineSeconds"}
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ProtobufError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ProtobufError("varint too long")
+
+
+def fields(buf: bytes) -> list[tuple[int, int, Any]]:
+    """Raw (field number, wire type, value) triples of one message."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > len(buf):
+                raise ProtobufError("truncated length-delimited field")
+            value, pos = buf[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
+        else:
+            raise ProtobufError(f"unsupported wire type {wire}")
+        out.append((num, wire, value))
+    return out
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _scalar(typ: str, value: Any) -> Any:
+    if typ == "string":
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if typ == "bytes":
+        return base64.b64encode(value).decode()
+    if typ == "rawbytes":
+        return value
+    if typ == "int":
+        return _signed(value)
+    if typ == "bool":
+        return bool(value)
+    if typ == "time":
+        parts = dict((n, v) for n, _, v in fields(value))
+        seconds = _signed(parts.get(1, 0))
+        if not seconds:
+            return None
+        return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if typ == "intorstr":
+        parts = dict((n, v) for n, _, v in fields(value))
+        if parts.get(1, 0) == 1:
+            return parts.get(3, b"").decode()
+        return _signed(parts.get(2, 0))
+    if typ == "quantity":
+        parts = dict((n, v) for n, _, v in fields(value))
+        return parts.get(1, b"").decode()
+    return decode_message(typ, value)
+
+
+def decode_message(name: str, buf: bytes) -> dict[str, Any]:
+    schema = MESSAGES[name]
+    out: dict[str, Any] = {}
+    for num, _wire, value in fields(buf):
+        spec = schema.get(num)
+        if spec is None:
+            continue
+        key, typ = spec
+        if typ.startswith("inline:"):
+            out.update(decode_message(typ[7:], value))
+        elif typ.startswith("[]"):
+            out.setdefault(key, []).append(_scalar(typ[2:], value))
+        elif typ.startswith("map:"):
+            entry = {n: v for n, _, v in fields(value)}
+            k = entry.get(1, b"").decode()
+            out.setdefault(key, {})[k] = _scalar(typ[4:], entry.get(2, b""))
+        else:
+            out[key] = _scalar(typ, value)
+    return _prune(out)
+
+
+def _prune(obj: dict[str, Any]) -> dict[str, Any]:
+    """Go's protobuf encoder writes non-pointer zero values; JSON's omitempty would not have sent them."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if v is None or v == "" or v is False or (isinstance(v, int) and v == 0 and k not in KEEP_ZERO):
+            continue
+        out[k] = v
+    return out
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Decode a `k8s\\x00`-enveloped body into a JSON-shaped object (apiVersion/kind set)."""
+    if not body.startswith(MAGIC):
+        raise ProtobufError("protobuf body does not start with the k8s\\x00 magic")
+    unknown = decode_message("Unknown", body[len(MAGIC) :])
+    type_meta = unknown.get("typeMeta", {})
+    api_version, kind = type_meta.get("apiVersion", ""), type_meta.get("kind", "")
+    if unknown.get("contentEncoding"):
+        raise ProtobufError(f"unsupported protobuf content encoding {unknown['contentEncoding']!r}")
+    message = KINDS.get((api_version, kind))
+    if message is None:
+        raise UnsupportedKind(api_version, kind)
+    obj = decode_message(message, unknown.get("raw", b""))
+    return {"kind": kind, "apiVersion": api_version, **obj}
