@@ -36,7 +36,11 @@ MERGE_PRIMITIVES = {"finalizers"}
 
 
 def _bad(message: str) -> ApiError:
-    return ApiError(422, "Invalid", message)
+    """A failed JSON patch operation. The apiserver wraps the patch library's error in
+    NewGenericServerResponse(422): reason Invalid, a fixed message, empty details - the operation's own
+    error text is not sent (kubectl then prints just "The request is invalid")."""
+    del message  # kept at call sites for readability of the failure cause
+    return ApiError(422, "Invalid", "the server rejected our request due to an error in our request", {})
 
 
 # --- RFC 7386 -------------------------------------------------------------------------------------------

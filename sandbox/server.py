@@ -45,7 +45,7 @@ log = logging.getLogger("kubegate.sandbox")
 GIT_VERSION = "v1.32.0-sandbox"
 MAX_BODY = 3 * 1024 * 1024  # the apiserver's default request body limit
 RECORD_LIMIT = 10_000
-ADMIN_USER = "sandbox-admin"
+ADMIN_USER = "kubegate-admin"
 GATEWAY_USER = "kubegate-gateway"
 NODE_NAME = "sandbox-node"
 NODE_IP = "10.0.0.10"
@@ -139,6 +139,18 @@ def parse_request_info(method: str, path: str, query: dict[str, str] | Any) -> R
     if info.verb == "delete" and not info.name:
         info.verb = "deletecollection"
     return info
+
+
+GENERIC_MESSAGES = {
+    404: ("NotFound", "the server could not find the requested resource"),
+    405: ("MethodNotAllowed", "the server does not allow this method on the requested resource"),
+}
+
+
+def generic_error(code: int) -> ApiError:
+    """apierrors.NewGenericServerResponse without a resource: fixed message, empty details."""
+    reason, message = GENERIC_MESSAGES[code]
+    return ApiError(code, reason, message, {})
 
 
 def _qualified(resource: str, group: str) -> str:
@@ -589,18 +601,13 @@ class SandboxAPI:
         if not info.is_resource:
             return await self._non_resource(request, info)
         resource = lookup(info.group, info.version, info.resource)
-        if resource is None:
-            raise ApiError(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-                {"name": info.name} if info.name else None,
-            )
-        if not resource.namespaced and info.resource != "namespaces":
+        if (resource is None or not resource.namespaced) and info.resource != "namespaces":
             info.namespace = ""
         authz_verb = info.verb
         if info.subresource in ("exec", "attach", "portforward"):
             authz_verb = "create"  # websocket upgrades are GETs, but need create (KEP-4006)
+        # Authorization runs before routing in the apiserver's filter chain: a denied user learns nothing
+        # about which resources exist.
         if not allowed(identity, authz_verb, info.resource, info.group):
             raise forbidden(
                 identity.user,
@@ -611,24 +618,22 @@ class SandboxAPI:
                 info.name,
                 info.subresource,
             )
+        if resource is None:
+            raise generic_error(404)
         if info.subresource:
             return await self._subresource(request, resource, info)
         if len(info.parts) > 3 or (info.resource == "namespaces" and info.subresource):
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise generic_error(404)
         ns = info.namespace if resource.namespaced else ""
         if resource.namespaced and not ns and info.verb not in ("list", "watch"):
             # Only list and watch are served across namespaces (/api/v1/pods); no other route exists.
             if info.name:
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            raise ApiError(
-                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-            )
+                raise generic_error(404)
+            raise generic_error(405)
         verb = info.verb
         if resource.virtual:
             if verb != "create":
-                raise ApiError(
-                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-                )
+                raise generic_error(405)
             return await self._review(request, resource, identity)
         if verb == "list":
             return await self._list(request, resource, ns)
@@ -638,9 +643,7 @@ class SandboxAPI:
             return await self._get(request, resource, ns, info.name)
         if verb == "create":
             if info.name:
-                raise ApiError(
-                    405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-                )
+                raise generic_error(405)
             body = await self._read_object(request, resource)
             obj, _created = await self._create(request, resource, ns, body)
             return json_response(obj, 201)
@@ -653,9 +656,7 @@ class SandboxAPI:
             return await self._delete(request, resource, ns, info.name)
         if verb == "deletecollection":
             return await self._delete_collection(request, resource, ns)
-        raise ApiError(
-            405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-        )
+        raise generic_error(405)
 
     # --- admin endpoints ------------------------------------------------------------------------------
 
@@ -671,16 +672,14 @@ class SandboxAPI:
                 raise ApiError(400, "BadRequest", "since must be an integer") from exc
             items = [r for r in list(self.records) if r["id"] > since]
             return json_response({"items": items, "next": self._record_id})
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        raise generic_error(404)
 
     # --- non-resource endpoints: discovery, version, health, openapi ----------------------------------
 
     async def _non_resource(self, request: web.Request, info: RequestInfo) -> web.StreamResponse:
         path = request.path.rstrip("/") or "/"
         if request.method not in ("GET", "HEAD"):
-            raise ApiError(
-                405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-            )
+            raise generic_error(405)
         if path in ("/healthz", "/livez", "/readyz"):
             return web.Response(text="ok", content_type="text/plain")
         if path == "/version":
@@ -751,7 +750,7 @@ class SandboxAPI:
                     )
                 }
             )
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        raise generic_error(404)
 
     @staticmethod
     def _wants_aggregated(request: web.Request) -> bool:
@@ -1671,7 +1670,7 @@ class SandboxAPI:
     ) -> web.StreamResponse:
         sub = info.subresource
         if sub not in {s.name for s in resource.subresources} or len(info.parts) > 3:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            raise generic_error(404)
         ns, name = (info.namespace if resource.namespaced else ""), info.name
         method = request.method
         if sub in ("exec", "attach", "portforward"):
@@ -1693,9 +1692,7 @@ class SandboxAPI:
         if sub == "finalize" and method == "PUT":
             body = await self._read_object(request, resource)
             return json_response(await self._update(request, resource, "", name, body))
-        raise ApiError(
-            405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-        )
+        raise generic_error(405)
 
     async def _stream(
         self, request: web.Request, resource: Resource, ns: str, name: str, sub: str
@@ -1829,9 +1826,7 @@ class SandboxAPI:
             obj.setdefault("spec", {})["replicas"] = replicas
             updated = await self._update(request, resource, ns, name, obj)
             return json_response(scale_of(updated))
-        raise ApiError(
-            405, "MethodNotAllowed", "the server does not allow this method on the requested resource"
-        )
+        raise generic_error(405)
 
     async def _token(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
         sa = self._get_or_404(lookup("", "v1", "serviceaccounts"), ns, name)  # type: ignore[arg-type]
