@@ -184,6 +184,34 @@ MESSAGES: dict[str, S] = {
         3: ("mountPath", "string"),
         4: ("subPath", "string"),
     },
+    "Pod": {1: ("metadata", "ObjectMeta"), 2: ("spec", "PodSpec")},
+    "Job": {1: ("metadata", "ObjectMeta"), 2: ("spec", "JobSpec")},
+    "JobSpec": {
+        1: ("parallelism", "int"),
+        2: ("completions", "int"),
+        3: ("activeDeadlineSeconds", "int"),
+        4: ("selector", "LabelSelector"),
+        5: ("manualSelector", "bool"),
+        6: ("template", "PodTemplateSpec"),
+        7: ("backoffLimit", "int"),
+        8: ("ttlSecondsAfterFinished", "int"),
+        9: ("completionMode", "string"),
+        10: ("suspend", "bool"),
+    },
+    "CronJob": {1: ("metadata", "ObjectMeta"), 2: ("spec", "CronJobSpec")},
+    "CronJobSpec": {
+        1: ("schedule", "string"),
+        2: ("startingDeadlineSeconds", "int"),
+        3: ("concurrencyPolicy", "string"),
+        4: ("suspend", "bool"),
+        5: ("jobTemplate", "JobTemplateSpec"),
+        6: ("successfulJobsHistoryLimit", "int"),
+        7: ("failedJobsHistoryLimit", "int"),
+        8: ("timeZone", "string"),
+    },
+    "JobTemplateSpec": {1: ("metadata", "ObjectMeta"), 2: ("spec", "JobSpec")},
+    "TokenRequest": {1: ("metadata", "ObjectMeta"), 2: ("spec", "TokenRequestSpec")},
+    "TokenRequestSpec": {1: ("audiences", "[]string"), 4: ("expirationSeconds", "int")},
     "Service": {1: ("metadata", "ObjectMeta"), 2: ("spec", "ServiceSpec")},
     "ServiceSpec": {
         1: ("ports", "[]ServicePort"),
@@ -212,13 +240,26 @@ KINDS: dict[tuple[str, str], str] = {
     ("v1", "ServiceAccount"): "ServiceAccount",
     ("v1", "Service"): "Service",
     ("apps/v1", "Deployment"): "Deployment",
+    ("v1", "Pod"): "Pod",
+    ("batch/v1", "Job"): "Job",
+    ("batch/v1", "CronJob"): "CronJob",
+    ("authentication.k8s.io/v1", "TokenRequest"): "TokenRequest",
     ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",
     ("authentication.k8s.io/v1beta1", "SelfSubjectReview"): "SelfSubjectReview",
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
 }
 
 # int fields that are Go pointers: an explicit 0 is meaningful and must survive.
-KEEP_ZERO = {"replicas", "terminationGracePeriodSeconds", "revisionHistoryLimit", "progressDeadlineSeconds"}
+KEEP_ZERO = {
+    "replicas",
+    "terminationGracePeriodSeconds",
+    "revisionHistoryLimit",
+    "progressDeadlineSeconds",
+    "parallelism",
+    "completions",
+    "backoffLimit",
+    "ttlSecondsAfterFinished",
+}
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:

@@ -336,7 +336,7 @@ def negotiate(request: web.Request, *, allow_table: bool = True) -> tuple[str, s
 
 def json_response(obj: Any, status: int = 200, content_type: str = "application/json") -> web.Response:
     return web.Response(
-        body=json.dumps(obj, separators=(",", ":")).encode(),
+        body=json.dumps(obj, separators=(",", ":")).encode() + b"\n",  # Go's json.Encoder adds the newline
         status=status,
         headers={"Content-Type": content_type},
     )
@@ -459,6 +459,7 @@ class SandboxAPI:
         # client_max_size is enforced by our own streaming read (413 as a Status, chunked bodies included).
         app = web.Application(middlewares=[self.middleware], client_max_size=MAX_BODY * 4)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        app.on_response_prepare.append(_apiserver_headers)
         return app
 
     # --- middleware: record, authenticate, impersonate, errors -----------------------------------------
@@ -1873,6 +1874,14 @@ class SandboxAPI:
             },
             201,
         )
+
+
+async def _apiserver_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every apiserver response carries (and no Server header, which the apiserver never sends)."""
+    response.headers.popall("Server", None)
+    response.headers.setdefault("Audit-Id", str(uuid.uuid4()))
+    if response.status != 101:
+        response.headers.setdefault("Cache-Control", "no-cache, private")
 
 
 def _obj_key(obj: dict[str, Any]) -> str:
