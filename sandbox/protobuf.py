@@ -105,6 +105,8 @@ MESSAGES: dict[str, S] = {
         1: ("resourceAttributes", "ResourceAttributes"),
         2: ("nonResourceAttributes", "NonResourceAttributes"),
     },
+    "SelfSubjectRulesReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SelfSubjectRulesReviewSpec")},
+    "SelfSubjectRulesReviewSpec": {1: ("namespace", "string")},
     "ResourceAttributes": {
         1: ("namespace", "string"),
         2: ("verb", "string"),
@@ -247,6 +249,7 @@ KINDS: dict[tuple[str, str], str] = {
     ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",
     ("authentication.k8s.io/v1beta1", "SelfSubjectReview"): "SelfSubjectReview",
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
+    ("authorization.k8s.io/v1", "SelfSubjectRulesReview"): "SelfSubjectRulesReview",
 }
 
 # int fields that are Go pointers: an explicit 0 is meaningful and must survive.
@@ -281,6 +284,7 @@ def fields(buf: bytes) -> list[tuple[int, int, Any]]:
     """Raw (field number, wire type, value) triples of one message."""
     out = []
     pos = 0
+    value: Any
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         num, wire = key >> 3, key & 7

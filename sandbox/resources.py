@@ -270,6 +270,16 @@ RESOURCES: list[Resource] = [
         verbs=("create",),
         virtual=True,
     ),
+    Resource(
+        "authorization.k8s.io",
+        "v1",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        "SelfSubjectRulesReview",
+        False,
+        verbs=("create",),
+        virtual=True,
+    ),
 ]
 
 # Preferred order of groups in /apis, like the apiserver's (core first, then built-in groups).

@@ -476,7 +476,7 @@ class SandboxAPI:
             headers.setdefault(k.lower(), []).append(
                 f"sha256:{auth_hash}" if k.lower() == "authorization" else v
             )
-        extra = {}
+        extra: dict[str, list[str]] = {}
         for k, v in request.headers.items():
             if k.lower().startswith("impersonate-extra-"):
                 extra.setdefault(urllib.parse.unquote(k[len("impersonate-extra-") :]).lower(), []).append(v)
@@ -1607,9 +1607,10 @@ class SandboxAPI:
             return self.store.delete(resource.key, "", name)
         if resource.kind == "Pod":
             await self.runtime.stop_pod(ns, name)
-        obj = self.store.get(resource.key, ns, name)
-        if obj is None:
+        current = self.store.get(resource.key, ns, name)
+        if current is None:
             raise not_found(resource.plural, name, resource.group)
+        obj = current
         if resource.kind == "Pod":
             obj["metadata"]["deletionTimestamp"] = now_iso()
             obj["metadata"]["deletionGracePeriodSeconds"] = 0
@@ -1650,6 +1651,27 @@ class SandboxAPI:
         }
         if resource.kind == "SelfSubjectReview":
             out["status"] = {"userInfo": identity.user_info()}
+        elif resource.kind == "SelfSubjectRulesReview":
+            # `kubectl auth can-i --list`: the tiny RBAC as rules.
+            out["spec"] = body.get("spec") or {}
+            verbs = sorted(READONLY_VERBS) if READONLY_GROUP in identity.groups else ["*"]
+            out["status"] = {
+                "resourceRules": [
+                    {
+                        "verbs": ["create"],
+                        "apiGroups": ["authentication.k8s.io"],
+                        "resources": ["selfsubjectreviews"],
+                    },
+                    {
+                        "verbs": ["create"],
+                        "apiGroups": ["authorization.k8s.io"],
+                        "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+                    },
+                    {"verbs": verbs, "apiGroups": ["*"], "resources": ["*"]},
+                ],
+                "nonResourceRules": [{"verbs": ["get"], "nonResourceURLs": ["*"]}],
+                "incomplete": False,
+            }
         else:
             spec = body.get("spec") or {}
             out["spec"] = spec

@@ -8,6 +8,7 @@ from any recent resourceVersion.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import copy
 import datetime as dt
 import uuid
@@ -103,7 +104,7 @@ class Store:
     def keys(self) -> Iterator[str]:
         return iter(list(self._objects))
 
-    def history_since(self, rv: int, key: str) -> list[Event] | None:
+    def history_since(self, rv: int, key: str) -> builtins.list[Event] | None:
         """Events after rv for key; None when rv is older than the retained history (410 Gone)."""
         if self._history and rv < self._history[0].rv - 1:
             return None

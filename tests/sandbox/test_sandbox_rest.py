@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -575,3 +576,65 @@ def test_kubernetes_python_client(sandbox):
 def last_id(sandbox) -> int:
     items = sandbox.requests_log()
     return items[-1]["id"] if items else 0
+
+
+def test_can_i_list(kubectl):
+    proc = kubectl(
+        "--as", "bob", "--as-group", "readonly", "auth", "can-i", "--list", "-n", "prod", check=True
+    )
+    assert "[get list watch]" in proc.stdout
+
+
+# --- lifecycle -----------------------------------------------------------------------------------------
+
+
+async def test_start_sandbox_in_process(tmp_path):
+    """`kubegate demo` runs the sandbox in its own event loop through start_sandbox()."""
+    import aiohttp
+
+    from kubegate.sandbox.server import start_sandbox
+
+    handle = await start_sandbox(tmp_path / "sb")
+    try:
+        ctx = ssl.create_default_context(cafile=str(handle.ca_file))
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {handle.token}"}
+            async with session.get(
+                f"{handle.url}/api/v1/namespaces/prod/pods/web", headers=headers, ssl=ctx
+            ) as r:
+                assert r.status == 200
+                assert (await r.json())["status"]["phase"] == "Running"
+        assert yaml.safe_load(handle.kubeconfig.read_text())["current-context"] == "sandbox"
+    finally:
+        await handle.close()
+
+
+def test_sigterm_stops_pod_processes(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubegate.sandbox", "serve", "--dir", str(tmp_path), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["port"] > 0 and Path(info["kubeconfig"]).exists() and Path(info["client_cert"]).exists()
+        deadline = time.monotonic() + 10
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and not children:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.2)
+        assert children, "seeded pods run as child processes"
+        proc.terminate()
+        assert proc.wait(15) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"pod processes left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
