@@ -44,6 +44,7 @@ log = logging.getLogger("kubegate.sandbox")
 
 GIT_VERSION = "v1.32.0-sandbox"
 MAX_BODY = 3 * 1024 * 1024  # the apiserver's default request body limit
+GZIP_THRESHOLD = 128 * 1024  # apiserver's APIResponseCompression threshold
 RECORD_LIMIT = 10_000
 ADMIN_USER = "kubegate-admin"
 GATEWAY_USER = "kubegate-gateway"
@@ -589,6 +590,15 @@ class SandboxAPI:
                 status_body(500, "InternalError", f"Internal error occurred: {exc}"), 500
             )
         record["status"] = response.status
+        # The apiserver gzips non-streaming responses over 128 KiB when the client accepts it (kubectl does):
+        # whatever sits in between must cope with Content-Encoding.
+        body = response.body if isinstance(response, web.Response) else None
+        if (
+            isinstance(body, bytes)
+            and len(body) > GZIP_THRESHOLD
+            and "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        ):
+            response.enable_compression(web.ContentCoding.gzip)
         return response
 
     # --- dispatch -----------------------------------------------------------------------------------

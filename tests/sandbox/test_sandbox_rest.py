@@ -638,3 +638,19 @@ def test_sigterm_stops_pod_processes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_large_responses_are_gzipped_like_the_apiserver(sandbox, kubectl, namespace):
+    import gzip
+
+    manifest = json.dumps(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "big"}, "data": {"k": "x" * 200_000}}
+    )
+    kubectl("create", "-n", namespace, "-f", "-", input=manifest, check=True)
+    status, headers, body = raw(
+        sandbox, f"/api/v1/namespaces/{namespace}/configmaps", headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert len(json.loads(gzip.decompress(body))["items"][0]["data"]["k"]) == 200_000
+    out = kubectl("get", "cm", "big", "-n", namespace, "-o", "jsonpath={.data.k}", check=True)
+    assert len(out.stdout) == 200_000
