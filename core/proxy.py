@@ -75,6 +75,14 @@ class ClientGone(Exception):
     pass
 
 
+class RelayedError(Exception):
+    """An upstream refusal passed to the client as it is (status, content type, bounded body)."""
+
+    def __init__(self, status: int, content_type: str, body: bytes):
+        super().__init__(status)
+        self.status, self.content_type, self.body = status, content_type, body
+
+
 def split_path(raw_path: bytes) -> tuple[str, str]:
     """Split ``/k8s/NAME/rest`` into (NAME, ``/rest``), refusing anything that could leave the connection.
 
@@ -272,15 +280,7 @@ class Proxy:
             if declared.isdigit() and int(declared) > cap:
                 raise StatusError(413, f"the request body is larger than the limit of {cap} bytes")
             if flow.request.header("upgrade").lower().startswith("spdy"):
-                # kubectl falls back to SPDY when a WebSocket upgrade is refused: decide it the same way,
-                # then tell it plainly what this gateway speaks.
-                await self._admit(flow)
-                raise StatusError(
-                    400,
-                    "kubegate relays exec, attach and port-forward over WebSocket only "
-                    f"(received an upgrade to {flow.request.header('upgrade')!r}); use kubectl 1.30 or newer "
-                    "and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
-                )
+                await self._refuse_spdy(flow, await self._admit(flow))
             impersonation = await self._admit(flow)
             first = await body_state.first()
             if flow.request.body is None and body_state.complete:
@@ -296,10 +296,57 @@ class Proxy:
             if flow.response.status == 0:
                 flow.response.status = error.code
                 await send_status(send, error)
+        except RelayedError as relayed:
+            flow.response.status = relayed.status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": relayed.status,
+                    "headers": [
+                        (b"content-type", relayed.content_type.encode("latin-1")),
+                        (b"content-length", str(len(relayed.body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": relayed.body, "more_body": False})
         except ClientGone:
             flow.response.status = flow.response.status or 499
         finally:
             await self._audit(flow)
+
+    async def _refuse_spdy(self, flow: Flow, impersonation: list[tuple[str, str]]) -> None:
+        """Answer an upgrade to SPDY, which ASGI cannot take over.
+
+        kubectl falls back to SPDY when its WebSocket upgrade is refused, so this attempt must get the same
+        answer the WebSocket one got: the API server is asked (without the upgrade, which it refuses
+        harmlessly) and its refusal is relayed, e.g. RBAC's 403. Only when it would have allowed the upgrade
+        does the client hear that this gateway relays WebSocket only.
+        """
+        await self._prepare_upstream(flow, impersonation, keep_length=False)
+        upstream = flow.connection.upstream
+        try:
+            async with asyncio.timeout(flow.connection.limits.upstream_response_timeout_seconds):
+                resp = await upstream.session.request(
+                    flow.request.method,
+                    self._upstream_url(flow),
+                    headers=flow.upstream_headers,
+                    allow_redirects=False,
+                    **upstream.request_options,
+                )
+                async with resp:
+                    body = await resp.content.read(MAX_HANDSHAKE_ERROR_BODY)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise StatusError(
+                503, f'connection "{flow.connection.name}": the API server is unavailable ({_describe(exc)})'
+            ) from None
+        if resp.status in (401, 403, 404) or resp.status >= 500:
+            raise RelayedError(resp.status, resp.headers.get("Content-Type", "application/json"), body)
+        raise StatusError(
+            400,
+            "kubegate relays exec, attach and port-forward over WebSocket only "
+            f"(received an upgrade to {flow.request.header('upgrade')!r}); use kubectl 1.30 or newer "
+            "and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
+        )
 
     async def _forward(self, flow: Flow, data: Any, receive: Receive, send: Send, body: _BodyReader) -> None:
         upstream = flow.connection.upstream

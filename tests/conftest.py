@@ -41,7 +41,9 @@ class Sandbox:
             f"{self.url}/sandbox/requests?since={since}", headers={"Authorization": f"Bearer {self.token}"}
         )
         with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-            return json.loads(resp.read())["items"]
+            items = json.loads(resp.read())["items"]
+        # The log's own reads are recorded too; leave them out.
+        return [item for item in items if not item["path"].startswith("/sandbox/")]
 
 
 def start_sandbox(directory: Path) -> Sandbox:

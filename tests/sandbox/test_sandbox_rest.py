@@ -654,3 +654,13 @@ def test_large_responses_are_gzipped_like_the_apiserver(sandbox, kubectl, namesp
     assert len(json.loads(gzip.decompress(body))["items"][0]["data"]["k"]) == 200_000
     out = kubectl("get", "cm", "big", "-n", namespace, "-o", "jsonpath={.data.k}", check=True)
     assert len(out.stdout) == 200_000
+
+
+def test_request_log_needs_the_unimpersonated_admin(sandbox):
+    status, _, body = raw(sandbox, "/sandbox/requests?since=0", headers={"Impersonate-User": "mallory"})
+    assert status == 403 and json.loads(body)["reason"] == "Forbidden"
+    status, _, _ = raw(sandbox, "/sandbox/requests?since=0", token=None)
+    assert status == 401
+    status, _, body = raw(sandbox, "/sandbox/requests?since=0")
+    doc = json.loads(body)
+    assert status == 200 and doc["next"] >= doc["items"][-1]["id"]
