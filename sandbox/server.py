@@ -674,7 +674,7 @@ class SandboxAPI:
     async def _sandbox_admin(self, request: web.Request) -> web.StreamResponse:
         real: Identity = request["real_identity"]
         identity: Identity = request["identity"]
-        if real.user != ADMIN_USER or identity is not real:
+        if real.user not in (ADMIN_USER, GATEWAY_USER) or identity is not real:
             raise ApiError(403, "Forbidden", f'User "{identity.user}" cannot get path "{request.path}"')
         if request.path.rstrip("/") == "/sandbox/requests" and request.method == "GET":
             try:
