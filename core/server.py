@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ def hypercorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = 
 
 def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
+    check_bind(bind or gateway.settings.listen)
     tls = tls_files(gateway)
     config = hypercorn_config(gateway, tls, bind)
     if tls and tls.ca:
@@ -70,12 +72,25 @@ def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
     asyncio_run(serve_until_signal(gateway, config))
 
 
+def check_bind(bind: str) -> None:
+    """Fail early, with the OS's reason, when the address cannot be served (e.g. already in use)."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, int(port)))
+
+
 async def serve_until_signal(gateway: Gateway, config: HypercornConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    try:
+        await serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+    finally:
+        await gateway.stop()  # no-op when the lifespan already stopped it
 
 
 def asyncio_run(coro) -> None:

@@ -38,3 +38,27 @@ def test_builtin_plugins_implement_only_known_hooks():
     for info in host.describe():
         assert set(info.hooks) <= set(hookspecs.all_hook_names())
     assert {"kubernetes", "static-tokens"} <= set(host.names)
+
+
+CONFIG_DOC = (ROOT / "docs" / "configuration.md").read_text()
+
+
+def test_every_config_key_is_documented():
+    from kubegate.connections.kubernetes import KubernetesUpstreamSettings
+    from kubegate.core.config import ConnectionSettings, GatewaySettings, LimitSettings, TLSSettings
+    from kubegate.plugins.static_tokens import StaticToken, StaticTokenSettings
+
+    models = [
+        GatewaySettings,
+        TLSSettings,
+        LimitSettings,
+        ConnectionSettings,
+        KubernetesUpstreamSettings,
+        StaticTokenSettings,
+        StaticToken,
+    ]
+    for model in models:
+        for field in model.model_fields:
+            assert f"`{field}`" in CONFIG_DOC or f"{field}`" in CONFIG_DOC, (
+                f"docs/configuration.md lacks {model.__name__}.{field}"
+            )
