@@ -109,7 +109,9 @@ def rss(pid: int) -> int:
 async def test_slow_reading_exec_client_does_not_grow_gateway_memory(gateway):
     """The pod writes as fast as it can; the client reads nothing for a while. Backpressure must stop the
     gateway reading upstream, so its memory stays flat instead of buffering the stream."""
-    query = urlencode([("command", "sh"), ("command", "-c"), ("command", "exec cat /dev/zero"), ("stdout", "true")])
+    query = urlencode(
+        [("command", "sh"), ("command", "-c"), ("command", "exec cat /dev/zero"), ("stdout", "true")]
+    )
     path = f"/k8s/sandbox/api/v1/namespaces/prod/pods/web/exec?{query}"
     before = rss(gateway.process.pid)
     async with connect(
