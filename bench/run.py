@@ -1,0 +1,853 @@
+"""kubegate benchmark: the gateway vs direct vs nginx vs mitmproxy, in front of the same upstream, in one run.
+
+    bench/run                       # everything, about 4 minutes; rewrites the results in docs/performance.md
+    bench/run --duration 3 --no-doc # a quick look, nothing written but bench/results/
+
+Not a test: nothing here asserts a timing. It measures, prints a Markdown report and (unless --no-doc)
+writes it between the markers in docs/performance.md. Raw numbers go to bench/results/RUN.json.
+
+Contenders, all TLS on loopback, all in front of one stand-in API server (bench/upstream.py):
+  direct     the client talks to the upstream itself;
+  gateway    `kubegate serve` with a generated config, only the static-tokens plugin enabled;
+  nginx      Debian's nginx, one worker, TLS reverse proxy with an upstream keepalive pool;
+  mitmproxy  mitmdump --mode reverse:UPSTREAM (own venv: bench/.venv-mitm).
+
+Measured: small GET (one pod) and a 500-pod list at concurrency 1 and 32 with wrk (req/s, p50, p99);
+exec stdout throughput over a v5.channel.k8s.io WebSocket (MB/s); the gateway's RSS with 1,000 open watches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MITM_VENV = HERE / ".venv-mitm"
+MITM_REQUIREMENT = "mitmproxy>=11,<13"
+RESULTS = HERE / "results"
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+CONTENDERS = ("direct", "gateway", "nginx", "mitmproxy")
+POD_PATH = "/api/v1/namespaces/prod/pods/web"
+LIST_PATH = "/api/v1/namespaces/prod/pods"
+WATCH_PATH = "/api/v1/namespaces/prod/pods?watch=true"
+WORKLOADS = {"small GET (1 pod)": POD_PATH, "list (500 pods)": LIST_PATH}
+CONNECTION = "bench"
+MB = 1_000_000
+
+
+class BenchError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# -- processes -------------------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process the run starts, each in its own session, so cleanup can end it and its children."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
+        say(f"starting {name}: {shlex.join(argv)}")
+        out = kwargs.pop("stdout", None)
+        log_file = open(log, "wb")  # noqa: SIM115 - closed with the process
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=out or log_file, stderr=log_file, start_new_session=True, **kwargs
+            )
+        except OSError as exc:
+            raise BenchError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from None
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 8.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+PROCS = Processes()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n    ".join(text[-lines:]) or "(empty log)"
+
+
+def insecure_context() -> ssl.SSLContext:
+    # Every listener here has a throwaway certificate; the handshake is still a real TLS handshake.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def http_get(url: str, token: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, context=insecure_context(), timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(name: str, proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with status {proc.returncode} while starting; its log ({log}):\n    {log_tail(log)}")
+        try:
+            status, _ = http_get(url, token, timeout=2)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise BenchError(f"{name} did not answer {url} within {timeout:.0f}s (last: {last}); its log ({log}):\n    {log_tail(log)}")
+
+
+# -- tools -----------------------------------------------------------------------------------------------
+
+
+def ensure_tools(contenders: list[str]) -> None:
+    missing = [tool for tool in ("wrk", *(["nginx"] if "nginx" in contenders else [])) if not find_tool(tool)]
+    if missing:
+        if os.geteuid() != 0:
+            raise BenchError(f"missing {', '.join(missing)}: run `sudo apt-get install -y nginx wrk` first")
+        say(f"installing {' '.join(missing)} with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+            done = subprocess.run(install, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BenchError(f"apt-get install {' '.join(missing)} failed:\n{done.stderr[-2000:]}")
+        # Debian's package may start its own nginx on port 80: the benchmark runs its own, so stop only
+        # a daemon that the install just started (it writes /run/nginx.pid).
+        if "nginx" in missing and Path("/run/nginx.pid").exists():
+            subprocess.run([find_tool("nginx") or "nginx", "-s", "quit"], capture_output=True, check=False)
+    if "mitmproxy" in contenders and not (MITM_VENV / "bin" / "mitmdump").exists():
+        say(f"installing {MITM_REQUIREMENT} into {MITM_VENV.relative_to(ROOT)} (its own venv: it pins old h2/cryptography)")
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(MITM_VENV)], check=True)
+        done = subprocess.run(
+            [str(MITM_VENV / "bin" / "pip"), "install", "-q", MITM_REQUIREMENT], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            shutil.rmtree(MITM_VENV, ignore_errors=True)
+            raise BenchError(f"pip install {MITM_REQUIREMENT} failed:\n{done.stderr[-2000:]}")
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None
+    )
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (want, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), max(hard, target)))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- contenders ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    base: str  # URL prefix under which /api/v1/... is reached
+    token: str
+    proc: subprocess.Popen | None = None
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+@dataclass
+class Upstream:
+    url: str
+    port: int
+    ca_file: Path
+    token: str
+    proc: subprocess.Popen
+
+
+def start_upstream(work: Path) -> Upstream:
+    log = work / "upstream.log"
+    proc = PROCS.start(
+        "upstream",
+        [sys.executable, str(HERE / "upstream.py"), "--dir", str(work / "upstream")],
+        log,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("{"):
+        proc.wait(5)
+        raise BenchError(f"the stand-in upstream did not start; its log ({log}):\n    {log_tail(log)}")
+    info = json.loads(line)
+    up = Upstream(info["url"], info["port"], Path(info["ca_file"]), info["token"], proc)
+    wait_ready("upstream", proc, up.url + POD_PATH, up.token, log)
+    return up
+
+
+def gateway_token() -> tuple[str, str]:
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def start_gateway(work: Path, up: Upstream, label: str = "gateway", extra_limits: dict | None = None) -> Target:
+    token, digest = gateway_token()
+    port = free_port()
+    gdir = work / label
+    gdir.mkdir(parents=True, exist_ok=True)
+    limits = "".join(f"\n  {k}: {v}" for k, v in (extra_limits or {}).items())
+    config = gdir / "kubegate.yaml"
+    config.write_text(
+        f"""# generated by bench/run.py: one connection, only the static-tokens plugin enabled
+listen: 127.0.0.1:{port}
+state_dir: {gdir / "state"}
+log_level: warning
+{"limits:" + limits if limits else ""}
+connections:
+  {CONNECTION}:
+    upstream:
+      server: {up.url}
+      certificate_authority: {up.ca_file}
+      token_file: {work / "upstream" / "token"}
+    plugins:
+      static-tokens:
+        tokens:
+          - user: bench
+            groups: [bench]
+            sha256: {digest}
+"""
+    )
+    exe = Path(sys.executable).parent / "kubegate"
+    argv = [str(exe), "serve", "--config", str(config)] if exe.exists() else [
+        sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(config)
+    ]
+    log = gdir / "gateway.log"
+    proc = PROCS.start(label, argv, log, cwd=str(gdir))
+    target = Target("gateway", f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
+    wait_ready(label, proc, target.url(POD_PATH), token, log)
+    return target
+
+
+NGINX_CONF = """# generated by bench/run.py
+{user}
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream apiserver {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass https://apiserver;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_name localhost;  # the upstream certificate names localhost (nginx matches DNS names only)
+            proxy_ssl_session_reuse on;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(work: Path, up: Upstream) -> Target:
+    from kubegate.core.tls import ensure_self_signed
+
+    ndir = work / "nginx"
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (ndir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    files = ensure_self_signed(ndir / "tls", common_name="bench-nginx", hostnames=["127.0.0.1"])
+    port = free_port()
+    conf = ndir / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "",
+            dir=ndir,
+            upstream_port=up.port,
+            port=port,
+            cert=files.cert,
+            key=files.key,
+            ca=up.ca_file,
+        )
+    )
+    nginx = find_tool("nginx")
+    if not nginx:
+        raise BenchError("nginx is not installed (apt-get install nginx)")
+    log = ndir / "nginx.out"
+    check = subprocess.run([nginx, "-t", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise BenchError(f"nginx rejected its generated config {conf}:\n{check.stderr}")
+    proc = PROCS.start("nginx", [nginx, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)], log)
+    target = Target("nginx", f"https://127.0.0.1:{port}", up.token, proc)
+    wait_ready("nginx", proc, target.url(POD_PATH), up.token, ndir / "error.log")
+    return target
+
+
+def start_mitmproxy(work: Path, up: Upstream, label: str = "mitmproxy", options: list[str] | None = None) -> Target:
+    mdir = work / label
+    mdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    exe = MITM_VENV / "bin" / "mitmdump"
+    if not exe.exists():
+        raise BenchError(f"mitmdump is not installed in {MITM_VENV} (bench/run installs it)")
+    argv = [
+        str(exe), "--mode", f"reverse:{up.url}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+        "--set", f"confdir={mdir}", "--set", "ssl_insecure=true", "--set", "flow_detail=0",
+        "--set", "termlog_verbosity=warn", *(options or []),
+    ]
+    log = mdir / "mitmdump.log"
+    proc = PROCS.start(label, argv, log)
+    target = Target("mitmproxy", f"https://127.0.0.1:{port}", up.token, proc)
+    wait_ready(label, proc, target.url(POD_PATH), up.token, log)
+    return target
+
+
+# -- measurements ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    contender: str
+    workload: str
+    concurrency: int
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    bytes_per_response: float = 0.0
+    note: str = ""
+
+
+def run_wrk(url: str, token: str, connections: int, seconds: float) -> dict:
+    wrk = find_tool("wrk")
+    argv = [
+        wrk or "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", str(HERE / "report.lua"), url,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_TOKEN": token},
+                          timeout=seconds + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line.removeprefix("BENCH_JSON "))
+    raise BenchError(f"wrk printed no summary for {url}:\n{done.stdout}\n{done.stderr}")
+
+
+def measure_requests(target: Target, workload: str, path: str, concurrency: int, seconds: float,
+                     expected_size: int) -> Cell:
+    url = target.url(path)
+    status, body = http_get(url, target.token, timeout=30)
+    if status != 200 or len(body) != expected_size:
+        raise BenchError(f"{target.name}: GET {url} answered {status} with {len(body)} bytes "
+                         f"(expected 200 with {expected_size}): {body[:200]!r}")
+    run_wrk(url, target.token, concurrency, 1)  # warm-up: connections, pools, caches
+    raw = run_wrk(url, target.token, concurrency, seconds)
+    requests = raw["requests"]
+    errors = sum(raw[k] for k in raw if k.startswith("errors_"))
+    cell = Cell(
+        contender=target.name,
+        workload=workload,
+        concurrency=concurrency,
+        rps=requests / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        requests=requests,
+        errors=errors,
+        bytes_per_response=raw["bytes"] / requests if requests else 0,
+    )
+    if errors:
+        cell.note = (f"{errors} errors (status {raw['errors_status']}, timeout {raw['errors_timeout']}, "
+                     f"connect {raw['errors_connect']}, read {raw['errors_read']})")
+    say(f"  {target.name:<9} {workload:<18} c={concurrency:<2} {cell.rps:9.0f} req/s  "
+        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  {cell.note}")
+    return cell
+
+
+async def exec_once(url: str, token: str, nbytes: int, timeout: float) -> tuple[float, int]:
+    import aiohttp
+
+    exec_url = f"{url}/exec?command=head&command=-c&command={nbytes}&stdout=true"
+    got = 0
+    status = None
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            async with session.ws_connect(
+                exec_url, protocols=("v5.channel.k8s.io",), headers={"Authorization": f"Bearer {token}"},
+                ssl=insecure_context(), max_msg_size=0, autoping=True,
+            ) as ws:
+                if ws.protocol != "v5.channel.k8s.io":
+                    raise BenchError(f"exec via {url}: negotiated subprotocol {ws.protocol!r}")
+                async for msg in ws:
+                    if msg.type is aiohttp.WSMsgType.BINARY:
+                        channel = msg.data[0]
+                        if channel == 1:
+                            got += len(msg.data) - 1
+                        elif channel == 3:
+                            status = json.loads(msg.data[1:])
+                            break
+                    else:
+                        break
+        elapsed = time.perf_counter() - start
+    if got != nbytes or not status or status.get("status") != "Success":
+        raise BenchError(f"exec via {url}: got {got} of {nbytes} bytes, status {status}")
+    return elapsed, got
+
+
+def measure_exec(target: Target, megabytes: int, runs: int) -> dict:
+    url = target.url(POD_PATH)
+    nbytes = megabytes * MB
+    try:
+        asyncio.run(exec_once(url, target.token, 4 * MB, 60))  # warm-up
+        rates = []
+        for _ in range(runs):
+            elapsed, got = asyncio.run(exec_once(url, target.token, nbytes, 120))
+            rates.append(got / elapsed / MB)
+    except (BenchError, TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - reported, not fatal
+        say(f"  {target.name:<9} exec failed: {exc!r}")
+        return {"contender": target.name, "mb_per_s": None, "runs": [], "note": f"failed: {exc!r}"[:200]}
+    median = statistics.median(rates)
+    say(f"  {target.name:<9} exec stdout {median:8.1f} MB/s (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+    return {"contender": target.name, "mb_per_s": median, "runs": rates, "note": ""}
+
+
+def rss_of(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+async def hold_watches(target: Target, count: int, measure: Callable[[], int], open_timeout: float) -> dict:
+    import aiohttp
+
+    url = target.url(WATCH_PATH)
+    connector = aiohttp.TCPConnector(limit=0, ssl=insecure_context(), force_close=False)
+    opened = 0
+    failures: list[str] = []
+    release = asyncio.Event()
+    gate = asyncio.Semaphore(64)  # opening pace: stays inside the listen backlogs
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal opened
+        try:
+            async with gate:
+                resp = await session.get(url, headers={"Authorization": f"Bearer {target.token}"})
+                if resp.status != 200:
+                    failures.append(f"HTTP {resp.status}")
+                    resp.release()
+                    return
+                line = await resp.content.readline()
+                if b'"ADDED"' not in line:
+                    failures.append(f"first event {line[:80]!r}")
+                    resp.close()
+                    return
+                opened += 1
+            await release.wait()
+            resp.close()
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            failures.append(repr(exc)[:120])
+
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        idle = measure()
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(one(session)) for _ in range(count)]
+        deadline = started + open_timeout
+        while opened + len(failures) < count and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+        open_seconds = time.perf_counter() - started
+        await asyncio.sleep(1.0)  # let buffers settle
+        loaded = measure()
+        held = opened
+        release.set()
+        await asyncio.wait(tasks, timeout=30)
+        for task in tasks:
+            task.cancel()
+    kinds: dict[str, int] = {}
+    for failure in failures:
+        kinds[failure] = kinds.get(failure, 0) + 1
+    return {
+        "contender": target.name,
+        "watches": count,
+        "opened": held,
+        "open_seconds": open_seconds,
+        "idle_rss_mb": idle / MB,
+        "rss_mb": loaded / MB,
+        "kb_per_watch": (loaded - idle) / 1000 / held if held else None,
+        "failures": kinds,
+    }
+
+
+def measure_watches(target: Target, count: int, pid: int) -> dict:
+    result = asyncio.run(hold_watches(target, count, lambda: rss_of(pid), open_timeout=90))
+    extra = f", {sum(result['failures'].values())} failed: {result['failures']}" if result["failures"] else ""
+    say(f"  {target.name:<9} {result['opened']}/{count} watches open in {result['open_seconds']:.1f}s: RSS "
+        f"{result['idle_rss_mb']:.1f} MB idle -> {result['rss_mb']:.1f} MB"
+        + (f" ({result['kb_per_watch']:.1f} KB/watch)" if result["kb_per_watch"] else "") + extra)
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def machine_facts() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version_of(argv: list[str], pattern: str = r"([0-9][0-9A-Za-z.+~-]*)") -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return "n/a"
+        match = re.search(pattern, out.stdout + out.stderr)
+        return match.group(1) if match else "n/a"
+
+    from importlib.metadata import version
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except Exception:  # noqa: BLE001
+            return "n/a"
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "kubegate": f"{pkg('kubegate')} (git {commit or '?'})",
+        "hypercorn": pkg("hypercorn"),
+        "aiohttp": pkg("aiohttp"),
+        "uvloop": pkg("uvloop"),
+        "nginx": version_of([find_tool("nginx") or "nginx", "-v"], r"nginx/(\S+)"),
+        "wrk": version_of([find_tool("wrk") or "wrk", "-v"], r"wrk (\S+)"),
+        "mitmproxy": version_of([str(MITM_VENV / "bin" / "mitmdump"), "--version"], r"Mitmproxy: (\S+)"),
+        "openssl": ssl.OPENSSL_VERSION,
+        "loadavg_before": os.getloadavg()[0],
+    }
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def find_cell(cells: list[Cell], contender: str, workload: str, concurrency: int) -> Cell | None:
+    return next((c for c in cells if (c.contender, c.workload, c.concurrency) == (contender, workload, concurrency)), None)
+
+
+def render(results: dict) -> str:
+    facts, cells = results["machine"], [Cell(**c) for c in results["requests"]]
+    args = results["args"]
+    out = [
+        f"Command: `{results['command']}`",
+        "",
+        f"Run {facts['date']} on {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory_gib']} GiB, Linux "
+        f"{facts['kernel']}; Python {facts['python']}, kubegate {facts['kubegate']}, Hypercorn "
+        f"{facts['hypercorn']}, aiohttp {facts['aiohttp']}, uvloop {facts['uvloop']}; nginx {facts['nginx']}, "
+        f"mitmproxy {facts['mitmproxy']}, wrk {facts['wrk']}; {facts['openssl']}.",
+        "",
+        f"wrk: 1 thread, {args['duration']} s per cell after a 1 s warm-up, HTTP/1.1 keep-alive over TLS. Load "
+        "generator, proxy and upstream share the same "
+        f"{facts['nproc']} CPUs (not pinned). 1-minute load average before the run "
+        f"{facts['loadavg_before']:.2f}, after {results.get('loadavg_after', 0):.2f} (anything else running "
+        "on the machine shows up here and in the numbers).",
+        "",
+        "### Requests",
+        "",
+        "| workload | conc. | contender | req/s | p50 ms | p99 ms | p50 added vs direct | errors |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for workload in WORKLOADS:
+        for conc in args["concurrency"]:
+            direct = find_cell(cells, "direct", workload, conc)
+            for contender in CONTENDERS:
+                cell = find_cell(cells, contender, workload, conc)
+                if cell is None:
+                    continue
+                added = "—" if contender == "direct" or direct is None else f"{cell.p50_ms - direct.p50_ms:+.2f} ms"
+                out.append(
+                    f"| {workload} | {conc} | {contender} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
+                    f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
+                )
+    out += [
+        "",
+        f"### exec stdout throughput ({args['exec_mb']} MB per session, median of {args['exec_runs']})",
+        "",
+        "| contender | MB/s | runs | note |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for row in results["exec"]:
+        runs = ", ".join(f"{r:.0f}" for r in row["runs"])
+        out.append(f"| {row['contender']} | {fmt(row['mb_per_s'], 1)} | {runs} | {row['note']} |")
+    out += [
+        "",
+        f"### Memory with {args['watches']:,} open watches (RSS of the proxy process, 1 MB = 10^6 bytes)",
+        "",
+        "| contender | watches open | idle RSS MB | RSS with watches MB | KB per watch | opened in | failures |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in results["watches"]:
+        fails = "; ".join(f"{n}× {k}" for k, n in row["failures"].items()) or "0"
+        out.append(
+            f"| {row['contender']} | {row['opened']:,} | {row['idle_rss_mb']:.1f} | {row['rss_mb']:.1f} | "
+            f"{fmt(row['kb_per_watch'], 1)} | {row['open_seconds']:.1f} s | {fails} |"
+        )
+    out += ["", "### Targets (gateway with only static-tokens enabled)", "", "| target | measured | met |",
+            "| --- | --- | --- |"]
+    small = "small GET (1 pod)"
+    for conc in args["concurrency"]:
+        gw, mitm = find_cell(cells, "gateway", small, conc), find_cell(cells, "mitmproxy", small, conc)
+        if gw and mitm and mitm.rps:
+            ratio = gw.rps / mitm.rps
+            out.append(f"| ≥ 2.5× mitmproxy req/s, small GET, c={conc} | {ratio:.2f}× ({gw.rps:,.0f} vs "
+                       f"{mitm.rps:,.0f}) | {'yes' if ratio >= 2.5 else '**no**'} |")
+    gw, direct = find_cell(cells, "gateway", small, 1), find_cell(cells, "direct", small, 1)
+    if gw and direct:
+        added = gw.p50_ms - direct.p50_ms
+        out.append(f"| ≤ 0.6 ms added p50, small GET, c=1 | +{added:.2f} ms ({gw.p50_ms:.2f} vs "
+                   f"{direct.p50_ms:.2f}) | {'yes' if added <= 0.6 else '**no**'} |")
+    gw_exec = next((r for r in results["exec"] if r["contender"] == "gateway"), None)
+    if gw_exec and gw_exec["mb_per_s"] is not None:
+        out.append(f"| exec ≥ 100 MB/s | {gw_exec['mb_per_s']:.1f} MB/s | "
+                   f"{'yes' if gw_exec['mb_per_s'] >= 100 else '**no**'} |")
+    return "\n".join(out) + "\n"
+
+
+def write_doc(report: str) -> None:
+    block = f"{BEGIN}\n{report}{END}"
+    if DOC.exists() and BEGIN in DOC.read_text() and END in DOC.read_text():
+        text = DOC.read_text()
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        DOC.write_text(head + block + tail)
+    else:
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(f"# Performance\n\nMade by `bench/run` (see bench/run.py).\n\n{block}\n")
+    say(f"wrote {DOC.relative_to(ROOT)}")
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk cell (default 8)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    parser.add_argument("--exec-mb", type=int, default=256, help="stdout MB per exec session (default 256)")
+    parser.add_argument("--exec-runs", type=int, default=3)
+    parser.add_argument("--watches", type=int, default=1000)
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: requests,exec,watches")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/performance.md")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
+    args = parser.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = set(args.contenders) - set(CONTENDERS)
+    if unknown or "direct" not in args.contenders or "gateway" not in args.contenders:
+        parser.error(f"--contenders must include direct and gateway, from {', '.join(CONTENDERS)}")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    ensure_tools(args.contenders)
+    limit = raise_fd_limit()
+    if limit < args.watches * 3 + 100:
+        raise BenchError(f"open-files limit is {limit}: {args.watches} watches need about {args.watches * 3}")
+    work = Path(tempfile.mkdtemp(prefix="kubegate-bench-"))
+    say(f"scratch directory {work}")
+    results: dict = {"command": command, "args": {
+        "duration": args.duration, "concurrency": args.concurrency, "exec_mb": args.exec_mb,
+        "exec_runs": args.exec_runs, "watches": args.watches, "contenders": args.contenders,
+    }, "requests": [], "exec": [], "watches": []}
+    try:
+        results["machine"] = machine_facts()
+        up = start_upstream(work)
+        targets = [Target("direct", up.url, up.token)]
+        starters = {"gateway": lambda: start_gateway(work, up), "nginx": lambda: start_nginx(work, up),
+                    "mitmproxy": lambda: start_mitmproxy(work, up)}
+        for name in CONTENDERS[1:]:
+            if name in args.contenders:
+                targets.append(starters[name]())
+        sizes = {path: len(http_get(up.url + path, up.token, timeout=30)[1]) for path in WORKLOADS.values()}
+
+        if "requests" not in args.skip:
+            say("requests (wrk)")
+            for workload, path in WORKLOADS.items():
+                for conc in args.concurrency:
+                    for target in targets:
+                        cell = measure_requests(target, workload, path, conc, args.duration, sizes[path])
+                        results["requests"].append(asdict(cell))
+        if "exec" not in args.skip:
+            say(f"exec stdout throughput ({args.exec_mb} MB x {args.exec_runs})")
+            for target in targets:
+                results["exec"].append(measure_exec(target, args.exec_mb, args.exec_runs))
+        for target in targets:
+            if target.proc is not None:
+                PROCS.stop(target.proc)
+        if "watches" not in args.skip:
+            say(f"{args.watches} open watches (fresh processes)")
+            # A fresh gateway, so its idle RSS is not inflated by the load above. Its upstream pool must hold
+            # one connection per watch: the default (upstream_pool_size: 100) would queue watch 101 onwards.
+            gw = start_gateway(work, up, label="gateway-watches",
+                               extra_limits={"upstream_pool_size": args.watches + 100})
+            assert gw.proc is not None
+            results["watches"].append(measure_watches(gw, args.watches, gw.proc.pid))
+            PROCS.stop(gw.proc)
+            if "nginx" in args.contenders:
+                ng = start_nginx(work, up)
+                assert ng.proc is not None
+                results["watches"].append(measure_watches(ng, args.watches, ng.proc.pid))
+                PROCS.stop(ng.proc)
+    finally:
+        results["loadavg_after"] = os.getloadavg()[0]
+        PROCS.stop_all()
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "bench/run" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        results = run(args, command)
+    except BenchError as exc:
+        say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted; all processes stopped")
+        return 130
+    RESULTS.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2))
+    report = render(results)
+    print(report)
+    if not args.no_doc:
+        write_doc(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""A deliberately cheap stand-in Kubernetes API server for the benchmark (aiohttp + uvloop, HTTPS).
+
+It answers only what the benchmark asks, from pre-encoded bytes, so that the numbers measure the proxies
+in front of it rather than the upstream:
+
+- ``GET /api/v1/namespaces/prod/pods/web``: one pod (about 2 KB of JSON);
+- ``GET /api/v1/namespaces/prod/pods``: a PodList of 500 pods (about 1 MB);
+- ``GET /api/v1/namespaces/prod/pods?watch=true``: one ADDED event, then the stream stays open (a BOOKMARK
+  every 30 s) until the client leaves;
+- ``GET /api/v1/namespaces/prod/pods/web/exec?command=head&command=-c&command=BYTES&stdout=true``: a
+  WebSocket speaking ``v5.channel.k8s.io`` that writes BYTES of stdout (channel 1) as fast as the
+  connection drains, in 32 KiB frames, then a channel-3 Success status, then closes.
+
+Every request must carry ``Authorization: Bearer <token>`` (the token written to ``DIR/token``), so a proxy
+that forgot to swap in its own credential gets a 401 and the run fails loudly.
+
+Run: ``python bench/upstream.py --dir DIR`` prints one JSON line ``{"url", "port", "ca_file", "token"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import sys
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+EXEC_FRAME = 32 * 1024
+POD_COUNT = 500
+
+
+def make_pod(index: int) -> dict:
+    name = "web" if index == 0 else f"web-{index:04d}"
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "namespace": "prod",
+            "uid": f"6d4c5c1e-2f4b-4f0a-9d3e-{index:012d}",
+            "resourceVersion": str(1000 + index),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"app": "web", "tier": "frontend", "pod-template-hash": "7c9d8f6b5d"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "ReplicaSet",
+                    "name": "web-7c9d8f6b5d",
+                    "uid": "0b1f7c7e-5a55-4c8e-9f0e-3c2d1b0a9f8e",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "web",
+                    "image": "registry.example/web:1.27.3",
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "PORT", "value": "8080"}],
+                    "resources": {
+                        "limits": {"cpu": "500m", "memory": "256Mi"},
+                        "requests": {"cpu": "100m", "memory": "128Mi"},
+                    },
+                    "volumeMounts": [
+                        {
+                            "name": "kube-api-access",
+                            "readOnly": True,
+                            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                        }
+                    ],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent",
+                }
+            ],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "serviceAccountName": "default",
+            "nodeName": f"node-{index % 7}",
+            "schedulerName": "default-scheduler",
+            "volumes": [{"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": []}}],
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": t, "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"}
+                for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+            ],
+            "hostIP": f"10.0.0.{index % 250 + 1}",
+            "podIP": f"10.244.{index // 250}.{index % 250 + 2}",
+            "startTime": "2026-01-01T00:00:00Z",
+            "containerStatuses": [
+                {
+                    "name": "web",
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:04Z"}},
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": "registry.example/web:1.27.3",
+                    "imageID": "registry.example/web@sha256:" + "ab" * 32,
+                    "containerID": "containerd://" + f"{index:064x}",
+                    "started": True,
+                }
+            ],
+            "qosClass": "Burstable",
+        },
+    }
+
+
+POD = json.dumps(make_pod(0)).encode()
+PODS = [make_pod(i) for i in range(POD_COUNT)]
+POD_LIST = json.dumps(
+    {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "5000"}, "items": PODS}
+).encode()
+WATCH_ADDED = json.dumps({"type": "ADDED", "object": PODS[0]}).encode() + b"\n"
+WATCH_BOOKMARK = (
+    json.dumps(
+        {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "5000"}}}
+    ).encode()
+    + b"\n"
+)
+EXEC_SUCCESS = b"\x03" + json.dumps({"metadata": {}, "status": "Success"}).encode()
+UNAUTHORIZED = json.dumps(
+    {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "Unauthorized", "code": 401}
+).encode()
+
+
+def make_app(token: str) -> web.Application:
+    expected = f"Bearer {token}"
+    json_type = "application/json"
+
+    def unauthorized() -> web.Response:
+        return web.Response(status=401, body=UNAUTHORIZED, content_type=json_type)
+
+    async def pod(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return unauthorized()
+        return web.Response(body=POD, content_type=json_type)
+
+    async def pods(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return unauthorized()
+        if request.query.get("watch") in ("true", "1"):
+            resp = web.StreamResponse(headers={"Content-Type": json_type})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(WATCH_ADDED)
+            try:
+                while True:
+                    await asyncio.sleep(30)
+                    await resp.write(WATCH_BOOKMARK)
+            except (ConnectionResetError, asyncio.CancelledError):
+                pass
+            return resp
+        return web.Response(body=POD_LIST, content_type=json_type)
+
+    async def exec_(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return unauthorized()
+        command = request.query.getall("command", [])
+        try:
+            total = int(command[-1])
+        except (IndexError, ValueError):
+            total = 0
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io",), max_msg_size=0, autoping=True)
+        await ws.prepare(request)
+        frame = b"\x01" + b"x" * EXEC_FRAME
+        sent = 0
+        while sent + EXEC_FRAME <= total:
+            await ws.send_bytes(frame)
+            sent += EXEC_FRAME
+        if total - sent:
+            await ws.send_bytes(frame[: 1 + total - sent])
+        await ws.send_bytes(EXEC_SUCCESS)
+        await ws.close()
+        # Drain whatever the client still says (its close frame).
+        async for msg in ws:
+            if msg.type is WSMsgType.CLOSE:
+                break
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/prod/pods/web", pod)
+    app.router.add_get("/api/v1/namespaces/prod/pods", pods)
+    app.router.add_get("/api/v1/namespaces/prod/pods/web/exec", exec_)
+    return app
+
+
+async def serve(directory: Path, port: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kubegate.core.tls import ensure_self_signed
+
+    files = ensure_self_signed(directory / "tls", common_name="bench-upstream", hostnames=["127.0.0.1"])
+    token_path = directory / "token"
+    if not token_path.exists():
+        token_path.write_text(secrets.token_urlsafe(32))
+    token = token_path.read_text().strip()
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    ctx.set_alpn_protocols(["http/1.1"])
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    runner = web.AppRunner(make_app(token), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=ctx, backlog=4096)
+    await site.start()
+    real_port = sock.getsockname()[1]
+    print(
+        json.dumps(
+            {
+                "url": f"https://127.0.0.1:{real_port}",
+                "port": real_port,
+                "ca_file": str(files.ca_cert),
+                "token": token,
+                "pid": os.getpid(),
+            }
+        ),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(serve(args.dir, args.port))
+    else:
+        uvloop.install()
+        asyncio.run(serve(args.dir, args.port))
+
+
+if __name__ == "__main__":
+    main()
