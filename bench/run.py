@@ -40,7 +40,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -80,7 +80,7 @@ class Processes:
     def start(self, name: str, argv: list[str], log: Path, **kwargs) -> subprocess.Popen:
         say(f"starting {name}: {shlex.join(argv)}")
         out = kwargs.pop("stdout", None)
-        log_file = open(log, "wb")  # noqa: SIM115 - closed with the process
+        log_file = open(log, "wb")
         try:
             proc = subprocess.Popen(
                 argv, stdout=out or log_file, stderr=log_file, start_new_session=True, **kwargs
@@ -145,12 +145,16 @@ def http_get(url: str, token: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def wait_ready(name: str, proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 30.0) -> None:
+def wait_ready(
+    name: str, proc: subprocess.Popen, url: str, token: str, log: Path, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"{name} exited with status {proc.returncode} while starting; its log ({log}):\n    {log_tail(log)}")
+            raise BenchError(
+                f"{name} exited with status {proc.returncode} while starting; its log ({log}):\n    {log_tail(log)}"
+            )
         try:
             status, _ = http_get(url, token, timeout=2)
             if status == 200:
@@ -159,7 +163,9 @@ def wait_ready(name: str, proc: subprocess.Popen, url: str, token: str, log: Pat
         except OSError as exc:
             last = str(exc)
         time.sleep(0.2)
-    raise BenchError(f"{name} did not answer {url} within {timeout:.0f}s (last: {last}); its log ({log}):\n    {log_tail(log)}")
+    raise BenchError(
+        f"{name} did not answer {url} within {timeout:.0f}s (last: {last}); its log ({log}):\n    {log_tail(log)}"
+    )
 
 
 # -- tools -----------------------------------------------------------------------------------------------
@@ -183,11 +189,15 @@ def ensure_tools(contenders: list[str]) -> None:
         if "nginx" in missing and Path("/run/nginx.pid").exists():
             subprocess.run([find_tool("nginx") or "nginx", "-s", "quit"], capture_output=True, check=False)
     if "mitmproxy" in contenders and not (MITM_VENV / "bin" / "mitmdump").exists():
-        say(f"installing {MITM_REQUIREMENT} into {MITM_VENV.relative_to(ROOT)} (its own venv: it pins old h2/cryptography)")
+        say(
+            f"installing {MITM_REQUIREMENT} into {MITM_VENV.relative_to(ROOT)} (its own venv: it pins old h2/cryptography)"
+        )
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", str(MITM_VENV)], check=True)
         done = subprocess.run(
-            [str(MITM_VENV / "bin" / "pip"), "install", "-q", MITM_REQUIREMENT], capture_output=True, text=True
+            [str(MITM_VENV / "bin" / "pip"), "install", "-q", MITM_REQUIREMENT],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             shutil.rmtree(MITM_VENV, ignore_errors=True)
@@ -259,7 +269,9 @@ def gateway_token() -> tuple[str, str]:
     return token, hashlib.sha256(token.encode()).hexdigest()
 
 
-def start_gateway(work: Path, up: Upstream, label: str = "gateway", extra_limits: dict | None = None) -> Target:
+def start_gateway(
+    work: Path, up: Upstream, label: str = "gateway", extra_limits: dict | None = None
+) -> Target:
     token, digest = gateway_token()
     port = free_port()
     gdir = work / label
@@ -287,9 +299,11 @@ connections:
 """
     )
     exe = Path(sys.executable).parent / "kubegate"
-    argv = [str(exe), "serve", "--config", str(config)] if exe.exists() else [
-        sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(config)
-    ]
+    argv = (
+        [str(exe), "serve", "--config", str(config)]
+        if exe.exists()
+        else [sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(config)]
+    )
     log = gdir / "gateway.log"
     proc = PROCS.start(label, argv, log, cwd=str(gdir))
     target = Target("gateway", f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
@@ -369,8 +383,11 @@ def start_nginx(work: Path, up: Upstream) -> Target:
     if not nginx:
         raise BenchError("nginx is not installed (apt-get install nginx)")
     log = ndir / "nginx.out"
-    check = subprocess.run([nginx, "-t", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [nginx, "-t", "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+    )
     if check.returncode != 0:
         raise BenchError(f"nginx rejected its generated config {conf}:\n{check.stderr}")
     proc = PROCS.start("nginx", [nginx, "-p", str(ndir), "-e", str(ndir / "error.log"), "-c", str(conf)], log)
@@ -379,7 +396,9 @@ def start_nginx(work: Path, up: Upstream) -> Target:
     return target
 
 
-def start_mitmproxy(work: Path, up: Upstream, label: str = "mitmproxy", options: list[str] | None = None) -> Target:
+def start_mitmproxy(
+    work: Path, up: Upstream, label: str = "mitmproxy", options: list[str] | None = None
+) -> Target:
     mdir = work / label
     mdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -387,9 +406,22 @@ def start_mitmproxy(work: Path, up: Upstream, label: str = "mitmproxy", options:
     if not exe.exists():
         raise BenchError(f"mitmdump is not installed in {MITM_VENV} (bench/run installs it)")
     argv = [
-        str(exe), "--mode", f"reverse:{up.url}", "--listen-host", "127.0.0.1", "--listen-port", str(port),
-        "--set", f"confdir={mdir}", "--set", "ssl_insecure=true", "--set", "flow_detail=0",
-        "--set", "termlog_verbosity=warn", *(options or []),
+        str(exe),
+        "--mode",
+        f"reverse:{up.url}",
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={mdir}",
+        "--set",
+        "ssl_insecure=true",
+        "--set",
+        "flow_detail=0",
+        "--set",
+        "termlog_verbosity=warn",
+        *(options or []),
     ]
     log = mdir / "mitmdump.log"
     proc = PROCS.start(label, argv, log)
@@ -418,24 +450,35 @@ class Cell:
 def run_wrk(url: str, token: str, connections: int, seconds: float) -> dict:
     wrk = find_tool("wrk")
     argv = [
-        wrk or "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-        "-s", str(HERE / "report.lua"), url,
+        wrk or "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "report.lua"),
+        url,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "BENCH_TOKEN": token},
-                          timeout=seconds + 60)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "BENCH_TOKEN": token}, timeout=seconds + 60
+    )
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line.removeprefix("BENCH_JSON "))
     raise BenchError(f"wrk printed no summary for {url}:\n{done.stdout}\n{done.stderr}")
 
 
-def measure_requests(target: Target, workload: str, path: str, concurrency: int, seconds: float,
-                     expected_size: int) -> Cell:
+def measure_requests(
+    target: Target, workload: str, path: str, concurrency: int, seconds: float, expected_size: int
+) -> Cell:
     url = target.url(path)
     status, body = http_get(url, target.token, timeout=30)
     if status != 200 or len(body) != expected_size:
-        raise BenchError(f"{target.name}: GET {url} answered {status} with {len(body)} bytes "
-                         f"(expected 200 with {expected_size}): {body[:200]!r}")
+        raise BenchError(
+            f"{target.name}: GET {url} answered {status} with {len(body)} bytes "
+            f"(expected 200 with {expected_size}): {body[:200]!r}"
+        )
     run_wrk(url, target.token, concurrency, 1)  # warm-up: connections, pools, caches
     raw = run_wrk(url, target.token, concurrency, seconds)
     requests = raw["requests"]
@@ -452,14 +495,18 @@ def measure_requests(target: Target, workload: str, path: str, concurrency: int,
         bytes_per_response=raw["bytes"] / requests if requests else 0,
     )
     if errors:
-        cell.note = (f"{errors} errors (status {raw['errors_status']}, timeout {raw['errors_timeout']}, "
-                     f"connect {raw['errors_connect']}, read {raw['errors_read']})")
-    say(f"  {target.name:<9} {workload:<18} c={concurrency:<2} {cell.rps:9.0f} req/s  "
-        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  {cell.note}")
+        cell.note = (
+            f"{errors} errors (status {raw['errors_status']}, timeout {raw['errors_timeout']}, "
+            f"connect {raw['errors_connect']}, read {raw['errors_read']})"
+        )
+    say(
+        f"  {target.name:<9} {workload:<18} c={concurrency:<2} {cell.rps:9.0f} req/s  "
+        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  {cell.note}"
+    )
     return cell
 
 
-async def exec_once(url: str, token: str, nbytes: int, timeout: float) -> tuple[float, int]:
+async def exec_once(url: str, token: str, nbytes: int, limit_s: float) -> tuple[float, int]:
     import aiohttp
 
     exec_url = f"{url}/exec?command=head&command=-c&command={nbytes}&stdout=true"
@@ -467,10 +514,14 @@ async def exec_once(url: str, token: str, nbytes: int, timeout: float) -> tuple[
     status = None
     async with aiohttp.ClientSession() as session:
         start = time.perf_counter()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit_s):
             async with session.ws_connect(
-                exec_url, protocols=("v5.channel.k8s.io",), headers={"Authorization": f"Bearer {token}"},
-                ssl=insecure_context(), max_msg_size=0, autoping=True,
+                exec_url,
+                protocols=("v5.channel.k8s.io",),
+                headers={"Authorization": f"Bearer {token}"},
+                ssl=insecure_context(),
+                max_msg_size=0,
+                autoping=True,
             ) as ws:
                 if ws.protocol != "v5.channel.k8s.io":
                     raise BenchError(f"exec via {url}: negotiated subprotocol {ws.protocol!r}")
@@ -499,7 +550,7 @@ def measure_exec(target: Target, megabytes: int, runs: int) -> dict:
         for _ in range(runs):
             elapsed, got = asyncio.run(exec_once(url, target.token, nbytes, 120))
             rates.append(got / elapsed / MB)
-    except (BenchError, TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - reported, not fatal
+    except (BenchError, TimeoutError, OSError, Exception) as exc:
         say(f"  {target.name:<9} exec failed: {exc!r}")
         return {"contender": target.name, "mb_per_s": None, "runs": [], "note": f"failed: {exc!r}"[:200]}
     median = statistics.median(rates)
@@ -528,6 +579,7 @@ async def hold_watches(target: Target, count: int, measure: Callable[[], int], o
     opened = 0
     failures: list[str] = []
     release = asyncio.Event()
+    all_settled = asyncio.Event()
     gate = asyncio.Semaphore(64)  # opening pace: stays inside the listen backlogs
 
     async def one(session: aiohttp.ClientSession) -> None:
@@ -545,18 +597,26 @@ async def hold_watches(target: Target, count: int, measure: Callable[[], int], o
                     resp.close()
                     return
                 opened += 1
+                if opened + len(failures) >= count:
+                    all_settled.set()
             await release.wait()
             resp.close()
-        except Exception as exc:  # noqa: BLE001 - counted and reported
+        except Exception as exc:  # counted and reported
             failures.append(repr(exc)[:120])
+        finally:
+            if opened + len(failures) >= count:
+                all_settled.set()
 
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         idle = measure()
         started = time.perf_counter()
         tasks = [asyncio.create_task(one(session)) for _ in range(count)]
-        deadline = started + open_timeout
-        while opened + len(failures) < count and time.perf_counter() < deadline:
-            await asyncio.sleep(0.1)
+        try:
+            await asyncio.wait_for(all_settled.wait(), open_timeout)
+        except TimeoutError:
+            pass  # reported as fewer watches open
         open_seconds = time.perf_counter() - started
         await asyncio.sleep(1.0)  # let buffers settle
         loaded = measure()
@@ -583,9 +643,12 @@ async def hold_watches(target: Target, count: int, measure: Callable[[], int], o
 def measure_watches(target: Target, count: int, pid: int) -> dict:
     result = asyncio.run(hold_watches(target, count, lambda: rss_of(pid), open_timeout=90))
     extra = f", {sum(result['failures'].values())} failed: {result['failures']}" if result["failures"] else ""
-    say(f"  {target.name:<9} {result['opened']}/{count} watches open in {result['open_seconds']:.1f}s: RSS "
+    say(
+        f"  {target.name:<9} {result['opened']}/{count} watches open in {result['open_seconds']:.1f}s: RSS "
         f"{result['idle_rss_mb']:.1f} MB idle -> {result['rss_mb']:.1f} MB"
-        + (f" ({result['kb_per_watch']:.1f} KB/watch)" if result["kb_per_watch"] else "") + extra)
+        + (f" ({result['kb_per_watch']:.1f} KB/watch)" if result["kb_per_watch"] else "")
+        + extra
+    )
     return result
 
 
@@ -615,11 +678,12 @@ def machine_facts() -> dict:
     def pkg(name: str) -> str:
         try:
             return version(name)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return "n/a"
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -645,7 +709,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def find_cell(cells: list[Cell], contender: str, workload: str, concurrency: int) -> Cell | None:
-    return next((c for c in cells if (c.contender, c.workload, c.concurrency) == (contender, workload, concurrency)), None)
+    return next(
+        (c for c in cells if (c.contender, c.workload, c.concurrency) == (contender, workload, concurrency)),
+        None,
+    )
 
 
 def render(results: dict) -> str:
@@ -677,7 +744,11 @@ def render(results: dict) -> str:
                 cell = find_cell(cells, contender, workload, conc)
                 if cell is None:
                     continue
-                added = "—" if contender == "direct" or direct is None else f"{cell.p50_ms - direct.p50_ms:+.2f} ms"
+                added = (
+                    "—"
+                    if contender == "direct" or direct is None
+                    else f"{cell.p50_ms - direct.p50_ms:+.2f} ms"
+                )
                 out.append(
                     f"| {workload} | {conc} | {contender} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
                     f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
@@ -700,29 +771,40 @@ def render(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in results["watches"]:
-        fails = "; ".join(f"{n}× {k}" for k, n in row["failures"].items()) or "0"
+        fails = "; ".join(f"{n}x {k}" for k, n in row["failures"].items()) or "0"
         out.append(
             f"| {row['contender']} | {row['opened']:,} | {row['idle_rss_mb']:.1f} | {row['rss_mb']:.1f} | "
             f"{fmt(row['kb_per_watch'], 1)} | {row['open_seconds']:.1f} s | {fails} |"
         )
-    out += ["", "### Targets (gateway with only static-tokens enabled)", "", "| target | measured | met |",
-            "| --- | --- | --- |"]
+    out += [
+        "",
+        "### Targets (gateway with only static-tokens enabled)",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+    ]
     small = "small GET (1 pod)"
     for conc in args["concurrency"]:
         gw, mitm = find_cell(cells, "gateway", small, conc), find_cell(cells, "mitmproxy", small, conc)
         if gw and mitm and mitm.rps:
             ratio = gw.rps / mitm.rps
-            out.append(f"| ≥ 2.5× mitmproxy req/s, small GET, c={conc} | {ratio:.2f}× ({gw.rps:,.0f} vs "
-                       f"{mitm.rps:,.0f}) | {'yes' if ratio >= 2.5 else '**no**'} |")
+            out.append(
+                f"| ≥ 2.5x mitmproxy req/s, small GET, c={conc} | {ratio:.2f}x ({gw.rps:,.0f} vs "
+                f"{mitm.rps:,.0f}) | {'yes' if ratio >= 2.5 else '**no**'} |"
+            )
     gw, direct = find_cell(cells, "gateway", small, 1), find_cell(cells, "direct", small, 1)
     if gw and direct:
         added = gw.p50_ms - direct.p50_ms
-        out.append(f"| ≤ 0.6 ms added p50, small GET, c=1 | +{added:.2f} ms ({gw.p50_ms:.2f} vs "
-                   f"{direct.p50_ms:.2f}) | {'yes' if added <= 0.6 else '**no**'} |")
+        out.append(
+            f"| ≤ 0.6 ms added p50, small GET, c=1 | +{added:.2f} ms ({gw.p50_ms:.2f} vs "
+            f"{direct.p50_ms:.2f}) | {'yes' if added <= 0.6 else '**no**'} |"
+        )
     gw_exec = next((r for r in results["exec"] if r["contender"] == "gateway"), None)
     if gw_exec and gw_exec["mb_per_s"] is not None:
-        out.append(f"| exec ≥ 100 MB/s | {gw_exec['mb_per_s']:.1f} MB/s | "
-                   f"{'yes' if gw_exec['mb_per_s'] >= 100 else '**no**'} |")
+        out.append(
+            f"| exec ≥ 100 MB/s | {gw_exec['mb_per_s']:.1f} MB/s | "
+            f"{'yes' if gw_exec['mb_per_s'] >= 100 else '**no**'} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -746,8 +828,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run")
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk cell (default 8)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+    )
     parser.add_argument("--exec-mb", type=int, default=256, help="stdout MB per exec session (default 256)")
     parser.add_argument("--exec-runs", type=int, default=3)
     parser.add_argument("--watches", type=int, default=1000)
@@ -770,16 +853,29 @@ def run(args: argparse.Namespace, command: str) -> dict:
         raise BenchError(f"open-files limit is {limit}: {args.watches} watches need about {args.watches * 3}")
     work = Path(tempfile.mkdtemp(prefix="kubegate-bench-"))
     say(f"scratch directory {work}")
-    results: dict = {"command": command, "args": {
-        "duration": args.duration, "concurrency": args.concurrency, "exec_mb": args.exec_mb,
-        "exec_runs": args.exec_runs, "watches": args.watches, "contenders": args.contenders,
-    }, "requests": [], "exec": [], "watches": []}
+    results: dict = {
+        "command": command,
+        "args": {
+            "duration": args.duration,
+            "concurrency": args.concurrency,
+            "exec_mb": args.exec_mb,
+            "exec_runs": args.exec_runs,
+            "watches": args.watches,
+            "contenders": args.contenders,
+        },
+        "requests": [],
+        "exec": [],
+        "watches": [],
+    }
     try:
         results["machine"] = machine_facts()
         up = start_upstream(work)
         targets = [Target("direct", up.url, up.token)]
-        starters = {"gateway": lambda: start_gateway(work, up), "nginx": lambda: start_nginx(work, up),
-                    "mitmproxy": lambda: start_mitmproxy(work, up)}
+        starters = {
+            "gateway": lambda: start_gateway(work, up),
+            "nginx": lambda: start_nginx(work, up),
+            "mitmproxy": lambda: start_mitmproxy(work, up),
+        }
         for name in CONTENDERS[1:]:
             if name in args.contenders:
                 targets.append(starters[name]())
@@ -803,8 +899,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             say(f"{args.watches} open watches (fresh processes)")
             # A fresh gateway, so its idle RSS is not inflated by the load above. Its upstream pool must hold
             # one connection per watch: the default (upstream_pool_size: 100) would queue watch 101 onwards.
-            gw = start_gateway(work, up, label="gateway-watches",
-                               extra_limits={"upstream_pool_size": args.watches + 100})
+            gw = start_gateway(
+                work, up, label="gateway-watches", extra_limits={"upstream_pool_size": args.watches + 100}
+            )
             assert gw.proc is not None
             results["watches"].append(measure_watches(gw, args.watches, gw.proc.pid))
             PROCS.stop(gw.proc)
@@ -825,7 +922,11 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "bench/run" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    command = "bench/run" + (
+        ""
+        if argv is None and len(sys.argv) == 1
+        else " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    )
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt

@@ -27,7 +27,6 @@ import secrets
 import signal
 import socket
 import ssl
-import sys
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
@@ -125,7 +124,10 @@ POD_LIST = json.dumps(
 WATCH_ADDED = json.dumps({"type": "ADDED", "object": PODS[0]}).encode() + b"\n"
 WATCH_BOOKMARK = (
     json.dumps(
-        {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "5000"}}}
+        {
+            "type": "BOOKMARK",
+            "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "5000"}},
+        }
     ).encode()
     + b"\n"
 )
@@ -197,7 +199,6 @@ def make_app(token: str) -> web.Application:
 
 
 async def serve(directory: Path, port: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from kubegate.core.tls import ensure_self_signed
 
     files = ensure_self_signed(directory / "tls", common_name="bench-upstream", hostnames=["127.0.0.1"])
