@@ -744,3 +744,80 @@ def test_stop_pod_kills_every_process(cluster: StreamCluster) -> None:
 
 def test_proot_is_used_when_installed(cluster: StreamCluster) -> None:
     assert (cluster.runtime.proot is not None) == (shutil.which("proot") is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same handlers behind the real sandbox server (TLS, bearer token, routing): shared `sandbox` fixture
+# ---------------------------------------------------------------------------------------------------
+def _sb_kubectl(sandbox: Any, *args: str, binary: str = KUBECTL, input: str | None = None) -> Any:
+    env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    return subprocess.run(
+        [binary, *args], input=input, capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+@pytest.mark.parametrize("binary", KUBECTLS)
+def test_sandbox_server_exec_cp_and_logs(sandbox: Any, binary: str, tmp_path: Path) -> None:
+    r = _sb_kubectl(sandbox, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo hi; echo $DB_PASSWORD >&2")
+    assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
+    assert r.stderr.strip()  # the secret resolved through the store into the container env
+    r = _sb_kubectl(sandbox, "exec", "web", "-n", "prod", "--", "sh", "-c", "exit 3", binary=binary)
+    assert r.returncode == 3
+    r = _sb_kubectl(sandbox, "exec", "-i", "web", "-n", "prod", "--", "cat", input="piped\n", binary=binary)
+    assert r.stdout == "piped\n"
+    src = tmp_path / "f.txt"
+    src.write_text("copied through the sandbox server\n")
+    r = _sb_kubectl(sandbox, "cp", str(src), "prod/web:/tmp/f.txt", binary=binary)
+    assert r.returncode == 0, r.stderr
+    r = _sb_kubectl(sandbox, "exec", "web", "-n", "prod", "--", "cat", "/tmp/f.txt", binary=binary)
+    assert r.stdout == src.read_text()
+    r = _sb_kubectl(sandbox, "logs", "web", "-n", "prod", "--tail=1", binary=binary)
+    assert "request" in r.stdout and r.stdout.count("\n") == 1
+
+
+def test_sandbox_server_port_forward_and_follow(sandbox: Any) -> None:
+    local = free_port()
+    env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)}
+    pf = subprocess.Popen(
+        [KUBECTL, "port-forward", "pod/web", "-n", "prod", f"{local}:8080"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    logs = subprocess.Popen(
+        [KUBECTL, "logs", "-f", "--tail=0", "web", "-n", "prod"], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert pf.stdout is not None and "Forwarding from" in pf.stdout.readline()
+        assert _http_get(local) == b"hello from web:8080\n"
+        assert _http_get(local) == b"hello from web:8080\n"
+        assert logs.stdout is not None
+        assert b"request" in logs.stdout.readline()  # a line written after the follow started
+    finally:
+        for p in (pf, logs):
+            p.terminate()
+            p.wait(5)
+
+
+def test_sandbox_server_python_client_exec(sandbox: Any) -> None:
+    from kubernetes import client
+    from kubernetes.stream import stream
+
+    cfg = client.Configuration()
+    cfg.host = sandbox.url
+    cfg.ssl_ca_cert = str(sandbox.ca_file)
+    cfg.api_key = {"authorization": "Bearer " + sandbox.token}
+    core = client.CoreV1Api(client.ApiClient(cfg))
+    out = stream(
+        core.connect_get_namespaced_pod_exec,
+        "web",
+        "prod",
+        command=["sh", "-c", "echo over-tls"],
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
+    assert out.strip() == "over-tls"
