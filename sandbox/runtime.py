@@ -706,7 +706,7 @@ def write_cri(log: Any, stream: bytes, chunk: bytes) -> None:
 
 def parse_cri(data: bytes) -> tuple[list[tuple[str, bytes, bytes]], int]:
     """Complete entries in data as (timestamp, stream, content-as-served) and the bytes consumed."""
-    entries = []
+    entries: list[tuple[str, bytes, bytes]] = []
     pos = 0
     while True:
         nl = data.find(b"\n", pos)

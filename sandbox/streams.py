@@ -528,20 +528,24 @@ async def _channel_portforward(ch: Channels, runtime: PodRuntime, p: Pod, ports:
                         w.write(payload)
                         await w.drain()
 
+    async def all_forwarded() -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     client = asyncio.create_task(on_message())
+    done_all = asyncio.create_task(all_forwarded())
     try:
-        done_all = asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.wait({client, done_all}, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[arg-type]
+        await asyncio.wait({client, done_all}, return_when=asyncio.FIRST_COMPLETED)
         if not client.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ch.ws.close(), timeout=10)
     finally:
         client.cancel()
+        done_all.cancel()
         for t in tasks:
             t.cancel()
         for w in writers.values():
             w.close()
-        await asyncio.gather(client, *tasks, return_exceptions=True)
+        await asyncio.gather(client, done_all, *tasks, return_exceptions=True)
 
 
 class _PFStream:
@@ -653,7 +657,7 @@ class SpdyPortForward:
     async def _on_data(self, frame: spdy.DataFrame) -> None:
         s = self.streams.get(frame.stream_id)
         if s is None:
-            await self._send(lambda: self.framer.rst_stream(frame.stream_id, spdy.RST_INVALID_STREAM))
+            # A late half-close (or data) for a pair that already finished: spdystream drops these too.
             return
         pair = self.pairs.get(s.request_id)
         if s.kind != "data" or pair is None:
@@ -714,6 +718,10 @@ class SpdyPortForward:
             pair.writer.close()
         await self._fin(data)
         await self._fin(error)
+        # Both directions are done: forget the pair so a long-lived tunnel does not accumulate them.
+        self.streams.pop(data.id, None)
+        self.streams.pop(error.id, None)
+        self.pairs.pop(data.request_id, None)
 
 
 __all__ = ["handle_attach", "handle_exec", "handle_portforward"]
