@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from quart import Blueprint
 
-    from kubegate.connections.registry import ConnectionType
+    from kubegate.connections.registry import Connection, ConnectionType
     from kubegate.core.flow import (
         AuditEvent,
         AuthFailure,
@@ -205,11 +205,13 @@ def kubegate_session_end(flow: Flow, session: Session) -> Awaitable[None] | None
 
 
 @hookspec
-def kubegate_audit_event(event: AuditEvent) -> Awaitable[None] | None:
+def kubegate_audit_event(event: AuditEvent, connection: Connection) -> Awaitable[None] | None:
     """Receive an audit event: one per finished request (including denials and authentication failures,
     which carry a token fingerprint, never the token), and one per session start and end.
 
     :param event: the event; ``event.data`` is JSON-serialisable.
+    :param connection: the connection it happened on; ``connection.settings_for(PLUGIN)`` gives a sink
+        its settings there.
     """
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from quart import Blueprint
 
-    from kubegate.connections.registry import ConnectionType
+    from kubegate.connections.registry import Connection, ConnectionType
     from kubegate.core.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,6 @@ class ConnectionHooks:
         for result in self._session_end(flow=flow, session=session):
             await await_me_maybe(result)
 
-    async def audit_event(self, event: AuditEvent) -> None:
-        for result in self._audit_event(event=event):
+    async def audit_event(self, event: AuditEvent, connection: Connection) -> None:
+        for result in self._audit_event(event=event, connection=connection):
             await await_me_maybe(result)

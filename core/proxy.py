@@ -264,7 +264,7 @@ class Proxy:
             data=_audit_data(flow, **extra),
         )
         try:
-            await hooks.audit_event(event)
+            await hooks.audit_event(event, flow.connection)
         except Exception:
             log.exception("audit hook failed")
 

@@ -6,6 +6,7 @@ Everything is started as a subprocess and talked to over TLS on loopback, the wa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -177,7 +178,10 @@ def gateway_config(
     }
 
 
-def start_gateway(directory: Path, config: dict) -> Gateway:
+PLUGIN_FIXTURE = Path(__file__).parent / "plugins_fixture"
+
+
+def start_gateway(directory: Path, config: dict, *, with_test_plugin: bool = False) -> Gateway:
     import ssl
     import urllib.request
 
@@ -187,8 +191,13 @@ def start_gateway(directory: Path, config: dict) -> Gateway:
     config_path = directory / "kubegate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log = directory / "gateway.log"
+    env = dict(os.environ)
+    if with_test_plugin:
+        # Installed the way third-party plugins are: a distribution with a `kubegate` entry point.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_FIXTURE), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [str(VENV_BIN / "kubegate"), "serve", "--config", str(config_path)],
+        env=env,
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
     )
@@ -222,25 +231,42 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """The gateway in front of the sandbox, with connection `sandbox`, plus `down` (nothing listening)."""
+    """The gateway in front of the sandbox. Connections (all to the same sandbox unless said):
+
+    - `sandbox`: token-file credential, static-tokens only;
+    - `down`: nothing listens at its server;
+    - `guarded`: also the third-party `testplugin` (deny namespace deletes, audit to a file, hooks);
+    - `by-cert`: the gateway's credential is a client certificate;
+    - `by-kubeconfig`: the gateway's credential comes from a kubeconfig;
+    - `rotating`: token-file credential in a file the tests rewrite.
+    """
     directory = tmp_path_factory.mktemp("gateway")
-    dead_port = free_port()
-    extra = {
-        "down": {
-            "upstream": {
-                "server": f"https://127.0.0.1:{dead_port}",
-                "certificate_authority": str(sandbox.ca_file),
-                "token_file": str(directory / "upstream-token"),
-            },
-            "plugins": {
-                "static-tokens": {
-                    "tokens": gateway_config(sandbox, directory, 0)["connections"]["sandbox"]["plugins"][
-                        "static-tokens"
-                    ]["tokens"]
+    config = gateway_config(sandbox, directory, free_port())
+    tokens = config["connections"]["sandbox"]["plugins"]
+    (directory / "rotating-token").write_text(sandbox.token)
+
+    def connection(upstream: dict, plugins: dict | None = None) -> dict:
+        return {"upstream": upstream, "plugins": {**tokens, **(plugins or {})}}
+
+    token_upstream = config["connections"]["sandbox"]["upstream"]
+    config["connections"].update(
+        {
+            "down": connection({**token_upstream, "server": f"https://127.0.0.1:{free_port()}"}),
+            "guarded": connection(
+                token_upstream, {"testplugin": {"audit_file": str(directory / "audit.jsonl")}}
+            ),
+            "by-cert": connection(
+                {
+                    "server": sandbox.url,
+                    "certificate_authority": str(sandbox.ca_file),
+                    "client_certificate": str(sandbox.dir / "client.crt"),
+                    "client_key": str(sandbox.dir / "client.key"),
                 }
-            },
+            ),
+            "by-kubeconfig": connection({"kubeconfig": str(sandbox.kubeconfig)}),
+            "rotating": connection({**token_upstream, "token_file": str(directory / "rotating-token")}),
         }
-    }
-    gw = start_gateway(directory, gateway_config(sandbox, directory, free_port(), extra))
+    )
+    gw = start_gateway(directory, config, with_test_plugin=True)
     yield gw
     stop_process(gw.process)

@@ -1,0 +1,98 @@
+"""The gateway's own credential to the API server: token file (re-read when rotated), client certificate,
+kubeconfig + context — and `kubegate kubeconfig` / `kubegate demo` as a user runs them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import GATEWAY_USERS, PLUGIN_FIXTURE, free_port
+from kubetest import run_kubectl
+
+KUBEGATE = str(Path(sys.executable).parent / "kubegate")
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("connection", ["by-cert", "by-kubeconfig"])
+def test_each_credential_kind_carries_the_callers_identity(gateway, sandbox, connection):
+    before = sandbox.requests_log()
+    since = before[-1]["id"] if before else 0
+    proc = run_kubectl(
+        gateway.kubeconfig("alice", connection=connection), "auth", "whoami", "-o", "json", check=True
+    )
+    assert json.loads(proc.stdout)["status"]["userInfo"]["username"] == "alice"
+    records = sandbox.requests_log(since)
+    assert records and all(r["impersonate_user"] == "alice" for r in records)
+    expected = "kubegate-gateway" if connection == "by-cert" else "kubegate-admin"
+    assert all(r["authenticated_as"] == expected for r in records)
+
+
+def test_rotated_token_file_is_picked_up(gateway, sandbox):
+    kubeconfig = gateway.kubeconfig("alice", connection="rotating")
+    token_file = gateway.dir / "rotating-token"
+    run_kubectl(kubeconfig, "get", "pods", "-n", "prod", check=True)
+    try:
+        token_file.write_text("revoked-token\n")
+        time.sleep(1.5)  # the file is checked at most once a second
+        proc = run_kubectl(kubeconfig, "get", "pods", "-n", "prod")
+        assert proc.returncode == 1 and "Unauthorized" in proc.stderr  # the API server refused the old one
+    finally:
+        token_file.write_text(sandbox.token)
+    time.sleep(1.5)
+    run_kubectl(kubeconfig, "get", "pods", "-n", "prod", check=True)
+
+
+def test_kubegate_kubeconfig_output_works_with_kubectl(gateway, tmp_path):
+    proc = subprocess.run(
+        [KUBEGATE, "kubeconfig", "--config", str(gateway.config), "--connection", "sandbox", "--user", "ci-bot",
+         "--token", GATEWAY_USERS["ci-bot"][1]],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(PLUGIN_FIXTURE)},  # the config enables the test plugin
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(proc.stdout)
+    whoami = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True)
+    assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "ci-bot"
+
+
+def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [KUBEGATE, "demo", "--dir", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        output = ""
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C" not in output and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output += line
+        assert "kubegate demo is running" in output, output
+        kubeconfig = tmp_path / "kubeconfig"
+        whoami = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True)
+        assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "alice"
+        ci = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "get", "pods", "-n", "prod", check=True)
+        assert "web" in ci.stdout
+        assert oct(kubeconfig.stat().st_mode & 0o777) == "0o600"  # it holds tokens
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert [pid for pid in leftovers if int(pid) != os.getpid()] == []  # no pod processes left behind
