@@ -210,6 +210,30 @@ def find_tool(name: str) -> str | None:
     )
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine was busy, CPU seconds of this run and the children it reaped)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:3]) / ticks  # user, nice, system: interrupts and steal are charged to no process
+    own = sum(
+        resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return busy, own
+
+
+def wait_until_quiet(limit_s: float, share: float = 0.15) -> float:
+    """Wait (up to limit_s) for a 2 s window in which other processes use under `share` of the machine."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        start = cpu_seconds()[0]
+        time.sleep(2)
+        used = (cpu_seconds()[0] - start) / 2 / (os.cpu_count() or 1)
+        if used < share or time.monotonic() >= deadline:
+            return used
+        say(f"machine busy ({100 * used:.0f} % CPU used by other processes); waiting for it to quiet down")
+
+
 def raise_fd_limit(want: int = 65536) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     for target in (want, hard):
@@ -445,6 +469,47 @@ class Cell:
     errors: int = 0
     bytes_per_response: float = 0.0
     note: str = ""
+    round: int = 0
+    rps_min: float = 0.0
+    rps_max: float = 0.0
+
+
+def aggregate(raw: list[Cell]) -> list[Cell]:
+    """One cell per (contender, workload, concurrency): medians over the rounds, errors summed."""
+    groups: dict[tuple[str, str, int], list[Cell]] = {}
+    for cell in raw:
+        groups.setdefault((cell.contender, cell.workload, cell.concurrency), []).append(cell)
+    out = []
+    for (contender, workload, conc), cells in groups.items():
+        out.append(
+            Cell(
+                contender=contender,
+                workload=workload,
+                concurrency=conc,
+                rps=statistics.median(c.rps for c in cells),
+                p50_ms=statistics.median(c.p50_ms for c in cells),
+                p99_ms=statistics.median(c.p99_ms for c in cells),
+                requests=sum(c.requests for c in cells),
+                errors=sum(c.errors for c in cells),
+                bytes_per_response=statistics.median(c.bytes_per_response for c in cells),
+                note="; ".join(c.note for c in cells if c.note),
+                round=len(cells),
+                rps_min=min(c.rps for c in cells),
+                rps_max=max(c.rps for c in cells),
+            )
+        )
+    return out
+
+
+def per_round(
+    raw: list[Cell], a: str, b: str, workload: str, conc: int, value: Callable[[Cell, Cell], float]
+) -> list[float]:
+    """value(cell of a, cell of b) for every round that measured both."""
+    rounds: dict[int, dict[str, Cell]] = {}
+    for cell in raw:
+        if cell.workload == workload and cell.concurrency == conc:
+            rounds.setdefault(cell.round, {})[cell.contender] = cell
+    return [value(r[a], r[b]) for r in rounds.values() if a in r and b in r]
 
 
 def run_wrk(url: str, token: str, connections: int, seconds: float) -> dict:
@@ -717,6 +782,7 @@ def find_cell(cells: list[Cell], contender: str, workload: str, concurrency: int
 
 def render(results: dict) -> str:
     facts, cells = results["machine"], [Cell(**c) for c in results["requests"]]
+    raw = [Cell(**c) for c in results.get("requests_raw", [])]
     args = results["args"]
     out = [
         f"Command: `{results['command']}`",
@@ -726,16 +792,25 @@ def render(results: dict) -> str:
         f"{facts['hypercorn']}, aiohttp {facts['aiohttp']}, uvloop {facts['uvloop']}; nginx {facts['nginx']}, "
         f"mitmproxy {facts['mitmproxy']}, wrk {facts['wrk']}; {facts['openssl']}.",
         "",
-        f"wrk: 1 thread, {args['duration']} s per cell after a 1 s warm-up, HTTP/1.1 keep-alive over TLS. Load "
+        f"wrk: 1 thread, {args['duration']} s per cell after a 1 s warm-up, HTTP/1.1 keep-alive over TLS; "
+        f"{args.get('rounds', 1)} rounds of the whole matrix, medians shown (targets: median of the per-round "
+        "values, each round comparing contenders measured minutes apart at most). Load "
         "generator, proxy and upstream share the same "
         f"{facts['nproc']} CPUs (not pinned). 1-minute load average before the run "
         f"{facts['loadavg_before']:.2f}, after {results.get('loadavg_after', 0):.2f} (anything else running "
-        "on the machine shows up here and in the numbers).",
+        "on the machine shows up here and in the numbers). "
+        + (
+            f"Processes not started by this run used {results['other_cpu']['seconds']:.0f} CPU-seconds during its "
+            f"{results['other_cpu']['wall_seconds']:.0f} s ({100 * results['other_cpu']['share']:.0f} % of the "
+            "machine)."
+            if "other_cpu" in results
+            else ""
+        ),
         "",
         "### Requests",
         "",
-        "| workload | conc. | contender | req/s | p50 ms | p99 ms | p50 added vs direct | errors |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | conc. | contender | req/s | req/s min-max | p50 ms | p99 ms | p50 added vs direct | errors |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in WORKLOADS:
         for conc in args["concurrency"]:
@@ -750,7 +825,8 @@ def render(results: dict) -> str:
                     else f"{cell.p50_ms - direct.p50_ms:+.2f} ms"
                 )
                 out.append(
-                    f"| {workload} | {conc} | {contender} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
+                    f"| {workload} | {conc} | {contender} | {cell.rps:,.0f} | "
+                    f"{cell.rps_min:,.0f}-{cell.rps_max:,.0f} | {cell.p50_ms:.2f} | "
                     f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
                 )
     out += [
@@ -784,20 +860,28 @@ def render(results: dict) -> str:
         "| --- | --- | --- |",
     ]
     small = "small GET (1 pod)"
+
+    def spread(values: list[float], unit: str, digits: int = 2) -> str:
+        if len(values) < 2:
+            return ""
+        return f"; per round {min(values):.{digits}f}-{max(values):.{digits}f}{unit}"
+
     for conc in args["concurrency"]:
         gw, mitm = find_cell(cells, "gateway", small, conc), find_cell(cells, "mitmproxy", small, conc)
         if gw and mitm and mitm.rps:
-            ratio = gw.rps / mitm.rps
+            ratios = per_round(raw, "gateway", "mitmproxy", small, conc, lambda g, m: g.rps / m.rps)
+            ratio = statistics.median(ratios) if ratios else gw.rps / mitm.rps
             out.append(
                 f"| ≥ 2.5x mitmproxy req/s, small GET, c={conc} | {ratio:.2f}x ({gw.rps:,.0f} vs "
-                f"{mitm.rps:,.0f}) | {'yes' if ratio >= 2.5 else '**no**'} |"
+                f"{mitm.rps:,.0f} req/s{spread(ratios, 'x')}) | {'yes' if ratio >= 2.5 else '**no**'} |"
             )
     gw, direct = find_cell(cells, "gateway", small, 1), find_cell(cells, "direct", small, 1)
     if gw and direct:
-        added = gw.p50_ms - direct.p50_ms
+        adds = per_round(raw, "gateway", "direct", small, 1, lambda g, d: g.p50_ms - d.p50_ms)
+        added = statistics.median(adds) if adds else gw.p50_ms - direct.p50_ms
         out.append(
-            f"| ≤ 0.6 ms added p50, small GET, c=1 | +{added:.2f} ms ({gw.p50_ms:.2f} vs "
-            f"{direct.p50_ms:.2f}) | {'yes' if added <= 0.6 else '**no**'} |"
+            f"| ≤ 0.6 ms added p50, small GET, c=1 | {added:+.2f} ms ({gw.p50_ms:.2f} vs "
+            f"{direct.p50_ms:.2f} ms{spread(adds, ' ms')}) | {'yes' if added <= 0.6 else '**no**'} |"
         )
     gw_exec = next((r for r in results["exec"] if r["contender"] == "gateway"), None)
     if gw_exec and gw_exec["mb_per_s"] is not None:
@@ -826,7 +910,10 @@ def write_doc(report: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run")
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk cell (default 8)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk cell (default 5)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the request matrix; medians are reported (default 3)"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
         "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
@@ -835,6 +922,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exec-runs", type=int, default=3)
     parser.add_argument("--watches", type=int, default=1000)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: requests,exec,watches")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for other processes to use under 15%% of the CPUs",
+    )
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/performance.md")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = parser.parse_args(argv)
@@ -857,6 +951,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "command": command,
         "args": {
             "duration": args.duration,
+            "rounds": args.rounds,
             "concurrency": args.concurrency,
             "exec_mb": args.exec_mb,
             "exec_runs": args.exec_runs,
@@ -867,6 +962,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "exec": [],
         "watches": [],
     }
+    if args.wait_quiet:
+        say(f"busy share of other processes at start: {100 * wait_until_quiet(args.wait_quiet):.0f} %")
+    cpu_start, wall_start = cpu_seconds(), time.monotonic()
     try:
         results["machine"] = machine_facts()
         up = start_upstream(work)
@@ -882,12 +980,17 @@ def run(args: argparse.Namespace, command: str) -> dict:
         sizes = {path: len(http_get(up.url + path, up.token, timeout=30)[1]) for path in WORKLOADS.values()}
 
         if "requests" not in args.skip:
-            say("requests (wrk)")
-            for workload, path in WORKLOADS.items():
-                for conc in args.concurrency:
-                    for target in targets:
-                        cell = measure_requests(target, workload, path, conc, args.duration, sizes[path])
-                        results["requests"].append(asdict(cell))
+            raw: list[Cell] = []
+            for round_no in range(1, args.rounds + 1):
+                say(f"requests (wrk), round {round_no} of {args.rounds}")
+                for workload, path in WORKLOADS.items():
+                    for conc in args.concurrency:
+                        for target in targets:
+                            cell = measure_requests(target, workload, path, conc, args.duration, sizes[path])
+                            cell.round = round_no
+                            raw.append(cell)
+            results["requests_raw"] = [asdict(c) for c in raw]
+            results["requests"] = [asdict(c) for c in aggregate(raw)]
         if "exec" not in args.skip:
             say(f"exec stdout throughput ({args.exec_mb} MB x {args.exec_runs})")
             for target in targets:
@@ -911,8 +1014,16 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 results["watches"].append(measure_watches(ng, args.watches, ng.proc.pid))
                 PROCS.stop(ng.proc)
     finally:
-        results["loadavg_after"] = os.getloadavg()[0]
         PROCS.stop_all()
+        results["loadavg_after"] = os.getloadavg()[0]
+        cpu_end = cpu_seconds()
+        wall = time.monotonic() - wall_start
+        other = max(0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1]))
+        results["other_cpu"] = {
+            "seconds": other,
+            "wall_seconds": wall,
+            "share": other / wall / (os.cpu_count() or 1),
+        }
         if args.keep:
             say(f"kept {work}")
         else:
