@@ -19,8 +19,11 @@ Port-forward: ``SPDY/3.1+portforward.k8s.io`` (kubectl >= 1.31: SPDY/3.1 frames 
 messages, see spdy.py) and the channel protocols with ``?ports=`` (channel 2i data, 2i+1 errors, each
 channel's first message is the port as little-endian uint16).
 
-A request that is not a WebSocket upgrade (kubectl's SPDY fallback: ``POST`` + ``Upgrade: SPDY/3.1``) is
-answered with a Status error: the sandbox does not implement SPDY upgrades of plain HTTP connections.
+Both also work over a plain SPDY/3.1 upgrade (``POST`` + ``Upgrade: SPDY/3.1`` +
+``X-Stream-Protocol-Version``), which is kubectl's fallback when the WebSocket attempt is refused, what
+older kubectl and every client-go SPDY executor use, and what ``KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false``
+/ ``KUBECTL_PORT_FORWARD_WEBSOCKETS=false`` force: one SPDY stream per stdio channel (``streamtype``
+header) for exec/attach, and the same data/error stream pairs as the tunnel for port-forward.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import secrets
 import struct
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
@@ -54,6 +59,7 @@ V1 = "channel.k8s.io"
 V1_BASE64 = "base64.channel.k8s.io"
 REMOTECOMMAND_PROTOCOLS = (V5, V4, V4_BASE64, V1, V1_BASE64)
 SPDY_TUNNEL = "SPDY/3.1+portforward.k8s.io"
+PORTFORWARD_SPDY = "portforward.k8s.io"
 PORTFORWARD_CHANNEL_PROTOCOLS = (V4, V4_BASE64, V1, V1_BASE64)
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
@@ -63,6 +69,21 @@ STREAM_CLOSE = 0xFF
 DRAIN_AFTER_EXIT = 2.0
 # The apiserver's idle timeout for these connections is 4 h; client-go pings every 5 s, aiohttp answers.
 WS_SETTINGS: dict[str, Any] = {"compress": False, "max_msg_size": 16 * 1024 * 1024, "autoping": True}
+
+
+StdinFn = Callable[[bytes], Awaitable[None]]
+ResizeFn = Callable[[int, int], None]
+CloseFn = Callable[[], None]
+
+
+class Session(Protocol):
+    """One exec/attach session as the process side sees it, whatever the wire (WebSocket or SPDY)."""
+
+    async def send(self, channel: int, data: bytes) -> None: ...
+
+    async def serve_input(self, on_stdin: StdinFn, on_resize: ResizeFn, on_close_stdin: CloseFn) -> None: ...
+
+    async def finish(self, status: dict[str, Any] | None, text_error: str | None = None) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,15 +185,6 @@ def pick_container(
     return None, bad_request(f"container {requested} is not valid for pod {name}")
 
 
-def not_websocket_response(request: web.Request) -> web.Response:
-    if request.headers.get("Upgrade", "").lower().startswith("spdy"):
-        return bad_request(
-            "unable to upgrade connection: the sandbox cluster serves exec, attach and port-forward over "
-            "WebSockets only (SPDY/3.1 upgrades are not implemented)"
-        )
-    return bad_request("Upgrade request required")
-
-
 async def upgrade(
     request: web.Request, supported: tuple[str, ...], *, allow_none: bool = True
 ) -> tuple[web.WebSocketResponse | None, str, web.Response | None]:
@@ -232,6 +244,24 @@ class Channels:
             return (data[0] - ord("0"), base64.b64decode(data[1:])) if data else None
         return None
 
+    async def serve_input(self, on_stdin: StdinFn, on_resize: ResizeFn, on_close_stdin: CloseFn) -> None:
+        """Consume client messages until the WebSocket closes (which is what ends this coroutine)."""
+        async for msg in self.ws:
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return
+            decoded = self.decode(msg)
+            if decoded is None:
+                continue
+            channel, payload = decoded
+            if channel == STDIN:
+                if payload:
+                    await on_stdin(payload)
+            elif channel == RESIZE:
+                for w, h in parse_resize(payload):
+                    on_resize(w, h)
+            elif self.v5 and channel == STREAM_CLOSE and payload[:1] == bytes([STDIN]):
+                on_close_stdin()
+
     async def finish(self, status: dict[str, Any] | None, text_error: str | None = None) -> None:
         """Write the final status (v4/v5 JSON, v1 plain text) and close normally."""
         with contextlib.suppress(ConnectionError, RuntimeError):
@@ -250,8 +280,332 @@ def _remotecommand_opts(request: web.Request) -> tuple[bool, bool, bool, bool]:
     return stdin, stdout, stderr, tty
 
 
-async def _first_frame(ch: Channels, stdout: bool, stderr: bool) -> None:
-    await ch.send(STDOUT if stdout else STDERR if stderr else ERROR, b"")
+# ---------------------------------------------------------------------------------------------------
+# SPDY/3.1: byte pipes (WebSocket-tunnelled or a raw upgraded HTTP/1.1 connection) and sessions
+# ---------------------------------------------------------------------------------------------------
+class BytePipe(Protocol):
+    async def recv(self) -> bytes: ...  # b"" once the peer is gone
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class WebSocketPipe:
+    """SPDY frames tunnelled in binary WebSocket messages (message boundaries carry no meaning)."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    async def recv(self) -> bytes:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == WSMsgType.BINARY:
+                if msg.data:
+                    return bytes(msg.data)
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return b""
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), timeout=5)
+
+
+class _Feeder:
+    """Takes the place of aiohttp's HTTP parser once the connection is upgraded: raw bytes to a buffer.
+
+    aiohttp only knows WebSocket upgrades, so its own StreamReader (which pauses the HTTP parser) cannot
+    be used; backpressure is applied on the asyncio transport directly.
+    """
+
+    LIMIT = 256 * 1024
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+        self.eof = False
+        self.paused = False
+        self.ready = asyncio.Event()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.buf += data
+        self.ready.set()
+        if len(self.buf) > self.LIMIT and not self.paused:
+            self.paused = True
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self.ready.set()
+
+    async def read(self) -> bytes:
+        while not self.buf and not self.eof:
+            self.ready.clear()
+            await self.ready.wait()
+        data = bytes(self.buf)
+        self.buf.clear()
+        if self.paused:
+            self.paused = False
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+        return data
+
+
+class UpgradedPipe:
+    """An HTTP/1.1 connection taken over after '101 Switching Protocols' with ``Upgrade: SPDY/3.1``.
+
+    This is what kubectl falls back to when the WebSocket attempt fails (and what every client-go SPDY
+    executor, older kubectl and KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false use): the request is a ``POST``
+    with ``X-Stream-Protocol-Version`` headers; the answer names the chosen one.
+    """
+
+    def __init__(self, response: web.StreamResponse, reader: _Feeder) -> None:
+        self.response = response
+        self.reader = reader
+
+    @classmethod
+    async def accept(cls, request: web.Request, protocol: str) -> UpgradedPipe:
+        headers = {"Connection": "Upgrade", "Upgrade": "SPDY/3.1"}
+        if protocol:
+            headers["X-Stream-Protocol-Version"] = protocol
+        resp = web.StreamResponse(status=101, headers=headers)
+        resp.force_close()  # when the handler returns, aiohttp closes the connection
+        await resp.prepare(request)
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost during the upgrade")
+        reader = _Feeder(transport)
+        request.protocol.set_parser(reader)  # type: ignore[arg-type]
+        return cls(resp, reader)
+
+    async def recv(self) -> bytes:
+        return await self.reader.read()
+
+    async def send(self, data: bytes) -> None:
+        await self.response.write(data)  # status 101 has no body framing: these are the raw bytes
+
+    async def close(self) -> None:
+        return None  # the handler returning closes the connection (force_close)
+
+
+def is_spdy_upgrade(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower().startswith("spdy/3.1")
+
+
+def spdy_protocols(request: web.Request) -> list[str]:
+    out: list[str] = []
+    for value in request.headers.getall("X-Stream-Protocol-Version", []):
+        out += [p.strip() for p in value.split(",") if p.strip()]
+    return out
+
+
+async def accept_spdy(
+    request: web.Request, supported: tuple[str, ...]
+) -> tuple[UpgradedPipe | None, str, web.Response | None]:
+    """httpstream.Handshake: the first client protocol the server knows; none offered = legacy v1."""
+    offered = spdy_protocols(request)
+    chosen = next((p for p in offered if p in supported), None)
+    if chosen is None:
+        if offered:
+            return (
+                None,
+                "",
+                status_response(
+                    403,
+                    "Forbidden",
+                    f"unable to upgrade: unable to negotiate protocol: client supports {offered}, "
+                    f"server supports {list(supported)}",
+                ),
+            )
+        chosen = ""
+    return await UpgradedPipe.accept(request, chosen), chosen, None
+
+
+SPDY_REMOTECOMMAND_PROTOCOLS = (V4, "v3.channel.k8s.io", "v2.channel.k8s.io", V1)
+SPDY_STREAM_CHANNELS = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR, "error": ERROR, "resize": RESIZE}
+# How long the kubelet waits for the client to open all the streams it asked for.
+STREAM_CREATION_TIMEOUT = 30.0
+
+
+class SpdySession:
+    """The kubelet's SPDY remote-command server: one SPDY stream per stdio channel.
+
+    client-go creates, in order, the ``error``, ``stdin``, ``stdout``, ``stderr`` and (tty, v3+)
+    ``resize`` streams (header ``streamtype``), waiting for our SYN_REPLY to each; stdin EOF is a FIN on
+    the stdin stream. At the end: FIN on stdout/stderr, the status on the error stream + FIN, GOAWAY.
+    """
+
+    def __init__(self, pipe: BytePipe, protocol: str, expected: set[str]) -> None:
+        self.pipe = pipe
+        self.protocol = protocol
+        self.status_json = protocol == V4
+        self.expected = expected
+        self.framer = spdy.SpdyFramer()
+        self.ids: dict[int, int] = {}  # channel -> stream id
+        self.channels: dict[int, int] = {}  # stream id -> channel
+        self.backlog: list[spdy.Frame] = []
+        self.finished: set[int] = set()
+        self._lock = asyncio.Lock()
+        self._gone = asyncio.Event()
+
+    async def _write(self, build: Callable[[], bytes]) -> None:
+        async with self._lock:  # header blocks share a zlib stream: build and send in one step
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.pipe.send(build())
+
+    async def _recv_frames(self) -> list[spdy.Frame] | None:
+        data = await self.pipe.recv()
+        if not data:
+            self._gone.set()
+            return None
+        try:
+            return self.framer.feed(data)
+        except spdy.SpdyProtocolError:
+            await self._write(lambda: self.framer.goaway(0, 1))
+            self._gone.set()
+            return None
+
+    async def _control(self, frame: spdy.ControlFrame) -> None:
+        if frame.type == spdy.PING:
+            await self._write(lambda: self.framer.ping(frame.ping_id))
+        elif frame.type == spdy.GOAWAY:
+            self._gone.set()
+
+    async def setup(self) -> bool:
+        """Accept the client's streams; False if they did not all arrive in time."""
+
+        async def collect() -> bool:
+            while not self.expected.issubset(SPDY_STREAM_NAMES.get(c, "") for c in self.ids):
+                frames = await self._recv_frames()
+                if frames is None:
+                    return False
+                for f in frames:
+                    if isinstance(f, spdy.ControlFrame) and f.type == spdy.SYN_STREAM:
+                        kind = (f.headers.get("streamtype") or [""])[0]
+                        await self._write(functools.partial(self.framer.syn_reply, f.stream_id))
+                        if kind in SPDY_STREAM_CHANNELS:
+                            ch = SPDY_STREAM_CHANNELS[kind]
+                            self.ids[ch] = f.stream_id
+                            self.channels[f.stream_id] = ch
+                        else:
+                            await self._write(functools.partial(self.framer.rst_stream, f.stream_id))
+                    elif isinstance(f, spdy.ControlFrame):
+                        await self._control(f)
+                    else:
+                        self.backlog.append(f)  # stdin that raced ahead of the last SYN_STREAM
+            return True
+
+        try:
+            return await asyncio.wait_for(collect(), STREAM_CREATION_TIMEOUT)
+        except TimeoutError:
+            return False
+
+    async def send(self, channel: int, data: bytes) -> None:
+        sid = self.ids.get(channel)
+        if sid is not None and sid not in self.finished and data:
+            await self._write(lambda: self.framer.data(sid, data))
+
+    async def serve_input(self, on_stdin: StdinFn, on_resize: ResizeFn, on_close_stdin: CloseFn) -> None:
+        resize_buf = b""
+        pending: list[spdy.Frame] = self.backlog
+        self.backlog = []
+        while True:
+            for f in pending:
+                if isinstance(f, spdy.ControlFrame):
+                    if f.type == spdy.SYN_STREAM:  # nothing more is expected: refuse
+                        await self._write(
+                            functools.partial(self.framer.rst_stream, f.stream_id, spdy.RST_REFUSED_STREAM)
+                        )
+                    elif f.type == spdy.RST_STREAM and self.channels.get(f.stream_id) == STDIN:
+                        on_close_stdin()
+                    else:
+                        await self._control(f)
+                    continue
+                ch = self.channels.get(f.stream_id)
+                if ch == STDIN:
+                    if f.data:
+                        await on_stdin(f.data)
+                    if f.fin:
+                        on_close_stdin()
+                elif ch == RESIZE:
+                    resize_buf += f.data
+                    # The resize stream is a sequence of JSON objects (a json.Decoder on the kubelet side).
+                    end = resize_buf.rfind(b"}")
+                    if end >= 0:
+                        for w, h in parse_resize(resize_buf[: end + 1]):
+                            on_resize(w, h)
+                        resize_buf = resize_buf[end + 1 :]
+            if self._gone.is_set():
+                return
+            frames = await self._recv_frames()
+            if frames is None:
+                return
+            pending = frames
+
+    async def _fin(self, channel: int, data: bytes = b"") -> None:
+        sid = self.ids.get(channel)
+        if sid is not None and sid not in self.finished:
+            self.finished.add(sid)
+            await self._write(lambda: self.framer.data(sid, data, fin=True))
+
+    async def finish(self, status: dict[str, Any] | None, text_error: str | None = None) -> None:
+        await self._fin(STDOUT)
+        await self._fin(STDERR)
+        if self.status_json and status is not None:
+            await self._fin(ERROR, json.dumps(status, separators=(",", ":")).encode())
+        else:
+            await self._fin(ERROR, (text_error or "").encode())
+        await self._write(lambda: self.framer.goaway(max(self.channels, default=0)))
+        # Give the client the chance to read everything and hang up first (like the apiserver's finish).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._gone.wait(), timeout=10)
+        await self.pipe.close()
+
+
+SPDY_STREAM_NAMES = {v: k for k, v in SPDY_STREAM_CHANNELS.items()}
+
+
+def spdy_expected_streams(protocol: str, stdin: bool, stdout: bool, stderr: bool, tty: bool) -> set[str]:
+    expected = {"error"}
+    if stdin:
+        expected.add("stdin")
+    if stdout:
+        expected.add("stdout")
+    if stderr and not tty:
+        expected.add("stderr")
+    if tty and protocol in (V4, "v3.channel.k8s.io"):
+        expected.add("resize")
+    return expected
+
+
+async def open_session(
+    request: web.Request, stdin: bool, stdout: bool, stderr: bool, tty: bool
+) -> tuple[Session | None, web.StreamResponse]:
+    """Upgrade to whatever the client asked for (WebSocket or SPDY); (None, error response) on failure."""
+    if is_websocket(request):
+        ws, protocol, err = await upgrade(request, REMOTECOMMAND_PROTOCOLS)
+        if err:
+            return None, err
+        assert ws is not None
+        ch = Channels(ws, protocol)
+        # The apiserver/kubelet announce readiness with an empty message on the lowest writable channel.
+        await ch.send(STDOUT if stdout else STDERR if stderr else ERROR, b"")
+        return ch, ws
+    if is_spdy_upgrade(request):
+        pipe, protocol, err = await accept_spdy(request, SPDY_REMOTECOMMAND_PROTOCOLS)
+        if err:
+            return None, err
+        assert pipe is not None
+        session = SpdySession(pipe, protocol, spdy_expected_streams(protocol, stdin, stdout, stderr, tty))
+        if not await session.setup():
+            return None, pipe.response
+        return session, pipe.response
+    return None, bad_request("Upgrade request required")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,14 +627,9 @@ async def handle_exec(request: web.Request, runtime: PodRuntime, pod: dict[str, 
     c = p.containers.get(spec["name"]) if p else None
     if p is None or c is None or not c.running:
         return bad_request(f'unable to upgrade connection: container not found ("{spec["name"]}")')
-    if not is_websocket(request):
-        return not_websocket_response(request)
-    ws, protocol, err = await upgrade(request, REMOTECOMMAND_PROTOCOLS)
-    if err:
-        return err
-    assert ws is not None
-    ch = Channels(ws, protocol)
-    await _first_frame(ch, stdout, stderr)
+    ch, resp = await open_session(request, stdin, stdout, stderr, tty)
+    if ch is None:
+        return resp
     try:
         env = runtime.container_env(p, spec)
         proc = await runtime.spawn(
@@ -289,7 +638,7 @@ async def handle_exec(request: web.Request, runtime: PodRuntime, pod: dict[str, 
     except ExecError as exc:
         msg = runc_exec_error(str(exc))
         await ch.finish(internal_error_status(msg), f"Internal error occurred: {msg}")
-        return ws
+        return resp
     p.execs.add(proc)
     try:
         await _run_session(ch, proc, stdout=stdout, stderr=stderr, tty=tty)
@@ -299,10 +648,10 @@ async def handle_exec(request: web.Request, runtime: PodRuntime, pod: dict[str, 
         with contextlib.suppress(Exception):
             await proc.proc.wait()
         proc.close_fds()
-    return ws
+    return resp
 
 
-async def _pump_out(ch: Channels, fd: int | None, channel: int, wanted: bool) -> None:
+async def _pump_out(ch: Session, fd: int | None, channel: int, wanted: bool) -> None:
     if fd is None:
         return
     while True:
@@ -313,26 +662,7 @@ async def _pump_out(ch: Channels, fd: int | None, channel: int, wanted: bool) ->
             await ch.send(channel, chunk)  # awaits the socket: a slow client slows the process
 
 
-async def _read_client(ch: Channels, on_stdin: Any, on_resize: Any, on_close_stdin: Any) -> None:
-    """Consume client messages until the WebSocket closes (which is what ends this coroutine)."""
-    async for msg in ch.ws:
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            return
-        decoded = ch.decode(msg)
-        if decoded is None:
-            continue
-        channel, payload = decoded
-        if channel == STDIN:
-            if payload:
-                await on_stdin(payload)
-        elif channel == RESIZE:
-            for w, h in parse_resize(payload):
-                on_resize(w, h)
-        elif ch.v5 and channel == STREAM_CLOSE and payload[:1] == bytes([STDIN]):
-            on_close_stdin()
-
-
-async def _run_session(ch: Channels, proc: Process, *, stdout: bool, stderr: bool, tty: bool) -> None:
+async def _run_session(ch: Session, proc: Process, *, stdout: bool, stderr: bool, tty: bool) -> None:
     async def write_stdin(data: bytes) -> None:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
@@ -342,7 +672,7 @@ async def _run_session(ch: Channels, proc: Process, *, stdout: bool, stderr: boo
         asyncio.create_task(_pump_out(ch, proc.stdout, STDOUT, stdout or tty)),
         asyncio.create_task(_pump_out(ch, proc.stderr, STDERR, stderr)),
     ]
-    client = asyncio.create_task(_read_client(ch, write_stdin, proc.resize, proc.close_stdin))
+    client = asyncio.create_task(ch.serve_input(write_stdin, proc.resize, proc.close_stdin))
     waiter = asyncio.create_task(proc.proc.wait())
     try:
         await asyncio.wait({client, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -368,7 +698,7 @@ async def handle_attach(request: web.Request, runtime: PodRuntime, pod: dict[str
     if err:
         return err
     assert spec is not None
-    stdin, stdout, stderr, _tty = _remotecommand_opts(request)
+    stdin, stdout, stderr, tty = _remotecommand_opts(request)
     if not (stdin or stdout or stderr):
         return bad_request("you must specify at least 1 of stdin, stdout, stderr")
     meta = pod.get("metadata") or {}
@@ -376,20 +706,15 @@ async def handle_attach(request: web.Request, runtime: PodRuntime, pod: dict[str
     c = p.containers.get(spec["name"]) if p else None
     if p is None or c is None or not c.running or c.process is None:
         return bad_request(f'unable to upgrade connection: container not found ("{spec["name"]}")')
-    if not is_websocket(request):
-        return not_websocket_response(request)
-    ws, protocol, err = await upgrade(request, REMOTECOMMAND_PROTOCOLS)
-    if err:
-        return err
-    assert ws is not None
-    ch = Channels(ws, protocol)
-    await _first_frame(ch, stdout, stderr)
+    ch, resp = await open_session(request, stdin, stdout, stderr, tty)
+    if ch is None:
+        return resp
     await _attach_session(ch, runtime, c, stdin=stdin, stdout=stdout, stderr=stderr)
-    return ws
+    return resp
 
 
 async def _attach_session(
-    ch: Channels, runtime: PodRuntime, c: Container, *, stdin: bool, stdout: bool, stderr: bool
+    ch: Session, runtime: PodRuntime, c: Container, *, stdin: bool, stdout: bool, stderr: bool
 ) -> None:
     proc = c.process
     assert proc is not None
@@ -418,7 +743,7 @@ async def _attach_session(
                 await ch.send(STDOUT, data)
 
     out = asyncio.create_task(forward())
-    client = asyncio.create_task(_read_client(ch, write_stdin, proc.resize, close_stdin))
+    client = asyncio.create_task(ch.serve_input(write_stdin, proc.resize, close_stdin))
     try:
         await asyncio.wait({out, client}, return_when=asyncio.FIRST_COMPLETED)
         if out.done():
@@ -461,15 +786,22 @@ async def handle_portforward(
     p = runtime.pod(meta.get("namespace") or "default", meta.get("name", ""))
     if p is None:
         return bad_request(f"pod {meta.get('name')} is not running")
+    if is_spdy_upgrade(request):
+        pipe, _, err = await accept_spdy(request, (PORTFORWARD_SPDY,))
+        if err:
+            return err
+        assert pipe is not None
+        await SpdyPortForward(pipe, runtime, p).run()
+        return pipe.response
     if not is_websocket(request):
-        return not_websocket_response(request)
+        return bad_request("Upgrade request required")
     offered = offered_protocols(request)
     if SPDY_TUNNEL in offered:
         ws, _, err = await upgrade(request, (SPDY_TUNNEL,))
         if err:
             return err
         assert ws is not None
-        await SpdyPortForward(ws, runtime, p).run()
+        await SpdyPortForward(WebSocketPipe(ws), runtime, p).run()
         return ws
     ports = _ports_query(request)
     if ports is None:
@@ -486,8 +818,12 @@ async def handle_portforward(
 
 async def _channel_portforward(ch: Channels, runtime: PodRuntime, p: Pod, ports: list[int]) -> None:
     """The kubelet's WebSocket port-forward: one TCP connection per requested port for the socket's life."""
-    writers: dict[int, asyncio.StreamWriter] = {}
-    tasks: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    # Resolved once the pod connection for port i is up (None if it failed): client bytes that arrive
+    # earlier wait for it instead of being dropped.
+    writers: dict[int, asyncio.Future[asyncio.StreamWriter | None]] = {
+        i: loop.create_future() for i in range(len(ports))
+    }
     for i, port in enumerate(ports):
         prefix = struct.pack("<H", port)
         await ch.send(2 * i, prefix)
@@ -500,9 +836,10 @@ async def _channel_portforward(ch: Channels, runtime: PodRuntime, p: Pod, ports:
                 raise ConnectionRefusedError
             reader, writer = await asyncio.open_connection(*addr)
         except OSError:
+            writers[i].set_result(None)
             await ch.send(2 * i + 1, forward_error(p, port).encode())
             return
-        writers[i] = writer
+        writers[i].set_result(writer)
         try:
             while chunk := await reader.read(32 * 1024):
                 await ch.send(2 * i, chunk)
@@ -522,7 +859,7 @@ async def _channel_portforward(ch: Channels, runtime: PodRuntime, p: Pod, ports:
                 continue
             channel, payload = decoded
             if channel % 2 == 0 and channel // 2 < len(ports):
-                w = writers.get(channel // 2)
+                w = await writers[channel // 2]
                 if w is not None and payload:
                     with contextlib.suppress(OSError):
                         w.write(payload)
@@ -543,8 +880,11 @@ async def _channel_portforward(ch: Channels, runtime: PodRuntime, p: Pod, ports:
         done_all.cancel()
         for t in tasks:
             t.cancel()
-        for w in writers.values():
-            w.close()
+        for fut in writers.values():
+            if not fut.done():
+                fut.cancel()
+            elif (w := fut.result()) is not None:
+                w.close()
         await asyncio.gather(client, done_all, *tasks, return_exceptions=True)
 
 
@@ -577,8 +917,8 @@ class SpdyPortForward:
     stream and then on the error stream (client-go reads the error stream to EOF before it lets go).
     """
 
-    def __init__(self, ws: web.WebSocketResponse, runtime: PodRuntime, pod: Pod) -> None:
-        self.ws = ws
+    def __init__(self, pipe: BytePipe, runtime: PodRuntime, pod: Pod) -> None:
+        self.pipe = pipe
         self.runtime = runtime
         self.pod = pod
         self.framer = spdy.SpdyFramer()
@@ -590,21 +930,20 @@ class SpdyPortForward:
 
     async def _send(self, build: Any) -> None:
         async with self._send_lock:
-            if self._closed or self.ws.closed:
+            if self._closed:
                 return
             frame: bytes = build()
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.ws.send_bytes(frame)
+                await self.pipe.send(frame)
 
     async def run(self) -> None:
         try:
-            async for msg in self.ws:
-                if msg.type != WSMsgType.BINARY:
-                    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                        break
-                    continue
+            while not self._closed:
+                data = await self.pipe.recv()
+                if not data:
+                    break
                 try:
-                    frames = self.framer.feed(msg.data)
+                    frames = self.framer.feed(data)
                 except spdy.SpdyProtocolError:
                     await self._send(lambda: self.framer.goaway(0, 1))
                     break
@@ -618,8 +957,7 @@ class SpdyPortForward:
                 if pair.writer:
                     pair.writer.close()
             await asyncio.gather(*(pr.task for pr in self.pairs.values() if pr.task), return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), timeout=5)
+            await self.pipe.close()
 
     async def _handle(self, frame: spdy.Frame) -> None:
         if isinstance(frame, spdy.DataFrame):

@@ -238,10 +238,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamCluster]
     thread.join(5)
 
 
+# kubectl speaks WebSocket first; these switches make it use the SPDY/3.1 upgrade instead (its fallback).
+TRANSPORTS = {
+    "websocket": {},
+    "spdy": {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false", "KUBECTL_PORT_FORWARD_WEBSOCKETS": "false"},
+}
+
+
 def kubectl(
-    c: StreamCluster, *args: str, input: str | None = None, timeout: float = 30, binary: str = KUBECTL
+    c: StreamCluster,
+    *args: str,
+    input: str | None = None,
+    timeout: float = 30,
+    binary: str = KUBECTL,
+    transport: str = "websocket",
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": str(c.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), **TRANSPORTS[transport]}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     return subprocess.run(
         [binary, *args], input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False
@@ -257,25 +269,28 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------------
 # exec
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("binary", KUBECTLS)
-def test_exec_stdout_and_exit_code(cluster: StreamCluster, binary: str) -> None:
-    r = kubectl(cluster, "exec", "web", "-n", "prod", "--", "echo", "hi", binary=binary)
+def test_exec_stdout_and_exit_code(cluster: StreamCluster, binary: str, transport: str) -> None:
+    r = kubectl(cluster, "exec", "web", "-n", "prod", "--", "echo", "hi", binary=binary, transport=transport)
     assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
-    r = kubectl(cluster, "exec", "web", "-n", "prod", "--", "sh", "-c", "exit 3", binary=binary)
+    r = kubectl(cluster, "exec", "web", "--", "sh", "-c", "exit 3", binary=binary, transport=transport)
     assert r.returncode == 3
     assert "command terminated with exit code 3" in r.stderr
 
 
-def test_exec_stderr_is_separate(cluster: StreamCluster) -> None:
-    r = kubectl(cluster, "exec", "web", "--", "sh", "-c", "echo out; echo err >&2")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_stderr_is_separate(cluster: StreamCluster, transport: str) -> None:
+    r = kubectl(cluster, "exec", "web", "--", "sh", "-c", "echo out; echo err >&2", transport=transport)
     assert r.returncode == 0
     assert r.stdout == "out\n"
     assert r.stderr == "err\n"
 
 
-def test_exec_stdin(cluster: StreamCluster) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_stdin(cluster: StreamCluster, transport: str) -> None:
     data = "".join(f"line {i}\n" for i in range(2000))  # > one pipe buffer: exercises backpressure
-    r = kubectl(cluster, "exec", "-i", "web", "--", "cat", input=data)
+    r = kubectl(cluster, "exec", "-i", "web", "--", "cat", input=data, transport=transport)
     assert r.returncode == 0, r.stderr
     assert r.stdout == data
 
@@ -288,8 +303,9 @@ def test_exec_env_and_filesystem(cluster: StreamCluster) -> None:
     assert (cluster.runtime.pod_root("prod", "web") / "tmp" / "marker").read_text() == "inside\n"
 
 
-def test_exec_command_not_found(cluster: StreamCluster) -> None:
-    r = kubectl(cluster, "exec", "web", "--", "nope")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_command_not_found(cluster: StreamCluster, transport: str) -> None:
+    r = kubectl(cluster, "exec", "web", "--", "nope", transport=transport)
     assert r.returncode == 1
     assert 'exec: "nope": executable file not found in $PATH' in r.stderr
     assert r.stderr.startswith("error: Internal error occurred:")
@@ -341,9 +357,10 @@ def _wait(pid: int, timeout: float = 15) -> int:
     raise AssertionError("kubectl did not exit")
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("binary", KUBECTLS)
-def test_exec_interactive_tty_and_resize(cluster: StreamCluster, binary: str) -> None:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "TERM": "xterm"}
+def test_exec_interactive_tty_and_resize(cluster: StreamCluster, binary: str, transport: str) -> None:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "TERM": "xterm", **TRANSPORTS[transport]}
     pid, fd = _spawn_in_pty([binary, "exec", "-it", "web", "--", "sh"], env, rows=33, cols=111)
     try:
         os.write(fd, b"echo $((6*7))\r")
@@ -368,8 +385,9 @@ def test_exec_interactive_tty_and_resize(cluster: StreamCluster, binary: str) ->
 # ---------------------------------------------------------------------------------------------------
 # attach / logs
 # ---------------------------------------------------------------------------------------------------
-def test_attach_stdin_and_output(cluster: StreamCluster) -> None:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_attach_stdin_and_output(cluster: StreamCluster, transport: str) -> None:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), **TRANSPORTS[transport]}
     proc = subprocess.Popen(
         [KUBECTL, "attach", "-i", "chat"],
         stdin=subprocess.PIPE,
@@ -380,9 +398,9 @@ def test_attach_stdin_and_output(cluster: StreamCluster) -> None:
     assert proc.stdin is not None and proc.stdout is not None
     try:
         time.sleep(1.0)
-        proc.stdin.write(b"hello\n")
+        proc.stdin.write(f"hello-{transport}\n".encode())
         proc.stdin.flush()
-        assert proc.stdout.readline() == b"got:hello\n"
+        assert proc.stdout.readline() == f"got:hello-{transport}\n".encode()
         proc.stdin.write(b"again\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == b"got:again\n"
@@ -391,7 +409,7 @@ def test_attach_stdin_and_output(cluster: StreamCluster) -> None:
         proc.wait(5)
     # What the attached client saw is also in the container log.
     r = kubectl(cluster, "logs", "chat")
-    assert "got:hello\ngot:again\n" in r.stdout
+    assert f"got:hello-{transport}\ngot:again\n" in r.stdout
 
 
 def test_attach_tty(cluster: StreamCluster) -> None:
@@ -452,14 +470,15 @@ def test_cri_log_helpers() -> None:
 # ---------------------------------------------------------------------------------------------------
 # cp
 # ---------------------------------------------------------------------------------------------------
-def test_cp_both_directions(cluster: StreamCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cp_both_directions(cluster: StreamCluster, tmp_path: Path, transport: str) -> None:
     src = tmp_path / "up.txt"
     src.write_bytes(os.urandom(200_000).hex().encode())
-    r = kubectl(cluster, "cp", str(src), "prod/web:/tmp/up.txt")
+    r = kubectl(cluster, "cp", str(src), "prod/web:/tmp/up.txt", transport=transport)
     assert r.returncode == 0, r.stderr
     assert (cluster.runtime.pod_root("prod", "web") / "tmp/up.txt").read_bytes() == src.read_bytes()
     back = tmp_path / "down.txt"
-    r = kubectl(cluster, "cp", "prod/web:/tmp/up.txt", str(back))
+    r = kubectl(cluster, "cp", "prod/web:/tmp/up.txt", str(back), transport=transport)
     assert r.returncode == 0, r.stderr
     assert back.read_bytes() == src.read_bytes()
 
@@ -473,9 +492,11 @@ def _http_get(port: int) -> bytes:
 
 
 @contextlib.contextmanager
-def port_forward(c: StreamCluster, remote: int, binary: str = KUBECTL) -> Iterator[int]:
+def port_forward(
+    c: StreamCluster, remote: int, binary: str = KUBECTL, transport: str = "websocket"
+) -> Iterator[int]:
     local = free_port()
-    env = {**os.environ, "KUBECONFIG": str(c.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(c.kubeconfig), **TRANSPORTS[transport]}
     proc = subprocess.Popen(
         [binary, "port-forward", "pod/web", "-n", "prod", f"{local}:{remote}"],
         stdout=subprocess.PIPE,
@@ -493,17 +514,19 @@ def port_forward(c: StreamCluster, remote: int, binary: str = KUBECTL) -> Iterat
         proc.wait(5)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("binary", KUBECTLS)
-def test_port_forward_http(cluster: StreamCluster, binary: str) -> None:
-    with port_forward(cluster, 8080, binary) as local:
+def test_port_forward_http(cluster: StreamCluster, binary: str, transport: str) -> None:
+    with port_forward(cluster, 8080, binary, transport) as local:
         assert _http_get(local) == b"hello from web:8080\n"
         assert _http_get(local) == b"hello from web:8080\n"  # a second connection on the same tunnel
 
 
-def test_port_forward_raw_bytes_both_ways(cluster: StreamCluster) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_port_forward_raw_bytes_both_ways(cluster: StreamCluster, transport: str) -> None:
     payload = os.urandom(300_000)
     with (
-        port_forward(cluster, 9090) as local,
+        port_forward(cluster, 9090, transport=transport) as local,
         socket.create_connection(("127.0.0.1", local), timeout=10) as s,
     ):
         got = bytearray()
