@@ -263,14 +263,16 @@ class PodRuntime:
             if existing and not existing.stopped and existing.uid == (meta.get("uid") or ""):
                 return  # idempotent: already running this very pod
             if existing:
+                # Same name, new pod (a different uid): it gets a fresh filesystem, like a new container.
                 await self._stop(existing)
+                self._remove(existing)
             root = self.pod_root(ns, name)
             for sub in ("tmp", "root", "var/tmp"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
             p = Pod(ns, name, meta.get("uid") or "", root, pod)
             self._pods[(ns, name)] = p
             spec = pod.get("spec") or {}
-            logdir = self.root / ".logs" / f"{ns}_{name}_{p.uid}"
+            logdir = self.log_dir(p)
             for c in spec.get("containers") or []:
                 cdir = logdir / c["name"]
                 cdir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +291,15 @@ class PodRuntime:
             pod = self._pods.pop((namespace, name), None)
             if pod:
                 await self._stop(pod)
-                shutil.rmtree(pod.root, ignore_errors=True)
+                self._remove(pod)
+
+    def _remove(self, pod: Pod) -> None:
+        """A deleted pod's filesystem and logs go with it (the kubelet removes both)."""
+        shutil.rmtree(pod.root, ignore_errors=True)
+        shutil.rmtree(self.log_dir(pod), ignore_errors=True)
+
+    def log_dir(self, pod: Pod) -> Path:
+        return self.root / ".logs" / f"{pod.namespace}_{pod.name}_{pod.uid}"
 
     async def close(self) -> None:
         async with self._lock:

@@ -765,6 +765,19 @@ def test_stop_pod_kills_every_process(cluster: StreamCluster) -> None:
     assert not cluster.runtime.pod_root("prod", "tmp").exists()
 
 
+def test_recreated_pod_gets_a_fresh_root(cluster: StreamCluster) -> None:
+    rt = cluster.runtime
+    first = _pod("again", [{"name": "c"}])
+    cluster.run(rt.start_pod(first))
+    (rt.pod_root("prod", "again") / "tmp" / "old").write_text("x")
+    second = _pod("again", [{"name": "c"}])
+    second["metadata"]["uid"] = "uid-again-2"
+    cluster.run(rt.start_pod(second))
+    assert not (rt.pod_root("prod", "again") / "tmp" / "old").exists()
+    assert "running" in rt.container_state("prod", "again", "c")
+    cluster.run(rt.stop_pod("prod", "again"))
+
+
 def test_proot_is_used_when_installed(cluster: StreamCluster) -> None:
     assert (cluster.runtime.proot is not None) == (shutil.which("proot") is not None)
 
