@@ -625,9 +625,13 @@ class _BodyReader:
                 yield chunk
 
     async def discard(self) -> None:
+        """Read and drop the rest of a refused request's body, so an HTTP/1.1 client that is still sending
+        can read the refusal; past twice the cap the connection is simply left to close."""
+        budget = 2 * self.cap
         try:
-            while not self.complete:
+            while not self.complete and budget > 0:
                 message = await self.receive()
+                budget -= len(message.get("body", b""))
                 if message["type"] == "http.disconnect" or not message.get("more_body", False):
                     self.complete = True
         except Exception:

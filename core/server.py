@@ -63,7 +63,7 @@ def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
     tls = tls_files(gateway)
     config = hypercorn_config(gateway, tls, bind)
     if tls and tls.ca:
-        announce(f"kubegate: generated a self-signed certificate; clients must trust the CA at {tls.ca}")
+        announce(f"kubegate: serving a certificate from its own CA; clients must trust {tls.ca}")
     announce(f"kubegate: serving {len(gateway.connections)} connection(s) on {gateway.public_url}")
     for connection in gateway.connections:
         announce(
