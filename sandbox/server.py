@@ -1731,11 +1731,7 @@ class SandboxAPI:
         self, request: web.Request, resource: Resource, ns: str, name: str, sub: str
     ) -> web.StreamResponse:
         pod = self._get_or_404(resource, ns, name)
-        if request.headers.get("Upgrade", "").lower().startswith("spdy"):
-            raise ApiError(
-                400, "BadRequest", "the sandbox serves exec/attach/port-forward over WebSocket only"
-            )
-        from . import streams
+        from . import streams  # WebSocket and SPDY/3.1 upgrades, as the API server serves both
 
         handler = {
             "exec": streams.handle_exec,
