@@ -78,6 +78,10 @@ class Identity:
         return info
 
 
+IDENTITY_KEY = web.RequestKey("identity", Identity)
+REAL_IDENTITY_KEY = web.RequestKey("real_identity", Identity)
+
+
 @dataclass
 class RequestInfo:
     """What the apiserver's RequestInfoFactory derives from a path and method."""
@@ -575,8 +579,8 @@ class SandboxAPI:
                 return effective
             record["user"] = effective.user
             record["groups"] = effective.groups
-            request["identity"] = effective
-            request["real_identity"] = real
+            request[IDENTITY_KEY] = effective
+            request[REAL_IDENTITY_KEY] = real
             response = await handler(request)
         except ApiError as err:
             response = json_response(err.status(), err.code)
@@ -605,7 +609,7 @@ class SandboxAPI:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        identity: Identity = request["identity"]
+        identity: Identity = request[IDENTITY_KEY]
         if path.startswith("/sandbox/"):
             return await self._sandbox_admin(request)
         info = parse_request_info(request.method, path, request.query)
@@ -672,8 +676,8 @@ class SandboxAPI:
     # --- admin endpoints ------------------------------------------------------------------------------
 
     async def _sandbox_admin(self, request: web.Request) -> web.StreamResponse:
-        real: Identity = request["real_identity"]
-        identity: Identity = request["identity"]
+        real: Identity = request[REAL_IDENTITY_KEY]
+        identity: Identity = request[IDENTITY_KEY]
         if real.user not in (ADMIN_USER, GATEWAY_USER) or identity is not real:
             raise ApiError(403, "Forbidden", f'User "{identity.user}" cannot get path "{request.path}"')
         if request.path.rstrip("/") == "/sandbox/requests" and request.method == "GET":
