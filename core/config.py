@@ -46,7 +46,13 @@ class LimitSettings(StrictModel):
         description="Longest wait for upstream response headers (not for the body: watches stream).",
     )
     max_websocket_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
-    upstream_pool_size: int = Field(100, gt=0, description="Open connections to each upstream, at most.")
+    upstream_pool_size: int = Field(
+        0,
+        ge=0,
+        description="Open connections to each upstream, at most; 0 = no cap. Every watch and `logs -f` holds "
+        "one for as long as it runs, so a cap below the number of concurrent streams makes the next request "
+        "wait for a free connection (503 after the connect timeout).",
+    )
 
 
 class ConnectionSettings(StrictModel):

@@ -366,6 +366,12 @@ class Proxy:
             raise StatusError(
                 413, f"the request body is larger than the limit of {limits.max_request_body_bytes} bytes"
             ) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise StatusError(
+                503,
+                f'connection "{flow.connection.name}": the API server is unavailable (no connection within '
+                f"{limits.upstream_connect_timeout_seconds:g} s)",
+            ) from None
         except TimeoutError:
             raise StatusError(
                 504, f'connection "{flow.connection.name}": the API server did not answer in time'

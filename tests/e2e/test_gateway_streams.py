@@ -196,3 +196,26 @@ def test_watch_and_logs_follow_stay_open_past_90_seconds(gateway):
         watch.stop()
         logs.stop()
         run_kubectl(kubeconfig, "delete", "configmap", "after-95s", "-n", "prod")
+
+
+async def test_many_concurrent_watches_all_stream(gateway):
+    """Each watch holds an upstream connection for as long as it runs: 150 at once must all get their
+    events (a connection-pool cap would make watch 101 onwards wait and fail)."""
+    import aiohttp
+
+    url = f"{gateway.connection_url('sandbox')}/api/v1/namespaces/prod/configmaps?watch=true"
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    connector = aiohttp.TCPConnector(limit=0, ssl=client_ssl(gateway))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        all_open = asyncio.Barrier(150)
+
+        async def first_event(_: int) -> dict:
+            async with session.get(url, headers=headers) as resp:
+                assert resp.status == 200
+                event = json.loads(await resp.content.readline())
+                await all_open.wait()  # every watch stays open until all 150 have streamed
+                return event
+
+        async with asyncio.timeout(60):
+            events = await asyncio.gather(*(first_event(i) for i in range(150)))
+    assert all(event["type"] == "ADDED" for event in events)
