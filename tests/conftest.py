@@ -238,9 +238,15 @@ def gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Itera
     - `guarded`: also the third-party `testplugin` (deny namespace deletes, audit to a file, hooks);
     - `by-cert`: the gateway's credential is a client certificate;
     - `by-kubeconfig`: the gateway's credential comes from a kubeconfig;
-    - `rotating`: token-file credential in a file the tests rewrite.
+    - `rotating`: token-file credential in a file the tests rewrite;
+    - `blackhole`: its server accepts TCP connections and never says a word.
     """
+    import socket
+
     directory = tmp_path_factory.mktemp("gateway")
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(64)  # the kernel completes handshakes; nobody ever accepts or answers
     config = gateway_config(sandbox, directory, free_port())
     tokens = config["connections"]["sandbox"]["plugins"]
     (directory / "rotating-token").write_text(sandbox.token)
@@ -265,8 +271,12 @@ def gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Itera
             ),
             "by-kubeconfig": connection({"kubeconfig": str(sandbox.kubeconfig)}),
             "rotating": connection({**token_upstream, "token_file": str(directory / "rotating-token")}),
+            "blackhole": connection(
+                {**token_upstream, "server": f"https://127.0.0.1:{blackhole.getsockname()[1]}"}
+            ),
         }
     )
     gw = start_gateway(directory, config, with_test_plugin=True)
     yield gw
     stop_process(gw.process)
+    blackhole.close()

@@ -84,6 +84,27 @@ async def test_upstream_down_is_a_503_within_bounded_time(gateway):
     assert elapsed < 30  # bounded by the connect timeout, not a hang; not a timing assertion on speed
 
 
+async def test_silent_upstream_is_a_503_not_a_hang(gateway):
+    """An API server that accepts the connection but never completes TLS: refused after the connect
+    timeout (2 s in the test config) instead of holding the client."""
+    started = time.monotonic()
+    status, _, body = await raw_request(gateway, "/k8s/blackhole/api/v1/namespaces/prod/pods")
+    assert status == 503, body
+    assert json.loads(body)["reason"] == "ServiceUnavailable"
+    assert time.monotonic() - started < 30
+
+
+async def test_silent_upstream_websocket_is_a_503(gateway):
+    status, _, body = await raw_request(
+        gateway,
+        "/k8s/blackhole/api/v1/namespaces/prod/pods/web/exec?command=true&stdout=true",
+        headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "v5.channel.k8s.io"},
+    )  # fmt: skip
+    assert status == 503, body
+    assert json.loads(body)["kind"] == "Status"
+
+
 def test_kubectl_prints_upstream_down(gateway):
     proc = run_kubectl(
         gateway.kubeconfig("alice", connection="down"), "get", "pods", "-n", "prod", timeout=120
