@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy core connections plugins
+	$(BIN)/mypy core connections plugins sandbox
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
