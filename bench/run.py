@@ -51,7 +51,8 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-CONTENDERS = ("direct", "gateway", "nginx", "mitmproxy")
+CONTENDERS = ("direct", "gateway", "nginx", "mitmproxy", "aiohttp-ref")
+DEFAULT_CONTENDERS = CONTENDERS[:4]  # aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
 POD_PATH = "/api/v1/namespaces/prod/pods/web"
 LIST_PATH = "/api/v1/namespaces/prod/pods"
 WATCH_PATH = "/api/v1/namespaces/prod/pods?watch=true"
@@ -454,6 +455,39 @@ def start_mitmproxy(
     return target
 
 
+def start_reference(work: Path, up: Upstream) -> Target:
+    from kubegate.core.tls import ensure_self_signed
+
+    rdir = work / "aiohttp-ref"
+    rdir.mkdir(parents=True, exist_ok=True)
+    files = ensure_self_signed(rdir / "tls", common_name="bench-ref", hostnames=["127.0.0.1"])
+    token, _ = gateway_token()
+    port = free_port()
+    argv = [
+        sys.executable,
+        str(HERE / "reference_proxy.py"),
+        "--upstream",
+        up.url,
+        "--ca",
+        str(up.ca_file),
+        "--token-file",
+        str(work / "upstream" / "token"),
+        "--gateway-token",
+        token,
+        "--port",
+        str(port),
+        "--cert",
+        str(files.cert),
+        "--key",
+        str(files.key),
+    ]
+    log = rdir / "reference.log"
+    proc = PROCS.start("aiohttp-ref", argv, log)
+    target = Target("aiohttp-ref", f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
+    wait_ready("aiohttp-ref", proc, target.url(POD_PATH), token, log)
+    return target
+
+
 # -- measurements ----------------------------------------------------------------------------------------
 
 
@@ -809,6 +843,10 @@ def render(results: dict) -> str:
         "",
         "### Requests",
         "",
+        "aiohttp-ref, when present, is bench/reference_proxy.py: an experiment, not a product (see "
+        "docs/performance.md)."
+        if "aiohttp-ref" in args.get("contenders", [])
+        else "",
         "| workload | conc. | contender | req/s | req/s min-max | p50 ms | p99 ms | p50 added vs direct | errors |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -829,23 +867,31 @@ def render(results: dict) -> str:
                     f"{cell.rps_min:,.0f}-{cell.rps_max:,.0f} | {cell.p50_ms:.2f} | "
                     f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
                 )
-    out += [
-        "",
-        f"### exec stdout throughput ({args['exec_mb']} MB per session, median of {args['exec_runs']})",
-        "",
-        "| contender | MB/s | runs | note |",
-        "| --- | ---: | --- | --- |",
-    ]
+    out += (
+        []
+        if not results["exec"]
+        else [
+            "",
+            f"### exec stdout throughput ({args['exec_mb']} MB per session, median of {args['exec_runs']})",
+            "",
+            "| contender | MB/s | runs | note |",
+            "| --- | ---: | --- | --- |",
+        ]
+    )
     for row in results["exec"]:
         runs = ", ".join(f"{r:.0f}" for r in row["runs"])
         out.append(f"| {row['contender']} | {fmt(row['mb_per_s'], 1)} | {runs} | {row['note']} |")
-    out += [
-        "",
-        f"### Memory with {args['watches']:,} open watches (RSS of the proxy process, 1 MB = 10^6 bytes)",
-        "",
-        "| contender | watches open | idle RSS MB | RSS with watches MB | KB per watch | opened in | failures |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    out += (
+        []
+        if not results["watches"]
+        else [
+            "",
+            f"### Memory with {args['watches']:,} open watches (RSS of the proxy process, 1 MB = 10^6 bytes)",
+            "",
+            "| contender | watches open | idle RSS MB | RSS with watches MB | KB per watch | opened in | failures |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+    )
     for row in results["watches"]:
         fails = "; ".join(f"{n}x {k}" for k, n in row["failures"].items()) or "0"
         out.append(
@@ -889,7 +935,7 @@ def render(results: dict) -> str:
             f"| exec ≥ 100 MB/s | {gw_exec['mb_per_s']:.1f} MB/s | "
             f"{'yes' if gw_exec['mb_per_s'] >= 100 else '**no**'} |"
         )
-    return "\n".join(out) + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)) + "\n"
 
 
 def write_doc(report: str) -> None:
@@ -916,7 +962,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}"
+        "--contenders",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS)} (default: all but aiohttp-ref)",
     )
     parser.add_argument("--exec-mb", type=int, default=256, help="stdout MB per exec session (default 256)")
     parser.add_argument("--exec-runs", type=int, default=3)
@@ -973,6 +1021,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "gateway": lambda: start_gateway(work, up),
             "nginx": lambda: start_nginx(work, up),
             "mitmproxy": lambda: start_mitmproxy(work, up),
+            "aiohttp-ref": lambda: start_reference(work, up),
         }
         for name in CONTENDERS[1:]:
             if name in args.contenders:
@@ -994,7 +1043,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
         if "exec" not in args.skip:
             say(f"exec stdout throughput ({args.exec_mb} MB x {args.exec_runs})")
             for target in targets:
-                results["exec"].append(measure_exec(target, args.exec_mb, args.exec_runs))
+                if target.name != "aiohttp-ref":  # REST only
+                    results["exec"].append(measure_exec(target, args.exec_mb, args.exec_runs))
         for target in targets:
             if target.proc is not None:
                 PROCS.stop(target.proc)
