@@ -844,7 +844,7 @@ def render(results: dict) -> str:
         "### Requests",
         "",
         "aiohttp-ref, when present, is bench/reference_proxy.py: an experiment, not a product (see "
-        "docs/performance.md)."
+        "docs/performance.md).\n"
         if "aiohttp-ref" in args.get("contenders", [])
         else "",
         "| workload | conc. | contender | req/s | req/s min-max | p50 ms | p99 ms | p50 added vs direct | errors |",
