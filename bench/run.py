@@ -783,6 +783,13 @@ def machine_facts() -> dict:
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "core", "connections", "plugins"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if commit and dirty:
+        commit += " with uncommitted changes in core/connections/plugins"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1092,7 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)  # also when started with SIGINT ignored (e.g. `bench/run &`)
     try:
         results = run(args, command)
     except BenchError as exc:
