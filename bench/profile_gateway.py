@@ -96,6 +96,7 @@ def main() -> int:
             raise bench.BenchError(f"py-spy failed: {spy.stderr.strip()[-1500:]}")
     finally:
         bench.PROCS.stop_all()
+        bench.shutil.rmtree(work, ignore_errors=True)
     rps = result.get("requests", 0) / max(result.get("duration_us", 1) / 1e6, 1e-9)
     print(f"wrk c={args.concurrency} {args.path}: {rps:,.0f} req/s while sampled; stacks in {out}")
     self_time: collections.Counter[str] = collections.Counter()
