@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +69,10 @@ class GatewaySettings(StrictModel):
     tls: TLSSettings = Field(default_factory=lambda: TLSSettings())
     limits: LimitSettings = Field(default_factory=lambda: LimitSettings())
     log_level: str = "info"
+    server: Literal["uvicorn", "hypercorn"] = Field(
+        "uvicorn",
+        description="ASGI server: uvicorn (HTTP/1.1, the faster data path) or hypercorn (adds HTTP/2).",
+    )
     connections: dict[str, ConnectionSettings]
 
     @field_validator("listen")

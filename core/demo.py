@@ -64,7 +64,7 @@ async def _run(directory: Path, port: int) -> None:
     from kubegate.sandbox.server import start_sandbox
 
     from .gateway import Gateway
-    from .server import check_bind, hypercorn_config, serve_until_signal, tls_files
+    from .server import check_bind, serve_until_signal, tls_files
 
     check_bind(f"127.0.0.1:{port}")
 
@@ -88,8 +88,10 @@ async def _run(directory: Path, port: int) -> None:
                 )
             ),
         )
-        _announce(gateway.connection_url(CONNECTION), sandbox.url, config_path, kubeconfig)
-        await serve_until_signal(gateway, hypercorn_config(gateway, tls))
+        url = gateway.connection_url(CONNECTION)
+        await serve_until_signal(
+            gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig)
+        )
     finally:
         await sandbox.close()
 

@@ -407,8 +407,9 @@ class Proxy:
             headers.append((b"content-length", length.encode()))
         await send({"type": "http.response.start", "status": flow.response.status, "headers": headers})
 
-        # A watch or `logs -f` only ends when the client leaves: notice that, and stop reading upstream.
-        watcher = _DisconnectWatcher(receive)
+        # A watch, `logs -f` or chunked list only ends when the client leaves: notice that, and stop reading
+        # upstream. A body with a Content-Length ends by itself, so it needs no watcher task.
+        watcher = _DisconnectWatcher(receive) if length is None else None
         try:
             async for chunk in resp.content.iter_any():
                 for transformer in transformers:
@@ -425,7 +426,7 @@ class Proxy:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             flow.response.bytes_sent += len(tail)
         except asyncio.CancelledError:
-            if watcher.fired:
+            if watcher is not None and watcher.fired:
                 raise ClientGone from None
             raise
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -434,7 +435,8 @@ class Proxy:
             log.warning("upstream stream of %s broke: %s", flow.connection.name, exc)
             raise ClientGone from None
         finally:
-            watcher.stop()
+            if watcher is not None:
+                watcher.stop()
 
     # -- WebSocket (exec, attach, port-forward) ---------------------------------------------------------
 
