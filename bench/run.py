@@ -800,6 +800,8 @@ def machine_facts() -> dict:
         "python": platform.python_version(),
         "kubegate": f"{pkg('kubegate')} (git {commit or '?'})",
         "hypercorn": pkg("hypercorn"),
+        "uvicorn": pkg("uvicorn"),
+        "httptools": pkg("httptools"),
         "aiohttp": pkg("aiohttp"),
         "uvloop": pkg("uvloop"),
         "nginx": version_of([find_tool("nginx") or "nginx", "-v"], r"nginx/(\S+)"),
@@ -829,8 +831,9 @@ def render(results: dict) -> str:
         f"Command: `{results['command']}`",
         "",
         f"Run {facts['date']} on {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory_gib']} GiB, Linux "
-        f"{facts['kernel']}; Python {facts['python']}, kubegate {facts['kubegate']}, Hypercorn "
-        f"{facts['hypercorn']}, aiohttp {facts['aiohttp']}, uvloop {facts['uvloop']}; nginx {facts['nginx']}, "
+        f"{facts['kernel']}; Python {facts['python']}, kubegate {facts['kubegate']} on uvicorn "
+        f"{facts.get('uvicorn', '?')} (httptools {facts.get('httptools', '?')}), aiohttp {facts['aiohttp']}, "
+        f"uvloop {facts['uvloop']}; nginx {facts['nginx']}, "
         f"mitmproxy {facts['mitmproxy']}, wrk {facts['wrk']}; {facts['openssl']}.",
         "",
         f"wrk: 1 thread, {args['duration']} s per cell after a 1 s warm-up, HTTP/1.1 keep-alive over TLS; "
@@ -1057,11 +1060,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 PROCS.stop(target.proc)
         if "watches" not in args.skip:
             say(f"{args.watches} open watches (fresh processes)")
-            # A fresh gateway, so its idle RSS is not inflated by the load above. Its upstream pool must hold
-            # one connection per watch: the default (upstream_pool_size: 100) would queue watch 101 onwards.
-            gw = start_gateway(
-                work, up, label="gateway-watches", extra_limits={"upstream_pool_size": args.watches + 100}
-            )
+            # A fresh gateway, so its idle RSS is not inflated by the load above; default config (no cap on
+            # upstream connections, so each watch holds its own).
+            gw = start_gateway(work, up, label="gateway-watches")
             assert gw.proc is not None
             results["watches"].append(measure_watches(gw, args.watches, gw.proc.pid))
             PROCS.stop(gw.proc)
