@@ -278,7 +278,7 @@ class Proxy:
         flow.request._body_reader = body_state.read_all
         try:
             if declared.isdigit() and int(declared) > cap:
-                raise StatusError(413, f"the request body is larger than the limit of {cap} bytes")
+                raise _too_large(cap)
             if flow.request.header("upgrade").lower().startswith("spdy"):
                 await self._refuse_spdy(flow, await self._admit(flow))
             impersonation = await self._admit(flow)
@@ -336,9 +336,7 @@ class Proxy:
                 async with resp:
                     body = await resp.content.read(MAX_HANDSHAKE_ERROR_BODY)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise StatusError(
-                503, f'connection "{flow.connection.name}": the API server is unavailable ({_describe(exc)})'
-            ) from None
+            raise _unavailable(flow, _describe(exc)) from None
         if resp.status in (401, 403, 404) or resp.status >= 500:
             raise RelayedError(resp.status, resp.headers.get("Content-Type", "application/json"), body)
         raise StatusError(
@@ -363,14 +361,10 @@ class Proxy:
                     **upstream.request_options,
                 )
         except BodyTooLarge:
-            raise StatusError(
-                413, f"the request body is larger than the limit of {limits.max_request_body_bytes} bytes"
-            ) from None
+            raise _too_large(limits.max_request_body_bytes) from None
         except aiohttp.ConnectionTimeoutError:
-            raise StatusError(
-                503,
-                f'connection "{flow.connection.name}": the API server is unavailable (no connection within '
-                f"{limits.upstream_connect_timeout_seconds:g} s)",
+            raise _unavailable(
+                flow, f"no connection within {limits.upstream_connect_timeout_seconds:g} s"
             ) from None
         except TimeoutError:
             raise StatusError(
@@ -378,13 +372,9 @@ class Proxy:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             if body.too_large:
-                raise StatusError(
-                    413, f"the request body is larger than the limit of {limits.max_request_body_bytes} bytes"
-                ) from None
+                raise _too_large(limits.max_request_body_bytes) from None
             log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
-            raise StatusError(
-                503, f'connection "{flow.connection.name}": the API server is unavailable ({_describe(exc)})'
-            ) from None
+            raise _unavailable(flow, _describe(exc)) from None
         async with resp:
             await self._respond(flow, resp, receive, send)
 
@@ -471,10 +461,7 @@ class Proxy:
                     502, f"the API server refused the WebSocket upgrade: {exc.message}"
                 ) from None
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise StatusError(
-                    503,
-                    f'connection "{flow.connection.name}": the API server is unavailable ({_describe(exc)})',
-                ) from None
+                raise _unavailable(flow, _describe(exc)) from None
             finally:
                 _handshake_body.reset(token)
         except StatusError as error:
@@ -621,7 +608,7 @@ class _BodyReader:
             while not self.complete:
                 parts.append(await self._next())
         except BodyTooLarge:
-            raise StatusError(413, f"the request body is larger than the limit of {self.cap} bytes") from None
+            raise _too_large(self.cap) from None
         return b"".join(parts)
 
     async def stream(self, first: bytes) -> AsyncIterator[bytes]:
@@ -675,6 +662,14 @@ class _DisconnectWatcher:
         self._task.cancel()
         if self.fired and self._owner is not None:
             self._owner.uncancel()
+
+
+def _too_large(cap: int) -> StatusError:
+    return StatusError(413, f"the request body is larger than the limit of {cap} bytes")
+
+
+def _unavailable(flow: Flow, why: str) -> StatusError:
+    return StatusError(503, f'connection "{flow.connection.name}": the API server is unavailable ({why})')
 
 
 def _describe(exc: BaseException) -> str:

@@ -99,6 +99,9 @@ GATEWAY_USERS = {
 }
 
 
+CI_BOT_UID = "uid-ci-bot-42"
+
+
 def free_port() -> int:
     import socket
 
@@ -160,6 +163,7 @@ def gateway_config(
         {"user": user, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
         for user, (groups, token) in GATEWAY_USERS.items()
     ]
+    next(t for t in tokens if t["user"] == "ci-bot")["uid"] = CI_BOT_UID  # sent as Impersonate-Uid
     return {
         "listen": f"127.0.0.1:{port}",
         "state_dir": str(directory / "state"),

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import GATEWAY_USERS
+from conftest import CI_BOT_UID, GATEWAY_USERS
 from kubetest import run_kubectl
 
 
@@ -46,6 +46,7 @@ def test_caller_arrives_as_impersonation_and_its_token_never_arrives(gateway, sa
     for record in records:
         assert record["impersonate_user"] == "ci-bot"
         assert sorted(record["impersonate_groups"]) == ["ci", "deployers"]
+        assert record["impersonate_uid"] == CI_BOT_UID
         assert record["authorization_sha256"] == sha(sandbox.token)
         assert caller_token not in json.dumps(record)
 
