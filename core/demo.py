@@ -132,6 +132,8 @@ Press Ctrl-C to stop.
 def run_demo(directory: Path, *, port: int = 8443) -> int:
     from .server import asyncio_run
 
+    # Absolute, so the paths written into the demo's config and kubeconfig hold from any directory.
+    directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         asyncio_run(_run(directory, port))

@@ -69,7 +69,8 @@ def test_kubegate_kubeconfig_output_works_with_kubectl(gateway, tmp_path):
 def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [KUBEGATE, "demo", "--dir", str(tmp_path), "--port", str(port)],
+        [KUBEGATE, "demo", "--dir", "demo", "--port", str(port)],  # relative, as `make demo` runs it
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -84,7 +85,7 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
                 break
             output += line
         assert "kubegate demo is running" in output, output
-        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig = tmp_path / "demo" / "kubeconfig"
         whoami = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True)
         assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "alice"
         ci = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "get", "pods", "-n", "prod", check=True)
