@@ -35,6 +35,12 @@ class Identity:
     uid: str = ""
     extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
     method: str = ""
+    # Where the identity came from, for policy and audit: the token issuer (OIDC `iss`), claims an
+    # authentication plugin chose to keep (e.g. a CI job's repository and environment), and when the
+    # credential expires (Unix time), if it does.
+    issuer: str = ""
+    claims: dict[str, Any] = field(default_factory=dict)
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -698,7 +698,13 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
         "kubectl_session": flow.kubectl_session,
         "identity": None
         if identity is None
-        else {"user": identity.user, "groups": list(identity.groups), "method": identity.method},
+        else {
+            "user": identity.user,
+            "groups": list(identity.groups),
+            "method": identity.method,
+            "issuer": identity.issuer,
+            "claims": identity.claims,
+        },
         "decision": None
         if flow.decision is None
         else {
