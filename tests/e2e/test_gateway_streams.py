@@ -219,3 +219,27 @@ async def test_many_concurrent_watches_all_stream(gateway):
         async with asyncio.timeout(60):
             events = await asyncio.gather(*(first_event(i) for i in range(150)))
     assert all(event["type"] == "ADDED" for event in events)
+
+
+def test_python_client_port_forward_over_v4_channels(gateway):
+    """Non-Go clients port-forward with `?ports=` over v4.channel.k8s.io; the gateway relays it unchanged."""
+    from kubernetes.stream import portforward
+
+    api = kube_client(gateway)
+    forward = portforward(api.connect_get_namespaced_pod_portforward, "web", "prod", ports="8080")
+    try:
+        sock = forward.socket(8080)
+        sock.setblocking(True)
+        sock.settimeout(10)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        received = b""
+        while b"hello from web:8080" not in received:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        assert b"hello from web:8080" in received
+        sock.close()
+        assert forward.error(8080) is None
+    finally:
+        forward.close()
