@@ -243,3 +243,36 @@ def test_python_client_port_forward_over_v4_channels(gateway):
         assert forward.error(8080) is None
     finally:
         forward.close()
+
+
+def test_kubectl_run_interactive_attaches_through_the_gateway(gateway):
+    """`kubectl run -it` creates a pod and attaches to its tty (attach with stdin, a pty, resize)."""
+    from kubetest import PtySession
+
+    kubeconfig = gateway.kubeconfig("alice")
+    name = f"shell-{os.getpid()}"
+    session = PtySession(
+        [
+            "kubectl",
+            "run",
+            name,
+            "-n",
+            "dev",
+            "--image=busybox",
+            "-it",
+            "--restart=Never",
+            "--command",
+            "--",
+            "sh",
+        ],
+        kubeconfig,
+    )
+    try:
+        session.send("\n")
+        session.send("echo $((7*6))\n")
+        session.expect("42", timeout=30)
+        session.send("exit 0\n")
+        assert session.wait(20) == 0
+    finally:
+        session.close()
+        run_kubectl(kubeconfig, "delete", "pod", name, "-n", "dev", "--wait=false")
