@@ -37,6 +37,7 @@ ENTRY_POINT_GROUP = "kubegate"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.connections.kubernetes",
     "kubegate.plugins.static_tokens",
+    "kubegate.plugins.oidc",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}

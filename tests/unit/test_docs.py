@@ -46,6 +46,16 @@ CONFIG_DOC = (ROOT / "docs" / "configuration.md").read_text()
 def test_every_config_key_is_documented():
     from kubegate.connections.kubernetes import KubernetesUpstreamSettings
     from kubegate.core.config import ConnectionSettings, GatewaySettings, LimitSettings, TLSSettings
+    from kubegate.plugins.oidc import (
+        ClaimMappings,
+        GitHubActionsPreset,
+        GitHubMatch,
+        GitHubRule,
+        GroupsMapping,
+        IssuerSettings,
+        OIDCSettings,
+        UsernameMapping,
+    )
     from kubegate.plugins.static_tokens import StaticToken, StaticTokenSettings
 
     models = [
@@ -56,6 +66,14 @@ def test_every_config_key_is_documented():
         KubernetesUpstreamSettings,
         StaticTokenSettings,
         StaticToken,
+        OIDCSettings,
+        IssuerSettings,
+        ClaimMappings,
+        UsernameMapping,
+        GroupsMapping,
+        GitHubActionsPreset,
+        GitHubRule,
+        GitHubMatch,
     ]
     for model in models:
         for field in model.model_fields:
