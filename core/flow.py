@@ -116,6 +116,13 @@ class Request:
     def user_agent(self) -> str:
         return self.header("user-agent")
 
+    @property
+    def bearer_token(self) -> str | None:
+        """The token of an `Authorization: Bearer TOKEN` header, or None (no header, another scheme)."""
+        scheme, _, token = self.header("authorization").partition(" ")
+        token = token.strip()
+        return token if scheme.lower() == "bearer" and token else None
+
     async def read_body(self) -> bytes:
         """Buffer the whole request body (up to the connection's byte cap) and return it.
 

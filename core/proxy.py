@@ -529,7 +529,7 @@ class Proxy:
                             continue
                         payload = frame.data
                     session.bytes_from_upstream += len(payload)
-                    # Hypercorn's send waits for the client's socket to drain: a client that stops
+                    # The server's send waits for the client's socket to drain: a client that stops
                     # reading stops us reading upstream, so nothing piles up here.
                     if text:
                         await send({"type": "websocket.send", "text": payload.decode()})
@@ -721,6 +721,6 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
         data["auth_failure"] = flow.auth_failure
         authorization = flow.request.header("authorization")
         if authorization:
-            data["credential"] = token_fingerprint(authorization.partition(" ")[2] or authorization)
+            data["credential"] = token_fingerprint(flow.request.bearer_token or authorization)
     data.update(extra)
     return data

@@ -562,13 +562,6 @@ def _map_identity(entry: IssuerSettings, claims: dict[str, Any]) -> Identity | A
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bearer_token(authorization: str) -> str | None:
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
 @hookimpl
 def kubegate_plugin_settings() -> type[BaseModel]:
     return OIDCSettings
@@ -576,7 +569,7 @@ def kubegate_plugin_settings() -> type[BaseModel]:
 
 @hookimpl
 async def kubegate_authenticate(flow: Flow) -> Identity | AuthFailure | None:
-    token = bearer_token(flow.request.header("authorization"))
+    token = flow.request.bearer_token
     if token is None:
         return None
     settings: OIDCSettings = flow.connection.settings_for(PLUGIN_NAME)

@@ -65,13 +65,6 @@ class StaticTokenSettings(BaseModel):
         return self._by_hash.get(hashlib.sha256(token.encode()).hexdigest())
 
 
-def bearer_token(authorization: str) -> str | None:
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
 @hookimpl
 def kubegate_plugin_settings() -> type[BaseModel]:
     return StaticTokenSettings
@@ -79,7 +72,7 @@ def kubegate_plugin_settings() -> type[BaseModel]:
 
 @hookimpl
 def kubegate_authenticate(flow: Flow) -> Identity | None:
-    token = bearer_token(flow.request.header("authorization"))
+    token = flow.request.bearer_token
     if token is None:
         return None
     settings: StaticTokenSettings = flow.connection.settings_for(PLUGIN_NAME)
