@@ -119,7 +119,9 @@ def kubegate_decide(flow: Flow) -> Decision | Awaitable[Decision | None] | None:
 
     Every enabled plugin is asked; the strictest answer wins (deny, then needs approval, then allow).
     None means no opinion; when nobody has one, the request is allowed (cluster RBAC still applies,
-    because the API server sees the caller through impersonation). A plugin that needs the body awaits
+    because the API server sees the caller through impersonation). A "needs approval" answer that is still
+    the strictest when all plugins have answered is refused with 403: an approval plugin holds the request
+    inside its own ``kubegate_decide`` and answers allow or deny once reviewers have decided. A plugin that needs the body awaits
     ``flow.request.read_body()``. Called for REST requests and before a WebSocket upgrade is relayed.
 
     :param flow: the request, with ``flow.identity`` and ``flow.attributes`` set.
