@@ -9,6 +9,9 @@ writes it between the markers in docs/performance.md. Raw numbers go to bench/re
 Contenders, all TLS on loopback, all in front of one stand-in API server (bench/upstream.py):
   direct     the client talks to the upstream itself;
   gateway    `kubegate serve` with a generated config, only the static-tokens plugin enabled;
+  gateway-oidc  the same with only the oidc plugin enabled (a JWKS served over http on loopback by
+             bench/upstream.py, one RS256 JWT minted per run): small GET only, for the cost of
+             authentication next to static tokens (its verified-token cache is the hot path);
   nginx      Debian's nginx, one worker, TLS reverse proxy with an upstream keepalive pool;
   mitmproxy  mitmdump --mode reverse:UPSTREAM (own venv: bench/.venv-mitm).
 
@@ -51,12 +54,17 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-CONTENDERS = ("direct", "gateway", "nginx", "mitmproxy", "aiohttp-ref")
-DEFAULT_CONTENDERS = CONTENDERS[:4]  # aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
+CONTENDERS = ("direct", "gateway", "gateway-oidc", "nginx", "mitmproxy", "aiohttp-ref")
+DEFAULT_CONTENDERS = CONTENDERS[:5]  # aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
 POD_PATH = "/api/v1/namespaces/prod/pods/web"
 LIST_PATH = "/api/v1/namespaces/prod/pods"
 WATCH_PATH = "/api/v1/namespaces/prod/pods?watch=true"
 WORKLOADS = {"small GET (1 pod)": POD_PATH, "list (500 pods)": LIST_PATH}
+SMALL = "small GET (1 pod)"
+# gateway-oidc measures the cost of authentication, which is per request: the small GET shows it best and
+# keeps the contender cheap (no list, exec or watches cells).
+ONLY_WORKLOADS = {"gateway-oidc": {SMALL}}
+OIDC_AUDIENCE = "kubegate-bench"
 CONNECTION = "bench"
 MB = 1_000_000
 
@@ -267,13 +275,46 @@ class Upstream:
     ca_file: Path
     token: str
     proc: subprocess.Popen
+    jwks_url: str | None = None
 
 
-def start_upstream(work: Path) -> Upstream:
+def make_oidc_keys(work: Path) -> tuple[Path, object]:
+    """A fresh RSA key; its public JWKS is written for bench/upstream.py to serve at /jwks."""
+    from joserfc.jwk import KeySet, RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "bench-rsa", "use": "sig"})
+    path = work / "jwks.json"
+    path.write_text(json.dumps(KeySet([key]).as_dict(private=False)))
+    return path, key
+
+
+def mint_oidc_token(key: object, issuer: str) -> str:
+    from joserfc import jwt
+
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "aud": OIDC_AUDIENCE,
+        "sub": "bench",
+        "groups": ["bench"],
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+    }
+    return jwt.encode({"alg": "RS256", "kid": "bench-rsa"}, claims, key, algorithms=["RS256"])
+
+
+def start_upstream(work: Path, jwks_file: Path | None = None) -> Upstream:
     log = work / "upstream.log"
     proc = PROCS.start(
         "upstream",
-        [sys.executable, str(HERE / "upstream.py"), "--dir", str(work / "upstream")],
+        [
+            sys.executable,
+            str(HERE / "upstream.py"),
+            "--dir",
+            str(work / "upstream"),
+            *(["--jwks", str(jwks_file)] if jwks_file else []),
+        ],
         log,
         stdout=subprocess.PIPE,
         text=True,
@@ -284,7 +325,7 @@ def start_upstream(work: Path) -> Upstream:
         proc.wait(5)
         raise BenchError(f"the stand-in upstream did not start; its log ({log}):\n    {log_tail(log)}")
     info = json.loads(line)
-    up = Upstream(info["url"], info["port"], Path(info["ca_file"]), info["token"], proc)
+    up = Upstream(info["url"], info["port"], Path(info["ca_file"]), info["token"], proc, info.get("jwks_url"))
     wait_ready("upstream", proc, up.url + POD_PATH, up.token, log)
     return up
 
@@ -295,16 +336,45 @@ def gateway_token() -> tuple[str, str]:
 
 
 def start_gateway(
-    work: Path, up: Upstream, label: str = "gateway", extra_limits: dict | None = None
+    work: Path,
+    up: Upstream,
+    label: str = "gateway",
+    extra_limits: dict | None = None,
+    oidc_key: object | None = None,
 ) -> Target:
+    """`kubegate serve` with one connection and only static-tokens enabled, or only oidc with oidc_key."""
     token, digest = gateway_token()
     port = free_port()
     gdir = work / label
     gdir.mkdir(parents=True, exist_ok=True)
     limits = "".join(f"\n  {k}: {v}" for k, v in (extra_limits or {}).items())
+    if oidc_key is None:
+        plugin = "static-tokens"
+        plugins = f"""      static-tokens:
+        tokens:
+          - user: bench
+            groups: [bench]
+            sha256: {digest}
+"""
+    else:
+        if not up.jwks_url:
+            raise BenchError("gateway-oidc needs the upstream to serve /jwks (started with --jwks)")
+        issuer = "http://127.0.0.1/bench-issuer"  # only compared with the token's iss (jwks_url is set)
+        token = mint_oidc_token(oidc_key, issuer)
+        # cache_ttl_seconds 3600: the verified-token cache then holds the token until its exp, for the
+        # whole run (the default, 300 s, would re-verify it once in a long run).
+        plugin = "oidc"
+        plugins = f"""      oidc:
+        issuers:
+          - issuer: {issuer}
+            audiences: [{OIDC_AUDIENCE}]
+            jwks_url: {up.jwks_url}
+            algorithms: [RS256]
+            cache_ttl_seconds: 3600
+"""
     config = gdir / "kubegate.yaml"
     config.write_text(
-        f"""# generated by bench/run.py: one connection, only the static-tokens plugin enabled
+        f"""# generated by bench/run.py: one connection, only the {plugin} plugin enabled
 listen: 127.0.0.1:{port}
 state_dir: {gdir / "state"}
 log_level: warning
@@ -316,12 +386,7 @@ connections:
       certificate_authority: {up.ca_file}
       token_file: {work / "upstream" / "token"}
     plugins:
-      static-tokens:
-        tokens:
-          - user: bench
-            groups: [bench]
-            sha256: {digest}
-"""
+{plugins}"""
     )
     exe = Path(sys.executable).parent / "kubegate"
     argv = (
@@ -331,8 +396,9 @@ connections:
     )
     log = gdir / "gateway.log"
     proc = PROCS.start(label, argv, log, cwd=str(gdir))
-    target = Target("gateway", f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
-    wait_ready(label, proc, target.url(POD_PATH), token, log)
+    name = "gateway" if oidc_key is None else "gateway-oidc"
+    target = Target(name, f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
+    wait_ready(label, proc, target.url(POD_PATH), token, log)  # for oidc: the one full verification
     return target
 
 
@@ -599,7 +665,7 @@ def measure_requests(
             f"connect {raw['errors_connect']}, read {raw['errors_read']})"
         )
     say(
-        f"  {target.name:<9} {workload:<18} c={concurrency:<2} {cell.rps:9.0f} req/s  "
+        f"  {target.name:<12} {workload:<18} c={concurrency:<2} {cell.rps:9.0f} req/s  "
         f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  {cell.note}"
     )
     return cell
@@ -877,6 +943,31 @@ def render(results: dict) -> str:
                     f"{cell.rps_min:,.0f}-{cell.rps_max:,.0f} | {cell.p50_ms:.2f} | "
                     f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
                 )
+    auth_rows = []
+    for conc in args["concurrency"]:
+        static, oidc = find_cell(cells, "gateway", SMALL, conc), find_cell(cells, "gateway-oidc", SMALL, conc)
+        if static and oidc:
+            adds = per_round(raw, "gateway-oidc", "gateway", SMALL, conc, lambda o, g: o.p50_ms - g.p50_ms)
+            added = statistics.median(adds) if adds else oidc.p50_ms - static.p50_ms
+            runs = ", ".join(f"{a:+.2f}" for a in adds)
+            auth_rows.append(
+                f"| {conc} | {static.p50_ms:.2f} | {oidc.p50_ms:.2f} | {added:+.2f} ms | {runs} | "
+                f"{static.rps:,.0f} | {oidc.rps:,.0f} |"
+            )
+    if auth_rows:
+        out += [
+            "",
+            "### Authentication cost (oidc vs static tokens, small GET)",
+            "",
+            "gateway-oidc is the same gateway with only the `oidc` plugin enabled (RS256 JWT, JWKS over http "
+            "on loopback); after the first request the token comes from the verified-token cache. Auth added "
+            "p50 = gateway-oidc p50 - gateway (static-tokens) p50, median of the per-round differences.",
+            "",
+            "| conc. | static-tokens p50 ms | oidc p50 ms | auth added p50 | per round ms | static-tokens req/s "
+            "| oidc req/s |",
+            "| ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+            *auth_rows,
+        ]
     out += (
         []
         if not results["exec"]
@@ -938,6 +1029,15 @@ def render(results: dict) -> str:
         out.append(
             f"| ≤ 0.6 ms added p50, small GET, c=1 | {added:+.2f} ms ({gw.p50_ms:.2f} vs "
             f"{direct.p50_ms:.2f} ms{spread(adds, ' ms')}) | {'yes' if added <= 0.6 else '**no**'} |"
+        )
+    static, oidc = find_cell(cells, "gateway", small, 1), find_cell(cells, "gateway-oidc", small, 1)
+    if static and oidc:
+        adds = per_round(raw, "gateway-oidc", "gateway", small, 1, lambda o, g: o.p50_ms - g.p50_ms)
+        added = statistics.median(adds) if adds else oidc.p50_ms - static.p50_ms
+        out.append(
+            f"| oidc authentication adds ≤ 0.1 ms p50 (vs static tokens), small GET, c=1 | {added:+.2f} ms "
+            f"({oidc.p50_ms:.2f} vs {static.p50_ms:.2f} ms{spread(adds, ' ms')}) | "
+            f"{'yes' if added <= 0.1 else '**no**'} |"
         )
     gw_exec = next((r for r in results["exec"] if r["contender"] == "gateway"), None)
     if gw_exec and gw_exec["mb_per_s"] is not None:
@@ -1025,10 +1125,12 @@ def run(args: argparse.Namespace, command: str) -> dict:
     cpu_start, wall_start = cpu_seconds(), time.monotonic()
     try:
         results["machine"] = machine_facts()
-        up = start_upstream(work)
+        oidc_jwks, oidc_key = make_oidc_keys(work) if "gateway-oidc" in args.contenders else (None, None)
+        up = start_upstream(work, oidc_jwks)
         targets = [Target("direct", up.url, up.token)]
         starters = {
             "gateway": lambda: start_gateway(work, up),
+            "gateway-oidc": lambda: start_gateway(work, up, label="gateway-oidc", oidc_key=oidc_key),
             "nginx": lambda: start_nginx(work, up),
             "mitmproxy": lambda: start_mitmproxy(work, up),
             "aiohttp-ref": lambda: start_reference(work, up),
@@ -1045,6 +1147,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
                 for workload, path in WORKLOADS.items():
                     for conc in args.concurrency:
                         for target in targets:
+                            if workload not in ONLY_WORKLOADS.get(target.name, {workload}):
+                                continue
                             cell = measure_requests(target, workload, path, conc, args.duration, sizes[path])
                             cell.round = round_no
                             raw.append(cell)
@@ -1053,7 +1157,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         if "exec" not in args.skip:
             say(f"exec stdout throughput ({args.exec_mb} MB x {args.exec_runs})")
             for target in targets:
-                if target.name != "aiohttp-ref":  # REST only
+                if target.name not in ("aiohttp-ref", "gateway-oidc"):  # REST only; auth is per request
                     results["exec"].append(measure_exec(target, args.exec_mb, args.exec_runs))
         for target in targets:
             if target.proc is not None:

@@ -14,7 +14,11 @@ in front of it rather than the upstream:
 Every request must carry ``Authorization: Bearer <token>`` (the token written to ``DIR/token``), so a proxy
 that forgot to swap in its own credential gets a 401 and the run fails loudly.
 
-Run: ``python bench/upstream.py --dir DIR`` prints one JSON line ``{"url", "port", "ca_file", "token"}``.
+With ``--jwks FILE`` it also serves that JSON Web Key Set at ``GET /jwks`` over plain HTTP on a second
+loopback port (the ``oidc`` plugin allows http on loopback), for the ``gateway-oidc`` contender.
+
+Run: ``python bench/upstream.py --dir DIR [--jwks FILE]`` prints one JSON line
+``{"url", "port", "ca_file", "token", "jwks_url"}`` (``jwks_url`` is null without ``--jwks``).
 """
 
 from __future__ import annotations
@@ -198,7 +202,24 @@ def make_app(token: str) -> web.Application:
     return app
 
 
-async def serve(directory: Path, port: int) -> None:
+async def serve_jwks(body: bytes) -> tuple[web.AppRunner, str]:
+    async def jwks(_request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=body, content_type="application/json", headers={"Cache-Control": "max-age=3600"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/jwks"
+
+
+async def serve(directory: Path, port: int, jwks: bytes | None = None) -> None:
     from kubegate.core.tls import ensure_self_signed
 
     files = ensure_self_signed(directory / "tls", common_name="bench-upstream", hostnames=["127.0.0.1"])
@@ -220,6 +241,7 @@ async def serve(directory: Path, port: int) -> None:
     site = web.SockSite(runner, sock, ssl_context=ctx, backlog=4096)
     await site.start()
     real_port = sock.getsockname()[1]
+    jwks_runner, jwks_url = await serve_jwks(jwks) if jwks else (None, None)
     print(
         json.dumps(
             {
@@ -227,6 +249,7 @@ async def serve(directory: Path, port: int) -> None:
                 "port": real_port,
                 "ca_file": str(files.ca_cert),
                 "token": token,
+                "jwks_url": jwks_url,
                 "pid": os.getpid(),
             }
         ),
@@ -238,21 +261,25 @@ async def serve(directory: Path, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await runner.cleanup()
+    if jwks_runner is not None:
+        await jwks_runner.cleanup()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--jwks", type=Path, help="also serve this JWKS at http://127.0.0.1:PORT/jwks")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    jwks = args.jwks.read_bytes() if args.jwks else None
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        asyncio.run(serve(args.dir, args.port))
+        asyncio.run(serve(args.dir, args.port, jwks))
     else:
         uvloop.install()
-        asyncio.run(serve(args.dir, args.port))
+        asyncio.run(serve(args.dir, args.port, jwks))
 
 
 if __name__ == "__main__":
