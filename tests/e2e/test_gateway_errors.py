@@ -168,3 +168,47 @@ def test_kubectl_forced_to_spdy_is_told_why(gateway):
     )  # fmt: skip
     assert proc.returncode == 1
     assert "WebSocket" in proc.stderr
+
+
+def test_a_large_body_under_the_cap_streams_through(gateway, tmp_path):
+    """900 KB of ConfigMap (cap 1 MiB in the test config) arrives in many pieces and reaches the API server."""
+    import yaml
+
+    name = f"big-{int(time.time() * 1000)}"
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "dev"},
+        "data": {f"k{i}": "x" * 9000 for i in range(100)},
+    }
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    kubeconfig = gateway.kubeconfig("alice")
+    proc = run_kubectl(kubeconfig, "create", "-f", str(path))
+    assert proc.returncode == 0, proc.stderr
+    got = run_kubectl(kubeconfig, "get", "configmap", name, "-n", "dev", "-o", "json", check=True)
+    assert len(json.loads(got.stdout)["data"]) == 100
+    run_kubectl(kubeconfig, "delete", "configmap", name, "-n", "dev")
+
+
+async def test_a_chunked_body_under_the_cap_streams_through(gateway):
+    name = f"chunked-{int(time.time() * 1000)}"
+    body = json.dumps(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": "y" * 500_000}}
+    ).encode()
+
+    async def chunks():
+        for start in range(0, len(body), 50_000):  # no Content-Length: sent chunked
+            yield body[start : start + 50_000]
+            await asyncio.sleep(0)
+
+    status, _, answer = await raw_request(
+        gateway,
+        "/k8s/sandbox/api/v1/namespaces/dev/configmaps",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=chunks(),
+    )
+    assert status == 201, answer
+    assert len(json.loads(answer)["data"]["k"]) == 500_000
+    await raw_request(gateway, f"/k8s/sandbox/api/v1/namespaces/dev/configmaps/{name}", method="DELETE")
