@@ -8,6 +8,7 @@ or ``in_cluster: true`` (the pod's service-account token and CA).
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import ssl
 import tempfile
@@ -69,10 +70,9 @@ class TokenSource:
             now = time.monotonic()
             if now - self._checked >= TOKEN_RECHECK_SECONDS:
                 self._checked = now
-                try:
+                # On a read error keep the last good token; the API server will say if it has expired.
+                with contextlib.suppress(OSError):
                     self._reload()
-                except OSError:
-                    pass  # keep the last good token; the API server will say if it has expired
         return self._token
 
 

@@ -494,6 +494,12 @@ class Proxy:
             await hooks.session_start(flow, session)
         await self._audit(flow, "session_start", subprotocol=session.subprotocol)
 
+        async def through_hooks(direction: FrameDirection, payload: bytes, text: bool) -> bytes | None:
+            """The frame as the `kubegate_stream_frame` plugins left it, or None when one dropped it."""
+            frame = Frame(direction, payload, text=text)
+            await hooks.stream_frame(flow, session, frame)
+            return None if frame.drop else frame.data
+
         async def client_to_upstream() -> None:
             while True:
                 message = await receive()
@@ -504,11 +510,10 @@ class Proxy:
                 text = data is None
                 payload: bytes = data if data is not None else (message.get("text") or "").encode()
                 if frame_hooks:
-                    frame = Frame(FrameDirection.CLIENT_TO_UPSTREAM, payload, text=text)
-                    await hooks.stream_frame(flow, session, frame)
-                    if frame.drop:
+                    filtered = await through_hooks(FrameDirection.CLIENT_TO_UPSTREAM, payload, text)
+                    if filtered is None:
                         continue
-                    payload = frame.data
+                    payload = filtered
                 session.bytes_from_client += len(payload)
                 # send_* waits for the socket to drain: a slow API server slows the client down.
                 if text:
@@ -523,11 +528,10 @@ class Proxy:
                     text = msg.type is aiohttp.WSMsgType.TEXT
                     payload = msg.data.encode() if text else msg.data
                     if frame_hooks:
-                        frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, payload, text=text)
-                        await hooks.stream_frame(flow, session, frame)
-                        if frame.drop:
+                        filtered = await through_hooks(FrameDirection.UPSTREAM_TO_CLIENT, payload, text)
+                        if filtered is None:
                             continue
-                        payload = frame.data
+                        payload = filtered
                     session.bytes_from_upstream += len(payload)
                     # The server's send waits for the client's socket to drain: a client that stops
                     # reading stops us reading upstream, so nothing piles up here.
