@@ -55,6 +55,14 @@ class LimitSettings(StrictModel):
     )
 
 
+class DatabaseSettings(StrictModel):
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the database for tokens and other state; default "
+        "`sqlite:///STATE_DIR/kubegate.db`.",
+    )
+
+
 class ConnectionSettings(StrictModel):
     type: str = "kubernetes"
     description: str = ""
@@ -68,10 +76,16 @@ class GatewaySettings(StrictModel):
     state_dir: Path = Field(Path(".kubegate"), description="Generated certificates and local state.")
     tls: TLSSettings = Field(default_factory=lambda: TLSSettings())
     limits: LimitSettings = Field(default_factory=lambda: LimitSettings())
+    database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
     log_level: str = "info"
     server: Literal["uvicorn", "hypercorn"] = Field(
         "uvicorn",
         description="ASGI server: uvicorn (HTTP/1.1, the faster data path) or hypercorn (adds HTTP/2).",
+    )
+    plugins: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict,
+        description="Gateway-wide plugins and their settings (e.g. `login`), validated by the model each "
+        "plugin declares with `kubegate_gateway_settings`.",
     )
     connections: dict[str, ConnectionSettings]
 

@@ -6,15 +6,18 @@ routes, the UI to come) is a Quart application.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from quart import Quart, jsonify
 
 from kubegate.connections.registry import ConnectionRegistry, build_registry
 
-from .config import GatewaySettings, parse_settings
+from .config import ConfigError, GatewaySettings, first_error, parse_settings
+from .db import Database, DatabaseError, default_url
 from .plugins import PluginHost
 from .proxy import PREFIX, Proxy, Receive, Scope, Send
 
@@ -26,10 +29,17 @@ class Gateway:
         self.settings = settings
         self.config_path = config_path
         self.plugins = plugins
+        self.plugin_settings = _gateway_plugin_settings(settings, config_path, plugins)
+        # Objects plugins keep for the gateway's lifetime, by plugin name (services, caches).
+        self.extensions: dict[str, Any] = {}
+        try:
+            self.database = Database(settings.database.url or default_url(settings.state_dir))
+        except DatabaseError as exc:
+            raise ConfigError(config_path, "database.url", str(exc)) from None
         self.connections: ConnectionRegistry = build_registry(settings, config_path, plugins)
         self.proxy = Proxy(self.connections)
-        self.app = self._make_app()
         self.public_url = settings.public_url or _default_url(settings)
+        self.app = self._make_app()
         self.running = False
 
     @classmethod
@@ -37,6 +47,10 @@ class Gateway:
         """Load and validate a config file; raises ConfigError naming the file, key and reason."""
         settings = parse_settings(path)
         return cls(settings, path, plugins or PluginHost())
+
+    def settings_for(self, plugin: str) -> Any:
+        """The validated gateway-wide settings of `plugin` (None when it is not listed under `plugins`)."""
+        return self.plugin_settings.get(plugin)
 
     def connection_url(self, name: str) -> str:
         return f"{self.public_url.rstrip('/')}/k8s/{name}"
@@ -67,6 +81,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.running = True
+        await asyncio.to_thread(self.database.create_tables)
         await self.connections.start()
         await self.plugins.startup(self)
         await self.app.startup()
@@ -78,6 +93,7 @@ class Gateway:
         await self.plugins.shutdown(self)
         await self.app.shutdown()
         await self.connections.close()
+        self.database.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -107,6 +123,26 @@ class Gateway:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _gateway_plugin_settings(
+    settings: GatewaySettings, config_path: Path, host: PluginHost
+) -> dict[str, Any]:
+    models = host.gateway_settings_models()
+    result: dict[str, Any] = {}
+    for name, raw in settings.plugins.items():
+        model = models.get(name)
+        if model is None:
+            known = ", ".join(sorted(models)) or "none"
+            raise ConfigError(
+                config_path, f"plugins.{name}", f"not a gateway-wide plugin (gateway-wide plugins: {known})"
+            )
+        try:
+            result[name] = model.model_validate(raw or {}, context={"base_dir": config_path.parent})
+        except ValidationError as exc:
+            key, reason = first_error(exc, f"plugins.{name}")
+            raise ConfigError(config_path, key, reason) from None
+    return result
 
 
 def _default_url(settings: GatewaySettings) -> str:

@@ -70,6 +70,17 @@ def kubegate_plugin_settings() -> type[BaseModel] | None:
 
 
 @hookspec
+def kubegate_gateway_settings() -> type[BaseModel] | None:
+    """Declare the pydantic model of this plugin's gateway-wide settings (top-level ``plugins.PLUGIN``).
+
+    For plugins that serve the gateway as a whole rather than one connection, such as the browser login.
+    The host validates the block when the config loads (a plugin listed there without this hook is an
+    error) and makes the instance available as ``gateway.settings_for(PLUGIN)``, None when the plugin is
+    not listed. Such a plugin may implement ``kubegate_plugin_settings`` too, for its per-connection part.
+    """
+
+
+@hookspec
 def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
     """Return a Quart blueprint of extra HTTP routes served by the gateway (outside ``/k8s/``).
 

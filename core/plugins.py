@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.connections.kubernetes",
     "kubegate.plugins.static_tokens",
     "kubegate.plugins.oidc",
+    "kubegate.plugins.login",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}
@@ -123,6 +124,15 @@ class PluginHost:
         """Settings model per plugin name (only plugins that declare one)."""
         models: dict[str, type[BaseModel]] = {}
         for impl in self.pm.hook.kubegate_plugin_settings.get_hookimpls():
+            model = cast("type[BaseModel] | None", impl.function())
+            if model is not None:
+                models[impl.plugin_name] = model
+        return models
+
+    def gateway_settings_models(self) -> dict[str, type[BaseModel]]:
+        """Gateway-wide settings model per plugin name (only plugins that declare one)."""
+        models: dict[str, type[BaseModel]] = {}
+        for impl in self.pm.hook.kubegate_gateway_settings.get_hookimpls():
             model = cast("type[BaseModel] | None", impl.function())
             if model is not None:
                 models[impl.plugin_name] = model

@@ -436,6 +436,13 @@ class Verifier:
         return answer
 
     async def _verify(self, token: str) -> Identity | AuthFailure | None:
+        result = await self.verify_claims(token)
+        if result is None or isinstance(result, AuthFailure):
+            return result
+        return map_identity(*result)
+
+    async def verify_claims(self, token: str) -> tuple[IssuerSettings, dict[str, Any]] | AuthFailure | None:
+        """Check signature and registered claims; None when the token is not a JWT of our issuers."""
         peeked = _peek(token)
         if peeked is None:
             return None
@@ -489,7 +496,7 @@ class Verifier:
             return AuthFailure("invalid claims")
         if not isinstance(claims.get("exp"), int | float):
             return AuthFailure("invalid claim exp")
-        return _map_identity(entry, claims)
+        return entry, claims
 
 
 def _claim_strings(value: Any) -> list[str] | None:
@@ -500,7 +507,7 @@ def _claim_strings(value: Any) -> list[str] | None:
     return None
 
 
-def _map_identity(entry: IssuerSettings, claims: dict[str, Any]) -> Identity | AuthFailure:
+def map_identity(entry: IssuerSettings, claims: dict[str, Any]) -> Identity | AuthFailure:
     for name, expected in entry.required_claims.items():
         if name not in claims:
             return AuthFailure(f"missing claim {name}")

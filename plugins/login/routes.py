@@ -1,0 +1,185 @@
+"""HTTP routes of the login plugin: the browser pages, the provider callbacks and the JSON API the
+`kubegate` CLI uses (start a login, collect its token, exchange a CI token, log out)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from quart import Blueprint, Response, jsonify, redirect, request
+
+from kubegate.core.attributes import RequestAttributes
+from kubegate.core.flow import AuthFailure, Flow, Identity
+from kubegate.core.flow import Request as FlowRequest
+
+from . import pages, store
+from .oidc_flow import LoginError
+from .service import CollectError, LoginService
+
+if TYPE_CHECKING:
+    from kubegate.core.gateway import Gateway
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+
+
+def _html(body: str, status: int = 200) -> Response:
+    return Response(body, status=status, content_type="text/html; charset=utf-8", headers=NO_STORE)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(NO_STORE)
+    return response
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+async def _json_body() -> dict[str, Any]:
+    body = await request.get_json(force=True, silent=True)
+    return body if isinstance(body, dict) else {}
+
+
+def _bearer() -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
+    bp = Blueprint("login", __name__)
+    providers = [(p.name, p.title) for p in service.settings.providers]
+
+    @bp.get("/login")
+    async def login_page() -> Response:
+        login_id = request.args.get("request", "")
+        if not login_id:
+            return _html(pages.start_from_cli(providers))
+        try:
+            login = await service.pending_login(login_id)
+        except LoginError as exc:
+            return _html(pages.failed(str(exc)), 400)
+        return _html(
+            pages.choose_provider(login.id, login.user_code, providers, int(login.expires_at - time.time()))
+        )
+
+    @bp.get("/login/start/<provider>")
+    async def start(provider: str) -> Response:
+        try:
+            url = await service.begin(request.args.get("request", ""), provider)
+        except LoginError as exc:
+            return _html(pages.failed(str(exc)), 400)
+        return redirect(url)  # type: ignore[return-value]
+
+    @bp.get("/login/oidc/callback")
+    async def oidc_callback() -> Response:
+        args = request.args
+        error = args.get("error_description") or args.get("error") or ""
+        try:
+            fields = await service.finish_oidc(args.get("state", ""), args.get("code", ""), error)
+        except LoginError as exc:
+            return _html(pages.failed(str(exc)), 400)
+        return _html(pages.logged_in(fields["user"], fields["groups"]))
+
+    @bp.get("/login/saml/<provider>")
+    async def saml_metadata(provider: str) -> Response:
+        saml = service.saml.get(provider)
+        if saml is None:
+            return _html(pages.failed(f"no SAML provider {provider!r}"), 404)
+        return Response(saml.metadata(), content_type="application/samlmetadata+xml")
+
+    @bp.post("/login/saml/<provider>/acs")
+    async def saml_acs(provider: str) -> Response:
+        form = {k: v for k, v in (await request.form).items()}
+        try:
+            fields = await service.finish_saml(provider, form)
+        except LoginError as exc:
+            return _html(pages.failed(str(exc)), 400)
+        return _html(pages.logged_in(fields["user"], fields["groups"]))
+
+    # -- JSON API for the CLI ----------------------------------------------------------------------------
+
+    @bp.post("/login/cli")
+    async def cli_start() -> Response:
+        body = await _json_body()
+        challenge = str(body.get("code_challenge", ""))
+        if not HEX64.match(challenge):
+            return _error(400, "code_challenge must be the SHA-256 (hex) of a random secret")
+        connection = body.get("connection")
+        if connection is not None and gateway.connections.get(str(connection)) is None:
+            return _error(404, f"no connection {connection!r} on this gateway")
+        if not service.settings.providers:
+            return _error(501, "this gateway has no login providers (plugins.login in its config)")
+        description = str(body.get("description", ""))[:200]
+        login = await service.start_cli_login(challenge, connection, description)
+        return _json(
+            {
+                "login_id": login.id,
+                "login_url": f"{service.public_url}/login?request={login.id}",
+                "user_code": login.user_code,
+                "expires_at": login.expires_at,
+                "interval": 1,
+            }
+        )
+
+    @bp.post("/login/cli/token")
+    async def cli_token() -> Response:
+        body = await _json_body()
+        try:
+            token, summary = await service.collect(
+                str(body.get("login_id", "")), str(body.get("code_verifier", ""))
+            )
+        except CollectError as exc:
+            return _json({"status": "pending"} if exc.status == 202 else {"error": exc.message}, exc.status)
+        return _json({"token": token, **summary})
+
+    @bp.post("/login/exchange")
+    async def exchange() -> Response:
+        if not service.settings.allow_exchange:
+            return _error(403, "token exchange is not enabled on this gateway (plugins.login.allow_exchange)")
+        body = await _json_body()
+        name = str(body.get("connection", ""))
+        connection = gateway.connections.get(name)
+        if connection is None:
+            return _error(404, f"no connection {name!r} on this gateway")
+        if _bearer() is None:
+            return _error(401, "send the token to exchange as Authorization: Bearer")
+        identity = await _authenticate_on(connection, request.headers)
+        if isinstance(identity, AuthFailure):
+            return _error(401, f"Unauthorized: {identity.reason}")
+        if identity is None:
+            return _error(401, "Unauthorized: no plugin of this connection accepts the token")
+        if identity.method.startswith("login:"):
+            return _error(400, "this is already a gateway token")
+        token, summary = await service.exchange(identity, name, request.headers.get("User-Agent", ""))
+        return _json({"token": token, **summary})
+
+    @bp.post("/login/logout")
+    async def logout() -> Response:
+        token = _bearer()
+        if token is None or not token.startswith(store.TOKEN_PREFIX):
+            return _error(400, "send the gateway token to revoke as Authorization: Bearer")
+        revoked = await service.revoke_presented(token)
+        return _json({"revoked": [r.id for r in revoked]})
+
+    return bp
+
+
+async def _authenticate_on(connection: Any, headers: Any) -> Identity | AuthFailure | None:
+    """Ask the connection's authentication plugins about the presented token, as the data path would."""
+    flow_request = FlowRequest(
+        method="POST",
+        path="/login/exchange",  # not an API path: policy and audit see a non-resource request
+        query="",
+        headers=[(k.lower(), v) for k, v in headers.items()],
+        client_addr=request.remote_addr or "",
+    )
+    attributes = RequestAttributes(path="/login/exchange", verb="post")
+    flow = Flow(connection=connection, request=flow_request, attributes=attributes)
+    try:
+        return await connection.hooks.authenticate(flow)
+    except Exception:
+        return AuthFailure("authentication failed")

@@ -1,0 +1,282 @@
+"""`kubegate login` end to end: a real OIDC provider process (oidc-provider-mock, authorization code flow)
+and a SAML IdP built with python3-saml; the browser half driven over HTTP as a browser would (following
+redirects, posting forms); kubectl then authenticates through `kubegate credential`, its exec plugin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
+from kubetest import run_kubectl
+from saml_idp import SAMLIdP, make_signing_pair
+
+KUBEGATE = str(VENV_BIN / "kubegate")
+CLIENT_ID = "kubegate"
+CI_CLIENT_ID = "ci-audience"
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class Browser:
+    """Just enough of a browser: GET/POST without following redirects, so each hop can be checked."""
+
+    def __init__(self, ca_file: Path):
+        context = ssl.create_default_context(cafile=str(ca_file))
+        self.opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
+
+    def open(self, url: str, form: dict[str, str] | None = None) -> tuple[int, Any, str]:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with self.opener.open(urllib.request.Request(url, data=data), timeout=20) as response:
+                return response.status, response.headers, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read().decode()
+
+
+class OIDCProvider:
+    """oidc-provider-mock as a separate process (Flask + authlib), with predefined users and their claims."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        users = [
+            {"sub": "alice", "email": "alice@example.com", "groups": ["developers", "oncall"]},
+            {"sub": "mallory", "groups": ["system:masters"]},
+            {"sub": "ci-job-7", "groups": ["ci"]},
+        ]
+        args = [str(VENV_BIN / "oidc-provider-mock"), "--port", str(self.port), "--require-nonce", "true"]
+        for user in users:
+            args += ["--user-claims", json.dumps(user)]
+        self.log = directory / "oidc-provider.log"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(args, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/.well-known/openid-configuration", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"oidc-provider-mock did not start: {self.log.read_text()}")
+
+    def authorize(self, browser: Browser, authorize_url: str, sub: str, deny: bool = False) -> str:
+        """Pick `sub` on the provider's authorization form; returns the redirect back to the client."""
+        status, _, page = browser.open(authorize_url)
+        assert status == 200, page
+        form = {"action": "deny"} if deny else {"sub": sub}
+        status, headers, page = browser.open(authorize_url, form)
+        assert status == 302, page
+        return headers["Location"]
+
+    def id_token(self, client_id: str, sub: str) -> str:
+        """An ID token for `client_id`, through the real code flow (what a CI system's IdP would hand out)."""
+        redirect_uri = "http://127.0.0.1/ci-callback"
+        params = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "scope": "openid",
+            "state": "s",
+            "nonce": secrets.token_hex(8),
+        }
+        browser = Browser(Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"))
+        location = self.authorize(browser, f"{self.url}/oauth2/authorize?{urllib.parse.urlencode(params)}", sub)
+        code = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["code"][0]
+        form = urllib.parse.urlencode(
+            {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "client_id": client_id}
+        ).encode()
+        with urllib.request.urlopen(f"{self.url}/oauth2/token", data=form, timeout=10) as response:
+            return json.loads(response.read())["id_token"]
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OIDCProvider]:
+    server = OIDCProvider(tmp_path_factory.mktemp("oidc-provider"))
+    yield server
+    stop_process(server.process)
+
+
+@pytest.fixture(scope="module")
+def saml_idp(tmp_path_factory: pytest.TempPathFactory) -> SAMLIdP:
+    return SAMLIdP(tmp_path_factory.mktemp("saml-idp"))
+
+
+@pytest.fixture(scope="module")
+def login_gateway(sandbox, provider, saml_idp, tmp_path_factory) -> Iterator[Gateway]:
+    directory = tmp_path_factory.mktemp("gw-login")
+    (directory / "client-secret").write_text("not-so-secret\n")
+    config = gateway_config(sandbox, directory, free_port())
+    sandbox_connection = config["connections"]["sandbox"]
+    sandbox_connection["plugins"]["login"] = {}
+    # CI tokens (ID tokens for another audience) are accepted directly and may be exchanged.
+    sandbox_connection["plugins"]["oidc"] = {"issuers": [{"issuer": provider.url, "audiences": [CI_CLIENT_ID]}]}
+    config["connections"]["other"] = {
+        "upstream": dict(sandbox_connection["upstream"]),
+        "plugins": {"login": {"providers": ["corp-saml"]}},
+    }
+    config["plugins"] = {
+        "login": {
+            "allow_exchange": True,
+            "token_ttl_seconds": 3600,
+            "providers": [
+                {
+                    "type": "oidc",
+                    "name": "mock",
+                    "title": "Mock IdP",
+                    "issuer": provider.url,
+                    "client_id": CLIENT_ID,
+                    "client_secret_file": "client-secret",
+                    "scopes": ["openid", "email"],
+                    "keep_claims": ["email"],
+                },
+                {
+                    "type": "saml",
+                    "name": "corp-saml",
+                    "idp_entity_id": saml_idp.entity_id,
+                    "idp_sso_url": saml_idp.sso_url,
+                    "idp_certificate_file": str(saml_idp.cert_file),
+                    "groups_attribute": "memberOf",
+                    "keep_attributes": ["mail"],
+                },
+            ],
+        }
+    }
+    gw = start_gateway(directory, config)
+    yield gw
+    stop_process(gw.process)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "KUBEGATE_CACHE_DIR": str(tmp_path / "cache"), "BROWSER": "false"}
+
+
+def _read_prompt(stream: Any, deadline: float = 30) -> tuple[str, str]:
+    """The login URL and code that `kubegate login`/`credential` print on stderr."""
+    text = ""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        line = stream.readline()
+        if not line:
+            break
+        text += line
+        found = re.search(r"(https://\S+/login\?request=\S+)[\s\S]*code ([A-Z]{4}-[A-Z]{4})", text)
+        if found:
+            return found.group(1), found.group(2)
+    raise AssertionError(f"no login prompt in: {text!r}")
+
+
+def oidc_browser_login(gw: Gateway, provider: OIDCProvider, login_url: str, code: str, sub: str = "alice") -> str:
+    """The person's part: check the code, pick the provider, log in at the IdP, land back on the gateway."""
+    browser = Browser(gw.ca_file)
+    status, _, page = browser.open(login_url)
+    assert status == 200 and code in page, page
+    start = re.search(r'href="(/login/start/mock\?request=[^"]+)"', page).group(1)
+    status, headers, page = browser.open(gw.url + start.replace("&amp;", "&"))
+    assert status == 302, page
+    assert headers["Location"].startswith(f"{provider.url}/oauth2/authorize?")
+    callback = provider.authorize(browser, headers["Location"], sub)
+    assert callback.startswith(f"{gw.url}/login/oidc/callback?")
+    status, _, page = browser.open(callback)
+    return page
+
+
+def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway, provider, sandbox, tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [
+        {"name": "keep-me", "cluster": {"server": "https://elsewhere.example:6443"}}]}))  # fmt: skip
+    env = _env(tmp_path)
+    login = subprocess.Popen(
+        [KUBEGATE, "login", "--gateway", login_gateway.url, "--connection", "sandbox",
+         "--certificate-authority", str(login_gateway.ca_file), "--kubeconfig", str(kubeconfig), "--no-browser"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        url, code = _read_prompt(login.stderr)
+        page = oidc_browser_login(login_gateway, provider, url, code)
+        assert f"Logged in as <span id=\"user\">{provider.url}#alice</span>" in page
+        out, err = login.communicate(timeout=30)
+    finally:
+        login.kill()
+    assert login.returncode == 0, err
+    assert out == ""
+    assert f"Logged in as {provider.url}#alice" in err
+
+    config = yaml.safe_load(kubeconfig.read_text())
+    assert config["current-context"] == "kubegate-sandbox"
+    assert {c["name"] for c in config["clusters"]} == {"keep-me", "kubegate-sandbox"}
+    user = next(u for u in config["users"] if u["name"] == "kubegate-sandbox")["user"]
+    assert user["exec"]["apiVersion"] == "client.authentication.k8s.io/v1"
+    assert user["exec"]["command"] == KUBEGATE
+    assert "token" not in user
+
+    before = sandbox.requests_log()
+    since = before[-1]["id"] if before else 0
+    proc = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)["status"]["userInfo"]
+    assert info["username"] == f"{provider.url}#alice"
+    assert set(info["groups"]) >= {"oidc:developers", "oidc:oncall"}
+    run_kubectl(kubeconfig, "get", "pods", "-n", "prod", env=env, check=True)
+    records = sandbox.requests_log(since)
+    assert records and all(r["impersonate_user"] == f"{provider.url}#alice" for r in records)
+    assert all(sorted(r["impersonate_groups"]) == ["oidc:developers", "oidc:oncall"] for r in records)
+
+    # The token is cached for kubectl, stored only hashed by the gateway, never logged.
+    cached = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    token = cached["token"]
+    assert oct((next((tmp_path / "cache").glob("*.json"))).stat().st_mode & 0o777) == "0o600"
+    database = Path(login_gateway.config.parent / "state" / "kubegate.db")
+    with sqlite3.connect(database) as db:
+        rows = db.execute("select user, token_hash, method, provider from kubegate_tokens").fetchall()
+    assert (f"{provider.url}#alice", hashlib.sha256(token.encode()).hexdigest(), "oidc", "mock") in rows
+    for path in database.parent.glob("kubegate.db*"):
+        assert token.encode() not in path.read_bytes()
+    assert token not in login_gateway.log.read_text()
+
+    listing = subprocess.run([KUBEGATE, "tokens", "list", "-c", str(login_gateway.config)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert cached["id"] in listing.stdout and f"{provider.url}#alice" in listing.stdout
+
+    # Revoked: the next request is refused with a reason (after at most revocation_check_seconds).
+    revoke = subprocess.run([KUBEGATE, "tokens", "revoke", cached["id"], "-c", str(login_gateway.config)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert revoke.returncode == 0 and f"revoked {cached['id']}" in revoke.stdout
+    time.sleep(1.2)
+    status = _api_status(login_gateway, "sandbox", token)
+    assert status["code"] == 401
+    assert status["message"] == "Unauthorized: gateway token revoked: run kubegate login"
+    listing = subprocess.run([KUBEGATE, "tokens", "list", "--all", "-c", str(login_gateway.config)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert re.search(rf"{cached['id']}.*revoked", listing.stdout)
+
+
+def _api_status(gw: Gateway, connection: str, token: str) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    request = urllib.request.Request(
+        f"{gw.url}/k8s/{connection}/api/v1/namespaces/prod/pods", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return {"code": response.status, "body": json.loads(response.read())}
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
