@@ -97,7 +97,9 @@ class SAMLIdP:
         assertion_id = assertion_id or f"_a{uuid.uuid4().hex}"
         attrs = "".join(
             f'<saml:Attribute Name="{escape(k)}">'
-            + "".join(f'<saml:AttributeValue xsi:type="xs:string">{escape(v)}</saml:AttributeValue>' for v in vs)
+            + "".join(
+                f'<saml:AttributeValue xsi:type="xs:string">{escape(v)}</saml:AttributeValue>' for v in vs
+            )
             + "</saml:Attribute>"
             for k, vs in (attributes or {}).items()
         )

@@ -77,7 +77,9 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
     @bp.get("/login/oidc/callback")
     async def oidc_callback() -> Response:
         args = request.args
-        error = args.get("error_description") or args.get("error") or ""
+        error = ": ".join(
+            filter(None, [args.get("error", "")[:100], args.get("error_description", "")[:300]])
+        )
         try:
             fields = await service.finish_oidc(args.get("state", ""), args.get("code", ""), error)
         except LoginError as exc:

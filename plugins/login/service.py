@@ -145,6 +145,8 @@ class LoginService:
 
     async def finish_oidc(self, state: str, code: str, error: str) -> dict[str, Any]:
         login = await self.db.run(lambda s: store.login_by_state(s, state)) if state else None
+        if login is None and error:
+            raise LoginError(f"the identity provider refused the login: {error}")
         if login is None or login.status != store.PENDING or login.provider not in self.oidc:
             raise LoginError("this login is not known or already completed: start again with kubegate login")
         if login.expires_at < time.time():

@@ -5,6 +5,7 @@ redirects, posting forms); kubectl then authenticates through `kubegate credenti
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import secrets
 import sqlite3
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -100,10 +100,18 @@ class OIDCProvider:
             "nonce": secrets.token_hex(8),
         }
         browser = Browser(Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"))
-        location = self.authorize(browser, f"{self.url}/oauth2/authorize?{urllib.parse.urlencode(params)}", sub)
+        location = self.authorize(
+            browser, f"{self.url}/oauth2/authorize?{urllib.parse.urlencode(params)}", sub
+        )
         code = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["code"][0]
         form = urllib.parse.urlencode(
-            {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "client_id": client_id}
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "client_id": client_id,
+                "client_secret": "any",
+            }
         ).encode()
         with urllib.request.urlopen(f"{self.url}/oauth2/token", data=form, timeout=10) as response:
             return json.loads(response.read())["id_token"]
@@ -129,7 +137,9 @@ def login_gateway(sandbox, provider, saml_idp, tmp_path_factory) -> Iterator[Gat
     sandbox_connection = config["connections"]["sandbox"]
     sandbox_connection["plugins"]["login"] = {}
     # CI tokens (ID tokens for another audience) are accepted directly and may be exchanged.
-    sandbox_connection["plugins"]["oidc"] = {"issuers": [{"issuer": provider.url, "audiences": [CI_CLIENT_ID]}]}
+    sandbox_connection["plugins"]["oidc"] = {
+        "issuers": [{"issuer": provider.url, "audiences": [CI_CLIENT_ID]}]
+    }
     config["connections"]["other"] = {
         "upstream": dict(sandbox_connection["upstream"]),
         "plugins": {"login": {"providers": ["corp-saml"]}},
@@ -185,7 +195,9 @@ def _read_prompt(stream: Any, deadline: float = 30) -> tuple[str, str]:
     raise AssertionError(f"no login prompt in: {text!r}")
 
 
-def oidc_browser_login(gw: Gateway, provider: OIDCProvider, login_url: str, code: str, sub: str = "alice") -> str:
+def oidc_browser_login(
+    gw: Gateway, provider: OIDCProvider, login_url: str, code: str, sub: str = "alice"
+) -> str:
     """The person's part: check the code, pick the provider, log in at the IdP, land back on the gateway."""
     browser = Browser(gw.ca_file)
     status, _, page = browser.open(login_url)
@@ -213,7 +225,7 @@ def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway,
     try:
         url, code = _read_prompt(login.stderr)
         page = oidc_browser_login(login_gateway, provider, url, code)
-        assert f"Logged in as <span id=\"user\">{provider.url}#alice</span>" in page
+        assert f'Logged in as <span id="user">{provider.url}#alice</span>' in page
         out, err = login.communicate(timeout=30)
     finally:
         login.kill()
@@ -280,3 +292,248 @@ def _api_status(gw: Gateway, connection: str, token: str) -> dict[str, Any]:
             return {"code": response.status, "body": json.loads(response.read())}
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read())
+
+
+# -- the CLI half over the JSON API (what `kubegate login` does), for the cases below -------------------------
+
+
+class CLILogin:
+    def __init__(self, gw: Gateway, connection: str = "sandbox"):
+        self.gw = gw
+        self.verifier = secrets.token_urlsafe(32)
+        status, body = _post(gw, "/login/cli", {
+            "code_challenge": hashlib.sha256(self.verifier.encode()).hexdigest(), "connection": connection})  # fmt: skip
+        assert status == 200, body
+        self.id, self.url, self.code = body["login_id"], body["login_url"], body["user_code"]
+
+    def collect(self) -> tuple[int, dict[str, Any]]:
+        return _post(self.gw, "/login/cli/token", {"login_id": self.id, "code_verifier": self.verifier})
+
+
+def _post(
+    gw: Gateway, path: str, body: dict[str, Any], token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"{gw.url}{path}", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=20) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def saml_round_trip(
+    gw: Gateway, idp: SAMLIdP, login: CLILogin, **response_options: Any
+) -> tuple[int, str, Any]:
+    """Start the login at the SAML provider, let the IdP answer, post its answer to the gateway's ACS."""
+    browser = Browser(gw.ca_file)
+    status, headers, page = browser.open(f"{gw.url}/login/start/corp-saml?request={login.id}")
+    assert status == 302, page
+    assert headers["Location"].startswith(idp.sso_url + "?SAMLRequest=")
+    request = idp.read_request(headers["Location"])
+    assert request.acs_url == f"{gw.url}/login/saml/corp-saml/acs"
+    assert request.relay_state == login.id
+    options = {"name_id": "alice", "attributes": {"memberOf": ["ops", "dba"], "mail": ["alice@corp.example"]}}
+    options.update(response_options)
+    saml_response = idp.response(request, **options)
+    status, _, page = browser.open(
+        f"{gw.url}/login/saml/corp-saml/acs", {"SAMLResponse": saml_response, "RelayState": login.id}
+    )
+    return status, page, (request, saml_response)
+
+
+def test_saml_login_maps_attributes_and_the_token_works_with_kubectl(login_gateway, saml_idp, tmp_path):
+    login = CLILogin(login_gateway)
+    assert login.collect() == (202, {"status": "pending"})
+    status, page, _ = saml_round_trip(login_gateway, saml_idp, login)
+    user = f"{saml_idp.entity_id}#alice"
+    assert status == 200 and f'<span id="user">{user}</span>' in page, page
+    status, body = login.collect()
+    assert status == 200, body
+    assert body["user"] == user and body["groups"] == ["saml:ops", "saml:dba"] and body["method"] == "saml"
+    assert login.collect()[0] == 410  # a login hands out one token, once
+    kubeconfig = login_gateway.kubeconfig("saml-alice", token=body["token"])
+    info = json.loads(run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True).stdout)
+    assert info["status"]["userInfo"]["username"] == user
+    assert set(info["status"]["userInfo"]["groups"]) >= {"saml:ops", "saml:dba"}
+    # `other` accepts only corp-saml tokens: this one works there too.
+    run_kubectl(
+        login_gateway.kubeconfig("saml-alice", "other", token=body["token"]), "auth", "whoami", check=True
+    )
+
+
+def test_saml_sp_metadata(login_gateway):
+    status, headers, xml = Browser(login_gateway.ca_file).open(f"{login_gateway.url}/login/saml/corp-saml")
+    assert status == 200 and headers["Content-Type"].startswith("application/samlmetadata+xml")
+    assert f'entityID="{login_gateway.url}/login/saml/corp-saml"' in xml
+    assert f'Location="{login_gateway.url}/login/saml/corp-saml/acs"' in xml
+    assert 'WantAssertionsSigned="true"' in xml
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"sign": False}, "not signed"),
+        ({"audience": "https://someone-else.example/sp"}, "audience"),
+        ({"lifetime_seconds": -600, "issued_offset_seconds": -1200}, "expired"),
+        ("other-key", "signature"),
+        ({"attributes": {"memberOf": ["system:masters"]}}, "group 'system:masters' is not allowed"),
+    ],
+    ids=["unsigned", "wrong-audience", "expired", "signed-by-another-key", "system-group"],
+)
+def test_bad_saml_responses_are_refused(login_gateway, saml_idp, options, reason):
+    if options == "other-key":
+        key, cert = make_signing_pair("impostor")
+        options = {"signing_key": key, "signing_cert": cert}
+    login = CLILogin(login_gateway)
+    status, page, _ = saml_round_trip(login_gateway, saml_idp, login, **options)
+    assert status == 400 and "Login failed" in page
+    assert reason.lower() in html.unescape(page).lower(), page
+    status, body = login.collect()
+    assert status == 403 and reason.lower() in body["error"].lower()
+
+
+def test_replayed_saml_assertion_is_refused(login_gateway, saml_idp):
+    first = CLILogin(login_gateway)
+    status, page, (_, saml_response) = saml_round_trip(
+        login_gateway, saml_idp, first, assertion_id="_replayed-1"
+    )
+    assert status == 200, page
+    # The very same POST again: refused.
+    status, _, page = Browser(login_gateway.ca_file).open(
+        f"{login_gateway.url}/login/saml/corp-saml/acs",
+        {"SAMLResponse": saml_response, "RelayState": first.id},
+    )
+    assert status == 400
+    # A fresh, valid response for another login that reuses the assertion ID: refused as a replay.
+    second = CLILogin(login_gateway)
+    status, page, _ = saml_round_trip(login_gateway, saml_idp, second, assertion_id="_replayed-1")
+    assert status == 400 and "already used" in page
+    assert second.collect()[0] == 403
+
+
+def test_unsolicited_saml_response_is_refused(login_gateway, saml_idp):
+    login = CLILogin(login_gateway)
+    _, _, (request, _) = saml_round_trip(login_gateway, saml_idp, CLILogin(login_gateway))
+    # An IdP-initiated (or stolen) response answering another request does not complete this login.
+    status, _, page = Browser(login_gateway.ca_file).open(
+        f"{login_gateway.url}/login/saml/corp-saml/acs",
+        {"SAMLResponse": saml_idp.response(request, "alice"), "RelayState": login.id},
+    )
+    # It answers no request this login made (the login was not even started at the IdP).
+    assert status == 400 and "not started at this identity provider" in page
+    login = CLILogin(login_gateway)
+    Browser(login_gateway.ca_file).open(f"{login_gateway.url}/login/start/corp-saml?request={login.id}")
+    status, _, page = Browser(login_gateway.ca_file).open(
+        f"{login_gateway.url}/login/saml/corp-saml/acs",
+        {"SAMLResponse": saml_idp.response(request, "alice"), "RelayState": login.id},
+    )
+    assert status == 400 and "InResponseTo" in page
+    assert login.collect()[0] == 403
+
+
+def test_oidc_login_refusals_reach_the_cli(login_gateway, provider):
+    # The person denies at the IdP.
+    login = CLILogin(login_gateway)
+    browser = Browser(login_gateway.ca_file)
+    status, headers, _ = browser.open(f"{login_gateway.url}/login/start/mock?request={login.id}")
+    authorize_url = headers["Location"]
+    callback = provider.authorize(browser, authorize_url, "alice", deny=True)
+    status, _, page = browser.open(callback)
+    assert status == 400 and "access_denied" in page
+    # This mock leaves `state` out of its error redirect, so the gateway cannot tell which login was
+    # refused; an IdP following RFC 6749 §4.1.2.1 sends it, and then the waiting CLI learns at once.
+    assert login.collect()[0] == 202
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(authorize_url).query)["state"][0]
+    status, _, page = browser.open(
+        f"{login_gateway.url}/login/oidc/callback?error=access_denied&state={state}"
+    )
+    assert status == 400 and "access_denied" in page
+    status, body = login.collect()
+    assert status == 403 and body["error"] == "the identity provider refused the login: access_denied"
+    # A groups claim naming a system group.
+    login = CLILogin(login_gateway)
+    page = oidc_browser_login(login_gateway, provider, login.url, login.code, sub="mallory")
+    assert "Login failed" in page and "group 'system:masters' is not allowed" in html.unescape(page)
+    assert login.collect()[0] == 403
+    # The callback replayed after the login completed.
+    status, _, page = browser.open(callback)
+    assert status == 400
+
+
+def test_cli_login_api_errors(login_gateway):
+    assert _post(login_gateway, "/login/cli", {"code_challenge": "short"})[0] == 400
+    assert _post(login_gateway, "/login/cli", {"code_challenge": "a" * 64, "connection": "nope"})[0] == 404
+    login = CLILogin(login_gateway)
+    status, body = _post(login_gateway, "/login/cli/token", {"login_id": login.id, "code_verifier": "wrong"})
+    assert status == 404 and body == {"error": "no such login"}
+    status, _, page = Browser(login_gateway.ca_file).open(f"{login_gateway.url}/login?request=unknown")
+    assert status == 400 and "not known" in page
+    status, _, page = Browser(login_gateway.ca_file).open(
+        f"{login_gateway.url}/login/start/nope?request={login.id}"
+    )
+    assert status == 400 and "no login provider" in page
+
+
+def test_ci_token_is_used_directly_or_exchanged_for_a_connection_bound_token(login_gateway, provider):
+    id_token = provider.id_token(CI_CLIENT_ID, "ci-job-7")
+    direct = json.loads(run_kubectl(login_gateway.kubeconfig("ci", token=id_token), "auth", "whoami", "-o", "json",
+                                    check=True).stdout)  # fmt: skip
+    assert direct["status"]["userInfo"]["username"] == f"{provider.url}#ci-job-7"
+
+    status, body = _post(login_gateway, "/login/exchange", {"connection": "sandbox"}, token=id_token)
+    assert status == 200, body
+    assert body["connection"] == "sandbox" and body["method"] == "exchange"
+    token = body["token"]
+    info = json.loads(run_kubectl(login_gateway.kubeconfig("ci", token=token), "auth", "whoami", "-o", "json",
+                                  check=True).stdout)  # fmt: skip
+    assert info["status"]["userInfo"]["username"] == f"{provider.url}#ci-job-7"
+    assert "oidc:ci" in info["status"]["userInfo"]["groups"]
+    status = _api_status(login_gateway, "other", token)
+    assert status["message"] == "Unauthorized: this gateway token is for connection sandbox"
+    # Nothing to exchange, a bad token, a gateway token: each refused with a reason.
+    assert _post(login_gateway, "/login/exchange", {"connection": "sandbox"})[0] == 401
+    status, body = _post(
+        login_gateway, "/login/exchange", {"connection": "sandbox"}, token=id_token[:-4] + "AAAA"
+    )
+    assert status == 401 and body["error"] == "Unauthorized: signature verification failed"
+    assert _post(login_gateway, "/login/exchange", {"connection": "sandbox"}, token=token)[0] == 400
+
+
+def test_expired_cached_token_makes_kubectl_log_in_again(login_gateway, provider, tmp_path):
+    env = _env(tmp_path)
+    kubeconfig = tmp_path / "kubeconfig"
+    ca = str(login_gateway.ca_file)
+    target = ["--gateway", login_gateway.url, "--connection", "sandbox", "--certificate-authority", ca]
+    # Set up the kubeconfig as `kubegate login` does, with a cached token that has just expired.
+    from kubegate.plugins.login.client import Target, cache_path, update_kubeconfig
+
+    update_kubeconfig(kubeconfig, Target(login_gateway.url, "sandbox", ca), KUBEGATE)
+    os.environ["KUBEGATE_CACHE_DIR"] = env["KUBEGATE_CACHE_DIR"]
+    try:
+        path = cache_path(Target(login_gateway.url, "sandbox", ca))
+    finally:
+        del os.environ["KUBEGATE_CACHE_DIR"]
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"token": "kgt_expired", "expires_at": time.time() - 5}))
+    kubectl = subprocess.Popen(
+        [str(VENV_BIN / "kubectl"), "auth", "whoami", "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "KUBECONFIG": str(kubeconfig)},
+    )  # fmt: skip
+    try:
+        url, code = _read_prompt(kubectl.stderr)  # kubectl passes the plugin's prompt through
+        oidc_browser_login(login_gateway, provider, url, code)
+        out, err = kubectl.communicate(timeout=30)
+    finally:
+        kubectl.kill()
+    assert kubectl.returncode == 0, err
+    assert json.loads(out)["status"]["userInfo"]["username"] == f"{provider.url}#alice"
+    assert json.loads(path.read_text())["expires_at"] > time.time() + 3000
+    # logout revokes it at the gateway and forgets it locally
+    token = json.loads(path.read_text())["token"]
+    out = subprocess.run([KUBEGATE, "logout", *target], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "revoked token" in out.stderr, out.stderr
+    assert not path.exists()
+    time.sleep(1.2)
+    assert _api_status(login_gateway, "sandbox", token)["code"] == 401
