@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import select
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -182,3 +185,35 @@ class Background:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+# -- config files for CLI tests ------------------------------------------------------------------------
+
+KUBEGATE = str(Path(sys.executable).parent / "kubegate")
+GOOD_HASH = hashlib.sha256(b"t").hexdigest()
+
+
+def base_config(tmp_path: Path) -> dict:
+    (tmp_path / "token").write_text("gateway-token\n")
+    return {
+        "listen": "127.0.0.1:0",
+        "connections": {
+            "prod": {
+                "upstream": {"server": "https://127.0.0.1:6443", "token_file": "token"},
+                "plugins": {
+                    "static-tokens": {"tokens": [{"user": "alice", "groups": ["dev"], "sha256": GOOD_HASH}]}
+                },
+            }
+        },
+    }
+
+
+def run_kubegate(tmp_path: Path, config: dict | str, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "kubegate.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return subprocess.run(
+        [KUBEGATE, *(args or ("kubeconfig", "--connection", "prod", "--token", "x")), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

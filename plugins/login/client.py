@@ -85,9 +85,16 @@ def read_cached(target: Target) -> dict[str, Any] | None:
 def write_cached(target: Target, answer: dict[str, Any]) -> None:
     path = cache_path(target)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kept = {k: answer[k] for k in ("token", "expires_at", "user", "groups", "id") if k in answer}
+    _write_private(path, json.dumps(kept))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Credentials: readable by the owner only, also when the file existed with a wider mode."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({k: answer[k] for k in ("token", "expires_at", "user", "groups", "id") if k in answer}, f)
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
 
 
 def forget_cached(target: Target) -> dict[str, Any] | None:
@@ -256,9 +263,7 @@ def update_kubeconfig(path: Path, target: Target, command: str, *, set_current: 
         config["current-context"] = name
     text = yaml.safe_dump(config, sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    _write_private(path, text)
     return name
 
 

@@ -1,41 +1,10 @@
 """A bad config exits non-zero naming the file, the key and the reason, without a traceback."""
 
-import hashlib
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-KUBEGATE = str(Path(sys.executable).parent / "kubegate")
-GOOD_HASH = hashlib.sha256(b"t").hexdigest()
-
-
-def base_config(tmp_path: Path) -> dict:
-    (tmp_path / "token").write_text("gateway-token\n")
-    return {
-        "listen": "127.0.0.1:0",
-        "connections": {
-            "prod": {
-                "upstream": {"server": "https://127.0.0.1:6443", "token_file": "token"},
-                "plugins": {
-                    "static-tokens": {"tokens": [{"user": "alice", "groups": ["dev"], "sha256": GOOD_HASH}]}
-                },
-            }
-        },
-    }
-
-
-def run_kubegate(tmp_path: Path, config: dict | str, *args: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "kubegate.yaml"
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    return subprocess.run(
-        [KUBEGATE, *(args or ("kubeconfig", "--connection", "prod", "--token", "x")), "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from kubetest import GOOD_HASH, KUBEGATE, base_config, run_kubegate  # noqa: F401
 
 
 def mutate(config: dict, dotted: str, value) -> dict:
