@@ -41,7 +41,7 @@ def _load(config: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run
+    from .server import StartupError, run
 
     gateway = _load(args.config)
     logging.basicConfig(
@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         run(gateway, bind=args.bind, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    except StartupError as exc:
+        raise CLIError(f"cannot start: {exc}") from None
     except OSError as exc:
         raise CLIError(
             f"cannot serve on {args.bind or gateway.settings.listen}: {exc.strerror or exc}"

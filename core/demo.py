@@ -12,6 +12,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -27,8 +28,20 @@ DEMO_USERS = (
 )
 
 
+# People of the demo identity provider (a local oidc-provider-mock), for `kubegate login`.
+DEMO_IDP_USERS = (
+    {"sub": "alice", "email": "alice@demo.example", "groups": ["developers"]},
+    {"sub": "rita", "email": "rita@demo.example", "groups": ["reviewers"]},
+)
+
+
 def write_demo_config(
-    directory: Path, sandbox_url: str, sandbox_ca: Path, sandbox_token: str, port: int
+    directory: Path,
+    sandbox_url: str,
+    sandbox_ca: Path,
+    sandbox_token: str,
+    port: int,
+    idp_url: str | None = None,
 ) -> tuple[Path, list[tuple[str, str]]]:
     """Write the gateway config and the gateway token file; returns (config path, [(user, token)])."""
     write_private(directory / "upstream-token", sandbox_token + "\n")
@@ -37,7 +50,7 @@ def write_demo_config(
         {"user": name, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
         for (name, groups, _), (_, token) in zip(DEMO_USERS, users, strict=True)
     ]
-    config = {
+    config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "state_dir": "state",
         "connections": {
@@ -52,6 +65,23 @@ def write_demo_config(
             }
         },
     }
+    if idp_url:
+        config["connections"][CONNECTION]["plugins"]["login"] = {}
+        config["plugins"] = {
+            "login": {
+                "providers": [
+                    {
+                        "type": "oidc",
+                        "name": "demo-idp",
+                        "title": "the demo identity provider",
+                        "issuer": idp_url,
+                        "client_id": "kubegate-demo",
+                        "client_secret": "demo-only",
+                        "claim_mappings": {"username": {"prefix": "demo:"}, "groups": {"prefix": "demo:"}},
+                    }
+                ]
+            }
+        }
     path = directory / "kubegate.yaml"
     path.write_text(
         "# Written by `kubegate demo`; tokens are stored as SHA-256 hashes.\n"
@@ -69,9 +99,11 @@ async def _run(directory: Path, port: int) -> None:
     check_bind(f"127.0.0.1:{port}")
 
     sandbox = await start_sandbox(directory / "sandbox")
+    idp = await _start_demo_idp(directory)
     try:
+        idp_url = idp[1] if idp else None
         config_path, users = write_demo_config(
-            directory, sandbox.url, Path(sandbox.ca_file), sandbox.token, port
+            directory, sandbox.url, Path(sandbox.ca_file), sandbox.token, port, idp_url
         )
         gateway = Gateway.from_config(config_path)
         tls = tls_files(gateway)
@@ -89,14 +121,47 @@ async def _run(directory: Path, port: int) -> None:
             ),
         )
         url = gateway.connection_url(CONNECTION)
+        login = (gateway.public_url, tls.ca, directory / "kubeconfig-login") if idp_url else None
         await serve_until_signal(
-            gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig)
+            gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig, login)
         )
     finally:
         await sandbox.close()
+        if idp:
+            idp[0].terminate()
+            await idp[0].wait()
 
 
-def _announce(gateway_url: str, sandbox_url: str, config: Path, kubeconfig: Path) -> None:
+async def _start_demo_idp(directory: Path) -> tuple[asyncio.subprocess.Process, str] | None:
+    """oidc-provider-mock (a dev dependency) on a free loopback port; None when it is not installed."""
+    import json
+    import socket
+
+    program = Path(sys.executable).parent / "oidc-provider-mock"
+    if not program.exists():
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [str(program), "--port", str(port), "--require-nonce", "true"]
+    for user in DEMO_IDP_USERS:
+        args += ["--user-claims", json.dumps(user)]
+    log = open(directory / "demo-idp.log", "wb")  # noqa: ASYNC230 - once, at start; the child keeps it
+    process = await asyncio.create_subprocess_exec(*args, stdout=log, stderr=log)
+    for _ in range(100):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            await asyncio.sleep(0.1)
+    process.kill()
+    return None
+
+
+def _announce(
+    gateway_url: str, sandbox_url: str, config: Path, kubeconfig: Path, login: tuple[str, Path, Path] | None
+) -> None:
     who = "\n".join(
         f"    {name + '@' + CONNECTION:<14} {what} (groups: {', '.join(groups)})"
         for name, groups, what in DEMO_USERS
@@ -122,11 +187,23 @@ Try, in another terminal:
   {kubectl} exec -it web -n prod -- sh
   {kubectl} port-forward pod/web -n prod 8080:8080
   {kubectl} --context ci-bot@{CONNECTION} auth whoami
-
+{_login_hint(login, kubectl)}
 Press Ctrl-C to stop.
 """,
         flush=True,
     )
+
+
+def _login_hint(login: tuple[str, Path, Path] | None, kubectl: str) -> str:
+    if login is None:
+        return ""
+    public_url, ca, login_kubeconfig = login
+    return f"""
+Or log in through the browser as a person of the demo identity provider (alice or rita: type the name):
+  {Path(sys.executable).parent / "kubegate"} login --gateway {public_url} --connection {CONNECTION} \\
+      --certificate-authority {ca.resolve()} --kubeconfig {login_kubeconfig}
+  KUBECONFIG={login_kubeconfig} {kubectl} auth whoami   # demo:alice, via `kubegate credential`
+"""
 
 
 def run_demo(directory: Path, *, port: int = 8443) -> int:

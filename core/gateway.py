@@ -41,6 +41,8 @@ class Gateway:
         self.public_url = settings.public_url or _default_url(settings)
         self.app = self._make_app()
         self.running = False
+        self._app_started = False
+        self.startup_error = ""  # why start() failed, for the CLI to print
 
     @classmethod
     def from_config(cls, path: Path, plugins: PluginHost | None = None) -> Gateway:
@@ -81,17 +83,25 @@ class Gateway:
 
     async def start(self) -> None:
         self.running = True
-        await asyncio.to_thread(self.database.create_tables)
-        await self.connections.start()
-        await self.plugins.startup(self)
-        await self.app.startup()
+        try:
+            await asyncio.to_thread(self.database.create_tables)
+            await self.connections.start()
+            await self.plugins.startup(self)
+            await self.app.startup()
+            self._app_started = True
+        except Exception as exc:
+            self.startup_error = str(exc)
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         if not self.running:
             return
         self.running = False
         await self.plugins.shutdown(self)
-        await self.app.shutdown()
+        if self._app_started:
+            self._app_started = False
+            await self.app.shutdown()
         await self.connections.close()
         self.database.close()
 
@@ -112,6 +122,10 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.start()
+                except (ConfigError, DatabaseError) as exc:
+                    log.error("startup failed: %s", exc)  # the user's to fix: no traceback
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -171,19 +171,34 @@ async def serve_until_signal(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             config = hypercorn_config(gateway, tls, bind)
-            await hypercorn_serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            try:
+                await hypercorn_serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            except Exception:
+                if gateway.startup_error:
+                    raise StartupError(gateway.startup_error) from None
+                raise
         else:
             # uvicorn handles SIGINT/SIGTERM itself and re-raises the signal once it has shut down; these
             # handlers take that re-raised signal, so a stop is an orderly exit rather than an interrupt.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
             server = uvicorn.Server(uvicorn_config(gateway, tls, bind))
-            await server.serve()
+            try:
+                await server.serve()
+            except SystemExit:
+                if not gateway.startup_error:
+                    raise
             if not server.started:
+                if gateway.startup_error:
+                    raise StartupError(gateway.startup_error)
                 raise OSError(f"cannot serve on {bind or gateway.settings.listen}")
     finally:
         ready.cancel()
         await gateway.stop()  # no-op when the lifespan already stopped it
+
+
+class StartupError(Exception):
+    """The gateway could not start (a plugin's or the database's reason)."""
 
 
 def asyncio_run(coro) -> None:

@@ -62,6 +62,23 @@ class SAMLIdP:
         directory.mkdir(parents=True, exist_ok=True)
         self.cert_file = directory / "idp.crt"
         self.cert_file.write_text(self.cert_pem)
+        self.metadata_file = directory / "idp-metadata.xml"
+        self.metadata_file.write_text(self.metadata())
+
+    def metadata(self) -> str:
+        """The IdP's SAML metadata, as an IdP publishes it for its service providers."""
+        der_b64 = "".join(self.cert_pem.strip().splitlines()[1:-1])
+        return (
+            '<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata"'
+            f' entityID="{escape(self.entity_id)}">'
+            '<md:IDPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol">'
+            '<md:KeyDescriptor use="signing"><ds:KeyInfo xmlns:ds="http://www.w3.org/2000/09/xmldsig#">'
+            f"<ds:X509Data><ds:X509Certificate>{der_b64}</ds:X509Certificate></ds:X509Data></ds:KeyInfo>"
+            "</md:KeyDescriptor>"
+            '<md:SingleSignOnService Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect"'
+            f' Location="{escape(self.sso_url)}"/>'
+            "</md:IDPSSODescriptor></md:EntityDescriptor>"
+        )
 
     @staticmethod
     def read_request(redirect_url: str) -> AuthnRequest:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from kubegate.core.config import ConfigError
 from kubegate.core.flow import AuthFailure, Flow, Identity
 from kubegate.core.plugins import hookimpl
 
 from .service import LoginService
-from .settings import LoginConnectionSettings, LoginSettings
+from .settings import LoginConnectionSettings, LoginSettings, provider_issuer, user_prefix
 from .store import TOKEN_PREFIX
 
 if TYPE_CHECKING:
@@ -54,7 +55,11 @@ def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
         return None
     from .routes import make_blueprint
 
-    return make_blueprint(gateway, service_of(gateway))
+    try:
+        service = service_of(gateway)
+    except ValueError as exc:
+        raise ConfigError(gateway.config_path, f"plugins.{PLUGIN_NAME}", str(exc)) from None
+    return make_blueprint(gateway, service)
 
 
 @hookimpl
@@ -64,6 +69,7 @@ def kubegate_startup(gateway: Gateway) -> None:
     ):
         return
     service = service_of(gateway)
+    _check_prefixes(gateway, service.settings)
     for connection in gateway.connections:
         if PLUGIN_NAME in connection.enabled_plugins:
             settings: LoginConnectionSettings = connection.settings_for(PLUGIN_NAME)
@@ -73,6 +79,27 @@ def kubegate_startup(gateway: Gateway) -> None:
                 log.warning(
                     "connection %s: login providers %s are not configured", connection.name, sorted(unknown)
                 )
+
+
+def _check_prefixes(gateway: Gateway, settings: LoginSettings) -> None:
+    """A login provider's user names must not be able to collide with an `oidc` issuer's on any connection."""
+    from kubegate.plugins.oidc import OIDCSettings
+
+    for connection in gateway.connections:
+        oidc = connection.settings_for("oidc")
+        if not isinstance(oidc, OIDCSettings) or PLUGIN_NAME not in connection.enabled_plugins:
+            continue
+        for provider in settings.providers:
+            prefix, issuer = user_prefix(provider), provider_issuer(provider)
+            for entry in oidc.issuers:
+                other = entry.claim_mappings.username.prefix or ""
+                if entry.issuer != issuer and (other.startswith(prefix) or prefix.startswith(other)):
+                    raise ConfigError(
+                        gateway.config_path,
+                        f"plugins.login.providers.{provider.name}",
+                        f"user name prefix {prefix!r} overlaps {other!r} of oidc issuer {entry.issuer} on"
+                        f" connection {connection.name}: names from the two could collide",
+                    )
 
 
 @hookimpl

@@ -12,6 +12,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from onelogin.saml2.auth import OneLogin_Saml2_Auth
 from onelogin.saml2.errors import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
 from onelogin.saml2.idp_metadata_parser import OneLogin_Saml2_IdPMetadataParser
@@ -22,6 +23,44 @@ from .oidc_flow import LoginError
 from .settings import SAMLLoginProvider
 
 
+def read_idp(provider: SAMLLoginProvider) -> dict[str, Any]:
+    """The IdP's entity ID, SSO URL and signing certificate, from its metadata or explicit settings."""
+    if provider.idp_metadata_file is not None:
+        try:
+            xml = provider.idp_metadata_file.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read idp_metadata_file: {exc.strerror}") from None
+        try:
+            parsed = OneLogin_Saml2_IdPMetadataParser.parse(
+                xml, required_sso_binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect"
+            )
+        except Exception as exc:  # the parser raises plain Exceptions for bad XML
+            raise ValueError(f"idp_metadata_file is not usable IdP metadata: {exc}") from None
+        idp = dict(parsed.get("idp") or {})
+        if not idp.get("entityId") or not idp.get("singleSignOnService", {}).get("url"):
+            raise ValueError("idp_metadata_file names no IdP entity with an HTTP-Redirect SSO service")
+        if not idp.get("x509cert") and not idp.get("x509certMulti"):
+            raise ValueError("idp_metadata_file has no signing certificate")
+        return idp
+    assert provider.idp_certificate_file is not None
+    try:
+        cert = provider.idp_certificate_file.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read idp_certificate_file: {exc.strerror}") from None
+    try:
+        x509.load_pem_x509_certificate(cert.encode())
+    except ValueError:
+        raise ValueError("idp_certificate_file is not a PEM certificate") from None
+    return {
+        "entityId": provider.idp_entity_id,
+        "singleSignOnService": {
+            "url": provider.idp_sso_url,
+            "binding": "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect",
+        },
+        "x509cert": OneLogin_Saml2_Utils.format_cert(cert, heads=False),
+    }
+
+
 class SAMLLogin:
     def __init__(self, provider: SAMLLoginProvider, public_url: str):
         self.provider = provider
@@ -30,9 +69,18 @@ class SAMLLogin:
         self.acs_url = f"{base}/acs"
         self.sp_entity_id = provider.sp_entity_id or base
         self._public = urlsplit(public_url)
-        idp = self._idp_settings()
+        idp = provider.idp
         self.idp_entity_id: str = idp["entityId"]
-        self.settings = OneLogin_Saml2_Settings(
+        self.settings = self._settings(idp)
+
+    def _settings(self, idp: dict[str, Any]) -> OneLogin_Saml2_Settings:
+        try:
+            return self._make_settings(idp)
+        except OneLogin_Saml2_Error as exc:
+            raise ValueError(f"SAML provider {self.provider.name}: {exc}") from None
+
+    def _make_settings(self, idp: dict[str, Any]) -> OneLogin_Saml2_Settings:
+        return OneLogin_Saml2_Settings(
             {
                 "strict": True,
                 "debug": False,
@@ -57,39 +105,6 @@ class SAMLLogin:
             },
             sp_validation_only=False,
         )
-
-    def _idp_settings(self) -> dict[str, Any]:
-        provider = self.provider
-        if provider.idp_metadata_file is not None:
-            try:
-                xml = provider.idp_metadata_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"cannot read idp_metadata_file: {exc.strerror}") from None
-            try:
-                parsed = OneLogin_Saml2_IdPMetadataParser.parse(
-                    xml, required_sso_binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect"
-                )
-            except Exception as exc:  # the parser raises plain Exceptions for bad XML
-                raise ValueError(f"idp_metadata_file is not usable IdP metadata: {exc}") from None
-            idp = dict(parsed.get("idp") or {})
-            if not idp.get("entityId") or not idp.get("singleSignOnService", {}).get("url"):
-                raise ValueError("idp_metadata_file names no IdP entity with an HTTP-Redirect SSO service")
-            if not idp.get("x509cert") and not idp.get("x509certMulti"):
-                raise ValueError("idp_metadata_file has no signing certificate")
-            return idp
-        assert provider.idp_certificate_file is not None
-        try:
-            cert = provider.idp_certificate_file.read_text()
-        except OSError as exc:
-            raise ValueError(f"cannot read idp_certificate_file: {exc.strerror}") from None
-        return {
-            "entityId": provider.idp_entity_id,
-            "singleSignOnService": {
-                "url": provider.idp_sso_url,
-                "binding": "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect",
-            },
-            "x509cert": OneLogin_Saml2_Utils.format_cert(cert, heads=False),
-        }
 
     def _request_data(self, post: dict[str, str] | None = None) -> dict[str, Any]:
         # The toolkit compares Destination/Recipient with "the current URL"; that is the public URL (the

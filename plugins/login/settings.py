@@ -107,6 +107,7 @@ class SAMLLoginProvider(BaseModel):
     groups_prefix: str = "saml:"
     keep_attributes: list[str] = Field(default_factory=list, description="Kept in the identity's claims.")
     max_assertion_age_seconds: int = Field(300, ge=30, le=3600)
+    _idp: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("idp_metadata_file", "idp_certificate_file")
     @classmethod
@@ -124,7 +125,17 @@ class SAMLLoginProvider(BaseModel):
         for prefix in (self.username_prefix or "", self.groups_prefix):
             if prefix.startswith("system:"):
                 raise ValueError("prefixes must not start with system:")
+        from .saml_flow import read_idp  # python3-saml loads xmlsec: only when SAML is configured
+
+        self._idp = read_idp(self)
+        self.idp_entity_id = self._idp["entityId"]
+        self.idp_sso_url = self._idp["singleSignOnService"]["url"]
         return self
+
+    @property
+    def idp(self) -> dict[str, Any]:
+        """The IdP as python3-saml wants it (entity ID, SSO URL, certificate), read at config load."""
+        return self._idp
 
 
 Provider = Annotated[OIDCLoginProvider | SAMLLoginProvider, Field(discriminator="type")]
@@ -147,6 +158,18 @@ class LoginSettings(BaseModel):
     @model_validator(mode="after")
     def _unique(self) -> LoginSettings:
         seen: set[str] = set()
+        prefixes = [(p.name, user_prefix(p)) for p in self.providers]
+        for name, prefix in prefixes:
+            for other, other_prefix in prefixes:
+                if (
+                    name != other
+                    and other_prefix.startswith(prefix)
+                    and provider_issuer(self.provider(name)) != provider_issuer(self.provider(other))
+                ):
+                    raise ValueError(
+                        f"user name prefix {prefix!r} of provider {name} overlaps {other_prefix!r} of {other}:"
+                        " names from the two identity providers could collide"
+                    )
         for provider in self.providers:
             if not PROVIDER_NAME.match(provider.name):
                 raise ValueError(f"provider name {provider.name!r} must be a DNS label")
@@ -157,6 +180,21 @@ class LoginSettings(BaseModel):
 
     def provider(self, name: str) -> OIDCLoginProvider | SAMLLoginProvider | None:
         return next((p for p in self.providers if p.name == name), None)
+
+
+def provider_issuer(provider: OIDCLoginProvider | SAMLLoginProvider | None) -> str:
+    if isinstance(provider, OIDCLoginProvider):
+        return provider.issuer
+    return provider.idp_entity_id or "" if provider else ""
+
+
+def user_prefix(provider: OIDCLoginProvider | SAMLLoginProvider) -> str:
+    """What every user name from this provider starts with (the rule that keeps issuers apart)."""
+    if isinstance(provider, OIDCLoginProvider):
+        return provider.claim_mappings.username.prefix or f"{provider.issuer}#"
+    if provider.username_prefix is not None:
+        return provider.username_prefix
+    return f"{provider.idp_entity_id}#"
 
 
 class LoginConnectionSettings(BaseModel):

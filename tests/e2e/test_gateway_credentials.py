@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from browserless import browser_login, read_login_prompt
 from conftest import GATEWAY_USERS, PLUGIN_FIXTURE, free_port
 from kubetest import run_kubectl
 
@@ -91,6 +95,27 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         ci = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "get", "pods", "-n", "prod", check=True)
         assert "web" in ci.stdout
         assert oct(kubeconfig.stat().st_mode & 0o777) == "0o600"  # it holds tokens
+        # The printed `kubegate login` command, run as shown (headless), against the demo's identity provider.
+        command = re.search(
+            r"(\S+/kubegate login .*?--kubeconfig \S+)", output.replace("\\\n", " "), re.S
+        ).group(1)
+        login = subprocess.Popen(
+            [*shlex.split(command), "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "KUBEGATE_CACHE_DIR": str(tmp_path / "cache")},
+        )  # fmt: skip
+        url, code = read_login_prompt(login.stderr)
+        demo_dir = tmp_path / "demo"
+        idp_url = yaml.safe_load((demo_dir / "kubegate.yaml").read_text())["plugins"]["login"]["providers"][
+            0
+        ]["issuer"]
+        ca_file = demo_dir / "state" / "tls" / "ca.crt"
+        page = browser_login(f"https://127.0.0.1:{port}", ca_file, "demo-idp", idp_url, url, code, "rita")
+        assert "demo:rita" in page
+        assert login.wait(30) == 0, login.stderr.read()
+        whoami = run_kubectl(demo_dir / "kubeconfig-login", "auth", "whoami", "-o", "json", check=True,
+                             env={"KUBEGATE_CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
+        info = json.loads(whoami.stdout)["status"]["userInfo"]
+        assert info["username"] == "demo:rita" and "demo:reviewers" in info["groups"]
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)

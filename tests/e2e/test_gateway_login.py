@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from browserless import Browser, browser_login, mock_idp_authorize, read_login_prompt
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
 from kubetest import run_kubectl
 from saml_idp import SAMLIdP, make_signing_pair
@@ -30,27 +31,6 @@ from saml_idp import SAMLIdP, make_signing_pair
 KUBEGATE = str(VENV_BIN / "kubegate")
 CLIENT_ID = "kubegate"
 CI_CLIENT_ID = "ci-audience"
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-class Browser:
-    """Just enough of a browser: GET/POST without following redirects, so each hop can be checked."""
-
-    def __init__(self, ca_file: Path):
-        context = ssl.create_default_context(cafile=str(ca_file))
-        self.opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
-
-    def open(self, url: str, form: dict[str, str] | None = None) -> tuple[int, Any, str]:
-        data = urllib.parse.urlencode(form).encode() if form is not None else None
-        try:
-            with self.opener.open(urllib.request.Request(url, data=data), timeout=20) as response:
-                return response.status, response.headers, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.headers, exc.read().decode()
 
 
 class OIDCProvider:
@@ -80,13 +60,7 @@ class OIDCProvider:
         raise RuntimeError(f"oidc-provider-mock did not start: {self.log.read_text()}")
 
     def authorize(self, browser: Browser, authorize_url: str, sub: str, deny: bool = False) -> str:
-        """Pick `sub` on the provider's authorization form; returns the redirect back to the client."""
-        status, _, page = browser.open(authorize_url)
-        assert status == 200, page
-        form = {"action": "deny"} if deny else {"sub": sub}
-        status, headers, page = browser.open(authorize_url, form)
-        assert status == 302, page
-        return headers["Location"]
+        return mock_idp_authorize(browser, authorize_url, sub, deny)
 
     def id_token(self, client_id: str, sub: str) -> str:
         """An ID token for `client_id`, through the real code flow (what a CI system's IdP would hand out)."""
@@ -162,9 +136,7 @@ def login_gateway(sandbox, provider, saml_idp, tmp_path_factory) -> Iterator[Gat
                 {
                     "type": "saml",
                     "name": "corp-saml",
-                    "idp_entity_id": saml_idp.entity_id,
-                    "idp_sso_url": saml_idp.sso_url,
-                    "idp_certificate_file": str(saml_idp.cert_file),
+                    "idp_metadata_file": str(saml_idp.metadata_file),
                     "groups_attribute": "memberOf",
                     "keep_attributes": ["mail"],
                 },
@@ -180,36 +152,10 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "KUBEGATE_CACHE_DIR": str(tmp_path / "cache"), "BROWSER": "false"}
 
 
-def _read_prompt(stream: Any, deadline: float = 30) -> tuple[str, str]:
-    """The login URL and code that `kubegate login`/`credential` print on stderr."""
-    text = ""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        line = stream.readline()
-        if not line:
-            break
-        text += line
-        found = re.search(r"(https://\S+/login\?request=\S+)[\s\S]*code ([A-Z]{4}-[A-Z]{4})", text)
-        if found:
-            return found.group(1), found.group(2)
-    raise AssertionError(f"no login prompt in: {text!r}")
-
-
 def oidc_browser_login(
     gw: Gateway, provider: OIDCProvider, login_url: str, code: str, sub: str = "alice"
 ) -> str:
-    """The person's part: check the code, pick the provider, log in at the IdP, land back on the gateway."""
-    browser = Browser(gw.ca_file)
-    status, _, page = browser.open(login_url)
-    assert status == 200 and code in page, page
-    start = re.search(r'href="(/login/start/mock\?request=[^"]+)"', page).group(1)
-    status, headers, page = browser.open(gw.url + start.replace("&amp;", "&"))
-    assert status == 302, page
-    assert headers["Location"].startswith(f"{provider.url}/oauth2/authorize?")
-    callback = provider.authorize(browser, headers["Location"], sub)
-    assert callback.startswith(f"{gw.url}/login/oidc/callback?")
-    status, _, page = browser.open(callback)
-    return page
+    return browser_login(gw.url, gw.ca_file, "mock", provider.url, login_url, code, sub)
 
 
 def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway, provider, sandbox, tmp_path):
@@ -223,7 +169,7 @@ def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
-        url, code = _read_prompt(login.stderr)
+        url, code = read_login_prompt(login.stderr)
         page = oidc_browser_login(login_gateway, provider, url, code)
         assert f'Logged in as <span id="user">{provider.url}#alice</span>' in page
         out, err = login.communicate(timeout=30)
@@ -522,7 +468,7 @@ def test_expired_cached_token_makes_kubectl_log_in_again(login_gateway, provider
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "KUBECONFIG": str(kubeconfig)},
     )  # fmt: skip
     try:
-        url, code = _read_prompt(kubectl.stderr)  # kubectl passes the plugin's prompt through
+        url, code = read_login_prompt(kubectl.stderr)  # kubectl passes the plugin's prompt through
         oidc_browser_login(login_gateway, provider, url, code)
         out, err = kubectl.communicate(timeout=30)
     finally:

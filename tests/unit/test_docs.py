@@ -45,7 +45,19 @@ CONFIG_DOC = (ROOT / "docs" / "configuration.md").read_text()
 
 def test_every_config_key_is_documented():
     from kubegate.connections.kubernetes import KubernetesUpstreamSettings
-    from kubegate.core.config import ConnectionSettings, GatewaySettings, LimitSettings, TLSSettings
+    from kubegate.core.config import (
+        ConnectionSettings,
+        DatabaseSettings,
+        GatewaySettings,
+        LimitSettings,
+        TLSSettings,
+    )
+    from kubegate.plugins.login.settings import (
+        LoginConnectionSettings,
+        LoginSettings,
+        OIDCLoginProvider,
+        SAMLLoginProvider,
+    )
     from kubegate.plugins.oidc import (
         ClaimMappings,
         GitHubActionsPreset,
@@ -74,6 +86,11 @@ def test_every_config_key_is_documented():
         GitHubActionsPreset,
         GitHubRule,
         GitHubMatch,
+        DatabaseSettings,
+        LoginSettings,
+        OIDCLoginProvider,
+        SAMLLoginProvider,
+        LoginConnectionSettings,
     ]
     for model in models:
         for field in model.model_fields:

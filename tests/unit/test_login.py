@@ -205,6 +205,7 @@ def test_cli_login_errors_are_one_line(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+OIDC_PROVIDER = {"type": "oidc", "name": "o", "issuer": "https://o", "client_id": "c"}
 SAML_PROVIDER = {
     "type": "saml",
     "name": "corp",
@@ -223,8 +224,7 @@ SAML_PROVIDER = {
         ({"login": {"providers": [{"type": "oidc", "name": "x", "issuer": "http://idp.example", "client_id": "c"}]}},
          "plugins.login.providers.0.oidc", "https"),
         ({"login": {"providers": [SAML_PROVIDER]}}, "plugins.login.providers.0.saml", "idp_certificate_file"),
-        ({"login": {"providers": [{**SAML_PROVIDER, "idp_certificate_file": "c"}, {**SAML_PROVIDER, "idp_certificate_file": "c"}]}},
-         "plugins.login", "listed twice"),
+        ({"login": {"providers": [OIDC_PROVIDER, OIDC_PROVIDER]}}, "plugins.login", "listed twice"),
         ({"login": {"providers": [{"type": "ldap", "name": "x"}]}}, "plugins.login.providers.0", "ldap"),
     ],
 )  # fmt: skip
@@ -236,6 +236,52 @@ def test_bad_login_settings_name_the_key(tmp_path, plugins, key, reason):
     line = proc.stderr.strip()
     assert line.startswith(f"kubegate: error: {tmp_path / 'kubegate.yaml'}: {key}: "), line
     assert reason in line and "Traceback" not in proc.stderr
+
+
+def test_saml_provider_from_metadata_or_explicit_settings(tmp_path):
+    from saml_idp import SAMLIdP
+
+    idp = SAMLIdP(tmp_path / "idp")
+    from_metadata = LoginSettings.model_validate(
+        {"providers": [{"type": "saml", "name": "a", "idp_metadata_file": str(idp.metadata_file)}]}
+    ).providers[0]
+    explicit = LoginSettings.model_validate(
+        {
+            "providers": [
+                {
+                    **SAML_PROVIDER,
+                    "idp_entity_id": idp.entity_id,
+                    "idp_sso_url": idp.sso_url,
+                    "idp_certificate_file": str(idp.cert_file),
+                }
+            ]
+        }
+    ).providers[0]
+    for provider in (from_metadata, explicit):
+        assert provider.idp_entity_id == idp.entity_id and provider.idp_sso_url == idp.sso_url
+        assert provider.idp["x509cert"].replace("\n", "") in idp.cert_pem.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    ("providers", "reason"),
+    [
+        ([{**SAML_PROVIDER, "idp_certificate_file": "missing.pem"}], "cannot read idp_certificate_file"),
+        ([{**SAML_PROVIDER, "idp_certificate_file": "kubegate.yaml"}], "not a PEM certificate"),
+        ([{"type": "saml", "name": "x", "idp_metadata_file": "kubegate.yaml"}], "not usable IdP metadata"),
+        ([{**SAML_PROVIDER, "idp_certificate_file": "cert.pem", "username_prefix": "corp:"},
+          {"type": "oidc", "name": "o", "issuer": "https://o", "client_id": "c",
+           "claim_mappings": {"username": {"prefix": "corp:"}}}], "could collide"),
+    ],
+)  # fmt: skip
+def test_bad_saml_and_prefix_settings(tmp_path, providers, reason):
+    from saml_idp import SAMLIdP
+
+    (tmp_path / "cert.pem").write_text(SAMLIdP(tmp_path / "idp").cert_pem)
+    config = base_config(tmp_path)
+    config["plugins"] = {"login": {"providers": providers}}
+    proc = run_kubegate(tmp_path, config)
+    assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_database_url_names_the_key(tmp_path):
@@ -290,3 +336,24 @@ def test_asyncio_is_not_blocked_by_database_calls(database):
         return ticks
 
     assert asyncio.run(main()) > 10
+
+
+def test_login_and_oidc_prefixes_that_could_collide_stop_the_start(tmp_path):
+    from saml_idp import SAMLIdP
+
+    idp = SAMLIdP(tmp_path / "idp")
+    config = base_config(tmp_path)
+    config["state_dir"] = str(tmp_path / "state")
+    config["connections"]["prod"]["plugins"]["login"] = {}
+    config["connections"]["prod"]["plugins"]["oidc"] = {"issuers": [
+        {"issuer": "https://ci.example", "audiences": ["k"], "claim_mappings": {"username": {"prefix": "corp:"}}}]}  # fmt: skip
+    config["plugins"] = {"login": {"providers": [
+        {"type": "saml", "name": "sso", "idp_metadata_file": str(idp.metadata_file), "username_prefix": "corp:"}]}}  # fmt: skip
+    proc = run_kubegate(tmp_path, config, "serve", "--bind", "127.0.0.1:0")
+    assert proc.returncode == 2
+    assert (
+        "kubegate: error: cannot start: "
+        + f"{tmp_path / 'kubegate.yaml'}: plugins.login.providers.sso: user name prefix 'corp:'"
+        " overlaps 'corp:' of oidc issuer https://ci.example on connection prod" in proc.stderr
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr
