@@ -12,6 +12,8 @@ Contenders, all TLS on loopback, all in front of one stand-in API server (bench/
   gateway-oidc  the same with only the oidc plugin enabled (a JWKS served over http on loopback by
              bench/upstream.py, one RS256 JWT minted per run): small GET only, for the cost of
              authentication next to static tokens (its verified-token cache is the hot path);
+  gateway-login  the same with only the login plugin enabled and a gateway token minted into its SQLite
+             database (one lookup per second, revocation_check_seconds): small GET only;
   nginx      Debian's nginx, one worker, TLS reverse proxy with an upstream keepalive pool;
   mitmproxy  mitmdump --mode reverse:UPSTREAM (own venv: bench/.venv-mitm).
 
@@ -55,8 +57,8 @@ RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-CONTENDERS = ("direct", "gateway", "gateway-oidc", "nginx", "mitmproxy", "aiohttp-ref")
-DEFAULT_CONTENDERS = CONTENDERS[:5]  # aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
+CONTENDERS = ("direct", "gateway", "gateway-oidc", "gateway-login", "nginx", "mitmproxy", "aiohttp-ref")
+DEFAULT_CONTENDERS = CONTENDERS[:6]  # aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
 POD_PATH = "/api/v1/namespaces/prod/pods/web"
 LIST_PATH = "/api/v1/namespaces/prod/pods"
 WATCH_PATH = "/api/v1/namespaces/prod/pods?watch=true"
@@ -64,7 +66,8 @@ WORKLOADS = {"small GET (1 pod)": POD_PATH, "list (500 pods)": LIST_PATH}
 SMALL = "small GET (1 pod)"
 # gateway-oidc measures the cost of authentication, which is per request: the small GET shows it best and
 # keeps the contender cheap (no list, exec or watches cells).
-ONLY_WORKLOADS = {"gateway-oidc": {SMALL}}
+ONLY_WORKLOADS = {"gateway-oidc": {SMALL}, "gateway-login": {SMALL}}
+AUTH_CONTENDERS = {"gateway-oidc": "oidc", "gateway-login": "login (gateway token)"}
 OIDC_AUDIENCE = "kubegate-bench"
 CONNECTION = "bench"
 MB = 1_000_000
@@ -342,14 +345,30 @@ def start_gateway(
     label: str = "gateway",
     extra_limits: dict | None = None,
     oidc_key: object | None = None,
+    login: bool = False,
 ) -> Target:
-    """`kubegate serve` with one connection and only static-tokens enabled, or only oidc with oidc_key."""
+    """`kubegate serve` with one connection and only static-tokens enabled, or only oidc with oidc_key, or
+    only login (a gateway token minted into the gateway's database beforehand)."""
     token, digest = gateway_token()
     port = free_port()
     gdir = work / label
     gdir.mkdir(parents=True, exist_ok=True)
     limits = "".join(f"\n  {k}: {v}" for k, v in (extra_limits or {}).items())
-    if oidc_key is None:
+    if login:
+        from kubegate.core.db import Database
+        from kubegate.plugins.login import store
+
+        database = Database(f"sqlite:///{gdir / 'state' / 'kubegate.db'}")
+        token, _ = database.call(
+            lambda s: store.mint_token(
+                s, {"user": "bench", "groups": ["bench"], "method": "oidc"}, ttl_seconds=86400,
+                connection=None, description="bench",
+            )
+        )  # fmt: skip
+        database.close()
+        plugin = "login"
+        plugins = "      login: {}\n"
+    elif oidc_key is None:
         plugin = "static-tokens"
         plugins = f"""      static-tokens:
         tokens:
@@ -397,7 +416,7 @@ connections:
     )
     log = gdir / "gateway.log"
     proc = PROCS.start(label, argv, log, cwd=str(gdir))
-    name = "gateway" if oidc_key is None else "gateway-oidc"
+    name = "gateway-login" if login else "gateway" if oidc_key is None else "gateway-oidc"
     target = Target(name, f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
     wait_ready(label, proc, target.url(POD_PATH), token, log)  # for oidc: the one full verification
     return target
@@ -944,28 +963,30 @@ def render(results: dict) -> str:
                     f"{cell.p99_ms:.2f} | {added} | {cell.errors or 0} |"
                 )
     auth_rows = []
-    for conc in args["concurrency"]:
-        static, oidc = find_cell(cells, "gateway", SMALL, conc), find_cell(cells, "gateway-oidc", SMALL, conc)
-        if static and oidc:
-            adds = per_round(raw, "gateway-oidc", "gateway", SMALL, conc, lambda o, g: o.p50_ms - g.p50_ms)
-            added = statistics.median(adds) if adds else oidc.p50_ms - static.p50_ms
-            runs = ", ".join(f"{a:+.2f}" for a in adds)
-            auth_rows.append(
-                f"| {conc} | {static.p50_ms:.2f} | {oidc.p50_ms:.2f} | {added:+.2f} ms | {runs} | "
-                f"{static.rps:,.0f} | {oidc.rps:,.0f} |"
-            )
+    for contender, plugin in AUTH_CONTENDERS.items():
+        for conc in args["concurrency"]:
+            static, other = find_cell(cells, "gateway", SMALL, conc), find_cell(cells, contender, SMALL, conc)
+            if static and other:
+                adds = per_round(raw, contender, "gateway", SMALL, conc, lambda o, g: o.p50_ms - g.p50_ms)
+                added = statistics.median(adds) if adds else other.p50_ms - static.p50_ms
+                runs = ", ".join(f"{a:+.2f}" for a in adds)
+                auth_rows.append(
+                    f"| {plugin} | {conc} | {static.p50_ms:.2f} | {other.p50_ms:.2f} | {added:+.2f} ms | {runs} | "
+                    f"{static.rps:,.0f} | {other.rps:,.0f} |"
+                )
     if auth_rows:
         out += [
             "",
-            "### Authentication cost (oidc vs static tokens, small GET)",
+            "### Authentication cost (vs static tokens, small GET)",
             "",
-            "gateway-oidc is the same gateway with only the `oidc` plugin enabled (RS256 JWT, JWKS over http "
-            "on loopback); after the first request the token comes from the verified-token cache. Auth added "
-            "p50 = gateway-oidc p50 - gateway (static-tokens) p50, median of the per-round differences.",
+            "gateway-oidc and gateway-login are the same gateway with only the `oidc` plugin (RS256 JWT, JWKS "
+            "over http on loopback; after the first request the token comes from the verified-token cache) or "
+            "only the `login` plugin (a gateway token, looked up in SQLite at most once a second) enabled. Auth "
+            "added p50 = that gateway's p50 - gateway (static-tokens) p50, median of the per-round differences.",
             "",
-            "| conc. | static-tokens p50 ms | oidc p50 ms | auth added p50 | per round ms | static-tokens req/s "
-            "| oidc req/s |",
-            "| ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+            "| plugin | conc. | static-tokens p50 ms | plugin p50 ms | auth added p50 | per round ms | "
+            "static-tokens req/s | plugin req/s |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
             *auth_rows,
         ]
     out += (
@@ -1131,6 +1152,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         starters = {
             "gateway": lambda: start_gateway(work, up),
             "gateway-oidc": lambda: start_gateway(work, up, label="gateway-oidc", oidc_key=oidc_key),
+            "gateway-login": lambda: start_gateway(work, up, label="gateway-login", login=True),
             "nginx": lambda: start_nginx(work, up),
             "mitmproxy": lambda: start_mitmproxy(work, up),
             "aiohttp-ref": lambda: start_reference(work, up),
@@ -1157,7 +1179,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         if "exec" not in args.skip:
             say(f"exec stdout throughput ({args.exec_mb} MB x {args.exec_runs})")
             for target in targets:
-                if target.name not in ("aiohttp-ref", "gateway-oidc"):  # REST only; auth is per request
+                if target.name not in ("aiohttp-ref", *AUTH_CONTENDERS):  # REST only; auth is per request
                     results["exec"].append(measure_exec(target, args.exec_mb, args.exec_runs))
         for target in targets:
             if target.proc is not None:

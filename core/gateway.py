@@ -60,6 +60,7 @@ class Gateway:
     def _make_app(self) -> Quart:
         app = Quart(__name__)
         app.config["RESPONSE_TIMEOUT"] = None  # plugin routes may stream too
+        app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # forms and JSON of plugin routes; not the API path
 
         @app.get("/healthz")
         async def healthz() -> tuple[str, int]:

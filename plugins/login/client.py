@@ -161,7 +161,7 @@ def login(
     say(
         f"To log in to {target.gateway} ({target.connection}), open:\n\n    {url}\n\nand check that it shows the code {code}."
     )
-    if open_browser:
+    if open_browser and _has_graphical_browser():
         with _quiet_stdout():
             opened = webbrowser.open(url)
         if opened:
@@ -180,6 +180,14 @@ def login(
             return answer
         raise ClientError(f"login failed: {answer.get('error', f'status {status}')}")
     raise ClientError("login timed out: nobody completed it in the browser")
+
+
+def _has_graphical_browser() -> bool:
+    """Without a desktop, webbrowser would start a console browser (lynx, w3m) in the foreground: a hang,
+    since kubectl gives an exec plugin no terminal. Then the printed URL is the way."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 class _quiet_stdout:

@@ -22,10 +22,16 @@ if TYPE_CHECKING:
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+# The pages load nothing and run no script: inline styles are all they need.
+PAGE_HEADERS = {
+    **NO_STORE,
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 
 
 def _html(body: str, status: int = 200) -> Response:
-    return Response(body, status=status, content_type="text/html; charset=utf-8", headers=NO_STORE)
+    return Response(body, status=status, content_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:
@@ -116,7 +122,10 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
         if not service.settings.providers:
             return _error(501, "this gateway has no login providers (plugins.login in its config)")
         description = str(body.get("description", ""))[:200]
-        login = await service.start_cli_login(challenge, connection, description)
+        try:
+            login = await service.start_cli_login(challenge, connection, description)
+        except store.TooManyLogins:
+            return _error(503, "too many logins are waiting; try again in a minute")
         return _json(
             {
                 "login_id": login.id,

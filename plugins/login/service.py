@@ -7,6 +7,7 @@ the only memory state is a short-lived cache of token checks (`revocation_check_
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -52,6 +53,7 @@ class LoginService:
             else:
                 self.saml[provider.name] = SAMLLogin(provider, self.public_url)
         self._checks: dict[str, tuple[float, store.TokenRecord | None]] = {}
+        self._lookups: dict[str, asyncio.Future[store.TokenRecord | None]] = {}
 
     async def close(self) -> None:
         for login in self.oidc.values():
@@ -218,20 +220,31 @@ class LoginService:
     async def check(
         self, token: str, connection: str, rules: LoginConnectionSettings | None
     ) -> Identity | AuthFailure:
+        if not store.TOKEN_SHAPE.match(token):
+            return AuthFailure("malformed gateway token")
         digest = store.token_hash(token)
-        now = time.monotonic()
         cached = self._checks.get(digest)
-        if cached is not None and now - cached[0] < self.settings.revocation_check_seconds:
+        if cached is not None and time.monotonic() - cached[0] < self.settings.revocation_check_seconds:
             record = cached[1]
         else:
-            record = await self.db.run(lambda s: store.find_token(s, digest))
-            if len(self._checks) >= MAX_CACHED_CHECKS:
-                self._checks.clear()
-            self._checks[digest] = (now, record)
+            # One database lookup per token at a time: concurrent requests with it share the answer.
+            pending = self._lookups.get(digest)
+            if pending is None:
+                pending = asyncio.ensure_future(self._lookup(digest))
+                self._lookups[digest] = pending
+                pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
+            record = await asyncio.shield(pending)
         answer = _judge(record, connection, rules)
         if isinstance(answer, AuthFailure):
             log.info("login: rejected token %s: %s", token_fingerprint(token), answer.reason)
         return answer
+
+    async def _lookup(self, digest: str) -> store.TokenRecord | None:
+        record = await self.db.run(lambda s: store.find_token(s, digest))
+        if len(self._checks) >= MAX_CACHED_CHECKS:
+            self._checks.clear()
+        self._checks[digest] = (time.monotonic(), record)
+        return record
 
     async def revoke_presented(self, token: str) -> list[store.TokenRecord]:
         digest = store.token_hash(token)

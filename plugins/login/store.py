@@ -4,16 +4,24 @@ assertion IDs. Plain synchronous functions over a session; callers run them thro
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from typing import Any
 
 from sqlalchemy import JSON, Column
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col, func, select
 
 TOKEN_PREFIX = "kgt_"
+TOKEN_SHAPE = re.compile(r"^kgt_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 PENDING, AUTHENTICATED, ISSUED, FAILED = "pending", "authenticated", "issued", "failed"
+# Starting a login needs no credential, so the number waiting at once is capped (rows stay small anyway).
+MAX_PENDING_LOGINS = 10_000
+
+
+class TooManyLogins(Exception):
+    pass
 
 
 def token_hash(token: str) -> str:
@@ -167,6 +175,11 @@ def new_login(
     session: Session, *, verifier_hash: str, connection: str | None, description: str, ttl: float
 ) -> LoginRequest:
     now = time.time()
+    waiting = session.exec(
+        select(func.count()).select_from(LoginRequest).where(LoginRequest.expires_at > now)
+    ).one()
+    if waiting >= MAX_PENDING_LOGINS:
+        raise TooManyLogins
     alphabet = "BCDFGHJKLMNPQRSTVWXZ"  # no vowels: no words; no look-alike digits
     code = "".join(secrets.choice(alphabet) for _ in range(8))
     login = LoginRequest(

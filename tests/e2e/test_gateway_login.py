@@ -309,6 +309,18 @@ def test_saml_login_maps_attributes_and_the_token_works_with_kubectl(login_gatew
     )
 
 
+def test_login_pages_load_nothing_and_cannot_be_framed(login_gateway):
+    login = CLILogin(login_gateway)
+    status, headers, page = Browser(login_gateway.ca_file).open(login.url)
+    assert status == 200 and login.code in page
+    assert (
+        headers["Content-Security-Policy"]
+        == "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+    )
+    assert headers["Cache-Control"] == "no-store" and headers["Referrer-Policy"] == "no-referrer"
+    assert "<script" not in page and "http://" not in page.replace(login_gateway.url, "")
+
+
 def test_saml_sp_metadata(login_gateway):
     status, headers, xml = Browser(login_gateway.ca_file).open(f"{login_gateway.url}/login/saml/corp-saml")
     assert status == 200 and headers["Content-Type"].startswith("application/samlmetadata+xml")

@@ -76,9 +76,9 @@ async def test_token_checks_give_reasons_and_see_revocation(database):
     assert await svc.check(token, "prod", only_saml) == AuthFailure(
         "tokens from login provider corp are not accepted here"
     )
-    assert await svc.check("kgt_nope", "prod", None) == AuthFailure(
-        "unknown gateway token: run kubegate login"
-    )
+    assert await svc.check("kgt_nope", "prod", None) == AuthFailure("malformed gateway token")
+    unknown = f"kgt_{'0' * 12}_{'A' * 43}"
+    assert await svc.check(unknown, "prod", None) == AuthFailure("unknown gateway token: run kubegate login")
     await database.run(lambda s: store.revoke_tokens(s, token_id=record.id, by="t"))
     assert await svc.check(token, "prod", None) == AuthFailure("gateway token revoked: run kubegate login")
     expired, _ = await database.run(
@@ -124,6 +124,27 @@ async def test_cli_login_hands_out_one_token_to_the_holder_of_the_verifier(datab
     assert again.value.status == 410
     row = await database.run(lambda s: store.get_login(s, login.id))
     assert row.identity is None  # nothing about the person stays behind
+
+
+async def test_concurrent_checks_of_one_token_share_one_lookup(database):
+    svc = service(database, revocation_check_seconds=60.0)
+    token, _ = await database.run(
+        lambda s: store.mint_token(s, ALICE, ttl_seconds=60, connection=None, description="")
+    )
+    calls = 0
+    real_run = database.run
+
+    async def counting_run(fn):
+        nonlocal calls
+        calls += 1
+        return await real_run(fn)
+
+    database.run = counting_run  # type: ignore[method-assign]
+    answers = await asyncio.gather(*(svc.check(token, "prod", None) for _ in range(20)))
+    assert all(isinstance(a, Identity) for a in answers)
+    assert calls == 1
+    await svc.check(token, "prod", None)
+    assert calls == 1  # cached within revocation_check_seconds
 
 
 def test_seen_assertions_refuse_a_second_use(database):
@@ -357,3 +378,12 @@ def test_login_and_oidc_prefixes_that_could_collide_stop_the_start(tmp_path):
         " overlaps 'corp:' of oidc issuer https://ci.example on connection prod" in proc.stderr
     ), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_waiting_logins_are_capped(database, monkeypatch):
+    monkeypatch.setattr(store, "MAX_PENDING_LOGINS", 3)
+    svc = service(database, login_timeout_seconds=600)
+    for _ in range(3):
+        await svc.start_cli_login("a" * 64, None, "")
+    with pytest.raises(store.TooManyLogins):
+        await svc.start_cli_login("a" * 64, None, "")
