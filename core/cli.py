@@ -226,6 +226,48 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from kubegate.plugins.policy import PLUGIN_NAME, PolicySettings
+    from kubegate.plugins.policy_check import CheckError, check
+
+    from .flow import Identity
+
+    gateway = _load(args.config)
+    connection = gateway.connections.get(args.connection)
+    if connection is None:
+        raise CLIError(
+            f"no connection {args.connection!r} in {args.config} (have: {', '.join(gateway.connections.names)})"
+        )
+    settings = connection.settings_for(PLUGIN_NAME)
+    if not isinstance(settings, PolicySettings):
+        raise CLIError(f"connection {args.connection} does not enable the policy plugin")
+    claims = {}
+    for pair in args.claim:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CLIError(f"--claim takes NAME=VALUE, got {pair!r}")
+        claims[key] = value
+    groups = tuple(g for item in args.group for g in item.split(",") if g)
+    identity = Identity(user=args.as_user, groups=groups, method=args.method, claims=claims)
+    body = None
+    if args.body:
+        try:
+            body = Path(args.body).read_bytes()
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.body}: {exc.strerror}") from None
+    try:
+        request = list(args.request)
+        result = check(settings, identity, request[1:] if request[:1] == ["--"] else request, body)
+    except CheckError as exc:
+        raise CLIError(str(exc)) from None
+    if args.output == "json":
+        result.pop("text")
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(result["text"]))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -266,6 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=".kubegate/demo", help="where the demo writes its files")
     demo.add_argument("--port", type=int, default=8443, help="gateway port (default 8443)")
     demo.set_defaults(func=cmd_demo)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="check", required=True)
+    pcheck = policy_sub.add_parser(
+        "check",
+        help="which policy rule decides a request, and why (no cluster is called)",
+        description="Examples: kubegate policy check --connection prod --as alice --group developers -- "
+        "kubectl delete pod web -n prod;  ... -- DELETE /api/v1/namespaces/prod/pods/web",
+    )
+    pcheck.add_argument("--config", "-c", default="kubegate.yaml")
+    pcheck.add_argument("--connection", required=True)
+    pcheck.add_argument("--as", dest="as_user", required=True, metavar="USER", help="the caller's user name")
+    pcheck.add_argument("--group", "--groups", action="append", default=[], help="a group (repeat, or a,b)")
+    pcheck.add_argument("--method", default="", help="authentication method, e.g. oidc or login:oidc")
+    pcheck.add_argument("--claim", action="append", default=[], help="NAME=VALUE of a kept claim (repeat)")
+    pcheck.add_argument("--body", help="file with the request body (for conditions on `object`)")
+    pcheck.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    pcheck.add_argument("request", nargs=argparse.REMAINDER, help="-- kubectl ... | -- METHOD /path")
+    pcheck.set_defaults(func=cmd_policy_check)
 
     def add_target(p: argparse.ArgumentParser) -> None:
         p.add_argument(

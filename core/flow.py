@@ -57,6 +57,19 @@ class Verdict(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalSpec:
+    """What a "needs approval" decision asks of the approval plugin: who may approve, how many, for how long
+    the request waits, and what an approval grants (`once`: this request; `window`: the rule's requests by
+    the same identity for `window_seconds`)."""
+
+    reviewer_groups: tuple[str, ...]
+    min_approvals: int = 1
+    ttl_seconds: int = 900
+    scope: str = "once"
+    window_seconds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer of a decision plugin. The strictest answer wins: deny > needs_approval > allow."""
 
@@ -64,6 +77,7 @@ class Decision:
     reason: str = ""
     rule: str = ""
     plugin: str = ""
+    approval: ApprovalSpec | None = None  # with NEEDS_APPROVAL
 
     @classmethod
     def allow(cls, reason: str = "", rule: str = "") -> Decision:

@@ -131,11 +131,29 @@ def kubegate_decide(flow: Flow) -> Decision | Awaitable[Decision | None] | None:
     Every enabled plugin is asked; the strictest answer wins (deny, then needs approval, then allow).
     None means no opinion; when nobody has one, the request is allowed (cluster RBAC still applies,
     because the API server sees the caller through impersonation). A "needs approval" answer that is still
-    the strictest when all plugins have answered is refused with 403: an approval plugin holds the request
-    inside its own ``kubegate_decide`` and answers allow or deny once reviewers have decided. A plugin that needs the body awaits
-    ``flow.request.read_body()``. Called for REST requests and before a WebSocket upgrade is relayed.
+    the strictest when all plugins have answered goes to ``kubegate_approval``; say who may approve in
+    ``Decision.approval``. A plugin that needs the body awaits ``flow.request.read_body()``. Called for REST
+    requests and before a WebSocket upgrade is relayed.
 
     :param flow: the request, with ``flow.identity`` and ``flow.attributes`` set.
+    """
+
+
+@hookspec
+def kubegate_approval(flow: Flow, decision: Decision) -> Decision | Awaitable[Decision | None] | None:
+    """Resolve a decision that needs approval: hold the request until it is approved, denied or expires.
+
+    Called when the combined ``kubegate_decide`` answer is ``needs_approval``; the first non-None answer
+    wins. Return :meth:`Decision.allow` to let the request through (it then goes upstream as if never
+    held), or a deny decision whose reason the client sees as a 403 ``Status``. ``decision.approval``
+    says who may approve and what an approval grants. No answer (no approval plugin enabled) → 403.
+
+    The hold happens before anything is sent upstream and, for exec/attach/port-forward, before the
+    WebSocket upgrade is answered.
+
+    :param flow: the held request (identity, attributes; the body is readable with
+        ``await flow.request.read_body()`` for REST requests).
+    :param decision: the strictest decision, with ``approval`` set by the policy.
     """
 
 

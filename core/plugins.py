@@ -39,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.static_tokens",
     "kubegate.plugins.oidc",
     "kubegate.plugins.login",
+    "kubegate.plugins.policy",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}
@@ -165,6 +166,7 @@ class ConnectionHooks:
         caller = pm.subset_hook_caller
         self._authenticate = caller("kubegate_authenticate", remove)
         self._decide = caller("kubegate_decide", remove)
+        self._approval = caller("kubegate_approval", remove)
         self._upstream_request = caller("kubegate_upstream_request", remove)
         self._response_headers = caller("kubegate_response_headers", remove)
         self._response_stream = caller("kubegate_response_stream", remove)
@@ -205,6 +207,19 @@ class ConnectionHooks:
             if strictest is None or _DECISION_RANK[decision.verdict] > _DECISION_RANK[strictest.verdict]:
                 strictest = decision
         return strictest
+
+    async def approval(self, flow: Flow, decision: Decision) -> Decision | None:
+        results = self._approval(flow=flow, decision=decision)
+        for index, result in enumerate(results):
+            try:
+                answer = await await_me_maybe(result)
+            except BaseException:
+                _close_pending(results[index + 1 :])
+                raise
+            if answer is not None:
+                _close_pending(results[index + 1 :])
+                return cast(Decision, answer)
+        return None
 
     async def upstream_request(self, flow: Flow) -> None:
         for result in self._upstream_request(flow=flow):

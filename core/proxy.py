@@ -29,6 +29,7 @@ from .flow import (
     AuditEvent,
     AuthFailure,
     BodyTransformer,
+    Decision,
     Flow,
     Frame,
     FrameDirection,
@@ -222,15 +223,25 @@ class Proxy:
             log.exception("decision plugin failed on %s; denying", flow.connection.name)
             raise StatusError(403, "the request was denied because a policy plugin failed") from None
         flow.decision = decision
+        if decision is not None and decision.verdict is Verdict.NEEDS_APPROVAL:
+            flow.decision = decision = await self._hold(flow, decision)
         if decision is not None and decision.verdict is Verdict.DENY:
             raise StatusError(403, decision.reason or "denied by policy", details=_denial_details(flow))
-        if decision is not None and decision.verdict is Verdict.NEEDS_APPROVAL:
-            # Approval plugins hold the request inside their decide hook and answer allow or deny; an
-            # unresolved "needs approval" means none is enabled here, so the request is refused.
-            raise StatusError(
-                403, decision.reason or "this request needs approval, and no approval plugin is enabled"
-            )
         return impersonation_headers(answer)
+
+    async def _hold(self, flow: Flow, decision: Decision) -> Decision:
+        """Ask the approval plugins; anything but an answer of allow or deny refuses (fail closed)."""
+        try:
+            resolved = await flow.connection.hooks.approval(flow, decision)
+        except StatusError:
+            raise
+        except Exception:
+            log.exception("approval plugin failed on %s; denying", flow.connection.name)
+            raise StatusError(403, "the request was denied because the approval plugin failed") from None
+        if resolved is None or resolved.verdict is Verdict.NEEDS_APPROVAL:
+            reason = decision.reason or "this request needs approval"
+            return Decision(Verdict.DENY, f"{reason}, and no approval plugin is enabled", decision.rule)
+        return resolved
 
     def _upstream_url(self, flow: Flow) -> str:
         url = flow.connection.upstream.base_url + flow.request.path
@@ -716,6 +727,8 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
             "reason": flow.decision.reason,
             "rule": flow.decision.rule,
         },
+        "policy": flow.state.get("policy"),
+        "approval": flow.state.get("approval"),
         "status": flow.response.status,
         "bytes": flow.response.bytes_sent,
         "latency_ms": round(flow.latency_ms, 3),

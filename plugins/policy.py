@@ -1,0 +1,342 @@
+"""The `policy` plugin: ordered rules per connection that allow, deny (guardrails) or require approval.
+
+Evaluation order (documented in docs/policy.md): rules are tried top to bottom; the first rule whose
+`match` holds decides. A rule in dry-run mode (or every rule, with `dry_run: true` on the policy) never
+decides: what it would have done is recorded in the audit event and evaluation goes on. No rule decides →
+the connection's `default` (allow or deny). Within `match`, every given field must hold; a list matches
+when any element does; an empty or missing field matches everything. `condition` (CEL) is evaluated last,
+only when everything else matched, and reads the request body only then.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import celpy
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from kubegate.core.flow import ApprovalSpec, Decision, Flow, Identity, Verdict
+from kubegate.core.plugins import hookimpl
+
+PLUGIN_NAME = "policy"
+log = logging.getLogger("kubegate.policy")
+
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
+MAX_CONDITION_BODY_BYTES = 3 * 1024 * 1024
+
+
+class RuleMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[str] = Field(default_factory=list, description="User name globs.")
+    groups: list[str] = Field(default_factory=list, description="Group globs; any of the identity's groups.")
+    methods: list[str] = Field(
+        default_factory=list, description="Authentication method globs (`login:*`, `oidc`)."
+    )
+    claims: dict[str, str] = Field(default_factory=dict, description="Claim name → glob on its value.")
+    verbs: list[str] = Field(default_factory=list)
+    api_groups: list[str] = Field(default_factory=list, description='API groups; "" is the core group.')
+    resources: list[str] = Field(default_factory=list, description="`pods`, `pods/exec`, `pods/*`, `*`.")
+    namespaces: list[str] = Field(default_factory=list, description="Namespace globs.")
+    names: list[str] = Field(default_factory=list, description="Object name globs.")
+    commands: list[str] = Field(
+        default_factory=list, description="Globs on an exec's command line (argv joined by spaces)."
+    )
+    condition: str | None = Field(None, description="CEL expression that must be true.")
+    _program: Any = PrivateAttr(None)
+    _reads_object: bool = PrivateAttr(False)
+
+    @field_validator("verbs")
+    @classmethod
+    def _known_verbs(cls, verbs: list[str]) -> list[str]:
+        for verb in verbs:
+            if verb != "*" and verb not in VERBS:
+                raise ValueError(f"unknown verb {verb!r} (known: {', '.join(sorted(VERBS))}, *)")
+        return verbs
+
+    @model_validator(mode="after")
+    def _compile(self) -> RuleMatch:
+        if self.condition:
+            try:
+                environment = celpy.Environment()
+                self._program = environment.program(environment.compile(self.condition))
+            except Exception as exc:  # celpy raises its parser's own error types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+                raise ValueError(f"invalid CEL condition: {first}") from None
+            self._reads_object = "object" in self.condition or "oldObject" in self.condition
+        return self
+
+
+class RuleApproval(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer_groups: list[str] = Field(min_length=1, description="Who may approve (any of these groups).")
+    min_approvals: int = Field(1, ge=1, le=10, description="Distinct reviewers needed.")
+    ttl_seconds: int = Field(900, ge=10, le=7 * 86400, description="How long a request waits for review.")
+    scope: Literal["once", "window"] = "once"
+    window_seconds: int | None = Field(None, ge=60, le=30 * 86400, description="For scope `window`.")
+
+    @model_validator(mode="after")
+    def _window(self) -> RuleApproval:
+        if self.scope == "window" and self.window_seconds is None:
+            raise ValueError("scope window needs window_seconds")
+        if self.scope == "once" and self.window_seconds is not None:
+            raise ValueError("window_seconds is only for scope window")
+        return self
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    match: RuleMatch = Field(default_factory=lambda: RuleMatch())
+    action: Literal["allow", "deny", "approve"]
+    message: str = Field("", description="Shown by kubectl for deny; to reviewers for approve.")
+    approval: RuleApproval | None = None
+    dry_run: bool = Field(False, description="Only record what this rule would have done.")
+
+    @model_validator(mode="after")
+    def _approval(self) -> Rule:
+        if self.action == "approve" and self.approval is None:
+            raise ValueError(f"rule {self.name}: action approve needs an approval block")
+        if self.action != "approve" and self.approval is not None:
+            raise ValueError(f"rule {self.name}: approval is only for action approve")
+        return self
+
+
+class PolicySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: Literal["allow", "deny"] = Field("allow", description="When no rule decides.")
+    dry_run: bool = Field(False, description="Every rule only records what it would have done.")
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[Rule]) -> list[Rule]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return rules
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """What a rule is matched against: a flow's facts, or those `kubegate policy check` built."""
+
+    identity: Identity
+    verb: str
+    api_group: str = ""
+    api_version: str = ""
+    resource: str = ""  # with subresource: pods/exec
+    namespace: str = ""
+    name: str = ""
+    path: str = ""
+    command: list[str] = field(default_factory=list)
+    body: bytes | None = None  # None: not read (yet)
+
+
+@dataclass
+class Outcome:
+    rule: Rule | None
+    action: str  # allow, deny, approve
+    reason: str
+    dry_run: list[dict[str, str]] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)  # why each rule did or did not match, for `policy check`
+
+
+def _any_glob(patterns: list[str], value: str) -> bool:
+    return any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
+
+
+def _mismatch(match: RuleMatch, req: Request) -> str | None:
+    """Why `match` does not hold for `req` (None when everything but the condition matches)."""
+    who = req.identity
+    if match.users and not _any_glob(match.users, who.user):
+        return f"user {who.user} not in {match.users}"
+    if match.groups and not any(_any_glob(match.groups, g) for g in who.groups):
+        return f"groups {list(who.groups)} not in {match.groups}"
+    if match.methods and not _any_glob(match.methods, who.method):
+        return f"auth method {who.method} not in {match.methods}"
+    for claim, pattern in match.claims.items():
+        value = who.claims.get(claim)
+        if value is None or not fnmatch.fnmatchcase(str(value), pattern):
+            return f"claim {claim}={value!r} does not match {pattern!r}"
+    if match.verbs and "*" not in match.verbs and req.verb not in match.verbs:
+        return f"verb {req.verb} not in {match.verbs}"
+    if match.api_groups and "*" not in match.api_groups and req.api_group not in match.api_groups:
+        return f"API group {req.api_group!r} not in {match.api_groups}"
+    if match.resources and not _any_glob(match.resources, req.resource):
+        return f"resource {req.resource or '(none)'} not in {match.resources}"
+    if match.namespaces and not _any_glob(match.namespaces, req.namespace):
+        return f"namespace {req.namespace or '(cluster)'} not in {match.namespaces}"
+    if match.names and not _any_glob(match.names, req.name):
+        return f"name {req.name or '(none)'} not in {match.names}"
+    if match.commands and not (req.command and _any_glob(match.commands, " ".join(req.command))):
+        return f"command {' '.join(req.command) or '(none)'} not in {match.commands}"
+    return None
+
+
+def cel_activation(req: Request) -> dict[str, Any]:
+    """The CEL variables, named as in Kubernetes' ValidatingAdmissionPolicy where they exist there."""
+    body: Any = None
+    if req.body:
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            body = None  # not JSON (protobuf, YAML): conditions on `object` see null
+    who = req.identity
+    return {
+        "request": {
+            "verb": req.verb,
+            "resource": {
+                "group": req.api_group,
+                "version": req.api_version,
+                "resource": req.resource.split("/")[0],
+            },
+            "subResource": req.resource.partition("/")[2],
+            "namespace": req.namespace,
+            "name": req.name,
+            "path": req.path,
+            "userInfo": {"username": who.user, "groups": list(who.groups), "uid": who.uid},
+        },
+        "identity": {
+            "user": who.user,
+            "groups": list(who.groups),
+            "method": who.method,
+            "issuer": who.issuer,
+            "claims": who.claims,
+        },
+        "object": body,
+        "command": list(req.command),
+    }
+
+
+def _condition(match: RuleMatch, req: Request) -> tuple[bool, str]:
+    try:
+        result = match._program.evaluate(celpy.json_to_cel(cel_activation(req)))
+    except Exception as exc:  # an evaluation error (missing field, wrong type) means "does not match"
+        return False, f"condition error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+    if isinstance(result, celpy.CELEvalError):
+        return False, f"condition error: {result.args[0] if result.args else result}"
+    return bool(result) is True, f"condition {'true' if result else 'false'}"
+
+
+def evaluate(settings: PolicySettings, req: Request) -> Outcome:
+    """The rules against one request, in order. Pure (no I/O): the caller has read the body if needed."""
+    dry: list[dict[str, str]] = []
+    trace: list[str] = []
+    for rule in settings.rules:
+        why_not = _mismatch(rule.match, req)
+        if why_not is None and rule.match._program is not None:
+            matched, detail = _condition(rule.match, req)
+            why_not = None if matched else detail
+        if why_not is not None:
+            trace.append(f"{rule.name}: no match ({why_not})")
+            continue
+        if rule.dry_run or settings.dry_run:
+            trace.append(f"{rule.name}: matched, dry run: would {rule.action}")
+            dry.append({"rule": rule.name, "action": rule.action})
+            continue
+        trace.append(f"{rule.name}: matched → {rule.action}")
+        return Outcome(rule, rule.action, rule.message, dry, trace)
+    trace.append(f"no rule decided → default {settings.default}")
+    return Outcome(None, settings.default, "", dry, trace)
+
+
+def needs_body(settings: PolicySettings, req: Request) -> bool:
+    """Whether some rule that could still decide has a condition on the request object."""
+    return any(rule.match._reads_object and _mismatch(rule.match, req) is None for rule in settings.rules)
+
+
+CONNECT_SUBRESOURCES = {"pods/exec", "pods/attach", "pods/portforward"}
+
+
+def api_verb(verb: str, resource: str) -> str:
+    """The verb a rule sees. exec/attach/port-forward arrive as GET (WebSocket) or POST (SPDY) and the API
+    server authorizes them as `create` on the subresource; so do rules, or "allow get" would allow exec."""
+    return "create" if resource in CONNECT_SUBRESOURCES else verb
+
+
+def request_from_flow(flow: Flow) -> Request:
+    attrs = flow.attributes
+    assert flow.identity is not None
+    command: list[str] = []
+    if attrs.resource == "pods" and attrs.subresource in ("exec", "attach"):
+        command = parse_qs(flow.request.query).get("command", [])
+    return Request(
+        identity=flow.identity,
+        verb=api_verb(attrs.verb, attrs.resource_path),
+        api_group=attrs.api_group,
+        api_version=attrs.api_version,
+        resource=attrs.resource_path,
+        namespace=attrs.namespace,
+        name=attrs.name,
+        path=flow.request.path,
+        command=command,
+        body=flow.request.body,
+    )
+
+
+def decision_for(outcome: Outcome, connection: str) -> Decision:
+    rule = outcome.rule
+    if rule is None:
+        if outcome.action == "deny":
+            return Decision(
+                Verdict.DENY, f"no policy rule allows this on connection {connection}", plugin=PLUGIN_NAME
+            )
+        return Decision(Verdict.ALLOW, plugin=PLUGIN_NAME)
+    if outcome.action == "deny":
+        return Decision(
+            Verdict.DENY, rule.message or f"denied by policy rule {rule.name}", rule.name, PLUGIN_NAME
+        )
+    if outcome.action == "approve":
+        assert rule.approval is not None
+        spec = ApprovalSpec(
+            reviewer_groups=tuple(rule.approval.reviewer_groups),
+            min_approvals=rule.approval.min_approvals,
+            ttl_seconds=rule.approval.ttl_seconds,
+            scope=rule.approval.scope,
+            window_seconds=rule.approval.window_seconds or 0,
+        )
+        message = rule.message or f"policy rule {rule.name} requires approval"
+        return Decision(Verdict.NEEDS_APPROVAL, message, rule.name, PLUGIN_NAME, approval=spec)
+    return Decision(Verdict.ALLOW, rule.message, rule.name, PLUGIN_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def kubegate_plugin_settings() -> type[BaseModel]:
+    return PolicySettings
+
+
+@hookimpl
+async def kubegate_decide(flow: Flow) -> Decision | None:
+    settings: PolicySettings = flow.connection.settings_for(PLUGIN_NAME)
+    req = request_from_flow(flow)
+    if req.body is None and not flow.request.websocket and needs_body(settings, req):
+        req.body = await flow.request.read_body()
+    outcome = evaluate(settings, req)
+    if outcome.dry_run:
+        flow.state[PLUGIN_NAME] = {"dry_run": outcome.dry_run}
+        for entry in outcome.dry_run:
+            log.info("policy dry run on %s: rule %s would %s %s %s for %s", flow.connection.name,
+                     entry["rule"], entry["action"], req.verb, req.path, req.identity.user)  # fmt: skip
+    return decision_for(outcome, flow.connection.name)

@@ -1,0 +1,225 @@
+"""`kubegate policy check`: which rule decides a request, and why — without calling a cluster.
+
+The request is given as a kubectl command line (the common verbs and built-in resource types, translated
+the way kubectl would send them) or as a raw `METHOD /path?query`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from kubegate.core.attributes import parse_request
+from kubegate.core.flow import Identity
+
+from .policy import Outcome, PolicySettings, Request, api_verb, evaluate
+
+# kubectl's short names → (plural, API group, version, namespaced)
+RESOURCES: dict[str, tuple[str, str, str, bool]] = {}
+for names, plural, group, version, namespaced in [
+    (("pod", "pods", "po"), "pods", "", "v1", True),
+    (("service", "services", "svc"), "services", "", "v1", True),
+    (("secret", "secrets"), "secrets", "", "v1", True),
+    (("configmap", "configmaps", "cm"), "configmaps", "", "v1", True),
+    (("serviceaccount", "serviceaccounts", "sa"), "serviceaccounts", "", "v1", True),
+    (("persistentvolumeclaim", "persistentvolumeclaims", "pvc"), "persistentvolumeclaims", "", "v1", True),
+    (("event", "events", "ev"), "events", "", "v1", True),
+    (("endpoints", "ep"), "endpoints", "", "v1", True),
+    (("namespace", "namespaces", "ns"), "namespaces", "", "v1", False),
+    (("node", "nodes", "no"), "nodes", "", "v1", False),
+    (("persistentvolume", "persistentvolumes", "pv"), "persistentvolumes", "", "v1", False),
+    (("deployment", "deployments", "deploy"), "deployments", "apps", "v1", True),
+    (("statefulset", "statefulsets", "sts"), "statefulsets", "apps", "v1", True),
+    (("daemonset", "daemonsets", "ds"), "daemonsets", "apps", "v1", True),
+    (("replicaset", "replicasets", "rs"), "replicasets", "apps", "v1", True),
+    (("job", "jobs"), "jobs", "batch", "v1", True),
+    (("cronjob", "cronjobs", "cj"), "cronjobs", "batch", "v1", True),
+    (("ingress", "ingresses", "ing"), "ingresses", "networking.k8s.io", "v1", True),
+    (("networkpolicy", "networkpolicies", "netpol"), "networkpolicies", "networking.k8s.io", "v1", True),
+    (("role", "roles"), "roles", "rbac.authorization.k8s.io", "v1", True),
+    (("rolebinding", "rolebindings"), "rolebindings", "rbac.authorization.k8s.io", "v1", True),
+    (("clusterrole", "clusterroles"), "clusterroles", "rbac.authorization.k8s.io", "v1", False),
+    (("clusterrolebinding", "clusterrolebindings"), "clusterrolebindings", "rbac.authorization.k8s.io", "v1", False),
+    (("customresourcedefinition", "customresourcedefinitions", "crd", "crds"), "customresourcedefinitions",
+     "apiextensions.k8s.io", "v1", False),
+]:  # fmt: skip
+    for name in names:
+        RESOURCES[name] = (plural, group, version, namespaced)
+
+# kubectl verb → (HTTP method, API verb, subresource); the API verb is what parse_request derives again
+VERBS = {
+    "get": ("GET", "get", ""),
+    "describe": ("GET", "get", ""),
+    "delete": ("DELETE", "delete", ""),
+    "edit": ("PATCH", "patch", ""),
+    "patch": ("PATCH", "patch", ""),
+    "label": ("PATCH", "patch", ""),
+    "annotate": ("PATCH", "patch", ""),
+    "scale": ("PATCH", "patch", "scale"),
+    "exec": ("GET", "create", "exec"),
+    "attach": ("GET", "create", "attach"),
+    "logs": ("GET", "get", "log"),
+    "port-forward": ("GET", "create", "portforward"),
+    "cp": ("GET", "create", "exec"),
+}
+FLAGS_WITH_VALUE = {"-n", "--namespace", "-c", "--container", "-o", "--output", "-l", "--selector",
+                    "--context", "--kubeconfig", "-f", "--filename", "--replicas", "--type", "-p", "--patch"}  # fmt: skip
+
+
+class CheckError(Exception):
+    """The command line cannot be turned into a request; the message says why."""
+
+
+def request_from_kubectl(argv: list[str], default_namespace: str = "default") -> tuple[str, str, str]:
+    """(HTTP method, path, query) of what `kubectl ARGV` sends for its main request."""
+    args, command = argv, []
+    if "--" in args:
+        at = args.index("--")
+        args, command = args[:at], args[at + 1 :]
+    if args and args[0] == "kubectl":
+        args = args[1:]
+    if not args:
+        raise CheckError("give a kubectl command, e.g. -- kubectl delete pod web -n prod")
+    verb, rest = args[0], args[1:]
+    if verb not in VERBS:
+        raise CheckError(f"kubectl {verb} is not understood here; give the raw request (METHOD /path)")
+    namespace, all_namespaces, positional = default_namespace, False, []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-n", "--namespace"):
+            namespace, i = rest[i + 1] if i + 1 < len(rest) else "", i + 2
+            continue
+        if arg.startswith("--namespace="):
+            namespace = arg.split("=", 1)[1]
+        elif arg in ("-A", "--all-namespaces"):
+            all_namespaces = True
+        elif arg in FLAGS_WITH_VALUE:
+            i += 1
+        elif not arg.startswith("-"):
+            positional.append(arg)
+        i += 1
+    method, _, subresource = VERBS[verb]
+    if verb in ("exec", "attach", "logs", "port-forward"):
+        kind, name = "pods", positional[0] if positional else ""
+        if "/" in name:
+            kind, name = name.split("/", 1)
+        positional = [kind, name]
+    elif verb == "cp":
+        remote = next((p for p in positional if ":" in p), "")
+        pod = remote.split(":", 1)[0]
+        if "/" in pod:
+            namespace, pod = pod.split("/", 1)
+        positional, command = ["pods", pod], ["tar", "cf", "-", remote.split(":", 1)[1] if remote else ""]
+    if not positional:
+        raise CheckError(f"kubectl {verb}: which resource?")
+    kind, name = positional[0], positional[1] if len(positional) > 1 else ""
+    if "/" in kind:
+        kind, name = kind.split("/", 1)
+    kind = kind.lower().split(".", 1)[0]
+    if kind not in RESOURCES:
+        raise CheckError(f"resource type {kind!r} is not known here; give the raw request (METHOD /path)")
+    plural, group, version, namespaced = RESOURCES[kind]
+    base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+    if namespaced and not all_namespaces:
+        base += f"/namespaces/{namespace}"
+    path = f"{base}/{plural}" + (f"/{name}" if name else "")
+    if subresource:
+        if not name:
+            raise CheckError(f"kubectl {verb} needs a name")
+        path += f"/{subresource}"
+    query = ""
+    if subresource in ("exec", "attach"):
+        query = urlencode([("command", c) for c in command] + [("stdout", "true"), ("stderr", "true")])
+    if verb == "delete" and not name:
+        method = "DELETE"  # deletecollection
+    return method, path, query
+
+
+def build_request(identity: Identity, argv: list[str], body: bytes | None) -> Request:
+    if argv and argv[0].upper() in ("GET", "POST", "PUT", "PATCH", "DELETE") and len(argv) == 2:
+        parts = urlsplit(argv[1])
+        method, path, query = argv[0].upper(), parts.path, parts.query
+        if not path.startswith("/"):
+            raise CheckError(
+                "a raw request is METHOD /path[?query], e.g. DELETE /api/v1/namespaces/prod/pods/web"
+            )
+    else:
+        method, path, query = request_from_kubectl(argv)
+    attrs = parse_request(method, path, query)
+    command = [v for k, v in _pairs(query) if k == "command"]
+    return Request(
+        identity=identity,
+        verb=api_verb(attrs.verb, attrs.resource_path),
+        api_group=attrs.api_group,
+        api_version=attrs.api_version,
+        resource=attrs.resource_path,
+        namespace=attrs.namespace,
+        name=attrs.name,
+        path=path + (f"?{query}" if query else ""),
+        command=command,
+        body=body,
+    )
+
+
+def _pairs(query: str) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(query, keep_blank_values=True)
+
+
+def describe(req: Request, outcome: Outcome) -> list[str]:
+    who = req.identity
+    what = f"{req.verb} {req.resource or req.path}"
+    if req.name:
+        what += f" {req.name!r}"
+    if req.namespace:
+        what += f" in namespace {req.namespace}"
+    if req.command:
+        what += f" running {shlex.join(req.command)}"
+    lines = [
+        f"request:  {what} ({req.path})",
+        f"as:       {who.user} (groups: {', '.join(who.groups) or 'none'}; method: {who.method or '-'})",
+        "rules:",
+        *(f"  {line}" for line in outcome.trace),
+    ]
+    rule = outcome.rule
+    if outcome.action == "approve" and rule is not None and rule.approval is not None:
+        a = rule.approval
+        scope = "this request only" if a.scope == "once" else f"a {a.window_seconds} s window"
+        lines.append(
+            f"decision: approve by rule {rule.name} — {a.min_approvals} approval(s) from "
+            f"{', '.join(a.reviewer_groups)}; waits up to {a.ttl_seconds} s; grants {scope}"
+        )
+    elif rule is not None:
+        lines.append(
+            f"decision: {outcome.action} by rule {rule.name}" + (f": {rule.message}" if rule.message else "")
+        )
+    else:
+        lines.append(f"decision: {outcome.action} (the connection's default)")
+    for entry in outcome.dry_run:
+        lines.append(f"dry run:  rule {entry['rule']} would {entry['action']} (recorded, not enforced)")
+    return lines
+
+
+def check(
+    settings: PolicySettings, identity: Identity, argv: list[str], body: bytes | None
+) -> dict[str, Any]:
+    req = build_request(identity, argv, body)
+    outcome = evaluate(settings, req)
+    return {
+        "request": {
+            "verb": req.verb,
+            "resource": req.resource,
+            "namespace": req.namespace,
+            "name": req.name,
+            "path": req.path,
+            "command": req.command,
+        },
+        "decision": outcome.action,
+        "rule": outcome.rule.name if outcome.rule else None,
+        "dry_run": outcome.dry_run,
+        "trace": outcome.trace,
+        "text": describe(req, outcome),
+    }
