@@ -1,0 +1,185 @@
+"""Policy rules without a network: matching, order, default, dry run, CEL conditions, config errors, and
+`kubegate policy check`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from kubetest import KUBEGATE, base_config, run_kubegate
+
+from kubegate.core.flow import Identity, Verdict
+from kubegate.plugins.policy import PolicySettings, Request, decision_for, evaluate
+
+RULES = {
+    "default": "deny",
+    "rules": [
+        {"name": "allow-reads", "match": {"verbs": ["get", "list", "watch"]}, "action": "allow"},
+        {"name": "no-bot-deletes", "match": {"groups": ["ci", "bots-*"], "verbs": ["delete", "deletecollection"],
+                                             "namespaces": ["prod"]},
+         "action": "deny", "message": "bots may not delete in prod"},
+        {"name": "deletes-need-approval", "match": {"verbs": ["delete"], "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "min_approvals": 2}},
+        {"name": "exec-prod", "match": {"resources": ["pods/exec"], "namespaces": ["prod"], "commands": ["sh*"]},
+         "action": "approve",
+         "approval": {"reviewer_groups": ["reviewers"], "scope": "window", "window_seconds": 3600}},
+        {"name": "gha-deploys", "match": {"methods": ["oidc"], "claims": {"repository": "acme/*"},
+                                          "verbs": ["patch"], "resources": ["deployments"], "api_groups": ["apps"]},
+         "action": "allow"},
+        {"name": "no-privileged", "match": {"verbs": ["create"], "resources": ["pods"], "condition":
+            "object.spec.containers.exists(c, has(c.securityContext) && c.securityContext.privileged == true)"},
+         "action": "deny", "message": "privileged pods are not allowed"},
+        {"name": "dev-anything", "match": {"namespaces": ["dev-*"]}, "action": "allow"},
+    ],
+}  # fmt: skip
+ALICE = Identity(user="alice", groups=("developers",), method="login:oidc")
+BOT = Identity(user="ci-bot", groups=("ci",), method="static-tokens")
+
+
+def settings(**overrides) -> PolicySettings:
+    return PolicySettings.model_validate({**RULES, **overrides})
+
+
+def req(identity: Identity = ALICE, verb: str = "get", resource: str = "pods", namespace: str = "prod", **kw):
+    return Request(identity=identity, verb=verb, resource=resource, namespace=namespace, **kw)
+
+
+@pytest.mark.parametrize(
+    ("request_", "action", "rule"),
+    [
+        (req(verb="list"), "allow", "allow-reads"),
+        (req(BOT, verb="delete", name="web"), "deny", "no-bot-deletes"),
+        (req(verb="delete", name="web"), "approve", "deletes-need-approval"),  # the first match decides
+        (req(verb="delete", name="web", namespace="staging"), "deny", None),  # default
+        (req(verb="create", resource="pods/exec", name="web", command=["sh", "-c", "ls"]), "approve", "exec-prod"),
+        (req(verb="create", resource="pods/exec", name="web", command=["cat", "/etc/passwd"]), "deny", None),
+        (req(Identity(user="gh", method="oidc", claims={"repository": "acme/web"}), verb="patch",
+             resource="deployments", api_group="apps"), "allow", "gha-deploys"),
+        (req(Identity(user="gh", method="oidc", claims={"repository": "evil/web"}), verb="patch",
+             resource="deployments", api_group="apps"), "deny", None),
+        (req(verb="create", namespace="dev-1", body=b'{"spec":{"containers":[{"securityContext":{"privileged":true}}]}}'),
+         "deny", "no-privileged"),
+        (req(verb="create", namespace="dev-1", body=b'{"spec":{"containers":[{"name":"ok"}]}}'), "allow", "dev-anything"),
+        (req(verb="create", namespace="dev-1", body=b"\x00protobuf"), "allow", "dev-anything"),  # not JSON: no match
+    ],
+)  # fmt: skip
+def test_first_matching_rule_decides(request_, action, rule):
+    outcome = evaluate(settings(), request_)
+    assert (outcome.action, outcome.rule.name if outcome.rule else None) == (action, rule), outcome.trace
+
+
+def test_decisions_carry_messages_and_approval_requirements():
+    deny = decision_for(evaluate(settings(), req(BOT, verb="delete")), "prod")
+    assert (deny.verdict, deny.reason, deny.rule) == (
+        Verdict.DENY,
+        "bots may not delete in prod",
+        "no-bot-deletes",
+    )
+    approve = decision_for(evaluate(settings(), req(verb="delete")), "prod")
+    assert approve.verdict is Verdict.NEEDS_APPROVAL and approve.approval is not None
+    assert approve.approval.reviewer_groups == ("reviewers",) and approve.approval.min_approvals == 2
+    default = decision_for(evaluate(settings(), req(verb="delete", namespace="x")), "prod")
+    assert (
+        default.verdict is Verdict.DENY and default.reason == "no policy rule allows this on connection prod"
+    )
+
+
+def test_dry_run_records_and_goes_on():
+    rules = [dict(r) for r in RULES["rules"]]
+    rules[1] = {**rules[1], "dry_run": True}
+    outcome = evaluate(settings(rules=rules), req(BOT, verb="delete", name="web"))
+    assert outcome.dry_run == [{"rule": "no-bot-deletes", "action": "deny"}]
+    assert outcome.rule.name == "deletes-need-approval"
+    everything = evaluate(settings(dry_run=True), req(BOT, verb="delete"))
+    assert everything.rule is None and everything.action == "deny"  # the default still applies
+    assert [d["rule"] for d in everything.dry_run] == ["no-bot-deletes", "deletes-need-approval"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "key", "reason"),
+    [
+        ({"rules": [{"name": "r", "match": {"verbz": ["get"]}, "action": "allow"}]},
+         "connections.prod.plugins.policy.rules.0.match.verbz", "unknown key"),
+        ({"rules": [{"name": "r", "match": {"verbs": ["destroy"]}, "action": "deny"}]},
+         "connections.prod.plugins.policy.rules.0.match.verbs", "unknown verb 'destroy'"),
+        ({"rules": [{"name": "r", "match": {"condition": "object.spec. =="}, "action": "deny"}]},
+         "connections.prod.plugins.policy.rules.0.match", "invalid CEL condition"),
+        ({"rules": [{"name": "r", "action": "approve"}]},
+         "connections.prod.plugins.policy.rules.0", "rule r: action approve needs an approval block"),
+        ({"rules": [{"name": "r", "action": "allow"}, {"name": "r", "action": "deny"}]},
+         "connections.prod.plugins.policy.rules", "rule name 'r' is used twice"),
+        ({"rules": [{"name": "r", "action": "approve", "approval": {"reviewer_groups": ["x"], "scope": "window"}}]},
+         "connections.prod.plugins.policy.rules.0.approval", "scope window needs window_seconds"),
+        ({"default": "maybe"}, "connections.prod.plugins.policy.default", "allow"),
+    ],
+)  # fmt: skip
+def test_bad_policy_fails_at_load_naming_the_rule(tmp_path, policy, key, reason):
+    config = base_config(tmp_path)
+    config["connections"]["prod"]["plugins"]["policy"] = policy
+    proc = run_kubegate(tmp_path, config)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.startswith(f"kubegate: error: {tmp_path / 'kubegate.yaml'}: {key}: "), line
+    assert reason in line
+
+
+def policy_check(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    config = base_config(tmp_path)
+    config["connections"]["prod"]["plugins"]["policy"] = RULES
+    path = tmp_path / "kubegate.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([KUBEGATE, "policy", "check", "-c", str(path), "--connection", "prod", *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "decision", "rule", "request_"),
+    [
+        (["--as", "alice", "--group", "developers", "--", "kubectl", "delete", "pod", "web", "-n", "prod"],
+         "approve", "deletes-need-approval", {"verb": "delete", "resource": "pods", "namespace": "prod", "name": "web"}),
+        (["--as", "ci-bot", "--group", "ci", "--", "kubectl", "delete", "pods/web", "--namespace=prod"],
+         "deny", "no-bot-deletes", {"verb": "delete", "name": "web"}),
+        (["--as", "alice", "--", "kubectl", "exec", "-it", "web", "-n", "prod", "--", "sh", "-c", "ls"],
+         "approve", "exec-prod", {"verb": "create", "resource": "pods/exec", "command": ["sh", "-c", "ls"]}),
+        (["--as", "alice", "--", "kubectl", "get", "deploy", "-A"], "allow", "allow-reads",
+         {"verb": "list", "resource": "deployments", "namespace": ""}),
+        (["--as", "alice", "--", "kubectl", "logs", "web", "-n", "prod"], "allow", "allow-reads",
+         {"verb": "get", "resource": "pods/log"}),
+        (["--as", "gh", "--method", "oidc", "--claim", "repository=acme/web", "--", "PATCH",
+          "/apis/apps/v1/namespaces/prod/deployments/web"], "allow", "gha-deploys", {"verb": "patch"}),
+        (["--as", "alice", "--", "DELETE", "/api/v1/namespaces/prod/pods"], "deny", None,
+         {"verb": "deletecollection", "resource": "pods"}),
+    ],
+)  # fmt: skip
+def test_policy_check_explains_the_decision(tmp_path, args, decision, rule, request_):
+    proc = policy_check(tmp_path, "-o", "json", *args)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["decision"], result["rule"]) == (decision, rule), result["trace"]
+    assert request_.items() <= result["request"].items()
+
+
+def test_policy_check_text_names_the_rules_it_passed(tmp_path):
+    proc = policy_check(
+        tmp_path, "--as", "ci-bot", "--group", "ci", "--", "kubectl", "delete", "pod", "web", "-n", "prod"
+    )
+    assert proc.returncode == 0
+    assert "allow-reads: no match (verb delete not in ['get', 'list', 'watch'])" in proc.stdout
+    assert "decision: deny by rule no-bot-deletes: bots may not delete in prod" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--as", "a", "--", "kubectl", "frobnicate", "x"], "kubectl frobnicate is not understood here"),
+        (["--as", "a", "--", "kubectl", "get", "widgets"], "resource type 'widgets' is not known here"),
+        (["--as", "a"], "give a kubectl command"),
+        (["--as", "a", "--claim", "novalue", "--", "kubectl", "get", "pods"], "--claim takes NAME=VALUE"),
+    ],
+)
+def test_policy_check_errors_are_one_line(tmp_path, args, message):
+    proc = policy_check(tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
