@@ -74,6 +74,9 @@ class Connection:
     hooks: ConnectionHooks
     plugin_settings: dict[str, BaseModel | None] = field(default_factory=dict)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # Objects plugins attach to this connection at startup (a service shared with the gateway), by plugin
+    # name; per-request state belongs on the flow instead.
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def enabled_plugins(self) -> list[str]:

@@ -40,6 +40,18 @@ def _load(config: str):
     return Gateway.from_config(Path(config))
 
 
+def _database(config: str):
+    """The gateway's database from the config's top level only (no plugins are loaded or validated)."""
+    from .config import parse_settings
+    from .db import Database, DatabaseError, default_url
+
+    settings = parse_settings(Path(config))
+    try:
+        return Database(settings.database.url or default_url(settings.state_dir))
+    except DatabaseError as exc:
+        raise ConfigError(config, "database.url", str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import StartupError, run
 
@@ -194,7 +206,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from kubegate.core.db import DatabaseError
     from kubegate.plugins.login import store
 
-    database = _load(args.config).database
+    database = _database(args.config)
     try:
         if args.tokens_command == "list":
             records = database.call(lambda s: store.list_tokens(s, user=args.user, include_inactive=args.all))
@@ -265,6 +277,58 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print("\n".join(result["text"]))
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from kubegate.plugins.approvals.client import describe, request, table, token_for
+    from kubegate.plugins.login.client import ClientError
+
+    target = _target(args)
+    try:
+        token = token_for(target, args.token)
+        if args.approvals_command == "list":
+            answer = request(target, token, "GET", f"/api/approvals?state={args.state}")
+            items = answer["items"]
+            print(json.dumps(items, indent=2) if args.output == "json" else "\n".join(table(items)))
+        elif args.approvals_command == "show":
+            item = request(target, token, "GET", f"/api/approvals/{args.id}")
+            print(json.dumps(item, indent=2) if args.output == "json" else "\n".join(describe(item)))
+        else:
+            action = args.approvals_command
+            item = request(
+                target, token, "POST", f"/api/approvals/{args.id}/{action}", {"comment": args.comment}
+            )
+            print(f"{args.id}: {item['state']} ({len(item['approvals'])} of {item['min_approvals']} approvals)"
+                  if action == "approve" else f"{args.id}: denied")  # fmt: skip
+    except ClientError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    from kubegate.core.db import DatabaseError
+    from kubegate.plugins.approvals import store
+
+    database = _database(args.config)
+    try:
+        if args.grants_command == "list":
+            grants = database.call(lambda s: store.list_grants(s, include_inactive=args.all))
+            now = time.time()
+            print(f"{'ID':<11} {'USER':<28} {'CONNECTION':<12} {'RULE':<24} {'EXPIRES':<17} STATE")
+            for g in grants:
+                expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.expires_at))
+                print(
+                    f"{g.id:<11} {g.user[:28]:<28} {g.connection:<12} {g.rule[:24]:<24} {expires:<17} {g.state(now)}"
+                )
+            return 0
+        by = f"admin ({getpass.getuser()})"
+        grant = database.call(lambda s: store.revoke_grant(s, args.id, by))
+    except DatabaseError as exc:
+        raise CLIError(str(exc)) from None
+    if grant is None:
+        raise CLIError(f"no active grant {args.id}")
+    print(f"revoked grant {grant.id} ({grant.user}, rule {grant.rule})")
     return 0
 
 
@@ -350,6 +414,44 @@ def build_parser() -> argparse.ArgumentParser:
     logout = sub.add_parser("logout", help="revoke and forget the cached token of a connection")
     add_target(logout)
     logout.set_defaults(func=cmd_logout)
+
+    approvals = sub.add_parser("approvals", help="review held requests (with your kubegate login token)")
+    approvals_sub = approvals.add_subparsers(
+        dest="approvals_command", metavar="list|show|approve|deny", required=True
+    )
+    for name, text in [
+        ("list", "requests you may review or made"),
+        ("show", "one request in full"),
+        ("approve", "approve a request"),
+        ("deny", "deny a request"),
+    ]:
+        p = approvals_sub.add_parser(name, help=text)
+        add_target(p)
+        p.add_argument("--token", help="a gateway token (default: the one kubegate login cached)")
+        if name == "list":
+            p.add_argument(
+                "--state", default="pending", help="pending (default), approved, denied, expired, used, all"
+            )
+        else:
+            p.add_argument("id", help="approval request ID")
+        if name in ("approve", "deny"):
+            p.add_argument(
+                "--comment", "-m", default="", help="shown to the requester (kubectl prints a denial's)"
+            )
+        if name in ("list", "show"):
+            p.add_argument("--output", "-o", choices=["text", "json"], default="text")
+        p.set_defaults(func=cmd_approvals)
+
+    grants = sub.add_parser("grants", help="list or revoke time-window grants (reads the gateway's database)")
+    grants_sub = grants.add_subparsers(dest="grants_command", metavar="list|revoke", required=True)
+    grants_list = grants_sub.add_parser("list", help="active grants (all with --all)")
+    grants_list.add_argument("--config", "-c", default="kubegate.yaml")
+    grants_list.add_argument("--all", action="store_true")
+    grants_list.set_defaults(func=cmd_grants)
+    grants_revoke = grants_sub.add_parser("revoke", help="end a grant now")
+    grants_revoke.add_argument("--config", "-c", default="kubegate.yaml")
+    grants_revoke.add_argument("id")
+    grants_revoke.set_defaults(func=cmd_grants)
 
     tokens = sub.add_parser(
         "tokens", help="list or revoke gateway-issued tokens (reads the gateway's database)"

@@ -6,6 +6,7 @@ the decision, the headers sent upstream, the response, and a `state` dict that p
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -114,6 +115,7 @@ class Request:
     subprotocols: list[str] = field(default_factory=list)
     body: bytes | None = None
     _body_reader: Callable[[], Awaitable[bytes]] | None = None
+    _disconnect_waiter: Callable[[], Awaitable[None]] | None = None
 
     def header(self, name: str, default: str = "") -> str:
         lname = name.lower()
@@ -146,6 +148,16 @@ class Request:
         if self.body is None:
             self.body = await self._body_reader() if self._body_reader else b""
         return self.body
+
+    async def wait_disconnected(self) -> None:
+        """Return once the client has gone away: for plugins that hold a request (approvals) and must stop
+        waiting for a client that left. Buffers a REST request's body first."""
+        if not self.websocket:
+            await self.read_body()
+        if self._disconnect_waiter is None:
+            await asyncio.Event().wait()  # not wired (a flow built by a tool): never
+        else:
+            await self._disconnect_waiter()
 
 
 @dataclass(slots=True)

@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.oidc",
     "kubegate.plugins.login",
     "kubegate.plugins.policy",
+    "kubegate.plugins.approvals",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}

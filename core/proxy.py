@@ -287,6 +287,7 @@ class Proxy:
         declared = flow.request.header("content-length")
         body_state = _BodyReader(receive, cap)
         flow.request._body_reader = body_state.read_all
+        flow.request._disconnect_waiter = body_state.until_disconnect
         try:
             if declared.isdigit() and int(declared) > cap:
                 raise _too_large(cap)
@@ -445,6 +446,7 @@ class Proxy:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        flow.request._disconnect_waiter = lambda: _until_websocket_disconnect(receive)
         upstream = flow.connection.upstream
         limits = flow.connection.limits
         try:
@@ -634,6 +636,13 @@ class _BodyReader:
             if chunk:
                 yield chunk
 
+    async def until_disconnect(self) -> None:
+        """After the whole body was read: return when the client disconnects."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return
+
     async def discard(self) -> None:
         """Read and drop the rest of a refused request's body, so an HTTP/1.1 client that is still sending
         can read the refusal; past twice the cap the connection is simply left to close."""
@@ -646,6 +655,14 @@ class _BodyReader:
                     self.complete = True
         except Exception:
             self.complete = True
+
+
+async def _until_websocket_disconnect(receive: Receive) -> None:
+    """Before the upgrade is answered, the only message left to come is the client's disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
 
 
 async def _drain(receive: Receive) -> None:

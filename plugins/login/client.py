@@ -107,14 +107,19 @@ def forget_cached(target: Target) -> dict[str, Any] | None:
     return cached if isinstance(cached, dict) else None
 
 
-def _post(
-    target: Target, path: str, body: dict[str, Any], token: str | None = None
+def call(
+    target: Target, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
 ) -> tuple[int, dict[str, Any]]:
+    """One JSON request to the gateway; (status, decoded body). Network failures raise ClientError."""
     url = f"{target.gateway.rstrip('/')}{path}"
-    headers = {"Content-Type": "application/json", "User-Agent": f"kubegate-cli ({platform.node()})"}
+    headers = {"User-Agent": f"kubegate-cli ({platform.node()})"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=30, context=target.ssl_context()) as response:
             return response.status, _decode(response.read())
@@ -124,6 +129,12 @@ def _post(
         raise ClientError(f"cannot reach the gateway at {target.gateway}: {exc.reason}") from None
     except (OSError, TimeoutError) as exc:
         raise ClientError(f"cannot reach the gateway at {target.gateway}: {exc}") from None
+
+
+def _post(
+    target: Target, path: str, body: dict[str, Any], token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    return call(target, "POST", path, body, token)
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""`kubegate approvals list|show|approve|deny`: the reviewers' CLI over the JSON API, with the token of
+`kubegate login` (or --token)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kubegate.plugins.login.client import ClientError, Target, call, read_cached
+
+
+def token_for(target: Target, token: str | None) -> str:
+    if token:
+        return token
+    cached = read_cached(target)
+    if cached is None:
+        raise ClientError(
+            f"no valid token for {target.gateway} ({target.connection}): run kubegate login, or give --token"
+        )
+    return str(cached["token"])
+
+
+def request(target: Target, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    status, answer = call(target, method, path, body, token)
+    if status != 200:
+        raise ClientError(answer.get("error", f"the gateway answered {status}"))
+    return answer
+
+
+def describe(item: dict[str, Any]) -> list[str]:
+    what = f"{item['verb']} {item['resource']}"
+    if item.get("name"):
+        what += f" {item['name']}"
+    if item.get("namespace"):
+        what += f" -n {item['namespace']}"
+    lines = [
+        f"id:         {item['id']}  ({item['state']})",
+        f"who:        {item['requester']} (groups: {', '.join(item['requester_groups']) or 'none'}; "
+        f"{item['requester_method'] or '-'})",
+        f"what:       {what}" + (f"  command: {' '.join(item['command'])}" if item.get("command") else ""),
+        f"request:    {item['path']}",
+    ]
+    if item.get("kubectl_command"):
+        lines.append(f"kubectl:    {item['kubectl_command']}")
+    lines += [
+        f"where:      connection {item['connection']}",
+        f"why:        rule {item['rule']}" + (f": {item['reason']}" if item.get("reason") else ""),
+        f"needs:      {item['min_approvals']} approval(s) from {', '.join(item['reviewer_groups'])}; "
+        f"scope {item['scope']}" + (f" ({item['window_seconds']} s)" if item["scope"] == "window" else ""),
+        f"waiting:    {max(int(time.time() - item['created_at']), 0)} s, expires in "
+        f"{max(int(item['expires_at'] - time.time()), 0)} s",
+    ]
+    for approval in item.get("approvals") or []:
+        lines.append(
+            f"approved:   by {approval['reviewer']}"
+            + (f": {approval['comment']}" if approval.get("comment") else "")
+        )
+    if item.get("denial"):
+        lines.append(f"denied:     by {item['denial']['reviewer']}: {item['denial'].get('comment', '')}")
+    if item.get("body_preview"):
+        lines.append(f"body:       {item['body_preview'][:300]}")
+    return lines
+
+
+def table(items: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        f"{'ID':<11} {'STATE':<9} {'REQUESTER':<24} {'VERB':<8} {'RESOURCE':<16} {'NAMESPACE':<12} {'NAME':<20} RULE"
+    ]
+    for i in items:
+        rows.append(
+            f"{i['id']:<11} {i['state']:<9} {i['requester'][:24]:<24} {i['verb']:<8} {i['resource'][:16]:<16} "
+            f"{i['namespace'][:12]:<12} {i['name'][:20]:<20} {i['rule']}"
+        )
+    return rows

@@ -1,0 +1,312 @@
+"""Holding requests until reviewers decide, and the reviewers' actions.
+
+A held request is bound to its exact intent: connection, identity (user and groups), verb, resource, the
+full path and query as sent, the SHA-256 of the body and the exec command. The same intent retried
+attaches to the same approval request, so a client that gave up and retries proceeds once it is
+approved; any other request needs its own approval.
+
+Waiting is a poll of the database (every `POLL_SECONDS`), woken at once by an approval given through the
+same process: an approval given on another replica releases the request within `POLL_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from kubegate.core.db import Database
+from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
+
+from . import store
+
+if TYPE_CHECKING:
+    from kubegate.connections.registry import Connection
+
+log = logging.getLogger("kubegate.approvals")
+POLL_SECONDS = 0.5
+REPEAT_SECONDS = 30.0
+PREVIEW_BYTES = 1024
+
+
+class ReviewError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Intent:
+    fields: dict[str, Any]
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.fields, sort_keys=True).encode()).hexdigest()
+
+
+def intent_of(flow: Flow, body: bytes) -> Intent:
+    from kubegate.plugins.policy import request_from_flow
+
+    req = request_from_flow(flow)
+    assert flow.identity is not None
+    path = flow.request.path + (f"?{flow.request.query}" if flow.request.query else "")
+    return Intent(
+        {
+            "connection": flow.connection.name,
+            "user": flow.identity.user,
+            "groups": sorted(flow.identity.groups),
+            "verb": req.verb,
+            "resource": req.resource,
+            "namespace": req.namespace,
+            "name": req.name,
+            "path": path,
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "command": req.command,
+        }
+    )
+
+
+async def emit(connection: Connection, kind: str, flow_id: str, data: dict[str, Any]) -> None:
+    """An audit event through the connection's audit hooks (approval events are audited like requests)."""
+    if not connection.hooks.has_audit:
+        return
+    event = AuditEvent(kind=kind, flow_id=flow_id, connection=connection.name, time=time.time(), data=data)
+    try:
+        await connection.hooks.audit_event(event, connection)
+    except Exception:
+        log.exception("audit hook failed for %s", kind)
+
+
+def _summary(record: store.ApprovalRecord) -> dict[str, Any]:
+    return {
+        "approval_id": record.id,
+        "rule": record.rule,
+        "requester": record.requester,
+        "verb": record.verb,
+        "resource": record.resource,
+        "namespace": record.namespace,
+        "name": record.name,
+        "path": record.path,
+        "command": record.command,
+        "state": record.state,
+        "approvals": record.approvals,
+        "denial": record.denial,
+    }
+
+
+class ApprovalService:
+    def __init__(self, database: Database, connections: Any):
+        self.db = database
+        self.connections = connections
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    # -- the held side -----------------------------------------------------------------------------------
+
+    async def hold(self, flow: Flow, decision: Decision) -> Decision:
+        spec = decision.approval
+        identity = flow.identity
+        if spec is None or identity is None:
+            return Decision(Verdict.DENY, decision.reason or "this request needs approval", decision.rule)
+        connection = flow.connection
+        if spec.scope == "window":
+            grant = await self.db.run(
+                lambda s: store.active_grant(s, connection.name, identity.user, decision.rule)
+            )
+            if grant is not None:
+                flow.state["approval"] = {"grant_id": grant.id, "approval_id": grant.approval_id}
+                await emit(connection, "grant.used", flow.id, {"grant_id": grant.id, "rule": decision.rule,
+                                                                "user": identity.user, "path": flow.request.path})  # fmt: skip
+                return Decision(Verdict.ALLOW, f"within grant {grant.id}", decision.rule, "approvals")
+        body = b"" if flow.request.websocket else await flow.request.read_body()
+        intent = intent_of(flow, body)
+        record = await self.db.run(lambda s: store.find_open(s, intent.hash))
+        if record is None:
+            # kubectl retries a refused exec/attach/port-forward WebSocket at once over SPDY; that retry
+            # (and any immediate one) gets the same answer instead of a new request to review.
+            refused = await self.db.run(lambda s: store.recently_refused(s, intent.hash, REPEAT_SECONDS))
+            if refused is not None:
+                flow.state["approval"] = {"approval_id": refused.id}
+                return await self._outcome(flow, refused, decision.rule)
+        if record is None:
+            record = self._new_record(flow, decision, intent, body, identity)
+            await self.db.run(lambda s: store.add(s, record))
+            log.info("approval %s: %s %s held for %s (rule %s)", record.id, record.verb, record.path,
+                     record.requester, record.rule)  # fmt: skip
+            await emit(connection, "approval.requested", flow.id, _summary(record))
+        flow.state["approval"] = {"approval_id": record.id}
+        final = await self._wait(record.id, flow)
+        if final is None:
+            # The client left; the request stays for the reviewers, and a retry of it attaches to it.
+            await emit(connection, "approval.client_left", flow.id, {"approval_id": record.id})
+            return Decision(Verdict.DENY, "the client went away while waiting for approval", decision.rule)
+        return await self._outcome(flow, final, decision.rule)
+
+    def _new_record(
+        self, flow: Flow, decision: Decision, intent: Intent, body: bytes, identity: Identity
+    ) -> store.ApprovalRecord:
+        spec = decision.approval
+        assert spec is not None
+        now = time.time()
+        fields = intent.fields
+        return store.ApprovalRecord(
+            id=store.new_id(),
+            intent_hash=intent.hash,
+            connection=flow.connection.name,
+            rule=decision.rule,
+            reason=decision.reason,
+            requester=identity.user,
+            requester_groups=list(identity.groups),
+            requester_method=identity.method,
+            requester_claims=identity.claims,
+            verb=fields["verb"],
+            resource=fields["resource"],
+            namespace=fields["namespace"],
+            name=fields["name"],
+            path=fields["path"],
+            body_sha256=fields["body_sha256"],
+            body_preview=body[:PREVIEW_BYTES].decode("utf-8", "replace"),
+            command=fields["command"],
+            kubectl_command=flow.kubectl_command,
+            reviewer_groups=list(spec.reviewer_groups),
+            min_approvals=spec.min_approvals,
+            scope=spec.scope,
+            window_seconds=spec.window_seconds,
+            created_at=now,
+            expires_at=now + spec.ttl_seconds,
+        )
+
+    async def _wait(self, approval_id: str, flow: Flow) -> store.ApprovalRecord | None:
+        """Until the request is decided or expires (the final record), or the client leaves (None)."""
+        gone = asyncio.ensure_future(flow.request.wait_disconnected())
+        wakeup = self._wakeups.setdefault(approval_id, asyncio.Event())
+        try:
+            while True:
+                record = await self.db.run(lambda s: store.get(s, approval_id))
+                if record is None:
+                    return None
+                if record.state != store.PENDING:
+                    return record
+                if record.expires_at <= time.time():
+                    await self.db.run(
+                        partial(store.change, record=record, state=store.EXPIRED, decided_at=time.time())
+                    )
+                    continue
+                woke = asyncio.ensure_future(wakeup.wait())
+                timeout = min(POLL_SECONDS, max(record.expires_at - time.time(), 0.01))
+                done, _ = await asyncio.wait(
+                    {gone, woke}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                woke.cancel()
+                wakeup.clear()
+                if gone in done:
+                    return None
+        finally:
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await gone
+            self._wakeups.pop(approval_id, None)
+
+    async def _outcome(self, flow: Flow, record: store.ApprovalRecord, rule: str) -> Decision:
+        connection = flow.connection
+        if record.state == store.DENIED:
+            denial = record.denial or {}
+            comment = f": {denial['comment']}" if denial.get("comment") else ""
+            return Decision(Verdict.DENY, f"denied by {denial.get('reviewer', 'a reviewer')}{comment}", rule)
+        if record.state == store.EXPIRED:
+            await emit(connection, "approval.expired", flow.id, _summary(record))
+            return Decision(
+                Verdict.DENY, f"approval expired: nobody approved request {record.id} in time", rule
+            )
+        if record.state == store.USED:
+            return Decision(Verdict.DENY, f"approval {record.id} was already used", rule)
+        if record.scope == "once":
+            used = await self.db.run(lambda s: store.change(s, record, state=store.USED, used_at=time.time()))
+            if not used:
+                return Decision(Verdict.DENY, f"approval {record.id} was already used", rule)
+        reviewers = ", ".join(a["reviewer"] for a in record.approvals)
+        await emit(connection, "approval.used", flow.id, _summary(record))
+        return Decision(Verdict.ALLOW, f"approved by {reviewers}", rule, "approvals")
+
+    # -- the reviewers' side -----------------------------------------------------------------------------
+
+    async def review(
+        self, approval_id: str, reviewer: Identity, approve: bool, comment: str
+    ) -> store.ApprovalRecord:
+        for _ in range(5):  # compare-and-set retries when two reviewers act at once
+            record = await self.db.run(lambda s: store.get(s, approval_id))
+            if record is None:
+                raise ReviewError(404, f"no approval request {approval_id}")
+            self._check_reviewer(record, reviewer)
+            now = time.time()
+            entry = {"reviewer": reviewer.user, "comment": comment[:1000], "at": now}
+            if approve:
+                approvals = [*record.approvals, entry]
+                values: dict[str, Any] = {"approvals": approvals}
+                if len({a["reviewer"] for a in approvals}) >= record.min_approvals:
+                    values.update(state=store.APPROVED, decided_at=now)
+                    if record.scope == "window":
+                        values["grant_id"] = store.new_id()
+            else:
+                values = {"state": store.DENIED, "denial": entry, "decided_at": now}
+            if await self.db.run(partial(self._apply, record=record, values=values)):
+                break
+        else:
+            raise ReviewError(409, "the request changed while it was being reviewed; try again")
+        updated = await self.db.run(lambda s: store.get(s, approval_id))
+        assert updated is not None
+        event = self._wakeups.get(approval_id)
+        if event is not None:
+            event.set()
+        connection = self.connections.get(updated.connection)
+        if connection is not None:
+            kind = (
+                "approval.denied"
+                if not approve
+                else "approval.approved"
+                if updated.state == store.APPROVED
+                else "approval.partial"
+            )
+            await emit(
+                connection, kind, "", {**_summary(updated), "reviewer": reviewer.user, "comment": comment}
+            )
+        log.info("approval %s: %s by %s", approval_id, "approved" if approve else "denied", reviewer.user)
+        return updated
+
+    @staticmethod
+    def _apply(session: Any, record: store.ApprovalRecord, values: dict[str, Any]) -> bool:
+        if not store.change(session, record, **values):
+            return False
+        if values.get("grant_id"):
+            now = values["decided_at"]
+            session.add(
+                store.GrantRecord(
+                    id=values["grant_id"],
+                    approval_id=record.id,
+                    connection=record.connection,
+                    user=record.requester,
+                    rule=record.rule,
+                    created_at=now,
+                    expires_at=now + record.window_seconds,
+                )
+            )
+        return True
+
+    @staticmethod
+    def _check_reviewer(record: store.ApprovalRecord, reviewer: Identity) -> None:
+        if record.state != store.PENDING or record.expires_at <= time.time():
+            state = record.state if record.state != store.PENDING else "expired"
+            raise ReviewError(409, f"approval request {record.id} is {state}")
+        if reviewer.user == record.requester:
+            raise ReviewError(403, "you cannot review your own request")
+        if not set(reviewer.groups) & set(record.reviewer_groups):
+            raise ReviewError(
+                403, f"only members of {', '.join(record.reviewer_groups)} may review this request"
+            )
+        if any(a["reviewer"] == reviewer.user for a in record.approvals):
+            raise ReviewError(409, "you already approved this request; another reviewer must")

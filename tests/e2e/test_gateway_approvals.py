@@ -1,0 +1,307 @@
+"""Guardrails and approvals end to end: real kubectl through the gateway to a sandbox cluster of this
+module's own (these tests delete pods), reviewers acting through the JSON API and `kubegate approvals`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    VENV_BIN,
+    Gateway,
+    Sandbox,
+    free_port,
+    gateway_config,
+    start_gateway,
+    start_sandbox,
+    stop_process,
+)
+from kubetest import run_kubectl
+
+KUBEGATE = str(VENV_BIN / "kubegate")
+KUBECTL = str(VENV_BIN / "kubectl")
+PEOPLE = {
+    # user: (groups, token)
+    "rita": (["reviewers"], "rita-token-0123456789abcdef"),
+    "ray": (["reviewers"], "ray-token-0123456789abcdef"),
+    "sam": (["reviewers", "developers"], "sam-token-0123456789abcdef"),
+}
+POLICY = {
+    "default": "allow",
+    "rules": [
+        {"name": "bots-never-delete-in-prod", "match": {"groups": ["ci"], "verbs": ["delete", "deletecollection"],
+                                                         "namespaces": ["prod"]},
+         "action": "deny", "message": "CI may not delete anything in prod; ask a human"},
+        {"name": "prod-pod-deletes", "match": {"verbs": ["delete"], "resources": ["pods"], "namespaces": ["prod"]},
+         "action": "approve", "message": "deleting pods in prod needs a reviewer",
+         "approval": {"reviewer_groups": ["reviewers"], "ttl_seconds": 120}},
+        {"name": "two-person-secrets", "match": {"verbs": ["delete"], "resources": ["secrets"], "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "min_approvals": 2}},
+        {"name": "short-wait", "match": {"verbs": ["delete"], "resources": ["configmaps"], "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "ttl_seconds": 10}},
+        {"name": "prod-exec", "match": {"resources": ["pods/exec"], "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "scope": "window", "window_seconds": 600}},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox-approvals"))
+    yield sandbox
+    stop_process(sandbox.process)
+
+
+def approvals_config(sandbox: Sandbox, directory: Path) -> dict[str, Any]:
+    config = gateway_config(sandbox, directory, free_port())
+    plugins = config["connections"]["sandbox"]["plugins"]
+    for user, (groups, token) in PEOPLE.items():
+        plugins["static-tokens"]["tokens"].append(
+            {"user": user, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+        )
+    plugins["policy"] = POLICY
+    plugins["approvals"] = {}
+    plugins["testplugin"] = {"audit_file": str(directory / "audit.jsonl")}
+    return config
+
+
+@pytest.fixture(scope="module")
+def gw(own_sandbox, tmp_path_factory) -> Iterator[Gateway]:
+    directory = tmp_path_factory.mktemp("gw-approvals")
+    gateway = start_gateway(directory, approvals_config(own_sandbox, directory), with_test_plugin=True)
+    yield gateway
+    stop_process(gateway.process)
+
+
+def api(gw: Gateway, method: str, path: str, user: str, body: dict | None = None) -> tuple[int, Any]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{gw.url}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {PEOPLE[user][1]}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=20) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def kubectl(gw: Gateway, user: str, *args: str) -> subprocess.Popen:
+    token = PEOPLE[user][1] if user in PEOPLE else None
+    return subprocess.Popen(
+        [KUBECTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"KUBECONFIG": str(gw.kubeconfig(user, token=token)), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def wait_pending(gw: Gateway, reviewer: str, **expect: Any) -> dict[str, Any]:
+    """The pending request matching `expect`, as the reviewer sees it (waits for it to appear)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, answer = api(gw, "GET", "/api/approvals", reviewer)
+        assert status == 200, answer
+        for item in answer["items"]:
+            if all(item.get(k) == v for k, v in expect.items()):
+                return item
+        time.sleep(0.2)
+    raise AssertionError(f"no pending request like {expect}")
+
+
+def audit(gw: Gateway, approval_id: str) -> list[str]:
+    lines = [json.loads(line) for line in (gw.dir / "audit.jsonl").read_text().splitlines()]
+    return [
+        e["kind"]
+        for e in lines
+        if e.get("approval_id") == approval_id or (e.get("approval") or {}).get("approval_id") == approval_id
+    ]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_delete_is_held_until_a_reviewer_approves_then_kubectl_completes(gw, own_sandbox):
+    held = kubectl(gw, "alice", "delete", "pod", "worker", "-n", "prod")
+    item = wait_pending(gw, "rita", name="worker")
+    assert item["requester"] == "alice" and item["requester_groups"] == ["developers"]
+    assert (item["verb"], item["resource"], item["namespace"]) == ("delete", "pods", "prod")
+    assert item["rule"] == "prod-pod-deletes" and item["reason"] == "deleting pods in prod needs a reviewer"
+    assert item["kubectl_command"] == "kubectl delete"
+    time.sleep(1)
+    assert held.poll() is None  # still waiting
+    review = subprocess.run(
+        [KUBEGATE, "approvals", "approve", item["id"], "-m", "go ahead", "--token", PEOPLE["rita"][1],
+         "--gateway", gw.url, "--connection", "sandbox", "--certificate-authority", str(gw.ca_file)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert review.returncode == 0 and f"{item['id']}: approved" in review.stdout, review.stderr
+    code, out, err = finish(held)
+    assert code == 0, err
+    assert 'pod "worker" deleted' in out
+    gone = run_kubectl(own_sandbox.kubeconfig, "get", "pod", "worker", "-n", "prod")
+    assert gone.returncode == 1 and "NotFound" in gone.stderr
+    kinds = audit(gw, item["id"])
+    assert {"approval.requested", "approval.approved", "approval.used"} <= set(kinds), kinds
+
+
+def test_denial_reaches_kubectl_with_the_reviewers_reason(gw, own_sandbox):
+    held = kubectl(gw, "alice", "delete", "pod", "web-0", "-n", "prod")
+    item = wait_pending(gw, "rita", name="web-0")
+    status, answer = api(
+        gw, "POST", f"/api/approvals/{item['id']}/deny", "rita", {"comment": "not during the freeze"}
+    )
+    assert status == 200 and answer["state"] == "denied"
+    code, _, err = finish(held)
+    assert code == 1
+    assert "Error from server (Forbidden): denied by rita: not during the freeze" in err
+    run_kubectl(own_sandbox.kubeconfig, "get", "pod", "web-0", "-n", "prod", check=True)  # still there
+    assert "approval.denied" in audit(gw, item["id"])
+
+
+def test_unreviewed_request_expires(gw):
+    held = kubectl(gw, "alice", "delete", "configmap", "settings", "-n", "prod")
+    item = wait_pending(gw, "rita", resource="configmaps")
+    code, _, err = finish(held, timeout=40)
+    assert code == 1 and f"approval expired: nobody approved request {item['id']} in time" in err
+    assert api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "expired"
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})
+    assert status == 409 and "expired" in answer["error"]
+
+
+def test_ci_identity_hits_the_guardrail_at_once(gw):
+    start = time.monotonic()
+    code, _, err = finish(kubectl(gw, "ci-bot", "delete", "pod", "web", "-n", "prod"))
+    assert code == 1
+    assert "Error from server (Forbidden): CI may not delete anything in prod; ask a human" in err
+    assert time.monotonic() - start < 20  # not held
+
+
+def test_no_self_approval_and_only_reviewers(gw):
+    held = kubectl(gw, "sam", "delete", "pod", "ghost-1", "-n", "prod")
+    item = wait_pending(gw, "rita", name="ghost-1", requester="sam")
+    assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "sam", {}) == (
+        403, {"error": "you cannot review your own request"})  # fmt: skip
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", "ray", {"comment": "ok"})
+    assert status == 200 and answer["state"] == "approved"
+    code, _, err = finish(held)
+    assert code == 1 and 'pods "ghost-1" not found' in err  # it went upstream: the API server answered
+
+
+def test_not_a_reviewer_cannot_see_or_approve(gw):
+    held = kubectl(gw, "alice", "delete", "pod", "ghost-2", "-n", "prod")
+    item = wait_pending(gw, "rita", name="ghost-2")
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    request = urllib.request.Request(f"{gw.url}/api/approvals/{item['id']}/approve", data=b"{}", method="POST",
+                                     headers={"Authorization": "Bearer bob-token-0123456789abcdef"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, context=context, timeout=10)
+    assert caught.value.code == 404  # bob is neither reviewer nor requester: he does not see it
+    request = urllib.request.Request(f"{gw.url}/api/approvals", headers={"Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, context=context, timeout=10)
+    assert caught.value.code == 401
+    api(gw, "POST", f"/api/approvals/{item['id']}/deny", "rita", {"comment": "cleanup"})
+    finish(held)
+
+
+def test_two_distinct_reviewers_are_needed_when_the_rule_says_so(gw, own_sandbox):
+    # (not db-credentials: the pod `web` reads it, and the exec test needs web)
+    run_kubectl(own_sandbox.kubeconfig, "create", "secret", "generic", "throwaway", "-n", "prod",
+                "--from-literal=k=v", check=True)  # fmt: skip
+    held = kubectl(gw, "alice", "delete", "secret", "throwaway", "-n", "prod")
+    item = wait_pending(gw, "rita", resource="secrets")
+    assert item["min_approvals"] == 2
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})
+    assert status == 200 and answer["state"] == "pending" and len(answer["approvals"]) == 1
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})
+    assert status == 409 and "another reviewer" in answer["error"]
+    time.sleep(1)
+    assert held.poll() is None
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", "ray", {})
+    assert status == 200 and answer["state"] == "approved"
+    code, out, err = finish(held)
+    assert code == 0 and 'secret "throwaway" deleted' in out, err
+
+
+def test_an_approval_binds_the_exact_intent_and_survives_the_client_leaving(gw):
+    first = kubectl(gw, "alice", "delete", "pod", "ghost-a", "-n", "prod")
+    item = wait_pending(gw, "rita", name="ghost-a")
+    first.send_signal(signal.SIGINT)  # the developer gives up waiting
+    first.wait(10)
+    time.sleep(0.5)
+    assert api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "pending"  # kept
+    assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[1]["state"] == "approved"
+    # Another name, or another namespace: not covered by that approval — held as a new request.
+    for args, expect in [(("ghost-b", "-n", "prod"), {"name": "ghost-b"}),
+                         (("ghost-a", "-n", "prod", "--grace-period=5"), {"name": "ghost-a", "state": "pending"})]:  # fmt: skip
+        other = kubectl(gw, "alice", "delete", "pod", *args)
+        other_item = wait_pending(gw, "rita", **expect)
+        assert other_item["id"] != item["id"]
+        api(gw, "POST", f"/api/approvals/{other_item['id']}/deny", "rita", {"comment": "no"})
+        finish(other)
+    # The same intent again: proceeds on the approval given while nobody waited — once.
+    code, _, err = finish(kubectl(gw, "alice", "delete", "pod", "ghost-a", "-n", "prod"))
+    assert code == 1 and 'pods "ghost-a" not found' in err  # reached the API server
+    assert api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "used"
+    again = kubectl(gw, "alice", "delete", "pod", "ghost-a", "-n", "prod")
+    again_item = wait_pending(gw, "rita", name="ghost-a")
+    assert again_item["id"] != item["id"]
+    api(gw, "POST", f"/api/approvals/{again_item['id']}/deny", "rita", {})
+    finish(again)
+
+
+def test_exec_is_held_before_the_upgrade_and_a_window_grant_covers_the_next_ones(gw):
+    held = kubectl(gw, "alice", "exec", "web", "-n", "prod", "--", "echo", "hello")
+    item = wait_pending(gw, "rita", resource="pods/exec")
+    assert item["command"] == ["echo", "hello"] and item["scope"] == "window"
+    assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[0] == 200
+    code, out, err = finish(held)
+    assert code == 0 and out == "hello\n", err
+    # Within the window: no new approval.
+    code, out, _ = finish(kubectl(gw, "alice", "exec", "web", "-n", "prod", "--", "echo", "again"))
+    assert code == 0 and out == "again\n"
+    listing = subprocess.run(
+        [KUBEGATE, "grants", "list", "-c", str(gw.config)], capture_output=True, text=True
+    )
+    line = next(line for line in listing.stdout.splitlines() if "prod-exec" in line and "alice" in line)
+    grant_id = line.split()[0]
+    assert "grant.used" in [json.loads(x)["kind"] for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
+    revoke = subprocess.run(
+        [KUBEGATE, "grants", "revoke", grant_id, "-c", str(gw.config)], capture_output=True, text=True
+    )
+    assert revoke.returncode == 0 and f"revoked grant {grant_id}" in revoke.stdout
+    after = kubectl(gw, "alice", "exec", "web", "-n", "prod", "--", "echo", "third")
+    third = wait_pending(gw, "rita", resource="pods/exec", command=["echo", "third"])
+    api(gw, "POST", f"/api/approvals/{third['id']}/deny", "rita", {"comment": "window over"})
+    code, _, err = finish(after)
+    assert code == 1 and "denied by rita: window over" in err
+
+
+def test_a_pending_approval_survives_a_gateway_restart(own_sandbox, tmp_path):
+    directory = tmp_path / "gw"
+    config = approvals_config(own_sandbox, directory)
+    first = start_gateway(directory, config, with_test_plugin=True)
+    held = kubectl(first, "alice", "delete", "pod", "ghost-r", "-n", "prod")
+    item = wait_pending(first, "rita", name="ghost-r")
+    stop_process(first.process)
+    finish(held)
+    second = start_gateway(directory, config, with_test_plugin=True)
+    try:
+        assert api(second, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "pending"
+        assert (
+            api(second, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[1]["state"] == "approved"
+        )
+        code, _, err = finish(kubectl(second, "alice", "delete", "pod", "ghost-r", "-n", "prod"))
+        assert code == 1 and 'pods "ghost-r" not found' in err
+    finally:
+        stop_process(second.process)
