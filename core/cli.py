@@ -285,8 +285,14 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     from kubegate.plugins.login.client import ClientError
 
     target = _target(args)
+    given = args.token
+    if args.token_file:
+        try:
+            given = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.token_file}: {exc.strerror}") from None
     try:
-        token = token_for(target, args.token)
+        token = token_for(target, given)
         if args.approvals_command == "list":
             answer = request(target, token, "GET", f"/api/approvals?state={args.state}")
             items = answer["items"]
@@ -428,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = approvals_sub.add_parser(name, help=text)
         add_target(p)
         p.add_argument("--token", help="a gateway token (default: the one kubegate login cached)")
+        p.add_argument("--token-file", help="file holding the token")
         if name == "list":
             p.add_argument(
                 "--state", default="pending", help="pending (default), approved, denied, expired, used, all"

@@ -68,6 +68,7 @@ def test_every_config_key_is_documented():
         OIDCSettings,
         UsernameMapping,
     )
+    from kubegate.plugins.policy import PolicySettings, Rule, RuleApproval, RuleMatch
     from kubegate.plugins.static_tokens import StaticToken, StaticTokenSettings
 
     models = [
@@ -91,6 +92,10 @@ def test_every_config_key_is_documented():
         OIDCLoginProvider,
         SAMLLoginProvider,
         LoginConnectionSettings,
+        PolicySettings,
+        Rule,
+        RuleMatch,
+        RuleApproval,
     ]
     for model in models:
         for field in model.model_fields:
