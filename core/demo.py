@@ -28,6 +28,33 @@ DEMO_USERS = (
 )
 
 
+REVIEWERS = ["reviewers", "demo:reviewers"]  # rita by static token, or by `kubegate login`
+DEMO_POLICY = {
+    "default": "allow",
+    "rules": [
+        {
+            "name": "bots-never-delete-in-prod",
+            "match": {"groups": ["ci"], "verbs": ["delete", "deletecollection"], "namespaces": ["prod"]},
+            "action": "deny",
+            "message": "CI may not delete anything in prod; ask a human",
+        },
+        {
+            "name": "deletes-in-prod",
+            "match": {"verbs": ["delete", "deletecollection"], "namespaces": ["prod"]},
+            "action": "approve",
+            "message": "deleting in prod needs a reviewer",
+            "approval": {"reviewer_groups": REVIEWERS, "ttl_seconds": 600},
+        },
+        {
+            "name": "shell-into-prod",
+            "match": {"resources": ["pods/exec", "pods/attach"], "namespaces": ["prod"]},
+            "action": "approve",
+            "message": "shell access to prod",
+            "approval": {"reviewer_groups": REVIEWERS, "scope": "window", "window_seconds": 3600},
+        },
+    ],
+}
+
 # People of the demo identity provider (a local oidc-provider-mock), for `kubegate login`.
 DEMO_IDP_USERS = (
     {"sub": "alice", "email": "alice@demo.example", "groups": ["developers"]},
@@ -61,10 +88,12 @@ def write_demo_config(
                     "certificate_authority": str(sandbox_ca),
                     "token_file": "upstream-token",
                 },
-                "plugins": {"static-tokens": {"tokens": tokens}},
+                "plugins": {"static-tokens": {"tokens": tokens}, "policy": DEMO_POLICY, "approvals": {}},
             }
         },
     }
+    for name, token in users:  # for `kubegate approvals --token-file` and friends
+        write_private(directory / "tokens" / name, token + "\n")
     if idp_url:
         config["connections"][CONNECTION]["plugins"]["login"] = {}
         config["plugins"] = {
@@ -122,8 +151,9 @@ async def _run(directory: Path, port: int) -> None:
         )
         url = gateway.connection_url(CONNECTION)
         login = (gateway.public_url, tls.ca, directory / "kubeconfig-login") if idp_url else None
+        review = (gateway.public_url, tls.ca, directory)
         await serve_until_signal(
-            gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig, login)
+            gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig, login, review)
         )
     finally:
         await sandbox.close()
@@ -160,8 +190,16 @@ async def _start_demo_idp(directory: Path) -> tuple[asyncio.subprocess.Process, 
 
 
 def _announce(
-    gateway_url: str, sandbox_url: str, config: Path, kubeconfig: Path, login: tuple[str, Path, Path] | None
+    gateway_url: str,
+    sandbox_url: str,
+    config: Path,
+    kubeconfig: Path,
+    login: tuple[str, Path, Path] | None,
+    review: tuple[str, Path, Path],
 ) -> None:
+    public_url, ca, directory = review
+    kubegate = Path(sys.executable).parent / "kubegate"
+    target = f"--gateway {public_url} --connection {CONNECTION} --certificate-authority {ca.resolve()}"
     who = "\n".join(
         f"    {name + '@' + CONNECTION:<14} {what} (groups: {', '.join(groups)})"
         for name, groups, what in DEMO_USERS
@@ -184,9 +222,15 @@ Try, in another terminal:
   {kubectl} get pods -n prod
   {kubectl} get secret db-credentials -n prod -o yaml
   {kubectl} logs web -n prod --tail=3
-  {kubectl} exec -it web -n prod -- sh
+  {kubectl} delete pod web-0 -n prod             # waits for a reviewer (policy rule deletes-in-prod)
+  {kubectl} exec -it web -n prod -- sh           # also held: shell access to prod needs a reviewer
   {kubectl} port-forward pod/web -n prod 8080:8080
-  {kubectl} --context ci-bot@{CONNECTION} auth whoami
+  {kubectl} --context ci-bot@{CONNECTION} delete pod web -n prod   # a guardrail: refused at once
+
+Review held requests as rita (in another terminal):
+  {kubegate} approvals list {target} --token-file {directory / "tokens" / "rita"}
+  {kubegate} approvals approve ID {target} --token-file {directory / "tokens" / "rita"}
+  {kubegate} policy check -c {config} --connection {CONNECTION} --as alice -- kubectl delete pod web -n prod
 {_login_hint(login, kubectl)}
 Press Ctrl-C to stop.
 """,

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 from browserless import browser_login, read_login_prompt
-from conftest import GATEWAY_USERS, PLUGIN_FIXTURE, free_port
+from conftest import GATEWAY_USERS, PLUGIN_FIXTURE, VENV_BIN, free_port
 from kubetest import run_kubectl
 
+KUBECTL = str(VENV_BIN / "kubectl")
 KUBEGATE = str(Path(sys.executable).parent / "kubegate")
 
 
@@ -95,6 +96,30 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         ci = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "get", "pods", "-n", "prod", check=True)
         assert "web" in ci.stdout
         assert oct(kubeconfig.stat().st_mode & 0o777) == "0o600"  # it holds tokens
+        # The policy of the demo: a guardrail for the bot, a held delete for the developer, approved by rita
+        # with the command the demo printed.
+        bot = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "delete", "pod", "web", "-n", "prod")
+        assert bot.returncode == 1 and "CI may not delete anything in prod; ask a human" in bot.stderr
+        held = subprocess.Popen([KUBECTL, "delete", "pod", "web-0", "-n", "prod"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(kubeconfig)})  # fmt: skip
+        listing = re.search(r"(\S+/kubegate approvals list .*)", output).group(1)
+        deadline, found = time.monotonic() + 20, None
+        while found is None and time.monotonic() < deadline:
+            listed = subprocess.run(shlex.split(listing), capture_output=True, text=True, timeout=30)
+            assert listed.returncode == 0, listed.stderr
+            found = next((line.split()[0] for line in listed.stdout.splitlines() if "web-0" in line), None)
+            time.sleep(0.2)
+        assert found is not None and held.poll() is None
+        approve = (
+            re.search(r"(\S+/kubegate approvals approve ID .*)", output)
+            .group(1)
+            .replace(" ID ", f" {found} ")
+        )
+        assert (
+            subprocess.run(shlex.split(approve), capture_output=True, text=True, timeout=30).returncode == 0
+        )
+        out, err = held.communicate(timeout=30)
+        assert held.returncode == 0 and 'pod "web-0" deleted' in out, err
         # The printed `kubegate login` command, run as shown (headless), against the demo's identity provider.
         command = re.search(
             r"(\S+/kubegate login .*?--kubeconfig \S+)", output.replace("\\\n", " "), re.S
