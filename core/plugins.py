@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.login",
     "kubegate.plugins.policy",
     "kubegate.plugins.approvals",
+    "kubegate.plugins.webhook",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}

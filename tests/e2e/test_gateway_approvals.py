@@ -8,10 +8,12 @@ import json
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,51 @@ POLICY = {
 }  # fmt: skip
 
 
+class Receiver:
+    """Webhook receivers on loopback: /json records, /slack records and then blocks until `gate` is set
+    (a receiver that does not answer), /flaky fails twice before it accepts."""
+
+    def __init__(self) -> None:
+        self.posts: dict[str, list[dict]] = {"/json": [], "/slack": [], "/flaky": []}
+        self.flaky_failures = 0
+        self.gate = threading.Event()
+        self.gate.set()  # /slack answers at once until a test closes the gate
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status = 200
+                if self.path == "/flaky" and receiver.flaky_failures < 2:
+                    receiver.flaky_failures += 1
+                    status = 500
+                else:
+                    receiver.posts[self.path].append(body)
+                if self.path == "/slack":
+                    receiver.gate.wait(60)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
 @pytest.fixture(scope="module")
 def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     sandbox = start_sandbox(tmp_path_factory.mktemp("sandbox-approvals"))
@@ -62,7 +109,7 @@ def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     stop_process(sandbox.process)
 
 
-def approvals_config(sandbox: Sandbox, directory: Path) -> dict[str, Any]:
+def approvals_config(sandbox: Sandbox, directory: Path, receiver: Receiver | None = None) -> dict[str, Any]:
     config = gateway_config(sandbox, directory, free_port())
     plugins = config["connections"]["sandbox"]["plugins"]
     for user, (groups, token) in PEOPLE.items():
@@ -72,13 +119,21 @@ def approvals_config(sandbox: Sandbox, directory: Path) -> dict[str, Any]:
     plugins["policy"] = POLICY
     plugins["approvals"] = {}
     plugins["testplugin"] = {"audit_file": str(directory / "audit.jsonl")}
+    if receiver is not None:
+        plugins["webhook"] = {"receivers": [
+            {"url": f"{receiver.url}/json"},
+            {"url": f"{receiver.url}/slack", "format": "slack", "link_url": "https://kubegate.example.com"},
+            {"url": f"{receiver.url}/flaky", "events": ["approval.requested"]},
+        ]}  # fmt: skip
     return config
 
 
 @pytest.fixture(scope="module")
-def gw(own_sandbox, tmp_path_factory) -> Iterator[Gateway]:
+def gw(own_sandbox, receiver, tmp_path_factory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("gw-approvals")
-    gateway = start_gateway(directory, approvals_config(own_sandbox, directory), with_test_plugin=True)
+    gateway = start_gateway(
+        directory, approvals_config(own_sandbox, directory, receiver), with_test_plugin=True
+    )
     yield gateway
     stop_process(gateway.process)
 
@@ -305,3 +360,50 @@ def test_a_pending_approval_survives_a_gateway_restart(own_sandbox, tmp_path):
         assert code == 1 and 'pods "ghost-r" not found' in err
     finally:
         stop_process(second.process)
+
+
+def test_reviewers_are_notified_and_a_stuck_receiver_blocks_nobody(gw, receiver):
+    receiver.gate.clear()  # /slack takes requests and does not answer until the end of this test
+    receiver.flaky_failures = 0  # /flaky fails the next two posts: this test's request
+    held = kubectl(gw, "alice", "delete", "pod", "ghost-n", "-n", "prod")
+    item = wait_pending(gw, "rita", name="ghost-n")
+
+    def posted(path: str, kind: str) -> list[dict]:
+        if path == "/slack":
+            return [p for p in receiver.posts[path] if item["id"] in p["text"]]
+        return [p for p in receiver.posts[path] if p.get("kind", kind) == kind
+                and p.get("data", {}).get("approval_id") == item["id"]]  # fmt: skip
+
+    deadline = time.monotonic() + 20
+    while (
+        not (posted("/json", "approval.requested") and posted("/slack", "")) and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    (event,) = posted("/json", "approval.requested")
+    assert event["connection"] == "sandbox"
+    assert {
+        "requester": "alice",
+        "verb": "delete",
+        "name": "ghost-n",
+        "rule": "prod-pod-deletes",
+    }.items() <= event["data"].items()
+    (message,) = posted("/slack", "")
+    assert "*alice* asks to delete pods ghost-n in prod on *sandbox*" in message["text"]
+    assert f"<https://kubegate.example.com/api/approvals/{item['id']}|Review {item['id']}>" in message["text"]
+    # The slack receiver is still stuck on that message; approving and the held kubectl go on regardless.
+    assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[0] == 200
+    code, _, err = finish(held)
+    assert code == 1 and 'pods "ghost-n" not found' in err
+    assert not receiver.gate.is_set()
+    receiver.gate.set()
+    # The flaky receiver got it on the third try; the delivery is audited.
+    deadline = time.monotonic() + 20
+    while (
+        not [p for p in receiver.posts["/flaky"] if p["data"].get("approval_id") == item["id"]]
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
+    sent = [e for e in events if e["kind"] == "notification.sent" and e.get("approval_id") == item["id"]]
+    assert {e["url"].rsplit("/", 1)[1] for e in sent} >= {"json", "flaky"}
+    assert any(e["url"].endswith("/flaky") and e["attempts"] == 3 for e in sent)

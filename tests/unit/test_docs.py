@@ -70,6 +70,7 @@ def test_every_config_key_is_documented():
     )
     from kubegate.plugins.policy import PolicySettings, Rule, RuleApproval, RuleMatch
     from kubegate.plugins.static_tokens import StaticToken, StaticTokenSettings
+    from kubegate.plugins.webhook import Receiver, WebhookSettings
 
     models = [
         GatewaySettings,
@@ -96,6 +97,8 @@ def test_every_config_key_is_documented():
         Rule,
         RuleMatch,
         RuleApproval,
+        WebhookSettings,
+        Receiver,
     ]
     for model in models:
         for field in model.model_fields:
