@@ -284,3 +284,21 @@ def gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield gw
     stop_process(gw.process)
     blackhole.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the test session's own (skips when Debian's postgresql is not installed)."""
+    import shutil
+    import tempfile
+
+    from postgres import start_postgres
+
+    # Not under pytest's temporary folder: that is private to root, and the server runs as `postgres`.
+    directory = Path(tempfile.mkdtemp(prefix="kubegate-pg-"))
+    try:
+        server = start_postgres(directory, free_port())
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -407,3 +407,24 @@ def test_reviewers_are_notified_and_a_stuck_receiver_blocks_nobody(gw, receiver)
     sent = [e for e in events if e["kind"] == "notification.sent" and e.get("approval_id") == item["id"]]
     assert {e["url"].rsplit("/", 1)[1] for e in sent} >= {"json", "flaky"}
     assert any(e["url"].endswith("/flaky") and e["attempts"] == 3 for e in sent)
+
+
+def test_two_replicas_on_postgresql_share_approvals(own_sandbox, postgres, tmp_path):
+    url = postgres.create_database("replicas")
+    replicas = []
+    try:
+        for name in ("a", "b"):  # one after the other: tables are created by the first
+            directory = tmp_path / name
+            config = approvals_config(own_sandbox, directory)
+            config["database"] = {"url": url}
+            replicas.append(start_gateway(directory, config, with_test_plugin=True))
+        a, b = replicas
+        held = kubectl(a, "alice", "delete", "pod", "ghost-pg", "-n", "prod")
+        item = wait_pending(b, "rita", name="ghost-pg")  # held on A, seen through B
+        assert api(b, "POST", f"/api/approvals/{item['id']}/approve", "ray", {})[1]["state"] == "approved"
+        code, _, err = finish(held)  # released on A by an approval given on B
+        assert code == 1 and 'pods "ghost-pg" not found' in err
+        assert api(a, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "used"
+    finally:
+        for replica in replicas:
+            stop_process(replica.process)
