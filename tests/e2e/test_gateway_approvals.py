@@ -41,6 +41,8 @@ PEOPLE = {
 POLICY = {
     "default": "allow",
     "rules": [
+        {"name": "trial-no-configmap-reads", "match": {"verbs": ["get", "list"], "resources": ["configmaps"]},
+         "action": "deny", "dry_run": True},
         {"name": "bots-never-delete-in-prod", "match": {"groups": ["ci"], "verbs": ["delete", "deletecollection"],
                                                          "namespaces": ["prod"]},
          "action": "deny", "message": "CI may not delete anything in prod; ask a human"},
@@ -428,3 +430,14 @@ def test_two_replicas_on_postgresql_share_approvals(own_sandbox, postgres, tmp_p
     finally:
         for replica in replicas:
             stop_process(replica.process)
+
+
+def test_a_dry_run_rule_only_audits_what_it_would_have_done(gw):
+    code, _, err = finish(kubectl(gw, "alice", "get", "configmaps", "-n", "prod"))
+    assert code == 0, err
+    events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
+    (event,) = [
+        e for e in events if e["kind"] == "request" and e["path"] == "/api/v1/namespaces/prod/configmaps"
+    ]
+    assert event["policy"] == {"dry_run": [{"rule": "trial-no-configmap-reads", "action": "deny"}]}
+    assert event["status"] == 200
