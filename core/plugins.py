@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.policy",
     "kubegate.plugins.approvals",
     "kubegate.plugins.webhook",
+    "kubegate.plugins.masking",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}

@@ -746,6 +746,7 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
         },
         "policy": flow.state.get("policy"),
         "approval": flow.state.get("approval"),
+        "masking": flow.state.get("masking"),
         "status": flow.response.status,
         "bytes": flow.response.bytes_sent,
         "latency_ms": round(flow.latency_ms, 3),

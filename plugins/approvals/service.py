@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
+from kubegate.plugins.masking import mask_body_for_record
 
 from . import store
 
@@ -170,7 +171,7 @@ class ApprovalService:
             name=fields["name"],
             path=fields["path"],
             body_sha256=fields["body_sha256"],
-            body_preview=body[:PREVIEW_BYTES].decode("utf-8", "replace"),
+            body_preview=mask_body_for_record(flow, body)[:PREVIEW_BYTES],
             command=fields["command"],
             kubectl_command=flow.kubectl_command,
             reviewer_groups=list(spec.reviewer_groups),

@@ -1,0 +1,380 @@
+"""The `masking` plugin: secret values never reach the client in clear.
+
+On a connection that enables it: JSON responses (objects, lists, Tables, watch streams) are masked by
+structure (`objects.py`) and by value; `pods/log` text and exec/attach output are masked by value and
+pattern (`text.py`); the gateway asks the API server for JSON only, uncompressed, and a response it cannot
+parse is refused (or redacted) rather than passed through. See docs/masking.md for exactly what is masked
+and what is not.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import zlib
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
+from kubegate.core.plugins import hookimpl
+
+from .known import KnownSecrets
+from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document
+from .text import DETECTORS, LineCarry, TextMasker, detector_patterns
+
+if TYPE_CHECKING:
+    from kubegate.core.gateway import Gateway
+
+PLUGIN_NAME = "masking"
+log = logging.getLogger("kubegate.masking")
+DEFAULT_ENV_NAMES = ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "PRIVATE", "AUTH", "CERT"]
+DROP_MEDIA = ("application/vnd.kubernetes.protobuf", "application/cbor")
+
+
+class ConfigMapKeys(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespaces: str = "*"
+    names: str = "*"
+    keys: list[str] = Field(min_length=1, description="Key globs whose values are masked.")
+
+
+class KnownValues(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    namespaces: list[str] = Field(default_factory=list, description="Whose Secrets to learn; default all.")
+    min_length: int = Field(6, ge=1, le=1024, description="Shorter values are not masked by value.")
+    max_values: int = Field(10_000, ge=1, le=1_000_000)
+    max_value_bytes: int = Field(4096, ge=16, le=1 << 20)
+
+
+class Exempt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+
+
+class MaskingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    marker: str = Field("<masked by kubegate>", min_length=1, description="What replaces a secret value.")
+    env_names: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENV_NAMES),
+        description="Regexes (case-insensitive, searched) for env var names whose `value` is masked.",
+    )
+    configmap_keys: list[ConfigMapKeys] = Field(default_factory=list)
+    detectors: list[str] = Field(default_factory=lambda: list(DETECTORS))
+    assignments: bool = Field(True, description="Mask VALUE in `PASSWORD=VALUE`-style text.")
+    patterns: list[str] = Field(default_factory=list, description="Extra regexes; each match is masked.")
+    known_values: KnownValues = Field(default_factory=lambda: KnownValues())
+    on_unparsable: Literal["refuse", "redact"] = Field(
+        "refuse", description="A response that cannot be masked: 502 Status, or its body replaced."
+    )
+    exempt: Exempt = Field(default_factory=lambda: Exempt())
+    max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest JSON response masked.")
+
+    @field_validator("detectors")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in DETECTORS:
+                raise ValueError(f"unknown detector {name!r} (known: {', '.join(DETECTORS)})")
+        return names
+
+    @field_validator("patterns", "env_names")
+    @classmethod
+    def _regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return patterns
+
+
+class Masking:
+    """One connection's masking: rules, the current text masker, the known-values follower."""
+
+    def __init__(self, settings: MaskingSettings):
+        self.settings = settings
+        self.patterns = [*detector_patterns(settings.detectors), *(re.compile(p) for p in settings.patterns)]
+        self.env_name = re.compile("|".join(f"(?:{p})" for p in settings.env_names) or "(?!)", re.I)
+        self.known: KnownSecrets | None = None
+        self.set_known(set())
+
+    def set_known(self, values: set[str]) -> None:
+        s = self.settings
+        self.text = TextMasker(s.marker, values, self.patterns, s.assignments)
+        self.rules = ObjectRules(
+            marker=s.marker,
+            env_name=self.env_name,
+            configmap_keys=[(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys],
+            scrub_text=self.text.mask,
+        )
+
+    def exempt(self, identity: Identity | None) -> bool:
+        e = self.settings.exempt
+        if identity is None:
+            return False
+        return any(fnmatch.fnmatchcase(identity.user, u) for u in e.users) or any(
+            fnmatch.fnmatchcase(g, p) for g in identity.groups for p in e.groups
+        )
+
+
+def _masking(flow: Flow) -> Masking | None:
+    masking = flow.connection.state.get(PLUGIN_NAME)
+    if masking is None or flow.state.get(PLUGIN_NAME, {}).get("exempt"):
+        return None
+    return masking
+
+
+def json_only(accept: str) -> str:
+    """Accept without protobuf/CBOR ranges; JSON ranges keep their parameters (as=Table, discovery)."""
+    kept = [
+        r.strip() for r in accept.split(",") if r.strip() and not r.strip().lower().startswith(DROP_MEDIA)
+    ]
+    return ", ".join(kept) or "application/json"
+
+
+# -- transformers -----------------------------------------------------------------------------------------
+
+
+class Decoder:
+    def __init__(self, encoding: str):
+        self.z = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.z.decompress(chunk)
+
+
+class JsonBody:
+    """A whole JSON response: buffered, masked, sent. Unparsable → withheld."""
+
+    def __init__(self, masking: Masking, flow: Flow, decoder: Decoder | None):
+        self.masking, self.flow, self.decoder = masking, flow, decoder
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.decoder is not None:
+            chunk = self.decoder.feed(chunk)
+        self.size += len(chunk)
+        if self.size <= self.masking.settings.max_body_bytes:
+            self.parts.append(chunk)
+        return b""
+
+    def end(self) -> bytes:
+        body = b"".join(self.parts)
+        if self.size > self.masking.settings.max_body_bytes:
+            return _withheld(
+                self.masking, self.flow, f"larger than {self.masking.settings.max_body_bytes} bytes"
+            )
+        if not body.strip():
+            return body
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return _withheld(self.masking, self.flow, "not valid JSON")
+        kind = KIND_OF_RESOURCE.get(self.flow.attributes.resource, "")
+        if mask_document(doc, self.masking.rules, kind):
+            return json.dumps(doc, separators=(",", ":")).encode()
+        return body
+
+
+class WatchLines:
+    """A watch: newline-delimited JSON events, each masked as it completes (chunk boundaries anywhere)."""
+
+    def __init__(self, masking: Masking, flow: Flow, decoder: Decoder | None):
+        self.masking, self.flow, self.decoder = masking, flow, decoder
+        self.pending = b""
+        self.kind = KIND_OF_RESOURCE.get(flow.attributes.resource, "")
+
+    def _line(self, line: bytes) -> bytes:
+        if not line.strip():
+            return line
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return _withheld(self.masking, self.flow, "a watch event is not valid JSON") + b"\n"
+        if mask_document(event, self.masking.rules, self.kind):
+            return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        return line
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.decoder is not None:
+            chunk = self.decoder.feed(chunk)
+        data = self.pending + chunk
+        lines = data.split(b"\n")
+        self.pending = lines.pop()
+        if len(self.pending) > self.masking.settings.max_body_bytes:
+            self.pending = b""
+            return _withheld(self.masking, self.flow, "a watch event is too large") + b"\n"
+        return b"".join(self._line(line + b"\n") for line in lines)
+
+    def end(self) -> bytes:
+        out, self.pending = self.pending, b""
+        return self._line(out) if out.strip() else out
+
+
+class Text:
+    def __init__(self, masking: Masking, decoder: Decoder | None):
+        self.carry = LineCarry(masking.text)
+        self.decoder = decoder
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.carry.feed(self.decoder.feed(chunk) if self.decoder is not None else chunk)
+
+    def end(self) -> bytes:
+        return self.carry.end()
+
+
+class Withhold:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def feed(self, chunk: bytes) -> bytes:
+        return b""
+
+    def end(self) -> bytes:
+        return self.body
+
+
+def _withheld(masking: Masking, flow: Flow, why: str) -> bytes:
+    flow.state.setdefault(PLUGIN_NAME, {})["withheld"] = why
+    log.warning("masking on %s: withheld a response to %s: %s", flow.connection.name, flow.request.path, why)
+    return json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": f"kubegate withheld this response: it could not be masked ({why})",
+                       "reason": "InternalError", "code": 502}).encode()  # fmt: skip
+
+
+# -- hooks ------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def kubegate_plugin_settings() -> type[BaseModel]:
+    return MaskingSettings
+
+
+@hookimpl
+def kubegate_startup(gateway: Gateway) -> None:
+    for connection in gateway.connections:
+        settings = connection.settings_for(PLUGIN_NAME)
+        if isinstance(settings, MaskingSettings):
+            masking = Masking(settings)
+            connection.state[PLUGIN_NAME] = masking
+            k = settings.known_values
+            if k.enabled:
+                masking.known = KnownSecrets(connection, k.namespaces, k.min_length, k.max_values,
+                                             k.max_value_bytes, masking.set_known)  # fmt: skip
+                masking.known.start()
+
+
+@hookimpl
+async def kubegate_shutdown(gateway: Gateway) -> None:
+    for connection in gateway.connections:
+        masking = connection.state.get(PLUGIN_NAME)
+        if isinstance(masking, Masking) and masking.known is not None:
+            await masking.known.close()
+
+
+@hookimpl
+def kubegate_upstream_request(flow: Flow) -> None:
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    if masking is None:
+        return
+    if masking.exempt(flow.identity):
+        flow.state[PLUGIN_NAME] = {"exempt": True}  # audited: this caller saw responses in clear
+        return
+    headers = []
+    for name, value in flow.upstream_headers:
+        lower = name.lower()
+        if lower == "accept":
+            value = json_only(value)
+        elif lower == "accept-encoding":
+            continue
+        headers.append((name, value))
+    if not any(name.lower() == "accept" for name, _ in headers):
+        headers.append(("Accept", "application/json"))
+    headers.append(("Accept-Encoding", "identity"))
+    flow.upstream_headers[:] = headers
+
+
+@hookimpl
+def kubegate_response_headers(flow: Flow) -> None:
+    masking = _masking(flow)
+    if masking is None:
+        return
+    headers = flow.response.headers
+    content_type = next((v for k, v in headers if k.lower() == "content-type"), "").lower()
+    encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "").lower()
+    mode = "pass"
+    if flow.response.status in (101, 204, 304):
+        mode = "pass"
+    elif encoding not in ("", "identity", "gzip", "deflate"):
+        mode = "refuse"
+    elif content_type.startswith("application/json") or content_type.endswith("+json"):
+        mode = "watch" if flow.attributes.verb == "watch" else "json"
+    elif content_type.startswith("text/"):
+        mode = "text"
+    elif content_type.startswith("application/yaml") or not content_type:
+        mode = "text"
+    else:
+        mode = "refuse"
+    if mode == "refuse" and masking.settings.on_unparsable == "refuse":
+        flow.response.status = 502
+        headers[:] = [("Content-Type", "application/json")]
+    elif mode != "pass":
+        headers[:] = [(k, v) for k, v in headers if k.lower() not in ("content-encoding", "content-length")]
+    flow.state.setdefault(PLUGIN_NAME, {})["mode"] = mode
+    flow.state[PLUGIN_NAME]["encoding"] = encoding if encoding not in ("", "identity") else ""
+    flow.state[PLUGIN_NAME]["content_type"] = content_type
+
+
+@hookimpl
+def kubegate_response_stream(flow: Flow) -> Any:
+    masking = _masking(flow)
+    state = flow.state.get(PLUGIN_NAME) or {}
+    if masking is None or state.get("mode", "pass") == "pass":
+        return None
+    decoder = Decoder(state["encoding"]) if state.get("encoding") else None
+    mode = state["mode"]
+    if mode == "json":
+        return JsonBody(masking, flow, decoder)
+    if mode == "watch":
+        return WatchLines(masking, flow, decoder)
+    if mode == "text":
+        return Text(masking, decoder)
+    return Withhold(_withheld(masking, flow, f"content type {state.get('content_type') or 'unknown'}"))
+
+
+@hookimpl
+def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
+    masking = _masking(flow)
+    if masking is None or frame.direction != FrameDirection.UPSTREAM_TO_CLIENT:
+        return
+    if flow.attributes.subresource not in ("exec", "attach") or frame.channel not in (1, 2, 3):
+        return
+    frame.data = frame.data[:1] + masking.text.mask_bytes(frame.data[1:])
+
+
+def mask_body_for_record(flow: Flow, body: bytes) -> str:
+    """A request body as it may be shown or stored (approvals, audit): masked JSON, else size and hash."""
+    import hashlib
+
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    try:
+        doc = json.loads(body) if body else None
+    except ValueError:
+        doc = None
+    if doc is None:
+        return (
+            f"<{len(body)} bytes, not JSON, sha256 {hashlib.sha256(body).hexdigest()[:16]}…>" if body else ""
+        )
+    if masking is not None:
+        mask_document(doc, masking.rules, KIND_OF_RESOURCE.get(flow.attributes.resource, ""))
+    return json.dumps(doc, separators=(",", ":"))

@@ -1,0 +1,189 @@
+"""Masking without a network: structured rules per kind, text detectors, known values, and the stream
+transformers under arbitrary chunk boundaries (hypothesis)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubegate.plugins.masking import JsonBody, Masking, MaskingSettings, Text, WatchLines
+from kubegate.plugins.masking.objects import LAST_APPLIED, mask_document
+
+MARKER = "<masked by kubegate>"
+MARKER_B64 = base64.b64encode(MARKER.encode()).decode()
+SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": "prod", "uid": "u1",
+          "resourceVersion": "7"}, "data": {"password": base64.b64encode(b"hunter2-x").decode()}}  # fmt: skip
+
+
+def masking(**settings_) -> Masking:
+    m = Masking(MaskingSettings.model_validate(settings_))
+    m.set_known({"hunter2-x", "plain-known-value"})
+    return m
+
+
+def flow(resource: str = "secrets", verb: str = "get") -> SimpleNamespace:
+    return SimpleNamespace(attributes=SimpleNamespace(resource=resource, verb=verb), state={},
+                           connection=SimpleNamespace(name="c"), request=SimpleNamespace(path="/x"))  # fmt: skip
+
+
+def test_secret_list_without_item_kinds_and_metadata_untouched():
+    doc = {
+        "kind": "SecretList",
+        "apiVersion": "v1",
+        "items": [{k: v for k, v in SECRET.items() if k != "kind"}],
+    }
+    assert mask_document(doc, masking().rules)
+    item = doc["items"][0]
+    assert item["data"] == {"password": MARKER_B64}
+    assert item["metadata"] == SECRET["metadata"]
+
+
+def test_last_applied_is_masked_inside_and_stays_json():
+    applied = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "stringData": {"token": "abc"},
+        "metadata": {"name": "s"},
+    }
+    obj = {"kind": "ConfigMap", "metadata": {"name": "x", "annotations": {LAST_APPLIED: json.dumps(applied)}}}
+    mask_document(obj, masking().rules)
+    assert json.loads(obj["metadata"]["annotations"][LAST_APPLIED])["stringData"] == {"token": MARKER}
+    broken = {"kind": "Pod", "metadata": {"name": "p", "annotations": {LAST_APPLIED: "{not json"}}}
+    mask_document(broken, masking().rules)
+    assert broken["metadata"]["annotations"][LAST_APPLIED] == MARKER
+
+
+def test_env_values_in_every_pod_template():
+    env = [{"name": "DB_PASSWORD", "value": "p1"}, {"name": "LOG_LEVEL", "value": "info"},
+           {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]  # fmt: skip
+    pod_spec = {
+        "containers": [{"name": "a", "env": [dict(e) for e in env]}],
+        "initContainers": [{"name": "i", "env": [dict(env[0])]}],
+    }
+    cron = {
+        "kind": "CronJob",
+        "spec": {"jobTemplate": {"spec": {"template": {"spec": json.loads(json.dumps(pod_spec))}}}},
+    }
+    deploy = {"kind": "Deployment", "spec": {"template": {"spec": json.loads(json.dumps(pod_spec))}}}
+    for obj, spec in (
+        (cron, cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]),
+        (deploy, deploy["spec"]["template"]["spec"]),
+    ):
+        mask_document(obj, masking().rules)
+        assert spec["containers"][0]["env"][0]["value"] == MARKER
+        assert spec["containers"][0]["env"][1]["value"] == "info"
+        assert "value" not in spec["containers"][0]["env"][2]
+        assert spec["initContainers"][0]["env"][0]["value"] == MARKER
+
+
+def test_table_rows_token_requests_and_configmap_rules():
+    table = {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "rows": [{"cells": ["db", "Opaque", 1], "object": dict(SECRET)}],
+    }
+    mask_document(table, masking().rules)
+    assert table["rows"][0]["object"]["data"] == {"password": MARKER_B64}
+    token = {"kind": "TokenRequest", "status": {"token": "eyJ...", "expirationTimestamp": "t"}}
+    mask_document(token, masking().rules)
+    assert token["status"]["token"] == MARKER
+    rules = masking(configmap_keys=[{"namespaces": "prod", "names": "app-*", "keys": ["*_URL"]}]).rules
+    cm = {
+        "kind": "ConfigMap",
+        "metadata": {"name": "app-config", "namespace": "prod"},
+        "data": {"DB_URL": "u", "LEVEL": "x"},
+    }
+    mask_document(cm, rules)
+    assert cm["data"] == {"DB_URL": MARKER, "LEVEL": "x"}
+
+
+def test_known_values_anywhere_in_a_body_but_names_are_kept():
+    obj = {"kind": "ConfigMap", "metadata": {"name": "plain-known-value"},
+           "data": {"a": "url=postgres://u:plain-known-value@h", "b": base64.b64encode(b"hunter2-x").decode()}}  # fmt: skip
+    mask_document(obj, masking().rules)
+    assert obj["data"] == {"a": f"url=postgres://u:{MARKER}@h", "b": MARKER}
+    assert obj["metadata"]["name"] == "plain-known-value"
+
+
+def test_text_detectors_and_assignments():
+    m = masking()
+    line = "AKIAIOSFODNN7EXAMPLE x https://bob:pw123456@host/ db_password=abc12345 level=info"
+    assert m.text.mask(line) == f"{MARKER} x https://bob:{MARKER}@host/ db_password={MARKER} level=info"
+    custom = masking(patterns=[r"tok_[a-z0-9]{8}"], detectors=[], assignments=False)
+    assert custom.text.mask("tok_abcd1234 password=x") == f"{MARKER} password=x"
+
+
+def _run(transformer, chunks: list[bytes]) -> bytes:
+    return b"".join(transformer.feed(c) for c in chunks) + transformer.end()
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+EVENTS = b"".join(
+    json.dumps({"type": t, "object": {**SECRET, "data": {"password": base64.b64encode(v).decode()}}}).encode() + b"\n"
+    for t, v in [("ADDED", b"hunter2-x"), ("MODIFIED", b"new-rotated-value"), ("DELETED", b"plain-known-value")]
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(EVENTS)), max_size=12))
+def test_watch_stream_masked_whatever_the_chunk_boundaries(cuts):
+    out = _run(WatchLines(masking(), flow(verb="watch"), None), _split(EVENTS, cuts))
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert all(e["object"]["data"] == {"password": MARKER_B64} for e in events)
+    assert out == _run(WatchLines(masking(), flow(verb="watch"), None), [EVENTS])
+
+
+LOG = (
+    "line one db=postgres://app:hunter2-x@db/app\n" * 3
+    + "key AKIAIOSFODNN7EXAMPLE then plain-known-value\npartial hunter2-x"
+).encode()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(LOG)), max_size=12))
+def test_log_stream_masked_whatever_the_chunk_boundaries(cuts):
+    out = _run(Text(masking(), None), _split(LOG, cuts))
+    assert b"hunter2-x" not in out and b"AKIA" not in out and b"plain-known-value" not in out
+    assert out == _run(Text(masking(), None), [LOG])
+
+
+BODY = json.dumps(
+    {"kind": "SecretList", "items": [{**SECRET, "metadata": {"name": f"s{i}"}} for i in range(20)]}
+).encode()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(BODY)), max_size=10))
+def test_json_body_masked_whatever_the_chunk_boundaries(cuts):
+    out = json.loads(_run(JsonBody(masking(), flow(), None), _split(BODY, cuts)))
+    assert {i["data"]["password"] for i in out["items"]} == {MARKER_B64}
+
+
+def test_unparsable_json_is_withheld_not_passed():
+    f = flow()
+    out = json.loads(_run(JsonBody(masking(), f, None), [b'{"kind":"Secret","data":{"a":"aHVudGVyMi14"']))
+    assert out["kind"] == "Status" and out["code"] == 502 and "could not be masked" in out["message"]
+    assert f.state["masking"]["withheld"] == "not valid JSON"
+
+
+def test_gzip_bodies_are_decoded_before_masking():
+    import gzip
+
+    from kubegate.plugins.masking import Decoder
+
+    out = json.loads(
+        _run(
+            JsonBody(masking(), flow(), Decoder("gzip")),
+            _split(gzip.compress(json.dumps(SECRET).encode()), [5, 17]),
+        )
+    )
+    assert out["data"] == {"password": MARKER_B64}
