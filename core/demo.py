@@ -88,7 +88,12 @@ def write_demo_config(
                     "certificate_authority": str(sandbox_ca),
                     "token_file": "upstream-token",
                 },
-                "plugins": {"static-tokens": {"tokens": tokens}, "policy": DEMO_POLICY, "approvals": {}},
+                "plugins": {
+                    "static-tokens": {"tokens": tokens},
+                    "policy": DEMO_POLICY,
+                    "approvals": {},
+                    "masking": {},
+                },
             }
         },
     }
@@ -220,7 +225,7 @@ Try, in another terminal:
   export KUBECONFIG={kubeconfig.resolve()}
   {kubectl} auth whoami                         # alice, as the sandbox sees her (impersonation)
   {kubectl} get pods -n prod
-  {kubectl} get secret db-credentials -n prod -o yaml
+  {kubectl} get secret db-credentials -n prod -o yaml    # masked: values never leave the gateway
   {kubectl} logs web -n prod --tail=3
   {kubectl} delete pod web-0 -n prod             # waits for a reviewer (policy rule deletes-in-prod)
   {kubectl} exec -it web -n prod -- sh           # also held: shell access to prod needs a reviewer

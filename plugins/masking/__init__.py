@@ -325,9 +325,10 @@ def kubegate_response_headers(flow: Flow) -> None:
         mode = "text"
     else:
         mode = "refuse"
-    if mode == "refuse" and masking.settings.on_unparsable == "refuse":
-        flow.response.status = 502
-        headers[:] = [("Content-Type", "application/json")]
+    if mode == "refuse":
+        if masking.settings.on_unparsable == "refuse":
+            flow.response.status = 502
+        headers[:] = [("Content-Type", "application/json")]  # the body becomes a Status
     elif mode != "pass":
         headers[:] = [(k, v) for k, v in headers if k.lower() not in ("content-encoding", "content-length")]
     flow.state.setdefault(PLUGIN_NAME, {})["mode"] = mode

@@ -94,6 +94,14 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         whoami = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True)
         assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "alice"
         ci = run_kubectl(kubeconfig, "--context", "ci-bot@demo", "get", "pods", "-n", "prod", check=True)
+        # Every way of looking at the seeded secret shows it masked.
+        for args in (["get", "secret", "db-credentials", "-n", "prod", "-o", "yaml"],
+                     ["describe", "secret", "db-credentials", "-n", "prod"],
+                     ["logs", "web", "-n", "prod", "--tail=2"]):  # fmt: skip
+            looked = run_kubectl(kubeconfig, *args)
+            assert "hunter2-prod-s3cret" not in looked.stdout + looked.stderr
+            assert "aHVudGVyMi1wcm9kLXMzY3JldA" not in looked.stdout
+
         assert "web" in ci.stdout
         assert oct(kubeconfig.stat().st_mode & 0o777) == "0o600"  # it holds tokens
         # The policy of the demo: a guardrail for the bot, a held delete for the developer, approved by rita
@@ -120,6 +128,25 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         )
         out, err = held.communicate(timeout=30)
         assert held.returncode == 0 and 'pod "web-0" deleted' in out, err
+        # A shell in prod needs rita too (a one-hour window); what it prints is masked.
+        shell = subprocess.Popen([KUBECTL, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo $DB_PASSWORD"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "KUBECONFIG": str(kubeconfig)})  # fmt: skip
+        deadline, found = time.monotonic() + 20, None
+        while found is None and time.monotonic() < deadline:
+            listed = subprocess.run(shlex.split(listing), capture_output=True, text=True, timeout=30)
+            found = next(
+                (line.split()[0] for line in listed.stdout.splitlines() if "pods/exec" in line), None
+            )
+            time.sleep(0.2)
+        assert found is not None
+        approve_exec = approve.replace(approve.split()[3], found)
+        assert (
+            subprocess.run(shlex.split(approve_exec), capture_output=True, text=True, timeout=30).returncode
+            == 0
+        )
+        out, err = shell.communicate(timeout=30)
+        assert shell.returncode == 0 and out.strip() == "<masked by kubegate>", err
         # The printed `kubegate login` command, run as shown (headless), against the demo's identity provider.
         command = re.search(
             r"(\S+/kubegate login .*?--kubeconfig \S+)", output.replace("\\\n", " "), re.S

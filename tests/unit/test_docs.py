@@ -58,6 +58,7 @@ def test_every_config_key_is_documented():
         OIDCLoginProvider,
         SAMLLoginProvider,
     )
+    from kubegate.plugins.masking import ConfigMapKeys, Exempt, KnownValues, MaskingSettings
     from kubegate.plugins.oidc import (
         ClaimMappings,
         GitHubActionsPreset,
@@ -99,6 +100,10 @@ def test_every_config_key_is_documented():
         RuleApproval,
         WebhookSettings,
         Receiver,
+        MaskingSettings,
+        ConfigMapKeys,
+        KnownValues,
+        Exempt,
     ]
     for model in models:
         for field in model.model_fields:
