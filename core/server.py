@@ -132,21 +132,26 @@ def check_bind(bind: str) -> None:
         probe.bind((host, int(port)))
 
 
-async def _when_listening(address: str, on_ready: Callable[[], None]) -> None:
-    """Call `on_ready` once the server accepts connections (so what it prints is true when read)."""
+async def _when_listening(
+    address: str, on_ready: Callable[[], None], started: Callable[[], bool] = lambda: True
+) -> None:
+    """Call `on_ready` once the server accepts connections (so what it prints is true when read). `started`
+    must hold too: something else listening on the port (the server failed to bind it) is not us."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     while True:
-        try:
-            _, writer = await asyncio.open_connection(host, int(port))
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        on_ready()
-        return
+        if started():
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                pass
+            else:
+                writer.close()
+                on_ready()
+                return
+        await asyncio.sleep(0.05)
 
 
 async def serve_until_signal(
@@ -156,8 +161,9 @@ async def serve_until_signal(
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve with the configured server until SIGINT or SIGTERM, then stop the gateway cleanly."""
+    started: list[Callable[[], bool]] = [lambda: True]
     ready = asyncio.ensure_future(
-        _when_listening(bind or gateway.settings.listen, on_ready or (lambda: None))
+        _when_listening(bind or gateway.settings.listen, on_ready or (lambda: None), lambda: started[0]())
     )
     # Everything loaded so far (config, plugins, modules) lives as long as the process: keep it out of the
     # collector's way, and collect young objects less often (a few % of request time was GC).
@@ -183,6 +189,7 @@ async def serve_until_signal(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
             server = uvicorn.Server(uvicorn_config(gateway, tls, bind))
+            started[0] = lambda: server.started
             try:
                 await server.serve()
             except SystemExit:

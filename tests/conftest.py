@@ -103,11 +103,20 @@ CI_BOT_UID = "uid-ci-bot-42"
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range, so no process binding port 0 (a sandbox, an IdP, an
+    outgoing connection) can take it between this call and the server that binds it."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @dataclass
