@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import json
 import os
 import secrets
@@ -141,6 +143,35 @@ UNAUTHORIZED = json.dumps(
 ).encode()
 
 
+SECRET_COUNT = 5000
+LOG_BYTES = 64 * 1024 * 1024
+
+
+def make_secret(index: int) -> dict:
+    value = f"s3cret-value-{index:05d}-{'q' * 24}"
+    return {
+        "metadata": {"name": f"app-secret-{index:05d}", "namespace": "prod", "uid": f"uid-{index}",
+                     "resourceVersion": str(1000 + index), "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "labels": {"app": "web"}},
+        "type": "Opaque",
+        "data": {"password": base64.b64encode(value.encode()).decode(),
+                 "username": base64.b64encode(b"app").decode(),
+                 "url": base64.b64encode(f"postgres://app:{value}@db:5432/app".encode()).decode()},
+    }  # fmt: skip
+
+
+SECRET_LIST = json.dumps(
+    {"kind": "SecretList", "apiVersion": "v1", "metadata": {"resourceVersion": "9999"},
+     "items": [make_secret(i) for i in range(SECRET_COUNT)]}
+).encode()  # fmt: skip
+# A log line as an app writes it, with a known secret value and a cloud key in it.
+LOG_LINE = (
+    b"2026-01-01T00:00:00Z request served in 12ms db=postgres://app:s3cret-value-00042-qqqqqqqqqqqqqqqqqqqqqqqq@db"
+    b":5432/app user=alice path=/api/orders?id=12345 status=200 AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG\n"
+)
+LOG_CHUNK = LOG_LINE * (65536 // len(LOG_LINE))
+
+
 def make_app(token: str) -> web.Application:
     expected = f"Bearer {token}"
     json_type = "application/json"
@@ -195,7 +226,35 @@ def make_app(token: str) -> web.Application:
                 break
         return ws
 
+    async def secrets_(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return unauthorized()
+        if request.query.get("watch") in ("true", "1"):  # the masking plugin's follower: no changes here
+            resp = web.StreamResponse(headers={"Content-Type": json_type})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+                await asyncio.sleep(3600)
+            return resp
+        return web.Response(body=SECRET_LIST, content_type=json_type)
+
+    async def log(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != expected:
+            return unauthorized()
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent = 0
+        while sent < LOG_BYTES:
+            await resp.write(LOG_CHUNK)
+            sent += len(LOG_CHUNK)
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
+    app.router.add_get("/api/v1/namespaces/prod/secrets", secrets_)
+    app.router.add_get("/api/v1/secrets", secrets_)
+    app.router.add_get("/api/v1/namespaces/prod/pods/web/log", log)
     app.router.add_get("/api/v1/namespaces/prod/pods/web", pod)
     app.router.add_get("/api/v1/namespaces/prod/pods", pods)
     app.router.add_get("/api/v1/namespaces/prod/pods/web/exec", exec_)

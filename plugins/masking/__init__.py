@@ -23,7 +23,7 @@ from kubegate.core.plugins import hookimpl
 
 from .known import KnownSecrets
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document
-from .text import DETECTORS, LineCarry, TextMasker, detector_patterns
+from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
 
 if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
@@ -102,7 +102,7 @@ class Masking:
 
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
-        self.patterns = [*detector_patterns(settings.detectors), *(re.compile(p) for p in settings.patterns)]
+        self.patterns = [*detector_patterns(settings.detectors), *custom_patterns(settings.patterns)]
         self.env_name = re.compile("|".join(f"(?:{p})" for p in settings.env_names) or "(?!)", re.I)
         self.known: KnownSecrets | None = None
         self.set_known(set())

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
+import ahocorasick
+
 # detect-secrets plugins whose regexes apply to free text (the keyword/entropy ones need file context).
 DETECTORS = {
     "aws": "detect_secrets.plugins.aws.AWSKeyDetector",
@@ -25,29 +27,52 @@ DETECTORS = {
     "gitlab": "detect_secrets.plugins.gitlab_token.GitLabTokenDetector",
     "openai": "detect_secrets.plugins.openai.OpenAIDetector",
 }
-# KEY=VALUE / KEY: VALUE where KEY names a secret; the value is masked, the key kept.
-ASSIGNMENT = re.compile(
-    r"(?i)\b([A-Z0-9_.-]*(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL)S?[A-Z0-9_.-]*)"
+# KEY=VALUE / KEY: VALUE where KEY names a secret; the value is masked, the key kept. Found from the
+# keyword's position (located with the hint automaton below): the rest of the key, the separator, the value.
+ASSIGNMENT_KEYWORDS = ("password", "passwd", "pwd", "secret", "token", "apikey", "api_key", "accesskey",
+                       "access_key", "privatekey", "private_key", "credential")  # fmt: skip
+ASSIGNMENT_TAIL = re.compile(r"[A-Za-z0-9_.-]*?(\s*[=:]\s*)([\"']?)([^\s\"',;&]{4,})")
+ASSIGNMENT = re.compile(  # the same rule as one regex, for reference and tests
+    r"(?i)((?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL)[A-Z0-9_.-]*?)"
     r"(\s*[=:]\s*)([\"']?)([^\s\"',;&]{4,})"
 )
+# A cheap test per chunk before a detector's regex runs: the text must contain one of these (lower case).
+PREFILTER = {
+    "aws": ("akia", "asia", "abia", "acca", "a3t", "aws"),
+    "private-key": ("private key", "putty-user-key"),
+    "jwt": ("eyj",),
+    "basic-auth": ("://",),
+    "github": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    "slack": ("xox", "hooks.slack.com"),
+    "stripe": ("k_live_",),
+    "gitlab": ("gl",),
+    "openai": ("t3blbkfj",),
+}
+
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 
 
-JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+Detector = tuple[tuple[str, ...], re.Pattern[str]]  # (prefilter substrings, lower case; regex)
 
 
-def detector_patterns(names: Iterable[str]) -> list[re.Pattern[str]]:
+def detector_patterns(names: Iterable[str]) -> list[Detector]:
     import importlib
 
-    patterns: list[re.Pattern[str]] = []
+    patterns: list[Detector] = []
     for name in names:
         if name == "jwt":
-            patterns.append(JWT)
+            patterns.append((PREFILTER[name], JWT))
             continue
         module_name, _, class_name = DETECTORS[name].rpartition(".")
         detector = getattr(importlib.import_module(module_name), class_name)
         for pattern in getattr(detector, "denylist", ()):
-            patterns.append(pattern if isinstance(pattern, re.Pattern) else re.compile(pattern))
+            compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+            patterns.append((PREFILTER[name], compiled))
     return patterns
+
+
+def custom_patterns(regexes: Iterable[str]) -> list[Detector]:
+    return [((), re.compile(regex)) for regex in regexes]
 
 
 def value_forms(value: str) -> set[str]:
@@ -67,23 +92,82 @@ def value_forms(value: str) -> set[str]:
 class TextMasker:
     """Masks one string at a time. Immutable: a new one is built when the known values change."""
 
-    def __init__(self, marker: str, known: Iterable[str] = (), patterns: Iterable[re.Pattern[str]] = (),
+    def __init__(self, marker: str, known: Iterable[str] = (), patterns: Iterable[Detector] = (),
                  assignments: bool = True):  # fmt: skip
         self.marker = marker
-        forms = sorted({f for value in known for f in value_forms(value)}, key=len, reverse=True)
+        forms = {f for value in known for f in value_forms(value)}
         self.longest = max((len(f) for f in forms), default=0)
-        self.known = re.compile("|".join(re.escape(f) for f in forms)) if forms else None
+        # Aho-Corasick: one pass over the text whatever the number of values (a regex alternation of
+        # thousands of literals is orders of magnitude slower).
+        self.known: ahocorasick.Automaton | None = None
+        if forms:
+            self.known = ahocorasick.Automaton()
+            for form in forms:
+                self.known.add_word(form, len(form))
+            self.known.make_automaton()
         self.patterns = list(patterns)
         self.assignments = assignments
+        # One pass finds which detectors can match at all (their hint substrings) and where keywords are.
+        self.keywords = set(ASSIGNMENT_KEYWORDS) if assignments else set()
+        self.hint_automaton = ahocorasick.Automaton()
+        for hint in {h for hints, _ in self.patterns for h in hints} | self.keywords:
+            self.hint_automaton.add_word(hint, hint)
+        if len(self.hint_automaton):
+            self.hint_automaton.make_automaton()
+        else:
+            self.hint_automaton.add_word("\x00never", "\x00never")
+            self.hint_automaton.make_automaton()
 
     def mask(self, text: str) -> str:
         if self.known is not None:
-            text = self.known.sub(self.marker, text)
-        for pattern in self.patterns:
-            text = pattern.sub(self._whole_or_group, text)
-        if self.assignments:
-            text = ASSIGNMENT.sub(self._assignment, text)
+            text = self._mask_known(text)
+        if not self.patterns and not self.assignments:
+            return text
+        found = self._hints(text.lower())
+        for hints, pattern in self.patterns:
+            if not hints or any(h in found for h in hints):
+                text = pattern.sub(self._whole_or_group, text)
+        if self.assignments and found & self.keywords:
+            text = self._mask_assignments(text)
         return text
+
+    def _hints(self, lower: str) -> set[str]:
+        return {hint for _, hint in self.hint_automaton.iter(lower)}
+
+    def _mask_assignments(self, text: str) -> str:
+        lower = text.lower()
+        spans: list[tuple[int, int]] = []
+        for end, hint in self.hint_automaton.iter(lower):
+            if hint not in self.keywords:
+                continue
+            match = ASSIGNMENT_TAIL.match(text, end + 1)
+            if match and self.marker not in match.group(3):
+                spans.append(match.span(3))
+        if not spans:
+            return text
+        parts, position = [], 0
+        for start, stop in sorted(set(spans)):
+            if start < position:
+                continue
+            parts += [text[position:start], self.marker]
+            position = stop
+        parts.append(text[position:])
+        return "".join(parts)
+
+    def _mask_known(self, text: str) -> str:
+        assert self.known is not None
+        parts: list[str] = []
+        position = 0
+        for end, length in self.known.iter_long(text):
+            start = end - length + 1
+            if start < position:
+                continue
+            parts += [text[position:start], self.marker]
+            position = end + 1
+        if not parts:
+            return text
+        parts.append(text[position:])
+        return "".join(parts)
 
     def _whole_or_group(self, match: re.Match[str]) -> str:
         # detect-secrets' basic-auth regex captures the password only: mask that group, keep the URL.
@@ -93,11 +177,6 @@ class TextMasker:
             offset = match.start(0)
             return whole[: start - offset] + self.marker + whole[end - offset :]
         return self.marker
-
-    def _assignment(self, match: re.Match[str]) -> str:
-        if match.group(4) == self.marker or self.marker in match.group(4):
-            return match.group(0)
-        return f"{match.group(1)}{match.group(2)}{match.group(3)}{self.marker}"
 
     def mask_bytes(self, data: bytes) -> bytes:
         text = data.decode("utf-8", "surrogateescape")

@@ -405,8 +405,11 @@ def test_reviewers_are_notified_and_a_stuck_receiver_blocks_nobody(gw, receiver)
         and time.monotonic() < deadline
     ):
         time.sleep(0.2)
-    events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
-    sent = [e for e in events if e["kind"] == "notification.sent" and e.get("approval_id") == item["id"]]
+    deadline, sent = time.monotonic() + 10, []
+    while {e["url"].rsplit("/", 1)[1] for e in sent} < {"json", "flaky"} and time.monotonic() < deadline:
+        events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
+        sent = [e for e in events if e["kind"] == "notification.sent" and e.get("approval_id") == item["id"]]
+        time.sleep(0.1)
     assert {e["url"].rsplit("/", 1)[1] for e in sent} >= {"json", "flaky"}
     assert any(e["url"].endswith("/flaky") and e["attempts"] == 3 for e in sent)
 
@@ -435,9 +438,14 @@ def test_two_replicas_on_postgresql_share_approvals(own_sandbox, postgres, tmp_p
 def test_a_dry_run_rule_only_audits_what_it_would_have_done(gw):
     code, _, err = finish(kubectl(gw, "alice", "get", "configmaps", "-n", "prod"))
     assert code == 0, err
-    events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
-    (event,) = [
-        e for e in events if e["kind"] == "request" and e["path"] == "/api/v1/namespaces/prod/configmaps"
-    ]
+    # The request's audit event is written once the response is sent: wait for it.
+    deadline, found = time.monotonic() + 10, []
+    while not found and time.monotonic() < deadline:
+        events = [json.loads(x) for x in (gw.dir / "audit.jsonl").read_text().splitlines()]
+        found = [
+            e for e in events if e["kind"] == "request" and e["path"] == "/api/v1/namespaces/prod/configmaps"
+        ]
+        time.sleep(0.1)
+    (event,) = found
     assert event["policy"] == {"dry_run": [{"rule": "trial-no-configmap-reads", "action": "deny"}]}
     assert event["status"] == 200

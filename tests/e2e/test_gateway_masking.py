@@ -164,9 +164,14 @@ def test_exempt_group_sees_clear_values_and_it_is_audited(masked):
     proc = kc(masked, "get", "secret", "db-credentials", "-n", "prod", "-o", "jsonpath={.data.password}",
               user="eve", token=EVE[0])  # fmt: skip
     assert base64.b64decode(proc.stdout).decode() == DB_PASSWORD
-    events = [json.loads(line) for line in (masked.dir / "audit.jsonl").read_text().splitlines()]
-    assert any(e.get("identity", {}) and e["identity"]["user"] == "eve" and (e.get("masking") or {}).get("exempt")
-               for e in events)  # fmt: skip
+    # The request's audit event is written once the response is sent: wait for it.
+    deadline, seen = time.monotonic() + 10, False
+    while not seen and time.monotonic() < deadline:
+        events = [json.loads(line) for line in (masked.dir / "audit.jsonl").read_text().splitlines()]
+        seen = any((e.get("identity") or {}).get("user") == "eve" and (e.get("masking") or {}).get("exempt")
+                   for e in events)  # fmt: skip
+        time.sleep(0.1)
+    assert seen
 
 
 def test_masked_connection_asks_upstream_for_json_only(masked, sandbox):

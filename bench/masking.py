@@ -1,0 +1,87 @@
+"""Masking cost, side by side in one run: the same gateway config with and without the `masking` plugin,
+in front of the bench upstream (bench/upstream.py), which serves a 5,000-Secret list and a 64 MiB log.
+
+    .venv/bin/python bench/masking.py [--rounds 5]
+
+Measured (medians over the rounds, plain and masked alternating):
+  - GET of the 5,000-Secret list (about 2.6 MB of JSON): seconds, masked / plain (target ≤ 2x);
+  - a 64 MiB pods/log stream: MB/s through each (target: masked ≥ 50 MB/s).
+Not a test: nothing here asserts a timing. It prints a Markdown table for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import PROCS, insecure_context, start_gateway, start_upstream
+
+MARKER_B64 = base64.b64encode(b"<masked by kubegate>").decode()
+
+
+async def fetch(url: str, token: str) -> tuple[float, int, bytes]:
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        async with session.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                               ssl=insecure_context()) as response:  # fmt: skip
+            size, head = 0, b""
+            async for chunk in response.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if len(head) < 4096:
+                    head += chunk[:4096]
+            return time.perf_counter() - started, size, head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kubegate-bench-masking-"))
+    try:
+        up = start_upstream(work)
+        plain = start_gateway(work, up, label="gateway-plain")
+        masked = start_gateway(work, up, label="gateway-masked", masking=True)
+        time.sleep(2)  # the masking follower lists the Secrets once at start
+        lists: dict[str, list[float]] = {"plain": [], "masked": []}
+        logs: dict[str, list[float]] = {"plain": [], "masked": []}
+        for _ in range(args.rounds):
+            for name, target in (("plain", plain), ("masked", masked)):
+                seconds, _, head = asyncio.run(
+                    fetch(target.url("/api/v1/namespaces/prod/secrets"), target.token)
+                )
+                if name == "masked":
+                    assert MARKER_B64.encode() in head, "the masked list is not masked"
+                lists[name].append(seconds)
+                seconds, size, head = asyncio.run(
+                    fetch(target.url("/api/v1/namespaces/prod/pods/web/log"), target.token)
+                )
+                if name == "masked":
+                    assert b"s3cret-value" not in head, "the masked log is not masked"
+                logs[name].append(size / seconds / 1e6)
+        list_plain, list_masked = statistics.median(lists["plain"]), statistics.median(lists["masked"])
+        log_plain, log_masked = statistics.median(logs["plain"]), statistics.median(logs["masked"])
+        print("| measure | plain | masked | masked / plain | target | met |")
+        print("| --- | ---: | ---: | ---: | --- | --- |")
+        ratio = list_masked / list_plain
+        print(f"| GET 5,000 Secrets (s) | {list_plain:.3f} | {list_masked:.3f} | {ratio:.2f}x | ≤ 2x | "
+              f"{'yes' if ratio <= 2 else '**no**'} |")  # fmt: skip
+        print(f"| pods/log 64 MiB (MB/s) | {log_plain:.0f} | {log_masked:.0f} | {log_masked / log_plain:.2f}x | "
+              f"masked ≥ 50 MB/s | {'yes' if log_masked >= 50 else '**no**'} |")  # fmt: skip
+        print(f"\nrounds: {args.rounds}; per round list s plain {[round(x, 3) for x in lists['plain']]}, "
+              f"masked {[round(x, 3) for x in lists['masked']]}; log MB/s plain {[round(x) for x in logs['plain']]}, "
+              f"masked {[round(x) for x in logs['masked']]}")  # fmt: skip
+    finally:
+        PROCS.stop_all()
+
+
+if __name__ == "__main__":
+    main()
