@@ -169,7 +169,15 @@ LOG_LINE = (
     b"2026-01-01T00:00:00Z request served in 12ms db=postgres://app:s3cret-value-00042-qqqqqqqqqqqqqqqqqqqqqqqq@db"
     b":5432/app user=alice path=/api/orders?id=12345 status=200 AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG\n"
 )
-LOG_CHUNK = LOG_LINE * (65536 // len(LOG_LINE))
+PLAIN_LINE = (
+    b"2026-01-01T00:00:00Z request served in 12ms user=alice path=/api/orders?id=12345 status=200 bytes=5123"
+    b" upstream=10.0.0.7:8080\n"
+)
+# Worst case: a secret on every line. Typical: one line in a hundred carries one.
+LOG_CHUNKS = {
+    "worst": LOG_LINE * (65536 // len(LOG_LINE)),
+    "typical": (PLAIN_LINE * 99 + LOG_LINE) * (65536 // (99 * len(PLAIN_LINE) + len(LOG_LINE))),
+}
 
 
 def make_app(token: str) -> web.Application:
@@ -245,9 +253,10 @@ def make_app(token: str) -> web.Application:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         sent = 0
+        chunk = LOG_CHUNKS.get(request.query.get("kind", "typical"), LOG_CHUNKS["typical"])
         while sent < LOG_BYTES:
-            await resp.write(LOG_CHUNK)
-            sent += len(LOG_CHUNK)
+            await resp.write(chunk)
+            sent += len(chunk)
         await resp.write_eof()
         return resp
 

@@ -16,6 +16,7 @@ import re
 import zlib
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
@@ -110,12 +111,29 @@ class Masking:
     def set_known(self, values: set[str]) -> None:
         s = self.settings
         self.text = TextMasker(s.marker, values, self.patterns, s.assignments)
-        self.rules = ObjectRules(
-            marker=s.marker,
-            env_name=self.env_name,
-            configmap_keys=[(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys],
-            scrub_text=self.text.mask,
-        )
+        configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
+        self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)
+        self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
+
+    def mask_json(self, doc: Any, resource_kind: str) -> bytes | None:
+        """Mask a parsed JSON document; the masked bytes, or None when nothing needed masking.
+
+        Structure first (Secret data, env values… — a walk of the parsed document), then values and
+        patterns over the serialized text in one pass (much faster than visiting every string). Markers
+        contain no quote or backslash, so the text stays JSON; if a pattern ever broke it, the slow
+        per-string scrub is used instead.
+        """
+        structured = mask_document(doc, self.structure_rules, resource_kind)
+        text = orjson.dumps(doc).decode()
+        scrubbed = self.text.mask(text)
+        if scrubbed is text or scrubbed == text:
+            return text.encode() if structured else None
+        try:
+            json.loads(scrubbed)
+        except ValueError:
+            mask_document(doc, self.rules, resource_kind)
+            return orjson.dumps(doc)
+        return scrubbed.encode()
 
     def exempt(self, identity: Identity | None) -> bool:
         e = self.settings.exempt
@@ -180,10 +198,8 @@ class JsonBody:
             doc = json.loads(body)
         except ValueError:
             return _withheld(self.masking, self.flow, "not valid JSON")
-        kind = KIND_OF_RESOURCE.get(self.flow.attributes.resource, "")
-        if mask_document(doc, self.masking.rules, kind):
-            return json.dumps(doc, separators=(",", ":")).encode()
-        return body
+        masked = self.masking.mask_json(doc, KIND_OF_RESOURCE.get(self.flow.attributes.resource, ""))
+        return body if masked is None else masked
 
 
 class WatchLines:
@@ -201,9 +217,8 @@ class WatchLines:
             event = json.loads(line)
         except ValueError:
             return _withheld(self.masking, self.flow, "a watch event is not valid JSON") + b"\n"
-        if mask_document(event, self.masking.rules, self.kind):
-            return json.dumps(event, separators=(",", ":")).encode() + b"\n"
-        return line
+        masked = self.masking.mask_json(event, self.kind)
+        return line if masked is None else masked + b"\n"
 
     def feed(self, chunk: bytes) -> bytes:
         if self.decoder is not None:

@@ -105,7 +105,9 @@ class TextMasker:
             for form in forms:
                 self.known.add_word(form, len(form))
             self.known.make_automaton()
-        self.patterns = list(patterns)
+        # Patterns without hints (custom regexes) run over all text; the others only where a hint is.
+        self.always = [pattern for hints, pattern in patterns if not hints]
+        self.patterns = [(hints, pattern) for hints, pattern in patterns if hints]
         self.assignments = assignments
         # One pass finds which detectors can match at all (their hint substrings) and where keywords are.
         self.keywords = set(ASSIGNMENT_KEYWORDS) if assignments else set()
@@ -121,23 +123,43 @@ class TextMasker:
     def mask(self, text: str) -> str:
         if self.known is not None:
             text = self._mask_known(text)
+        for pattern in self.always:
+            text = pattern.sub(self._whole_or_group, text)
         if not self.patterns and not self.assignments:
             return text
-        found = self._hints(text.lower())
-        for hints, pattern in self.patterns:
-            if not hints or any(h in found for h in hints):
-                text = pattern.sub(self._whole_or_group, text)
-        if self.assignments and found & self.keywords:
-            text = self._mask_assignments(text)
-        return text
+        # One pass of the hint automaton finds the lines that can hold a pattern or an assignment; only
+        # those lines go through the regexes (most log lines never do).
+        lines: list[tuple[int, int]] = []
+        for end, _ in self.hint_automaton.iter(text.lower()):
+            if lines and lines[-1][0] <= end < lines[-1][1]:
+                continue
+            start = text.rfind("\n", 0, end) + 1
+            stop = text.find("\n", end)
+            lines.append((start, len(text) if stop < 0 else stop))
+        if not lines:
+            return text
+        if sum(stop - start for start, stop in lines) > len(text) // 4:
+            return self._mask_line(text)  # most of it: one pass over all beats a pass per line
+        parts, position = [], 0
+        for start, stop in lines:
+            parts += [text[position:start], self._mask_line(text[start:stop])]
+            position = stop
+        parts.append(text[position:])
+        return "".join(parts)
 
-    def _hints(self, lower: str) -> set[str]:
-        return {hint for _, hint in self.hint_automaton.iter(lower)}
+    def _mask_line(self, line: str) -> str:
+        lower = line.lower()
+        if self.assignments and any(k in lower for k in self.keywords):
+            line = self._mask_assignments(line)
+            lower = line.lower()
+        for hints, pattern in self.patterns:
+            if not hints or any(h in lower for h in hints):
+                line = pattern.sub(self._whole_or_group, line)
+        return line
 
     def _mask_assignments(self, text: str) -> str:
-        lower = text.lower()
         spans: list[tuple[int, int]] = []
-        for end, hint in self.hint_automaton.iter(lower):
+        for end, hint in self.hint_automaton.iter(text.lower()):
             if hint not in self.keywords:
                 continue
             match = ASSIGNMENT_TAIL.match(text, end + 1)
