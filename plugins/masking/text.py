@@ -45,7 +45,19 @@ PREFILTER = {
     "github": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
     "slack": ("xox", "hooks.slack.com"),
     "stripe": ("k_live_",),
-    "gitlab": ("gl",),
+    "gitlab": (
+        "glpat-",
+        "gldt-",
+        "glft-",
+        "glsoat-",
+        "glrt-",
+        "gr1348941",
+        "glcbt-",
+        "glimt-",
+        "glptt-",
+        "glagent-",
+        "gloas-",
+    ),
     "openai": ("t3blbkfj",),
 }
 
@@ -129,17 +141,23 @@ class TextMasker:
             return text
         # One pass of the hint automaton finds the lines that can hold a pattern or an assignment; only
         # those lines go through the regexes (most log lines never do).
+        hits = list(self.hint_automaton.iter(text.lower()))
+        if not hits:
+            return text
         lines: list[tuple[int, int]] = []
-        for end, _ in self.hint_automaton.iter(text.lower()):
+        for end, _ in hits:
             if lines and lines[-1][0] <= end < lines[-1][1]:
                 continue
             start = text.rfind("\n", 0, end) + 1
             stop = text.find("\n", end)
             lines.append((start, len(text) if stop < 0 else stop))
-        if not lines:
-            return text
         if sum(stop - start for start, stop in lines) > len(text) // 4:
-            return self._mask_line(text)  # most of it: one pass over all beats a pass per line
+            # Most of it (or one long line, such as a JSON document): one pass over all, with these hits.
+            found = {hint for _, hint in hits}
+            ends = [end for end, hint in hits if hint in self.keywords]
+            if ends:
+                text = self._mask_assignments(text, ends)
+            return self._detect(text, found)
         parts, position = [], 0
         for start, stop in lines:
             parts += [text[position:start], self._mask_line(text[start:stop])]
@@ -147,21 +165,22 @@ class TextMasker:
         parts.append(text[position:])
         return "".join(parts)
 
-    def _mask_line(self, line: str) -> str:
-        lower = line.lower()
-        if self.assignments and any(k in lower for k in self.keywords):
-            line = self._mask_assignments(line)
-            lower = line.lower()
+    def _detect(self, text: str, found: set[str]) -> str:
         for hints, pattern in self.patterns:
-            if not hints or any(h in lower for h in hints):
-                line = pattern.sub(self._whole_or_group, line)
-        return line
+            if any(h in found for h in hints):
+                text = pattern.sub(self._whole_or_group, text)
+        return text
 
-    def _mask_assignments(self, text: str) -> str:
+    def _mask_line(self, line: str) -> str:
+        hits = list(self.hint_automaton.iter(line.lower()))
+        ends = [end for end, hint in hits if hint in self.keywords]
+        if ends:
+            line = self._mask_assignments(line, ends)
+        return self._detect(line, {hint for _, hint in hits})
+
+    def _mask_assignments(self, text: str, keyword_ends: list[int]) -> str:
         spans: list[tuple[int, int]] = []
-        for end, hint in self.hint_automaton.iter(text.lower()):
-            if hint not in self.keywords:
-                continue
+        for end in keyword_ends:
             match = ASSIGNMENT_TAIL.match(text, end + 1)
             if match and self.marker not in match.group(3):
                 spans.append(match.span(3))
