@@ -33,9 +33,10 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from kubegate.core import protobuf
 from kubegate.core.tls import ensure_self_signed, write_client_certificate
 
-from . import openapi, protobuf, seed, tables
+from . import openapi, seed, tables
 from .patch import json_patch, merge_patch, strategic_merge_patch
 from .resources import GROUP_ORDER, RESOURCES, Resource, by_group_version, groups, lookup, validate_name
 from .store import ApiError, Event, Store, not_found, now_iso, status_body

@@ -10,6 +10,7 @@ and what is not.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kubegate.core import protobuf
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
 
@@ -379,18 +381,32 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
 
 
 def mask_body_for_record(flow: Flow, body: bytes) -> str:
-    """A request body as it may be shown or stored (approvals, audit): masked JSON, else size and hash."""
+    """A request body as it may be shown or stored (approvals, audit): masked JSON (a protobuf body of a kind
+    the decoder knows is decoded first), else only its size and hash."""
     import hashlib
 
     masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
-    try:
-        doc = json.loads(body) if body else None
-    except ValueError:
-        doc = None
+    doc: Any = None
+    if body.startswith(protobuf.MAGIC):  # kubectl's generators (create secret …) send protobuf
+        try:
+            doc = protobuf.decode_body(body)
+        except (protobuf.ProtobufError, ValueError, IndexError):
+            doc = None
+    else:
+        try:
+            doc = json.loads(body) if body else None
+        except ValueError:
+            doc = None
     if doc is None:
         return (
             f"<{len(body)} bytes, not JSON, sha256 {hashlib.sha256(body).hexdigest()[:16]}…>" if body else ""
         )
-    if masking is not None:
-        mask_document(doc, masking.rules, KIND_OF_RESOURCE.get(flow.attributes.resource, ""))
+    # Shown to people and stored: masked even where the connection does not mask its responses.
+    rules = (masking or _default_masking()).rules
+    mask_document(doc, rules, KIND_OF_RESOURCE.get(flow.attributes.resource, ""))
     return json.dumps(doc, separators=(",", ":"))
+
+
+@functools.cache
+def _default_masking() -> Masking:
+    return Masking(MaskingSettings())

@@ -53,6 +53,8 @@ POLICY = {
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "min_approvals": 2}},
         {"name": "short-wait", "match": {"verbs": ["delete"], "resources": ["configmaps"], "namespaces": ["prod"]},
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "ttl_seconds": 10}},
+        {"name": "secret-writes", "match": {"verbs": ["create"], "resources": ["secrets"], "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"]}},
         {"name": "prod-exec", "match": {"resources": ["pods/exec"], "namespaces": ["prod"]},
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "scope": "window", "window_seconds": 600}},
     ],
@@ -449,3 +451,15 @@ def test_a_dry_run_rule_only_audits_what_it_would_have_done(gw):
     (event,) = found
     assert event["policy"] == {"dry_run": [{"rule": "trial-no-configmap-reads", "action": "deny"}]}
     assert event["status"] == 200
+
+
+def test_reviewers_see_a_held_body_masked_even_when_kubectl_sent_protobuf(gw):
+    held = kubectl(gw, "alice", "create", "secret", "generic", "held-secret", "-n", "prod",
+                   "--from-literal=pw=topsecret-value-77")  # fmt: skip
+    item = wait_pending(gw, "rita", name="", resource="secrets")
+    preview = json.loads(item["body_preview"])  # decoded from protobuf, then masked
+    assert preview["kind"] == "Secret" and preview["metadata"]["name"] == "held-secret"
+    assert set(preview["data"]) == {"pw"} and "topsecret-value-77" not in item["body_preview"]
+    assert "dG9wc2VjcmV0LXZhbHVlLTc3" not in item["body_preview"]  # nor its base64
+    api(gw, "POST", f"/api/approvals/{item['id']}/deny", "rita", {"comment": "no"})
+    finish(held)

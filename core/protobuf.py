@@ -1,4 +1,5 @@
-"""A small decoder for Kubernetes protobuf request bodies (no protobuf dependency).
+"""A small decoder for Kubernetes protobuf request bodies (no protobuf dependency). The gateway uses it to
+see inside bodies it must mask before showing or storing them; the sandbox uses it to accept them.
 
 kubectl's generators (`create secret|configmap|namespace|deployment|service|serviceaccount`, `auth whoami`,
 `auth can-i`) POST `application/vnd.kubernetes.protobuf`: the magic `k8s\\x00` followed by a
@@ -24,7 +25,7 @@ class ProtobufError(ValueError):
 class UnsupportedKind(ProtobufError):
     def __init__(self, api_version: str, kind: str) -> None:
         super().__init__(
-            f"the sandbox cannot decode a protobuf body of kind {kind!r} ({api_version}); send it as JSON "
+            f"cannot decode a protobuf body of kind {kind!r} ({api_version}); send it as JSON "
             "(Content-Type: application/json)"
         )
         self.api_version = api_version
