@@ -219,6 +219,12 @@ class Frame:
     data: bytes
     text: bool = False
     drop: bool = False
+    # Frames (whole, channel byte included) to send before this one: what a plugin held back from earlier
+    # frames goes out ahead of a later frame of another channel (exit status, say).
+    before: list[bytes] = field(default_factory=list)
+    # Not a message from the peer but a timer tick (see `Session.flush_after`), or the end of the stream:
+    # `data` starts empty; a plugin holding data back puts it there (with its channel byte).
+    flush: bool = False
 
     @property
     def channel(self) -> int | None:
@@ -236,6 +242,11 @@ class Session:
     bytes_from_client: int = 0
     bytes_from_upstream: int = 0
     close_code: int | None = None
+    # A plugin that holds back output (to catch a secret split across frames) sets this: after that many
+    # seconds without another frame from upstream, the hooks get a `flush` frame to send what they hold.
+    flush_after: float | None = None
+    # Per-plugin state for the session's lifetime, by plugin name.
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

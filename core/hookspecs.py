@@ -215,6 +215,12 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> Awaitab
     Set ``frame.data`` to rewrite it or ``frame.drop = True`` to swallow it. Called only on connections
     where some enabled plugin implements it; otherwise frames are relayed without this call.
 
+    Holding output back (upstream to client): keep bytes in ``session.state[PLUGIN]``, set
+    ``session.flush_after`` (seconds); when no frame came from upstream for that long, and once more when
+    upstream closes, the hook gets a frame with ``frame.flush`` set and empty ``data``, to fill with what
+    it holds (channel byte first). ``frame.before`` lists whole frames to send ahead of this one (held
+    stdout ahead of an exit status, say).
+
     :param flow: the upgrade request.
     :param session: the session.
     :param frame: the message, with its direction.

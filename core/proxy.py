@@ -511,7 +511,28 @@ class Proxy:
             """The frame as the `kubegate_stream_frame` plugins left it, or None when one dropped it."""
             frame = Frame(direction, payload, text=text)
             await hooks.stream_frame(flow, session, frame)
+            for earlier in frame.before:
+                await send_to_client(earlier, False)
             return None if frame.drop else frame.data
+
+        async def send_to_client(payload: bytes, text: bool) -> None:
+            session.bytes_from_upstream += len(payload)
+            # The server's send waits for the client's socket to drain: a client that stops reading stops
+            # us reading upstream, so nothing piles up here.
+            if text:
+                await send({"type": "websocket.send", "text": payload.decode()})
+            else:
+                await send({"type": "websocket.send", "bytes": payload})
+
+        async def flush() -> None:
+            """Give plugins holding output back the chance to send it (timer tick or end of stream)."""
+            session.flush_after = None
+            frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"", flush=True)
+            await hooks.stream_frame(flow, session, frame)
+            for earlier in frame.before:
+                await send_to_client(earlier, False)
+            if frame.data and not frame.drop:
+                await send_to_client(frame.data, False)
 
         async def client_to_upstream() -> None:
             while True:
@@ -536,7 +557,14 @@ class Proxy:
 
         async def upstream_to_client() -> None:
             while True:
-                msg = await ws.receive()
+                if session.flush_after is not None:
+                    try:
+                        msg = await ws.receive(timeout=session.flush_after)
+                    except TimeoutError:
+                        await flush()
+                        continue
+                else:
+                    msg = await ws.receive()
                 if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                     text = msg.type is aiohttp.WSMsgType.TEXT
                     payload = msg.data.encode() if text else msg.data
@@ -545,14 +573,11 @@ class Proxy:
                         if filtered is None:
                             continue
                         payload = filtered
-                    session.bytes_from_upstream += len(payload)
-                    # The server's send waits for the client's socket to drain: a client that stops
-                    # reading stops us reading upstream, so nothing piles up here.
-                    if text:
-                        await send({"type": "websocket.send", "text": payload.decode()})
-                    else:
-                        await send({"type": "websocket.send", "bytes": payload})
+                    if payload or not frame_hooks:  # a plugin may hold a whole frame back
+                        await send_to_client(payload, text)
                 elif msg.type is aiohttp.WSMsgType.CLOSE:
+                    if frame_hooks:
+                        await flush()
                     session.close_code = msg.data or 1000
                     return
                 else:  # CLOSING, CLOSED, ERROR

@@ -80,6 +80,9 @@ class MaskingSettings(BaseModel):
     )
     exempt: Exempt = Field(default_factory=lambda: Exempt())
     max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest JSON response masked.")
+    exec_hold_ms: int = Field(
+        30, ge=1, le=2000, description="Longest exec/attach output is held back to join a split secret."
+    )
 
     @field_validator("detectors")
     @classmethod
@@ -370,14 +373,45 @@ def kubegate_response_stream(flow: Flow) -> Any:
     return Withhold(_withheld(masking, flow, f"content type {state.get('content_type') or 'unknown'}"))
 
 
+MAX_CARRY = 256
+SEPARATORS = (b" ", b"\n", b"\r", b"\t", b'"', b"'")
+
+
 @hookimpl
 def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
     masking = _masking(flow)
     if masking is None or frame.direction != FrameDirection.UPSTREAM_TO_CLIENT:
         return
-    if flow.attributes.subresource not in ("exec", "attach") or frame.channel not in (1, 2, 3):
+    if flow.attributes.subresource not in ("exec", "attach"):
         return
-    frame.data = frame.data[:1] + masking.text.mask_bytes(frame.data[1:])
+    carry: dict[int, bytes] = session.state.setdefault(PLUGIN_NAME, {})
+    if frame.flush:
+        # Timer tick or end of stream: what was held goes out now (masked: it is complete as it is).
+        held = [bytes([ch]) + masking.text.mask_bytes(data) for ch, data in sorted(carry.items()) if data]
+        carry.clear()
+        if held:
+            frame.before, frame.data = held[:-1], held[-1]
+        return
+    channel = frame.channel
+    if channel not in (1, 2):
+        # Another channel (the exit status): whatever stdout/stderr still hold goes out before it.
+        frame.before = [
+            bytes([ch]) + masking.text.mask_bytes(data) for ch, data in sorted(carry.items()) if data
+        ]
+        carry.clear()
+        return
+    data = carry.pop(channel, b"") + frame.data[1:]
+    # A secret split across frames: hold back the trailing word (it may be the first part of a secret)
+    # until the next frame completes it or the flush timer fires. The cut is at a separator, so no secret
+    # without whitespace is ever cut in two; a trailing word longer than any secret is not held.
+    last_separator = max(data.rfind(sep) for sep in SEPARATORS)
+    run = len(data) - (last_separator + 1)
+    if 0 < run <= min(MAX_CARRY, max(masking.text.longest, 64)):
+        head, carry[channel] = data[: last_separator + 1], data[last_separator + 1 :]
+        session.flush_after = masking.settings.exec_hold_ms / 1000
+    else:
+        head = data
+    frame.data = frame.data[:1] + masking.text.mask_bytes(head)
 
 
 def mask_body_for_record(flow: Flow, body: bytes) -> str:

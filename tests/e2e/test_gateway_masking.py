@@ -34,7 +34,7 @@ def masked(sandbox, tmp_path_factory) -> Iterator[Gateway]:
         "upstream": dict(plain["upstream"]),
         "plugins": {
             "static-tokens": plain["plugins"]["static-tokens"],
-            "masking": {"exempt": {"groups": ["breakglass"]},
+            "masking": {"exempt": {"groups": ["breakglass"]}, "exec_hold_ms": 1000,
                         "configmap_keys": [{"namespaces": "prod", "names": "app-config", "keys": ["DB_HOST"]}]},
             "testplugin": {"audit_file": str(directory / "audit.jsonl")},
         },
@@ -210,3 +210,11 @@ def test_interactive_exec_output_is_masked(masked):
         session.wait()
     finally:
         session.close()
+
+
+def test_a_secret_split_across_exec_frames_is_still_masked(masked):
+    # Two writes 50 ms apart arrive as two frames; the first ends inside the secret.
+    script = "printf 'db password is hunter2-pr'; sleep 0.05; printf 'od-s3cret ok'; sleep 0.05; echo"
+    proc = kc(masked, "exec", "web", "-n", "prod", "--", "sh", "-c", script)
+    assert proc.stdout.strip() == f"db password is {MARKER} ok"
+    assert_clean(masked, proc.stdout)
