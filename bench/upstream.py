@@ -213,12 +213,19 @@ def make_app(token: str) -> web.Application:
         if request.headers.get("Authorization") != expected:
             return unauthorized()
         command = request.query.getall("command", [])
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io",), max_msg_size=0, autoping=True)
+        await ws.prepare(request)
+        if command[:1] == ["cat"]:  # an interactive echo: stdin comes back on stdout, frame by frame
+            async for msg in ws:
+                if msg.type is WSMsgType.BINARY and msg.data[:1] == b"\x00":
+                    await ws.send_bytes(b"\x01" + msg.data[1:])
+                elif msg.type is WSMsgType.CLOSE:
+                    break
+            return ws
         try:
             total = int(command[-1])
         except (IndexError, ValueError):
             total = 0
-        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io",), max_msg_size=0, autoping=True)
-        await ws.prepare(request)
         frame = b"\x01" + b"x" * EXEC_FRAME
         sent = 0
         while sent + EXEC_FRAME <= total:
