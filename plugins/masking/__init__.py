@@ -401,12 +401,17 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
         carry.clear()
         return
     data = carry.pop(channel, b"") + frame.data[1:]
-    # A secret split across frames: hold back the trailing word (it may be the first part of a secret)
-    # until the next frame completes it or the flush timer fires. The cut is at a separator, so no secret
-    # without whitespace is ever cut in two; a trailing word longer than any secret is not held.
+    # A secret split across frames: hold back the trailing word when it may be the first part of a secret
+    # (a known value starts in it, or a detector's hint or an assignment keyword is in it) until the next
+    # frame completes it or the flush timer fires. The cut is at a separator, so no secret without
+    # whitespace is ever cut in two; a trailing word longer than any secret is not held. A keystroke's
+    # echo is held only when it could begin a secret.
     last_separator = max(data.rfind(sep) for sep in SEPARATORS)
     run = len(data) - (last_separator + 1)
-    if 0 < run <= min(MAX_CARRY, max(masking.text.longest, 64)):
+    word = data[last_separator + 1 :]
+    if 0 < run <= min(MAX_CARRY, max(masking.text.longest, 64)) and masking.text.may_start_secret(
+        word.decode("utf-8", "surrogateescape")
+    ):
         head, carry[channel] = data[: last_separator + 1], data[last_separator + 1 :]
         session.flush_after = masking.settings.exec_hold_ms / 1000
     else:

@@ -187,3 +187,13 @@ def test_gzip_bodies_are_decoded_before_masking():
         )
     )
     assert out["data"] == {"password": MARKER_B64}
+
+
+def test_only_words_that_may_begin_a_secret_are_held_back():
+    text = masking().text
+    assert text.may_start_secret("hunter2")  # the start of a known value
+    assert text.may_start_secret("url=postgres://app:hunt")  # a known value starts inside the word
+    assert text.may_start_secret("AKIAIOSF") and text.may_start_secret("eyJhbGciOi")  # detector hints
+    assert text.may_start_secret("DB_PASSWORD=abc")  # an assignment keyword
+    assert not text.may_start_secret("l") and not text.may_start_secret("ls")  # a keystroke's echo
+    assert not text.may_start_secret("build-42")
