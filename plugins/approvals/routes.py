@@ -11,13 +11,12 @@ token, say): reviewers see the requests they may review, everyone sees their own
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, request
 
-from kubegate.core.attributes import RequestAttributes
-from kubegate.core.flow import AuthFailure, Flow, Identity
-from kubegate.core.flow import Request as FlowRequest
+from kubegate.core.flow import Identity
+from kubegate.core.routes import authenticate_caller, json_response
 
 from . import store
 from .service import ApprovalService, ReviewError
@@ -27,25 +26,6 @@ if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
 
 STATES = {store.PENDING, store.APPROVED, store.DENIED, store.EXPIRED, store.USED}
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
-async def authenticate(connection: Connection) -> Identity | AuthFailure | None:
-    """The caller's identity as `connection`'s authentication plugins see the presented token."""
-    headers = [(k.lower(), v) for k, v in request.headers.items()]
-    flow_request = FlowRequest(method=request.method, path=request.path, query="", headers=headers,
-                               client_addr=request.remote_addr or "")  # fmt: skip
-    flow = Flow(connection=connection, request=flow_request, attributes=RequestAttributes(path=request.path))
-    try:
-        return await connection.hooks.authenticate(flow)
-    except Exception:
-        return AuthFailure("authentication failed")
 
 
 def visible(record: store.ApprovalRecord, who: Identity) -> bool:
@@ -62,13 +42,15 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         """The caller on every connection with approvals that accepts their token."""
         found: dict[str, Identity] = {}
         for connection in connections():
-            answer = await authenticate(connection)
+            answer = await authenticate_caller(connection)
             if isinstance(answer, Identity):
                 found[connection.name] = answer
         return found
 
     def unauthorized() -> Response:
-        return _json({"error": "Unauthorized: send a token the connection accepts (kubegate login)"}, 401)
+        return json_response(
+            {"error": "Unauthorized: send a token the connection accepts (kubegate login)"}, 401
+        )
 
     @bp.get("/api/approvals")
     async def list_approvals() -> Response:
@@ -77,24 +59,24 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
             return unauthorized()
         wanted = request.args.get("state", store.PENDING)
         if wanted != "all" and wanted not in STATES:
-            return _json({"error": f"state must be one of {', '.join(sorted(STATES))} or all"}, 400)
+            return json_response({"error": f"state must be one of {', '.join(sorted(STATES))} or all"}, 400)
         states = None if wanted == "all" else [wanted]
         records = await service.db.run(
             lambda s: store.list_approvals(s, states=states, connections=list(who))
         )
         items = [r.public() for r in records if visible(r, who[r.connection])]
-        return _json({"items": items})
+        return json_response({"items": items})
 
     async def one(approval_id: str) -> tuple[store.ApprovalRecord | None, Identity | Response]:
         record = await service.db.run(lambda s: store.get(s, approval_id))
         connection = gateway.connections.get(record.connection) if record else None
         if record is None or connection is None:
-            return None, _json({"error": f"no approval request {approval_id}"}, 404)
-        answer = await authenticate(connection)
+            return None, json_response({"error": f"no approval request {approval_id}"}, 404)
+        answer = await authenticate_caller(connection)
         if not isinstance(answer, Identity):
             return None, unauthorized()
         if not visible(record, answer):
-            return None, _json({"error": f"no approval request {approval_id}"}, 404)
+            return None, json_response({"error": f"no approval request {approval_id}"}, 404)
         return record, answer
 
     @bp.get("/api/approvals/<approval_id>")
@@ -103,7 +85,7 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         if record is None:
             assert isinstance(who, Response)
             return who
-        return _json(record.public())
+        return json_response(record.public())
 
     async def review(approval_id: str, approve: bool) -> Response:
         record, who = await one(approval_id)
@@ -116,8 +98,8 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         try:
             updated = await service.review(approval_id, who, approve, comment)
         except ReviewError as exc:
-            return _json({"error": exc.message}, exc.status)
-        return _json(updated.public())
+            return json_response({"error": exc.message}, exc.status)
+        return json_response(updated.public())
 
     @bp.post("/api/approvals/<approval_id>/approve")
     async def approve(approval_id: str) -> Response:

@@ -7,11 +7,10 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from quart import Blueprint, Response, jsonify, redirect, request
+from quart import Blueprint, Response, redirect, request
 
-from kubegate.core.attributes import RequestAttributes
-from kubegate.core.flow import AuthFailure, Flow, Identity
-from kubegate.core.flow import Request as FlowRequest
+from kubegate.core.flow import AuthFailure
+from kubegate.core.routes import NO_STORE, authenticate_caller, json_response
 
 from . import pages, store
 from .oidc_flow import LoginError
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 # The pages load nothing and run no script: inline styles are all they need.
 PAGE_HEADERS = {
     **NO_STORE,
@@ -34,15 +32,8 @@ def _html(body: str, status: int = 200) -> Response:
     return Response(body, status=status, content_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
-def _json(body: dict[str, Any], status: int = 200) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    response.headers.update(NO_STORE)
-    return response
-
-
 def _error(status: int, message: str) -> Response:
-    return _json({"error": message}, status)
+    return json_response({"error": message}, status)
 
 
 async def _json_body() -> dict[str, Any]:
@@ -126,7 +117,7 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
             login = await service.start_cli_login(challenge, connection, description)
         except store.TooManyLogins:
             return _error(503, "too many logins are waiting; try again in a minute")
-        return _json(
+        return json_response(
             {
                 "login_id": login.id,
                 "login_url": f"{service.public_url}/login?request={login.id}",
@@ -144,8 +135,10 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
                 str(body.get("login_id", "")), str(body.get("code_verifier", ""))
             )
         except CollectError as exc:
-            return _json({"status": "pending"} if exc.status == 202 else {"error": exc.message}, exc.status)
-        return _json({"token": token, **summary})
+            return json_response(
+                {"status": "pending"} if exc.status == 202 else {"error": exc.message}, exc.status
+            )
+        return json_response({"token": token, **summary})
 
     @bp.post("/login/exchange")
     async def exchange() -> Response:
@@ -158,7 +151,7 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
             return _error(404, f"no connection {name!r} on this gateway")
         if _bearer() is None:
             return _error(401, "send the token to exchange as Authorization: Bearer")
-        identity = await _authenticate_on(connection, request.headers)
+        identity = await authenticate_caller(connection)
         if isinstance(identity, AuthFailure):
             return _error(401, f"Unauthorized: {identity.reason}")
         if identity is None:
@@ -166,7 +159,7 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
         if identity.method.startswith("login:"):
             return _error(400, "this is already a gateway token")
         token, summary = await service.exchange(identity, name, request.headers.get("User-Agent", ""))
-        return _json({"token": token, **summary})
+        return json_response({"token": token, **summary})
 
     @bp.post("/login/logout")
     async def logout() -> Response:
@@ -174,23 +167,6 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
         if token is None or not token.startswith(store.TOKEN_PREFIX):
             return _error(400, "send the gateway token to revoke as Authorization: Bearer")
         revoked = await service.revoke_presented(token)
-        return _json({"revoked": [r.id for r in revoked]})
+        return json_response({"revoked": [r.id for r in revoked]})
 
     return bp
-
-
-async def _authenticate_on(connection: Any, headers: Any) -> Identity | AuthFailure | None:
-    """Ask the connection's authentication plugins about the presented token, as the data path would."""
-    flow_request = FlowRequest(
-        method="POST",
-        path="/login/exchange",  # not an API path: policy and audit see a non-resource request
-        query="",
-        headers=[(k.lower(), v) for k, v in headers.items()],
-        client_addr=request.remote_addr or "",
-    )
-    attributes = RequestAttributes(path="/login/exchange", verb="post")
-    flow = Flow(connection=connection, request=flow_request, attributes=attributes)
-    try:
-        return await connection.hooks.authenticate(flow)
-    except Exception:
-        return AuthFailure("authentication failed")
