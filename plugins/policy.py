@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from kubegate.core.attributes import RequestAttributes
 from kubegate.core.flow import ApprovalSpec, Decision, Flow, Identity, Verdict
 from kubegate.core.plugins import hookimpl
 
@@ -271,24 +272,30 @@ def api_verb(verb: str, resource: str) -> str:
     return "create" if resource in CONNECT_SUBRESOURCES else verb
 
 
-def request_from_flow(flow: Flow) -> Request:
-    attrs = flow.attributes
-    assert flow.identity is not None
-    command: list[str] = []
-    if attrs.resource == "pods" and attrs.subresource in ("exec", "attach"):
-        command = parse_qs(flow.request.query).get("command", [])
+def request_from_attributes(
+    identity: Identity, attrs: RequestAttributes, path: str, command: list[str], body: bytes | None
+) -> Request:
     return Request(
-        identity=flow.identity,
+        identity=identity,
         verb=api_verb(attrs.verb, attrs.resource_path),
         api_group=attrs.api_group,
         api_version=attrs.api_version,
         resource=attrs.resource_path,
         namespace=attrs.namespace,
         name=attrs.name,
-        path=flow.request.path,
+        path=path,
         command=command,
-        body=flow.request.body,
+        body=body,
     )
+
+
+def request_from_flow(flow: Flow) -> Request:
+    attrs = flow.attributes
+    assert flow.identity is not None
+    command: list[str] = []
+    if attrs.resource == "pods" and attrs.subresource in ("exec", "attach"):
+        command = parse_qs(flow.request.query).get("command", [])
+    return request_from_attributes(flow.identity, attrs, flow.request.path, command, flow.request.body)
 
 
 def decision_for(outcome: Outcome, connection: str) -> Decision:

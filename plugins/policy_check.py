@@ -13,7 +13,7 @@ from urllib.parse import urlencode, urlsplit
 from kubegate.core.attributes import parse_request
 from kubegate.core.flow import Identity
 
-from .policy import Outcome, PolicySettings, Request, api_verb, evaluate
+from .policy import Outcome, PolicySettings, Request, evaluate, request_from_attributes
 
 # kubectl's short names → (plural, API group, version, namespaced)
 RESOURCES: dict[str, tuple[str, str, str, bool]] = {}
@@ -149,18 +149,7 @@ def build_request(identity: Identity, argv: list[str], body: bytes | None) -> Re
         method, path, query = request_from_kubectl(argv)
     attrs = parse_request(method, path, query)
     command = [v for k, v in _pairs(query) if k == "command"]
-    return Request(
-        identity=identity,
-        verb=api_verb(attrs.verb, attrs.resource_path),
-        api_group=attrs.api_group,
-        api_version=attrs.api_version,
-        resource=attrs.resource_path,
-        namespace=attrs.namespace,
-        name=attrs.name,
-        path=path + (f"?{query}" if query else ""),
-        command=command,
-        body=body,
-    )
+    return request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), command, body)
 
 
 def _pairs(query: str) -> list[tuple[str, str]]:
