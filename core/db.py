@@ -89,3 +89,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
     cursor.execute("PRAGMA busy_timeout=15000")
     cursor.close()
+
+
+class Revocable(SQLModel):
+    """Fields and state of a record that lives until it expires or is revoked (tokens, grants)."""
+
+    created_at: float = 0.0
+    expires_at: float = 0.0
+    revoked_at: float | None = None
+    revoked_by: str = ""
+
+    def state(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at <= now else "active"

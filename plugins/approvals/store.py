@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import JSON, Column, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from kubegate.core.db import Revocable
+
 PENDING, APPROVED, DENIED, EXPIRED, USED = "pending", "approved", "denied", "expired", "used"
 OPEN_STATES = (PENDING, APPROVED)  # a retry of the same intent attaches to these
 
@@ -59,7 +61,7 @@ class ApprovalRecord(SQLModel, table=True):
         return data
 
 
-class GrantRecord(SQLModel, table=True):
+class GrantRecord(Revocable, table=True):  # type: ignore[call-arg]  # mypy misreads SQLModel subclassing
     """A time window in which an identity may do what one rule requires approval for, without asking."""
 
     __tablename__ = "kubegate_grants"
@@ -69,15 +71,6 @@ class GrantRecord(SQLModel, table=True):
     connection: str = Field(index=True)
     user: str = Field(index=True)
     rule: str = ""
-    created_at: float = 0.0
-    expires_at: float = 0.0
-    revoked_at: float | None = None
-    revoked_by: str = ""
-
-    def state(self, now: float) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        return "expired" if self.expires_at <= now else "active"
 
 
 def new_id() -> str:

@@ -13,6 +13,8 @@ from sqlalchemy import JSON, Column
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, func, select
 
+from kubegate.core.db import Revocable
+
 TOKEN_PREFIX = "kgt_"
 TOKEN_SHAPE = re.compile(r"^kgt_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 PENDING, AUTHENTICATED, ISSUED, FAILED = "pending", "authenticated", "issued", "failed"
@@ -28,7 +30,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class TokenRecord(SQLModel, table=True):
+class TokenRecord(Revocable, table=True):  # type: ignore[call-arg]  # mypy misreads SQLModel subclassing
     """A gateway-issued token. Only its SHA-256 is stored; the token itself is shown once, to its owner."""
 
     __tablename__ = "kubegate_tokens"
@@ -45,15 +47,6 @@ class TokenRecord(SQLModel, table=True):
     provider: str = ""  # the login provider (or the connection, for an exchange)
     connection: str | None = None  # None: every connection that enables `login`
     description: str = ""
-    created_at: float = 0.0
-    expires_at: float = 0.0
-    revoked_at: float | None = None
-    revoked_by: str = ""
-
-    def state(self, now: float) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        return "expired" if self.expires_at <= now else "active"
 
 
 class LoginRequest(SQLModel, table=True):
