@@ -157,11 +157,18 @@ def _masking(flow: Flow) -> Masking | None:
 
 
 def json_only(accept: str) -> str:
-    """Accept without protobuf/CBOR ranges; JSON ranges keep their parameters (as=Table, discovery)."""
-    kept = [
-        r.strip() for r in accept.split(",") if r.strip() and not r.strip().lower().startswith(DROP_MEDIA)
-    ]
+    """Accept without protobuf/CBOR ranges (the API's and OpenAPI's `...+protobuf`); JSON ranges keep their
+    parameters (as=Table, discovery)."""
+    kept = []
+    for media_range in accept.split(","):
+        media = media_range.strip().split(";", 1)[0].strip().lower()
+        if media and not media.startswith(DROP_MEDIA) and "protobuf" not in media and "cbor" not in media:
+            kept.append(media_range.strip())
     return ", ".join(kept) or "application/json"
+
+
+# The API server's own documents (discovery, OpenAPI, version, health) hold no object data.
+PASS_PATHS = ("/openapi/", "/version", "/livez", "/readyz", "/healthz", "/api/", "/apis/")
 
 
 # -- transformers -----------------------------------------------------------------------------------------
@@ -333,7 +340,12 @@ def kubegate_response_headers(flow: Flow) -> None:
     content_type = next((v for k, v in headers if k.lower() == "content-type"), "").lower()
     encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "").lower()
     mode = "pass"
+    path = flow.request.path
     if flow.response.status in (101, 204, 304):
+        mode = "pass"
+    elif not flow.attributes.is_resource_request and (
+        path in ("/api", "/apis") or path.startswith(PASS_PATHS)
+    ):
         mode = "pass"
     elif encoding not in ("", "identity", "gzip", "deflate"):
         mode = "refuse"

@@ -197,3 +197,13 @@ def test_only_words_that_may_begin_a_secret_are_held_back():
     assert text.may_start_secret("DB_PASSWORD=abc")  # an assignment keyword
     assert not text.may_start_secret("l") and not text.may_start_secret("ls")  # a keystroke's echo
     assert not text.may_start_secret("build-42")
+
+
+def test_accept_keeps_json_ranges_with_parameters_and_drops_binary_ones():
+    from kubegate.plugins.masking import json_only
+
+    table = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
+    assert json_only(table) == table.replace(",", ", ")
+    assert json_only("application/vnd.kubernetes.protobuf,application/json") == "application/json"
+    assert json_only("application/com.github.proto-openapi.spec.v2@v1.0+protobuf") == "application/json"
+    assert json_only("application/cbor, application/json;q=0.9") == "application/json;q=0.9"
