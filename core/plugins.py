@@ -61,6 +61,21 @@ def _close_pending(results: Iterable[Any]) -> None:
             value.close()
 
 
+async def _first_answer(results: list[Any]) -> Any:
+    """Await implementations in call order (pluggy: last registered first) and stop at the first non-None
+    answer; the coroutines not awaited are closed."""
+    for index, result in enumerate(results):
+        try:
+            answer = await await_me_maybe(result)
+        except BaseException:
+            _close_pending(results[index + 1 :])
+            raise
+        if answer is not None:
+            _close_pending(results[index + 1 :])
+            return answer
+    return None
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     name: str
@@ -125,18 +140,17 @@ class PluginHost:
         return types
 
     def plugin_settings_models(self) -> dict[str, type[BaseModel]]:
-        """Settings model per plugin name (only plugins that declare one)."""
-        models: dict[str, type[BaseModel]] = {}
-        for impl in self.pm.hook.kubegate_plugin_settings.get_hookimpls():
-            model = cast("type[BaseModel] | None", impl.function())
-            if model is not None:
-                models[impl.plugin_name] = model
-        return models
+        """Per-connection settings model per plugin name (only plugins that declare one)."""
+        return self._models(self.pm.hook.kubegate_plugin_settings)
 
     def gateway_settings_models(self) -> dict[str, type[BaseModel]]:
         """Gateway-wide settings model per plugin name (only plugins that declare one)."""
+        return self._models(self.pm.hook.kubegate_gateway_settings)
+
+    @staticmethod
+    def _models(hook: Any) -> dict[str, type[BaseModel]]:
         models: dict[str, type[BaseModel]] = {}
-        for impl in self.pm.hook.kubegate_gateway_settings.get_hookimpls():
+        for impl in hook.get_hookimpls():
             model = cast("type[BaseModel] | None", impl.function())
             if model is not None:
                 models[impl.plugin_name] = model
@@ -188,18 +202,7 @@ class ConnectionHooks:
         self.has_audit = bool(self._audit_event.get_hookimpls())
 
     async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
-        results = self._authenticate(flow=flow)
-        # pluggy returns results last-registered-first; ask them in that order, stop at the first answer.
-        for index, result in enumerate(results):
-            try:
-                answer = await await_me_maybe(result)
-            except BaseException:
-                _close_pending(results[index + 1 :])
-                raise
-            if answer is not None:
-                _close_pending(results[index + 1 :])
-                return answer
-        return None
+        return cast("Identity | AuthFailure | None", await _first_answer(self._authenticate(flow=flow)))
 
     async def decide(self, flow: Flow) -> Decision | None:
         strictest: Decision | None = None
@@ -212,17 +215,7 @@ class ConnectionHooks:
         return strictest
 
     async def approval(self, flow: Flow, decision: Decision) -> Decision | None:
-        results = self._approval(flow=flow, decision=decision)
-        for index, result in enumerate(results):
-            try:
-                answer = await await_me_maybe(result)
-            except BaseException:
-                _close_pending(results[index + 1 :])
-                raise
-            if answer is not None:
-                _close_pending(results[index + 1 :])
-                return cast(Decision, answer)
-        return None
+        return cast("Decision | None", await _first_answer(self._approval(flow=flow, decision=decision)))
 
     async def upstream_request(self, flow: Flow) -> None:
         for result in self._upstream_request(flow=flow):
