@@ -24,8 +24,9 @@ from kubegate.core import protobuf
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
 
+from . import scanner
 from .known import KnownSecrets
-from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document
+from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers
 from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
 
 if TYPE_CHECKING:
@@ -80,6 +81,11 @@ class MaskingSettings(BaseModel):
     )
     exempt: Exempt = Field(default_factory=lambda: Exempt())
     max_body_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Largest JSON response masked.")
+    engine: Literal["auto", "hyperscan", "python"] = Field(
+        "auto",
+        description="How patterns are found: one Hyperscan pass (`auto` when the package is installed), or "
+        "Python regexes around hint words (slower; the only choice where Hyperscan has no wheel).",
+    )
     exec_hold_ms: int = Field(
         30, ge=1, le=2000, description="Longest exec/attach output is held back to join a split secret."
     )
@@ -91,6 +97,13 @@ class MaskingSettings(BaseModel):
             if name not in DETECTORS:
                 raise ValueError(f"unknown detector {name!r} (known: {', '.join(DETECTORS)})")
         return names
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, engine: str) -> str:
+        if engine == "hyperscan" and not scanner.available():
+            raise ValueError("engine 'hyperscan' needs the hyperscan package, which is not installed")
+        return engine
 
     @field_validator("patterns", "env_names")
     @classmethod
@@ -115,7 +128,7 @@ class Masking:
 
     def set_known(self, values: set[str]) -> None:
         s = self.settings
-        self.text = TextMasker(s.marker, values, self.patterns, s.assignments)
+        self.text = TextMasker(s.marker, values, self.patterns, s.assignments, s.engine)
         configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
         self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)
         self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
@@ -134,10 +147,13 @@ class Masking:
         if scrubbed is text or scrubbed == text:
             return text.encode() if structured else None
         try:
-            json.loads(scrubbed)
+            masked = orjson.loads(scrubbed)
         except ValueError:
             mask_document(doc, self.rules, resource_kind)
             return orjson.dumps(doc)
+        # The text pass saw names and uids too: a known value that is also a name must not rename things.
+        if restore_identifiers(masked, doc):
+            return orjson.dumps(masked)
         return scrubbed.encode()
 
     def exempt(self, identity: Identity | None) -> bool:
@@ -207,7 +223,7 @@ class JsonBody:
         if not body.strip():
             return body
         try:
-            doc = json.loads(body)
+            doc = orjson.loads(body)
         except ValueError:
             return _withheld(self.masking, self.flow, "not valid JSON")
         masked = self.masking.mask_json(doc, KIND_OF_RESOURCE.get(self.flow.attributes.resource, ""))
@@ -226,7 +242,7 @@ class WatchLines:
         if not line.strip():
             return line
         try:
-            event = json.loads(line)
+            event = orjson.loads(line)
         except ValueError:
             return _withheld(self.masking, self.flow, "a watch event is not valid JSON") + b"\n"
         masked = self.masking.mask_json(event, self.kind)

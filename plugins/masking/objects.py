@@ -23,6 +23,7 @@ KIND_OF_RESOURCE = {
     "statefulsets": "StatefulSet", "daemonsets": "DaemonSet", "replicasets": "ReplicaSet", "jobs": "Job",
     "cronjobs": "CronJob", "podtemplates": "PodTemplate", "replicationcontrollers": "ReplicationController",
 }  # fmt: skip
+NO_POD_SPEC = frozenset({"Secret", "ConfigMap", "TokenRequest"})
 CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 
 
@@ -33,9 +34,8 @@ class ObjectRules:
     configmap_keys: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, name, key) globs
     scrub_text: Callable[[str], str] | None = None  # known values and detectors, for any other string
 
-    @property
-    def marker_b64(self) -> str:
-        return base64.b64encode(self.marker.encode()).decode()
+    def __post_init__(self) -> None:
+        self.marker_b64 = base64.b64encode(self.marker.encode()).decode()
 
 
 def mask_document(doc: Any, rules: ObjectRules, resource_kind: str = "") -> bool:
@@ -77,8 +77,9 @@ def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
         if isinstance(status, dict) and status.get("token"):
             status["token"] = rules.marker
             changed = True
-    for spec in pod_specs(obj, kind):
-        changed |= _mask_pod_spec(spec, rules)
+    if kind not in NO_POD_SPEC:
+        for spec in pod_specs(obj, kind):
+            changed |= _mask_pod_spec(spec, rules)
     if rules.scrub_text is not None:
         changed |= _scrub_strings(obj, rules.scrub_text)
     return changed
@@ -167,6 +168,26 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules) -> bool:
 KEEP = frozenset(
     {"name", "namespace", "uid", "resourceVersion", "generateName", "apiVersion", "kind", "selfLink"}
 )
+
+
+def restore_identifiers(masked: Any, original: Any) -> bool:
+    """Put back the identifying fields (`KEEP`) of `original` into `masked`, the same document after a text
+    pass that only rewrote strings; whether any was put back."""
+    restored = False
+    if isinstance(masked, dict) and isinstance(original, dict):
+        for key, value in masked.items():
+            before = original.get(key)
+            if key in KEEP and isinstance(value, str) and isinstance(before, str):
+                if value != before:
+                    masked[key] = before
+                    restored = True
+            elif isinstance(value, dict | list):
+                restored |= restore_identifiers(value, before)
+    elif isinstance(masked, list) and isinstance(original, list) and len(masked) == len(original):
+        for value, before in zip(masked, original, strict=True):
+            if isinstance(value, dict | list):
+                restored |= restore_identifiers(value, before)
+    return restored
 
 
 def _scrub_strings(node: Any, scrub: Callable[[str], str]) -> bool:

@@ -9,11 +9,14 @@ can, like a plain `hunter2` printed by `echo $DB_PASSWORD`.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
 import ahocorasick
+
+from . import scanner
 
 # detect-secrets plugins whose regexes apply to free text (the keyword/entropy ones need file context).
 DETECTORS = {
@@ -61,10 +64,23 @@ PREFILTER = {
     "openai": ("t3blbkfj",),
 }
 
+# What Hyperscan looks for to find an assignment: its start and the first characters of the value (a report
+# per possible end would otherwise come for every character of a long value).
+ASSIGNMENT_SCAN = ASSIGNMENT.pattern.replace("{4,})", "{4})")
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 
 
 Detector = tuple[tuple[str, ...], re.Pattern[str]]  # (prefilter substrings, lower case; regex)
+# Detectors whose one capture group is the secret itself (basic-auth: the password of a URL; aws: the key
+# after its name): only the group is masked. Elsewhere a group is just a prefix (GitHub's `(ghp|gho…)_`)
+# and the whole match is masked.
+SECRET_GROUP_DETECTORS = ("basic-auth", "aws")
+SECRET_GROUP_PATTERNS: set[str] = set()
+
+
+def masked_group(pattern: re.Pattern[str]) -> int:
+    """Which group of a match is masked: 1 for the detectors above, else the whole match."""
+    return 1 if pattern.pattern in SECRET_GROUP_PATTERNS and pattern.groups == 1 else 0
 
 
 def detector_patterns(names: Iterable[str]) -> list[Detector]:
@@ -79,6 +95,8 @@ def detector_patterns(names: Iterable[str]) -> list[Detector]:
         detector = getattr(importlib.import_module(module_name), class_name)
         for pattern in getattr(detector, "denylist", ()):
             compiled = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+            if name in SECRET_GROUP_DETECTORS and compiled.groups == 1:
+                SECRET_GROUP_PATTERNS.add(compiled.pattern)
             patterns.append((PREFILTER[name], compiled))
     return patterns
 
@@ -101,11 +119,22 @@ def value_forms(value: str) -> set[str]:
     return {f for f in forms if f}
 
 
+@functools.lru_cache(maxsize=32)
+def scanner_for(patterns: tuple[Detector, ...], assignments: bool, marker: str) -> scanner.PatternScanner:
+    """One compiled scanner per set of patterns, shared by the maskers rebuilt when known values change."""
+    if not scanner.available():
+        raise RuntimeError("the hyperscan package is not installed")
+    regexes = [scanner.Pattern(ASSIGNMENT, group=4)] if assignments else []
+    scan_forms = {0: ASSIGNMENT_SCAN} if assignments else {}
+    regexes += [scanner.Pattern(pattern, masked_group(pattern)) for _, pattern in patterns]
+    return scanner.PatternScanner(regexes, marker, scan_forms)
+
+
 class TextMasker:
     """Masks one string at a time. Immutable: a new one is built when the known values change."""
 
     def __init__(self, marker: str, known: Iterable[str] = (), patterns: Iterable[Detector] = (),
-                 assignments: bool = True):  # fmt: skip
+                 assignments: bool = True, engine: str = "auto"):  # fmt: skip
         self.marker = marker
         forms = {f for value in known for f in value_forms(value)}
         self.longest = max((len(f) for f in forms), default=0)
@@ -131,12 +160,25 @@ class TextMasker:
         else:
             self.hint_automaton.add_word("\x00never", "\x00never")
             self.hint_automaton.make_automaton()
+        # The compiled scanner when there is one (engine "auto"); "python" keeps the hint-gated regexes.
+        use_scanner = engine == "hyperscan" or (engine == "auto" and scanner.available())
+        self.scanner = scanner_for(tuple(patterns), assignments, marker) if use_scanner else None
 
     def mask(self, text: str) -> str:
         if self.known is not None:
             text = self._mask_known(text)
-        for pattern in self.always:
-            text = pattern.sub(self._whole_or_group, text)
+        if self.scanner is not None:
+            data = text.encode("utf-8", "surrogateescape")
+            spans = self.scanner.spans(data)
+            if spans:
+                text = scanner.replace_spans(data, spans, self.scanner.marker).decode(
+                    "utf-8", "surrogateescape"
+                )
+            for leftover in self.scanner.leftover:
+                text = leftover.regex.sub(self._whole_or_group, text)
+            return text
+        for regex in self.always:
+            text = regex.sub(self._whole_or_group, text)
         if not self.patterns and not self.assignments:
             return text
         # One pass of the hint automaton finds the lines that can hold a pattern or an assignment; only
@@ -182,7 +224,7 @@ class TextMasker:
         spans: list[tuple[int, int]] = []
         for end in keyword_ends:
             match = ASSIGNMENT_TAIL.match(text, end + 1)
-            if match and self.marker not in match.group(3):
+            if match and not text.startswith(self.marker, match.start(3)):
                 spans.append(match.span(3))
         if not spans:
             return text
@@ -221,8 +263,7 @@ class TextMasker:
         return "".join(parts)
 
     def _whole_or_group(self, match: re.Match[str]) -> str:
-        # detect-secrets' basic-auth regex captures the password only: mask that group, keep the URL.
-        if match.re.groups and match.group(1) and match.re.groups == 1:
+        if masked_group(match.re) and match.group(1):
             start, end = match.span(1)
             whole = match.group(0)
             offset = match.start(0)

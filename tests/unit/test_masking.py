@@ -7,10 +7,11 @@ import base64
 import json
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubegate.plugins.masking import JsonBody, Masking, MaskingSettings, Text, WatchLines
+from kubegate.plugins.masking import JsonBody, Masking, MaskingSettings, Text, WatchLines, scanner
 from kubegate.plugins.masking.objects import LAST_APPLIED, mask_document
 
 MARKER = "<masked by kubegate>"
@@ -109,12 +110,62 @@ def test_known_values_anywhere_in_a_body_but_names_are_kept():
     assert obj["metadata"]["name"] == "plain-known-value"
 
 
-def test_text_detectors_and_assignments():
-    m = masking()
+# Hyperscan has no wheel for Linux on ARM: there, only the Python engine exists (and is the default).
+ENGINES = ["hyperscan", "python"] if scanner.available() else ["python"]
+
+
+def test_known_values_in_a_served_body_leave_names_alone():
+    body = {"kind": "ConfigMapList", "items": [{"metadata": {"name": "plain-known-value", "uid": "u"},
+            "data": {"a": "x plain-known-value", "b": "plain"}}, {"metadata": {"name": "other"}}]}  # fmt: skip
+    out = json.loads(masking().mask_json(body, "ConfigMap"))
+    assert out["items"][0] == {"metadata": {"name": "plain-known-value", "uid": "u"},
+                               "data": {"a": f"x {MARKER}", "b": "plain"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_text_detectors_and_assignments(engine):
+    m = masking(engine=engine)
     line = "AKIAIOSFODNN7EXAMPLE x https://bob:pw123456@host/ db_password=abc12345 level=info"
     assert m.text.mask(line) == f"{MARKER} x https://bob:{MARKER}@host/ db_password={MARKER} level=info"
-    custom = masking(patterns=[r"tok_[a-z0-9]{8}"], detectors=[], assignments=False)
+    custom = masking(patterns=[r"tok_[a-z0-9]{8}"], detectors=[], assignments=False, engine=engine)
     assert custom.text.mask("tok_abcd1234 password=x") == f"{MARKER} password=x"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_prefix_group_does_not_limit_what_is_masked(engine):
+    # GitHub's and GitLab's regexes capture their prefix `(ghp|gho…)`: the whole token goes, not the prefix.
+    m = masking(engine=engine)
+    token = "ghp_" + "a1" * 18
+    gitlab = "glpat-" + "x9" * 10
+    assert m.text.mask(f"t={token} u {gitlab} v") == f"t={MARKER} u {MARKER} v"
+    # a value masked as known is not masked a second time by the assignment rule
+    assert m.text.mask("PASSWORD=hunter2-x next") == f"PASSWORD={MARKER} next"
+
+
+FRAGMENTS = ["hunter2-x", "plain-known-value", " ", "\n", "password", "=", ": ", "'", '"', "AKIA", "IOSFODNN7EXAMPLE",
+             "https://", "bob:", "pw123456", "@host", "eyJhbGciOi", ".", "eyJzdWIiOjEy", "sig_-", "ghp_", "a1" * 18,
+             "token", "x", "é", "db_", "TOKEN_FILE", "abcdefgh"]  # fmt: skip
+
+
+@pytest.mark.skipif(not scanner.available(), reason="hyperscan is not installed on this platform")
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=30))
+def test_hyperscan_masks_at_least_what_python_masks(fragments):
+    # Hyperscan reports every match, overlapping ones too, where `re.sub` takes them left to right: what it
+    # leaves in clear is a part of what the Python engine leaves in clear (usually all of it).
+    text = "".join(fragments)
+    fast, slow = masking(engine="hyperscan").text.mask(text), masking(engine="python").text.mask(text)
+    assert _has_subsequence(slow.replace(MARKER, ""), fast.replace(MARKER, "")), (fast, slow)
+
+
+def _has_subsequence(text: str, part: str) -> bool:
+    chars = iter(text)
+    return all(char in chars for char in part)
+
+
+def test_hyperscan_engine_is_the_default_where_installed():
+    assert (masking().text.scanner is not None) == scanner.available()
+    assert masking(engine="python").text.scanner is None
 
 
 def _run(transformer, chunks: list[bytes]) -> bytes:
