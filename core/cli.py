@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import hashlib
+import importlib
 import json
 import logging
 import secrets
@@ -21,6 +22,8 @@ from pathlib import Path
 from .config import ConfigError
 
 EXIT_USAGE = 2
+# Modules with `add_commands(subparsers)`; their handlers use `CLIError` and `database_from_config` from here.
+PLUGIN_COMMANDS: tuple[str, ...] = ("kubegate.plugins.recording.cli", "kubegate.plugins.audit.cli")
 
 
 class CLIError(Exception):
@@ -40,7 +43,7 @@ def _load(config: str):
     return Gateway.from_config(Path(config))
 
 
-def _database(config: str):
+def database_from_config(config: str):
     """The gateway's database from the config's top level only (no plugins are loaded or validated)."""
     from .config import parse_settings
     from .db import Database, DatabaseError, default_url
@@ -206,7 +209,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from kubegate.core.db import DatabaseError
     from kubegate.plugins.login import store
 
-    database = _database(args.config)
+    database = database_from_config(args.config)
     try:
         if args.tokens_command == "list":
             records = database.call(lambda s: store.list_tokens(s, user=args.user, include_inactive=args.all))
@@ -316,7 +319,7 @@ def cmd_grants(args: argparse.Namespace) -> int:
     from kubegate.core.db import DatabaseError
     from kubegate.plugins.approvals import store
 
-    database = _database(args.config)
+    database = database_from_config(args.config)
     try:
         if args.grants_command == "list":
             grants = database.call(lambda s: store.list_grants(s, include_inactive=args.all))
@@ -475,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     tokens_revoke.add_argument("id", nargs="?", help="token ID (from tokens list)")
     tokens_revoke.add_argument("--user", help="revoke every active token of this user")
     tokens_revoke.set_defaults(func=cmd_tokens)
+
+    # Commands of built-in plugins that own their data (sessions, audit): each module adds its own.
+    for module_name in PLUGIN_COMMANDS:
+        module = importlib.import_module(module_name)
+        module.add_commands(sub)
     return parser
 
 

@@ -46,6 +46,12 @@ class LimitSettings(StrictModel):
         description="Longest wait for upstream response headers (not for the body: watches stream).",
     )
     max_websocket_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    audit_body_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Request bodies up to this size go into audit events (masked); larger ones only as size "
+        "and SHA-256.",
+    )
     upstream_pool_size: int = Field(
         0,
         ge=0,

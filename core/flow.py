@@ -114,6 +114,10 @@ class Request:
     websocket: bool = False
     subprotocols: list[str] = field(default_factory=list)
     body: bytes | None = None
+    # What the gateway saw of the body as it passed (read whole or streamed): for audit records.
+    body_size: int = 0
+    body_sha256: str = ""
+    body_sample: bytes | None = None  # the whole body when it is at most `limits.audit_body_bytes`
     _body_reader: Callable[[], Awaitable[bytes]] | None = None
     _disconnect_waiter: Callable[[], Awaitable[None]] | None = None
 
@@ -258,6 +262,9 @@ class AuditEvent:
     connection: str
     time: float
     data: dict[str, Any]
+    # Unique per event and the same in every sink, so records from two sinks can be matched (and a
+    # receiver can drop a batch delivered twice).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def token_fingerprint(token: str) -> str:

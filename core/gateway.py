@@ -37,7 +37,7 @@ class Gateway:
         except DatabaseError as exc:
             raise ConfigError(config_path, "database.url", str(exc)) from None
         self.connections: ConnectionRegistry = build_registry(settings, config_path, plugins)
-        self.proxy = Proxy(self.connections)
+        self.proxy = Proxy(self.connections, plugins)
         self.public_url = settings.public_url or _default_url(settings)
         self.app = self._make_app()
         self.running = False

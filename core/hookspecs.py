@@ -241,6 +241,21 @@ def kubegate_session_end(flow: Flow, session: Session) -> Awaitable[None] | None
 # ---------------------------------------------------------------------------------------------------------
 
 
+@hookspec(firstresult=True)
+def kubegate_record_body(flow: Flow, body: bytes) -> str | None:
+    """Render a request body for records people read — audit events, approval requests — masked.
+
+    A gateway hook: called on every installed plugin whatever the connection enables, because records are
+    masked everywhere. A plain function (it runs on the request path; no I/O); the first non-None answer
+    wins. With no answer (or a failing plugin), records carry only the body's size and SHA-256: a body is
+    never recorded as it came. The built-in `masking` plugin answers with the body as JSON, its secrets
+    masked (Kubernetes protobuf bodies decoded first), or a size-and-hash note when it cannot parse it.
+
+    :param flow: the request (its connection's masking settings apply when it has any).
+    :param body: the whole body (only bodies up to ``limits.audit_body_bytes`` are offered).
+    """
+
+
 @hookspec
 def kubegate_audit_event(event: AuditEvent, connection: Connection) -> Awaitable[None] | None:
     """Receive an audit event: one per finished request (including denials and authentication failures,

@@ -43,6 +43,11 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.approvals",
     "kubegate.plugins.webhook",
     "kubegate.plugins.masking",
+    "kubegate.plugins.recording",
+    "kubegate.plugins.audit.database",
+    "kubegate.plugins.audit.file",
+    "kubegate.plugins.audit.webhook",
+    "kubegate.plugins.audit.stdout",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}
@@ -169,6 +174,11 @@ class PluginHost:
                 await await_me_maybe(result)
             except Exception:
                 log.exception("shutdown hook failed")
+
+    def record_body(self, flow: Flow, body: bytes) -> str | None:
+        """A request body as people may read it (audit, approvals), from the first plugin that renders it;
+        called on every plugin, whatever the connection enables, since records are masked everywhere."""
+        return cast("str | None", self.pm.hook.kubegate_record_body(flow=flow, body=body))
 
     def for_connection(self, enabled: Iterable[str]) -> ConnectionHooks:
         return ConnectionHooks(self.pm, frozenset(enabled))

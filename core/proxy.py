@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +49,8 @@ from .headers import (
 
 if TYPE_CHECKING:
     from kubegate.connections.registry import ConnectionRegistry
+
+    from .plugins import PluginHost
 
 log = logging.getLogger("kubegate.proxy")
 
@@ -145,8 +148,9 @@ def handshake_trace_config() -> aiohttp.TraceConfig:
 class Proxy:
     """Handles every ASGI request under ``/k8s/``."""
 
-    def __init__(self, registry: ConnectionRegistry):
+    def __init__(self, registry: ConnectionRegistry, plugins: PluginHost | None = None):
         self.registry = registry
+        self.plugins = plugins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = scope["type"] == "websocket"
@@ -267,17 +271,31 @@ class Proxy:
         hooks = flow.connection.hooks
         if not hooks.has_audit:
             return
+        data = _audit_data(flow, **extra)
+        if flow.request.body_size and kind == "request":
+            data["request_body"] = self._body_record(flow)
         event = AuditEvent(
-            kind=kind,
-            flow_id=flow.id,
-            connection=flow.connection.name,
-            time=flow.wall_time,
-            data=_audit_data(flow, **extra),
+            kind=kind, flow_id=flow.id, connection=flow.connection.name, time=flow.wall_time, data=data
         )
         try:
             await hooks.audit_event(event, flow.connection)
         except Exception:
             log.exception("audit hook failed")
+
+    def _body_record(self, flow: Flow) -> dict[str, Any]:
+        """The request body as audit events carry it: size, hash and, when it was small enough to keep,
+        its content as the `kubegate_record_body` plugins render it (masked). With no such plugin, or a
+        plugin that fails, the content is left out: a body is never recorded unmasked."""
+        request = flow.request
+        record: dict[str, Any] = {"bytes": request.body_size, "sha256": request.body_sha256, "content": None}
+        if request.body_sample is None:
+            record["omitted"] = "larger than limits.audit_body_bytes"
+        elif self.plugins is not None:
+            try:
+                record["content"] = self.plugins.record_body(flow, request.body_sample)
+            except Exception:
+                log.exception("record_body hook failed; the body is recorded as size and hash only")
+        return record
 
     # -- REST ------------------------------------------------------------------------------------------
 
@@ -285,7 +303,9 @@ class Proxy:
         limits = flow.connection.limits
         cap = limits.max_request_body_bytes
         declared = flow.request.header("content-length")
-        body_state = _BodyReader(receive, cap)
+        body_state = _BodyReader(
+            receive, cap, limits.audit_body_bytes if flow.connection.hooks.has_audit else 0
+        )
         flow.request._body_reader = body_state.read_all
         flow.request._disconnect_waiter = body_state.until_disconnect
         try:
@@ -324,6 +344,11 @@ class Proxy:
         except ClientGone:
             flow.response.status = flow.response.status or 499
         finally:
+            flow.request.body_size = body_state.received
+            if body_state.received:
+                flow.request.body_sha256 = body_state.digest.hexdigest()
+                if body_state.sample is not None and body_state.complete:
+                    flow.request.body_sample = bytes(body_state.sample)
             await self._audit(flow)
 
     async def _refuse_spdy(self, flow: Flow, impersonation: list[tuple[str, str]]) -> None:
@@ -618,12 +643,16 @@ class Proxy:
 class _BodyReader:
     """Reads the request body from ASGI with a byte cap: whole (for plugins) or streamed (to upstream)."""
 
-    def __init__(self, receive: Receive, cap: int):
+    def __init__(self, receive: Receive, cap: int, sample_cap: int = 0):
         self.receive, self.cap = receive, cap
         self.received = 0
         self.complete = False
         self.too_large = False
         self._first: bytes | None = None
+        # Size, hash and (when small) a copy of the body, for the audit event; computed as it passes.
+        self.digest = hashlib.sha256()
+        self.sample_cap = sample_cap
+        self.sample: bytearray | None = bytearray()
 
     async def _next(self) -> bytes:
         message = await self.receive()
@@ -631,6 +660,10 @@ class _BodyReader:
             raise ClientGone
         chunk = message.get("body", b"")
         self.received += len(chunk)
+        if chunk:
+            self.digest.update(chunk)
+            if self.sample is not None:
+                self.sample = self.sample + chunk if self.received <= self.sample_cap else None
         if not message.get("more_body", False):
             self.complete = True
         if self.received > self.cap:

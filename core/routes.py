@@ -36,3 +36,14 @@ def json_response(body: Any, status: int = 200) -> Response:
     response.status_code = status
     response.headers.update(NO_STORE)
     return response
+
+
+async def caller_identities(connections: list[Connection]) -> dict[str, Identity]:
+    """The caller of the current route on each of `connections` that accepts their token, by connection
+    name (a token may be good on some connections only)."""
+    found: dict[str, Identity] = {}
+    for connection in connections:
+        answer = await authenticate_caller(connection)
+        if isinstance(answer, Identity):
+            found[connection.name] = answer
+    return found

@@ -474,6 +474,18 @@ def mask_body_for_record(flow: Flow, body: bytes) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
+@hookimpl
+def kubegate_record_body(flow: Flow, body: bytes) -> str | None:
+    return mask_body_for_record(flow, body)
+
+
+def mask_text_for_record(flow: Flow, data: bytes) -> bytes:
+    """Text as it may be stored (session recordings: typed input, output of exempt callers): masked by
+    known values and patterns with the connection's masking, or the default rules where it has none."""
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    return (masking or _default_masking()).text.mask_bytes(data)
+
+
 @functools.cache
 def _default_masking() -> Masking:
     return Masking(MaskingSettings())
