@@ -1,0 +1,299 @@
+"""The `recording` plugin: exec and attach sessions recorded as asciicast v2, port-forwards as metadata.
+
+Enable it per connection (`connections.NAME.plugins.recording: {}`); where recordings go and who may read
+everyone's is gateway-wide (top-level `plugins.recording`). Each session gets a row in `kubegate_sessions`
+(who, pod, command, timings, bytes, exit status) and, for exec/attach, a recording of stdin, stdout, stderr
+and resizes, masked before it is stored and written at least every second. `kubegate sessions list`,
+`kubegate replay` and `/api/sessions` read them back. See docs/recording.md.
+
+Library functions for other features (the audit walk-through): :func:`load_session`, :func:`read_cast`,
+:func:`play`, :func:`list_sessions`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qs
+
+import pluggy
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from kubegate.core.hookspecs import PROJECT
+
+from .cast import CastError, parse_cast, play
+
+if TYPE_CHECKING:
+    from quart import Blueprint
+
+    from kubegate.core.db import Database
+    from kubegate.core.flow import Flow, Frame, Session
+    from kubegate.core.gateway import Gateway
+
+    from .recorder import Recorder
+    from .store import SessionRecord
+
+# The same marker as `kubegate.core.plugins.hookimpl`, made here so that importing this package stays
+# cheap: `kubegate` builds its parser with this package's `cli` module on every run, `kubegate credential`
+# (run by kubectl before each request) included; the database layer is imported when first needed.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+PLUGIN_NAME = "recording"
+MASKING = "masking"  # the masking plugin's name: its state says whether output was masked already
+
+__all__ = [
+    "PLUGIN_NAME",
+    "CastError",
+    "RecordingConnectionSettings",
+    "RecordingMissing",
+    "RecordingSettings",
+    "list_sessions",
+    "load_session",
+    "parse_cast",
+    "play",
+    "read_cast",
+]
+
+
+class RecordingSettings(BaseModel):
+    """Gateway-wide: top-level `plugins.recording`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: Literal["directory", "database"] = Field(
+        "directory",
+        description="Where recordings go: `directory` (one `ID.cast` file per session) or `database` "
+        "(chunks in the gateway's database, shared by replicas).",
+    )
+    directory: Path | None = Field(
+        None, description="The recordings folder for `storage: directory`; default `STATE_DIR/recordings`."
+    )
+    readers: list[str] = Field(
+        default_factory=list,
+        description="Groups that may list and replay everyone's sessions through the API; "
+        "everyone sees their own.",
+    )
+    flush_interval_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=1.0,
+        description="How often open recordings are written out (a crash loses at most this).",
+    )
+    max_buffer_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="A recording's buffer is written early past this.",
+    )
+
+    @field_validator("directory")
+    @classmethod
+    def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        base = Path((info.context or {}).get("base_dir", "."))
+        return value if value.is_absolute() else (base / value).resolve()
+
+
+class RecordingConnectionSettings(BaseModel):
+    """Per connection: `connections.NAME.plugins.recording`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    record_input: bool = Field(
+        True, description="Record what is typed (stdin) as `i` events, masked line by line."
+    )
+    portforward: bool = Field(
+        True,
+        description="Record port-forwards' metadata (who, pod, ports, duration, bytes); never their data.",
+    )
+
+
+def recorder_of(gateway: Gateway) -> Recorder:
+    from .recorder import Recorder
+    from .storage import DATABASE, DatabaseStorage, DirectoryStorage, Storage
+
+    recorder = gateway.extensions.get(PLUGIN_NAME)
+    if recorder is None:
+        settings = gateway.settings_for(PLUGIN_NAME) or RecordingSettings()
+        storage: Storage
+        if settings.storage == DATABASE:
+            storage = DatabaseStorage(gateway.database)
+        else:
+            storage = DirectoryStorage(settings.directory or gateway.settings.state_dir / "recordings")
+        recorder = Recorder(
+            gateway.database,
+            storage,
+            flush_interval=settings.flush_interval_seconds,
+            max_buffer_bytes=settings.max_buffer_bytes,
+        )
+        gateway.extensions[PLUGIN_NAME] = recorder
+    return recorder
+
+
+def _enabled(gateway: Gateway) -> bool:
+    return any(PLUGIN_NAME in c.enabled_plugins for c in gateway.connections)
+
+
+# -- library functions (synchronous: the CLI calls them, the gateway runs them in a thread) ------------
+
+
+def load_session(database: Database, session_id: str) -> SessionRecord | None:
+    """The row of one session (metadata, exit status, where its recording is), or None."""
+    from .storage import load_session as load
+
+    return load(database, session_id)
+
+
+def read_cast(database: Database, record: SessionRecord) -> str:
+    """The asciicast v2 text of a recorded session, from the directory or the database its row names.
+
+    Raises :class:`RecordingMissing` (a LookupError) when it has none (port-forward) or the file is gone.
+    """
+    from .storage import read_cast as read
+
+    return read(database, record)
+
+
+def list_sessions(
+    database: Database,
+    *,
+    user: str | None = None,
+    since: float | None = None,
+    connections: list[str] | None = None,
+    limit: int = 200,
+) -> list[SessionRecord]:
+    """Sessions, newest first, filtered by user, start time (Unix) and connection names."""
+    from . import store
+
+    return database.call(
+        lambda s: store.list_sessions(s, user=user, since=since, connections=connections, limit=limit)
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RecordingMissing":
+        from .storage import RecordingMissing
+
+        return RecordingMissing
+    raise AttributeError(name)
+
+
+# -- hooks --------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def kubegate_gateway_settings() -> type[BaseModel]:
+    return RecordingSettings
+
+
+@hookimpl
+def kubegate_plugin_settings() -> type[BaseModel]:
+    return RecordingConnectionSettings
+
+
+@hookimpl
+def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
+    if not _enabled(gateway):
+        return None
+    from .routes import make_blueprint
+
+    settings = gateway.settings_for(PLUGIN_NAME) or RecordingSettings()
+    return make_blueprint(gateway, recorder_of(gateway), PLUGIN_NAME, readers=settings.readers)
+
+
+@hookimpl
+async def kubegate_startup(gateway: Gateway) -> None:
+    if not _enabled(gateway):
+        return
+    import asyncio
+
+    from . import store  # noqa: F401 - registers the tables
+
+    # The gateway created the tables of the models imported before it started; ours may come later.
+    await asyncio.to_thread(gateway.database.create_tables)
+    recorder = recorder_of(gateway)
+    for connection in gateway.connections:
+        if PLUGIN_NAME in connection.enabled_plugins:
+            connection.state[PLUGIN_NAME] = recorder
+    recorder.start()
+
+
+@hookimpl
+async def kubegate_shutdown(gateway: Gateway) -> None:
+    recorder = gateway.extensions.get(PLUGIN_NAME)
+    if recorder is not None:
+        await recorder.stop()
+
+
+@hookimpl
+async def kubegate_session_start(flow: Flow, session: Session) -> None:
+    from kubegate.plugins.masking import mask_text_for_record
+
+    from . import store
+    from .recorder import Recording
+    from .storage import Storage
+
+    recorder: Recorder | None = flow.connection.state.get(PLUGIN_NAME)
+    kind = flow.attributes.subresource
+    if recorder is None or kind not in (store.EXEC, store.ATTACH, store.PORTFORWARD):
+        return
+    settings = flow.connection.settings_for(PLUGIN_NAME) or RecordingConnectionSettings()
+    if kind == store.PORTFORWARD and not settings.portforward:
+        return
+    query = parse_qs(flow.request.query, keep_blank_values=True)
+    identity = flow.identity
+    record = store.SessionRecord(
+        id=store.new_id(),
+        request_id=flow.id,
+        connection=flow.connection.name,
+        user=identity.user if identity else "",
+        groups=list(identity.groups) if identity else [],
+        kind=kind,
+        namespace=flow.attributes.namespace,
+        pod=flow.attributes.name,
+        container=(query.get("container") or [""])[0],
+        command=query.get("command", []),
+        ports=",".join(query.get("ports", [])),
+        tty=(query.get("tty") or [""])[0].lower() in ("true", "1"),
+        subprotocol=session.subprotocol,
+        started=session.started,
+        kubectl_session=flow.kubectl_session,
+    )
+    storage: Storage | None = None
+    if kind != store.PORTFORWARD:  # port-forward: the row only, never the forwarded bytes
+        storage = recorder.storage
+        record.storage, record.location = storage.name, storage.location(record.id)
+    # Output the masking plugin already masked for this caller is stored as relayed; other output (an
+    # exempt caller's, or on a connection without masking) is masked here.
+    exempt = bool((flow.state.get(MASKING) or {}).get("exempt"))
+    recording = Recording(
+        record,
+        storage,
+        mask=lambda data: mask_text_for_record(flow, data),
+        mask_output=flow.connection.state.get(MASKING) is None or exempt,
+        record_input=settings.record_input,
+        max_buffer_bytes=recorder.max_buffer_bytes,
+    )
+    session.state[PLUGIN_NAME] = recording
+    await recorder.begin(recording)
+
+
+@hookimpl(trylast=True)
+async def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
+    """Last of all plugins (and async, so after the others' coroutines too): what is recorded is what the
+    client got — masked, with held-back output where the masking plugin released it."""
+    recording = session.state.get(PLUGIN_NAME)
+    if recording is None or recording.storage is None:
+        return
+    recording.on_frame(frame)
+    await recording.relieve()
+
+
+@hookimpl
+async def kubegate_session_end(flow: Flow, session: Session) -> None:
+    recording = session.state.get(PLUGIN_NAME)
+    recorder = flow.connection.state.get(PLUGIN_NAME)
+    if recording is not None and recorder is not None:
+        await recorder.end(session, recording)
