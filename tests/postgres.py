@@ -31,6 +31,12 @@ class Postgres:
     data: Path
     bin: Path
     runas: list[str]
+    options: str = ""
+
+    def start(self) -> None:
+        """Start it again after `stop` (same data, same port)."""
+        subprocess.run([*self.runas, str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", self.options, "-l",
+                        str(self.data.parent / "log"), "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
 
     def stop(self) -> None:
         subprocess.run([*self.runas, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
@@ -60,7 +66,9 @@ def start_postgres(directory: Path, port: int) -> Postgres:
     options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
     subprocess.run([*runas, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(directory / "log"),
                     "-w", "start"], check=True, capture_output=True, timeout=120)  # fmt: skip
-    server = Postgres(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", port, data, bin_dir, runas)
+    server = Postgres(
+        f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", port, data, bin_dir, runas, options
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         ready = subprocess.run(

@@ -215,6 +215,12 @@ class ApprovalService:
 
     async def _outcome(self, flow: Flow, record: store.ApprovalRecord, rule: str) -> Decision:
         connection = flow.connection
+        # The request's audit event says who decided it.
+        flow.state.setdefault("approval", {"approval_id": record.id}).update(
+            state=record.state,
+            approvers=[a["reviewer"] for a in record.approvals],
+            denied_by=(record.denial or {}).get("reviewer"),
+        )
         if record.state == store.DENIED:
             denial = record.denial or {}
             comment = f": {denial['comment']}" if denial.get("comment") else ""

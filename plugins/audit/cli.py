@@ -1,0 +1,196 @@
+"""`kubegate audit search|commands|export|verify`: read the `audit-db` store (or verify `audit-file` files)
+straight from the database the config names — no gateway needs to run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="search, group, export and verify audit records")
+    audit_sub = audit.add_subparsers(
+        dest="audit_command", metavar="search|commands|export|verify", required=True
+    )
+    for name, text in [
+        ("search", "audit events matching filters, oldest first"),
+        ("commands", "API calls grouped by kubectl command: who ran what, how many calls, how many denied"),
+        ("export", "matching events as JSON lines with their chain fields"),
+    ]:
+        p = audit_sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", default="kubegate.yaml")
+        add_filters(p)
+        p.add_argument(
+            "--limit", type=int, default=200 if name != "export" else 0, help="most recent N (0: all)"
+        )
+        if name != "export":
+            p.add_argument("--output", "-o", choices=["text", "json"], default="text")
+        p.set_defaults(func=cmd_audit)
+    verify = audit_sub.add_parser("verify", help="check the hash chain: the first modified, deleted, inserted "
+                                  "or reordered record")  # fmt: skip
+    verify.add_argument("--config", "-c", default="kubegate.yaml")
+    verify.add_argument("--file", nargs="+", type=Path, help="verify audit-file files instead (oldest first)")
+    verify.add_argument(
+        "--key-file", type=Path, help="the signing key (or Ed25519 public key) to check signatures"
+    )
+    verify.add_argument("--algorithm", choices=["hmac-sha256", "ed25519"], help="of --key-file")
+    verify.set_defaults(func=cmd_audit)
+
+
+def add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user")
+    p.add_argument("--group")
+    p.add_argument("--connection")
+    p.add_argument("--verb")
+    p.add_argument("--resource")
+    p.add_argument("--namespace", "-n")
+    p.add_argument("--decision", help="allow, deny or unauthenticated")
+    p.add_argument("--kind", help="request, session_start, session_end, approval.requested, …")
+    p.add_argument("--since", help="30m, 1h, 2d or an ISO 8601 time")
+    p.add_argument("--until", help="as --since")
+    p.add_argument("--command", dest="kubectl_command", help="text the kubectl command line contains")
+    p.add_argument("--session", help="a Kubectl-Session id")
+
+
+def filters_from_args(args: argparse.Namespace) -> Any:
+    from kubegate.core.cli import CLIError
+    from kubegate.core.since import parse_since
+
+    from .store import Filters
+
+    try:
+        return Filters(user=args.user, group=args.group, connection=args.connection, verb=args.verb,
+                       resource=args.resource, namespace=args.namespace, decision=args.decision, kind=args.kind,
+                       since=parse_since(args.since) if args.since else None,
+                       until=parse_since(args.until) if args.until else None,
+                       command=args.kubectl_command, session=args.session)  # fmt: skip
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def audit_database(config: str) -> Any:
+    """The database audit-db writes to: its own `url`, else the gateway's."""
+    from pydantic import ValidationError
+
+    from kubegate.core.cli import CLIError, database_from_config
+    from kubegate.core.config import parse_settings
+    from kubegate.core.db import Database, DatabaseError
+
+    from .database import PLUGIN_NAME, AuditDbSettings
+
+    raw = parse_settings(Path(config)).plugins.get(PLUGIN_NAME) or {}
+    try:
+        settings = AuditDbSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise CLIError(f"{config}: plugins.{PLUGIN_NAME}: {exc.errors()[0]['msg']}") from None
+    if not settings.url:
+        return database_from_config(config)
+    try:
+        return Database(settings.url)
+    except DatabaseError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kubegate.core.cli import CLIError
+    from kubegate.core.db import DatabaseError
+
+    from . import chain, store
+
+    if args.audit_command == "verify":
+        signer = None
+        if args.key_file:
+            if not args.algorithm:
+                raise CLIError("--key-file needs --algorithm hmac-sha256 or ed25519")
+            try:
+                signer = chain.Signer.from_file(args.algorithm, args.key_file)
+            except ValueError as exc:
+                raise CLIError(str(exc)) from None
+        if args.file:
+            from .file import stored_from_files
+
+            try:
+                checked, problem = chain.verify(stored_from_files(args.file), signer, trust_first=True)
+            except OSError as exc:
+                raise CLIError(f"cannot read {exc.filename}: {exc.strerror}") from None
+            head = None
+        else:
+            database = audit_database(args.config)
+            try:
+                checked, problem = database.call(lambda s: store.verify(s, signer))
+                head = database.call(store.head)
+            except (DatabaseError, SQLAlchemyError) as exc:
+                raise CLIError(f"cannot read the audit store: {str(exc).splitlines()[0]}") from None
+        if problem is not None:
+            print(f"BROKEN after {checked} intact records: {problem}")
+            return 1
+        print(f"intact: {checked} records" + (f"; head {head[0]} {head[1]}" if head else ""))
+        if head:
+            print("Keep the head somewhere the database's administrators cannot write: a later `verify` "
+                  "that ends before it means records were cut from the end.")  # fmt: skip
+        return 0
+
+    filters = filters_from_args(args)
+    database = audit_database(args.config)
+    try:
+        if args.audit_command == "export":
+            for line in database.call(lambda s: list(store.export(s, filters))):
+                sys.stdout.write(line + "\n")
+            return 0
+        limit = args.limit or 1_000_000
+        if args.audit_command == "commands":
+            items = database.call(lambda s: store.commands(s, filters, limit))
+        else:
+            items = database.call(lambda s: store.search(s, filters, limit))
+    except (DatabaseError, SQLAlchemyError) as exc:
+        raise CLIError(f"cannot read the audit store: {str(exc).splitlines()[0]}") from None
+    if args.output == "json":
+        print(json.dumps(items, indent=2, default=str))
+    elif args.audit_command == "commands":
+        for group in items:
+            print(describe_command(group))
+    else:
+        for record in items:
+            print(describe_event(record))
+    return 0
+
+
+def when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def describe_command(group: dict[str, Any]) -> str:
+    """`alice ran `kubectl delete pod web` at 10:02:11 → 3 calls, 1 denied`."""
+    command = group["command"] or f"{group['requests'][0]['verb']} {group['requests'][0]['resource']}".strip()
+    outcome = f"{group['calls']} call{'s' if group['calls'] != 1 else ''}"
+    if group["denied"]:
+        outcome += f", {group['denied']} denied"
+    if group["failed"]:
+        outcome += f", {group['failed']} failed"
+    # kubectl's Kubectl-Command header names the command without its arguments ("kubectl delete")
+    tool = f"ran `{command}`" if group["command"] else f"called {command}"
+    return f"{when(group['started'])}  {group['user'] or '(unauthenticated)'} {tool} on {group['connection']} → {outcome}"
+
+
+def describe_event(record: dict[str, Any]) -> str:
+    data = record.get("data") or {}
+    identity = data.get("identity") or {}
+    attributes = data.get("attributes") or {}
+    user = identity.get("user") or data.get("requester") or data.get("user") or "-"
+    what = " ".join(x for x in [attributes.get("verb", ""), attributes.get("resource", ""),
+                                attributes.get("name", "")] if x) or data.get("path", "")  # fmt: skip
+    if attributes.get("namespace"):
+        what += f" -n {attributes['namespace']}"
+    decision = (data.get("decision") or {}).get("verdict", "")
+    if data.get("auth_failure"):
+        decision = "unauthenticated"
+    status = data.get("status", "")
+    command = f"  [kubectl {data['kubectl_command']}]" if data.get("kubectl_command") else ""
+    return (f"{when(record['time'])}  #{record.get('seq', '?'):<6} {record['kind']:<16} {user:<20} "
+            f"{record['connection']:<10} {what}  {status} {decision}{command}").rstrip()  # fmt: skip

@@ -1,0 +1,245 @@
+"""Audit records in the database: one chained row per event, with searchable columns; search, the command
+view and chain verification. Plain synchronous functions over a session (run them through `Database.run`).
+
+Rows are written in batches under a lock on the chain head (`SELECT … FOR UPDATE` on PostgreSQL); the
+position `seq` is the primary key, so two writers that ever read the same head (SQLite, or a lost lock)
+collide on insert and the later one retries — the chain never forks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Text
+from sqlmodel import Column, Field, Session, SQLModel, col, select
+
+from . import chain
+from .chain import GENESIS
+
+CHAIN = "audit"
+
+
+class AuditRow(SQLModel, table=True):
+    __tablename__ = "kubegate_audit_events"
+
+    seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    event_id: str = Field(index=True)
+    time: float = Field(index=True)
+    kind: str = Field(index=True)
+    connection: str = Field(index=True)
+    request_id: str = Field(index=True)
+    user: str = Field(default="", index=True)
+    groups: str = ""  # JSON list, searched as text
+    auth_method: str = ""
+    verb: str = Field(default="", index=True)
+    resource: str = ""
+    namespace: str = ""
+    name: str = ""
+    decision: str = Field(default="", index=True)  # allow, deny, unauthenticated, or "" (no decision plugin)
+    status: int = 0
+    kubectl_command: str = ""
+    kubectl_session: str = Field(default="", index=True)
+    record: str = Field(sa_column=Column(Text, nullable=False))  # the canonical record the hash covers
+    prev_hash: str = ""
+    hash: str = ""
+    signature: str = ""
+
+
+class AuditHead(SQLModel, table=True):
+    """The last record written: where the next one links, and what `verify` compares the tail with."""
+
+    __tablename__ = "kubegate_audit_head"
+
+    name: str = Field(primary_key=True)
+    seq: int = 0
+    hash: str = GENESIS
+
+
+COLUMNS = ("time", "kind", "connection", "request_id", "user", "groups", "auth_method", "verb", "resource",
+           "namespace", "name", "decision", "status", "kubectl_command", "kubectl_session")  # fmt: skip
+
+
+def columns_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The searchable columns of a record, derived from its content (verify recomputes them)."""
+    data = record.get("data") or {}
+    identity = data.get("identity") or {}
+    attributes = data.get("attributes") or {}
+    decision = data.get("decision") or {}
+    verdict = str(decision.get("verdict", "")) if decision else ""
+    if data.get("auth_failure"):
+        verdict = "unauthenticated"
+    return {
+        "time": record.get("time"),
+        "kind": record.get("kind"),
+        "connection": record.get("connection"),
+        "request_id": record.get("request_id"),
+        "user": identity.get("user", "") or data.get("user", "") or data.get("requester", "") or "",
+        "groups": json.dumps(identity.get("groups") or []),
+        "auth_method": identity.get("method", "") or "",
+        "verb": attributes.get("verb", "") or data.get("verb", "") or "",
+        "resource": attributes.get("resource", "") or data.get("resource", "") or "",
+        "namespace": attributes.get("namespace", "") or data.get("namespace", "") or "",
+        "name": attributes.get("name", "") or data.get("name", "") or "",
+        "decision": verdict,
+        "status": int(data.get("status") or 0),
+        "kubectl_command": data.get("kubectl_command", "") or "",
+        "kubectl_session": data.get("kubectl_session", "") or "",
+    }
+
+
+def append(session: Session, records: list[dict[str, Any]], signer: chain.Signer | None) -> int:
+    """Chain and insert `records` (in order) after the current head; returns the last seq."""
+    head = session.exec(select(AuditHead).where(AuditHead.name == CHAIN).with_for_update()).first()
+    if head is None:
+        head = AuditHead(name=CHAIN, seq=0, hash=GENESIS)
+        session.add(head)
+    seq, prev = head.seq, head.hash
+    for record in records:
+        seq += 1
+        content = {**record, "seq": seq}
+        text = chain.canonical(content)
+        digest = chain.link(prev, text)
+        session.add(
+            AuditRow(
+                seq=seq,
+                event_id=record["id"],
+                record=text,
+                prev_hash=prev,
+                hash=digest,
+                signature=signer.sign(digest) if signer is not None and signer.can_sign else "",
+                **columns_of(content),
+            )
+        )
+        prev = digest
+    head.seq, head.hash = seq, prev
+    session.add(head)
+    return seq
+
+
+# -- search ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Filters:
+    user: str | None = None
+    group: str | None = None
+    connection: str | None = None
+    verb: str | None = None
+    resource: str | None = None
+    namespace: str | None = None
+    decision: str | None = None
+    kind: str | None = None
+    since: float | None = None
+    until: float | None = None
+    command: str | None = None  # a substring of the kubectl command line
+    session: str | None = None  # a Kubectl-Session id
+
+
+def _query(filters: Filters) -> Any:
+    query = select(AuditRow)
+    for column in ("user", "connection", "verb", "resource", "namespace", "decision", "kind"):
+        value = getattr(filters, column)
+        if value:
+            query = query.where(getattr(AuditRow, column) == value)
+    if filters.group:
+        query = query.where(col(AuditRow.groups).contains(json.dumps(filters.group)))
+    if filters.since is not None:
+        query = query.where(AuditRow.time >= filters.since)
+    if filters.until is not None:
+        query = query.where(AuditRow.time <= filters.until)
+    if filters.command:
+        query = query.where(col(AuditRow.kubectl_command).contains(filters.command))
+    if filters.session:
+        query = query.where(AuditRow.kubectl_session == filters.session)
+    return query
+
+
+def search(session: Session, filters: Filters, limit: int = 1000) -> list[dict[str, Any]]:
+    """Matching records, oldest first (the last `limit` of them)."""
+    rows = session.exec(_query(filters).order_by(col(AuditRow.seq).desc()).limit(limit)).all()
+    return [json.loads(row.record) for row in reversed(rows)]
+
+
+def export(session: Session, filters: Filters, batch: int = 1000) -> Iterator[str]:
+    """Matching records as canonical JSON lines with their chain fields, oldest first, in batches."""
+    last = 0
+    while True:
+        rows = session.exec(
+            _query(filters).where(AuditRow.seq > last).order_by(col(AuditRow.seq)).limit(batch)
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            content = json.loads(row.record)
+            yield chain.canonical({"record": content, "prev_hash": row.prev_hash, "hash": row.hash,
+                                   "signature": row.signature})  # fmt: skip
+        last = rows[-1].seq
+
+
+def commands(session: Session, filters: Filters, limit: int = 200) -> list[dict[str, Any]]:
+    """API calls grouped by kubectl invocation (`Kubectl-Session`; calls without one stand alone), newest
+    invocation last: who ran which command when, how many calls, how many refused."""
+    rows = session.exec(
+        _query(filters).where(AuditRow.kind == "request").order_by(col(AuditRow.seq).desc()).limit(limit * 20)
+    ).all()
+    groups: dict[str, dict[str, Any]] = {}
+    for row in reversed(rows):
+        key = row.kubectl_session or f"request:{row.request_id}"
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
+                "session": row.kubectl_session,
+                "user": row.user,
+                "connection": row.connection,
+                "command": row.kubectl_command,
+                "started": row.time,
+                "ended": row.time,
+                "calls": 0,
+                "denied": 0,
+                "failed": 0,
+                "requests": [],
+            }
+        group["ended"] = row.time
+        group["calls"] += 1
+        if row.decision in ("deny", "unauthenticated") or row.status in (401, 403):
+            group["denied"] += 1
+        elif row.status >= 400 or row.status == 0:
+            group["failed"] += 1
+        group["requests"].append(
+            {"seq": row.seq, "time": row.time, "verb": row.verb, "resource": row.resource,
+             "namespace": row.namespace, "name": row.name, "status": row.status, "decision": row.decision}
+        )  # fmt: skip
+    return list(groups.values())[-limit:]
+
+
+def head(session: Session) -> tuple[int, str]:
+    found = session.get(AuditHead, CHAIN)
+    return (found.seq, found.hash) if found is not None else (0, GENESIS)
+
+
+def stored(session: Session, batch: int = 2000) -> Iterator[chain.Stored]:
+    """Every row in seq order, as the chain check reads it."""
+    last = -1
+    while True:
+        rows = session.exec(
+            select(AuditRow).where(AuditRow.seq > last).order_by(col(AuditRow.seq)).limit(batch)
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield chain.Stored(
+                seq=row.seq,
+                text=row.record,
+                prev_hash=row.prev_hash,
+                hash=row.hash,
+                signature=row.signature,
+                columns={name: getattr(row, name) for name in COLUMNS},
+            )
+        last = rows[-1].seq
+
+
+def verify(session: Session, signer: chain.Signer | None = None) -> tuple[int, chain.Problem | None]:
+    return chain.verify(stored(session), signer, head=head(session), derive=columns_of)

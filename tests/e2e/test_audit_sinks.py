@@ -1,0 +1,215 @@
+"""Audit sinks under stress, against a real gateway: every request makes exactly one record under
+concurrency (SQLite and PostgreSQL); a fail-closed database that goes away turns requests into 503 and back,
+losing nothing; a webhook receiver that fails half the time still gets every event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import GATEWAY_USERS, Gateway, free_port, gateway_config, start_gateway, stop_process
+from sqlalchemy import create_engine, text
+
+TOKEN = GATEWAY_USERS["alice"][1]
+
+
+def request_count(database_url: str) -> int:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                text("SELECT count(*) FROM kubegate_audit_events WHERE kind = 'request'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def settled_count(database_url: str, expected: int, timeout: float = 60.0) -> int:
+    """The number of request records once it reaches `expected` or stops growing."""
+    deadline, last, stable_since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = request_count(database_url)
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        if count >= expected and time.monotonic() - stable_since > 1.0:
+            return count
+        time.sleep(0.2)
+    return last
+
+
+async def hammer(gw: Gateway, path: str, count: int, concurrency: int = 64) -> list[int]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    statuses: list[int] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(count):
+        queue.put_nowait(index)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context, limit=concurrency)
+    ) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                async with session.get(
+                    f"{gw.url}/k8s/sandbox{path}", headers={"Authorization": f"Bearer {TOKEN}"}
+                ) as r:
+                    await r.read()
+                    statuses.append(r.status)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def audited_gateway(sandbox, directory: Path, database_url: str | None, **audit_db) -> Gateway:
+    config = gateway_config(sandbox, directory, free_port())
+    config["connections"]["sandbox"]["plugins"]["audit-db"] = {}
+    if database_url:
+        config["database"] = {"url": database_url}
+    config["plugins"] = {"audit-db": audit_db}
+    return start_gateway(directory, config)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'kubegate.db'}"
+    return request.getfixturevalue("postgres").create_database(f"audit_load_{free_port()}")
+
+
+def test_ten_thousand_requests_make_ten_thousand_records(sandbox, tmp_path, database_url):
+    gw = audited_gateway(sandbox, tmp_path, database_url)
+    try:
+        statuses = asyncio.run(hammer(gw, "/version", 10_000))
+        assert statuses.count(200) == 10_000
+        assert settled_count(database_url, 10_000) == 10_000
+    finally:
+        stop_process(gw.process)
+    from kubegate.core.db import Database
+    from kubegate.plugins.audit import store
+
+    database = Database(database_url)
+    assert database.call(lambda s: store.verify(s)) == (10_000, None)
+    database.close()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator:
+    from postgres import start_postgres
+
+    directory = Path(tempfile.mkdtemp(prefix="kubegate-pg-outage-"))
+    server = start_postgres(directory, free_port())
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_fail_closed_database_that_goes_away_turns_requests_into_503_and_back(
+    sandbox, tmp_path, private_postgres
+):
+    url = private_postgres.url
+    gw = audited_gateway(sandbox, tmp_path, url, on_failure="closed")
+    made = 0
+
+    def one() -> tuple[int, dict]:
+        nonlocal made
+        made += 1
+        status, body = asyncio.run(get_json(gw, "/version"))
+        return status, body
+
+    try:
+        assert all(one()[0] == 200 for _ in range(5))
+        private_postgres.stop()
+        deadline = time.monotonic() + 30
+        status, body = one()
+        while status != 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, body = one()
+        assert status == 503, "requests were still served with the audit store down"
+        assert body["kind"] == "Status" and "audit store" in body["message"]
+        assert all(one()[0] == 503 for _ in range(3))  # stays closed while the store is down
+        private_postgres.start()
+        deadline = time.monotonic() + 30
+        while one()[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert one()[0] == 200, "requests did not come back after the store did"
+        # Nothing was lost: the refused requests' events were kept and written once it came back.
+        assert settled_count(url, made) == made
+    finally:
+        stop_process(gw.process)
+
+
+async def get_json(gw: Gateway, path: str) -> tuple[int, dict]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        async with session.get(
+            f"{gw.url}/k8s/sandbox{path}", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+
+class FlakyReceiver(BaseHTTPRequestHandler):
+    """Accepts every second POST; remembers the event ids of the accepted ones."""
+
+    posts = 0
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).posts += 1
+            fail = self.posts % 2 == 1
+            if not fail:
+                type(self).accepted += [event["id"] for event in json.loads(body)["events"]]
+        self.send_response(500 if fail else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_webhook_receiver_that_fails_half_the_time_loses_nothing(sandbox, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), FlakyReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = gateway_config(sandbox, tmp_path, free_port())
+    config["connections"]["sandbox"]["plugins"].update({"audit-db": {}, "audit-webhook": {}})
+    config["plugins"] = {
+        "audit-webhook": {
+            "url": f"http://127.0.0.1:{server.server_port}/events",
+            "post_batch": 7,
+            "retry_seconds": 0.05,
+        }
+    }
+    gw = start_gateway(tmp_path, config)
+    try:
+        statuses = asyncio.run(hammer(gw, "/version", 300, concurrency=8))
+        assert statuses.count(200) == 300
+        database_url = f"sqlite:///{tmp_path / 'state' / 'kubegate.db'}"
+        assert settled_count(database_url, 300) == 300
+        engine = create_engine(database_url)
+        with engine.connect() as connection:
+            stored = {
+                row[0] for row in connection.execute(text("SELECT event_id FROM kubegate_audit_events"))
+            }
+        engine.dispose()
+        deadline = time.monotonic() + 60
+        while not stored <= set(FlakyReceiver.accepted) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert stored <= set(FlakyReceiver.accepted), (
+            f"{len(stored - set(FlakyReceiver.accepted))} never arrived"
+        )
+        assert FlakyReceiver.posts >= 2 * (300 // 7)  # half of them failed and were retried
+    finally:
+        stop_process(gw.process)
+        server.shutdown()
