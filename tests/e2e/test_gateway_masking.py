@@ -37,8 +37,13 @@ def masked(sandbox, tmp_path_factory) -> Iterator[Gateway]:
             "masking": {"exempt": {"groups": ["breakglass"]}, "exec_hold_ms": 1000,
                         "configmap_keys": [{"namespaces": "prod", "names": "app-config", "keys": ["DB_HOST"]}]},
             "testplugin": {"audit_file": str(directory / "audit.jsonl")},
+            # the real stores: what they keep must be masked too
+            "audit-db": {},
+            "audit-file": {},
+            "recording": {},
         },
     }  # fmt: skip
+    config["plugins"] = {"audit-file": {"path": str(directory / "audit-sink.jsonl")}}
     gw = start_gateway(directory, config, with_test_plugin=True)
     time.sleep(1)  # the known-values follower lists the Secrets at start
     yield gw
@@ -49,8 +54,20 @@ def kc(gw: Gateway, *args: str, user: str = "alice", token: str | None = None, c
     return run_kubectl(gw.kubeconfig(user, "masked", token=token), *args, check=check)
 
 
+def stored(gw: Gateway) -> str:
+    """Everything the gateway keeps: audit events (test plugin, audit-file, the database incl. its WAL) and
+    session recordings, as text."""
+    time.sleep(1.0)  # events are written once the response is out; recordings are flushed every 0.5 s
+    state = gw.dir / "state"
+    paths = [gw.dir / "audit.jsonl", gw.dir / "audit-sink.jsonl", *state.glob("kubegate.db*"),
+             *(state / "recordings").glob("*.cast")]  # fmt: skip
+    return "".join(p.read_bytes().decode("utf-8", "replace") for p in paths if p.exists())
+
+
 def assert_clean(gw: Gateway, *outputs: str) -> None:
-    for text in (*outputs, (gw.dir / "audit.jsonl").read_text() if (gw.dir / "audit.jsonl").exists() else ""):
+    kept = stored(gw)
+    assert "db-credentials" in kept or "web" in kept  # the stores are there and hold these requests
+    for text in (*outputs, kept):
         for value in CLEAR:
             assert value not in text
 
@@ -192,8 +209,11 @@ def test_create_secret_from_literal_answer_is_masked(masked):
     proc = kc(masked, "create", "secret", "generic", name, "-n", "dev", "--from-literal=pw=created-s3cret-9",
               "-o", "yaml")  # fmt: skip
     assert base64.b64decode(yaml.safe_load(proc.stdout)["data"]["pw"]).decode() == MARKER
-    assert "created-s3cret-9" not in proc.stdout
-    assert base64.b64encode(b"created-s3cret-9").decode() not in proc.stdout
+    kept = stored(masked)
+    for text in (proc.stdout, kept):  # the answer, and the request body in the audit stores
+        assert "created-s3cret-9" not in text
+        assert base64.b64encode(b"created-s3cret-9").decode() not in text
+    assert name in kept
 
 
 def test_interactive_exec_output_is_masked(masked):
@@ -210,6 +230,9 @@ def test_interactive_exec_output_is_masked(masked):
         session.wait()
     finally:
         session.close()
+    kept = stored(masked)
+    assert "echo token=" in kept  # the session was recorded (typed input and output)...
+    assert_clean(masked)  # ...masked
 
 
 def test_a_secret_split_across_exec_frames_is_still_masked(masked):
