@@ -93,15 +93,19 @@ def write_demo_config(
                     "policy": DEMO_POLICY,
                     "approvals": {},
                     "masking": {},
+                    "audit-db": {},
+                    "recording": {},
                 },
             }
         },
+        # Reviewers may also read everyone's audit events and sessions through the API.
+        "plugins": {"audit-db": {"readers": REVIEWERS}, "recording": {"readers": REVIEWERS}},
     }
     for name, token in users:  # for `kubegate approvals --token-file` and friends
         write_private(directory / "tokens" / name, token + "\n")
     if idp_url:
         config["connections"][CONNECTION]["plugins"]["login"] = {}
-        config["plugins"] = {
+        config["plugins"] |= {
             "login": {
                 "providers": [
                     {
@@ -236,6 +240,14 @@ Review held requests as rita (in another terminal):
   {kubegate} approvals list {target} --token-file {directory / "tokens" / "rita"}
   {kubegate} approvals approve ID {target} --token-file {directory / "tokens" / "rita"}
   {kubegate} policy check -c {config} --connection {CONNECTION} --as alice -- kubectl delete pod web -n prod
+
+See what happened (the audit store and session recordings, in the demo's database):
+  {kubegate} audit commands -c {config}                 # who ran which kubectl command: calls, denials
+  {kubegate} audit search -c {config} --user alice --since 1h
+  {kubegate} sessions list -c {config}
+  {kubegate} replay SESSION_ID -c {config}              # an exec session, with its timing
+  {kubegate} replay -c {config} --user alice --since 1h # her calls and sessions, in order
+  {kubegate} audit verify -c {config}                   # the hash chain
 {_login_hint(login, kubectl)}
 Press Ctrl-C to stop.
 """,

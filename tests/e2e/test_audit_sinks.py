@@ -1,6 +1,6 @@
 """Audit sinks under stress, against a real gateway: every request makes exactly one record under
 concurrency (SQLite and PostgreSQL); a fail-closed database that goes away turns requests into 503 and back,
-losing nothing; a webhook receiver that fails half the time still gets every event."""
+losing nothing; a webhook receiver that fails half the time still gets every event (and stdout prints them)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,9 @@ def test_a_webhook_receiver_that_fails_half_the_time_loses_nothing(sandbox, tmp_
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), FlakyReceiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     config = gateway_config(sandbox, tmp_path, free_port())
-    config["connections"]["sandbox"]["plugins"].update({"audit-db": {}, "audit-webhook": {}})
+    config["connections"]["sandbox"]["plugins"].update(
+        {"audit-db": {}, "audit-webhook": {}, "audit-stdout": {}}
+    )
     config["plugins"] = {
         "audit-webhook": {
             "url": f"http://127.0.0.1:{server.server_port}/events",
@@ -210,6 +212,13 @@ def test_a_webhook_receiver_that_fails_half_the_time_loses_nothing(sandbox, tmp_
             f"{len(stored - set(FlakyReceiver.accepted))} never arrived"
         )
         assert FlakyReceiver.posts >= 2 * (300 // 7)  # half of them failed and were retried
+        # audit-stdout wrote the same events as JSON lines on the gateway's output (its log here)
+        printed = [
+            json.loads(line)["audit"]
+            for line in gw.log.read_text().splitlines()
+            if line.startswith('{"audit":')
+        ]
+        assert stored <= {event["id"] for event in printed}
     finally:
         stop_process(gw.process)
         server.shutdown()

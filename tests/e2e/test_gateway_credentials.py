@@ -147,6 +147,24 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         )
         out, err = shell.communicate(timeout=30)
         assert shell.returncode == 0 and out.strip() == "<masked by kubegate>", err
+        # What happened, with the commands the demo printed: per kubectl command, the session replayed, the
+        # chain intact.
+        def printed(prefix: str) -> list[str]:
+            line = re.search(rf"(\S+/kubegate {prefix}.*?)(?:\s+#|$)", output, re.M).group(1)
+            return shlex.split(line)
+
+        time.sleep(1)  # events are written just after each response
+        commands = subprocess.run(printed("audit commands"), capture_output=True, text=True, timeout=30)
+        assert "ci-bot ran `kubectl delete` on demo → 1 call, 1 denied" in commands.stdout, commands.stdout
+        # alice's delete: the DELETE (held, approved), then kubectl's check that the pod is gone (404)
+        assert "alice ran `kubectl delete` on demo → 2 calls, 1 failed" in commands.stdout, commands.stdout
+        sessions = subprocess.run(printed("sessions list"), capture_output=True, text=True, timeout=30)
+        session_id = next(line.split()[0] for line in sessions.stdout.splitlines() if "DB_PASSWORD" in line)
+        replay = [part if part != "SESSION_ID" else session_id for part in printed("replay SESSION_ID")]
+        played = subprocess.run([*replay, "--speed", "100"], capture_output=True, text=True, timeout=30)
+        assert played.returncode == 0 and played.stdout.strip() == "<masked by kubegate>", played.stderr
+        verify = subprocess.run(printed("audit verify"), capture_output=True, text=True, timeout=30)
+        assert verify.returncode == 0 and verify.stdout.startswith("intact:"), verify.stdout
         # The printed `kubegate login` command, run as shown (headless), against the demo's identity provider.
         command = re.search(
             r"(\S+/kubegate login .*?--kubeconfig \S+)", output.replace("\\\n", " "), re.S
