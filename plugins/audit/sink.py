@@ -3,7 +3,7 @@
 A request never waits for a fail-open sink. A fail-closed sink makes the request that produced an event
 wait until the event is written (after its response went out: the client is not slowed), and while the
 sink cannot write, new requests are refused with 503 (`gate`) until a retry succeeds. Events are never
-dropped by a fail-closed sink: a failed batch is retried, in order, with backoff up to one second.
+dropped by a failed write: a failed batch is retried, in order, with backoff up to one second (only a queue past `queue_max` drops its oldest event, loudly).
 """
 
 from __future__ import annotations
