@@ -9,6 +9,7 @@ and what is not.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import functools
 import json
@@ -411,6 +412,17 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
     if masking is None or frame.direction != FrameDirection.UPSTREAM_TO_CLIENT:
         return
     if flow.attributes.subresource not in ("exec", "attach"):
+        return
+    if frame.text:
+        # The base64 protocols (`base64.channel.k8s.io`, `v4.base64…`; web terminals use them): a digit for
+        # the channel, then the data in base64. Masked frame by frame: no carry across frames here.
+        if "base64" in session.subprotocol and frame.data[:1] in (b"1", b"2"):
+            try:
+                data = base64.b64decode(frame.data[1:], validate=True)
+            except ValueError:
+                frame.data = frame.data[:1]  # not base64 after all: nothing of it goes out unread
+                return
+            frame.data = frame.data[:1] + base64.b64encode(masking.text.mask_bytes(data))
         return
     carry: dict[int, bytes] = session.state.setdefault(PLUGIN_NAME, {})
     if frame.flush:

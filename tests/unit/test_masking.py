@@ -250,6 +250,22 @@ def test_only_words_that_may_begin_a_secret_are_held_back():
     assert not text.may_start_secret("build-42")
 
 
+def test_base64_channel_frames_are_masked_too():
+    from kubegate.core.flow import Frame, FrameDirection
+    from kubegate.plugins.masking import kubegate_stream_frame
+
+    m = masking()
+    flow_ = SimpleNamespace(connection=SimpleNamespace(state={"masking": m}), state={},
+                            attributes=SimpleNamespace(subresource="exec"))  # fmt: skip
+    session = SimpleNamespace(subprotocol="v4.base64.channel.k8s.io", state={})
+    frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"1" + base64.b64encode(b"pw=hunter2-x\n"), text=True)
+    kubegate_stream_frame(flow_, session, frame)
+    assert frame.data[:1] == b"1" and base64.b64decode(frame.data[1:]) == f"pw={MARKER}\n".encode()
+    garbage = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"1hunter2-x not base64!", text=True)
+    kubegate_stream_frame(flow_, session, garbage)
+    assert garbage.data == b"1"
+
+
 def test_accept_keeps_json_ranges_with_parameters_and_drops_binary_ones():
     from kubegate.plugins.masking import json_only
 
