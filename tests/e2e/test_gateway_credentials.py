@@ -147,6 +147,7 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         )
         out, err = shell.communicate(timeout=30)
         assert shell.returncode == 0 and out.strip() == "<masked by kubegate>", err
+
         # What happened, with the commands the demo printed: per kubectl command, the session replayed, the
         # chain intact.
         def printed(prefix: str) -> list[str]:
