@@ -11,7 +11,17 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-setup: $(BIN)/.installed
+# The web UI's session player (asciinema-player, from npm) goes into a git-ignored folder. Without npm the
+# UI still works and replays sessions as plain text.
+UI_VENDOR := ui/static/vendor
+$(UI_VENDOR)/.built: ui/package.json ui/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  (cd ui && npm ci --no-audit --no-fund --loglevel=error) && mkdir -p $(UI_VENDOR) && \
+	  cp ui/node_modules/asciinema-player/dist/bundle/asciinema-player.min.js \
+	     ui/node_modules/asciinema-player/dist/bundle/asciinema-player.css $(UI_VENDOR)/ && touch $@; \
+	else echo "npm not found: the web UI will replay sessions as plain text (no asciinema-player)"; fi
+
+setup: $(BIN)/.installed $(UI_VENDOR)/.built
 
 demo: setup
 	$(BIN)/kubegate demo
@@ -21,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy core connections plugins sandbox
+	$(BIN)/mypy core connections plugins sandbox ui
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -30,4 +40,4 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .kubegate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .kubegate .pytest_cache .mypy_cache .ruff_cache ui/node_modules $(UI_VENDOR)

@@ -59,7 +59,9 @@ DEMO_POLICY = {
 DEMO_IDP_USERS = (
     {"sub": "alice", "email": "alice@demo.example", "groups": ["developers"]},
     {"sub": "rita", "email": "rita@demo.example", "groups": ["reviewers"]},
+    {"sub": "ava", "email": "ava@demo.example", "groups": ["auditors"]},
 )
+AUDITORS = ["auditors", "demo:auditors"]
 
 
 def write_demo_config(
@@ -91,7 +93,7 @@ def write_demo_config(
                 "plugins": {
                     "static-tokens": {"tokens": tokens},
                     "policy": DEMO_POLICY,
-                    "approvals": {},
+                    "approvals": {"observers": AUDITORS},
                     "masking": {},
                     "audit-db": {},
                     "recording": {},
@@ -99,7 +101,10 @@ def write_demo_config(
             }
         },
         # Reviewers may also read everyone's audit events and sessions through the API.
-        "plugins": {"audit-db": {"readers": REVIEWERS}, "recording": {"readers": REVIEWERS}},
+        "plugins": {
+            "audit-db": {"readers": REVIEWERS + AUDITORS},
+            "recording": {"readers": REVIEWERS + AUDITORS},
+        },
     }
     for name, token in users:  # for `kubegate approvals --token-file` and friends
         write_private(directory / "tokens" / name, token + "\n")
@@ -260,7 +265,12 @@ def _login_hint(login: tuple[str, Path, Path] | None, kubectl: str) -> str:
         return ""
     public_url, ca, login_kubeconfig = login
     return f"""
-Or log in through the browser as a person of the demo identity provider (alice or rita: type the name):
+The web UI (approvals, grants, audit, session replay):
+  web UI:  {public_url}/ui/
+  Log in with the demo identity provider as rita (a reviewer: approve held requests there), ava (an
+  auditor: audit and sessions) or alice (a developer). The certificate is the demo's own CA: {ca.resolve()}
+
+Or log in on the command line as a person of the demo identity provider (alice or rita: type the name):
   {Path(sys.executable).parent / "kubegate"} login --gateway {public_url} --connection {CONNECTION} \\
       --certificate-authority {ca.resolve()} --kubeconfig {login_kubeconfig}
   KUBECONFIG={login_kubeconfig} {kubectl} auth whoami   # demo:alice, via `kubegate credential`

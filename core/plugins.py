@@ -48,6 +48,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.audit.file",
     "kubegate.plugins.audit.webhook",
     "kubegate.plugins.audit.stdout",
+    "kubegate.ui.plugin",
 )
 
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}

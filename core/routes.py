@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify, request
@@ -14,12 +16,33 @@ if TYPE_CHECKING:
     from kubegate.connections.registry import Connection
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+# The web UI keeps the login's gateway token in this cookie (HttpOnly, Secure, SameSite=Strict).
+SESSION_COOKIE = "kubegate_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def csrf_token_for(session_token: str) -> str:
+    """The CSRF token of a UI session: derived from the session's own (HttpOnly) token, so a page of
+    another site can neither read nor compute it."""
+    return hashlib.sha256(f"kubegate-csrf\0{session_token}".encode()).hexdigest()[:40]
 
 
 async def authenticate_caller(connection: Connection) -> Identity | AuthFailure | None:
     """The caller of the current route as `connection`'s authentication plugins see its token — the same
-    judgement the data path makes (a plugin error counts as a rejection)."""
+    judgement the data path makes (a plugin error counts as a rejection).
+
+    A bearer token in `Authorization` comes first; without one, the web UI's session cookie stands in for
+    it — on a state-changing request only together with the session's CSRF token (`X-CSRF-Token`)."""
     headers = [(k.lower(), v) for k, v in request.headers.items()]
+    if not any(name == "authorization" for name, _ in headers):
+        session_token = request.cookies.get(SESSION_COOKIE, "")
+        if session_token:
+            if request.method not in SAFE_METHODS and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, ""), csrf_token_for(session_token)
+            ):
+                return AuthFailure("the request lacks the page's CSRF token")
+            headers.append(("authorization", f"Bearer {session_token}"))
     flow_request = FlowRequest(method=request.method, path=request.path, query="", headers=headers,
                                client_addr=request.remote_addr or "")  # fmt: skip
     # Not an API path: policy and audit see a non-resource request.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from kubegate.core.flow import Decision, Flow
 from kubegate.core.plugins import hookimpl
 
@@ -21,6 +23,23 @@ if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "approvals"
+
+
+class ApprovalsSettings(BaseModel):
+    """Per connection: `connections.NAME.plugins.approvals`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    observers: list[str] = Field(
+        default_factory=list,
+        description="Groups that may see every held request of this connection without reviewing it "
+        "(auditors); reviewers see the requests they may review, everyone their own.",
+    )
+
+
+@hookimpl
+def kubegate_plugin_settings() -> type[BaseModel]:
+    return ApprovalsSettings
 
 
 def service_of(gateway: Gateway) -> ApprovalService:

@@ -4,6 +4,8 @@
     GET  /api/approvals/ID
     POST /api/approvals/ID/approve   {"comment": "..."}
     POST /api/approvals/ID/deny      {"comment": "..."}
+    GET  /api/grants[?all=1]          time-window grants: the caller's own and those they may revoke
+    POST /api/grants/ID/revoke        the grant's reviewers and the UI's admins
 
 Callers authenticate with a bearer token that the request's connection accepts (a `kubegate login`
 token, say): reviewers see the requests they may review, everyone sees their own.
@@ -11,6 +13,7 @@ token, say): reviewers see the requests they may review, everyone sees their own
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from quart import Blueprint, Response, request
@@ -28,12 +31,18 @@ if TYPE_CHECKING:
 STATES = {store.PENDING, store.APPROVED, store.DENIED, store.EXPIRED, store.USED}
 
 
-def visible(record: store.ApprovalRecord, who: Identity) -> bool:
-    return who.user == record.requester or bool(set(who.groups) & set(record.reviewer_groups))
+def visible(record: store.ApprovalRecord, who: Identity, observers: list[str] | None = None) -> bool:
+    groups = set(who.groups)
+    return who.user == record.requester or bool(groups & (set(record.reviewer_groups) | set(observers or [])))
 
 
 def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> Blueprint:
     bp = Blueprint("approvals", __name__)
+
+    def observers(connection_name: str) -> list[str]:
+        connection = gateway.connections.get(connection_name)
+        settings = connection.settings_for(plugin) if connection is not None else None
+        return list(getattr(settings, "observers", None) or [])
 
     def connections() -> list[Connection]:
         return [c for c in gateway.connections if plugin in c.enabled_plugins]
@@ -64,7 +73,7 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         records = await service.db.run(
             lambda s: store.list_approvals(s, states=states, connections=list(who))
         )
-        items = [r.public() for r in records if visible(r, who[r.connection])]
+        items = [r.public() for r in records if visible(r, who[r.connection], observers(r.connection))]
         return json_response({"items": items})
 
     async def one(approval_id: str) -> tuple[store.ApprovalRecord | None, Identity | Response]:
@@ -75,7 +84,7 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         answer = await authenticate_caller(connection)
         if not isinstance(answer, Identity):
             return None, unauthorized()
-        if not visible(record, answer):
+        if not visible(record, answer, observers(record.connection)):
             return None, json_response({"error": f"no approval request {approval_id}"}, 404)
         return record, answer
 
@@ -108,5 +117,52 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
     @bp.post("/api/approvals/<approval_id>/deny")
     async def deny(approval_id: str) -> Response:
         return await review(approval_id, False)
+
+    # -- grants (time windows an approval opened) ----------------------------------------------------------
+
+    def may_revoke(grant: store.GrantRecord, who: Identity, approval: store.ApprovalRecord | None) -> bool:
+        """The grant's reviewers (the groups of the approval that opened it) and the UI's admins."""
+        admins = set(getattr(gateway.settings_for("ui"), "admins", None) or [])
+        groups = set(who.groups)
+        return bool(groups & admins) or bool(approval is not None and groups & set(approval.reviewer_groups))
+
+    @bp.get("/api/grants")
+    async def list_grants() -> Response:
+        who = await identities()
+        if not who:
+            return unauthorized()
+        include_inactive = request.args.get("all") == "1"
+        grants = await service.db.run(lambda s: store.list_grants(s, include_inactive=include_inactive))
+        approvals = await service.db.run(
+            lambda s: {g.approval_id: store.get(s, g.approval_id) for g in grants}
+        )
+        now = time.time()
+        items = []
+        for grant in grants:
+            caller = who.get(grant.connection)
+            if caller is None:
+                continue
+            revoke = may_revoke(grant, caller, approvals.get(grant.approval_id))
+            if not revoke and caller.user != grant.user:
+                continue  # people see their own grants and those they may revoke
+            items.append({**grant.model_dump(), "state": grant.state(now), "can_revoke": revoke})
+        return json_response({"items": items})
+
+    @bp.post("/api/grants/<grant_id>/revoke")
+    async def revoke_grant(grant_id: str) -> Response:
+        who = await identities()
+        if not who:
+            return unauthorized()
+        grant = await service.db.run(lambda s: s.get(store.GrantRecord, grant_id))
+        caller = who.get(grant.connection) if grant is not None else None
+        if grant is None or caller is None:
+            return json_response({"error": f"no grant {grant_id}"}, 404)
+        approval = await service.db.run(lambda s: store.get(s, grant.approval_id))
+        if not may_revoke(grant, caller, approval):
+            return json_response({"error": "only the grant's reviewers and admins may revoke it"}, 403)
+        revoked = await service.db.run(lambda s: store.revoke_grant(s, grant_id, caller.user))
+        if revoked is None:
+            return json_response({"error": f"grant {grant_id} is no longer active"}, 409)
+        return json_response({**revoked.model_dump(), "state": revoked.state(time.time())})
 
     return bp

@@ -1,7 +1,7 @@
 """The audit JSON API (for auditors' tools and the web UI).
 
     GET /api/audit/events?user=&group=&connection=&verb=&resource=&namespace=&decision=&kind=&since=&until=
-                          &command=&session=&limit=     matching events, oldest first
+                          &command=&session=&seq=&limit=     matching events, oldest first
     GET /api/audit/commands?…same filters…              API calls grouped by kubectl invocation
     GET /api/audit/export?…same filters…                JSON lines with chain fields
     GET /api/audit/verify                               the chain's state (readers only)
@@ -36,6 +36,8 @@ def filters_from(args: Any) -> store.Filters:
         filters.since = parse_since(args["since"])
     if args.get("until"):
         filters.until = parse_since(args["until"])
+    if args.get("seq"):
+        filters.seq = int(args["seq"])
     return filters
 
 

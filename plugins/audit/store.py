@@ -136,6 +136,7 @@ class Filters:
     until: float | None = None
     command: str | None = None  # a substring of the kubectl command line
     session: str | None = None  # a Kubectl-Session id
+    seq: int | None = None  # one record
 
 
 def _query(filters: Filters) -> Any:
@@ -154,6 +155,8 @@ def _query(filters: Filters) -> Any:
         query = query.where(col(AuditRow.kubectl_command).contains(filters.command))
     if filters.session:
         query = query.where(AuditRow.kubectl_session == filters.session)
+    if filters.seq is not None:
+        query = query.where(AuditRow.seq == filters.seq)
     return query
 
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+UI_LOGIN = "kubegate web UI"  # the description of logins the web UI starts (kubegate.ui.plugin)
+UI_LOGIN_COOKIE = "kubegate_ui_login"  # LOGIN_ID.VERIFIER, set by the web UI in the browser that starts
 # The pages load nothing and run no script: inline styles are all they need.
 PAGE_HEADERS = {
     **NO_STORE,
@@ -44,6 +46,21 @@ async def _json_body() -> dict[str, Any]:
 def _bearer() -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _finished(service: LoginService, fields: dict[str, Any]) -> Response:
+    """After the identity provider: a login the web UI started goes back to it (it collects the token with
+    the secret in its cookie); a `kubegate login` shows the page that says the terminal goes on.
+
+    A UI login must end in the browser that started it: someone who forwards the identity provider's link
+    to another person would otherwise collect a token in that person's name."""
+    if fields.get("started_by") == UI_LOGIN:
+        started_here = request.cookies.get(UI_LOGIN_COOKIE, "").partition(".")[0] == fields["login_id"]
+        if not started_here:
+            await service.abandon(fields["login_id"], "the login ended in another browser than it started in")
+            return _html(pages.failed("this login was started in another browser: start again here"), 400)
+        return redirect(f"/ui/login/finish?request={fields['login_id']}")  # type: ignore[return-value]
+    return _html(pages.logged_in(fields["user"], fields["groups"]))
 
 
 def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
@@ -81,7 +98,7 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
             fields = await service.finish_oidc(args.get("state", ""), args.get("code", ""), error)
         except LoginError as exc:
             return _html(pages.failed(str(exc)), 400)
-        return _html(pages.logged_in(fields["user"], fields["groups"]))
+        return await _finished(service, fields)
 
     @bp.get("/login/saml/<provider>")
     async def saml_metadata(provider: str) -> Response:
@@ -97,7 +114,7 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
             fields = await service.finish_saml(provider, form)
         except LoginError as exc:
             return _html(pages.failed(str(exc)), 400)
-        return _html(pages.logged_in(fields["user"], fields["groups"]))
+        return await _finished(service, fields)
 
     # -- JSON API for the CLI ----------------------------------------------------------------------------
 

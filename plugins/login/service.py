@@ -185,6 +185,12 @@ class LoginService:
         fields["provider"] = provider
         return await self._authenticated(login, fields)
 
+    async def abandon(self, login_id: str, reason: str) -> None:
+        """Fail a login by id (its token can no longer be collected)."""
+        login = await self.db.run(lambda s: store.get_login(s, login_id))
+        if login is not None:
+            await self._fail(login, reason)
+
     async def _fail(self, login: store.LoginRequest, reason: str) -> None:
         log.warning("login %s at %s failed: %s", login.id[:8], login.provider, reason)
         login.status, login.error = store.FAILED, reason
@@ -195,7 +201,8 @@ class LoginService:
         login.nonce = login.pkce_verifier = ""
         await self.db.run(lambda s: store.save(s, login))
         log.info("login %s: %s authenticated at %s", login.id[:8], fields["user"], login.provider)
-        return fields
+        # Where the browser goes next: the web UI collects its own logins; the CLI's show a page.
+        return {**fields, "login_id": login.id, "started_by": login.description}
 
     # -- exchange, checks, revocation --------------------------------------------------------------------
 
