@@ -166,9 +166,11 @@ def make_blueprint(gateway: Gateway) -> Blueprint:
         except LoginError as exc:
             return pages.html(pages.login([], str(exc)), 400)
         response: Response = redirect(url)  # type: ignore[assignment]
-        # Lax: it must come back with the identity provider's redirect (a top-level GET from another site).
+        # SameSite=None: it must come back with the identity provider's answer, which is a cross-site
+        # navigation — a GET redirect (OIDC) or a POSTed form (SAML), and Lax cookies skip the latter. It
+        # only proves which browser started this login; the session cookie is Strict.
         response.set_cookie(LOGIN_COOKIE, f"{pending.id}.{verifier}", max_age=service.settings.login_timeout_seconds,
-                            secure=True, httponly=True, samesite="Lax", path="/")  # fmt: skip
+                            secure=True, httponly=True, samesite="None", path="/")  # fmt: skip
         return response
 
     @bp.get("/ui/login/finish")

@@ -179,6 +179,11 @@ def test_a_recorded_session_replays_in_the_browser(demo, browser):
     page.screenshot(path=str(ARTIFACTS / "ui-session-replay.png"), full_page=True)
     page.goto(f"{demo.ui_url}connections")
     page.locator(".connection").filter(has_text="deletes-in-prod").wait_for()
+    # Approving that shell opened a one-hour window for alice: rita can end it from the grants page.
+    page.goto(f"{demo.ui_url}grants")
+    grant = page.locator("tr", has_text="shell-into-prod").filter(has_text="active")
+    grant.get_by_role("button", name="Revoke").click()
+    page.locator("tr", has_text="shell-into-prod").filter(has_text="revoked").wait_for(timeout=20_000)
 
 
 def test_own_requests_are_not_approvable_and_log_out_revokes_the_token(demo, browser):

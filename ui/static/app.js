@@ -267,7 +267,7 @@ function renderApproval(r, status) {
 
 async function grants() {
   try {
-    const data = await api("/api/grants");
+    const data = await api("/api/grants?all=1");
     const rows = data.items.map((g) =>
       el(
         "tr",
