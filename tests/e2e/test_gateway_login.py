@@ -495,3 +495,80 @@ def test_expired_cached_token_makes_kubectl_log_in_again(login_gateway, provider
     assert not path.exists()
     time.sleep(1.2)
     assert _api_status(login_gateway, "sandbox", token)["code"] == 401
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+def test_web_ui_login_through_saml_in_a_browser(login_gateway, saml_idp):
+    """The web UI's login at a SAML IdP, in Chromium: the IdP answers with a POSTed form from its own site
+    (played here by a route that signs the assertion), and the browser ends up logged in at /ui/."""
+    from playwright.sync_api import sync_playwright
+
+    def idp_page(route, request) -> None:
+        authn = saml_idp.read_request(request.url)
+        response = saml_idp.response(authn, name_id="alice", attributes={"memberOf": ["ops"]})
+        form = (f'<form method="post" action="{html.escape(authn.acs_url)}">'
+                f'<input type="hidden" name="SAMLResponse" value="{html.escape(response)}">'
+                f'<input type="hidden" name="RelayState" value="{html.escape(authn.relay_state)}">'
+                "<button>Continue</button></form>")  # fmt: skip
+        route.fulfill(status=200, content_type="text/html", body=f"<!doctype html><body>{form}</body>")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox",
+                                             "--disable-gpu", "--disable-background-networking"])  # fmt: skip
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            page.route("https://idp.example.test/**", idp_page)
+            page.goto(f"{login_gateway.url}/ui/")
+            page.locator('a[href="/ui/login/start/corp-saml"]').click()
+            page.get_by_role("button", name="Continue").click()  # the IdP's form, posted cross-site
+            page.wait_for_url(re.compile(r"/ui/$"), timeout=20_000)
+            assert f"{saml_idp.entity_id}#alice" in page.locator(".me").inner_text()
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+def test_web_ui_login_forwarded_to_another_browser_logs_nobody_in(login_gateway, saml_idp):
+    """Mallory starts a UI login and sends the identity provider's link to alice: alice's browser finishes
+    it, so the login fails there — and Mallory's browser cannot collect a token in alice's name."""
+    from playwright.sync_api import sync_playwright
+
+    captured: list[str] = []
+
+    def capture(route, request) -> None:
+        captured.append(request.url)
+        route.fulfill(status=200, content_type="text/html", body="<p>link copied</p>")
+
+    def idp_page(route, request) -> None:
+        authn = saml_idp.read_request(request.url)
+        response = saml_idp.response(authn, name_id="alice")
+        route.fulfill(status=200, content_type="text/html", body=(
+            f'<form method="post" action="{html.escape(authn.acs_url)}"><input type="hidden" name="SAMLResponse"'
+            f' value="{html.escape(response)}"><input type="hidden" name="RelayState"'
+            f' value="{html.escape(authn.relay_state)}"><button>Continue</button></form>'))  # fmt: skip
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox",
+                                             "--disable-gpu", "--disable-background-networking"])  # fmt: skip
+        try:
+            mallory = browser.new_context(ignore_https_errors=True).new_page()
+            mallory.route("https://idp.example.test/**", capture)
+            mallory.goto(f"{login_gateway.url}/ui/login")
+            mallory.locator('a[href="/ui/login/start/corp-saml"]').click()
+            mallory.wait_for_url(re.compile("idp.example.test"))
+            (link,) = captured
+            alice = browser.new_context(ignore_https_errors=True).new_page()
+            alice.route("https://idp.example.test/**", idp_page)
+            alice.goto(link)
+            alice.get_by_role("button", name="Continue").click()
+            alice.get_by_text("started in another browser").wait_for()
+            relay = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["RelayState"][0]
+            mallory.goto(f"{login_gateway.url}/ui/login/finish?request={relay}")
+            assert "ended in another browser" in mallory.content()
+            assert not [c for c in mallory.context.cookies() if c["name"] == "kubegate_session"]
+        finally:
+            browser.close()
