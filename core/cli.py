@@ -11,7 +11,6 @@ import getpass
 import hashlib
 import importlib
 import json
-import logging
 import secrets
 import shutil
 import sys
@@ -56,13 +55,11 @@ def database_from_config(config: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .observe import setup_logging
     from .server import StartupError, run
 
     gateway = _load(args.config)
-    logging.basicConfig(
-        level=getattr(logging, gateway.settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(gateway.settings.log_level, gateway.settings.log_format)
     try:
         run(gateway, bind=args.bind, announce=lambda line: print(line, file=sys.stderr, flush=True))
     except StartupError as exc:

@@ -84,6 +84,16 @@ class GatewaySettings(StrictModel):
     limits: LimitSettings = Field(default_factory=lambda: LimitSettings())
     database: DatabaseSettings = Field(default_factory=lambda: DatabaseSettings())
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line, with the request id where there is one."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM/SIGINT (and for the old config after a SIGHUP reload), how long open requests, "
+        "watches and sessions may go on before they are closed.",
+    )
     server: Literal["uvicorn", "hypercorn"] = Field(
         "uvicorn",
         description="ASGI server: uvicorn (HTTP/1.1, the faster data path) or hypercorn (adds HTTP/2).",

@@ -18,6 +18,7 @@ from kubegate.connections.registry import ConnectionRegistry, build_registry
 
 from .config import ConfigError, GatewaySettings, first_error, parse_settings
 from .db import Database, DatabaseError, default_url
+from .observe import Readiness, metrics_body
 from .plugins import PluginHost
 from .proxy import PREFIX, Proxy, Receive, Scope, Send
 
@@ -64,7 +65,22 @@ class Gateway:
 
         @app.get("/healthz")
         async def healthz() -> tuple[str, int]:
-            return "ok", 200
+            return "ok", 200  # liveness: the process serves requests
+
+        readiness = Readiness(self)
+
+        @app.get("/readyz")
+        async def readyz() -> Any:
+            ready, report = await readiness.check()
+            response = jsonify({"ready": ready, **report})
+            response.status_code = 200 if ready else 503
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+        @app.get("/metrics")
+        async def metrics() -> Any:
+            body, content_type = await metrics_body(self)
+            return body, 200, {"Content-Type": content_type, "Cache-Control": "no-store"}
 
         @app.get("/")
         async def index() -> Any:

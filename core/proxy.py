@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 import aiohttp
 
+from . import observe
 from .attributes import parse_request
 from .errors import STATUS_HEADERS, StatusError
 from .flow import (
@@ -163,8 +164,16 @@ class Proxy:
                 await _drain(receive)
             await send_status(send, error, websocket=websocket)
             return
+        observe.REQUEST_ID.set(flow.id)  # log lines of this request carry its id
         if websocket:
             await self._websocket(flow, receive, send)
+        elif observe.is_stream(flow):
+            streams = observe.OPEN_STREAMS.labels(flow.connection.name)
+            streams.inc()
+            try:
+                await self._http(flow, receive, send)
+            finally:
+                streams.dec()
         else:
             await self._http(flow, receive, send)
 
@@ -268,6 +277,8 @@ class Proxy:
         check_upstream_headers(flow.upstream_headers, credential, impersonation)
 
     async def _audit(self, flow: Flow, kind: str = "request", **extra: Any) -> None:
+        if kind in ("request", "session_end"):  # every flow ends in exactly one of these
+            observe.observe(flow)
         hooks = flow.connection.hooks
         if not hooks.has_audit:
             return
@@ -528,6 +539,17 @@ class Proxy:
     ) -> None:
         hooks = flow.connection.hooks
         frame_hooks = hooks.has_frame_hooks
+        open_sessions = observe.OPEN_SESSIONS.labels(
+            flow.connection.name, flow.attributes.subresource or "other"
+        )
+        open_sessions.inc()
+        try:
+            await self._relay_session(flow, session, ws, receive, send, hooks, frame_hooks)
+        finally:
+            open_sessions.dec()
+
+    async def _relay_session(self, flow: Flow, session: Session, ws: aiohttp.ClientWebSocketResponse,
+                             receive: Receive, send: Send, hooks: Any, frame_hooks: bool) -> None:  # fmt: skip
         if hooks.has_session_hooks:
             await hooks.session_start(flow, session)
         await self._audit(flow, "session_start", subprotocol=session.subprotocol)

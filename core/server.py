@@ -65,7 +65,7 @@ def hypercorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = 
     # Responses relay the API server's own Date header; a second one from Hypercorn would duplicate it.
     config.include_date_header = False
     config.include_server_header = False
-    config.graceful_timeout = 5
+    config.graceful_timeout = gateway.settings.shutdown_grace_seconds
     return config
 
 
@@ -91,7 +91,7 @@ def uvicorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = No
         date_header=False,
         server_header=False,
         timeout_keep_alive=75,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=int(gateway.settings.shutdown_grace_seconds) or None,
     )
 
 

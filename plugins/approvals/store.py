@@ -156,6 +156,18 @@ def active_grant(session: Session, connection: str, user: str, rule: str) -> Gra
     ).first()
 
 
+def count_pending(session: Session) -> int:
+    """Requests waiting for a reviewer now (for the gateway's metrics)."""
+    from sqlalchemy import func
+
+    query = (
+        select(func.count())
+        .select_from(ApprovalRecord)
+        .where(ApprovalRecord.state == PENDING, col(ApprovalRecord.expires_at) > time.time())
+    )
+    return int(session.exec(query).one())
+
+
 def list_grants(session: Session, *, include_inactive: bool = False) -> list[GrantRecord]:
     query = select(GrantRecord).order_by(col(GrantRecord.created_at))
     if not include_inactive:

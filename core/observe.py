@@ -1,0 +1,186 @@
+"""What operators watch: Prometheus metrics (`GET /metrics`), readiness (`GET /readyz`) and logs that carry
+the request id (JSON lines with `log_format: json`).
+
+Metrics are process-wide (one registry, as logging is): a gateway reloaded on SIGHUP keeps counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from .flow import Flow
+    from .gateway import Gateway
+
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter("kubegate_requests", "Requests through the gateway, by connection, verb, decision and "
+                   "status code.", ["connection", "verb", "decision", "code"], registry=REGISTRY)  # fmt: skip
+LATENCY = Histogram("kubegate_request_duration_seconds", "Time from the request to its last byte (sessions: "
+                    "to their end).", ["connection", "verb"], registry=REGISTRY,
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
+OPEN_STREAMS = Gauge("kubegate_open_streams", "Watches and `logs -f` streams open now.", ["connection"],
+                     registry=REGISTRY)  # fmt: skip
+OPEN_SESSIONS = Gauge("kubegate_open_sessions", "exec/attach/port-forward sessions open now.",
+                      ["connection", "kind"], registry=REGISTRY)  # fmt: skip
+PENDING_APPROVALS = Gauge(
+    "kubegate_pending_approvals", "Requests held for a reviewer now.", registry=REGISTRY
+)
+AUDIT_QUEUE = Gauge("kubegate_audit_queue_depth", "Audit events waiting to be written, per sink.", ["sink"],
+                    registry=REGISTRY)  # fmt: skip
+AUDIT_DROPPED = Gauge("kubegate_audit_dropped_events", "Audit events a sink dropped (queue full) since start.",
+                      ["sink"], registry=REGISTRY)  # fmt: skip
+AUDIT_WRITTEN = Gauge("kubegate_audit_written_events", "Audit events a sink wrote since start.", ["sink"],
+                      registry=REGISTRY)  # fmt: skip
+AUDIT_HEALTHY = Gauge("kubegate_audit_sink_up", "1 while a sink writes, 0 while its writes fail.", ["sink"],
+                      registry=REGISTRY)  # fmt: skip
+
+
+def decision_label(flow: Flow) -> str:
+    if flow.auth_failure:
+        return "unauthenticated"
+    return str(flow.decision.verdict) if flow.decision is not None else "none"
+
+
+def observe(flow: Flow) -> None:
+    """Count a finished request (or session) once."""
+    verb = flow.attributes.verb or flow.request.method.lower()
+    connection = flow.connection.name
+    REQUESTS.labels(connection, verb, decision_label(flow), str(flow.response.status)).inc()
+    LATENCY.labels(connection, verb).observe(flow.latency_ms / 1000)
+
+
+def is_stream(flow: Flow) -> bool:
+    attributes = flow.attributes
+    return attributes.verb == "watch" or (
+        attributes.subresource == "log" and "follow=true" in flow.request.query
+    )
+
+
+async def metrics_body(gateway: Gateway) -> tuple[bytes, str]:
+    """The exposition, with the gauges read from plugins' state just before (pending approvals from the
+    database; each audit sink's queue)."""
+    approvals = gateway.extensions.get("approvals")
+    if approvals is not None:
+        from kubegate.plugins.approvals import store
+
+        try:
+            count = await asyncio.wait_for(gateway.database.run(store.count_pending), 2)
+            PENDING_APPROVALS.set(count)
+        except Exception:  # a database that does not answer shows in /readyz, not here
+            pass
+    for value in list(gateway.extensions.values()):
+        if hasattr(value, "queue") and hasattr(value, "dropped") and hasattr(value, "healthy"):
+            AUDIT_QUEUE.labels(value.name).set(len(value.queue))
+            AUDIT_DROPPED.labels(value.name).set(value.dropped)
+            AUDIT_WRITTEN.labels(value.name).set(value.written)
+            AUDIT_HEALTHY.labels(value.name).set(1 if value.healthy else 0)
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class Readiness:
+    """`/readyz`: can this replica serve? The database must answer; of the upstreams at least one (a single
+    cluster that is down must not take every replica out of a load balancer that fronts several). Results
+    are kept for two seconds so probes do not hammer the API servers."""
+
+    TTL = 2.0
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self._checked = 0.0
+        self._result: tuple[bool, dict[str, Any]] = (False, {})
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> tuple[bool, dict[str, Any]]:
+        async with self._lock:
+            if time.monotonic() - self._checked > self.TTL:
+                self._result = await self._check()
+                self._checked = time.monotonic()
+            return self._result
+
+    async def _check(self) -> tuple[bool, dict[str, Any]]:
+        from sqlalchemy import text
+
+        report: dict[str, Any] = {"database": "ok", "connections": {}}
+        try:
+            await asyncio.wait_for(self.gateway.database.run(lambda s: s.exec(text("SELECT 1"))), 3)  # type: ignore[call-overload]
+        except Exception as exc:
+            report["database"] = (
+                f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+        results = await asyncio.gather(*(self._upstream(c) for c in self.gateway.connections))
+        for connection, result in zip(self.gateway.connections, results, strict=True):
+            report["connections"][connection.name] = result
+        upstream_ok = not report["connections"] or any(r == "ok" for r in report["connections"].values())
+        return report["database"] == "ok" and upstream_ok and self.gateway.running, report
+
+    @staticmethod
+    async def _upstream(connection: Any) -> str:
+        upstream = connection.upstream
+        try:
+            async with asyncio.timeout(3):
+                response = await upstream.session.get(f"{upstream.base_url}/readyz",
+                                                      headers=upstream.credential_headers(),
+                                                      **upstream.request_options)  # fmt: skip
+                async with response:
+                    await response.read()
+                    return "ok" if response.status == 200 else f"API server answered {response.status}"
+        except TimeoutError:
+            return "no answer within 3 s"
+        except Exception as exc:
+            return f"unreachable: {exc.__class__.__name__}"
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("kubegate_request_id", default="")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the id of the request being handled (the audit events' `request_id`) on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -1,0 +1,146 @@
+"""Operating the gateway: /healthz, /readyz (database and upstreams), Prometheus /metrics showing a kubectl
+session's traffic, JSON logs with the request id, graceful shutdown, config reload on SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
+from kubetest import run_kubectl
+
+
+def get(gw: Gateway, path: str) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    try:
+        with urllib.request.urlopen(f"{gw.url}{path}", context=context, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of the exposition, or None."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, label_text = head.partition("{")
+        if series != name:
+            continue
+        found = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if part)
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+@pytest.fixture(scope="module")
+def observed(sandbox, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gw-ops")
+    config = gateway_config(sandbox, directory, free_port())
+    config["log_format"] = "json"
+    config["connections"]["sandbox"]["plugins"]["audit-db"] = {}
+    config["connections"]["down"] = {
+        "upstream": {"server": f"https://127.0.0.1:{free_port()}", "insecure_skip_tls_verify": True,
+                     "token_file": str(directory / "upstream-token")},
+        "plugins": {"static-tokens": config["connections"]["sandbox"]["plugins"]["static-tokens"], "audit-db": {}},
+    }  # fmt: skip
+    gw = start_gateway(directory, config)
+    yield gw
+    stop_process(gw.process)
+
+
+def test_health_and_readiness(observed):
+    assert get(observed, "/healthz") == (200, "ok")
+    status, body = get(observed, "/readyz")
+    report = json.loads(body)
+    assert status == 200 and report["ready"] and report["database"] == "ok"
+    assert report["connections"]["sandbox"] == "ok"
+    assert report["connections"]["down"].startswith("unreachable")  # one cluster down: still ready
+
+
+def test_metrics_show_a_kubectl_sessions_traffic(observed):
+    before = metric(get(observed, "/metrics")[1], "kubegate_requests_total", connection="sandbox", verb="list",
+                    decision="none", code="200") or 0  # fmt: skip
+    for _ in range(3):
+        run_kubectl(observed.kubeconfig("alice"), "get", "pods", "-n", "prod", check=True)
+    watch = subprocess.Popen([str(VENV_BIN / "kubectl"), "get", "pods", "-n", "prod", "-w"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={"KUBECONFIG": str(observed.kubeconfig("alice")), "PATH": "/usr/bin:/bin",
+                                  "HOME": str(observed.dir)})  # fmt: skip
+    try:
+        deadline, streams = time.monotonic() + 15, 0.0
+        while streams < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            text = get(observed, "/metrics")[1]
+            streams = metric(text, "kubegate_open_streams", connection="sandbox") or 0
+        assert streams >= 1
+    finally:
+        watch.kill()
+        watch.wait(10)
+    time.sleep(0.5)
+    text = get(observed, "/metrics")[1]
+    after = metric(
+        text, "kubegate_requests_total", connection="sandbox", verb="list", decision="none", code="200"
+    )
+    assert after is not None and after >= before + 3
+    assert (
+        metric(text, "kubegate_request_duration_seconds_count", connection="sandbox", verb="list") or 0
+    ) >= 3
+    assert metric(text, "kubegate_open_streams", connection="sandbox") == 0  # the watch ended
+    assert metric(text, "kubegate_audit_written_events", sink="audit-db") >= 3
+    assert metric(text, "kubegate_audit_sink_up", sink="audit-db") == 1
+    denied = run_kubectl(observed.kubeconfig("alice", token="not-a-token-00000000"), "get", "pods")
+    assert denied.returncode != 0
+    text = get(observed, "/metrics")[1]
+    assert metric(
+        text, "kubegate_requests_total", connection="sandbox", decision="unauthenticated", code="401"
+    )
+
+
+def test_json_logs_carry_the_request_id(observed):
+    proc = run_kubectl(observed.kubeconfig("alice", "down"), "get", "pods", "--request-timeout=10s")
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    lines = [json.loads(line) for line in observed.log.read_text().splitlines() if line.startswith("{")]
+    warnings = [entry for entry in lines if "upstream of down unavailable" in entry["message"]]
+    assert warnings and all(entry["request_id"] and entry["level"] == "warning" for entry in warnings)
+    # the same id the audit store has for that request
+    from kubegate.core.db import Database
+    from kubegate.plugins.audit import store
+
+    database = Database(f"sqlite:///{observed.dir / 'state' / 'kubegate.db'}")
+    ids = {
+        e["request_id"] for e in database.call(lambda s: store.search(s, store.Filters(connection="down")))
+    }
+    database.close()
+    assert warnings[-1]["request_id"] in ids
+
+
+def test_sigterm_drains_then_stops_within_the_grace_time(sandbox, tmp_path):
+    config = gateway_config(sandbox, tmp_path, free_port())
+    config["shutdown_grace_seconds"] = 2
+    gw = start_gateway(tmp_path, config)
+    watch = subprocess.Popen([str(VENV_BIN / "kubectl"), "get", "pods", "-n", "prod", "-w"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={"KUBECONFIG": str(gw.kubeconfig("alice")), "PATH": "/usr/bin:/bin",
+                                  "HOME": str(tmp_path)})  # fmt: skip
+    try:
+        assert "web" in watch.stdout.readline() + watch.stdout.readline()
+        started = time.monotonic()
+        gw.process.send_signal(signal.SIGTERM)
+        code = gw.process.wait(30)
+        waited = time.monotonic() - started
+        assert code == 0
+        assert (
+            waited < 15
+        )  # the open watch did not hold the process beyond the grace time (plus start-up slack)
+    finally:
+        watch.kill()
+        stop_process(gw.process)
