@@ -338,6 +338,31 @@ def cmd_grants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db import DatabaseError, head_revision
+
+    database = database_from_config(args.config)
+    try:
+        if args.db_command == "status":
+            state = database.schema_state()
+            print(f"revision: {database.revision() or 'none'} (this kubegate: {head_revision()})")
+            print("schema: up to date" if state == "current" else f"schema: {state}")
+            return 0 if state == "current" else 1
+        before, after = database.upgrade()
+    except (DatabaseError, SQLAlchemyError) as exc:
+        raise CLIError(f"cannot upgrade the database: {str(exc).splitlines()[0]}") from None
+    finally:
+        database.close()
+    print(
+        f"database schema: {before or 'empty'} -> {after}"
+        if before != after
+        else f"database schema: {after}, up to date"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -475,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokens_revoke.add_argument("id", nargs="?", help="token ID (from tokens list)")
     tokens_revoke.add_argument("--user", help="revoke every active token of this user")
     tokens_revoke.set_defaults(func=cmd_tokens)
+
+    db = sub.add_parser("db", help="the gateway's database schema (migrations)")
+    db_sub = db.add_subparsers(dest="db_command", metavar="upgrade|status", required=True)
+    for name, text in [("upgrade", "bring the schema to this kubegate's revision (back up first)"),
+                       ("status", "the schema's revision, and whether this kubegate can use it")]:  # fmt: skip
+        p = db_sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", default="kubegate.yaml")
+        p.set_defaults(func=cmd_db)
 
     # Commands of built-in plugins that own their data (sessions, audit): each module adds its own.
     for module_name in PLUGIN_COMMANDS:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 from quart import Blueprint
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import SQLModel
 
 from kubegate.core.db import Database, DatabaseError
 from kubegate.core.flow import AuditEvent, Decision, Flow
@@ -88,8 +87,7 @@ def database_of(gateway: Gateway, settings: AuditDbSettings) -> Database:
     if not settings.url:
         return gateway.database
     database = Database(settings.url)
-    tables = [store.AuditRow.__table__, store.AuditHead.__table__]  # type: ignore[attr-defined]
-    SQLModel.metadata.create_all(database.engine, tables=tables)
+    database.create_tables()  # the same migrations as the gateway's database (a behind schema stops the start)
     return database
 
 

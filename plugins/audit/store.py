@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Text
+from sqlalchemy import Index, Text
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 
 from . import chain
@@ -24,6 +24,8 @@ CHAIN = "audit"
 
 class AuditRow(SQLModel, table=True):
     __tablename__ = "kubegate_audit_events"
+    # "what did this person do lately" (search by user and time, replay --user --since)
+    __table_args__ = (Index("ix_kubegate_audit_events_user_time", "user", "time"),)
 
     seq: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     event_id: str = Field(index=True)
