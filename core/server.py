@@ -14,9 +14,11 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -69,10 +71,12 @@ def hypercorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = 
     return config
 
 
-def uvicorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    gateway: Gateway, tls: TLSFiles | None, bind: str | None = None, app: Any = None
+) -> uvicorn.Config:
     host, _, port = (bind or gateway.settings.listen).rpartition(":")
     return uvicorn.Config(
-        gateway,
+        app or gateway,
         host=host.strip("[]"),
         port=int(port),
         ssl_certfile=str(tls.cert) if tls else None,
@@ -170,15 +174,18 @@ async def serve_until_signal(
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    app = Reloadable(gateway)
+    loop = asyncio.get_running_loop()
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
     try:
         if gateway.settings.server == "hypercorn":
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             config = hypercorn_config(gateway, tls, bind)
             try:
-                await hypercorn_serve(gateway, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+                await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
             except Exception:
                 if gateway.startup_error:
                     raise StartupError(gateway.startup_error) from None
@@ -188,7 +195,7 @@ async def serve_until_signal(
             # handlers take that re-raised signal, so a stop is an orderly exit rather than an interrupt.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
-            server = uvicorn.Server(uvicorn_config(gateway, tls, bind))
+            server = uvicorn.Server(uvicorn_config(gateway, tls, bind, app))
             started[0] = lambda: server.started
             try:
                 await server.serve()
@@ -201,11 +208,97 @@ async def serve_until_signal(
                 raise OSError(f"cannot serve on {bind or gateway.settings.listen}")
     finally:
         ready.cancel()
-        await gateway.stop()  # no-op when the lifespan already stopped it
+        if hasattr(signal, "SIGHUP"):
+            loop.remove_signal_handler(signal.SIGHUP)
+        for running in {gateway, app.current, *app.retiring}:
+            await running.stop()  # no-op when the lifespan already stopped it
 
 
 class StartupError(Exception):
     """The gateway could not start (a plugin's or the database's reason)."""
+
+
+class Reloadable:
+    """The application the server runs: the current gateway, replaced by a freshly loaded one on SIGHUP.
+
+    New requests go to the new configuration as soon as it has started; requests, watches and sessions
+    already open stay with the old one, which stops once they are done (or after its
+    `shutdown_grace_seconds`). A config that does not load or start is refused with a log line, and the
+    running one stays. The listening address and TLS files belong to the server: changing them needs a
+    restart (the log says so)."""
+
+    def __init__(self, gateway: Gateway):
+        self.current = gateway
+        self.inflight: dict[int, int] = {}
+        self.retiring: set[Gateway] = set()
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def reload_soon(self) -> None:
+        """The SIGHUP handler."""
+        task = asyncio.ensure_future(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        gateway = self.current
+        key = id(gateway)
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+        try:
+            await gateway(scope, receive, send)
+        finally:
+            self.inflight[key] -= 1
+
+    async def _lifespan(self, scope: Any, receive: Any, send: Any) -> None:
+        async def forwarded_receive() -> Any:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                for old in list(self.retiring):
+                    await old.stop()
+            return message
+
+        await self.current(scope, forwarded_receive, send)
+
+    async def reload(self) -> bool:
+        from .config import ConfigError
+
+        async with self._reloading:
+            old = self.current
+            try:
+                new = Gateway.from_config(old.config_path, plugins=old.plugins)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                return False
+            try:
+                await new.start()
+            except Exception as exc:
+                log.error("reload refused, the running configuration stays: cannot start it: %s", exc)
+                await new.stop()
+                return False
+            for key in ("listen", "tls"):
+                if getattr(new.settings, key) != getattr(old.settings, key):
+                    log.warning("reload: `%s` changed; it takes effect at the next restart", key)
+            self.current = new
+            log.info(
+                "configuration reloaded from %s: %d connection(s)", old.config_path, len(new.connections)
+            )
+            self.retiring.add(old)
+            task = asyncio.ensure_future(self._retire(old))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+
+    async def _retire(self, old: Gateway) -> None:
+        deadline = time.monotonic() + old.settings.shutdown_grace_seconds
+        # A counter, decremented wherever a request ends: polled rather than signalled.
+        while self.inflight.get(id(old), 0) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        self.retiring.discard(old)
+        self.inflight.pop(id(old), None)
+        await old.stop()
 
 
 def asyncio_run(coro) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,6 +47,13 @@ class FileSink(SinkWriter):
         self.seq, self.prev = last_link(path)
 
     def write(self, batch: list[dict[str, Any]]) -> None:
+        # After a config reload two sinks of this file may live side by side for a while (the old one
+        # finishing its requests): each write continues from the file's own last line, under one lock.
+        with _lock_for(self.path):
+            self.seq, self.prev = last_link(self.path)
+            self._append(batch)
+
+    def _append(self, batch: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines, seq, prev = [], self.seq, self.prev
         for record in batch:
@@ -74,6 +82,13 @@ class FileSink(SinkWriter):
             if older.exists():
                 older.rename(self.path.with_name(f"{self.path.name}.{index + 1}"))
         self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+
+
+_FILE_LOCKS: dict[Path, threading.Lock] = {}  # per file, for the whole process (see FileSink.write)
+
+
+def _lock_for(path: Path) -> threading.Lock:
+    return _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
 
 
 def last_link(path: Path) -> tuple[int, str]:

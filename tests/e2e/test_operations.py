@@ -144,3 +144,49 @@ def test_sigterm_drains_then_stops_within_the_grace_time(sandbox, tmp_path):
     finally:
         watch.kill()
         stop_process(gw.process)
+
+
+def test_sighup_reloads_the_config_without_dropping_open_streams(sandbox, tmp_path):
+    import yaml
+
+    config = gateway_config(sandbox, tmp_path, free_port())
+    gw = start_gateway(tmp_path, config)
+    watch = subprocess.Popen([str(VENV_BIN / "kubectl"), "get", "pods", "-n", "prod", "-w", "-o", "name"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={"KUBECONFIG": str(gw.kubeconfig("alice")), "PATH": "/usr/bin:/bin",
+                                  "HOME": str(tmp_path)})  # fmt: skip
+
+    def wait_for_log(text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + 20
+        while gw.log.read_text().count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gw.log.read_text().count(text) >= count, gw.log.read_text()[-2000:]
+
+    try:
+        pods = run_kubectl(
+            gw.kubeconfig("alice"), "get", "pods", "-n", "prod", "-o", "name", check=True
+        ).stdout.split()
+        listed = [watch.stdout.readline().strip() for _ in pods]  # the watch's initial list
+        assert sorted(listed) == sorted(pods)
+        before = run_kubectl(gw.kubeconfig("alice", "second"), "get", "pods", "-n", "prod")
+        assert before.returncode != 0 and "NotFound" in before.stderr
+        config["connections"]["second"] = config["connections"]["sandbox"]
+        gw.config.write_text(yaml.safe_dump(config))
+        gw.process.send_signal(signal.SIGHUP)
+        wait_for_log("configuration reloaded")
+        run_kubectl(gw.kubeconfig("alice", "second"), "get", "pods", "-n", "prod", check=True)
+        # The watch opened before the reload still streams: a change shows up in it.
+        run_kubectl(sandbox.kubeconfig, "label", "pod", "worker", "-n", "prod", f"reloaded={int(time.time())}",
+                    "--overwrite", check=True)  # fmt: skip
+        seen = [watch.stdout.readline().strip() for _ in range(1)]
+        assert seen == ["pod/worker"], seen
+        assert watch.poll() is None
+        # A config that does not load is refused; the running one stays.
+        gw.config.write_text("connections: {second: [not, a, connection]}\n")
+        gw.process.send_signal(signal.SIGHUP)
+        wait_for_log("reload refused")
+        run_kubectl(gw.kubeconfig("alice", "second"), "get", "pods", "-n", "prod", check=True)
+        assert gw.process.poll() is None
+    finally:
+        watch.kill()
+        stop_process(gw.process)
