@@ -35,6 +35,9 @@ class SinkSettings(BaseModel):
     )
     batch_max: int = Field(500, ge=1, le=100_000, description="Most events written in one batch.")
     queue_max: int = Field(100_000, ge=1, le=10_000_000, description="Events waiting at most.")
+    linger_ms: float = Field(
+        10, ge=0, le=1000, description="How long the writer waits for more events before writing a batch."
+    )
 
 
 def make_record(event: AuditEvent) -> dict[str, Any]:
@@ -111,6 +114,9 @@ class SinkWriter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if len(self.queue) < self.settings.batch_max and self.settings.linger_ms and not self._closing:
+                # A transaction per event costs far more than the event: let a few arrive first.
+                await asyncio.sleep(self.settings.linger_ms / 1000)
             batch = [self.queue[i] for i in range(min(len(self.queue), self.settings.batch_max))]
             try:
                 await asyncio.to_thread(self.write, [record for record, _ in batch])

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Index, Text
+from sqlalchemy import Index, Text, insert
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 
 from . import chain
@@ -99,23 +99,18 @@ def append(session: Session, records: list[dict[str, Any]], signer: chain.Signer
         head = AuditHead(name=CHAIN, seq=0, hash=GENESIS)
         session.add(head)
     seq, prev = head.seq, head.hash
+    rows = []
     for record in records:
         seq += 1
         content = {**record, "seq": seq}
         text = chain.canonical(content)
         digest = chain.link(prev, text)
-        session.add(
-            AuditRow(
-                seq=seq,
-                event_id=record["id"],
-                record=text,
-                prev_hash=prev,
-                hash=digest,
-                signature=signer.sign(digest) if signer is not None and signer.can_sign else "",
-                **columns_of(content),
-            )
-        )
+        signature = signer.sign(digest) if signer is not None and signer.can_sign else ""
+        rows.append({"seq": seq, "event_id": record["id"], "record": text, "prev_hash": prev, "hash": digest,
+                     "signature": signature, **columns_of(content)})  # fmt: skip
         prev = digest
+    # One multi-row INSERT (executemany) rather than an ORM object per event: a third of the CPU.
+    session.execute(insert(AuditRow), rows)
     head.seq, head.hash = seq, prev
     session.add(head)
     return seq
