@@ -184,3 +184,4 @@ def setup_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin it loads

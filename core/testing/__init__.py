@@ -43,17 +43,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 import yaml
 
-from .attributes import parse_request
-from .flow import Flow, Identity, Request
-from .plugins import PluginHost
+from kubegate.core.attributes import parse_request
+from kubegate.core.flow import Flow, Identity, Request
+from kubegate.core.plugins import PluginHost
 
 if TYPE_CHECKING:
     import aiohttp
     import uvicorn
 
     from kubegate.connections.registry import Connection
-
-    from .gateway import Gateway
+    from kubegate.core.gateway import Gateway
 
 __all__ = [
     "GatewayProcess",
@@ -283,7 +282,7 @@ def write_kubeconfig(
     gateway: _Served, connection: str, user: str, token: str, path: Path | None = None
 ) -> Path:
     """Write a kubeconfig for `user` (bearer `token`) reaching `connection` through `gateway`."""
-    from .kubeconfig import dump, gateway_kubeconfig, write_private
+    from kubegate.core.kubeconfig import dump, gateway_kubeconfig, write_private
 
     digest = hashlib.sha256(token.encode()).hexdigest()[:8]
     path = path or gateway.dir / f"kubeconfig-{connection}-{user}-{digest}"
@@ -349,8 +348,8 @@ def start_gateway(
     :param plugins: plugin modules or objects registered besides the built-ins and installed entry
         points; enable them per connection in ``config`` as usual.
     """
-    from .gateway import Gateway
-    from .server import tls_files, uvicorn_config
+    from kubegate.core.gateway import Gateway
+    from kubegate.core.server import tls_files, uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

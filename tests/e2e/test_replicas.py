@@ -1,0 +1,181 @@
+"""Two gateway replicas on one PostgreSQL behind a round-robin load balancer, driven with real kubectl: a
+request held on one replica is approved through the other; a grant made through one is used and revoked
+through the other; a token revoked is refused by both within a second or so."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
+from kubetest import KUBECTL, run_kubectl
+
+from kubegate.core.kubeconfig import dump, gateway_kubeconfig
+from kubegate.core.tls import ensure_self_signed
+
+POLICY = {"default": "allow", "rules": [
+    {"name": "deletes-in-prod", "match": {"verbs": ["delete"], "namespaces": ["prod"]}, "action": "approve",
+     "message": "deleting in prod needs a reviewer", "approval": {"reviewer_groups": ["readonly"]}},
+    {"name": "shell-into-prod", "match": {"resources": ["pods/exec"], "namespaces": ["prod"]}, "action": "approve",
+     "message": "shell access", "approval": {"reviewer_groups": ["readonly"], "scope": "window",
+                                             "window_seconds": 3600}}]}  # fmt: skip
+
+
+class RoundRobin:
+    """A TCP load balancer: each new connection goes to the next backend (TLS passes through)."""
+
+    def __init__(self, backends: list[int]):
+        self.port = free_port()
+        self.backends = itertools.cycle(backends)
+        self.served: dict[int, int] = {port: 0 for port in backends}
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), daemon=True).start()
+        started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._relay, "127.0.0.1", self.port))
+        started.set()
+        self.loop.run_until_complete(server.serve_forever())
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        port = next(self.backends)
+        self.served[port] += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+@pytest.fixture
+def replicas(sandbox, tmp_path) -> Iterator[tuple[list[Gateway], RoundRobin, Path, str]]:
+    from postgres import start_postgres
+
+    pg_dir = Path(tempfile.mkdtemp(prefix="kubegate-pg-replicas-"))
+    server = start_postgres(pg_dir, free_port())
+    tls = ensure_self_signed(tmp_path / "tls", common_name="kubegate", hostnames=["127.0.0.1"])
+    ports = [free_port(), free_port()]
+    gateways = []
+    for index, port in enumerate(ports):
+        config = gateway_config(sandbox, tmp_path / f"replica-{index}", port)
+        config["database"] = {"url": server.url}
+        config["tls"] = {"cert_file": str(tls.cert), "key_file": str(tls.key)}
+        config["connections"]["sandbox"]["plugins"].update({"policy": POLICY, "approvals": {}, "login": {}})
+        (Path(config["state_dir"]) / "tls").mkdir(parents=True, exist_ok=True)
+        (Path(config["state_dir"]) / "tls" / "ca.crt").write_bytes(tls.ca_cert.read_bytes())  # for start_gateway
+        gateways.append(start_gateway(tmp_path / f"replica-{index}", config))
+    balancer = RoundRobin(ports)
+    try:
+        yield gateways, balancer, tls.ca_cert, server.url
+    finally:
+        for gw in gateways:
+            stop_process(gw.process)
+        server.stop()
+
+
+def kubeconfig(path: Path, url: str, ca: Path, token: str) -> Path:
+    path.write_text(dump(gateway_kubeconfig(cluster="sandbox", server=f"{url}/k8s/sandbox", ca_pem=ca.read_bytes(),
+                                            users=[("alice", token)])))  # fmt: skip
+    return path
+
+
+def kubegate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "kubegate"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_two_replicas_share_approvals_grants_and_revocations(replicas, tmp_path):
+    from conftest import GATEWAY_USERS
+
+    gateways, balancer, ca, database_url = replicas
+    url = f"https://127.0.0.1:{balancer.port}"
+    alice = kubeconfig(tmp_path / "alice", url, ca, GATEWAY_USERS["alice"][1])
+    target = ["--gateway", url, "--connection", "sandbox", "--certificate-authority", str(ca)]
+    bob = ["--token", GATEWAY_USERS["bob"][1]]  # bob is in `readonly`: a reviewer here
+
+    # Held on one replica, approved through the load balancer (the next connection: the other replica).
+    held = subprocess.Popen([KUBECTL, "delete", "pod", "web-0", "-n", "prod"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
+    deadline, found = time.monotonic() + 20, None
+    while found is None and time.monotonic() < deadline:
+        listed = kubegate("approvals", "list", *target, *bob, "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        found = next((r["id"] for r in json.loads(listed.stdout) if r["name"] == "web-0"), None)
+        time.sleep(0.3)
+    assert found is not None and held.poll() is None
+    approved_at = time.monotonic()
+    assert kubegate("approvals", "approve", found, *target, *bob).returncode == 0
+    out, err = held.communicate(timeout=30)
+    assert held.returncode == 0 and 'pod "web-0" deleted' in out, err
+    assert time.monotonic() - approved_at < 5
+
+    # A window grant approved through one replica lets alice exec through both, until revoked.
+    shell = subprocess.Popen([KUBECTL, "exec", "web", "-n", "prod", "--", "echo", "first"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
+    deadline, found = time.monotonic() + 20, None
+    while found is None and time.monotonic() < deadline:
+        listed = json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)
+        found = next((r["id"] for r in listed if r["resource"] == "pods/exec"), None)
+        time.sleep(0.3)
+    assert found and kubegate("approvals", "approve", found, *target, *bob).returncode == 0
+    assert shell.communicate(timeout=30)[0].strip() == "first"
+    for _ in range(4):  # through both replicas, no new approval needed
+        run_kubectl(alice, "exec", "web", "-n", "prod", "--", "true", check=True)
+    config = str(gateways[0].config)
+    grants = kubegate("grants", "list", "--config", config)
+    grant_id = next(line.split()[0] for line in grants.stdout.splitlines() if "shell-into-prod" in line)
+    assert kubegate("grants", "revoke", grant_id, "--config", config).returncode == 0
+    time.sleep(1.5)
+    # Neither replica honours it any more: each new exec is held for a reviewer again.
+    before = {r["id"] for r in json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)}
+    for attempt in range(2):
+        again = subprocess.Popen([KUBECTL, "exec", "web", "-n", "prod", "--", "echo", f"again-{attempt}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
+        try:
+            deadline, held_again = time.monotonic() + 20, []
+            while not held_again and time.monotonic() < deadline:
+                listed = json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)
+                held_again = [r for r in listed if r["resource"] == "pods/exec" and r["id"] not in before]
+                time.sleep(0.3)
+            assert held_again and again.poll() is None
+            before |= {r["id"] for r in held_again}
+        finally:
+            again.kill()
+
+    # A gateway token revoked in the database is refused by both replicas.
+    from kubegate.core.db import Database
+    from kubegate.plugins.login import store as login_store
+
+    database = Database(database_url)
+    token, record = database.call(lambda s: login_store.mint_token(
+        s, {"user": "carol", "groups": ["developers"], "method": "login:test"}, ttl_seconds=3600,
+        connection=None, description="replica test"))  # fmt: skip
+    database.close()
+    carol = kubeconfig(tmp_path / "carol", url, ca, token)
+    for _ in range(2):
+        run_kubectl(carol, "auth", "whoami", check=True)
+    assert kubegate("tokens", "revoke", record.id, "--config", config).returncode == 0
+    time.sleep(1.5)  # revocation_check_seconds (1 s) plus a little
+    for _ in range(4):
+        refused = run_kubectl(carol, "auth", "whoami")
+        assert refused.returncode != 0 and "Unauthorized" in refused.stderr
+    assert all(count > 2 for count in balancer.served.values()), balancer.served  # both replicas served
