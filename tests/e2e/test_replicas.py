@@ -81,7 +81,9 @@ def replicas(sandbox, tmp_path) -> Iterator[tuple[list[Gateway], RoundRobin, Pat
         config["tls"] = {"cert_file": str(tls.cert), "key_file": str(tls.key)}
         config["connections"]["sandbox"]["plugins"].update({"policy": POLICY, "approvals": {}, "login": {}})
         (Path(config["state_dir"]) / "tls").mkdir(parents=True, exist_ok=True)
-        (Path(config["state_dir"]) / "tls" / "ca.crt").write_bytes(tls.ca_cert.read_bytes())  # for start_gateway
+        (Path(config["state_dir"]) / "tls" / "ca.crt").write_bytes(
+            tls.ca_cert.read_bytes()
+        )  # for start_gateway
         gateways.append(start_gateway(tmp_path / f"replica-{index}", config))
     balancer = RoundRobin(ports)
     try:
