@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+LOOPBACK_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+
+
+def _https_or_loopback(url: str) -> str:
+    if not url.startswith("https://") and not url.startswith(LOOPBACK_HTTP):
+        raise ValueError("must be https (http only on loopback)")
+    return url
+
+
+# Where the gateway sends events (webhooks): https, or plain http to this host only.
+WebhookURL = Annotated[str, AfterValidator(_https_or_loopback)]
 
 
 class ConfigError(Exception):

@@ -33,7 +33,8 @@ hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
 ENTRY_POINT_GROUP = "kubegate"
 
-# Built-ins, registered like third-party plugins. Each module sets PLUGIN_NAME.
+# Built-ins, registered like third-party plugins: a module, or `module:ATTRIBUTE` for a plugin object a
+# module makes (the audit sinks share their hooks that way). Each sets PLUGIN_NAME.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.connections.kubernetes",
     "kubegate.plugins.static_tokens",
@@ -44,10 +45,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.webhook",
     "kubegate.plugins.masking",
     "kubegate.plugins.recording",
-    "kubegate.plugins.audit.database",
-    "kubegate.plugins.audit.file",
-    "kubegate.plugins.audit.webhook",
-    "kubegate.plugins.audit.stdout",
+    "kubegate.plugins.audit.database:PLUGIN",
+    "kubegate.plugins.audit.file:PLUGIN",
+    "kubegate.plugins.audit.webhook:PLUGIN",
+    "kubegate.plugins.audit.stdout:PLUGIN",
     "kubegate.ui.plugin",
 )
 
@@ -97,9 +98,10 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._origins: dict[str, str] = {}
-        for module_name in DEFAULT_PLUGINS:
+        for entry in DEFAULT_PLUGINS:
+            module_name, _, attribute = entry.partition(":")
             module = importlib.import_module(module_name)
-            self.register(module, origin="builtin")
+            self.register(getattr(module, attribute) if attribute else module, origin="builtin")
         if load_entry_points:
             before = set(self.pm.get_plugins())
             self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

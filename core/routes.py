@@ -53,6 +53,11 @@ async def authenticate_caller(connection: Connection) -> Identity | AuthFailure 
         return AuthFailure("authentication failed")
 
 
+def unauthorized() -> Response:
+    """401 for a plugin API called without a token any of its connections accepts."""
+    return json_response({"error": "Unauthorized: send a token the connection accepts (kubegate login)"}, 401)
+
+
 def json_response(body: Any, status: int = 200) -> Response:
     """JSON that no cache or referrer keeps (tokens and approvals go through here)."""
     response = jsonify(body)

@@ -17,8 +17,9 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from kubegate.core.config import WebhookURL
 from kubegate.core.flow import AuditEvent
 from kubegate.core.plugins import hookimpl
 
@@ -28,13 +29,12 @@ if TYPE_CHECKING:
 
 PLUGIN_NAME = "webhook"
 log = logging.getLogger("kubegate.webhook")
-LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 
 
 class Receiver(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="https URL (http only on loopback).")
+    url: WebhookURL = Field(description="https URL (http only on loopback).")
     format: Literal["json", "slack"] = "json"
     events: list[str] = Field(
         default_factory=lambda: [
@@ -52,13 +52,6 @@ class Receiver(BaseModel):
     )
     queue_size: int = Field(1000, ge=1, le=100_000)
     link_url: str | None = Field(None, description="Base URL of links in messages; default the gateway's.")
-
-    @field_validator("url")
-    @classmethod
-    def _https(cls, url: str) -> str:
-        if not url.startswith("https://") and not url.startswith(LOOPBACK):
-            raise ValueError("must be https (http only on loopback)")
-        return url
 
 
 class WebhookSettings(BaseModel):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from quart import Blueprint, Response, request
 
 from kubegate.core.flow import Identity
-from kubegate.core.routes import authenticate_caller, json_response
+from kubegate.core.routes import authenticate_caller, caller_identities, json_response, unauthorized
 
 from . import store
 from .service import ApprovalService, ReviewError
@@ -48,18 +48,8 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         return [c for c in gateway.connections if plugin in c.enabled_plugins]
 
     async def identities() -> dict[str, Identity]:
-        """The caller on every connection with approvals that accepts their token."""
-        found: dict[str, Identity] = {}
-        for connection in connections():
-            answer = await authenticate_caller(connection)
-            if isinstance(answer, Identity):
-                found[connection.name] = answer
-        return found
-
-    def unauthorized() -> Response:
-        return json_response(
-            {"error": "Unauthorized: send a token the connection accepts (kubegate login)"}, 401
-        )
+        """The caller on every connection with this plugin that accepts their token."""
+        return await caller_identities(connections())
 
     @bp.get("/api/approvals")
     async def list_approvals() -> Response:

@@ -8,40 +8,29 @@ Enable it per connection (`connections.NAME.plugins.audit-db: {}`); its settings
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from quart import Blueprint
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from kubegate.core.db import Database, DatabaseError
-from kubegate.core.flow import AuditEvent, Decision, Flow
 from kubegate.core.plugins import hookimpl
 
 from . import chain, store
-from .sink import SinkSettings, SinkWriter
+from .sink import SigningSettings, SinkPlugin, SinkSettings, SinkWriter
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from kubegate.connections.registry import Connection
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "audit-db"
 log = logging.getLogger("kubegate.audit")
 
 
-class AuditDbSettings(SinkSettings):
+class AuditDbSettings(SinkSettings, SigningSettings):
     url: str | None = Field(
         None,
         description="A database of its own for audit (SQLAlchemy URL); default the gateway's `database`.",
-    )
-    signing_algorithm: Literal["hmac-sha256", "ed25519"] | None = Field(
-        None, description="Sign every chain hash with a key kept outside the database."
-    )
-    signing_key_file: Path | None = Field(
-        None, description="The key: a secret of ≥16 bytes (HMAC) or an Ed25519 PEM private key."
     )
     readers: list[str] = Field(
         default_factory=lambda: ["kubegate:auditors"],
@@ -52,9 +41,15 @@ class AuditDbSettings(SinkSettings):
 class DatabaseSink(SinkWriter):
     name = "audit-db"
 
-    def __init__(self, settings: AuditDbSettings, database: Database, signer: chain.Signer | None):
+    def __init__(self, settings: AuditDbSettings, database: Database, signer: chain.Signer | None,
+                 owns_database: bool = False):  # fmt: skip
         super().__init__(settings)
-        self.database, self.signer = database, signer
+        self.database, self.signer, self.owns_database = database, signer, owns_database
+
+    async def close(self, drain_seconds: float = 10.0) -> None:
+        await super().close(drain_seconds)
+        if self.owns_database:
+            self.database.close()
 
     def write(self, batch: list[dict[str, Any]]) -> None:
         for attempt in range(8):
@@ -67,15 +62,6 @@ class DatabaseSink(SinkWriter):
                 # Another writer (a replica) took the same positions first: re-read the head and go again.
                 if attempt == 7:
                     raise
-
-
-def signer_from(settings: AuditDbSettings, base_dir: Path) -> chain.Signer | None:
-    if settings.signing_algorithm is None:
-        return None
-    if settings.signing_key_file is None:
-        raise ValueError("signing_algorithm needs signing_key_file")
-    path = settings.signing_key_file
-    return chain.Signer.from_file(settings.signing_algorithm, path if path.is_absolute() else base_dir / path)
 
 
 def settings_of(gateway: Gateway) -> AuditDbSettings:
@@ -91,62 +77,26 @@ def database_of(gateway: Gateway, settings: AuditDbSettings) -> Database:
     return database
 
 
-def _sink(gateway: Gateway) -> DatabaseSink | None:
-    sink = gateway.extensions.get(PLUGIN_NAME)
-    return sink if isinstance(sink, DatabaseSink) else None
-
-
-@hookimpl
-def kubegate_gateway_settings() -> type[BaseModel]:
-    return AuditDbSettings
-
-
-@hookimpl
-def kubegate_startup(gateway: Gateway) -> None:
-    if not any(PLUGIN_NAME in c.enabled_plugins for c in gateway.connections):
-        return
-    settings = settings_of(gateway)
+def make_sink(gateway: Gateway, settings: AuditDbSettings | None) -> DatabaseSink:
+    settings = settings or AuditDbSettings()
     try:
-        signer = signer_from(settings, gateway.config_path.parent)
+        signer = settings.signer(gateway.config_path.parent)
         database = database_of(gateway, settings)
-    except (ValueError, DatabaseError, OperationalError) as exc:
-        raise RuntimeError(f"audit-db: {exc}") from None
+    except (DatabaseError, OperationalError) as exc:
+        raise ValueError(str(exc)) from None
     if signer is not None and not signer.can_sign:
-        raise RuntimeError("audit-db: the signing key can only verify (an Ed25519 public key)")
-    sink = DatabaseSink(settings, database, signer)
-    sink.start()
-    gateway.extensions[PLUGIN_NAME] = sink
-    for connection in gateway.connections:
-        if PLUGIN_NAME in connection.enabled_plugins:
-            connection.state[PLUGIN_NAME] = sink
+        raise ValueError("the signing key can only verify (an Ed25519 public key)")
+    return DatabaseSink(settings, database, signer, owns_database=database is not gateway.database)
 
 
-@hookimpl
-async def kubegate_shutdown(gateway: Gateway) -> None:
-    sink = _sink(gateway)
-    if sink is not None:
-        await sink.close()
-        if sink.database is not gateway.database:
-            sink.database.close()
+class DatabaseSinkPlugin(SinkPlugin):
+    """A sink plugin with the audit JSON API (routes.py)."""
+
+    @hookimpl
+    def kubegate_http_routes(self, gateway: Gateway) -> Blueprint | None:
+        from .routes import make_blueprint
+
+        return make_blueprint(gateway, PLUGIN_NAME)
 
 
-@hookimpl
-def kubegate_decide(flow: Flow) -> Decision | None:
-    sink = flow.connection.state.get(PLUGIN_NAME)
-    if isinstance(sink, DatabaseSink):
-        sink.gate()
-    return None
-
-
-@hookimpl
-async def kubegate_audit_event(event: AuditEvent, connection: Connection) -> None:
-    sink = connection.state.get(PLUGIN_NAME)
-    if isinstance(sink, DatabaseSink):
-        await sink.submit(event)
-
-
-@hookimpl
-def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
-    from .routes import make_blueprint
-
-    return make_blueprint(gateway, PLUGIN_NAME)
+PLUGIN = DatabaseSinkPlugin(PLUGIN_NAME, __name__, AuditDbSettings, make_sink)

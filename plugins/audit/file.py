@@ -11,31 +11,23 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from kubegate.core.flow import AuditEvent, Decision, Flow
-from kubegate.core.plugins import hookimpl
-
 from . import chain
-from .sink import SinkSettings, SinkWriter
+from .sink import SigningSettings, SinkPlugin, SinkSettings, SinkWriter
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from kubegate.connections.registry import Connection
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "audit-file"
 
 
-class AuditFileSettings(SinkSettings):
+class AuditFileSettings(SinkSettings, SigningSettings):
     path: Path = Field(Path("audit/kubegate-audit.jsonl"), description="The file (relative: to `state_dir`).")
     max_bytes: int = Field(100 * 1024 * 1024, ge=1024, description="Rotate when the file passes this size.")
     keep: int = Field(10, ge=1, le=10_000, description="Rotated files kept (`FILE.1` newest … `FILE.N`).")
-    signing_algorithm: Literal["hmac-sha256", "ed25519"] | None = Field(None, description="As in audit-db.")
-    signing_key_file: Path | None = Field(None, description="As in audit-db.")
 
 
 class FileSink(SinkWriter):
@@ -127,54 +119,13 @@ def stored_from_files(paths: list[Path]) -> Any:
                     yield chain.Stored(seq=-number, text=line, prev_hash="", hash="")
 
 
-def _sink(connection: Connection) -> FileSink | None:
-    sink = connection.state.get(PLUGIN_NAME)
-    return sink if isinstance(sink, FileSink) else None
-
-
-@hookimpl
-def kubegate_gateway_settings() -> type[BaseModel]:
-    return AuditFileSettings
-
-
-@hookimpl
-def kubegate_startup(gateway: Gateway) -> None:
-    from .database import signer_from
-
-    if not any(PLUGIN_NAME in c.enabled_plugins for c in gateway.connections):
-        return
-    found = gateway.settings_for(PLUGIN_NAME)
-    settings = found if isinstance(found, AuditFileSettings) else AuditFileSettings()
+def make_sink(gateway: Gateway, settings: AuditFileSettings | None) -> FileSink:
+    settings = settings or AuditFileSettings()
     path = settings.path if settings.path.is_absolute() else gateway.settings.state_dir / settings.path
     try:
-        signer = signer_from(settings, gateway.config_path.parent)  # type: ignore[arg-type]
-        sink = FileSink(settings, path, signer)
-    except (ValueError, OSError, KeyError) as exc:
-        raise RuntimeError(f"audit-file: {exc}") from None
-    sink.start()
-    gateway.extensions[PLUGIN_NAME] = sink
-    for connection in gateway.connections:
-        if PLUGIN_NAME in connection.enabled_plugins:
-            connection.state[PLUGIN_NAME] = sink
+        return FileSink(settings, path, settings.signer(gateway.config_path.parent))
+    except KeyError as exc:
+        raise ValueError(f"the last line of {path} is not an audit record ({exc})") from None
 
 
-@hookimpl
-async def kubegate_shutdown(gateway: Gateway) -> None:
-    sink = gateway.extensions.get(PLUGIN_NAME)
-    if isinstance(sink, FileSink):
-        await sink.close()
-
-
-@hookimpl
-def kubegate_decide(flow: Flow) -> Decision | None:
-    sink = _sink(flow.connection)
-    if sink is not None:
-        sink.gate()
-    return None
-
-
-@hookimpl
-async def kubegate_audit_event(event: AuditEvent, connection: Connection) -> None:
-    sink = _sink(connection)
-    if sink is not None:
-        await sink.submit(event)
+PLUGIN = SinkPlugin(PLUGIN_NAME, __name__, AuditFileSettings, make_sink)

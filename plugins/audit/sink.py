@@ -13,14 +13,46 @@ import collections
 import contextlib
 import logging
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubegate.core.errors import StatusError
-from kubegate.core.flow import AuditEvent
+from kubegate.core.flow import AuditEvent, Decision, Flow
+from kubegate.core.plugins import hookimpl
+
+from . import chain
+
+if TYPE_CHECKING:
+    from kubegate.connections.registry import Connection
+    from kubegate.core.gateway import Gateway
 
 log = logging.getLogger("kubegate.audit")
+
+
+class SigningSettings(BaseModel):
+    """For the sinks that keep a hash chain (audit-db, audit-file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signing_algorithm: Literal["hmac-sha256", "ed25519"] | None = Field(
+        None, description="Sign every chain hash with a key kept outside the store."
+    )
+    signing_key_file: Path | None = Field(
+        None, description="The key: a secret of ≥16 bytes (HMAC) or an Ed25519 PEM private key."
+    )
+
+    def signer(self, base_dir: Path) -> chain.Signer | None:
+        if self.signing_algorithm is None:
+            return None
+        if self.signing_key_file is None:
+            raise ValueError("signing_algorithm needs signing_key_file")
+        path = (
+            self.signing_key_file if self.signing_key_file.is_absolute() else base_dir / self.signing_key_file
+        )
+        return chain.Signer.from_file(self.signing_algorithm, path)
 
 
 class SinkSettings(BaseModel):
@@ -155,3 +187,60 @@ class SinkWriter:
                 await asyncio.wait_for(self._task, drain_seconds + 5)
             except TimeoutError:
                 self._task.cancel()
+
+
+class SinkPlugin:
+    """The hooks every sink plugin has, around one `SinkWriter` per gateway: made at start when a connection
+    enables the plugin (`make(gateway, settings or None)`; a ValueError or OSError stops the start with one
+    line), fed every audit event of those connections, asked before each request whether it can write (a
+    fail-closed sink refuses with 503), closed at shutdown. A sink module makes one and registers it
+    (`DEFAULT_PLUGINS` entry `module:PLUGIN`)."""
+
+    def __init__(self, name: str, module: str, settings_model: type[BaseModel],
+                 make: Callable[[Gateway, Any], SinkWriter]):  # fmt: skip
+        self.PLUGIN_NAME = name
+        self.__name__ = module  # what `kubegate plugins` shows as the plugin's module
+        self.settings_model, self.make = settings_model, make
+
+    def sink_of(self, connection: Connection) -> SinkWriter | None:
+        sink = connection.state.get(self.PLUGIN_NAME)
+        return sink if isinstance(sink, SinkWriter) else None
+
+    @hookimpl
+    def kubegate_gateway_settings(self) -> type[BaseModel]:
+        return self.settings_model
+
+    @hookimpl
+    def kubegate_startup(self, gateway: Gateway) -> None:
+        name = self.PLUGIN_NAME
+        if not any(name in c.enabled_plugins for c in gateway.connections):
+            return
+        found = gateway.settings_for(name)
+        try:
+            sink = self.make(gateway, found if isinstance(found, self.settings_model) else None)
+        except (ValueError, OSError) as exc:
+            raise RuntimeError(f"{name}: {exc}") from None
+        sink.start()
+        gateway.extensions[name] = sink
+        for connection in gateway.connections:
+            if name in connection.enabled_plugins:
+                connection.state[name] = sink
+
+    @hookimpl
+    async def kubegate_shutdown(self, gateway: Gateway) -> None:
+        sink = gateway.extensions.get(self.PLUGIN_NAME)
+        if isinstance(sink, SinkWriter):
+            await sink.close()
+
+    @hookimpl
+    def kubegate_decide(self, flow: Flow) -> Decision | None:
+        sink = self.sink_of(flow.connection)
+        if sink is not None:
+            sink.gate()
+        return None
+
+    @hookimpl
+    async def kubegate_audit_event(self, event: AuditEvent, connection: Connection) -> None:
+        sink = self.sink_of(connection)
+        if sink is not None:
+            await sink.submit(event)

@@ -19,27 +19,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from kubegate.core.flow import AuditEvent, Decision, Flow
-from kubegate.core.plugins import hookimpl
+from kubegate.core.config import WebhookURL
 
-from .sink import SinkSettings, SinkWriter
+from .sink import SinkPlugin, SinkSettings, SinkWriter
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from kubegate.connections.registry import Connection
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "audit-webhook"
 log = logging.getLogger("kubegate.audit")
-LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 SEGMENT_BYTES = 1 << 20
 
 
 class AuditWebhookSettings(SinkSettings):
-    url: str = Field(description="https URL (http only on loopback) that takes POSTed JSON.")
+    url: WebhookURL = Field(description="https URL (http only on loopback) that takes POSTed JSON.")
     headers: dict[str, str] = Field(default_factory=dict, description="Sent with every POST (e.g. a bearer).")
     post_batch: int = Field(100, ge=1, le=10_000, description='Events per POST: `{"events": [...]}`.')
     timeout_seconds: float = Field(10.0, gt=0, le=300)
@@ -50,13 +45,6 @@ class AuditWebhookSettings(SinkSettings):
         Path("audit-spool"), description="Where undelivered events wait (relative: to `state_dir`)."
     )
     max_spool_bytes: int = Field(1 << 30, ge=1 << 20, description="Spool size at most.")
-
-    @field_validator("url")
-    @classmethod
-    def _https(cls, url: str) -> str:
-        if not url.startswith("https://") and not url.startswith(LOOPBACK):
-            raise ValueError("must be https (http only on loopback)")
-        return url
 
 
 class Spool:
@@ -178,58 +166,15 @@ class WebhookSink(SinkWriter):
                 self._sender.cancel()
 
 
-def _sink(connection: Connection) -> WebhookSink | None:
-    sink = connection.state.get(PLUGIN_NAME)
-    return sink if isinstance(sink, WebhookSink) else None
-
-
-@hookimpl
-def kubegate_gateway_settings() -> type[BaseModel]:
-    return AuditWebhookSettings
-
-
-@hookimpl
-def kubegate_startup(gateway: Gateway) -> None:
-    if not any(PLUGIN_NAME in c.enabled_plugins for c in gateway.connections):
-        return
-    settings = gateway.settings_for(PLUGIN_NAME)
-    if not isinstance(settings, AuditWebhookSettings):
-        raise RuntimeError(
-            "audit-webhook is enabled on a connection but `plugins.audit-webhook.url` is not set"
-        )
-    spool_dir = (
-        settings.spool_dir
-        if settings.spool_dir.is_absolute()
-        else gateway.settings.state_dir / settings.spool_dir
-    )
+def make_sink(gateway: Gateway, settings: AuditWebhookSettings | None) -> WebhookSink:
+    if settings is None:
+        raise ValueError("enabled on a connection, but `plugins.audit-webhook.url` is not set")
+    spool = settings.spool_dir
+    spool = spool if spool.is_absolute() else gateway.settings.state_dir / spool
     try:
-        sink = WebhookSink(settings, spool_dir)
+        return WebhookSink(settings, spool)
     except OSError as exc:
-        raise RuntimeError(f"audit-webhook: cannot use the spool {spool_dir}: {exc.strerror}") from None
-    sink.start()
-    gateway.extensions[PLUGIN_NAME] = sink
-    for connection in gateway.connections:
-        if PLUGIN_NAME in connection.enabled_plugins:
-            connection.state[PLUGIN_NAME] = sink
+        raise ValueError(f"cannot use the spool {spool}: {exc.strerror}") from None
 
 
-@hookimpl
-async def kubegate_shutdown(gateway: Gateway) -> None:
-    sink = gateway.extensions.get(PLUGIN_NAME)
-    if isinstance(sink, WebhookSink):
-        await sink.close()
-
-
-@hookimpl
-def kubegate_decide(flow: Flow) -> Decision | None:
-    sink = _sink(flow.connection)
-    if sink is not None:
-        sink.gate()
-    return None
-
-
-@hookimpl
-async def kubegate_audit_event(event: AuditEvent, connection: Connection) -> None:
-    sink = _sink(connection)
-    if sink is not None:
-        await sink.submit(event)
+PLUGIN = SinkPlugin(PLUGIN_NAME, __name__, AuditWebhookSettings, make_sink)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from quart import Blueprint, Response, request
 
 from kubegate.core.flow import Identity
-from kubegate.core.routes import NO_STORE, authenticate_caller, json_response
+from kubegate.core.routes import NO_STORE, authenticate_caller, caller_identities, json_response, unauthorized
 from kubegate.core.since import SinceError, parse_since
 
 from . import store
@@ -46,18 +46,8 @@ def make_blueprint(gateway: Gateway, recorder: Recorder, plugin: str, *, readers
         return record.user == who.user or may_read_all(who)
 
     async def identities() -> dict[str, Identity]:
-        """The caller on every connection with recording that accepts their token."""
-        found: dict[str, Identity] = {}
-        for connection in connections():
-            answer = await authenticate_caller(connection)
-            if isinstance(answer, Identity):
-                found[connection.name] = answer
-        return found
-
-    def unauthorized() -> Response:
-        return json_response(
-            {"error": "Unauthorized: send a token the connection accepts (kubegate login)"}, 401
-        )
+        """The caller on every connection with this plugin that accepts their token."""
+        return await caller_identities(connections())
 
     @bp.get("/api/sessions")
     async def list_sessions() -> Response:
