@@ -15,11 +15,11 @@ $(BIN)/.installed: pyproject.toml
 # UI still works and replays sessions as plain text.
 UI_VENDOR := ui/static/vendor
 $(UI_VENDOR)/.built: ui/package.json ui/package-lock.json
-	@if command -v npm >/dev/null; then \
-	  (cd ui && npm ci --no-audit --no-fund --loglevel=error) && mkdir -p $(UI_VENDOR) && \
+	@if command -v npm >/dev/null && (cd ui && npm ci --no-audit --no-fund --loglevel=error); then \
+	  mkdir -p $(UI_VENDOR) && \
 	  cp ui/node_modules/asciinema-player/dist/bundle/asciinema-player.min.js \
 	     ui/node_modules/asciinema-player/dist/bundle/asciinema-player.css $(UI_VENDOR)/ && touch $@; \
-	else echo "npm not found: the web UI will replay sessions as plain text (no asciinema-player)"; fi
+	else echo "npm or the npm registry is not available: the web UI replays sessions as plain text"; fi
 
 setup: $(BIN)/.installed $(UI_VENDOR)/.built
 
