@@ -14,6 +14,7 @@ from .cli import describe_event
 
 
 def walk(audit_db: Database, sessions_db: Database, user: str, since: float, *, out: TextIO, err: TextIO,
+         recording_settings: Any = None,
          speed: float = 1.0, max_wait: float | None = 2.0, step: Callable[[], None] | None = None,
          sleep: Callable[[float], None] | None = None) -> tuple[int, int]:  # fmt: skip
     """Print `user`'s audit events since `since`, playing each recorded session after its start event;
@@ -37,7 +38,7 @@ def walk(audit_db: Database, sessions_db: Database, user: str, since: float, *, 
         if step is not None:
             step()
         try:
-            text = read_cast(sessions_db, session)
+            text = read_cast(sessions_db, session, recording_settings)
         except RecordingMissing as exc:
             print(f"  (recording {session.id} is missing: {exc})", file=err)
             continue

@@ -1,9 +1,10 @@
 """The `recording` plugin: exec and attach sessions recorded as asciicast v2, port-forwards as metadata.
 
-Enable it per connection (`connections.NAME.plugins.recording: {}`); where recordings go and who may read
-everyone's is gateway-wide (top-level `plugins.recording`). Each session gets a row in `kubegate_sessions`
-(who, pod, command, timings, bytes, exit status) and, for exec/attach, a recording of stdin, stdout, stderr
-and resizes, masked before it is stored and written at least every second. `kubegate sessions list`,
+Enable it per connection (`connections.NAME.plugins.recording: {}`); where recordings go (a directory, the
+database or an S3-compatible bucket) and who may read everyone's is gateway-wide (top-level
+`plugins.recording`). Each session gets a row in `kubegate_sessions` (who, pod, command, timings, bytes,
+exit status) and, for exec/attach, a recording of stdin, stdout, stderr and resizes, masked before it is
+stored and written at least every second. `kubegate sessions list`,
 `kubegate replay` and `/api/sessions` read them back. See docs/recording.md.
 
 Library functions for other features (the audit walk-through): :func:`load_session`, :func:`read_cast`,
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kubegate.core.hookspecs import PROJECT
 
@@ -47,6 +48,8 @@ __all__ = [
     "RecordingConnectionSettings",
     "RecordingMissing",
     "RecordingSettings",
+    "RecordingUnavailable",
+    "S3Settings",
     "list_sessions",
     "load_session",
     "parse_cast",
@@ -55,18 +58,109 @@ __all__ = [
 ]
 
 
+def _config_relative(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A path from the config file: `~` expanded, relative to the config file's folder."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    base = Path((info.context or {}).get("base_dir", "."))
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+INLINE_SECRETS = ("access_key_id", "secret_access_key", "session_token", "aws_access_key_id",
+                  "aws_secret_access_key")  # fmt: skip
+
+
+def _boto3_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("boto3") is not None
+    except ValueError:  # sys.modules["boto3"] is None: as good as missing
+        return False
+
+
+class S3Settings(BaseModel):
+    """`plugins.recording.s3`: the bucket for `storage: s3` and how to reach it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(..., min_length=1, description="The bucket recordings go to (it must exist).")
+    prefix: str = Field(
+        "recordings/",
+        description='Key prefix: a session\'s parts are `PREFIX/SESSION_ID/NNNNNN.part`; `""` for none.',
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="The S3 API's URL for an S3-compatible store (MinIO, Ceph, R2, …); default AWS.",
+    )
+    region: str | None = Field(
+        None, description="The region (AWS: the bucket's); default from the AWS configuration."
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto",
+        description="`path` (`ENDPOINT/BUCKET/KEY`, what most self-hosted stores want), `virtual` "
+        "(`BUCKET.ENDPOINT/KEY`) or `auto` (boto3's choice).",
+    )
+    access_key_id_file: Path | None = Field(
+        None,
+        description="A file holding the access key ID (with `secret_access_key_file`); without them, "
+        "the standard AWS credential chain (environment, shared config, instance or task role).",
+    )
+    secret_access_key_file: Path | None = Field(
+        None, description="A file holding the secret access key (with `access_key_id_file`)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            inline = [key for key in INLINE_SECRETS if key in data]
+            if inline:
+                raise ValueError(
+                    f"{inline[0]}: secrets are not accepted in the config; use access_key_id_file and "
+                    "secret_access_key_file, or the AWS credential chain (environment, instance role)"
+                )
+        return data
+
+    @field_validator("prefix")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        value = value.strip().lstrip("/")
+        return value if not value or value.endswith("/") else value + "/"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+        return value
+
+    _paths = field_validator("access_key_id_file", "secret_access_key_file")(_config_relative)
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Settings:
+        if bool(self.access_key_id_file) != bool(self.secret_access_key_file):
+            raise ValueError("access_key_id_file and secret_access_key_file go together")
+        return self
+
+
 class RecordingSettings(BaseModel):
     """Gateway-wide: top-level `plugins.recording`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    storage: Literal["directory", "database"] = Field(
+    storage: Literal["directory", "database", "s3"] = Field(
         "directory",
-        description="Where recordings go: `directory` (one `ID.cast` file per session) or `database` "
-        "(chunks in the gateway's database, shared by replicas).",
+        description="Where recordings go: `directory` (one `ID.cast` file per session), `database` "
+        "(chunks in the gateway's database, shared by replicas) or `s3` (an S3-compatible bucket, "
+        "see `s3`; needs `kubegate[s3]`).",
     )
     directory: Path | None = Field(
         None, description="The recordings folder for `storage: directory`; default `STATE_DIR/recordings`."
+    )
+    s3: S3Settings | None = Field(
+        None, description="The bucket and how to reach it, for `storage: s3` (required then)."
     )
     readers: list[str] = Field(
         default_factory=list,
@@ -86,14 +180,18 @@ class RecordingSettings(BaseModel):
         description="A recording's buffer is written early past this.",
     )
 
-    @field_validator("directory")
-    @classmethod
-    def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        value = value.expanduser()
-        base = Path((info.context or {}).get("base_dir", "."))
-        return value if value.is_absolute() else (base / value).resolve()
+    _directory = field_validator("directory")(_config_relative)
+
+    @model_validator(mode="after")
+    def _s3_needs(self) -> RecordingSettings:
+        if self.storage == "s3":
+            if self.s3 is None:
+                raise ValueError("storage: s3 needs an `s3` block with at least a `bucket`")
+            if not _boto3_installed():
+                from .storage import BOTO3_MISSING
+
+                raise ValueError(BOTO3_MISSING)
+        return self
 
 
 class RecordingConnectionSettings(BaseModel):
@@ -112,7 +210,7 @@ class RecordingConnectionSettings(BaseModel):
 
 def recorder_of(gateway: Gateway) -> Recorder:
     from .recorder import Recorder
-    from .storage import DATABASE, DatabaseStorage, DirectoryStorage, Storage
+    from .storage import DATABASE, S3, DatabaseStorage, DirectoryStorage, S3Storage, Storage, StorageError
 
     recorder = gateway.extensions.get(PLUGIN_NAME)
     if recorder is None:
@@ -120,6 +218,13 @@ def recorder_of(gateway: Gateway) -> Recorder:
         storage: Storage
         if settings.storage == DATABASE:
             storage = DatabaseStorage(gateway.database)
+        elif settings.storage == S3 and settings.s3 is not None:
+            try:
+                storage = S3Storage(settings.s3)
+            except StorageError as exc:  # boto3 missing, a credentials file unreadable: one line at start
+                from kubegate.core.config import ConfigError
+
+                raise ConfigError(gateway.config_path, f"plugins.{PLUGIN_NAME}", str(exc)) from None
         else:
             storage = DirectoryStorage(settings.directory or gateway.settings.state_dir / "recordings")
         recorder = Recorder(
@@ -146,14 +251,17 @@ def load_session(database: Database, session_id: str) -> SessionRecord | None:
     return load(database, session_id)
 
 
-def read_cast(database: Database, record: SessionRecord) -> str:
-    """The asciicast v2 text of a recorded session, from the directory or the database its row names.
+def read_cast(database: Database, record: SessionRecord, settings: RecordingSettings | None = None) -> str:
+    """The asciicast v2 text of a recorded session, from the directory, the database or the S3 bucket its
+    row names. `settings` (gateway-wide `plugins.recording`) gives S3's endpoint and credentials: S3 rows
+    need it, other rows ignore it.
 
-    Raises :class:`RecordingMissing` (a LookupError) when it has none (port-forward) or the file is gone.
+    Raises :class:`RecordingMissing` (a LookupError) when it has none (port-forward), the file is gone, or
+    its store cannot be read (then the subclass `RecordingUnavailable`).
     """
     from .storage import read_cast as read
 
-    return read(database, record)
+    return read(database, record, settings)
 
 
 def list_sessions(
@@ -173,10 +281,10 @@ def list_sessions(
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RecordingMissing":
-        from .storage import RecordingMissing
+    if name in ("RecordingMissing", "RecordingUnavailable"):
+        from . import storage
 
-        return RecordingMissing
+        return getattr(storage, name)
     raise AttributeError(name)
 
 

@@ -157,6 +157,26 @@ def ending(record: SessionRecord) -> str:
     return f"session {record.id} ended: {status}{reason} after {_duration(record)}{gaps}"
 
 
+def recording_settings(config: str) -> Any:
+    """The gateway-wide `plugins.recording` of the config file, validated as the gateway does (S3 rows need
+    its endpoint and credentials)."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from kubegate.core.cli import CLIError
+    from kubegate.core.config import first_error, parse_settings
+
+    from . import PLUGIN_NAME, RecordingSettings
+
+    raw = parse_settings(Path(config)).plugins.get(PLUGIN_NAME) or {}
+    try:
+        return RecordingSettings.model_validate(raw, context={"base_dir": Path(config).parent})
+    except ValidationError as exc:
+        key, reason = first_error(exc, f"plugins.{PLUGIN_NAME}")
+        raise CLIError(f"{config}: {key}: {reason}") from None
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from kubegate.core.cli import CLIError, database_from_config
     from kubegate.core.db import DatabaseError
@@ -175,7 +195,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         record = load_session(database, args.session_id)
         if record is None:
             raise CLIError(f"no session {args.session_id} (see kubegate sessions list)")
-        text = read_cast(database, record)
+        text = read_cast(
+            database, record, recording_settings(args.config) if record.storage == "s3" else None
+        )
     except DatabaseError as exc:
         raise CLIError(str(exc)) from None
     except RecordingMissing as exc:
@@ -219,6 +241,7 @@ def _walk(args: argparse.Namespace, speed: float, max_wait: float) -> int:
     audit_db, sessions_db = audit_database(args.config), database_from_config(args.config)
     try:
         events, sessions = walk(audit_db, sessions_db, args.user, since, out=sys.stdout, err=sys.stderr,
+                                recording_settings=recording_settings(args.config),
                                 speed=speed, max_wait=max_wait or None,
                                 step=wait_for_enter if args.step else None)  # fmt: skip
     except Exception as exc:  # a database that cannot be read: one line

@@ -101,7 +101,7 @@ def make_blueprint(gateway: Gateway, recorder: Recorder, plugin: str, *, readers
         if isinstance(found, Response):
             return found
         try:
-            text = await asyncio.to_thread(read_cast, database, found)
+            text = await asyncio.to_thread(read_cast, database, found, gateway.settings_for(plugin))
         except RecordingMissing as exc:
             return json_response({"error": str(exc)}, 404)
         response = Response(text, status=200, content_type=CAST_MEDIA_TYPE)

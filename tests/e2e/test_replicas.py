@@ -104,9 +104,10 @@ def kubegate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "kubegate"), *args], capture_output=True, text=True, timeout=60)
 
 
-def test_two_replicas_share_approvals_grants_and_revocations(replicas, tmp_path):
+def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, tmp_path):
     from conftest import GATEWAY_USERS
 
+    sandbox_kubeconfig = sandbox.kubeconfig
     gateways, balancer, ca, database_url = replicas
     url = f"https://127.0.0.1:{balancer.port}"
     alice = kubeconfig(tmp_path / "alice", url, ca, GATEWAY_USERS["alice"][1])
@@ -114,19 +115,24 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, tmp_path)
     bob = ["--token", GATEWAY_USERS["bob"][1]]  # bob is in `readonly`: a reviewer here
 
     # Held on one replica, approved through the load balancer (the next connection: the other replica).
-    held = subprocess.Popen([KUBECTL, "delete", "pod", "web-0", "-n", "prod"], stdout=subprocess.PIPE,
+    # (the session's sandbox is shared: delete something of this test's own, not a seeded pod)
+    name = f"replica-test-{int(time.time())}"
+    run_kubectl(
+        sandbox_kubeconfig, "create", "configmap", name, "-n", "prod", "--from-literal=a=b", check=True
+    )
+    held = subprocess.Popen([KUBECTL, "delete", "configmap", name, "-n", "prod"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
     deadline, found = time.monotonic() + 20, None
     while found is None and time.monotonic() < deadline:
         listed = kubegate("approvals", "list", *target, *bob, "-o", "json")
         assert listed.returncode == 0, listed.stderr
-        found = next((r["id"] for r in json.loads(listed.stdout) if r["name"] == "web-0"), None)
+        found = next((r["id"] for r in json.loads(listed.stdout) if r["name"] == name), None)
         time.sleep(0.3)
     assert found is not None and held.poll() is None
     approved_at = time.monotonic()
     assert kubegate("approvals", "approve", found, *target, *bob).returncode == 0
     out, err = held.communicate(timeout=30)
-    assert held.returncode == 0 and 'pod "web-0" deleted' in out, err
+    assert held.returncode == 0 and f'configmap "{name}" deleted' in out, err
     assert time.monotonic() - approved_at < 5
 
     # A window grant approved through one replica lets alice exec through both, until revoked.
