@@ -18,7 +18,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 EXIT_USAGE = 2
 # Modules with `add_commands(subparsers)`; their handlers use `CLIError` and `database_from_config` from here.

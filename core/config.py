@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import ConfigError
+
 CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -29,14 +31,6 @@ def _https_or_loopback(url: str) -> str:
 
 # Where the gateway sends events (webhooks): https, or plain http to this host only.
 WebhookURL = Annotated[str, AfterValidator(_https_or_loopback)]
-
-
-class ConfigError(Exception):
-    """A configuration problem, reported as `FILE: KEY: REASON`."""
-
-    def __init__(self, file: str | Path, key: str, reason: str):
-        self.file, self.key, self.reason = str(file), key, reason
-        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
 
 
 class StrictModel(BaseModel):

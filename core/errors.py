@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 REASONS = {
@@ -57,3 +58,11 @@ class StatusError(Exception):
 
 
 STATUS_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as `FILE: KEY: REASON`."""
+
+    def __init__(self, file: str | Path, key: str, reason: str):
+        self.file, self.key, self.reason = str(file), key, reason
+        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")

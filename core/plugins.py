@@ -39,7 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.connections.kubernetes",
     "kubegate.plugins.static_tokens",
     "kubegate.plugins.oidc",
-    "kubegate.plugins.login",
+    "kubegate.plugins.login.plugin",
     "kubegate.plugins.policy",
     "kubegate.plugins.approvals",
     "kubegate.plugins.webhook",

@@ -91,7 +91,7 @@ def make_blueprint(gateway: Gateway) -> Blueprint:
     def login_service() -> Any:
         if gateway.settings_for("login") is None:
             return None
-        from kubegate.plugins.login import service_of
+        from kubegate.plugins.login.plugin import service_of
 
         return service_of(gateway)
 

@@ -387,3 +387,16 @@ async def test_waiting_logins_are_capped(database, monkeypatch):
         await svc.start_cli_login("a" * 64, None, "")
     with pytest.raises(store.TooManyLogins):
         await svc.start_cli_login("a" * 64, None, "")
+
+
+def test_kubectls_credential_plugin_loads_no_server_code():
+    # kubectl runs `kubegate credential` before every request: it must not pay for the gateway's server side
+    # (the database layer, the login service, the plugin host) — about three quarters of a second here.
+    import subprocess
+    import sys
+
+    probe = ("import sys, kubegate.core.cli as cli; cli.build_parser(); import kubegate.plugins.login.client; "
+             "print(sorted(m for m in ('sqlalchemy', 'aiohttp', 'kubegate.plugins.login.service', "
+             "'kubegate.core.plugins', 'authlib', 'onelogin') if m in sys.modules))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
