@@ -339,6 +339,17 @@ def gateway_token() -> tuple[str, str]:
     return token, hashlib.sha256(token.encode()).hexdigest()
 
 
+def start_kubegate_serve(label: str, config: Path, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """`kubegate serve --config CONFIG` as a bench process (the venv's script, or the module)."""
+    exe = Path(sys.executable).parent / "kubegate"
+    argv = (
+        [str(exe), "serve", "--config", str(config)]
+        if exe.exists()
+        else [sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(config)]
+    )
+    return PROCS.start(label, argv, log, cwd=str(cwd))
+
+
 def start_gateway(
     work: Path,
     up: Upstream,
@@ -411,14 +422,8 @@ connections:
     plugins:
 {plugins}"""
     )
-    exe = Path(sys.executable).parent / "kubegate"
-    argv = (
-        [str(exe), "serve", "--config", str(config)]
-        if exe.exists()
-        else [sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(config)]
-    )
     log = gdir / "gateway.log"
-    proc = PROCS.start(label, argv, log, cwd=str(gdir))
+    proc = start_kubegate_serve(label, config, log, gdir)
     name = "gateway-login" if login else "gateway" if oidc_key is None else "gateway-oidc"
     target = Target(name, f"https://127.0.0.1:{port}/k8s/{CONNECTION}", token, proc)
     wait_ready(label, proc, target.url(POD_PATH), token, log)  # for oidc: the one full verification

@@ -12,6 +12,8 @@ groups see every event of those connections; anyone else sees only their own.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
@@ -76,41 +78,41 @@ def make_blueprint(gateway: Gateway, plugin: str) -> Blueprint:
         except ValueError:
             return 1000
 
+    def scoped(
+        handler: Callable[[store.Filters, DatabaseSink, bool], Awaitable[Response]],
+    ) -> Callable[[], Awaitable[Response]]:
+        """A route that runs with the caller's filters (or answers with `scope`'s refusal)."""
+
+        @functools.wraps(handler)
+        async def route() -> Response:
+            found = await scope()
+            return found if isinstance(found, Response) else await handler(*found)
+
+        return route
+
     @bp.get("/api/audit/events")
-    async def events() -> Response:
-        found = await scope()
-        if isinstance(found, Response):
-            return found
-        filters, sink, _ = found
+    @scoped
+    async def events(filters: store.Filters, sink: DatabaseSink, _reader: bool) -> Response:
         items = await sink.database.run(lambda s: store.search(s, filters, limit()))
         return json_response({"items": items})
 
     @bp.get("/api/audit/commands")
-    async def commands() -> Response:
-        found = await scope()
-        if isinstance(found, Response):
-            return found
-        filters, sink, _ = found
+    @scoped
+    async def commands(filters: store.Filters, sink: DatabaseSink, _reader: bool) -> Response:
         items = await sink.database.run(lambda s: store.commands(s, filters, min(limit(), 1000)))
         return json_response({"items": items})
 
     @bp.get("/api/audit/export")
-    async def export() -> Response:
-        found = await scope()
-        if isinstance(found, Response):
-            return found
-        filters, sink, _ = found
+    @scoped
+    async def export(filters: store.Filters, sink: DatabaseSink, _reader: bool) -> Response:
         lines = await sink.database.run(lambda s: list(store.export(s, filters)))
         response = Response("".join(line + "\n" for line in lines), content_type="application/jsonl")
         response.headers["Cache-Control"] = "no-store"
         return response
 
     @bp.get("/api/audit/verify")
-    async def verify() -> Response:
-        found = await scope()
-        if isinstance(found, Response):
-            return found
-        _, sink, reader = found
+    @scoped
+    async def verify(_filters: store.Filters, sink: DatabaseSink, reader: bool) -> Response:
         if not reader:
             return json_response({"error": "only auditors may verify the chain"}, 403)
         checked, problem = await sink.database.run(lambda s: store.verify(s, sink.signer))

@@ -497,6 +497,18 @@ def test_expired_cached_token_makes_kubectl_log_in_again(login_gateway, provider
     assert _api_status(login_gateway, "sandbox", token)["code"] == 401
 
 
+def saml_form_page(saml_idp: SAMLIdP, route: Any, request: Any, **options: Any) -> None:
+    """Play the IdP's page in the browser: a form that POSTs the signed answer for alice to the gateway (from
+    the IdP's own site, so the POST is cross-site, as in real life)."""
+    authn = saml_idp.read_request(request.url)
+    response = saml_idp.response(authn, name_id="alice", **options)
+    form = (f'<form method="post" action="{html.escape(authn.acs_url)}">'
+            f'<input type="hidden" name="SAMLResponse" value="{html.escape(response)}">'
+            f'<input type="hidden" name="RelayState" value="{html.escape(authn.relay_state)}">'
+            "<button>Continue</button></form>")  # fmt: skip
+    route.fulfill(status=200, content_type="text/html", body=f"<!doctype html><body>{form}</body>")
+
+
 @pytest.mark.skipif(
     not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
 )
@@ -506,13 +518,7 @@ def test_web_ui_login_through_saml_in_a_browser(login_gateway, saml_idp):
     from playwright.sync_api import sync_playwright
 
     def idp_page(route, request) -> None:
-        authn = saml_idp.read_request(request.url)
-        response = saml_idp.response(authn, name_id="alice", attributes={"memberOf": ["ops"]})
-        form = (f'<form method="post" action="{html.escape(authn.acs_url)}">'
-                f'<input type="hidden" name="SAMLResponse" value="{html.escape(response)}">'
-                f'<input type="hidden" name="RelayState" value="{html.escape(authn.relay_state)}">'
-                "<button>Continue</button></form>")  # fmt: skip
-        route.fulfill(status=200, content_type="text/html", body=f"<!doctype html><body>{form}</body>")
+        saml_form_page(saml_idp, route, request, attributes={"memberOf": ["ops"]})
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox",
@@ -544,12 +550,7 @@ def test_web_ui_login_forwarded_to_another_browser_logs_nobody_in(login_gateway,
         route.fulfill(status=200, content_type="text/html", body="<p>link copied</p>")
 
     def idp_page(route, request) -> None:
-        authn = saml_idp.read_request(request.url)
-        response = saml_idp.response(authn, name_id="alice")
-        route.fulfill(status=200, content_type="text/html", body=(
-            f'<form method="post" action="{html.escape(authn.acs_url)}"><input type="hidden" name="SAMLResponse"'
-            f' value="{html.escape(response)}"><input type="hidden" name="RelayState"'
-            f' value="{html.escape(authn.relay_state)}"><button>Continue</button></form>'))  # fmt: skip
+        saml_form_page(saml_idp, route, request)
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox",

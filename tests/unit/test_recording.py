@@ -9,9 +9,9 @@ import io
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from recordings import fake_session, status_frame
 
 from kubegate.core.db import Database
 from kubegate.core.flow import Frame, FrameDirection
@@ -209,17 +209,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def fake_session(**values):
-    base = {"ended": time.time(), "bytes_from_client": 10, "bytes_from_upstream": 20, "close_code": 1000}
-    return SimpleNamespace(**(base | values))
-
-
-def status_frame(code: int) -> bytes:
-    doc = {"status": "Failure", "reason": "NonZeroExitCode",
-           "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}  # fmt: skip
-    return b"\x03" + json.dumps(doc).encode()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import boto3
 import pytest
 import yaml
 from moto.server import ThreadedMotoServer
+from recordings import fake_session, status_frame
 
 from kubegate.core.config import ConfigError
 from kubegate.core.db import Database, default_url
@@ -88,17 +89,6 @@ def new_record(storage, **values) -> store.SessionRecord:
                                  pod="web", command=["sh"], tty=True, started=time.time(), **values)  # fmt: skip
     record.storage, record.location = storage.name, storage.location(record.id)
     return record
-
-
-def fake_session(**values):
-    base = {"ended": time.time(), "bytes_from_client": 10, "bytes_from_upstream": 20, "close_code": 1000}
-    return SimpleNamespace(**(base | values))
-
-
-def status_frame(code: int) -> bytes:
-    doc = {"status": "Failure", "reason": "NonZeroExitCode",
-           "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}  # fmt: skip
-    return b"\x03" + json.dumps(doc).encode()
 
 
 def fake_gateway(settings: RecordingSettings, database: Database, tmp_path: Path) -> SimpleNamespace:
