@@ -32,8 +32,23 @@ WEBSOCKET_HANDSHAKE = frozenset(
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
+# The API server's front-proxy authenticator (`--requestheader-*`) takes the user from these headers when the
+# request comes with a client certificate it trusts as a front proxy: should the gateway's credential ever be
+# such a certificate, a caller's `X-Remote-User: admin` would be believed. Their default names, stripped always.
+FRONT_PROXY_PREFIX = "x-remote-"
+# Browsers cannot set Authorization on a WebSocket, so the API server also reads a bearer token from this
+# subprotocol (k8s.io/apiserver pkg/authentication/request/websocket): a second credential the caller could
+# slip past the gateway on an exec/attach upgrade. Never forwarded.
+BEARER_SUBPROTOCOL_PREFIX = "base64url.bearer.authorization.k8s.io."
+
+
 def is_credential_header(lname: str) -> bool:
-    return lname == "authorization" or lname.startswith(("impersonate-", "proxy-"))
+    return lname == "authorization" or lname.startswith(("impersonate-", "proxy-", FRONT_PROXY_PREFIX))
+
+
+def subprotocols_for_upstream(protocols: list[str]) -> list[str]:
+    """The client's WebSocket subprotocols minus any that carries a credential."""
+    return [p for p in protocols if not p.strip().lower().startswith(BEARER_SUBPROTOCOL_PREFIX)]
 
 
 def client_headers_for_upstream(

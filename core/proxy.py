@@ -46,6 +46,7 @@ from .headers import (
     check_upstream_headers,
     client_headers_for_upstream,
     impersonation_headers,
+    subprotocols_for_upstream,
 )
 
 if TYPE_CHECKING:
@@ -493,7 +494,7 @@ class Proxy:
             try:
                 ws = await upstream.session.ws_connect(
                     self._upstream_url(flow),
-                    protocols=flow.request.subprotocols,
+                    protocols=subprotocols_for_upstream(flow.request.subprotocols),
                     headers=flow.upstream_headers,
                     autoping=True,
                     autoclose=False,
