@@ -138,8 +138,12 @@ class Request:
 
     @property
     def bearer_token(self) -> str | None:
-        """The token of an `Authorization: Bearer TOKEN` header, or None (no header, another scheme)."""
-        scheme, _, token = self.header("authorization").partition(" ")
+        """The token of an `Authorization: Bearer TOKEN` header, or None (no header, another scheme, or more
+        than one Authorization header: which one counts could differ between hops, so none does)."""
+        values = self.header_values("authorization")
+        if len(values) != 1:
+            return None
+        scheme, _, token = values[0].partition(" ")
         token = token.strip()
         return token if scheme.lower() == "bearer" and token else None
 
