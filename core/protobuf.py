@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from collections.abc import Collection
 from typing import Any
 
 MAGIC = b"k8s\x00"
@@ -310,7 +311,42 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _scalar(typ: str, value: Any) -> Any:
+def _parts(name: str, value: Any, strict: bool) -> dict[int, Any]:
+    """The fields of a small well-known message (Time, IntOrString, Quantity, a map entry) by number."""
+    allowed = _WELL_KNOWN[name]
+    if not isinstance(value, bytes):
+        raise ProtobufError(f"{name} is not length-delimited")
+    parts: dict[int, Any] = {}
+    for num, wire, v in fields(value):
+        if strict:
+            if num not in allowed:
+                raise ProtobufError(f"field {num} of {name} is not in the schema")
+            if num in parts:
+                raise ProtobufError(f"field {num} of {name} appears twice")
+            if (wire == 2) != (allowed[num] == 2) or wire not in (0, 2):
+                raise ProtobufError(f"field {num} of {name} has wire type {wire}")
+        parts[num] = v
+    return parts
+
+
+# number -> wire type of the small messages decoded inline (2: length-delimited, 0: varint)
+_WELL_KNOWN: dict[str, dict[int, int]] = {
+    "Time": {1: 0, 2: 0},
+    "IntOrString": {1: 0, 2: 0, 3: 2},
+    "Quantity": {1: 2},
+    "MapEntry": {1: 2, 2: 2},
+    "MapEntryInt": {1: 2, 2: 0},
+    "Duration": {1: 0},
+}
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, bytes):
+        raise ProtobufError("a string field is not length-delimited")
+    return value.decode("utf-8")
+
+
+def _scalar(typ: str, value: Any, strict: bool = False) -> Any:
     if typ == "string":
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     if typ == "bytes":
@@ -320,60 +356,124 @@ def _scalar(typ: str, value: Any) -> Any:
     if typ == "int":
         return _signed(value)
     if typ == "bool":
+        if strict and value not in (0, 1):
+            raise ProtobufError(f"a bool field holds {value}")
         return bool(value)
     if typ == "time":
-        parts = dict((n, v) for n, _, v in fields(value))
+        parts = _parts("Time", value, strict)
         seconds = _signed(parts.get(1, 0))
         if not seconds:
             return None
         return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if typ == "duration":  # metav1.Duration: nanoseconds; JSON is Go's time.Duration.String()
+        return _go_duration(_signed(_parts("Duration", value, strict).get(1, 0)))
     if typ == "intorstr":
-        parts = dict((n, v) for n, _, v in fields(value))
+        parts = _parts("IntOrString", value, strict)
         if parts.get(1, 0) == 1:
-            return parts.get(3, b"").decode()
+            return _text(parts.get(3, b""))
         return _signed(parts.get(2, 0))
     if typ == "quantity":
-        parts = dict((n, v) for n, _, v in fields(value))
-        return parts.get(1, b"").decode()
-    return decode_message(typ, value)
+        return _text(_parts("Quantity", value, strict).get(1, b""))
+    return decode_message(typ, value, strict)
 
 
-def decode_message(name: str, buf: bytes) -> dict[str, Any]:
+def _go_duration(nanos: int) -> str:
+    if nanos == 0:
+        return "0s"
+    sign, nanos = ("-" if nanos < 0 else ""), abs(nanos)
+    hours, rest = divmod(nanos, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    seconds = f"{rest / 10**9:.9f}".rstrip("0").rstrip(".")
+    if nanos < 10**9:  # Go prints sub-second durations in ms/µs/ns; rare in requests: keep the number
+        return f"{sign}{seconds}s"
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + f"{seconds}s"
+    return sign + text
+
+
+_VARINT_TYPES = {"int", "bool"}
+
+
+def decode_message(name: str, buf: bytes, strict: bool = False) -> dict[str, Any]:
+    """One message of `name` as a JSON-shaped dict. Lenient (the default, for the sandbox and for display):
+    fields the schema lacks are skipped. Strict (for decisions): a field number the schema lacks, a wire
+    type that does not fit, or a singular field or map key sent twice (Go would merge or overwrite what a
+    reader of the first one judged) raise ProtobufError naming it."""
+    if not isinstance(buf, bytes):
+        raise ProtobufError(f"{name} is not length-delimited")
     schema = MESSAGES[name]
     out: dict[str, Any] = {}
-    for num, _wire, value in fields(buf):
+    keep: set[str] = set()
+    seen: set[int] = set()
+    for num, wire, value in fields(buf):
         spec = schema.get(num)
         if spec is None:
+            if strict:
+                raise ProtobufError(f"field {num} of {name} is not in the schema of this gateway")
             continue
         key, typ = spec
+        if typ.endswith("?"):  # a Go pointer: an explicit zero is meaningful and must survive
+            typ = typ[:-1]
+            keep.add(key)
+        repeated = typ.startswith(("[]", "map:"))
+        if strict:
+            if not repeated and num in seen:
+                raise ProtobufError(f"field {num} ({key}) of {name} appears twice")
+            seen.add(num)
+            base = typ[2:] if typ.startswith("[]") else typ
+            packed = typ.startswith("[]") and base in _VARINT_TYPES and wire == 2
+            if (not packed and (wire == 0) != (base in _VARINT_TYPES)) or wire not in (0, 2):
+                raise ProtobufError(f"field {num} ({key}) of {name} has wire type {wire}")
         if typ.startswith("inline:"):
-            out.update(decode_message(typ[7:], value))
+            inner = decode_message(typ[7:], value, strict)
+            if strict and set(inner) & set(out):
+                raise ProtobufError(f"field {num} of {name} repeats fields already set")
+            out.update(inner)
         elif typ.startswith("[]"):
-            out.setdefault(key, []).append(_scalar(typ[2:], value))
+            items = out.setdefault(key, [])
+            if typ[2:] in _VARINT_TYPES and wire == 2:  # packed
+                pos = 0
+                while pos < len(value):
+                    item, pos = _varint(value, pos)
+                    items.append(_scalar(typ[2:], item, strict))
+            else:
+                items.append(_scalar(typ[2:], value, strict))
         elif typ.startswith("map:"):
-            entry = {n: v for n, _, v in fields(value)}
-            k = entry.get(1, b"").decode()
-            out.setdefault(key, {})[k] = _scalar(typ[4:], entry.get(2, b""))
+            value_type = typ[4:]
+            entry = _parts("MapEntryInt" if value_type in _VARINT_TYPES else "MapEntry", value, strict)
+            k = _text(entry.get(1, b""))
+            target = out.setdefault(key, {})
+            if strict and k in target:
+                raise ProtobufError(f"key {k!r} of {name}.{key} appears twice")
+            default: Any = 0 if value_type in _VARINT_TYPES else b""
+            target[k] = _scalar(value_type, entry.get(2, default), strict)
         else:
-            out[key] = _scalar(typ, value)
-    return _prune(out)
+            out[key] = _scalar(typ, value, strict)
+    return _prune(out, keep)
 
 
-def _prune(obj: dict[str, Any]) -> dict[str, Any]:
-    """Go's protobuf encoder writes non-pointer zero values; JSON's omitempty would not have sent them."""
+def _prune(obj: dict[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+    """Go's protobuf encoder writes non-pointer zero values; JSON's omitempty would not have sent them.
+    Pointer fields (`keep`) were sent because they were set: their zero stays."""
     out: dict[str, Any] = {}
     for k, v in obj.items():
+        if k in keep and v is not None:
+            out[k] = v
+            continue
         if v is None or v == "" or v is False or (isinstance(v, int) and v == 0 and k not in KEEP_ZERO):
             continue
         out[k] = v
     return out
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
-    """Decode a `k8s\\x00`-enveloped body into a JSON-shaped object (apiVersion/kind set)."""
+def decode_body(body: bytes, strict: bool = False) -> dict[str, Any]:
+    """Decode a `k8s\\x00`-enveloped body into a JSON-shaped object (apiVersion/kind set).
+
+    `strict=True` is for deciding on the body (policy, masking): every field must be in the schema (see
+    `decode_message`), so nothing the API server would act on goes unseen. The default skips unknown fields
+    (the sandbox, which only stores what it understands)."""
     if not body.startswith(MAGIC):
         raise ProtobufError("protobuf body does not start with the k8s\\x00 magic")
-    unknown = decode_message("Unknown", body[len(MAGIC) :])
+    unknown = decode_message("Unknown", body[len(MAGIC) :], strict)
     type_meta = unknown.get("typeMeta", {})
     api_version, kind = type_meta.get("apiVersion", ""), type_meta.get("kind", "")
     if unknown.get("contentEncoding"):
@@ -381,5 +481,5 @@ def decode_body(body: bytes) -> dict[str, Any]:
     message = KINDS.get((api_version, kind))
     if message is None:
         raise UnsupportedKind(api_version, kind)
-    obj = decode_message(message, unknown.get("raw", b""))
+    obj = decode_message(message, unknown.get("raw", b""), strict)
     return {"kind": kind, "apiVersion": api_version, **obj}
