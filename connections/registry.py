@@ -15,6 +15,7 @@ import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from kubegate.core.config import ConfigError, GatewaySettings, LimitSettings, first_error
+from kubegate.core.people import PeopleResolver
 
 if TYPE_CHECKING:
     from kubegate.core.plugins import ConnectionHooks, PluginHost
@@ -122,6 +123,7 @@ def build_registry(settings: GatewaySettings, config_path: Path, host: PluginHos
     models = host.plugin_settings_models()
     installed = set(host.names)
     base_dir = config_path.parent
+    people = PeopleResolver(settings.people)  # one person per identity, the same on every connection
     connections: dict[str, Connection] = {}
     for name, conn in settings.connections.items():
         key = f"connections.{name}"
@@ -165,7 +167,7 @@ def build_registry(settings: GatewaySettings, config_path: Path, host: PluginHos
             type=conn.type,
             description=conn.description,
             upstream=upstream,
-            hooks=host.for_connection(plugin_settings),
+            hooks=host.for_connection(plugin_settings, people),
             plugin_settings=plugin_settings,
             limits=settings.limits,
         )

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .people import PeopleSettings
 
 CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -109,6 +110,11 @@ class GatewaySettings(StrictModel):
         default_factory=dict,
         description="Gateway-wide plugins and their settings (e.g. `login`), validated by the model each "
         "plugin declares with `kubegate_gateway_settings`.",
+    )
+    people: PeopleSettings = Field(
+        default_factory=lambda: PeopleSettings(),
+        description="How identities map to people (an explicit map, then claims, then the user name): "
+        "approvals refuse a person's own request and count distinct people. See docs/identity.md.",
     )
     connections: dict[str, ConnectionSettings]
 

@@ -42,6 +42,9 @@ class Identity:
     issuer: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
     expires_at: float | None = None
+    # The person behind the identity (core/people.py), set by the core right after authentication: one
+    # person's identities through several methods share it, so approvals compare people, not user names.
+    person: str = ""
 
 
 @dataclass(frozen=True, slots=True)

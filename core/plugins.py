@@ -19,6 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .flow import AuditEvent, AuthFailure, BodyTransformer, Decision, Flow, Frame, Identity, Session, Verdict
+from .people import PeopleResolver
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -183,15 +184,18 @@ class PluginHost:
         called on every plugin, whatever the connection enables, since records are masked everywhere."""
         return cast("str | None", self.pm.hook.kubegate_record_body(flow=flow, body=body))
 
-    def for_connection(self, enabled: Iterable[str]) -> ConnectionHooks:
-        return ConnectionHooks(self.pm, frozenset(enabled))
+    def for_connection(self, enabled: Iterable[str], people: PeopleResolver | None = None) -> ConnectionHooks:
+        """The hooks of a connection with `enabled` plugins; `people` finds authenticated identities'
+        person keys (the config's `people` section; without one, the user name)."""
+        return ConnectionHooks(self.pm, frozenset(enabled), people or PeopleResolver())
 
 
 class ConnectionHooks:
     """The hooks of one connection: only its enabled plugins are called. Built once per config load."""
 
-    def __init__(self, pm: pluggy.PluginManager, enabled: frozenset[str]):
+    def __init__(self, pm: pluggy.PluginManager, enabled: frozenset[str], people: PeopleResolver):
         self.enabled = enabled
+        self.people = people
         remove = [plugin for name, plugin in pm.list_name_plugin() if name not in enabled]
         caller = pm.subset_hook_caller
         self._authenticate = caller("kubegate_authenticate", remove)
@@ -215,7 +219,12 @@ class ConnectionHooks:
         self.has_audit = bool(self._audit_event.get_hookimpls())
 
     async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
-        return cast("Identity | AuthFailure | None", await _first_answer(self._authenticate(flow=flow)))
+        """The first plugin's answer; an identity comes with its person key resolved here, so the data path
+        and the plugins' APIs (which both authenticate through this) always agree on who the person is."""
+        answer = await _first_answer(self._authenticate(flow=flow))
+        if isinstance(answer, Identity):
+            return self.people.resolve(answer)
+        return cast("AuthFailure | None", answer)
 
     async def decide(self, flow: Flow) -> Decision | None:
         strictest: Decision | None = None

@@ -813,6 +813,7 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
         if identity is None
         else {
             "user": identity.user,
+            "person": identity.person,
             "groups": list(identity.groups),
             "method": identity.method,
             "issuer": identity.issuer,

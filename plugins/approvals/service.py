@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
-from kubegate.plugins.masking import mask_body_for_record
+from kubegate.core.people import normalize, person_key
+from kubegate.plugins.masking import mask_body_for_record, mask_command_for_record, mask_query_for_record
 
 from . import store
 
@@ -73,6 +74,13 @@ def intent_of(flow: Flow, body: bytes) -> Intent:
     )
 
 
+def _masked_path(flow: Flow, path: str) -> str:
+    """An intent's path and query as records keep it: the exec command line in the query masked."""
+    route, mark, query = path.partition("?")
+    masked = mask_query_for_record(flow, query) if mark else None
+    return path if masked is None else f"{route}?{masked}"
+
+
 async def emit(connection: Connection, kind: str, flow_id: str, data: dict[str, Any]) -> None:
     """An audit event through the connection's audit hooks (approval events are audited like requests)."""
     if not connection.hooks.has_audit:
@@ -84,11 +92,22 @@ async def emit(connection: Connection, kind: str, flow_id: str, data: dict[str, 
         log.exception("audit hook failed for %s", kind)
 
 
+def requester_person(record: store.ApprovalRecord) -> str:
+    """The requester's person key; a record held before person keys existed has its user name instead."""
+    return record.requester_person or normalize(record.requester)
+
+
+def approver_person(approval: dict[str, Any]) -> str:
+    """The person key of one approval entry (an entry made before person keys: its user name)."""
+    return str(approval.get("person") or normalize(approval["reviewer"]))
+
+
 def _summary(record: store.ApprovalRecord) -> dict[str, Any]:
     return {
         "approval_id": record.id,
         "rule": record.rule,
         "requester": record.requester,
+        "requester_person": requester_person(record),
         "verb": record.verb,
         "resource": record.resource,
         "namespace": record.namespace,
@@ -162,6 +181,7 @@ class ApprovalService:
             rule=decision.rule,
             reason=decision.reason,
             requester=identity.user,
+            requester_person=person_key(identity),
             requester_groups=list(identity.groups),
             requester_method=identity.method,
             requester_claims=identity.claims,
@@ -169,10 +189,11 @@ class ApprovalService:
             resource=fields["resource"],
             namespace=fields["namespace"],
             name=fields["name"],
-            path=fields["path"],
+            # Reviewers and the audit see the path and command masked; the intent hash binds them in clear.
+            path=_masked_path(flow, fields["path"]),
             body_sha256=fields["body_sha256"],
             body_preview=mask_body_for_record(flow, body)[:PREVIEW_BYTES],
-            command=fields["command"],
+            command=mask_command_for_record(flow, fields["command"]),
             kubectl_command=flow.kubectl_command,
             reviewer_groups=list(spec.reviewer_groups),
             min_approvals=spec.min_approvals,
@@ -219,6 +240,7 @@ class ApprovalService:
         flow.state.setdefault("approval", {"approval_id": record.id}).update(
             state=record.state,
             approvers=[a["reviewer"] for a in record.approvals],
+            approver_persons=[approver_person(a) for a in record.approvals],
             denied_by=(record.denial or {}).get("reviewer"),
         )
         if record.state == store.DENIED:
@@ -251,11 +273,13 @@ class ApprovalService:
                 raise ReviewError(404, f"no approval request {approval_id}")
             self._check_reviewer(record, reviewer)
             now = time.time()
-            entry = {"reviewer": reviewer.user, "comment": comment[:1000], "at": now}
+            entry = {"reviewer": reviewer.user, "person": person_key(reviewer), "method": reviewer.method,
+                     "comment": comment[:1000], "at": now}  # fmt: skip
             if approve:
                 approvals = [*record.approvals, entry]
                 values: dict[str, Any] = {"approvals": approvals}
-                if len({a["reviewer"] for a in approvals}) >= record.min_approvals:
+                # Distinct people, not identities: two credentials of one reviewer are one approval.
+                if len({approver_person(a) for a in approvals}) >= record.min_approvals:
                     values.update(state=store.APPROVED, decided_at=now)
                     if record.scope == "window":
                         values["grant_id"] = store.new_id()
@@ -279,9 +303,8 @@ class ApprovalService:
                 if updated.state == store.APPROVED
                 else "approval.partial"
             )
-            await emit(
-                connection, kind, "", {**_summary(updated), "reviewer": reviewer.user, "comment": comment}
-            )
+            await emit(connection, kind, "", {**_summary(updated), "reviewer": reviewer.user,
+                                              "reviewer_person": person_key(reviewer), "comment": comment})  # fmt: skip
         log.info("approval %s: %s by %s", approval_id, "approved" if approve else "denied", reviewer.user)
         return updated
 
@@ -309,11 +332,25 @@ class ApprovalService:
         if record.state != store.PENDING or record.expires_at <= time.time():
             state = record.state if record.state != store.PENDING else "expired"
             raise ReviewError(409, f"approval request {record.id} is {state}")
+        # People, not user names: the requester's other identities (another method, another prefix) are
+        # the requester too, and a second credential of a reviewer is not a second reviewer.
+        person = person_key(reviewer)
         if reviewer.user == record.requester:
             raise ReviewError(403, "you cannot review your own request")
+        if person == requester_person(record):
+            raise ReviewError(
+                403, f"you cannot review your own request ({reviewer.user} and the requester "
+                f"{record.requester} are the same person, {person})"
+            )  # fmt: skip
         if not set(reviewer.groups) & set(record.reviewer_groups):
             raise ReviewError(
                 403, f"only members of {', '.join(record.reviewer_groups)} may review this request"
             )
-        if any(a["reviewer"] == reviewer.user for a in record.approvals):
-            raise ReviewError(409, "you already approved this request; another reviewer must")
+        for approval in record.approvals:
+            if approval["reviewer"] == reviewer.user:
+                raise ReviewError(409, "you already approved this request; another reviewer must")
+            if approver_person(approval) == person:
+                raise ReviewError(
+                    409, f"you already approved this request as {approval['reviewer']} (the same person, "
+                    f"{person}); another reviewer must"
+                )  # fmt: skip

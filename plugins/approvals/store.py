@@ -28,6 +28,9 @@ class ApprovalRecord(SQLModel, table=True):
     rule: str = ""
     reason: str = ""  # the rule's message, shown to reviewers
     requester: str = Field(index=True)
+    # The requester's person key (core/people.py): reviewers are refused and counted by person. Empty on
+    # records made before person keys (their user name stands in).
+    requester_person: str = ""
     requester_groups: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     requester_method: str = ""
     requester_claims: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
@@ -49,6 +52,7 @@ class ApprovalRecord(SQLModel, table=True):
     expires_at: float = 0.0
     decided_at: float | None = None
     used_at: float | None = None
+    # Each approval: {"reviewer": user, "person": person key, "method", "comment", "at"}.
     approvals: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
     denial: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     grant_id: str | None = None
