@@ -1,14 +1,27 @@
-"""Kubernetes request attributes, parsed the way the API server parses them.
+"""Kubernetes request attributes, read exactly the way the API server reads them.
 
-This mirrors k8s.io/apiserver `RequestInfoFactory.NewRequestInfo` so that policy written against kubegate
-means the same thing as RBAC written against the cluster: the same verb (list vs get vs watch,
-deletecollection), the same resource/subresource split, the same namespace rules.
+The gateway is where policy is enforced, so what it decides on must be what the API server acts on. This
+module follows the Go sources rule by rule; each rule names the Go function it comes from:
+
+- `net/url`: `parseQuery`, `unescape`, `QueryEscape`, `Values.Encode` (golang/go src/net/url/url.go);
+- k8s.io/apiserver `pkg/endpoints/request/requestinfo.go` `RequestInfoFactory.NewRequestInfo` (verb,
+  namespace, resource/subresource/name, list/watch, deletecollection);
+- k8s.io/apimachinery `pkg/runtime/conversion.go` (`Convert_Slice_string_To_bool` and friends: the FIRST
+  value of a repeated parameter wins), `pkg/fields/selector.go` (`ParseSelector`, `RequiresExactMatch`),
+  `pkg/api/validation/path` (`IsValidPathSegmentName`);
+- kubernetes `pkg/apis/core/v1` generated conversions of `PodExecOptions`, `PodAttachOptions`,
+  `PodPortForwardOptions`, `PodLogOptions` from `url.Values`.
+
+Where two readings of one request could differ (a parameter given twice, a `;` Go drops, an invalid escape
+Go drops, more parameters than Go parses), the request is refused with `RequestRefused` (400, or 405 for a
+method the API server does not serve) instead of guessing. The gateway then forwards `canonical_query`, a
+re-encoding of exactly the values it decided on, so what was approved is what upstream receives.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs
 
 API_PREFIXES = frozenset({"api", "apis"})
 GROUPLESS_PREFIXES = frozenset({"api"})
@@ -16,6 +29,7 @@ GROUPLESS_PREFIXES = frozenset({"api"})
 SPECIAL_VERBS = frozenset({"proxy", "watch"})
 SPECIAL_VERBS_NO_SUBRESOURCES = frozenset({"proxy"})
 NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
+# NewRequestInfo's `switch req.Method`: Go method names are case-sensitive, so `post` is not POST.
 METHOD_VERBS = {
     "POST": "create",
     "GET": "get",
@@ -24,7 +38,24 @@ METHOD_VERBS = {
     "PATCH": "patch",
     "DELETE": "delete",
 }
-TRUE_VALUES = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+# Parameters whose Go type is a slice (every value is used, in order): PodExecOptions.Command,
+# CreateOptions/UpdateOptions/PatchOptions/DeleteOptions.DryRun, PodPortForwardOptions.Ports. Every other
+# parameter is read with its first value only, so a second value is a second reading.
+LIST_PARAMETERS = frozenset({"command", "dryRun", "ports"})
+# net/url parseQuery (Go ≥ 1.24.x): more than this many `&`-separated pairs and ParseQuery returns no
+# values at all (GODEBUG urlmaxqueryparams).
+MAX_QUERY_PARAMETERS = 10000
+EXEC_SUBRESOURCES = frozenset({"exec", "attach"})
+_INT64 = re.compile(r"[+-]?[0-9]+")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class RequestRefused(ValueError):
+    """A request the gateway cannot read the way the API server would: answer `code` with a Status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -42,6 +73,26 @@ class RequestAttributes:
     subresource: str = ""
     name: str = ""
     parts: list[str] = field(default_factory=list)
+    # The query as Go's url.ParseQuery reads it (empty for proxy requests, whose query is the pod's).
+    query: dict[str, list[str]] = field(default_factory=dict)
+    # What the gateway forwards upstream: Values.Encode() of `query`, or a proxy request's raw query.
+    canonical_query: str = ""
+    # pods/exec and pods/attach options (PodExecOptions, PodAttachOptions).
+    command: list[str] = field(default_factory=list)
+    container: str = ""
+    stdin: bool = False
+    stdout: bool = False
+    stderr: bool = False
+    tty: bool = False
+    # pods/portforward (PodPortForwardOptions.Ports).
+    ports: list[int] = field(default_factory=list)
+    # pods/log (PodLogOptions).
+    follow: bool = False
+    previous: bool = False
+    timestamps: bool = False
+    tail_lines: int | None = None
+    limit_bytes: int | None = None
+    since_seconds: int | None = None
 
     @property
     def resource_path(self) -> str:
@@ -51,6 +102,11 @@ class RequestAttributes:
     @property
     def is_streaming_subresource(self) -> bool:
         return self.resource == "pods" and self.subresource in {"exec", "attach", "portforward"}
+
+    @property
+    def is_proxy(self) -> bool:
+        """A proxy request: its query belongs to the pod/service/node and is passed on as it came."""
+        return self.is_resource_request and (self.verb == "proxy" or self.subresource == "proxy")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -66,21 +122,273 @@ class RequestAttributes:
         }
 
 
-def parse_request(method: str, path: str, query: str) -> RequestAttributes:
-    """Parse a (normalised, connection-relative) path and query into request attributes.
+# ---------------------------------------------------------------------------------------------------------
+# net/url
+# ---------------------------------------------------------------------------------------------------------
 
-    `path` starts with `/` and has already been checked for escapes; `query` is the raw query string.
-    Non-resource requests (`/version`, `/openapi/v3`, `/healthz`) get the lower-cased HTTP method as verb.
+
+def _unescape(raw: bytes, *, query_component: bool) -> bytes:
+    """net/url `unescape`: `%XX` must be two hex digits (else an EscapeError); `+` is a space only in a query
+    component (`QueryUnescape`), never in a path (`PathUnescape`)."""
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x25:  # %
+            if i + 2 >= len(raw) or raw[i + 1] not in _HEX or raw[i + 2] not in _HEX:
+                raise RequestRefused(400, f"invalid URL escape {raw[i : i + 3].decode('latin-1')!r}")
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        out.append(0x20 if byte == 0x2B and query_component else byte)
+        i += 1
+    return bytes(out)
+
+
+def _utf8(data: bytes, what: str) -> str:
+    # Go strings are bytes; every Kubernetes client sends UTF-8, so anything else is refused rather than
+    # read one way here and another way there.
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestRefused(400, f"the {what} is not valid UTF-8 once unescaped") from None
+
+
+def path_unescape(raw_path: str) -> str:
+    """net/url `PathUnescape` of an ASCII request path (what Go puts in `req.URL.Path`).
+
+    An invalid `%` escape (Go's server answers 400) or a result that is not UTF-8 is refused with 400.
     """
+    return _utf8(_unescape(_raw_bytes(raw_path), query_component=False), "request path")
+
+
+def _raw_bytes(text: str) -> bytes:
+    # From the wire, one character per byte (latin-1); typed text (`kubegate policy check`) may hold more.
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
+def parse_query(raw_query: str) -> dict[str, list[str]]:
+    """net/url `parseQuery`, refusing what Go would silently drop.
+
+    Go splits on `&` only; skips empty pairs; cuts each pair at its first `=` (no `=`: empty value); drops
+    a pair containing `;` and a pair with an invalid escape (reporting an error the API server ignores);
+    and since Go 1.24.x returns no values at all beyond 10000 pairs. Dropped pairs would make the gateway
+    and the API server read different requests, so each of those is a 400 here. `raw_query` is the query
+    string as received, one character per byte (latin-1).
+    """
+    data = _raw_bytes(raw_query)
+    values: dict[str, list[str]] = {}
+    if not data:
+        return values
+    if data.count(b"&") + 1 > MAX_QUERY_PARAMETERS:
+        raise RequestRefused(400, f"the query has more than {MAX_QUERY_PARAMETERS} parameters")
+    for pair in data.split(b"&"):
+        if b";" in pair:
+            raise RequestRefused(400, "the query contains a ';', which the API server ignores with its pair")
+        if not pair:
+            continue
+        key, _, value = pair.partition(b"=")
+        name = _utf8(_unescape(key, query_component=True), "query")
+        values.setdefault(name, []).append(_utf8(_unescape(value, query_component=True), "query"))
+    return values
+
+
+def query_escape(text: str) -> str:
+    """net/url `QueryEscape`: everything but ALPHA DIGIT `-_.~` is `%XX` (upper case hex); space is `+`."""
+    out = []
+    for byte in text.encode("utf-8"):
+        if 0x30 <= byte <= 0x39 or 0x41 <= byte <= 0x5A or 0x61 <= byte <= 0x7A or byte in b"-_.~":
+            out.append(chr(byte))
+        elif byte == 0x20:
+            out.append("+")
+        else:
+            out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+def encode_query(values: dict[str, list[str]]) -> str:
+    """net/url `Values.Encode`: keys sorted (byte order, which is code point order), values in order."""
+    return "&".join(
+        f"{query_escape(key)}={query_escape(value)}" for key in sorted(values) for value in values[key]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k8s.io/apimachinery conversions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _equal_fold_false(text: str) -> bool:
+    # strings.EqualFold(s, "false") with Unicode simple folding: besides ASCII case, only U+017F (long s)
+    # folds onto one of these letters (s).
+    return len(text) == 5 and all(
+        c.lower() == t or (c == "\u017f" and t == "s") for c, t in zip(text, "false", strict=True)
+    )
+
+
+def go_bool(values: list[str]) -> bool:
+    """runtime `Convert_Slice_string_To_bool`: absent, `0` or (case-folded) `false` is false; anything else,
+    including an empty value (`watch=`), is true. Only the first value counts."""
+    if not values:
+        return False
+    return not (values[0] == "0" or _equal_fold_false(values[0]))
+
+
+def _go_lower_bool(values: list[str]) -> bool:
+    # NewRequestInfo's fallback when ListOptions do not decode: `switch strings.ToLower(values[0])`.
+    return bool(values) and values[0].lower() not in ("false", "0")
+
+
+def _int64(values: list[str], name: str) -> int | None:
+    """runtime `Convert_Slice_string_To_int64` / `_To_Pointer_int64`: strconv.ParseInt(first, 10, 64)."""
+    if not values:
+        return None
+    text = values[0]
+    if not _INT64.fullmatch(text) or not -(2**63) <= int(text) < 2**63:
+        raise RequestRefused(400, f"{name}: {text!r} is not a 64-bit integer")
+    return int(text)
+
+
+def _ports(values: list[str]) -> list[int]:
+    """metav1 `Convert_Slice_string_To_Slice_int32` for PodPortForwardOptions.Ports: every value, split on
+    `,`, each strconv.ParseUint(part, 10, 16)."""
+    ports = []
+    for value in values:
+        for part in value.split(","):
+            if not part.isascii() or not part.isdigit() or int(part) > 0xFFFF:
+                raise RequestRefused(400, f"ports: {part!r} is not a port number")
+            ports.append(int(part))
+    return ports
+
+
+def _split_terms(selector: str) -> list[str]:
+    """fields `splitTerms`: split on `,` except a backslash-escaped one (the backslash is kept)."""
+    if not selector:
+        return []
+    terms, start, in_slash = [], 0, False
+    for index, char in enumerate(selector):
+        if in_slash:
+            in_slash = False
+        elif char == "\\":
+            in_slash = True
+        elif char == ",":
+            terms.append(selector[start:index])
+            start = index + 1
+    terms.append(selector[start:])
+    return terms
+
+
+def _split_term(term: str) -> tuple[str, str, str] | None:
+    """fields `splitTerm`: the first position where `!=`, `==` or `=` starts (in that order); no trimming."""
+    for index in range(len(term)):
+        for op in ("!=", "==", "="):
+            if term.startswith(op, index):
+                return term[:index], op, term[index + len(op) :]
+    return None
+
+
+def _unescape_value(value: str) -> str | None:
+    """fields `UnescapeValue`: `\\\\`, `\\,`, `\\=` are escapes; any other escape, a trailing `\\`, or a bare
+    `,`/`=` is an error (None)."""
+    out, in_slash = [], False
+    for char in value:
+        if in_slash:
+            if char not in "\\,=":
+                return None
+            out.append(char)
+            in_slash = False
+        elif char == "\\":
+            in_slash = True
+        elif char in ",=":
+            return None
+        else:
+            out.append(char)
+    return None if in_slash else "".join(out)
+
+
+def parse_field_selector(selector: str) -> list[tuple[str, str, str]] | None:
+    """fields `ParseSelector`: (field, operator, value) terms in Go's order (sorted raw terms), or None when
+    it does not parse."""
+    terms = []
+    for part in sorted(_split_terms(selector)):
+        if not part:
+            continue
+        split = _split_term(part)
+        if split is None:
+            return None
+        lhs, op, rhs = split
+        value = _unescape_value(rhs)
+        if value is None:
+            return None
+        terms.append((lhs, op, value))
+    return terms
+
+
+def requires_exact_match(terms: list[tuple[str, str, str]], name: str) -> str | None:
+    """Selector `RequiresExactMatch`: the value of the first `=`/`==` term on `name` (andTerm order)."""
+    for lhs, op, value in terms:
+        if lhs == name and op != "!=":
+            return value
+    return None
+
+
+def is_valid_path_segment_name(name: str) -> bool:
+    """validation/path `IsValidPathSegmentName`: not `.` or `..`, and no `/` or `%`."""
+    return name not in (".", "..") and "/" not in name and "%" not in name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k8s.io/apiserver RequestInfoFactory.NewRequestInfo
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_request(method: str, path: str, query: str) -> RequestAttributes:
+    """Read a request as the API server does: `path` is the decoded, connection-relative path (see
+    `path_unescape`); `query` the raw query string (one character per byte).
+
+    Raises `RequestRefused` (400/405) for a request the API server could read differently from the gateway,
+    and ValueError for a special verb without a target (`/api/v1/watch`), which the API server cannot read
+    either. Non-resource requests (`/version`, `/openapi/v3`) get the lower-cased method as verb.
+    """
+    if method not in METHOD_VERBS:
+        # The API server serves no other method; WebSocket upgrades arrive here as GET.
+        raise RequestRefused(405, f"the method {method!r} is not allowed")
     info = RequestAttributes(path=path, verb=method.lower())
-    current = [p for p in path.strip("/").split("/") if p] if path.strip("/") else []
+    _resource_info(info, method, path)
+    if info.is_proxy:
+        # The API server passes req.URL.RawQuery on to the pod/service/node and reads nothing from it.
+        info.canonical_query = query
+        return info
+    info.query = parse_query(query)
+    if info.is_resource_request:
+        repeated = sorted(k for k, v in info.query.items() if len(v) > 1 and k not in LIST_PARAMETERS)
+        if repeated:
+            raise RequestRefused(
+                400, f"the query gives {', '.join(repeated)} more than once; the API server reads the first"
+            )
+    info.canonical_query = encode_query(info.query)
+    if info.is_resource_request:
+        _list_or_watch(info)
+        _subresource_options(info)
+    # NewRequestInfo: no name and a delete → deletecollection.
+    if not info.name and info.verb == "delete":
+        info.verb = "deletecollection"
+    return info
+
+
+def _resource_info(info: RequestAttributes, method: str, path: str) -> None:
+    """NewRequestInfo up to the parts: prefix, group, version, special verb, namespace, resource/name/sub."""
+    current = _split_path(path)
     if len(current) < 3 or current[0] not in API_PREFIXES:
-        return info  # non-resource request
+        return  # non-resource request
     info.api_prefix = current[0]
     current = current[1:]
     if info.api_prefix not in GROUPLESS_PREFIXES:
         if len(current) < 3:
-            return info  # /apis/GROUP/VERSION discovery is a non-resource request
+            return  # /apis/GROUP/VERSION discovery is a non-resource request
         info.api_group = current[0]
         current = current[1:]
     info.is_resource_request = True
@@ -93,7 +401,7 @@ def parse_request(method: str, path: str, query: str) -> RequestAttributes:
         info.verb = current[0]
         current = current[1:]
     else:
-        info.verb = METHOD_VERBS.get(method.upper(), method.lower())
+        info.verb = METHOD_VERBS[method]
 
     if current[0] == "namespaces":
         if len(current) > 1:
@@ -110,23 +418,66 @@ def parse_request(method: str, path: str, query: str) -> RequestAttributes:
     if len(current) >= 1:
         info.resource = current[0]
 
-    if not info.name and info.verb == "get":
-        params = parse_qs(query, keep_blank_values=True)
-        info.verb = "watch" if params.get("watch", [""])[-1] in TRUE_VALUES else "list"
-        for selector in params.get("fieldSelector", []):
-            name = _exact_name(selector)
-            if name:
-                info.name = name
-    if not info.name and info.verb == "delete":
-        info.verb = "deletecollection"
-    return info
+
+def _split_path(path: str) -> list[str]:
+    # requestinfo.go splitPath: trim slashes, split on "/" (empty inner parts stay; the proxy refuses them).
+    trimmed = path.strip("/")
+    return trimmed.split("/") if trimmed else []
 
 
-def _exact_name(selector: str) -> str:
-    """`metadata.name=web` (or `==`) in a field selector names one object, as the API server recognises."""
-    for term in selector.split(","):
-        for op in ("==", "="):
-            key, sep, value = term.partition(op)
-            if sep and key.strip() == "metadata.name" and "!" not in key:
-                return value.strip()
-    return ""
+def _list_or_watch(info: RequestAttributes) -> None:
+    """NewRequestInfo: no name and a get → list or watch, from ListOptions decoded by the ParameterCodec; and
+    a fieldSelector requiring `metadata.name` names the object (when it is a valid path segment name)."""
+    if info.name or info.verb != "get":
+        return
+    query = info.query
+    watch = query.get("watch", [])
+    # When ListOptions do not decode, NewRequestInfo falls back to strings.ToLower(first) for watch and sets
+    # no name. The two boolean readings only differ on U+017F (long s, folded to `s`): refuse rather than pick one.
+    if go_bool(watch) != _go_lower_bool(watch):
+        raise RequestRefused(400, f"watch={watch[0]!r} reads differently to the API server's two decoders")
+    info.verb = "watch" if go_bool(watch) else "list"
+    # Integers that fail to decode make the handler answer 400 anyway; refusing here keeps one reading.
+    _int64(query.get("limit", []), "limit")
+    _int64(query.get("timeoutSeconds", []), "timeoutSeconds")
+    selector = query.get("fieldSelector", [""])[0]
+    if not selector:
+        return
+    terms = parse_field_selector(selector)
+    if terms is None:
+        return  # the ListOptions do not decode: no name (and the handler answers 400)
+    name = requires_exact_match(terms, "metadata.name")
+    if name is None or not is_valid_path_segment_name(name):
+        return
+    if query.get("labelSelector", [""])[0]:
+        # An invalid labelSelector makes the API server drop the name; the gateway does not parse label
+        # selectors, so the two readings could differ: refuse the combination (kubectl never sends it).
+        raise RequestRefused(400, "a fieldSelector on metadata.name cannot be combined with a labelSelector")
+    info.name = name
+
+
+def _subresource_options(info: RequestAttributes) -> None:
+    """The v1 `Convert_url_Values_To_v1_Pod*Options` conversions: bools and strings from the first value,
+    `command` and `ports` from every value, in order, blanks kept."""
+    if info.resource != "pods" or not info.name:
+        return
+    query = info.query
+    first = query.get("container", [""])[0]
+    if info.subresource in EXEC_SUBRESOURCES:
+        if info.subresource == "exec":
+            info.command = list(query.get("command", []))
+        info.container = first
+        info.stdin = go_bool(query.get("stdin", []))
+        info.stdout = go_bool(query.get("stdout", []))
+        info.stderr = go_bool(query.get("stderr", []))
+        info.tty = go_bool(query.get("tty", []))
+    elif info.subresource == "portforward":
+        info.ports = _ports(query.get("ports", []))
+    elif info.subresource == "log":
+        info.container = first
+        info.follow = go_bool(query.get("follow", []))
+        info.previous = go_bool(query.get("previous", []))
+        info.timestamps = go_bool(query.get("timestamps", []))
+        info.tail_lines = _int64(query.get("tailLines", []), "tailLines")
+        info.limit_bytes = _int64(query.get("limitBytes", []), "limitBytes")
+        info.since_seconds = _int64(query.get("sinceSeconds", []), "sinceSeconds")

@@ -121,6 +121,8 @@ class Request:
     body_size: int = 0
     body_sha256: str = ""
     body_sample: bytes | None = None  # the whole body when it is at most `limits.audit_body_bytes`
+    # The query string as the client sent it; `query` is the canonical re-encoding forwarded upstream.
+    raw_query: str = ""
     _body_reader: Callable[[], Awaitable[bytes]] | None = None
     _disconnect_waiter: Callable[[], Awaitable[None]] | None = None
 

@@ -20,12 +20,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import aiohttp
+from yarl import URL
 
 from . import observe
-from .attributes import parse_request
+from .attributes import RequestRefused, parse_request, path_unescape
 from .errors import STATUS_HEADERS, StatusError
 from .flow import (
     AuditEvent,
@@ -100,6 +100,9 @@ def split_path(raw_path: bytes) -> tuple[str, str]:
     lowered = rest.lower()
     if any(enc in lowered for enc in FORBIDDEN_ENCODINGS) or b"\\" in rest:
         raise StatusError(400, "the request path contains an encoded separator, dot or backslash")
+    if b"#" in rest:
+        # Go keeps a `#` in a request path while URL libraries (aiohttp's included) cut a fragment there.
+        raise StatusError(400, "the request path contains a '#'")
     segments = tail.split(b"/") if tail else []
     # A trailing slash is fine (`/apis/`); every other segment must be a real name.
     for index, segment in enumerate(segments):
@@ -186,19 +189,24 @@ class Proxy:
             raise StatusError(
                 404, f'connection "{name}" not found', details={"name": name, "kind": "connections"}
             )
-        path = unquote(raw_rest)
-        query = scope.get("query_string", b"").decode("latin-1")
+        raw_query = scope.get("query_string", b"").decode("latin-1")
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         method = "GET" if websocket else scope["method"]
         try:
-            attributes = parse_request(method, path, query)
+            # Read as the API server reads it (Go's PathUnescape, ParseQuery, RequestInfo); a request it
+            # could read differently is refused here, before anyone decides on it.
+            attributes = parse_request(method, path_unescape(raw_rest), raw_query)
+        except RequestRefused as exc:
+            raise StatusError(exc.code, str(exc)) from None
         except ValueError as exc:
             raise StatusError(404, str(exc)) from None
         client = scope.get("client") or ("", 0)
         request = Request(
             method=method,
             path=raw_rest,
-            query=query,
+            # What upstream receives and the audit records: the values the gateway decided on, re-encoded.
+            query=attributes.canonical_query,
+            raw_query=raw_query,
             headers=headers,
             scheme=scope.get("scheme", "https"),
             client_addr=str(client[0]),
@@ -257,9 +265,17 @@ class Proxy:
             return Decision(Verdict.DENY, f"{reason}, and no approval plugin is enabled", decision.rule)
         return resolved
 
-    def _upstream_url(self, flow: Flow) -> str:
-        url = flow.connection.upstream.base_url + flow.request.path
-        return f"{url}?{flow.request.query}" if flow.request.query else url
+    def _upstream_url(self, flow: Flow) -> URL:
+        """The upstream URL with exactly the path and query bytes decided on: built already encoded, so
+        that aiohttp neither requotes them nor reads a `#` as a fragment."""
+        base = URL(flow.connection.upstream.base_url)
+        return URL.build(
+            scheme=base.scheme,
+            authority=base.raw_authority,
+            path=base.raw_path.rstrip("/") + flow.request.path,
+            query_string=flow.request.query,
+            encoded=True,
+        )
 
     async def _prepare_upstream(
         self, flow: Flow, impersonation: list[tuple[str, str]], *, keep_length: bool

@@ -15,7 +15,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qs
 
 import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -292,9 +291,8 @@ def request_from_attributes(
 def request_from_flow(flow: Flow) -> Request:
     attrs = flow.attributes
     assert flow.identity is not None
-    command: list[str] = []
-    if attrs.resource == "pods" and attrs.subresource in ("exec", "attach"):
-        command = parse_qs(flow.request.query).get("command", [])
+    # The command exactly as the API server will decode it (every value, in order, blanks kept).
+    command = list(attrs.command)
     return request_from_attributes(flow.identity, attrs, flow.request.path, command, flow.request.body)
 
 

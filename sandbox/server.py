@@ -36,7 +36,7 @@ from aiohttp import web
 from kubegate.core import protobuf
 from kubegate.core.tls import ensure_self_signed, write_client_certificate
 
-from . import openapi, seed, tables
+from . import goparse, openapi, seed, tables
 from .patch import json_patch, merge_patch, strategic_merge_patch
 from .resources import GROUP_ORDER, RESOURCES, Resource, by_group_version, groups, lookup, validate_name
 from .store import ApiError, Event, Store, not_found, now_iso, status_body
@@ -80,6 +80,7 @@ class Identity:
 
 
 IDENTITY_KEY = web.RequestKey("identity", Identity)
+RECORD_KEY = web.RequestKey("record", dict)
 REAL_IDENTITY_KEY = web.RequestKey("real_identity", Identity)
 
 
@@ -112,24 +113,27 @@ METHOD_VERBS = {
 
 
 def parse_request_info(method: str, path: str, query: dict[str, str] | Any) -> RequestInfo:
-    parts = [p for p in path.strip("/").split("/") if p != ""] if path.strip("/") else []
-    verb = METHOD_VERBS.get(method.upper(), method.lower())
-    if len(parts) < 2 or parts[0] not in ("api", "apis"):
-        return RequestInfo(False, path, verb)
+    """RequestInfoFactory.NewRequestInfo over the Go-decoded path and `req.URL.Query()` (see goparse)."""
+    parts = path.strip("/").split("/") if path.strip("/") else []
+    # Go's switch on req.Method is case-sensitive: any other method has no verb.
+    verb = METHOD_VERBS.get(method, "")
+    plain = RequestInfo(False, path, method.lower())
+    if len(parts) < 3 or parts[0] not in ("api", "apis"):
+        return plain
     prefix = parts[0]
     if prefix == "api":
         group, version, rest = "", parts[1], parts[2:]
     else:
-        if len(parts) < 3:
-            return RequestInfo(False, path, verb)
+        if len(parts) < 4:
+            return plain
         group, version, rest = parts[1], parts[2], parts[3:]
-    if not rest:
-        return RequestInfo(False, path, verb)
     info = RequestInfo(True, path, verb, prefix, group, version)
-    if rest[0] == "watch":
-        info.verb = "watch"
+    if rest[0] in ("watch", "proxy"):
+        if len(rest) < 2:
+            raise ApiError(500, "InternalError", f"unable to determine kind and namespace from url {path}")
+        info.verb = rest[0]
         rest = rest[1:]
-    if rest and rest[0] == "namespaces" and len(rest) > 1:
+    if rest[0] == "namespaces" and len(rest) > 1:
         info.namespace = rest[1]
         if len(rest) > 2 and rest[2] not in NAMESPACE_SUBRESOURCES:
             rest = rest[2:]
@@ -138,13 +142,35 @@ def parse_request_info(method: str, path: str, query: dict[str, str] | Any) -> R
         info.resource = rest[0]
     if len(rest) >= 2:
         info.name = rest[1]
-    if len(rest) >= 3:
+    if len(rest) >= 3 and info.verb != "proxy":
         info.subresource = rest[2]
     if not info.name and info.verb == "get":
-        info.verb = "watch" if str(query.get("watch", "")).lower() in ("true", "1") else "list"
+        _list_options(info, query)
     if info.verb == "delete" and not info.name:
         info.verb = "deletecollection"
     return info
+
+
+def _list_options(info: RequestInfo, query: Any) -> None:
+    """list or watch, and a name from `fieldSelector=metadata.name=...` — only when the ListOptions decode
+    (integers parse, selectors parse); otherwise Go falls back to strings.ToLower(first watch value)."""
+    decoded = True
+    for key in ("limit", "timeoutSeconds"):
+        if key in query and not re.fullmatch(r"[+-]?\d+", query.getall(key)[0], re.ASCII):
+            decoded = False
+    try:
+        parse_label_selector(query.get("labelSelector", ""))
+    except ApiError:
+        decoded = False
+    parsed, name = goparse.exact_name(query.get("fieldSelector", ""))
+    decoded = decoded and parsed
+    if decoded:
+        info.verb = "watch" if goparse.go_bool(query, "watch") else "list"
+        if name and goparse.valid_segment_name(name):
+            info.name = name
+    else:
+        first = query.getall("watch", [None])[0]
+        info.verb = "watch" if first is not None and first.lower() not in ("false", "0") else "list"
 
 
 GENERIC_MESSAGES = {
@@ -498,6 +524,8 @@ class SandboxAPI:
             "impersonate_user": request.headers.get("Impersonate-User"),
             "impersonate_groups": request.headers.getall("Impersonate-Group", []),
             "impersonate_uid": request.headers.get("Impersonate-Uid"),
+            "raw_query": request.raw_path.partition("?")[2],
+            "acted": None,
             "impersonate_extra": extra,
             "authorization_sha256": auth_hash,
             "headers": headers,
@@ -575,6 +603,10 @@ class SandboxAPI:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             record["authenticated_as"] = real.user
             effective = self._impersonate(request, real)
+        request[RECORD_KEY] = record
+        # Every handler reads the query the way the API server does: Go's url.ParseQuery (first value of a
+        # repeated key for `.get`, pairs with `;` or bad escapes dropped), not yarl's reading of it.
+        request._cache["query"] = goparse.go_query(request.raw_path.partition("?")[2])
             if isinstance(effective, web.StreamResponse):
                 record["status"] = effective.status
                 return effective
@@ -609,9 +641,8 @@ class SandboxAPI:
     # --- dispatch -----------------------------------------------------------------------------------
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
         identity: Identity = request[IDENTITY_KEY]
-        if path.startswith("/sandbox/"):
+        if request.path.startswith("/sandbox/"):
             return await self._sandbox_admin(request)
         info = parse_request_info(request.method, path, request.query)
         if not info.is_resource:
@@ -619,7 +650,21 @@ class SandboxAPI:
         resource = lookup(info.group, info.version, info.resource)
         if (resource is None or not resource.namespaced) and info.resource != "namespaces":
             info.namespace = ""
+        try:
+            # req.URL.Path as Go's server decodes it (yarl's request.path keeps %2B and friends encoded).
+            path = goparse.go_path(request.raw_path.partition("?")[0])
+        except goparse.BadEscape as exc:
+            raise ApiError(400, "BadRequest", f"invalid URL escape {str(exc)!r}") from None
         authz_verb = info.verb
+        request[RECORD_KEY]["acted"] = {
+            "verb": info.verb,
+            "namespace": info.namespace,
+            "resource": info.resource,
+            "subresource": info.subresource,
+            "name": info.name,
+            # what an exec runs: request.query is Go's reading (see `middleware`), as handle_exec reads it
+            "command": request.query.getall("command", []) if info.subresource == "exec" else [],
+        }
         if info.subresource in ("exec", "attach", "portforward"):
             authz_verb = "create"  # websocket upgrades are GETs, but need create (KEP-4006)
         # Authorization runs before routing in the apiserver's filter chain: a denied user learns nothing

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from kubegate.sandbox import spdy
+from kubegate.sandbox import goparse, spdy
 from kubegate.sandbox.runtime import (
     Container,
     ExecError,
@@ -150,7 +150,8 @@ def runc_exec_error(err: str) -> str:
 # Request parsing
 # ---------------------------------------------------------------------------------------------------
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "t", "yes", "y")
+    # PodExecOptions/PodAttachOptions booleans: Convert_Slice_string_To_bool on the first value.
+    return goparse.go_bool(request.query, name)
 
 
 def offered_protocols(request: web.Request) -> list[str]:

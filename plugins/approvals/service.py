@@ -57,6 +57,7 @@ def intent_of(flow: Flow, body: bytes) -> Intent:
 
     req = request_from_flow(flow)
     assert flow.identity is not None
+    # The canonical query is what upstream receives, so an approval binds exactly what will run.
     path = flow.request.path + (f"?{flow.request.query}" if flow.request.query else "")
     return Intent(
         {
