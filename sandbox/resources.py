@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 # Verb sets as the apiserver advertises them in discovery.
 CRUD = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+# The proxy subresources (Connecters) as discovery lists them: every proxied HTTP method's verb.
+PROXY_VERBS = ("create", "delete", "get", "patch", "update")
 CRUD_NO_COLLECTION = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
@@ -115,9 +117,12 @@ RESOURCES: list[Resource] = [
         categories=("all",),
         subresources=(
             Subresource("attach", "PodAttachOptions", ("create", "get")),
+            Subresource("ephemeralcontainers", "Pod", ("get", "patch", "update")),
+            Subresource("eviction", "Eviction", ("create",)),
             Subresource("exec", "PodExecOptions", ("create", "get")),
             Subresource("log", "Pod", ("get",)),
             Subresource("portforward", "PodPortForwardOptions", ("create", "get")),
+            Subresource("proxy", "PodProxyOptions", PROXY_VERBS),
             _status("Pod"),
         ),
         has_status=True,
@@ -153,7 +158,7 @@ RESOURCES: list[Resource] = [
         verbs=tuple(CRUD),
         short_names=("svc",),
         categories=("all",),
-        subresources=(_status("Service"),),
+        subresources=(Subresource("proxy", "ServiceProxyOptions", PROXY_VERBS), _status("Service")),
         has_status=True,
         name_rule="dns1035",
     ),

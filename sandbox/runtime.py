@@ -15,8 +15,16 @@ What a pod gets:
   ``tty: true``; otherwise ``/dev/null`` like the kubelet does.
 * output goes to a CRI-format log (``TIMESTAMP STREAM P|F line``, the kubelet's on-disk format) that
   ``pods/log`` serves, and to every attached client.
-* for each TCP ``containerPort`` an in-process server on an ephemeral 127.0.0.1 port that answers an HTTP
-  request with ``hello from POD:PORT`` and echoes anything else (what port-forward connects to).
+* for each TCP ``containerPort`` P an address on 127.0.0.1 (``port_address``: an ephemeral port the runtime
+  listens on) that port-forward and the ``pods/proxy`` / ``services/proxy`` subresources connect to. Pods
+  share the host's network, so a container cannot bind P itself; instead every container gets
+  ``SANDBOX_LISTEN_PORT_P`` in its environment (a free port chosen for it) and connections to P's address are
+  relayed to ``127.0.0.1:$SANDBOX_LISTEN_PORT_P`` when the pod listens there, e.g. a container running
+  ``python3 -m http.server $(SANDBOX_LISTEN_PORT_8000) --bind 127.0.0.1``. While nothing listens there the
+  runtime answers itself: an HTTP request gets ``hello from POD:P``, anything else is echoed back.
+* ephemeral containers (``kubectl debug``) are started by ``start_ephemeral`` like any other container, in
+  the same pod; one without ``command`` and ``args`` runs ``sh`` (what debug images such as busybox run),
+  not ``sleep infinity``.
 
 Containers are not restarted when they exit (restartPolicy is ignored); the exit shows in
 ``container_state``. ``envFrom`` is not supported (the resolvers only look up single keys).
@@ -33,6 +41,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import termios
 import time
@@ -224,6 +233,8 @@ class Pod:
     obj: dict[str, Any]
     containers: dict[str, Container] = field(default_factory=dict)
     ports: dict[int, tuple[str, int]] = field(default_factory=dict)  # containerPort -> local address
+    # containerPort -> the local port the pod's own server for it listens on (SANDBOX_LISTEN_PORT_P)
+    listen_ports: dict[int, int] = field(default_factory=dict)
     servers: list[asyncio.Server] = field(default_factory=list)
     execs: set[Process] = field(default_factory=set)
     stopped: bool = False
@@ -285,6 +296,33 @@ class PodRuntime:
                         await self._serve_port(p, int(port["containerPort"]))
             for c in p.containers.values():
                 await self._start_container(p, c)
+            for ec in spec.get("ephemeralContainers") or []:
+                await self._add_ephemeral(p, ec)
+
+    async def start_ephemeral(self, namespace: str, name: str, spec: dict[str, Any]) -> bool:
+        """Start an ephemeral container in a running pod (the kubelet's half of `kubectl debug`).
+
+        False when the pod is not running here; a container of that name that exists already is left alone.
+        """
+        async with self._lock:
+            p = self._pods.get((namespace, name))
+            if p is None or p.stopped:
+                return False
+            await self._add_ephemeral(p, spec)
+            return True
+
+    async def _add_ephemeral(self, p: Pod, spec: dict[str, Any]) -> None:
+        if spec["name"] in p.containers:
+            return
+        cdir = self.log_dir(p) / spec["name"]
+        cdir.mkdir(parents=True, exist_ok=True)
+        log = cdir / "0.log"
+        log.touch()
+        if not spec.get("command") and not spec.get("args"):
+            spec = {**spec, "command": ["sh"]}
+        c = Container(spec["name"], spec, log)
+        p.containers[spec["name"]] = c
+        await self._start_container(p, c)
 
     async def stop_pod(self, namespace: str, name: str) -> None:
         async with self._lock:
@@ -349,6 +387,8 @@ class PodRuntime:
     def container_env(self, pod: Pod, spec: dict[str, Any]) -> dict[str, str]:
         """The environment the kubelet would give this container (raises ExecError on a missing ref)."""
         env: dict[str, str] = {"PATH": DEFAULT_PATH, "HOSTNAME": pod.name, "HOME": "/root"}
+        for port, local in sorted(pod.listen_ports.items()):
+            env[f"SANDBOX_LISTEN_PORT_{port}"] = str(local)
         for var in spec.get("env") or []:
             name = var.get("name")
             if not name:
@@ -574,6 +614,8 @@ class PodRuntime:
         label = f"{pod.name}:{port}"
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if await self._relay_to_pod(pod, port, reader, writer):
+                return
             try:
                 first = await reader.read(READ_CHUNK)
                 if not first:
@@ -609,6 +651,38 @@ class PodRuntime:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         pod.servers.append(server)
         pod.ports[port] = ("127.0.0.1", server.sockets[0].getsockname()[1])
+        pod.listen_ports[port] = _free_local_port()
+
+    async def _relay_to_pod(
+        self, pod: Pod, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Relay a connection to the pod's own server for `port`; False (nothing done) when none listens."""
+        local = pod.listen_ports.get(port)
+        if local is None:
+            return False
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", local)
+        except OSError:
+            return False
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(READ_CHUNK):
+                    dst.write(data)
+                    await dst.drain()
+                if dst.can_write_eof():
+                    dst.write_eof()
+            except (ConnectionError, OSError):
+                pass
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            for w in (up_writer, writer):
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+        return True
 
     # ---- logs ---------------------------------------------------------------------------------------
     async def stream_logs(
@@ -663,6 +737,13 @@ class PodRuntime:
                 pos += len(chunk)
                 entries, used = parse_cri(pending)
                 pending = pending[used:]
+
+
+def _free_local_port() -> int:
+    """A loopback port free right now, for a pod's own server to bind (pods share the host's network)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 HTTP_REQUEST = re.compile(rb"^(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|TRACE) \S+ HTTP/1\.[01]\r?\n")

@@ -413,6 +413,12 @@ class _InertRuntime:
     def container_state(self, namespace: str, name: str, container: str) -> dict[str, Any]:
         return {"running": {"startedAt": now_iso()}}
 
+    async def start_ephemeral(self, namespace: str, name: str, spec: dict[str, Any]) -> bool:
+        return (namespace, name) in self.started
+
+    def port_address(self, namespace: str, name: str, port: int) -> tuple[str, int] | None:
+        return None
+
     async def stream_logs(self, *_: Any, **__: Any) -> Any:
         return
         yield b""  # pragma: no cover - makes this an async generator
@@ -518,14 +524,14 @@ class SandboxAPI:
             "method": request.method,
             "path": request.path,
             "query": request.query_string,
+            "raw_query": request.raw_path.partition("?")[2],
+            "acted": None,
             "user": None,
             "groups": [],
             "authenticated_as": None,
             "impersonate_user": request.headers.get("Impersonate-User"),
             "impersonate_groups": request.headers.getall("Impersonate-Group", []),
             "impersonate_uid": request.headers.get("Impersonate-Uid"),
-            "raw_query": request.raw_path.partition("?")[2],
-            "acted": None,
             "impersonate_extra": extra,
             "authorization_sha256": auth_hash,
             "headers": headers,
@@ -597,16 +603,16 @@ class SandboxAPI:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         record = self._record(request)
+        request[RECORD_KEY] = record
+        # Every handler reads the query the way the API server does: Go's url.ParseQuery (first value of a
+        # repeated key for `.get`, pairs with `;` or bad escapes dropped), not yarl's reading of it.
+        request._cache["query"] = goparse.go_query(request.raw_path.partition("?")[2])
         try:
             real = self._authenticate(request)
             if real is None:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             record["authenticated_as"] = real.user
             effective = self._impersonate(request, real)
-        request[RECORD_KEY] = record
-        # Every handler reads the query the way the API server does: Go's url.ParseQuery (first value of a
-        # repeated key for `.get`, pairs with `;` or bad escapes dropped), not yarl's reading of it.
-        request._cache["query"] = goparse.go_query(request.raw_path.partition("?")[2])
             if isinstance(effective, web.StreamResponse):
                 record["status"] = effective.status
                 return effective
@@ -644,18 +650,12 @@ class SandboxAPI:
         identity: Identity = request[IDENTITY_KEY]
         if request.path.startswith("/sandbox/"):
             return await self._sandbox_admin(request)
-        info = parse_request_info(request.method, path, request.query)
-        if not info.is_resource:
-            return await self._non_resource(request, info)
-        resource = lookup(info.group, info.version, info.resource)
-        if (resource is None or not resource.namespaced) and info.resource != "namespaces":
-            info.namespace = ""
         try:
             # req.URL.Path as Go's server decodes it (yarl's request.path keeps %2B and friends encoded).
             path = goparse.go_path(request.raw_path.partition("?")[0])
         except goparse.BadEscape as exc:
             raise ApiError(400, "BadRequest", f"invalid URL escape {str(exc)!r}") from None
-        authz_verb = info.verb
+        info = parse_request_info(request.method, path, request.query)
         request[RECORD_KEY]["acted"] = {
             "verb": info.verb,
             "namespace": info.namespace,
@@ -665,6 +665,12 @@ class SandboxAPI:
             # what an exec runs: request.query is Go's reading (see `middleware`), as handle_exec reads it
             "command": request.query.getall("command", []) if info.subresource == "exec" else [],
         }
+        if not info.is_resource:
+            return await self._non_resource(request, info)
+        resource = lookup(info.group, info.version, info.resource)
+        if (resource is None or not resource.namespaced) and info.resource != "namespaces":
+            info.namespace = ""
+        authz_verb = info.verb
         if info.subresource in ("exec", "attach", "portforward"):
             authz_verb = "create"  # websocket upgrades are GETs, but need create (KEP-4006)
         # Authorization runs before routing in the apiserver's filter chain: a denied user learns nothing
@@ -1300,7 +1306,26 @@ class SandboxAPI:
         if not containers:
             raise self._invalid(resource, obj["metadata"]["name"], "spec.containers", "Required value", "")
         if old is not None:
+            # Ephemeral containers are added through pods/NAME/ephemeralcontainers only (a rule on that
+            # subresource must not be side-stepped by writing the pod itself).
+            if spec.get("ephemeralContainers") != (old.get("spec") or {}).get("ephemeralContainers"):
+                raise self._invalid(
+                    resource,
+                    obj["metadata"]["name"],
+                    "spec",
+                    "Forbidden",
+                    "pod updates may not change fields other than `spec.containers[*].image`, ... "
+                    "(ephemeral containers are added through the ephemeralcontainers subresource)",
+                )
             return
+        if spec.get("ephemeralContainers"):
+            raise self._invalid(
+                resource,
+                obj["metadata"]["name"],
+                "spec.ephemeralContainers",
+                "Forbidden",
+                "cannot be set on create",
+            )
         for c in containers:
             if not c.get("name"):
                 raise self._invalid(
@@ -1458,9 +1483,12 @@ class SandboxAPI:
                 new.append(prev)
             else:
                 new.append(_container_status(c, state))
-        if new == old:
+        ephemeral = self._ephemeral_statuses(pod, status)
+        if new == old and ephemeral == status.get("ephemeralContainerStatuses"):
             return
         status["containerStatuses"] = new
+        if ephemeral is not None:
+            status["ephemeralContainerStatuses"] = ephemeral
         all_ready = all(s.get("ready") for s in new)
         if all("terminated" in (s.get("state") or {}) for s in new):
             failed = any(s["state"]["terminated"].get("exitCode") for s in new)
@@ -1477,6 +1505,23 @@ class SandboxAPI:
                         )
         pod["status"] = status
         self.store.update("/pods", pod)
+
+    def _ephemeral_statuses(self, pod: dict[str, Any], status: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """status.ephemeralContainerStatuses (kubectl debug -it waits for its container to run); never ready."""
+        specs = pod["spec"].get("ephemeralContainers") or []
+        if not specs:
+            return None
+        meta = pod["metadata"]
+        old = status.get("ephemeralContainerStatuses") or []
+        out = []
+        for c in specs:
+            state = self.runtime.container_state(meta["namespace"], meta["name"], c["name"])
+            prev = next((s for s in old if s.get("name") == c["name"]), None)
+            if prev is not None and _state_sig(prev.get("state")) == _state_sig(state):
+                out.append(prev)
+            else:
+                out.append({**_container_status(c, state), "ready": False})
+        return out
 
     async def _kubelet(self) -> None:
         while True:
@@ -1752,10 +1797,20 @@ class SandboxAPI:
         self, request: web.Request, resource: Resource, info: RequestInfo
     ) -> web.StreamResponse:
         sub = info.subresource
-        if sub not in {s.name for s in resource.subresources} or len(info.parts) > 3:
+        if sub not in {s.name for s in resource.subresources}:
+            raise generic_error(404)
+        if sub == "proxy":  # the only subresource with a path of its own after it
+            return await self._proxy(request, resource, info)
+        if len(info.parts) > 3:
             raise generic_error(404)
         ns, name = (info.namespace if resource.namespaced else ""), info.name
         method = request.method
+        if sub == "eviction":
+            if method != "POST":
+                raise generic_error(405)
+            return await self._evict(request, resource, ns, name)
+        if sub == "ephemeralcontainers":
+            return await self._ephemeral_containers(request, resource, ns, name)
         if sub in ("exec", "attach", "portforward"):
             return await self._stream(request, resource, ns, name, sub)
         if sub == "log":
@@ -1794,6 +1849,10 @@ class SandboxAPI:
         pod = self._get_or_404(lookup("", "v1", "pods"), ns, name)  # type: ignore[arg-type]
         q = request.query
         containers = [c["name"] for c in pod["spec"].get("containers") or []]
+        # Any container of the pod may be named, ephemeral ones (kubectl debug) included.
+        named = containers + [
+            c["name"] for key in ("initContainers", "ephemeralContainers") for c in pod["spec"].get(key) or []
+        ]
         container = q.get("container")
         if not container:
             if len(containers) != 1:
@@ -1804,7 +1863,7 @@ class SandboxAPI:
                     f"of: [{' '.join(containers)}]",
                 )
             container = containers[0]
-        elif container not in containers:
+        elif container not in named:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
         if q.get("previous", "").lower() in ("true", "1"):
             raise ApiError(
@@ -1952,6 +2011,223 @@ class SandboxAPI:
             },
             201,
         )
+
+    # --- routes that reach containers or end pods without the delete verb ------------------------------
+
+    async def _proxy(self, request: web.Request, resource: Resource, info: RequestInfo) -> web.StreamResponse:
+        """pods/NAME/proxy[/PATH] and services/NAME/proxy[/PATH] (NAME may be NAME:PORT or SCHEME:NAME:PORT)."""
+        from . import proxy
+
+        ns = info.namespace
+        what = "pod" if resource.kind == "Pod" else "service"
+        split = proxy.split_scheme_name_port(info.name)
+        if split is None:
+            raise ApiError(400, "BadRequest", f"invalid {what} request {info.name!r}".replace("'", '"'))
+        scheme, name, port = split
+        obj = self._get_or_404(resource, ns, name)
+        # After api/v1/namespaces/NS/RESOURCE/NAME/proxy (or the cluster-scoped form): the container's path.
+        prefix = len([p for p in request.path.split("/") if p]) - len(info.parts) + 3
+        path = proxy.upstream_path(request.path, proxy.subpath_index(request.path, prefix))
+        if resource.kind == "Pod":
+            port = proxy.pod_port(obj, port)
+            ip = (obj.get("status") or {}).get("podIP") or ""
+            if not ip:
+                raise ApiError(400, "BadRequest", "address not allowed")
+            address = self.runtime.port_address(ns, name, int(port)) if port.isdigit() else None
+            return await proxy.forward(request, address, scheme, ip, port or "80", path)
+        pods = self.store.list("/pods", ns)
+        pod, target = proxy.service_endpoint(obj, pods, info.name, name, port)
+        ip = (pod.get("status") or {}).get("podIP") or ""
+        address = self.runtime.port_address(ns, pod["metadata"]["name"], target)
+        return await proxy.forward(request, address, scheme, ip, str(target), path)
+
+    async def _evict(
+        self, request: web.Request, resource: Resource, ns: str, name: str
+    ) -> web.StreamResponse:
+        """POST pods/NAME/eviction (pkg/registry/core/pod/storage/eviction.go): a policy/v1 (or v1beta1)
+        Eviction deletes the pod, answering 201 with a Success Status. The sandbox has no
+        PodDisruptionBudgets, so every eviction of an existing pod is allowed."""
+        raw = await self._read_body(request)
+        ctype = request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+        try:
+            body = protobuf.decode_body(raw) if raw.startswith(protobuf.MAGIC) else json.loads(raw or b"null")
+        except protobuf.UnsupportedKind as exc:
+            raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
+        except (ValueError, KeyError) as exc:
+            raise ApiError(
+                400, "BadRequest", f"the body of the request was not valid {ctype}: {exc}"
+            ) from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body of the request must be an Eviction object")
+        if body.get("kind", "Eviction") != "Eviction" or body.get("apiVersion", "policy/v1") not in (
+            "policy/v1",
+            "policy/v1beta1",
+        ):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"the body of the request is a {body.get('apiVersion')}, Kind={body.get('kind')}, "
+                "not a policy/v1, Kind=Eviction",
+            )
+        meta = body.get("metadata") or {}
+        if meta.get("name") != name:
+            raise ApiError(400, "BadRequest", "name in URL does not match name in Eviction object")
+        if meta.get("namespace") and meta["namespace"] != ns:
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
+        pod = self._get_or_404(resource, ns, name)
+        options = body.get("deleteOptions") or {}
+        pre = options.get("preconditions") or {}
+        if pre.get("uid") and pre["uid"] != pod["metadata"]["uid"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: "
+                f"{pod['metadata']['uid']}",
+            )
+        if pre.get("resourceVersion") and pre["resourceVersion"] != pod["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+                f"ResourceVersion in object meta: {pod['metadata']['resourceVersion']}",
+            )
+        dry_run = self._dry_run(request) or options.get("dryRun") == ["All"]
+        if not dry_run:
+            await self.delete_object(resource, ns, name)
+        return json_response(
+            {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}, 201
+        )
+
+    async def _ephemeral_containers(
+        self, request: web.Request, resource: Resource, ns: str, name: str
+    ) -> web.StreamResponse:
+        """pods/NAME/ephemeralcontainers: GET the pod; PUT a pod or PATCH it (kubectl debug sends a strategic
+        merge patch) to add ephemeral containers. Only spec.ephemeralContainers is taken from the new pod
+        (dropNonEphemeralContainerUpdates); existing ones may be neither changed nor removed."""
+        current = self._get_or_404(resource, ns, name)
+        method = request.method
+        if method == "GET":
+            return json_response(current)
+        if method == "PUT":
+            new = await self._read_object(request, resource)
+            meta = new.get("metadata") or {}
+            if meta.get("name") and meta["name"] != name:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"the name of the object ({meta['name']}) does not match the name on the URL ({name})",
+                )
+        elif method == "PATCH":
+            ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            raw = await self._read_body(request)
+            try:
+                patch = json.loads(raw or b"null")
+            except ValueError as exc:
+                raise ApiError(400, "BadRequest", f"error decoding patch: {exc}") from exc
+            if ctype == "application/merge-patch+json":
+                new = merge_patch(current, patch)
+            elif ctype == "application/json-patch+json":
+                new = json_patch(current, patch)
+            elif ctype == "application/strategic-merge-patch+json":
+                new = strategic_merge_patch(current, patch)
+            else:
+                raise ApiError(
+                    415, "UnsupportedMediaType", f'the server does not support patch content type "{ctype}"'
+                )
+            if not isinstance(new, dict):
+                raise ApiError(422, "Invalid", "the patched object is not an object")
+        else:
+            raise generic_error(405)
+        rv = (new.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != current["metadata"]["resourceVersion"]:
+            raise self._conflict(resource, name)
+        wanted = (new.get("spec") or {}).get("ephemeralContainers") or []
+        added = self._check_ephemeral(current, wanted)
+        updated = copy.deepcopy(current)
+        updated["spec"]["ephemeralContainers"] = wanted
+        if self._dry_run(request):
+            return json_response(updated)
+        if wanted == (current["spec"].get("ephemeralContainers") or []):
+            return json_response(current)
+        stored = self.store.update(resource.key, updated)
+        for spec in added:
+            for reason, message in (
+                ("Pulled", f'Container image "{spec.get("image", "")}" already present on machine'),
+                ("Created", f"Created container: {spec['name']}"),
+                ("Started", f"Started container {spec['name']}"),
+            ):
+                self._record_event(
+                    stored, reason, message, "kubelet", f"spec.ephemeralContainers{{{spec['name']}}}"
+                )
+            await self.runtime.start_ephemeral(ns, name, spec)
+        self._refresh_pod_status(ns, name)
+        return json_response(self.store.get(resource.key, ns, name) or stored)
+
+    def _check_ephemeral(self, pod: dict[str, Any], wanted: Any) -> list[dict[str, Any]]:
+        """ValidatePodEphemeralContainersUpdate, the parts that matter here; returns the new containers
+        (with the defaults the API server sets)."""
+        name = pod["metadata"]["name"]
+        pods = lookup("", "v1", "pods")
+        assert pods is not None
+
+        def invalid(field_path: str, what: str, detail: str = "") -> ApiError:
+            return self._invalid(pods, name, field_path, what, detail)
+
+        if not isinstance(wanted, list) or not all(isinstance(c, dict) for c in wanted):
+            raise invalid("spec.ephemeralContainers", "Invalid value", "must be a list of containers")
+        existing = {c["name"]: c for c in pod["spec"].get("ephemeralContainers") or []}
+        by_name = {c.get("name"): c for c in wanted}
+        for old_name, old in existing.items():
+            if old_name not in by_name:
+                raise invalid(
+                    "spec.ephemeralContainers",
+                    "Forbidden",
+                    f'existing ephemeral containers "{old_name}" may not be removed',
+                )
+            if by_name[old_name] != old:
+                raise invalid(
+                    "spec.ephemeralContainers",
+                    "Forbidden",
+                    f'existing ephemeral containers "{old_name}" may not be changed',
+                )
+        taken = {c["name"] for key in ("containers", "initContainers") for c in pod["spec"].get(key) or []}
+        regular = {c["name"] for c in pod["spec"].get("containers") or []}
+        added = []
+        seen: set[str] = set()
+        for i, c in enumerate(wanted):
+            where = f"spec.ephemeralContainers[{i}]"
+            cname = c.get("name")
+            if not cname:
+                raise invalid(f"{where}.name", "Required value")
+            if cname in taken or cname in seen:
+                raise invalid(f"{where}.name", f'Duplicate value: "{cname}"')
+            seen.add(cname)
+            if cname in existing:
+                continue
+            if not c.get("image"):
+                raise invalid(f"{where}.image", "Required value")
+            for forbidden in ("ports", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
+                if c.get(forbidden):
+                    raise invalid(
+                        f"{where}.{forbidden}", "Forbidden", "cannot be set for an Ephemeral Container"
+                    )
+            target = c.get("targetContainerName")
+            if target and target not in regular:
+                raise invalid(f"{where}.targetContainerName", f'Not found: "{target}"')
+            image = c["image"]
+            c.setdefault(
+                "imagePullPolicy",
+                "Always" if image.endswith(":latest") or ":" not in image.split("/")[-1] else "IfNotPresent",
+            )
+            c.setdefault("resources", {})
+            c.setdefault("terminationMessagePath", "/dev/termination-log")
+            c.setdefault("terminationMessagePolicy", "File")
+            added.append(c)
+        return added
 
 
 async def _apiserver_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -2112,6 +2388,8 @@ def resource_list(group: str, version: str) -> dict[str, Any]:
                 sub_entry.update({"group": "autoscaling", "version": "v1"})
             if sub.name == "token":
                 sub_entry.update({"group": "authentication.k8s.io", "version": "v1"})
+            if sub.name == "eviction":
+                sub_entry.update({"group": "policy", "version": "v1"})
             entries.append(sub_entry)
     return {
         "kind": "APIResourceList",
@@ -2141,6 +2419,8 @@ def _aggregated_resource(r: Resource) -> dict[str, Any]:
                 kind = {"group": "autoscaling", "version": "v1", "kind": "Scale"}
             elif sub.name == "token":
                 kind = {"group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest"}
+            elif sub.name == "eviction":
+                kind = {"group": "policy", "version": "v1", "kind": "Eviction"}
             subs.append({"subresource": sub.name, "responseKind": kind, "verbs": list(sub.verbs)})
         entry["subresources"] = subs
     return entry

@@ -180,7 +180,9 @@ def pick_container(
         return None, bad_request(
             f"a container name must be specified for pod {name}, choose one of: [{names}]"
         )
-    for c in containers:
+    # Any container of the pod may be named: ephemeral ones too (kubectl debug -it attaches to its own).
+    spec = pod.get("spec") or {}
+    for c in [*containers, *(spec.get("initContainers") or []), *(spec.get("ephemeralContainers") or [])]:
         if c.get("name") == requested:
             return c, None
     return None, bad_request(f"container {requested} is not valid for pod {name}")
