@@ -184,6 +184,12 @@ class PluginHost:
         called on every plugin, whatever the connection enables, since records are masked everywhere."""
         return cast("str | None", self.pm.hook.kubegate_record_body(flow=flow, body=body))
 
+    def record_query(self, flow: Flow, query: str) -> str:
+        """A query string as audit records carry it (an exec's command line masked), from the first plugin
+        that renders it; as it is when none does. Called on every plugin, like `record_body`."""
+        rendered = self.pm.hook.kubegate_record_query(flow=flow, query=query)
+        return query if rendered is None else cast(str, rendered)
+
     def for_connection(self, enabled: Iterable[str], people: PeopleResolver | None = None) -> ConnectionHooks:
         """The hooks of a connection with `enabled` plugins; `people` finds authenticated identities'
         person keys (the config's `people` section; without one, the user name)."""

@@ -300,6 +300,9 @@ class Proxy:
         if not hooks.has_audit:
             return
         data = _audit_data(flow, **extra)
+        for key in ("query", "raw_query"):
+            if isinstance(data.get(key), str) and data[key]:
+                data[key] = self._query_record(flow, data[key])
         if flow.request.body_size and kind == "request":
             data["request_body"] = self._body_record(flow)
         event = AuditEvent(
@@ -309,6 +312,17 @@ class Proxy:
             await hooks.audit_event(event, flow.connection)
         except Exception:
             log.exception("audit hook failed")
+
+    def _query_record(self, flow: Flow, query: str) -> str | None:
+        """The query as audit events carry it: as the `kubegate_record_query` plugins render it (an exec's
+        command line masked). A plugin that fails leaves the query out: it may hold a secret."""
+        if self.plugins is None:
+            return query
+        try:
+            return self.plugins.record_query(flow, query)
+        except Exception:
+            log.exception("record_query hook failed; the query is left out of the record")
+            return None
 
     def _body_record(self, flow: Flow) -> dict[str, Any]:
         """The request body as audit events carry it: size, hash and, when it was small enough to keep,

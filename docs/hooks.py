@@ -403,7 +403,9 @@ def rst_to_markdown(doc: str) -> str:
 
 
 def _scope(name: str, params: list[str]) -> str:
-    if name == "kubegate_record_body" or ("flow" not in params and "connection" not in params):
+    if name in ("kubegate_record_body", "kubegate_record_query"):
+        return "gateway hook: called on every installed plugin"
+    if "flow" not in params and "connection" not in params:
         return "gateway hook: called on every installed plugin"
     return "connection hook: called on the plugins enabled on the connection"
 

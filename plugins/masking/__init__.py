@@ -25,7 +25,7 @@ from kubegate.core import protobuf
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
 
-from . import scanner
+from . import records, scanner
 from .known import KnownSecrets
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers
 from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
@@ -460,35 +460,104 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
 
 
 def mask_body_for_record(flow: Flow, body: bytes) -> str:
-    """A request body as it may be shown or stored (approvals, audit): masked JSON (a protobuf body of a kind
-    the decoder knows is decoded first), else only its size and hash."""
+    """A request body as it may be shown or stored (approvals, audit): masked JSON whatever its shape (an
+    object, a List, a JSON/merge/strategic-merge/apply patch; JSON, YAML, or protobuf of a kind the decoder
+    knows), else only its size and hash. See `records.py` for what each shape gets."""
     import hashlib
 
-    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    decoded = _decode_for_record(flow, body)
+    if decoded is None:
+        return (
+            f"<{len(body)} bytes, not JSON, sha256 {hashlib.sha256(body).hexdigest()[:16]}…>" if body else ""
+        )
+    shape, doc = decoded
+    # Shown to people and stored: masked even where the connection does not mask its responses.
+    attrs = flow.attributes
+    rules = _record_masking(flow).rules
+    masked = records.mask_record_document(
+        doc, shape, rules, KIND_OF_RESOURCE.get(attrs.resource, ""), attrs.namespace, attrs.name
+    )
+    return json.dumps(masked, separators=(",", ":"))
+
+
+# The patch types of the API server by Content-Type; any other PATCH is read as a merge patch (a partial
+# object: masks more than a whole one would).
+PATCH_SHAPES: dict[str, records.Shape] = {
+    "application/json-patch+json": "json-patch",
+    "application/merge-patch+json": "merge-patch",
+    "application/strategic-merge-patch+json": "strategic-merge-patch",
+    "application/apply-patch+yaml": "apply-patch",
+    "application/apply-patch+json": "apply-patch",
+}
+
+
+def _decode_for_record(flow: Flow, body: bytes) -> tuple[records.Shape, Any] | None:
+    """The body's shape and decoded document, or None when it is empty or not understood."""
+    if not body:
+        return None
+    media_type = flow.request.header("content-type").split(";", 1)[0].strip().lower()
+    shape: records.Shape = PATCH_SHAPES.get(media_type, "object")
+    if flow.request.method.upper() == "PATCH" and shape == "object":
+        shape = "merge-patch"
     doc: Any = None
     if body.startswith(protobuf.MAGIC):  # kubectl's generators (create secret …) send protobuf
         try:
             doc = protobuf.decode_body(body)
         except (protobuf.ProtobufError, ValueError, IndexError):
-            doc = None
+            return None
     else:
         try:
-            doc = json.loads(body) if body else None
-        except ValueError:
-            doc = None
-    if doc is None:
-        return (
-            f"<{len(body)} bytes, not JSON, sha256 {hashlib.sha256(body).hexdigest()[:16]}…>" if body else ""
-        )
-    # Shown to people and stored: masked even where the connection does not mask its responses.
-    rules = (masking or _default_masking()).rules
-    mask_document(doc, rules, KIND_OF_RESOURCE.get(flow.attributes.resource, ""))
-    return json.dumps(doc, separators=(",", ":"))
+            doc = json.loads(body)
+        except ValueError:  # kubectl sends server-side apply as JSON; other clients send YAML
+            doc = _load_yaml(body) if media_type.endswith("yaml") else None
+    return None if doc is None else (shape, doc)
+
+
+def _load_yaml(body: bytes) -> Any:
+    """One YAML document as plain JSON-shaped data; None for anything else (several documents, aliases —
+    which could expand to far more than the body — or values JSON has no form for)."""
+    import yaml
+
+    try:
+        events = list(yaml.parse(body, Loader=yaml.SafeLoader))
+        if any(isinstance(event, yaml.AliasEvent) for event in events):
+            return None
+        if sum(isinstance(event, yaml.DocumentStartEvent) for event in events) != 1:
+            return None
+        doc = yaml.safe_load(body)
+        json.dumps(doc)
+    except (yaml.YAMLError, TypeError, ValueError):
+        return None
+    return doc
 
 
 @hookimpl
 def kubegate_record_body(flow: Flow, body: bytes) -> str | None:
     return mask_body_for_record(flow, body)
+
+
+def mask_command_for_record(flow: Flow, argv: list[str]) -> list[str]:
+    """An exec/attach command line as records keep it (approvals, session rows, recording titles): each
+    argument masked by the connection's text rules, secret-named variables and flags, and clients' password
+    options (see `records.mask_command`); the default rules where the connection does not mask."""
+    masking = _record_masking(flow)
+    return records.mask_command(argv, masking.text.mask, masking.env_name, masking.settings.marker)
+
+
+def mask_query_for_record(flow: Flow, query: str) -> str | None:
+    """A query string with its `command` parameters masked as `mask_command_for_record` masks them; None
+    when nothing in it needed masking."""
+    return records.mask_command_query(query, lambda argv: mask_command_for_record(flow, argv))
+
+
+@hookimpl
+def kubegate_record_query(flow: Flow, query: str) -> str | None:
+    return mask_query_for_record(flow, query)
+
+
+def _record_masking(flow: Flow) -> Masking:
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    return masking or _default_masking()
 
 
 def mask_text_for_record(flow: Flow, data: bytes) -> bytes:

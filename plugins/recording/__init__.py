@@ -337,7 +337,7 @@ async def kubegate_shutdown(gateway: Gateway) -> None:
 
 @hookimpl
 async def kubegate_session_start(flow: Flow, session: Session) -> None:
-    from kubegate.plugins.masking import mask_text_for_record
+    from kubegate.plugins.masking import mask_command_for_record, mask_text_for_record
 
     from . import store
     from .recorder import Recording
@@ -362,7 +362,7 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
         namespace=flow.attributes.namespace,
         pod=flow.attributes.name,
         container=(query.get("container") or [""])[0],
-        command=query.get("command", []),
+        command=mask_command_for_record(flow, query.get("command", [])),  # the row and the cast's title
         ports=",".join(query.get("ports", [])),
         tty=(query.get("tty") or [""])[0].lower() in ("true", "1"),
         subprotocol=session.subprotocol,
