@@ -52,6 +52,43 @@ DEMO_POLICY = {
             "message": "shell access to prod",
             "approval": {"reviewer_groups": REVIEWERS, "scope": "window", "window_seconds": 3600},
         },
+        # Routes that reach a container or end a pod without the verbs above (docs/policy.md, "Examples:
+        # routes that reach containers or change workloads"). No verbs: every method is held.
+        {
+            "name": "debug-containers-in-prod",
+            "match": {"resources": ["pods/ephemeralcontainers"], "namespaces": ["prod"]},
+            "action": "approve",
+            "message": "kubectl debug starts a new container in a prod pod: a shell like exec",
+            "approval": {"reviewer_groups": REVIEWERS, "scope": "window", "window_seconds": 3600},
+        },
+        {
+            "name": "reach-prod-containers",
+            "match": {
+                "resources": ["pods/portforward", "pods/proxy", "services/proxy"],
+                "namespaces": ["prod"],
+            },
+            "action": "approve",
+            "message": "port-forward and proxy reach a prod container's ports past every NetworkPolicy",
+            "approval": {"reviewer_groups": REVIEWERS, "scope": "window", "window_seconds": 3600},
+        },
+        {
+            "name": "evictions-in-prod",
+            "match": {"resources": ["pods/eviction"], "namespaces": ["prod"]},
+            "action": "approve",
+            "message": "an eviction deletes the pod (kubectl drain): it needs a reviewer like a delete",
+            "approval": {"reviewer_groups": REVIEWERS, "ttl_seconds": 600},
+        },
+        {
+            "name": "scaling-in-prod",
+            "match": {
+                "resources": ["deployments/scale", "statefulsets/scale", "replicasets/scale"],
+                "verbs": ["update", "patch"],
+                "namespaces": ["prod"],
+            },
+            "action": "approve",
+            "message": "scaling a prod workload (to zero is an outage) needs a reviewer",
+            "approval": {"reviewer_groups": REVIEWERS, "ttl_seconds": 600},
+        },
     ],
 }
 
@@ -238,7 +275,7 @@ Try, in another terminal:
   {kubectl} logs web -n prod --tail=3
   {kubectl} delete pod web-0 -n prod             # waits for a reviewer (policy rule deletes-in-prod)
   {kubectl} exec -it web -n prod -- sh           # also held: shell access to prod needs a reviewer
-  {kubectl} port-forward pod/web -n prod 8080:8080
+  {kubectl} port-forward pod/web -n prod 8080:8080  # held as well, like debug, proxy, drain and scale
   {kubectl} --context ci-bot@{CONNECTION} delete pod web -n prod   # a guardrail: refused at once
 
 Review held requests as rita (in another terminal):
