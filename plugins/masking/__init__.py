@@ -1,10 +1,12 @@
 """The `masking` plugin: secret values never reach the client in clear.
 
 On a connection that enables it: JSON responses (objects, lists, Tables, watch streams) are masked by
-structure (`objects.py`) and by value; `pods/log` text and exec/attach output are masked by value and
-pattern (`text.py`); the gateway asks the API server for JSON only, uncompressed, and a response it cannot
-parse is refused (or redacted) rather than passed through. See docs/masking.md for exactly what is masked
-and what is not.
+structure (`objects.py`) and by value, and what goes out is always the re-serialization of the document
+that was inspected (never upstream's bytes: no parser difference such as duplicate keys survives);
+`pods/log` text and exec/attach output are masked by value and pattern (`text.py`); the gateway asks the
+API server for JSON only, uncompressed, renders YAML itself after masking (`media.py`), answers 406 to a
+client that accepts neither, and refuses (or redacts) a response it cannot parse rather than pass it. See
+docs/masking.md for exactly what is masked and what is not.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubegate.core import protobuf
+from kubegate.core.errors import StatusError
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
 
 from . import records, scanner
-from .known import KnownSecrets
+from .known import KnownSecrets, text_values
+from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers
 from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
 
@@ -91,6 +95,15 @@ class MaskingSettings(BaseModel):
         30, ge=1, le=2000, description="Longest exec/attach output is held back to join a split secret."
     )
 
+    @field_validator("marker")
+    @classmethod
+    def _marker(cls, marker: str) -> str:
+        # The marker is written into JSON text by the value pass: a quote, backslash or control character
+        # could end a string early and change the document's structure.
+        if any(char in marker for char in '"\\') or any(ord(char) < 0x20 or ord(char) == 0x7F for char in marker):
+            raise ValueError("the marker may not contain quotes, backslashes or control characters")
+        return marker
+
     @field_validator("detectors")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
@@ -129,33 +142,40 @@ class Masking:
 
     def set_known(self, values: set[str]) -> None:
         s = self.settings
-        self.text = TextMasker(s.marker, values, self.patterns, s.assignments, s.engine)
+        plain, raw = text_values(values)
+        self.text = TextMasker(s.marker, plain, self.patterns, s.assignments, s.engine)
+        raw.add_to(self.text)
         configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
         self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)
         self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
 
-    def mask_json(self, doc: Any, resource_kind: str) -> bytes | None:
-        """Mask a parsed JSON document; the masked bytes, or None when nothing needed masking.
+    def mask_doc(self, doc: Any, resource_kind: str) -> Any:
+        """Mask a parsed JSON document; the masked document (`doc` itself, edited, or a new one).
 
         Structure first (Secret data, env values… — a walk of the parsed document), then values and
         patterns over the serialized text in one pass (much faster than visiting every string). Markers
         contain no quote or backslash, so the text stays JSON; if a pattern ever broke it, the slow
         per-string scrub is used instead.
         """
-        structured = mask_document(doc, self.structure_rules, resource_kind)
+        mask_document(doc, self.structure_rules, resource_kind)
         text = orjson.dumps(doc).decode()
         scrubbed = self.text.mask(text)
         if scrubbed is text or scrubbed == text:
-            return text.encode() if structured else None
+            return doc
         try:
             masked = orjson.loads(scrubbed)
         except ValueError:
             mask_document(doc, self.rules, resource_kind)
-            return orjson.dumps(doc)
-        # The text pass saw names and uids too: a known value that is also a name must not rename things.
-        if restore_identifiers(masked, doc):
-            return orjson.dumps(masked)
-        return scrubbed.encode()
+            return doc
+        # The text pass saw names and uids too: a known value that is also an object's name must not
+        # rename it — only identifiers in identifier positions are put back, never data keyed `name`.
+        restore_identifiers(masked, doc)
+        return masked
+
+    def mask_json(self, doc: Any, resource_kind: str) -> bytes:
+        """Mask a parsed JSON document; the masked document serialized (always: what goes out is exactly
+        what was inspected, whatever the bytes it was parsed from)."""
+        return orjson.dumps(self.mask_doc(doc, resource_kind))
 
     def exempt(self, identity: Identity | None) -> bool:
         e = self.settings.exempt
@@ -199,11 +219,20 @@ class Decoder:
         return self.z.decompress(chunk)
 
 
-class JsonBody:
-    """A whole JSON response: buffered, masked, sent. Unparsable → withheld."""
+def parse_json(data: bytes) -> Any:
+    """One JSON document as the masker reads it, or ValueError for anything a client's parser might read
+    differently from it: invalid UTF-8 (and lone surrogate escapes), a BOM, NaN/Infinity, numbers beyond a
+    double, trailing data after the document, nesting deeper than 1024. Duplicate keys parse (last wins)
+    and are harmless only because the re-serialization of this parse is what goes out."""
+    return orjson.loads(data)
 
-    def __init__(self, masking: Masking, flow: Flow, decoder: Decoder | None):
-        self.masking, self.flow, self.decoder = masking, flow, decoder
+
+class JsonBody:
+    """A whole JSON response: buffered, masked, sent as the re-serialization of the masked document (or
+    that document rendered as YAML, `render="yaml"`). Unparsable → withheld."""
+
+    def __init__(self, masking: Masking, flow: Flow, decoder: Decoder | None, render: str = JSON_FORM):
+        self.masking, self.flow, self.decoder, self.render = masking, flow, decoder, render
         self.parts: list[bytes] = []
         self.size = 0
 
@@ -221,14 +250,18 @@ class JsonBody:
             return _withheld(
                 self.masking, self.flow, f"larger than {self.masking.settings.max_body_bytes} bytes"
             )
-        if not body.strip():
+        if not body.strip(b" \t\r\n"):
             return body
         try:
-            doc = orjson.loads(body)
+            doc = parse_json(body)
         except ValueError:
             return _withheld(self.masking, self.flow, "not valid JSON")
-        masked = self.masking.mask_json(doc, KIND_OF_RESOURCE.get(self.flow.attributes.resource, ""))
-        return body if masked is None else masked
+        masked = self.masking.mask_doc(doc, KIND_OF_RESOURCE.get(self.flow.attributes.resource, ""))
+        # Never upstream's bytes, even when nothing changed: a client parser reading duplicate keys
+        # first-wins, or escapes differently, would see something other than what was checked.
+        if self.render == YAML_FORM:
+            return to_yaml(masked)
+        return orjson.dumps(masked) + b"\n"  # the newline the API server's encoder writes
 
 
 class WatchLines:
@@ -240,14 +273,15 @@ class WatchLines:
         self.kind = KIND_OF_RESOURCE.get(flow.attributes.resource, "")
 
     def _line(self, line: bytes) -> bytes:
-        if not line.strip():
+        if not line.strip(b" \t\r\n"):
             return line
         try:
-            event = orjson.loads(line)
+            event = parse_json(line)
         except ValueError:
+            # Also an event split over lines or two events on one (client-go's decoder reads both): each
+            # line is one event here, and what is not one is withheld.
             return _withheld(self.masking, self.flow, "a watch event is not valid JSON") + b"\n"
-        masked = self.masking.mask_json(event, self.kind)
-        return line if masked is None else masked + b"\n"
+        return self.masking.mask_json(event, self.kind) + b"\n"  # re-serialized even when unchanged
 
     def feed(self, chunk: bytes) -> bytes:
         if self.decoder is not None:
@@ -278,6 +312,8 @@ class Text:
 
 
 class Withhold:
+    """A response that cannot be masked: its body is dropped and a `Status` saying why goes instead."""
+
     def __init__(self, body: bytes):
         self.body = body
 
@@ -289,6 +325,7 @@ class Withhold:
 
 
 def _withheld(masking: Masking, flow: Flow, why: str) -> bytes:
+    """The `Status` body sent instead of a response that could not be masked (recorded for the audit)."""
     flow.state.setdefault(PLUGIN_NAME, {})["withheld"] = why
     log.warning("masking on %s: withheld a response to %s: %s", flow.connection.name, flow.request.path, why)
     return json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -334,18 +371,37 @@ def kubegate_upstream_request(flow: Flow) -> None:
     if masking.exempt(flow.identity):
         flow.state[PLUGIN_NAME] = {"exempt": True}  # audited: this caller saw responses in clear
         return
-    headers = []
-    for name, value in flow.upstream_headers:
-        lower = name.lower()
-        if lower == "accept":
-            value = json_only(value)
-        elif lower == "accept-encoding":
-            continue
-        headers.append((name, value))
-    if not any(name.lower() == "accept" for name, _ in headers):
-        headers.append(("Accept", "application/json"))
-    headers.append(("Accept-Encoding", "identity"))
+    # The API server reads the first Accept header only: so does the negotiation, and exactly one goes up.
+    accept = next((value for name, value in flow.upstream_headers if name.lower() == "accept"), "")
+    if _serves_objects(flow):
+        try:
+            negotiated = negotiate(accept, watch=flow.attributes.verb == "watch")
+        except NotAcceptable as refusal:
+            raise StatusError(406, str(refusal), "NotAcceptable") from None
+        flow.state[NEGOTIATED] = negotiated
+        upstream_accept = negotiated.upstream_accept
+    else:
+        upstream_accept = json_only(accept) if accept else "application/json"
+    headers = [(name, value) for name, value in flow.upstream_headers
+               if name.lower() not in ("accept", "accept-encoding")]  # fmt: skip
+    headers += [("Accept", upstream_accept), ("Accept-Encoding", "identity")]
     flow.upstream_headers[:] = headers
+
+
+# Where the negotiation is kept for the response (not in the audited `masking` entry: it is no JSON).
+NEGOTIATED = f"{PLUGIN_NAME}.negotiated"
+
+
+def _serves_objects(flow: Flow) -> bool:
+    """Whether the response is an API object (negotiated like the API server's), not a pod's or a service's
+    own content (`log`, `proxy`), a stream's upgrade, or a non-resource path (`/metrics`, discovery)."""
+    attributes = flow.attributes
+    return (
+        attributes.is_resource_request
+        and not flow.request.websocket
+        and not attributes.is_streaming_subresource
+        and attributes.subresource not in ("log", "proxy")
+    )
 
 
 @hookimpl
@@ -353,6 +409,7 @@ def kubegate_response_headers(flow: Flow) -> None:
     masking = _masking(flow)
     if masking is None:
         return
+    negotiated: Negotiated | None = flow.state.get(NEGOTIATED)
     headers = flow.response.headers
     content_type = next((v for k, v in headers if k.lower() == "content-type"), "").lower()
     encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "").lower()
@@ -370,10 +427,20 @@ def kubegate_response_headers(flow: Flow) -> None:
         mode = "watch" if flow.attributes.verb == "watch" else "json"
     elif content_type.startswith("text/"):
         mode = "text"
+    elif negotiated is not None:
+        # An API object: JSON was asked for, and only JSON is read by structure. No Content-Type: the body
+        # must parse as JSON; YAML (or anything else) is not masked as text, it is refused.
+        mode = ("watch" if flow.attributes.verb == "watch" else "json") if not content_type else "refuse"
     elif content_type.startswith("application/yaml") or not content_type:
-        mode = "text"
+        mode = "text"  # a pod's or service's own content (log, proxy)
     else:
         mode = "refuse"
+    render = JSON_FORM
+    if mode == "json" and negotiated is not None:
+        render = negotiated.form_for(content_type)
+        if render != JSON_FORM:
+            headers[:] = [(k, v) for k, v in headers if k.lower() != "content-type"]
+            headers.append(("Content-Type", content_type_for(render, content_type or "application/json")))
     if mode == "refuse":
         if masking.settings.on_unparsable == "refuse":
             flow.response.status = 502
@@ -381,6 +448,7 @@ def kubegate_response_headers(flow: Flow) -> None:
     elif mode != "pass":
         headers[:] = [(k, v) for k, v in headers if k.lower() not in ("content-encoding", "content-length")]
     flow.state.setdefault(PLUGIN_NAME, {})["mode"] = mode
+    flow.state[PLUGIN_NAME]["render"] = render
     flow.state[PLUGIN_NAME]["encoding"] = encoding if encoding not in ("", "identity") else ""
     flow.state[PLUGIN_NAME]["content_type"] = content_type
 
@@ -394,7 +462,7 @@ def kubegate_response_stream(flow: Flow) -> Any:
     decoder = Decoder(state["encoding"]) if state.get("encoding") else None
     mode = state["mode"]
     if mode == "json":
-        return JsonBody(masking, flow, decoder)
+        return JsonBody(masking, flow, decoder, state.get("render", JSON_FORM))
     if mode == "watch":
         return WatchLines(masking, flow, decoder)
     if mode == "text":

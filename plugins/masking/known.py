@@ -2,7 +2,12 @@
 masks exact occurrences of their values in text and bodies — as CI systems mask registered secrets.
 
 A value is known from the moment the watch event that carries it arrives (a full re-list follows any
-broken watch). Memory is bounded: at most `max_values` values of at most `max_value_bytes` each.
+broken watch). Memory is bounded: at most `max_values` values of at most `max_value_bytes` bytes each, of
+at least `min_length` characters (shorter ones would mask common words). Binary values (not UTF-8: a
+keystore, a DER key) are learned too, as their bytes decoded with `surrogateescape` — the way text output
+is read (`TextMasker.mask_bytes`) — so their raw bytes in logs or exec output are masked, and their base64
+and URL-encoded forms anywhere. Secret objects themselves are masked by structure, whatever their values'
+size or bytes (`objects.py`); this is for the same values showing up elsewhere.
 """
 
 from __future__ import annotations
@@ -13,12 +18,18 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+import ahocorasick
 import aiohttp
+import orjson
 
 if TYPE_CHECKING:
     from kubegate.connections.registry import Connection
+
+    from .text import TextMasker
 
 log = logging.getLogger("kubegate.masking")
 RETRY_SECONDS = 5.0
@@ -55,18 +66,24 @@ class KnownSecrets:
 
     def _extract(self, secret: dict[str, Any]) -> set[str]:
         found: set[str] = set()
-        for encoded in (secret.get("data") or {}).values():
+        data = secret.get("data") if isinstance(secret.get("data"), dict) else {}
+        for encoded in data.values():
             try:
-                value = base64.b64decode(encoded or "", validate=True).decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                continue  # binary (a keystore, say): not something text output would show
-            value = value.strip()
-            if self.min_length <= len(value) <= self.max_value_bytes:
-                found.add(value)
-        for value in (secret.get("stringData") or {}).values():
-            if isinstance(value, str) and self.min_length <= len(value.strip()) <= self.max_value_bytes:
-                found.add(value.strip())
+                raw = base64.b64decode(encoded or "", validate=True)
+            except (ValueError, TypeError):
+                continue  # not base64: the API server never sends that
+            self._add(found, raw)
+        string_data = secret.get("stringData") if isinstance(secret.get("stringData"), dict) else {}
+        for value in string_data.values():
+            if isinstance(value, str):
+                self._add(found, value.encode("utf-8", "surrogateescape"))
         return found
+
+    def _add(self, found: set[str], raw: bytes) -> None:
+        raw = raw.strip(b" \t\r\n")  # `echo pw > file` leaves a newline the output will not show with it
+        value = raw.decode("utf-8", "surrogateescape")  # binary bytes become lone surrogates, as in output
+        if len(value) >= self.min_length and len(raw) <= self.max_value_bytes:
+            found.add(value)
 
     def _key(self, secret: dict[str, Any]) -> str:
         meta = secret.get("metadata") or {}
@@ -130,3 +147,48 @@ class KnownSecrets:
 
 def _in(key: str, namespace: str) -> bool:
     return not namespace or key.startswith(f"{namespace}/")
+
+
+@dataclass
+class RawValues:
+    """Binary known values (`surrogateescape`'d bytes), which `TextMasker` cannot take as values (it
+    encodes each to UTF-8 for its base64 and URL forms): added to its automaton as they are."""
+
+    values: set[str]
+
+    def add_to(self, masker: TextMasker) -> None:
+        """Mask these in `masker`'s text too (text it reads from bytes with `surrogateescape`)."""
+        if not self.values:
+            return
+        automaton = masker.known if masker.known is not None else ahocorasick.Automaton()
+        for value in self.values:
+            automaton.add_word(value, len(value))
+        automaton.make_automaton()
+        masker.known = automaton
+        masker.longest = max(masker.longest, *(len(value) for value in self.values))
+
+
+def text_values(values: set[str]) -> tuple[set[str], RawValues]:
+    """Known values as `TextMasker` takes them, and the binary ones it cannot take.
+
+    A value with characters JSON escapes (a quote, a backslash, a newline of a PEM key) is also given in
+    its escaped form, since the value pass runs over serialized JSON text. A binary value is given as its
+    base64 forms (standard and URL-safe, padded or not) and URL-encoding, and its raw form goes to
+    `RawValues`."""
+    plain: set[str] = set()
+    binary: set[str] = set()
+    for value in values:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            binary.add(value)
+            continue
+        plain.add(value)
+        escaped = orjson.dumps(value)[1:-1].decode()
+        if escaped != value:
+            plain.add(escaped)
+    for value in binary:
+        raw = value.encode("utf-8", "surrogateescape")
+        forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+        plain |= forms | {form.rstrip("=") for form in forms} | {quote(raw, safe="")}
+    return plain, RawValues(binary)

@@ -2,8 +2,10 @@
 fields, not guessed. Every function edits the object in place and returns whether it changed anything.
 
 Masked output stays valid for clients: a Secret's `data` values stay base64 (of the marker), annotations
-stay strings (the last-applied configuration stays JSON), and `metadata` other than that one annotation is
-never touched (names, uids, resourceVersions).
+stay strings (the last-applied configuration stays JSON), and identifiers are never rewritten by value
+scrubbing — but only where Kubernetes puts identifiers (`IDENTIFIER_POSITIONS`: object metadata, owner and
+event references, container/port/env/volume names), never for the same key names in data (a ConfigMap's
+`data.name`, an annotation keyed `uid`).
 """
 
 from __future__ import annotations
@@ -68,8 +70,15 @@ def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
     kind = obj.get("kind") or default_kind
     changed = _mask_last_applied(obj, rules)
     if kind == "Secret":
-        changed |= _mask_values(obj.get("data"), rules.marker_b64)
-        changed |= _mask_values(obj.get("stringData"), rules.marker)
+        # Every value whatever its size or bytes (short, binary, 1 MiB): this does not depend on the known
+        # values. A `data` that is not a map (no API server sends one; a proxy or aggregated API might)
+        # cannot be read value by value: all of it goes.
+        for section, marker in (("data", rules.marker_b64), ("stringData", rules.marker)):
+            if isinstance(obj.get(section), dict):
+                changed |= _mask_values(obj[section], marker)
+            elif obj.get(section) is not None:
+                obj[section] = marker
+                changed = True
     elif kind == "ConfigMap":
         changed |= _mask_configmap(obj, rules)
     elif kind == "TokenRequest":
@@ -153,62 +162,128 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules) -> bool:
     annotations = _dig(obj, "metadata", "annotations")
     if not isinstance(annotations, dict) or not isinstance(annotations.get(LAST_APPLIED), str):
         return False
+    original = annotations[LAST_APPLIED]
     try:
-        applied = json.loads(annotations[LAST_APPLIED])
-    except ValueError:
-        annotations[LAST_APPLIED] = rules.marker  # cannot see inside: nothing of it goes out
+        applied = json.loads(original, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        applied = None
+    if not isinstance(applied, dict):
+        annotations[LAST_APPLIED] = rules.marker  # cannot see inside (kubectl writes an object): nothing goes
         return True
-    if mask_object(applied, rules):
-        annotations[LAST_APPLIED] = json.dumps(applied, separators=(",", ":")) + "\n"
+    mask_object(applied, rules)
+    # Always the re-serialization of what was inspected: with duplicate keys in the annotation a client's
+    # parser could otherwise read another value than the one checked here (kubectl writes it this way too).
+    rewritten = json.dumps(applied, separators=(",", ":")) + "\n"
+    if rewritten != original:
+        annotations[LAST_APPLIED] = rewritten
         return True
     return False
 
 
-# Identifying fields clients need: never rewritten by value scrubbing.
-KEEP = frozenset(
-    {"name", "namespace", "uid", "resourceVersion", "generateName", "apiVersion", "kind", "selfLink"}
-)
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
-def restore_identifiers(masked: Any, original: Any) -> bool:
-    """Put back the identifying fields (`KEEP`) of `original` into `masked`, the same document after a text
-    pass that only rewrote strings; whether any was put back."""
-    restored = False
-    if isinstance(masked, dict) and isinstance(original, dict):
-        for key, value in masked.items():
-            before = original.get(key)
-            if key in KEEP and isinstance(value, str) and isinstance(before, str):
-                if value != before:
-                    masked[key] = before
-                    restored = True
-            elif isinstance(value, dict | list):
-                restored |= restore_identifiers(value, before)
-    elif isinstance(masked, list) and isinstance(original, list) and len(masked) == len(original):
+# Where Kubernetes puts identifiers clients need (names, uids, kinds): a position → {key: what it is}.
+# IDENT marks an identifier, kept as the API server sent it by value scrubbing; another position name means
+# "walk into it" (`X[]`: a list of X). Every other key is data, scrubbed whatever its name: `name` in a
+# ConfigMap's `data`, in labels or annotations, is data. "document" is resolved by the document's shape
+# (`_resolve`). Schema identifiers in pod specs are kept because clients address by them (`kubectl logs
+# -c NAME`, `exec -c`, ports by name) and they are chosen by whoever writes the spec, not secret values.
+IDENT = "ident"
+IDENTIFIER_POSITIONS: dict[str, dict[str, str]] = {
+    "table": {"kind": IDENT, "apiVersion": IDENT, "metadata": "listmeta", "columnDefinitions": "column[]",
+              "rows": "row[]"},
+    "column": {"name": IDENT, "type": IDENT, "format": IDENT},
+    "row": {"object": "object"},
+    "list": {"kind": IDENT, "apiVersion": IDENT, "metadata": "listmeta", "items": "object[]"},
+    "listmeta": {"resourceVersion": IDENT, "continue": IDENT, "selfLink": IDENT},
+    "event": {"type": IDENT, "object": "document"},
+    "object": {"kind": IDENT, "apiVersion": IDENT, "metadata": "metadata", "spec": "spec", "status": "status",
+               "involvedObject": "reference", "regarding": "reference", "related": "reference"},
+    "metadata": {"name": IDENT, "namespace": IDENT, "uid": IDENT, "resourceVersion": IDENT,
+                 "generateName": IDENT, "selfLink": IDENT, "ownerReferences": "owner[]"},
+    "owner": {"apiVersion": IDENT, "kind": IDENT, "name": IDENT, "uid": IDENT},
+    "reference": {"apiVersion": IDENT, "kind": IDENT, "name": IDENT, "namespace": IDENT, "uid": IDENT,
+                  "resourceVersion": IDENT, "fieldPath": IDENT},
+    # object specs and pod templates (Deployment … CronJob's jobTemplate, StatefulSet's claim templates)
+    "spec": {"template": "template", "jobTemplate": "template", "volumeClaimTemplates": "object[]",
+             "containers": "container[]", "initContainers": "container[]",
+             "ephemeralContainers": "container[]", "volumes": "named[]"},
+    "template": {"metadata": "metadata", "spec": "spec"},
+    "container": {"name": IDENT, "ports": "named[]", "env": "named[]", "volumeMounts": "named[]"},
+    "named": {"name": IDENT},
+    "status": {"containerStatuses": "named[]", "initContainerStatuses": "named[]",
+               "ephemeralContainerStatuses": "named[]"},
+}  # fmt: skip
+NOTHING: dict[str, str] = {}
+
+
+def _resolve(node: dict[str, Any], position: str) -> dict[str, str]:
+    """The identifier table for a dict at `position` ("document": by shape, as `mask_document` reads it)."""
+    if position == "document":
+        kind = node.get("kind", "")
+        if kind == "Table" and isinstance(node.get("rows"), list):
+            position = "table"
+        elif isinstance(node.get("items"), list) and (
+            not kind or (isinstance(kind, str) and kind.endswith("List"))
+        ):
+            position = "list"
+        elif kind == "WatchEvent" or (
+            set(node) == {"type", "object"} and isinstance(node.get("object"), dict)
+        ):
+            position = "event"
+        else:
+            position = "object"
+    return IDENTIFIER_POSITIONS.get(position, NOTHING)
+
+
+def restore_identifiers(masked: Any, original: Any, position: str = "document") -> bool:
+    """Put back the identifiers (`IDENTIFIER_POSITIONS`) of `original` into `masked`, the same document after
+    a text pass that only rewrote strings; whether any was put back. Keys elsewhere stay as masked."""
+    if position.endswith("[]"):
+        if not (isinstance(masked, list) and isinstance(original, list) and len(masked) == len(original)):
+            return False
+        restored = False
         for value, before in zip(masked, original, strict=True):
-            if isinstance(value, dict | list):
-                restored |= restore_identifiers(value, before)
+            restored |= restore_identifiers(value, before, position[:-2])
+        return restored
+    if not (isinstance(masked, dict) and isinstance(original, dict)):
+        return False
+    restored = False
+    for key, child in _resolve(original, position).items():
+        value, before = masked.get(key), original.get(key)
+        if child == IDENT:
+            if isinstance(value, str) and isinstance(before, str) and value != before:
+                masked[key] = before
+                restored = True
+        elif isinstance(value, dict | list):
+            restored |= restore_identifiers(value, before, child)
     return restored
 
 
-def _scrub_strings(node: Any, scrub: Callable[[str], str]) -> bool:
+def _scrub_strings(node: Any, scrub: Callable[[str], str], position: str = "object") -> bool:
+    """Scrub every string in `node` (a dict or list at `position`) but identifiers in identifier positions."""
     changed = False
     if isinstance(node, dict):
+        table = _resolve(node, position)
         for key, value in node.items():
-            if key in KEEP:
-                continue
+            child = table.get(key, "data")
             if isinstance(value, str):
+                if child == IDENT:
+                    continue
                 new = scrub(value)
                 if new is not value and new != value:
                     node[key] = new
                     changed = True
             elif isinstance(value, dict | list):
-                changed |= _scrub_strings(value, scrub)
+                changed |= _scrub_strings(value, scrub, child)
     elif isinstance(node, list):
-        changed |= _scrub_list(node, scrub)
+        changed |= _scrub_list(node, scrub, position[:-2] if position.endswith("[]") else "data")
     return changed
 
 
-def _scrub_list(items: list[Any], scrub: Callable[[str], str]) -> bool:
+def _scrub_list(items: list[Any], scrub: Callable[[str], str], position: str = "data") -> bool:
     changed = False
     for index, value in enumerate(items):
         if isinstance(value, str):
@@ -217,5 +292,5 @@ def _scrub_list(items: list[Any], scrub: Callable[[str], str]) -> bool:
                 items[index] = new
                 changed = True
         elif isinstance(value, dict | list):
-            changed |= _scrub_strings(value, scrub)
+            changed |= _scrub_strings(value, scrub, position)
     return changed
