@@ -216,8 +216,9 @@ def make_blueprint(gateway: Gateway) -> Blueprint:
             return json_response({"error": "Unauthorized"}, 401)
         identity = next(iter(identities.values()))
         groups = {g for i in identities.values() for g in i.groups}
-        return json_response({"user": identity.user, "groups": sorted(groups), "method": identity.method,
-                              "connections": sorted(identities), "roles": roles_of(gateway, groups)})  # fmt: skip
+        return json_response({"user": identity.user, "person": identity.person, "groups": sorted(groups),
+                              "method": identity.method, "connections": sorted(identities),
+                              "roles": roles_of(gateway, groups)})  # fmt: skip
 
     @bp.get("/api/connections")
     async def connection_list() -> Response:

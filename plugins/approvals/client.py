@@ -37,6 +37,7 @@ def describe(item: dict[str, Any]) -> list[str]:
         f"id:         {item['id']}  ({item['state']})",
         f"who:        {item['requester']} (groups: {', '.join(item['requester_groups']) or 'none'}; "
         f"{item['requester_method'] or '-'})",
+        f"person:     {item.get('requester_person') or item['requester']}",
         f"what:       {what}" + (f"  command: {' '.join(item['command'])}" if item.get("command") else ""),
         f"request:    {item['path']}",
     ]
@@ -51,8 +52,10 @@ def describe(item: dict[str, Any]) -> list[str]:
         f"{max(int(item['expires_at'] - time.time()), 0)} s",
     ]
     for approval in item.get("approvals") or []:
+        person = approval.get("person")
         lines.append(
             f"approved:   by {approval['reviewer']}"
+            + (f" (person {person})" if person and person != approval["reviewer"] else "")
             + (f": {approval['comment']}" if approval.get("comment") else "")
         )
     if item.get("denial"):

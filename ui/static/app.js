@@ -100,13 +100,13 @@ function renderInbox(pending, recent) {
   const rows = pending.map((r) =>
     el(
       "tr",
-      { class: r.requester === me.user ? "own" : "" },
+      { class: isOwn(r) ? "own" : "" },
       el("td", {}, el("a", { href: `/ui/approvals/${encodeURIComponent(r.id)}` }, r.requester)),
       el("td", {}, what(r), r.command?.length ? el("code", {}, ` ${r.command.join(" ")}`) : null),
       el("td", { text: r.connection }),
       el("td", { text: r.rule }),
       el("td", { text: ago(now() - r.created_at) }),
-      el("td", { text: r.requester === me.user ? "your request" : "needs review" }),
+      el("td", { text: isOwn(r) ? "your request" : "needs review" }),
     ),
   );
   const done = recent
@@ -182,8 +182,13 @@ function kindOfRequester(r) {
   return "person";
 }
 
+// Own requests by person, as the gateway decides self-approval: another identity of yours is still you.
+function isOwn(r) {
+  return r.requester === me.user || (Boolean(me.person) && r.requester_person === me.person);
+}
+
 function renderApproval(r, status) {
-  const own = r.requester === me.user;
+  const own = isOwn(r);
   const canReview = !own && r.state === "pending" && (me.groups || []).some((g) => (r.reviewer_groups || []).includes(g));
   const facts = el(
     "dl",
@@ -194,6 +199,7 @@ function renderApproval(r, status) {
       {},
       el("strong", { text: r.requester }),
       ` (${kindOfRequester(r)}; ${r.requester_method || "unknown method"})`,
+      r.requester_person && r.requester_person !== r.requester ? el("div", {}, `person: ${r.requester_person}`) : null,
       el("br"),
       `groups: ${(r.requester_groups || []).join(", ") || "none"}`,
     ),
