@@ -274,3 +274,304 @@ def test_accept_keeps_json_ranges_with_parameters_and_drops_binary_ones():
     assert json_only("application/vnd.kubernetes.protobuf,application/json") == "application/json"
     assert json_only("application/com.github.proto-openapi.spec.v2@v1.0+protobuf") == "application/json"
     assert json_only("application/cbor, application/json;q=0.9") == "application/json;q=0.9"
+
+
+# -- issue 13 §3: no representation or parser difference the masking gives up at ----------------------------
+
+CLEAR = "hunter2-x"  # a known value (see `masking()`)
+CLEAR_FORMS = [CLEAR, base64.b64encode(CLEAR.encode()).decode()]
+
+
+def first_wins(text: bytes | str):
+    """A client whose JSON parser keeps the first of duplicate keys (Go's does not; others do)."""
+
+    def pairs(items):
+        out = {}
+        for key, value in items:
+            out.setdefault(key, value)
+        return out
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def assert_no_clear(out: bytes, *clear: str) -> None:
+    for value in clear or CLEAR_FORMS:
+        assert value.encode() not in out, out[:300]
+
+
+@pytest.mark.parametrize(
+    ("accept", "watch", "form", "upstream"),
+    [
+        ("", False, "json", "application/json"),
+        ("*/*", False, "json", "application/json"),
+        ("application/*", False, "json", "application/json"),
+        ("application/yaml", False, "yaml", "application/json"),
+        ("application/vnd.kubernetes.protobuf,application/json", False, "json", "application/json"),
+        ("application/yaml, application/json;q=0.5", False, "yaml", "application/json"),
+        ("application/json;q=0.5, application/yaml", False, "yaml", "application/json"),
+        ("application/json;q=0, */*", False, "yaml", "application/json"),  # q=0 rejects JSON, */* → YAML
+        ("application/json;as=Table;v=v1;g=meta.k8s.io,application/json", False, "json",
+         "application/json;as=Table;v=v1;g=meta.k8s.io, application/json"),
+        ("application/yaml;as=Table;v=v1;g=meta.k8s.io", False, "yaml", "application/json;as=Table;v=v1;g=meta.k8s.io"),
+        ("application/json", True, "json", "application/json"),
+        ("application/json, application/yaml", True, "json", "application/json"),
+    ],
+)  # fmt: skip
+def test_accept_is_negotiated_as_the_api_server_does(accept, watch, form, upstream):
+    from kubegate.plugins.masking.media import negotiate
+
+    negotiated = negotiate(accept, watch=watch)
+    assert (negotiated.form, negotiated.upstream_accept) == (form, upstream)
+    assert "protobuf" not in negotiated.upstream_accept and "yaml" not in negotiated.upstream_accept
+
+
+@pytest.mark.parametrize(
+    ("accept", "watch"),
+    [
+        ("application/vnd.kubernetes.protobuf", False),
+        ("application/cbor", False),
+        ("text/html", False),
+        ("application/json;q=0, application/yaml;q=0, */*", False),
+        ("application/yaml", True),  # YAML has no stream serializer: the API server refuses the watch
+        ("application/yaml, application/json", True),
+    ],
+)
+def test_what_cannot_be_served_masked_is_not_acceptable(accept, watch):
+    from kubegate.core.errors import StatusError
+    from kubegate.plugins.masking import kubegate_upstream_request
+
+    f = hook_flow(accept, verb="watch" if watch else "get")
+    with pytest.raises(StatusError) as refused:
+        kubegate_upstream_request(f)
+    assert refused.value.code == 406 and refused.value.reason == "NotAcceptable"
+    assert "application/json" in refused.value.message
+
+
+def hook_flow(
+    *accepts: str, verb: str = "get", resource: str = "secrets", subresource: str = ""
+) -> SimpleNamespace:
+    """A flow as the upstream-request and response hooks see it, on a masked connection."""
+    attributes = SimpleNamespace(resource=resource, verb=verb, subresource=subresource, is_resource_request=True,
+                                 is_streaming_subresource=False)  # fmt: skip
+    return SimpleNamespace(
+        attributes=attributes, state={}, identity=None, upstream_headers=[("Accept", a) for a in accepts],
+        connection=SimpleNamespace(name="c", state={"masking": masking()}),
+        request=SimpleNamespace(path="/api/v1/namespaces/prod/secrets/db", websocket=False),
+        response=SimpleNamespace(status=200, headers=[]),
+    )  # fmt: skip
+
+
+def test_upstream_gets_one_json_accept_and_yaml_is_rendered_after_masking():
+    from kubegate.plugins.masking import (
+        kubegate_response_headers,
+        kubegate_response_stream,
+        kubegate_upstream_request,
+    )
+
+    # Two Accept headers: the API server reads the first; exactly one JSON Accept goes up.
+    f = hook_flow("application/yaml", "application/vnd.kubernetes.protobuf")
+    kubegate_upstream_request(f)
+    assert [v for k, v in f.upstream_headers if k.lower() == "accept"] == ["application/json"]
+    secret = {**SECRET, "data": {"one": "eA==", "bin": base64.b64encode(b"\x00\xff\xfe").decode(),
+                                 "big": base64.b64encode(b"B" * (1 << 20)).decode()}}  # fmt: skip
+    f.response.headers = [("Content-Type", "application/json"), ("Content-Length", "9")]
+    kubegate_response_headers(f)
+    assert ("Content-Type", "application/yaml") in f.response.headers
+    out = _run(kubegate_response_stream(f), [json.dumps(secret).encode()])
+    import yaml
+
+    assert yaml.safe_load(out)["data"] == {"one": MARKER_B64, "bin": MARKER_B64, "big": MARKER_B64}
+    assert b"eA==" not in out and b"AP/+" not in out and b"QkJC" not in out
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/yaml", "application/vnd.kubernetes.protobuf", "application/cbor"]
+)
+def test_an_object_response_the_masker_cannot_read_is_refused_not_masked_as_text(content_type):
+    from kubegate.plugins.masking import (
+        kubegate_response_headers,
+        kubegate_response_stream,
+        kubegate_upstream_request,
+    )
+
+    f = hook_flow("application/json")
+    kubegate_upstream_request(f)
+    f.response.headers = [("Content-Type", content_type)]
+    kubegate_response_headers(f)
+    assert f.response.status == 502
+    out = _run(kubegate_response_stream(f), [b"data:\n  password: aHVudGVyMg==\n  one: eA==\n"])
+    assert json.loads(out)["kind"] == "Status" and b"eA==" not in out
+
+
+def test_pod_log_and_proxy_keep_their_own_content_types():
+    from kubegate.plugins.masking import kubegate_upstream_request
+
+    f = hook_flow("text/html", resource="pods", subresource="proxy")
+    kubegate_upstream_request(f)  # the pod's own content: not an API object, not negotiated
+    assert [v for k, v in f.upstream_headers if k.lower() == "accept"] == ["text/html"]
+
+
+DUPLICATES = [
+    # The same key twice: orjson (and Go) keep the last, other parsers the first.
+    b'{"kind":"ConfigMap","data":{"a":"hunter2-x","a":"fine"}}',
+    b'{"kind":"Secret","data":{"p":"aHVudGVyMi14"},"data":{}}',
+    b'{"kind":"Secret","data":{"p":"aHVudGVyMi14"},"kind":"ConfigMap","data":{"p":"eA=="}}',
+    b'{"kind":"Pod","spec":{"containers":[{"name":"a","env":[{"name":"DB_PASSWORD","value":"hunter2-x","value":"x"}]}]}}',
+]
+
+
+@pytest.mark.parametrize("body", DUPLICATES)
+def test_duplicate_keys_never_pass_in_clear_whichever_one_a_client_keeps(body):
+    out = _run(JsonBody(masking(), flow("configmaps"), None), [body])
+    assert_no_clear(out)
+    assert first_wins(out) == json.loads(out)  # no duplicates left: every parser reads the same
+    events = b'{"type":"ADDED","object":' + body + b',"type":"ADDED"}\n'
+    watched = _run(WatchLines(masking(), flow("configmaps", verb="watch"), None), [events])
+    assert_no_clear(watched)
+    assert first_wins(watched) == json.loads(watched)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"kind":"ConfigMap","data":{"a":NaN,"b":"hunter2-x"}}',
+        b'\xef\xbb\xbf{"kind":"ConfigMap","data":{"b":"hunter2-x"}}',  # a BOM
+        b'{"kind":"ConfigMap","data":{"b":"hunter2-x","c":"\xff"}}',  # invalid UTF-8
+        b'{"kind":"ConfigMap","data":{"b":"hunter2-x","c":"\\ud800"}}',  # a lone surrogate escape
+        b'{"kind":"ConfigMap","data":{"b":"hunter2-x"}} {"b":"hunter2-x"}',  # trailing data
+        b'{"kind":"ConfigMap","data":{"b":"hunter2-x","n":1e400}}',  # beyond a double
+        b"[" * 2000 + b'"hunter2-x"' + b"]" * 2000,  # deeper than any parser should go
+    ],
+)
+def test_bodies_a_client_may_read_differently_are_withheld(body):
+    out = _run(JsonBody(masking(), flow("configmaps"), None), [body])
+    assert json.loads(out)["kind"] == "Status" and json.loads(out)["code"] == 502
+    assert_no_clear(out)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"kind":"ConfigMap","\\u0064ata":{"b":"hunter2-x"}}',  # an escaped key
+        b'["hunter2-x", {"name": "hunter2-x"}]',  # not an object at the top
+        b'"hunter2-x"',
+        b'{"kind":"ConfigMap","data":{"b":"hunter2-x","n":123456789012345678901234567890}}',
+    ],
+)
+def test_other_documents_end_masked_and_re_serialized(body):
+    out = _run(JsonBody(masking(), flow("configmaps"), None), [body])
+    assert_no_clear(out)
+    assert b"\\u0064" not in out
+
+
+def test_unchanged_bodies_are_re_serialized_too():
+    body = b'{"kind":"ConfigMap",  "data":{"a":"b"}}'
+    assert (
+        _run(JsonBody(masking(), flow("configmaps"), None), [body])
+        == b'{"kind":"ConfigMap","data":{"a":"b"}}\n'
+    )
+
+
+def test_identifier_keys_are_kept_only_in_identifier_positions():
+    known = "plain-known-value"
+    cm = {
+        "kind": "ConfigMap", "apiVersion": "v1",
+        "metadata": {"name": known, "namespace": "prod", "uid": "u1", "annotations": {"name": known, "uid": known},
+                     "labels": {"kind": known},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": known, "uid": "u2"}]},
+        "data": {"name": known, "uid": known, "namespace": known, "kind": known, "nested": {"name": known}},
+    }  # fmt: skip
+    out = json.loads(masking().mask_json(json.loads(json.dumps(cm)), "ConfigMap"))
+    assert out["metadata"]["name"] == known and out["metadata"]["ownerReferences"][0]["name"] == known
+    assert out["metadata"]["annotations"] == {"name": MARKER, "uid": MARKER}
+    assert out["metadata"]["labels"] == {"kind": MARKER}
+    nested = {"name": MARKER}
+    assert out["data"] == {
+        "name": MARKER,
+        "uid": MARKER,
+        "namespace": MARKER,
+        "kind": MARKER,
+        "nested": nested,
+    }
+    # the per-string scrub (also used for records) follows the same positions
+    slow = json.loads(json.dumps(cm))
+    mask_document(slow, masking().rules, "ConfigMap")
+    assert slow["metadata"]["name"] == known and slow["data"]["name"] == MARKER
+    assert slow["metadata"]["annotations"]["uid"] == MARKER
+
+
+def test_schema_identifiers_clients_address_by_are_kept():
+    known = "plain-known-value"
+    pod = {"kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": known, "ports": [{"name": known}], "env": [{"name": known, "value": known}],
+                                    "args": [known]}], "volumes": [{"name": known}]},
+           "status": {"containerStatuses": [{"name": known, "image": known}]}}  # fmt: skip
+    out = json.loads(masking().mask_json(pod, "Pod"))
+    container = out["spec"]["containers"][0]
+    assert container["name"] == known and container["ports"][0]["name"] == known
+    assert container["env"][0] == {"name": known, "value": MARKER} and container["args"] == [MARKER]
+    assert out["spec"]["volumes"][0]["name"] == known
+    assert out["status"]["containerStatuses"][0] == {"name": known, "image": MARKER}
+    event = {"kind": "Event", "metadata": {"name": "e"}, "message": f"pulled {known}",
+             "involvedObject": {"kind": "Pod", "name": known, "namespace": "prod"}}  # fmt: skip
+    out = json.loads(masking().mask_json(event, ""))
+    assert out["involvedObject"]["name"] == known and out["message"] == f"pulled {MARKER}"
+
+
+def test_secret_values_of_any_size_or_bytes_in_every_shape():
+    values = {"one": "eA==", "empty": "", "bin": base64.b64encode(bytes(range(256))).decode(),
+              "big": base64.b64encode(b"z" * (1 << 20)).decode()}  # fmt: skip
+    secret = {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "s"}, "data": values}
+    applied = json.dumps({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "s"}, "data": values})
+    shapes = {
+        "object": secret,
+        "list": {"kind": "SecretList", "items": [{k: v for k, v in secret.items() if k != "kind"}]},
+        "table": {"kind": "Table", "rows": [{"cells": ["s"], "object": secret}]},
+        "watch": {"type": "ADDED", "object": secret},
+        "partial": {"kind": "PartialObjectMetadata", "metadata": {"name": "s", "annotations": {LAST_APPLIED: applied}}},
+    }  # fmt: skip
+    for name, doc in shapes.items():
+        out = masking().mask_json(json.loads(json.dumps(doc)), "Secret")
+        for value in values.values():
+            if value:
+                assert value.encode() not in out, name
+    not_a_map = masking().mask_json({"kind": "Secret", "data": "aHVudGVyMg=="}, "Secret")
+    assert b"aHVudGVyMg" not in not_a_map
+    listed_applied = {
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {LAST_APPLIED: '["aHVudGVyMg=="]'}},
+    }
+    assert b"aHVudGVyMg" not in masking().mask_json(listed_applied, "Pod")
+
+
+def test_last_applied_with_duplicate_keys_is_re_serialized():
+    applied = '{"kind":"Secret","stringData":{"t":"short"},"kind":"ConfigMap"}'
+    obj = {"kind": "Pod", "metadata": {"name": "p", "annotations": {LAST_APPLIED: applied}}}
+    out = masking().mask_json(obj, "Pod")
+    annotation = json.loads(out)["metadata"]["annotations"][LAST_APPLIED]
+    assert first_wins(annotation) == json.loads(annotation)
+
+
+def test_known_values_learned_whatever_their_bytes_and_masked_in_text():
+    from kubegate.plugins.masking.known import KnownSecrets
+
+    known = KnownSecrets(SimpleNamespace(), [], 6, 100, 64, lambda values: None)  # type: ignore[arg-type]
+    binary = b"\x00\xff\xfe\x80keystore"
+    secret = {"data": {"bin": base64.b64encode(binary).decode(), "short": "eA==",
+                       "big": base64.b64encode(b"y" * 65).decode(), "multi": base64.b64encode(b'a"b\nc-line\n').decode()}}  # fmt: skip
+    values = known._extract(secret)
+    assert binary.decode("utf-8", "surrogateescape") in values
+    assert "x" not in values and "y" * 65 not in values  # below min_length, above max_value_bytes (bytes)
+    m = Masking(MaskingSettings())
+    m.set_known(values)
+    assert m.text.mask_bytes(b"dump: " + binary + b" end") == f"dump: {MARKER} end".encode()
+    assert m.text.mask(f"b64 {base64.b64encode(binary).decode()} .") == f"b64 {MARKER} ."
+    # a value JSON escapes (quote, newline) is found in served JSON too
+    cm = {"kind": "ConfigMap", "data": {"copy": 'a"b\nc-line'}}
+    assert b"c-line" not in m.mask_json(cm, "ConfigMap")
+
+
+@pytest.mark.parametrize("marker", ['x"y', "back\\slash", "new\nline"])
+def test_a_marker_that_could_break_json_text_is_refused(marker):
+    with pytest.raises(ValueError):
+        MaskingSettings(marker=marker)
