@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kubegate.core import protobuf
+from kubegate.core import bodies
 from kubegate.core.errors import StatusError
 from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
@@ -535,68 +535,33 @@ def mask_body_for_record(flow: Flow, body: bytes) -> str:
 
     decoded = _decode_for_record(flow, body)
     if decoded is None:
-        return (
-            f"<{len(body)} bytes, not JSON, sha256 {hashlib.sha256(body).hexdigest()[:16]}…>" if body else ""
-        )
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        return f"<{len(body)} bytes, not decoded, sha256 {digest}…>" if body else ""
     shape, doc = decoded
     # Shown to people and stored: masked even where the connection does not mask its responses.
     attrs = flow.attributes
     rules = _record_masking(flow).rules
-    masked = records.mask_record_document(
-        doc, shape, rules, KIND_OF_RESOURCE.get(attrs.resource, ""), attrs.namespace, attrs.name
-    )
+    # A write's body is an object of the resource's kind; a DELETE's is DeleteOptions.
+    write = flow.request.method.upper() in bodies.WRITE_METHODS
+    kind = KIND_OF_RESOURCE.get(attrs.resource, "") if write else ""
+    masked = records.mask_record_document(doc, shape, rules, kind, attrs.namespace, attrs.name)
     return json.dumps(masked, separators=(",", ":"))
 
 
-# The patch types of the API server by Content-Type; any other PATCH is read as a merge patch (a partial
-# object: masks more than a whole one would).
-PATCH_SHAPES: dict[str, records.Shape] = {
-    "application/json-patch+json": "json-patch",
-    "application/merge-patch+json": "merge-patch",
-    "application/strategic-merge-patch+json": "strategic-merge-patch",
-    "application/apply-patch+yaml": "apply-patch",
-    "application/apply-patch+json": "apply-patch",
-}
-
-
 def _decode_for_record(flow: Flow, body: bytes) -> tuple[records.Shape, Any] | None:
-    """The body's shape and decoded document, or None when it is empty or not understood."""
+    """The body's shape and document as the API server reads it (`core/bodies.py`), or None when it is
+    empty or would be refused there. A DELETE's options (strict JSON) are shown too, read as a partial
+    object (which masks more than a whole one)."""
     if not body:
         return None
-    media_type = flow.request.header("content-type").split(";", 1)[0].strip().lower()
-    shape: records.Shape = PATCH_SHAPES.get(media_type, "object")
-    if flow.request.method.upper() == "PATCH" and shape == "object":
-        shape = "merge-patch"
-    doc: Any = None
-    if body.startswith(protobuf.MAGIC):  # kubectl's generators (create secret …) send protobuf
-        try:
-            doc = protobuf.decode_body(body)
-        except (protobuf.ProtobufError, ValueError, IndexError):
-            return None
-    else:
-        try:
-            doc = json.loads(body)
-        except ValueError:  # kubectl sends server-side apply as JSON; other clients send YAML
-            doc = _load_yaml(body) if media_type.endswith("yaml") else None
-    return None if doc is None else (shape, doc)
-
-
-def _load_yaml(body: bytes) -> Any:
-    """One YAML document as plain JSON-shaped data; None for anything else (several documents, aliases —
-    which could expand to far more than the body — or values JSON has no form for)."""
-    import yaml
-
+    method = flow.request.method.upper()
     try:
-        events = list(yaml.parse(body, Loader=yaml.SafeLoader))
-        if any(isinstance(event, yaml.AliasEvent) for event in events):
-            return None
-        if sum(isinstance(event, yaml.DocumentStartEvent) for event in events) != 1:
-            return None
-        doc = yaml.safe_load(body)
-        json.dumps(doc)
-    except (yaml.YAMLError, TypeError, ValueError):
+        if method not in bodies.WRITE_METHODS:
+            return "merge-patch", bodies.decode_json(body)
+        decoded = bodies.decode_write_body(method, flow.request.header("content-type"), body)
+    except bodies.BodyError:
         return None
-    return doc
+    return decoded.shape, decoded.doc
 
 
 @hookimpl

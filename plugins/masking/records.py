@@ -23,13 +23,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, unquote_plus
+
+from kubegate.core import bodies
 
 from .objects import ObjectRules, _scrub_strings, mask_object
 
-Shape = Literal["object", "json-patch", "merge-patch", "strategic-merge-patch", "apply-patch"]
+Shape = bodies.Shape
 SECRET_FIELDS = ("data", "stringData", "binaryData")
+SECRET_OTHER_FIELDS = ("apiVersion", "kind", "metadata", "type", "immutable", "items")
 # Where a JSON pointer segment indexes a list (an index, or "-" for the end): the skeleton gets a list there.
 LIST_INDEX = re.compile(r"^(?:0|[1-9][0-9]*|-)$")
 
@@ -88,10 +91,13 @@ def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str,
     for kind in kinds:
         _mask_as(obj, rules, kind)
     if "Secret" in kinds:
-        # The API server refuses a Secret whose data is not a map, but the record is written all the same.
-        for section in SECRET_FIELDS:
-            if section in obj and not isinstance(obj[section], dict):
+        # The API server refuses a Secret whose data is not a map, but the record is written all the same;
+        # fields a Secret does not have (dropped there) may hold a copy of a value (a YAML alias): masked.
+        for section in list(obj):
+            if section in SECRET_FIELDS and not isinstance(obj[section], dict):
                 obj[section] = rules.marker
+            elif section not in SECRET_FIELDS and section not in SECRET_OTHER_FIELDS:
+                obj[section] = _all_masked(obj[section], rules.marker)
     _mask_env_anywhere(obj, rules, partial)
 
 

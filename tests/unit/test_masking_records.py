@@ -123,7 +123,6 @@ def test_json_patch_known_values_and_detectors_anywhere():
         {"op": "add", "path": "/metadata/labels/x", "value": KNOWN},
         {"op": "add", "path": "/spec/containers/0/args/-", "value": f"--dsn=postgres://u:{KNOWN}@db/x"},
         {"op": "copy", "from": "/spec/containers/0/image", "path": "/metadata/annotations/a"},
-        "not an operation " + KNOWN,
     ]
     shown = record(ops, "pods", content_type=JSON_PATCH)
     assert KNOWN not in shown
@@ -157,10 +156,38 @@ def test_apply_patch_as_yaml_is_masked_and_shown_as_json():
     assert json.loads(shown)["stringData"]["pw"] == MARKER
 
 
-def test_yaml_with_aliases_is_not_expanded_only_sized():
-    body = b"a: &x [" + b"1," * 10 + b"]\nb: [*x, *x, *x]\nstringData: {pw: " + CLEAR.encode() + b"}\n"
+def test_yaml_aliases_are_read_as_the_api_server_reads_them_and_a_bomb_is_only_sized():
+    body = b"a: &x {pw: " + CLEAR.encode() + b"}\nstringData: *x\n"
     shown = record(body, content_type=APPLY)
+    assert CLEAR not in shown and json.loads(shown)["stringData"] == {"pw": MARKER}
+    bomb = (
+        b"a: &a ["
+        + CLEAR.encode()
+        + b"]\n"
+        + b"".join(
+            b"%c: &%c [%s]\n" % (c, c, b",".join([b"*%c" % (c - 1)] * 10)) for c in range(ord("b"), ord("h"))
+        )
+    )
+    shown = record(bomb, content_type=APPLY)
     assert shown.startswith("<") and "sha256" in shown and CLEAR not in shown
+
+
+def test_a_body_the_api_server_would_refuse_is_only_sized():
+    for body, content_type in [
+        (b'{"stringData": {"pw": "x"}, "stringData": {"pw": "' + CLEAR.encode() + b'"}}', MERGE),  # duplicate
+        (
+            json.dumps([{"op": "add", "path": "/data/x", "value": CLEAR}, "not an operation"]).encode(),
+            JSON_PATCH,
+        ),
+        (json.dumps({"data": {"x": CLEAR}}).encode(), "application/x-unknown"),
+    ]:
+        shown = record(body, content_type=content_type)
+        assert shown.startswith("<") and CLEAR not in shown, shown
+
+
+def test_delete_options_are_shown():
+    shown = record({"kind": "DeleteOptions", "propagationPolicy": "Foreground"}, method="DELETE")
+    assert json.loads(shown)["propagationPolicy"] == "Foreground"
 
 
 def test_nested_lists_and_non_map_secret_data():
