@@ -5,13 +5,17 @@ Evaluation order (documented in docs/policy.md): rules are tried top to bottom; 
 decides: what it would have done is recorded in the audit event and evaluation goes on. No rule decides →
 the connection's `default` (allow or deny). Within `match`, every given field must hold; a list matches
 when any element does; an empty or missing field matches everything. `condition` (CEL) is evaluated last,
-only when everything else matched, and reads the request body only then.
+only when everything else matched, and reads the request body only then — decoded by
+`kubegate.core.bodies` exactly as the API server reads it (for a PATCH, the patch document).
+
+A condition that cannot be evaluated (an evaluation error, a body that cannot be read) fails closed for
+`deny` and `approve` rules: the rule applies and its message says why (`on_condition_error`, default
+`match` for them, `no_match` for `allow` rules).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +24,7 @@ import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from kubegate.core.attributes import RequestAttributes
+from kubegate.core.bodies import Body, BodyError, decode_write_body
 from kubegate.core.flow import ApprovalSpec, Decision, Flow, Identity, Verdict
 from kubegate.core.plugins import hookimpl
 
@@ -100,6 +105,18 @@ class Rule(BaseModel):
     message: str = Field("", description="Shown by kubectl for deny; to reviewers for approve.")
     approval: RuleApproval | None = None
     dry_run: bool = Field(False, description="Only record what this rule would have done.")
+    on_condition_error: Literal["match", "no_match"] | None = Field(
+        None,
+        description="When the condition cannot be evaluated (an evaluation error, or a request body that "
+        "cannot be read): `match` applies the rule, saying why; `no_match` goes on to the next rule. "
+        "Default: `match` for deny and approve rules (fail closed), `no_match` for allow rules.",
+    )
+
+    @property
+    def matches_on_condition_error(self) -> bool:
+        if self.on_condition_error is None:
+            return self.action != "allow"
+        return self.on_condition_error == "match"
 
     @model_validator(mode="after")
     def _approval(self) -> Rule:
@@ -147,6 +164,11 @@ class Request:
     path: str = ""
     command: list[str] = field(default_factory=list)
     body: bytes | None = None  # None: not read (yet)
+    method: str = ""  # the HTTP method; "" → the one the verb implies (create POST, update PUT, patch PATCH)
+    content_type: str = ""  # the request's first Content-Type value
+    _decoded: tuple[bytes | None, Body | BodyError | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 @dataclass
@@ -156,6 +178,8 @@ class Outcome:
     reason: str
     dry_run: list[dict[str, str]] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)  # why each rule did or did not match, for `policy check`
+    # set when the deciding rule applied because its condition could not be evaluated (fail closed)
+    condition_error: str = ""
 
 
 def _any_glob(patterns: list[str], value: str) -> bool:
@@ -190,14 +214,41 @@ def _mismatch(match: RuleMatch, req: Request) -> str | None:
     return None
 
 
-def cel_activation(req: Request) -> dict[str, Any]:
-    """The CEL variables, named as in Kubernetes' ValidatingAdmissionPolicy where they exist there."""
-    body: Any = None
-    if req.body:
-        try:
-            body = json.loads(req.body)
-        except ValueError:
-            body = None  # not JSON (protobuf, YAML): conditions on `object` see null
+BODY_VERBS = {"create": "POST", "update": "PUT", "patch": "PATCH"}
+
+
+def request_body(req: Request) -> Body | None:
+    """The document a condition's `object` is, decoded as the API server would (see kubegate.core.bodies):
+    the object of a create or update, the patch document of a patch. None for requests that carry no object
+    (reads, deletes, exec/attach/port-forward — `object` is null there, as in ValidatingAdmissionPolicy).
+    Raises BodyError when the body cannot be read that way."""
+    if req.verb not in BODY_VERBS or req.resource in CONNECT_SUBRESOURCES:
+        return None
+    if req._decoded is not None and req._decoded[0] is req.body:
+        cached = req._decoded[1]
+        if isinstance(cached, BodyError):
+            raise cached
+        return cached
+    result: Body | BodyError
+    try:
+        if req.body is None:
+            raise BodyError("the request body was not given")
+        if len(req.body) > MAX_CONDITION_BODY_BYTES:
+            raise BodyError(f"the request body is larger than {MAX_CONDITION_BODY_BYTES} bytes")
+        result = decode_write_body(req.method or BODY_VERBS[req.verb], req.content_type, req.body)
+    except BodyError as exc:
+        result = exc
+    req._decoded = (req.body, result)
+    if isinstance(result, BodyError):
+        raise result
+    return result
+
+
+def cel_activation(req: Request, body: Body | None = None) -> dict[str, Any]:
+    """The CEL variables, named as in Kubernetes' ValidatingAdmissionPolicy where they exist there.
+    `object` is `body`'s document (see `request_body`); `request.contentType` its media type and
+    `request.patchType` its patch type (`json-patch`, `merge-patch`, `strategic-merge-patch`,
+    `apply-patch`; "" for a whole object)."""
     who = req.identity
     return {
         "request": {
@@ -212,6 +263,8 @@ def cel_activation(req: Request) -> dict[str, Any]:
             "name": req.name,
             "path": req.path,
             "userInfo": {"username": who.user, "groups": list(who.groups), "uid": who.uid},
+            "contentType": body.media_type if body else "",
+            "patchType": body.shape if body and body.shape != "object" else "",
         },
         "identity": {
             "user": who.user,
@@ -220,19 +273,33 @@ def cel_activation(req: Request) -> dict[str, Any]:
             "issuer": who.issuer,
             "claims": who.claims,
         },
-        "object": body,
+        "object": body.doc if body else None,
         "command": list(req.command),
     }
 
 
-def _condition(match: RuleMatch, req: Request) -> tuple[bool, str]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.args[0] if isinstance(exc, celpy.CELEvalError) and exc.args else exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str]:
+    """(True/False, why) when the condition evaluated; (None, why not) when it could not be."""
+    body: Body | None = None
+    if match._reads_object:
+        try:
+            body = request_body(req)
+        except BodyError as exc:
+            return None, f"the request body could not be read: {exc}"
     try:
-        result = match._program.evaluate(celpy.json_to_cel(cel_activation(req)))
-    except Exception as exc:  # an evaluation error (missing field, wrong type) means "does not match"
-        return False, f"condition error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+        result = match._program.evaluate(celpy.json_to_cel(cel_activation(req, body)))
+    except Exception as exc:  # celpy raises evaluation errors as well as returning them
+        return None, f"its condition could not be evaluated: {_first_line(exc)}"
     if isinstance(result, celpy.CELEvalError):
-        return False, f"condition error: {result.args[0] if result.args else result}"
-    return bool(result) is True, f"condition {'true' if result else 'false'}"
+        return None, f"its condition could not be evaluated: {_first_line(result)}"
+    if not isinstance(result, celpy.celtypes.BoolType):
+        return None, f"its condition could not be evaluated: it gave {type(result).__name__}, not a bool"
+    return bool(result), f"condition {'true' if result else 'false'}"
 
 
 def evaluate(settings: PolicySettings, req: Request) -> Outcome:
@@ -241,18 +308,24 @@ def evaluate(settings: PolicySettings, req: Request) -> Outcome:
     trace: list[str] = []
     for rule in settings.rules:
         why_not = _mismatch(rule.match, req)
+        failure = ""  # why the condition could not be evaluated, when the rule applies anyway
         if why_not is None and rule.match._program is not None:
             matched, detail = _condition(rule.match, req)
-            why_not = None if matched else detail
+            if matched is None and rule.matches_on_condition_error:
+                failure = detail  # fail closed: the rule applies
+            elif not matched:
+                why_not = detail
         if why_not is not None:
             trace.append(f"{rule.name}: no match ({why_not})")
             continue
+        how = f"matched because {failure} (on_condition_error: match)" if failure else "matched"
+        error = f"policy rule {rule.name}: {failure}" if failure else ""
         if rule.dry_run or settings.dry_run:
-            trace.append(f"{rule.name}: matched, dry run: would {rule.action}")
+            trace.append(f"{rule.name}: {how}, dry run: would {rule.action}")
             dry.append({"rule": rule.name, "action": rule.action})
             continue
-        trace.append(f"{rule.name}: matched → {rule.action}")
-        return Outcome(rule, rule.action, rule.message, dry, trace)
+        trace.append(f"{rule.name}: {how} → {rule.action}")
+        return Outcome(rule, rule.action, error or rule.message, dry, trace, condition_error=error)
     trace.append(f"no rule decided → default {settings.default}")
     return Outcome(None, settings.default, "", dry, trace)
 
@@ -305,9 +378,8 @@ def decision_for(outcome: Outcome, connection: str) -> Decision:
             )
         return Decision(Verdict.ALLOW, plugin=PLUGIN_NAME)
     if outcome.action == "deny":
-        return Decision(
-            Verdict.DENY, rule.message or f"denied by policy rule {rule.name}", rule.name, PLUGIN_NAME
-        )
+        reason = outcome.condition_error or rule.message or f"denied by policy rule {rule.name}"
+        return Decision(Verdict.DENY, reason, rule.name, PLUGIN_NAME)
     if outcome.action == "approve":
         assert rule.approval is not None
         spec = ApprovalSpec(
@@ -317,7 +389,7 @@ def decision_for(outcome: Outcome, connection: str) -> Decision:
             scope=rule.approval.scope,
             window_seconds=rule.approval.window_seconds or 0,
         )
-        message = rule.message or f"policy rule {rule.name} requires approval"
+        message = outcome.condition_error or rule.message or f"policy rule {rule.name} requires approval"
         return Decision(Verdict.NEEDS_APPROVAL, message, rule.name, PLUGIN_NAME, approval=spec)
     return Decision(Verdict.ALLOW, rule.message, rule.name, PLUGIN_NAME)
 
@@ -336,6 +408,8 @@ def kubegate_plugin_settings() -> type[BaseModel]:
 async def kubegate_decide(flow: Flow) -> Decision | None:
     settings: PolicySettings = flow.connection.settings_for(PLUGIN_NAME)
     req = request_from_flow(flow)
+    req.method = flow.request.method.upper()
+    req.content_type = flow.request.header("content-type")  # the first one, as Go's Header.Get
     if req.body is None and not flow.request.websocket and needs_body(settings, req):
         req.body = await flow.request.read_body()
     outcome = evaluate(settings, req)

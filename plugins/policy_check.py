@@ -10,6 +10,7 @@ import shlex
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from kubegate.core import bodies, protobuf
 from kubegate.core.attributes import parse_request
 from kubegate.core.flow import Identity
 
@@ -137,7 +138,25 @@ def request_from_kubectl(argv: list[str], default_namespace: str = "default") ->
     return method, path, query
 
 
-def build_request(identity: Identity, argv: list[str], body: bytes | None) -> Request:
+def guess_content_type(method: str, body: bytes | None) -> str:
+    """The Content-Type kubectl would have sent `body` with, for a `--body` file given without one:
+    protobuf by its magic; for PATCH a JSON patch (a list) or a strategic merge patch (kubectl's default);
+    otherwise JSON or YAML by the first character."""
+    if body is None:
+        return ""
+    if body.startswith(protobuf.MAGIC):
+        return bodies.PROTOBUF
+    text = body.lstrip()
+    if method == "PATCH":
+        return (
+            "application/json-patch+json"
+            if text.startswith(b"[")
+            else "application/strategic-merge-patch+json"
+        )
+    return bodies.JSON if text.startswith(b"{") else bodies.YAML
+
+
+def build_request(identity: Identity, argv: list[str], body: bytes | None, content_type: str = "") -> Request:
     if argv and argv[0].upper() in ("GET", "POST", "PUT", "PATCH", "DELETE") and len(argv) == 2:
         parts = urlsplit(argv[1])
         method, path, query = argv[0].upper(), parts.path, parts.query
@@ -149,7 +168,10 @@ def build_request(identity: Identity, argv: list[str], body: bytes | None) -> Re
         method, path, query = request_from_kubectl(argv)
     attrs = parse_request(method, path, query)
     command = [v for k, v in _pairs(query) if k == "command"]
-    return request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), command, body)
+    req = request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), command, body)
+    req.method = method
+    req.content_type = content_type or guess_content_type(method, body)
+    return req
 
 
 def _pairs(query: str) -> list[tuple[str, str]]:
@@ -182,20 +204,27 @@ def describe(req: Request, outcome: Outcome) -> list[str]:
             f"{', '.join(a.reviewer_groups)}; waits up to {a.ttl_seconds} s; grants {scope}"
         )
     elif rule is not None:
-        lines.append(
-            f"decision: {outcome.action} by rule {rule.name}" + (f": {rule.message}" if rule.message else "")
-        )
+        message = outcome.condition_error or rule.message
+        lines.append(f"decision: {outcome.action} by rule {rule.name}" + (f": {message}" if message else ""))
     else:
         lines.append(f"decision: {outcome.action} (the connection's default)")
+    if outcome.condition_error and outcome.action == "approve":
+        lines.append(f"because:  {outcome.condition_error}")
     for entry in outcome.dry_run:
         lines.append(f"dry run:  rule {entry['rule']} would {entry['action']} (recorded, not enforced)")
     return lines
 
 
 def check(
-    settings: PolicySettings, identity: Identity, argv: list[str], body: bytes | None
+    settings: PolicySettings,
+    identity: Identity,
+    argv: list[str],
+    body: bytes | None,
+    content_type: str = "",
 ) -> dict[str, Any]:
-    req = build_request(identity, argv, body)
+    """Which rule decides the request and why. `body` is the `--body` file; `content_type` how it is
+    encoded ("" → guessed, see `guess_content_type`)."""
+    req = build_request(identity, argv, body, content_type)
     outcome = evaluate(settings, req)
     return {
         "request": {
@@ -210,5 +239,6 @@ def check(
         "rule": outcome.rule.name if outcome.rule else None,
         "dry_run": outcome.dry_run,
         "trace": outcome.trace,
+        "condition_error": outcome.condition_error,
         "text": describe(req, outcome),
     }
