@@ -274,6 +274,18 @@ async def test_crafted_proxy_requests_are_refused(gw, cluster):
     assert reached(cluster, since, "roxy") == []
 
 
+async def test_the_old_proxy_verb_paths_reach_no_container(gw, cluster):
+    """`/api/v1/proxy/namespaces/NS/pods/NAME` (verb `proxy`) matches no `pods/proxy` rule; it is safe only
+    because the API server has no such route any more."""
+    for path in (
+        "/api/v1/proxy/namespaces/prod/pods/echo/",
+        "/api/v1/proxy/namespaces/prod/services/echo:http/",
+    ):
+        status, body = await send(gw, "guarded", "GET", path)
+        assert status in (404, 405), body  # no route (the sandbox says 405, the API server 404)
+        assert '"path"' not in body.decode()  # not the echo server's answer
+
+
 def test_service_proxy_is_refused_and_works_without_the_rule(gw, cluster, guarded, unguarded):
     since = last_id(cluster)
     path = "/api/v1/namespaces/prod/services/echo:http/proxy/status?verbose=1"
