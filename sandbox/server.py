@@ -4,7 +4,9 @@ Real kubectl and client libraries are pointed at it directly, so it follows the 
 tell the difference: request parsing (RequestInfoFactory), authentication and impersonation headers,
 authorization denials, metav1.Status errors, content negotiation (JSON, Table, PartialObjectMetadata,
 aggregated discovery), protobuf request bodies, watch streams, and pod logs / exec / attach / port-forward
-through the pod runtime. It also records every request so gateway tests can assert on what reached it.
+through the pod runtime, with the routes that reach containers or end pods without a delete: evictions,
+ephemeral containers (`kubectl debug`) and the pods/services proxy (sandbox/proxy.py; how a pod serves a
+port is in sandbox/runtime.py). It also records every request so gateway tests can assert on what reached it.
 """
 
 from __future__ import annotations
