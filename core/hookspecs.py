@@ -259,13 +259,13 @@ def kubegate_record_body(flow: Flow, body: bytes) -> str | None:
 @hookspec(firstresult=True)
 def kubegate_record_query(flow: Flow, query: str) -> str | None:
     """Render a request's query string for records — audit events — with secrets in it masked (an exec's
-    `command` parameters: `mysql -pHUNTER2`, `env DB_PASSWORD=…`).
+    `command` parameters: `mysql -pHUNTER2`, `env DB_PASSWORD=…`; a proxied `?token=…`).
 
     A gateway hook: called on every installed plugin whatever the connection enables, because records are
     masked everywhere. A plain function (no I/O); the first non-None answer wins, and with no answer the
     query is recorded as it is. If a plugin fails, the record carries no query at all. The built-in
-    `masking` plugin answers with the `command` parameters masked (the other parameters byte for byte) when
-    any needed masking.
+    `masking` plugin answers with the `command` parameters masked as command lines and the other parameters
+    by its text rules (the unchanged ones byte for byte) when any needed masking.
 
     :param flow: the request (its connection's masking settings apply when it has any).
     :param query: the query string as the audit event would carry it (without the `?`).

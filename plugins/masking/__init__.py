@@ -578,9 +578,10 @@ def mask_command_for_record(flow: Flow, argv: list[str]) -> list[str]:
 
 
 def mask_query_for_record(flow: Flow, query: str) -> str | None:
-    """A query string with its `command` parameters masked as `mask_command_for_record` masks them; None
-    when nothing in it needed masking."""
-    return records.mask_command_query(query, lambda argv: mask_command_for_record(flow, argv))
+    """A query string with its `command` parameters masked as `mask_command_for_record` masks them and the
+    other parameters by the text rules (a proxied `?token=…`); None when nothing in it needed masking."""
+    text_mask = _record_masking(flow).text.mask
+    return records.mask_command_query(query, lambda argv: mask_command_for_record(flow, argv), text_mask)
 
 
 @hookimpl

@@ -300,23 +300,31 @@ def _mask_password_options(text: str, marker: str) -> str:
     return "".join(out)
 
 
-def mask_command_query(query: str, mask_argv: Callable[[list[str]], list[str]]) -> str | None:
-    """A request's query string with its `command` parameters masked: the masked re-encoding, or None when
-    nothing changed. Other parameters are kept byte for byte; a `command` key is recognised as the API
-    server decodes it (percent-escapes, `+`), and in any letter case (masking more is harmless)."""
+def mask_command_query(
+    query: str, mask_argv: Callable[[list[str]], list[str]], mask_text: Callable[[str], str] | None = None
+) -> str | None:
+    """A request's query string with its `command` parameters masked as a command line, and every other
+    parameter (`name=value` as text) by `mask_text` (a proxied `?token=…`, a known value): the masked
+    re-encoding, or None when nothing changed. Unchanged parameters are kept byte for byte; a `command` key
+    is recognised as the API server decodes it (percent-escapes, `+`), in any letter case (masking more is
+    harmless)."""
     pairs = query.split("&")
     positions: list[int] = []
     argv: list[str] = []
+    changed = False
     for index, pair in enumerate(pairs):
-        key, _, value = pair.partition("=")
+        key, mark, value = pair.partition("=")
         if unquote_plus(key).strip().lower() == "command":
             positions.append(index)
             argv.append(unquote_plus(value))
-    if not positions:
-        return None
-    masked = mask_argv(argv)
-    changed = False
-    for index, before, after in zip(positions, argv, masked, strict=True):
+        elif mask_text is not None:
+            text = unquote_plus(key) + mark + unquote_plus(value)
+            masked_text = mask_text(text)
+            if masked_text != text:
+                new_key, new_mark, new_value = masked_text.partition("=")
+                pairs[index] = quote(new_key, safe="") + new_mark + quote(new_value, safe="")
+                changed = True
+    for index, before, after in zip(positions, argv, mask_argv(argv) if argv else [], strict=True):
         if after != before:
             pairs[index] = "command=" + quote(after, safe="")
             changed = True

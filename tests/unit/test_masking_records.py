@@ -302,3 +302,12 @@ def test_pointer_segments():
     assert pointer_segments("") == []
     assert pointer_segments("/a~1b/~0c/0") == ["a/b", "~c", "0"]
     assert pointer_segments("a") is None
+
+
+def test_other_query_parameters_are_scrubbed_by_the_text_rules():
+    # pods/proxy and services/proxy pass the query on to the pod: `?token=…` is the pod's own credential.
+    query = f"token={CLEAR}&limit=500&next=postgres%3A%2F%2Fu%3A{CLEAR}%40db&q={KNOWN}"
+    masked = mask_query_for_record(flow("pods"), query)
+    assert masked is not None and CLEAR not in masked and KNOWN not in masked
+    assert "&limit=500&" in masked
+    assert mask_query_for_record(flow("pods"), "labelSelector=app%3Dweb&limit=500") is None
