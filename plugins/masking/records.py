@@ -23,14 +23,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import quote, unquote_plus
 
 from kubegate.core import bodies
 
 from .objects import ObjectRules, _scrub_strings, mask_object
 
-Shape = bodies.Shape
+Shape: TypeAlias = bodies.Shape
 SECRET_FIELDS = ("data", "stringData", "binaryData")
 SECRET_OTHER_FIELDS = ("apiVersion", "kind", "metadata", "type", "immutable", "items")
 # Where a JSON pointer segment indexes a list (an index, or "-" for the end): the skeleton gets a list there.
@@ -77,7 +77,8 @@ def mask_record_object(doc: Any, rules: ObjectRules, resource_kind: str, *, part
 
 
 def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str, partial: bool) -> None:
-    own_kind = obj.get("kind") if isinstance(obj.get("kind"), str) else ""
+    kind_field = obj.get("kind")
+    own_kind = kind_field if isinstance(kind_field, str) else ""
     items = obj.get("items")
     if isinstance(items, list) and (not own_kind or own_kind.endswith("List")):
         item_kind = own_kind[: -len("List")] if own_kind.endswith("List") and own_kind != "List" else ""
