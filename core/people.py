@@ -15,7 +15,9 @@ The gateway-wide `people` section says how an identity's person key is found, fi
    `oidc` plugin's `keep_claims`) with a non-empty string value. An ``email`` claim is not used when the
    token says ``email_verified: false``.
 3. The user name itself — not qualified by the method, so the same user name through two methods is one
-   person (Kubernetes RBAC sees them as one user too).
+   person (Kubernetes RBAC sees them as one user too). With `user_fallback: false` there is no third
+   step: an identity neither the map nor a claim names has no person, and may not review — so a token
+   that leaves the claim out (requested without the `email` scope, say) cannot pass for another person.
 
 Keys are compared case-insensitively (Unicode NFKC and case folded): merging two spellings of one name
 can only make the approval rules stricter, never let one person pass as two.
@@ -136,6 +138,13 @@ class PeopleSettings(BaseModel):
         "person key. Checked after `map`; without either, the person is the user name.",
     )
 
+    user_fallback: bool = Field(
+        True,
+        description="When neither `map` nor `claims` names an identity's person: `true`, the user name is the "
+        "person; `false`, the identity has no person and may not review approval requests (fail closed: a "
+        "token without the claim cannot pass for another person).",
+    )
+
     @field_validator("map")
     @classmethod
     def _one_person_per_identity(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -186,14 +195,15 @@ class PeopleResolver:
         self._mapped: dict[tuple[str, str], str | None] = {}
 
     def person_of(self, identity: Identity) -> str:
-        """The person key of `identity`: mapped, else from a claim, else its user name (normalized)."""
+        """The person key of `identity`: mapped, else from a claim, else its user name (normalized) — or ""
+        (no person) when `user_fallback` is off."""
         mapped = self._from_map(identity.method, identity.user)
         if mapped is not None:
             return mapped
         claimed = self._from_claims(identity.claims)
         if claimed is not None:
             return claimed
-        return normalize(identity.user)
+        return normalize(identity.user) if self.settings.user_fallback else ""
 
     def resolve(self, identity: Identity) -> Identity:
         """`identity` with its `person` set (a copy: identities are immutable and plugins may cache them)."""

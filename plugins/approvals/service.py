@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
-from kubegate.core.people import normalize, person_key
+from kubegate.core.people import PeopleResolver, normalize, person_key
 from kubegate.plugins.masking import mask_body_for_record, mask_command_for_record, mask_query_for_record
 
 from . import store
@@ -272,7 +272,7 @@ class ApprovalService:
             record = await self.db.run(lambda s: store.get(s, approval_id))
             if record is None:
                 raise ReviewError(404, f"no approval request {approval_id}")
-            self._check_reviewer(record, reviewer)
+            self._check_reviewer(record, reviewer, self._people(record.connection))
             now = time.time()
             entry = {"reviewer": reviewer.user, "person": person_key(reviewer), "method": reviewer.method,
                      "comment": comment[:1000], "at": now}  # fmt: skip
@@ -328,8 +328,21 @@ class ApprovalService:
             )
         return True
 
+    def _people(self, connection_name: str) -> PeopleResolver | None:
+        """The person rules of the config now in force (the record's connection's)."""
+        connection = self.connections.get(connection_name)
+        hooks = getattr(connection, "hooks", None)
+        people = getattr(hooks, "people", None)
+        return people if isinstance(people, PeopleResolver) else None
+
     @staticmethod
-    def _check_reviewer(record: store.ApprovalRecord, reviewer: Identity) -> None:
+    def _check_reviewer(
+        record: store.ApprovalRecord, reviewer: Identity, people: PeopleResolver | None = None
+    ) -> None:
+        """Refuse a review the record's state, the requester's person, the reviewer groups or an earlier
+        approval by the same person forbids. With `people` (the config in force), the requester's and the
+        approvers' persons are also found again by today's rules: a `people` section changed (by a
+        reload) since the request was held cannot split a person in two."""
         if record.state != store.PENDING or record.expires_at <= time.time():
             state = record.state if record.state != store.PENDING else "expired"
             raise ReviewError(409, f"approval request {record.id} is {state}")
@@ -338,7 +351,16 @@ class ApprovalService:
         person = person_key(reviewer)
         if reviewer.user == record.requester:
             raise ReviewError(403, "you cannot review your own request")
-        if person == requester_person(record):
+        if people is not None and not reviewer.person:
+            raise ReviewError(
+                403, f"{reviewer.user} has no person key (people.user_fallback is off and neither people.map "
+                "nor people.claims names it), so it may not review: use a credential that names you"
+            )  # fmt: skip
+        requester_persons = {requester_person(record)}
+        if people is not None:
+            requester_persons.add(people.person_of(Identity(user=record.requester, method=record.requester_method,
+                                                             claims=record.requester_claims or {})))  # fmt: skip
+        if person in requester_persons - {""}:
             raise ReviewError(
                 403, f"you cannot review your own request ({reviewer.user} and the requester "
                 f"{record.requester} are the same person, {person})"
@@ -350,7 +372,11 @@ class ApprovalService:
         for approval in record.approvals:
             if approval["reviewer"] == reviewer.user:
                 raise ReviewError(409, "you already approved this request; another reviewer must")
-            if approver_person(approval) == person:
+            approver_persons = {approver_person(approval)}
+            if people is not None:
+                approver_persons.add(people.person_of(Identity(user=approval["reviewer"],
+                                                               method=str(approval.get("method", "")))))  # fmt: skip
+            if person in approver_persons - {""}:
                 raise ReviewError(
                     409, f"you already approved this request as {approval['reviewer']} (the same person, "
                     f"{person}); another reviewer must"

@@ -65,10 +65,11 @@ class JWKS:
         self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def mint(self, sub: str, email: str, **claims: Any) -> str:
+    def mint(self, sub: str, email: str | None = None, **claims: Any) -> str:
         now = int(time.time())
         payload = {"iss": self.issuer, "aud": AUDIENCE, "sub": sub, "email": email, "groups": ["reviewers"],
                    "iat": now, "exp": now + 600, **claims}  # fmt: skip
+        payload = {k: v for k, v in payload.items() if v is not None}  # None: the claim left out
         return jwt.encode({"alg": "RS256", "kid": KEY.kid}, payload, KEY, algorithms=["RS256"])
 
     def close(self) -> None:
@@ -93,13 +94,15 @@ def gw(sandbox, idp: JWKS, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for user, (groups, token) in STATIC.items()
     ]
     plugins["oidc"] = {"issuers": [{"issuer": idp.issuer, "audiences": [AUDIENCE], "jwks_url": f"{idp.issuer}/jwks",
-                                    "keep_claims": ["email"]}]}  # fmt: skip
+                                    "keep_claims": ["email", "email_verified"]}]}  # fmt: skip
     plugins["policy"] = POLICY
     plugins["approvals"] = {}
     plugins["testplugin"] = {"audit_file": str(directory / "audit.jsonl")}
     config["people"] = {
         "claims": ["email"],
-        "map": {"alice@example.com": ["static-tokens:alice"], "rita@example.com": ["static-tokens:rita"]},
+        "map": {f"{user}@example.com": [f"static-tokens:{user}"] for user in STATIC},
+        # Fail closed: a token that leaves out the email claim has no person, and may not review.
+        "user_fallback": False,
     }
     gateway = start_gateway(directory, config, with_test_plugin=True)
     yield gateway
@@ -171,11 +174,11 @@ def test_the_requesters_oidc_identity_cannot_approve_her_static_identitys_reques
     # Another person may.
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", STATIC["ray"][1], {})
     assert status == 200 and answer["state"] == "approved"
-    assert [(a["reviewer"], a["person"]) for a in answer["approvals"]] == [("ray", "ray")]
+    assert [(a["reviewer"], a["person"]) for a in answer["approvals"]] == [("ray", "ray@example.com")]
     code, _, err = finish(held)
     assert code == 1 and f'pods "{name}" not found' in err  # released: the API server answered
     (event,) = audit(gw, item["id"], "approval.approved")
-    assert event["reviewer_person"] == "ray" and event["requester_person"] == "alice@example.com"
+    assert event["reviewer_person"] == "ray@example.com" and event["requester_person"] == "alice@example.com"
 
 
 def test_the_requesters_static_identity_cannot_approve_her_oidc_identitys_request(gw, idp):
@@ -207,8 +210,24 @@ def test_two_identities_of_one_reviewer_do_not_make_two_approvals(gw, idp):
     # A second person completes it.
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", STATIC["ray"][1], {})
     assert status == 200 and answer["state"] == "approved"
-    assert [a["person"] for a in answer["approvals"]] == ["rita@example.com", "ray"]
+    assert [a["person"] for a in answer["approvals"]] == ["rita@example.com", "ray@example.com"]
     code, _, err = finish(held)
     assert code == 1 and 'secrets "ghost-secret" not found' in err
     (event,) = audit(gw, item["id"], "approval.approved")
-    assert [a["person"] for a in event["approvals"]] == ["rita@example.com", "ray"]
+    assert [a["person"] for a in event["approvals"]] == ["rita@example.com", "ray@example.com"]
+
+
+@pytest.mark.parametrize("claims", [{"email": None}, {"email": "alice@example.com", "email_verified": False}])
+def test_a_token_that_leaves_out_the_person_claim_cannot_pass_for_another_person(gw, idp, claims):
+    """Alice asks for her OIDC token without the email scope (or with an address the IdP did not verify):
+    nothing names her person, and with `user_fallback: false` such an identity may not review at all."""
+    name = f"ghost-stripped-{len(claims)}"
+    held = kubectl(gw, "alice", STATIC["alice"][1], "delete", "pod", name, "-n", "prod")
+    item = wait_pending(gw, name=name)
+    token = idp.mint("alice", **claims)
+    status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", token, {})
+    assert status == 403 and "has no person key" in answer["error"], answer
+    assert api(gw, "GET", f"/api/approvals/{item['id']}", STATIC["ray"][1])[1]["state"] == "pending"
+    api(gw, "POST", f"/api/approvals/{item['id']}/deny", STATIC["ray"][1], {"comment": "cleanup"})
+    code, _, err = finish(held)
+    assert code == 1 and "denied by ray" in err

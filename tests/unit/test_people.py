@@ -239,3 +239,27 @@ def test_review_counts_distinct_people(tmp_path):
     assert updated.state == store.APPROVED
     assert [a["person"] for a in updated.approvals] == ["bob@example.com", "carol"]
     database.close()
+
+
+def test_without_the_user_fallback_an_unnamed_identity_has_no_person_and_may_not_review():
+    people = resolver(map=MAP, claims=["email"], user_fallback=False)
+    assert people.person_of(ident("carol")) == ""
+    assert people.person_of(ident("carol", "oidc", email="carol@example.com")) == "carol@example.com"
+    nobody = people.resolve(ident("https://idp#mallory", "oidc"))
+    with pytest.raises(ReviewError) as caught:
+        ApprovalService._check_reviewer(record(), nobody, people)
+    assert caught.value.status == 403 and "has no person key" in caught.value.message
+    ApprovalService._check_reviewer(record(), people.resolve(ident("bob")), people)
+
+
+def test_a_people_section_changed_since_the_request_was_held_cannot_split_the_requester():
+    # Held while alice's identities were not linked: the record says person "alice".
+    held = record("alice", "alice", requester_method="static-tokens")
+    now_linked = resolver(map=MAP)
+    other_alice = now_linked.resolve(ident("https://idp#alice", "oidc"))
+    with pytest.raises(ReviewError, match=r"same person, alice@example\.com"):
+        ApprovalService._check_reviewer(held, other_alice, now_linked)
+    # The same for an approval given before the link: the approver's other identity is refused.
+    earlier = {"reviewer": "alice", "person": "alice", "method": "static-tokens", "comment": "", "at": 0}
+    with pytest.raises(ReviewError, match="already approved this request as alice"):
+        ApprovalService._check_reviewer(record("rita", "rita", approvals=[earlier]), other_alice, now_linked)
