@@ -10,6 +10,7 @@ other methods): refused on `guarded` with nothing of it reaching the cluster, an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import ssl
@@ -38,6 +39,7 @@ from workload_pods import apply, echo_pod, echo_ready, echo_service, sleeper_pod
 from yarl import URL
 
 ALICE = GATEWAY_USERS["alice"][1]
+REVIEWER_TOKEN = "sre-sam-token-0123456789abcdef"  # user sre-sam, group sre: the docs' reviewer group
 POLICY_DOC = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
 SECTION = "## Examples: routes that reach containers or change workloads"
 
@@ -80,11 +82,23 @@ def gw(cluster: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
     directory = tmp_path_factory.mktemp("gw-workload-routes")
     config = gateway_config(cluster, directory, free_port())
     open_connection = config["connections"]["sandbox"]
+    open_connection["plugins"]["static-tokens"]["tokens"].append(
+        {"user": "sre-sam", "groups": ["sre"], "sha256": hashlib.sha256(REVIEWER_TOKEN.encode()).hexdigest()}
+    )
     config["connections"]["guarded"] = {
         "upstream": open_connection["upstream"],
         "plugins": {
             **open_connection["plugins"],
             "policy": {"default": "allow", "rules": as_denials(documented_rules())},
+        },
+    }
+    # The documented rules as written: held for a reviewer of group sre.
+    config["connections"]["held"] = {
+        "upstream": open_connection["upstream"],
+        "plugins": {
+            **open_connection["plugins"],
+            "policy": {"default": "allow", "rules": documented_rules()},
+            "approvals": {},
         },
     }
     gateway = start_gateway(directory, config)
@@ -205,6 +219,39 @@ def test_eviction_with_the_python_client_is_refused_and_the_pod_stays(gw, cluste
 
     core(unguarded).create_namespaced_pod_eviction("evict-me", "prod", body)
     assert pod(cluster, "evict-me") is None
+
+
+def reviewer_api(gw: Gateway, method: str, path: str) -> Any:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    request = urllib.request.Request(f"{gw.url}{path}", method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {REVIEWER_TOKEN}",
+                                              "Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, context=context, timeout=20) as response:
+        return json.loads(response.read())
+
+
+def test_a_held_eviction_reaches_the_cluster_only_once_approved(gw, cluster, tmp_path):
+    apply(cluster.kubeconfig, sleeper_pod("evict-after-review", "prod"))
+    since = last_id(cluster)
+    body = tmp_path / "eviction.json"
+    body.write_text(json.dumps(eviction("evict-after-review")))
+    path = "/api/v1/namespaces/prod/pods/evict-after-review/eviction"
+    held = subprocess.Popen([KUBECTL, "create", "--raw", path, "-f", str(body)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=kubectl_env(gw.kubeconfig("alice", "held")))  # fmt: skip
+
+    def pending() -> dict[str, Any] | None:
+        items = reviewer_api(gw, "GET", "/api/approvals?state=pending")["items"]
+        return next((i for i in items if i.get("name") == "evict-after-review"), None)
+
+    item = wait_for(pending, what="the held eviction")
+    assert (item["verb"], item["resource"], item["rule"]) == ("create", "pods/eviction", "evictions-in-prod")
+    time.sleep(1)
+    assert held.poll() is None  # kubectl waits
+    assert reached(cluster, since, "eviction") == [] and pod(cluster, "evict-after-review") is not None
+    reviewer_api(gw, "POST", f"/api/approvals/{item['id']}/approve")
+    out, err = held.communicate(timeout=30)
+    assert held.returncode == 0 and json.loads(out)["status"] == "Success", err
+    assert pod(cluster, "evict-after-review") is None
 
 
 async def test_crafted_evictions_are_refused(gw, cluster, guarded):
