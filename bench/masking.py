@@ -5,6 +5,7 @@ in front of the bench upstream (bench/upstream.py), which serves a 5,000-Secret 
 
 Measured (medians over the rounds, plain and masked alternating):
   - GET of the 5,000-Secret list (about 2.6 MB of JSON): seconds, masked / plain (target ≤ 2x);
+  - GET of a 500-Pod list (1.2 MB of JSON, nothing in it masked: the cost of inspecting and re-serializing);
   - a 64 MiB pods/log stream: MB/s through each (target: masked ≥ 50 MB/s).
 Not a test: nothing here asserts a timing. It prints a Markdown table for docs/performance.md.
 """
@@ -72,6 +73,7 @@ def main() -> None:
         masked = start_gateway(work, up, label="gateway-masked", masking=True)
         time.sleep(2)  # the masking follower lists the Secrets once at start
         lists: dict[str, list[float]] = {"plain": [], "masked": []}
+        pod_lists: dict[str, list[float]] = {"plain": [], "masked": []}
         kinds = {"typical": "1 line in 100 carries a secret", "worst": "every line carries two"}
         logs: dict[str, dict[str, list[float]]] = {k: {"plain": [], "masked": []} for k in kinds}
         for _ in range(args.rounds):
@@ -82,6 +84,8 @@ def main() -> None:
                 if name == "masked":
                     assert MARKER_B64.encode() in head, "the masked list is not masked"
                 lists[name].append(seconds)
+                seconds, _, _ = asyncio.run(fetch(target.url("/api/v1/namespaces/prod/pods"), target.token))
+                pod_lists[name].append(seconds)
                 for kind in kinds:
                     url = target.url(f"/api/v1/namespaces/prod/pods/web/log?kind={kind}")
                     seconds, size, head = asyncio.run(fetch(url, target.token))
@@ -99,6 +103,13 @@ def main() -> None:
         print(
             f"| GET 5,000 Secrets (s) | {list_plain:.3f} | {list_masked:.3f} | {ratio:.2f}x | ≤ 2x | {met} |"
         )
+        pods_plain, pods_masked = (
+            statistics.median(pod_lists["plain"]),
+            statistics.median(pod_lists["masked"]),
+        )
+        ratio = pods_masked / pods_plain
+        met = "yes" if ratio <= 2 else "**no**"
+        print(f"| GET 500 Pods (s) | {pods_plain:.3f} | {pods_masked:.3f} | {ratio:.2f}x | ≤ 2x | {met} |")
         for kind, label in kinds.items():
             plain_rate = statistics.median(logs[kind]["plain"])
             masked_rate = statistics.median(logs[kind]["masked"])
