@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from kubegate.core.attributes import RequestAttributes
 from kubegate.core.bodies import Body, BodyError, decode_write_body
+from kubegate.core.errors import StatusError
 from kubegate.core.flow import ApprovalSpec, Decision, Flow, Identity, Verdict
 from kubegate.core.plugins import hookimpl
 
@@ -180,6 +181,8 @@ class Outcome:
     trace: list[str] = field(default_factory=list)  # why each rule did or did not match, for `policy check`
     # set when the deciding rule applied because its condition could not be evaluated (fail closed)
     condition_error: str = ""
+    # 415 when that was a body in a media type the gateway does not read (client-go retries CBOR as JSON)
+    condition_error_status: int = 0
 
 
 def _any_glob(patterns: list[str], value: str) -> bool:
@@ -283,23 +286,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
-def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str]:
-    """(True/False, why) when the condition evaluated; (None, why not) when it could not be."""
+def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str, int]:
+    """(True/False, why, 0) when the condition evaluated; (None, why not, HTTP status of a body error or
+    0) when it could not be."""
     body: Body | None = None
     if match._reads_object:
         try:
             body = request_body(req)
         except BodyError as exc:
-            return None, f"the request body could not be read: {exc}"
+            return None, f"the request body could not be read: {exc}", exc.status
     try:
         result = match._program.evaluate(celpy.json_to_cel(cel_activation(req, body)))
     except Exception as exc:  # celpy raises evaluation errors as well as returning them
-        return None, f"its condition could not be evaluated: {_first_line(exc)}"
+        return None, f"its condition could not be evaluated: {_first_line(exc)}", 0
     if isinstance(result, celpy.CELEvalError):
-        return None, f"its condition could not be evaluated: {_first_line(result)}"
+        return None, f"its condition could not be evaluated: {_first_line(result)}", 0
     if not isinstance(result, celpy.celtypes.BoolType):
-        return None, f"its condition could not be evaluated: it gave {type(result).__name__}, not a bool"
-    return bool(result), f"condition {'true' if result else 'false'}"
+        return None, f"its condition could not be evaluated: it gave {type(result).__name__}, not a bool", 0
+    return bool(result), f"condition {'true' if result else 'false'}", 0
 
 
 def evaluate(settings: PolicySettings, req: Request) -> Outcome:
@@ -308,11 +312,11 @@ def evaluate(settings: PolicySettings, req: Request) -> Outcome:
     trace: list[str] = []
     for rule in settings.rules:
         why_not = _mismatch(rule.match, req)
-        failure = ""  # why the condition could not be evaluated, when the rule applies anyway
+        failure, failure_status = "", 0  # why the condition could not be evaluated, when the rule applies
         if why_not is None and rule.match._program is not None:
-            matched, detail = _condition(rule.match, req)
+            matched, detail, status = _condition(rule.match, req)
             if matched is None and rule.matches_on_condition_error:
-                failure = detail  # fail closed: the rule applies
+                failure, failure_status = detail, status  # fail closed: the rule applies
             elif not matched:
                 why_not = detail
         if why_not is not None:
@@ -325,7 +329,7 @@ def evaluate(settings: PolicySettings, req: Request) -> Outcome:
             dry.append({"rule": rule.name, "action": rule.action})
             continue
         trace.append(f"{rule.name}: {how} → {rule.action}")
-        return Outcome(rule, rule.action, error or rule.message, dry, trace, condition_error=error)
+        return Outcome(rule, rule.action, error or rule.message, dry, trace, error, failure_status)
     trace.append(f"no rule decided → default {settings.default}")
     return Outcome(None, settings.default, "", dry, trace)
 
@@ -418,4 +422,10 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
         for entry in outcome.dry_run:
             log.info("policy dry run on %s: rule %s would %s %s %s for %s", flow.connection.name,
                      entry["rule"], entry["action"], req.verb, req.path, req.identity.user)  # fmt: skip
-    return decision_for(outcome, flow.connection.name)
+    decision = decision_for(outcome, flow.connection.name)
+    if outcome.condition_error_status == 415 and decision.verdict is not Verdict.ALLOW:
+        # A media type the gateway does not read (CBOR, an unknown patch type): answer as the API server
+        # would for one it does not accept, so client-go retries a CBOR body as JSON, which is then judged.
+        flow.decision = Decision(Verdict.DENY, decision.reason, decision.rule, PLUGIN_NAME)
+        raise StatusError(415, decision.reason)
+    return decision
