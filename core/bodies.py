@@ -118,7 +118,9 @@ def object_media_type(content_type: str) -> str:
         return JSON
     media, *params = value.split(";")
     media = media.strip().lower()
-    if not _TOKEN_TYPE.fullmatch(media) or any(p.strip() and "=" not in p for p in params):
+    if params and not params[-1].strip():
+        params.pop()  # Go ignores one trailing semicolon
+    if not _TOKEN_TYPE.fullmatch(media) or not all(_PARAMETER.fullmatch(p) for p in params):
         raise BodyError(f"the Content-Type {content_type!r} is not a valid media type", 415)
     if media in (CBOR, APPLY_CBOR):
         raise BodyError(f"{media} bodies are not accepted through the gateway; send JSON", 415)
@@ -147,7 +149,9 @@ def patch_media_type(content_type: str) -> str:
     return value
 
 
-_TOKEN_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+/[a-z0-9!#$%&'*+.^_`|~-]+")
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+_TOKEN_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
+_PARAMETER = re.compile(rf'\s*{_TOKEN}\s*=\s*({_TOKEN}|"[^"\\]*")\s*')
 
 
 def _json_type(value: Any) -> str:
