@@ -31,7 +31,7 @@ from kubegate.core.plugins import hookimpl
 from . import records, scanner
 from .known import KnownSecrets, text_values
 from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
-from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers
+from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers, scrub_document
 from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
 
 if TYPE_CHECKING:
@@ -165,7 +165,12 @@ class Masking:
         try:
             masked = orjson.loads(scrubbed)
         except ValueError:
+            # The slow way: string by string, everywhere (not only where `mask_document` looks: list items
+            # that are not objects, a top-level array or string), identifiers in their positions kept.
+            if isinstance(doc, str):
+                return self.text.mask(doc)
             mask_document(doc, self.rules, resource_kind)
+            scrub_document(doc, self.text.mask)
             return doc
         # The text pass saw names and uids too: a known value that is also an object's name must not
         # rename it — only identifiers in identifier positions are put back, never data keyed `name`.

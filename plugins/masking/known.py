@@ -66,15 +66,15 @@ class KnownSecrets:
 
     def _extract(self, secret: dict[str, Any]) -> set[str]:
         found: set[str] = set()
-        data = secret.get("data") if isinstance(secret.get("data"), dict) else {}
-        for encoded in data.values():
+        data = secret.get("data")
+        for encoded in data.values() if isinstance(data, dict) else ():
             try:
                 raw = base64.b64decode(encoded or "", validate=True)
             except (ValueError, TypeError):
                 continue  # not base64: the API server never sends that
             self._add(found, raw)
-        string_data = secret.get("stringData") if isinstance(secret.get("stringData"), dict) else {}
-        for value in string_data.values():
+        string_data = secret.get("stringData")
+        for value in string_data.values() if isinstance(string_data, dict) else ():
             if isinstance(value, str):
                 self._add(found, value.encode("utf-8", "surrogateescape"))
         return found

@@ -262,6 +262,12 @@ def restore_identifiers(masked: Any, original: Any, position: str = "document") 
     return restored
 
 
+def scrub_document(doc: Any, scrub: Callable[[str], str]) -> bool:
+    """Scrub every string of a response body (an object, list, Table, watch event, or any JSON value) but
+    identifiers in identifier positions."""
+    return _scrub_strings(doc, scrub, "document")
+
+
 def _scrub_strings(node: Any, scrub: Callable[[str], str], position: str = "object") -> bool:
     """Scrub every string in `node` (a dict or list at `position`) but identifiers in identifier positions."""
     changed = False

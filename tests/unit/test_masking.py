@@ -575,3 +575,23 @@ def test_known_values_learned_whatever_their_bytes_and_masked_in_text():
 def test_a_marker_that_could_break_json_text_is_refused(marker):
     with pytest.raises(ValueError):
         MaskingSettings(marker=marker)
+
+
+def test_when_the_value_pass_breaks_json_the_slow_pass_still_masks_every_string():
+    # A custom pattern that eats a quote makes the fast text pass produce invalid JSON: the string-by-string
+    # pass then runs, also over what `mask_document` does not visit (a top-level array, non-object items).
+    m = masking(patterns=[r'tok_[a-z]+"'])
+    for doc, kind in (
+        (["tok_abc", "hunter2-x"], ""),
+        ({"kind": "List", "items": ["tok_abc", "hunter2-x"]}, ""),
+        (
+            {
+                "kind": "ConfigMap",
+                "metadata": {"name": "hunter2-x"},
+                "data": {"a": "tok_abc", "b": "hunter2-x"},
+            },
+            "ConfigMap",
+        ),
+    ):
+        out = m.mask_json(doc, kind)
+        assert out.count(b"hunter2-x") == (1 if kind else 0), out  # only the object's name is kept
