@@ -423,6 +423,17 @@ MESSAGES: dict[str, S] = {
     },
     "ResourceQuotaSpec": {1: ("hard", "map:quantity"), 2: ("scopes", "[]string")},
     "ResourceQuotaStatus": {1: ("hard", "map:quantity"), 2: ("used", "map:quantity")},
+    # kubectl drain / client-go EvictV1: POST pods/NAME/eviction
+    "Eviction": {1: ("metadata", "ObjectMeta"), 2: ("deleteOptions", "DeleteOptions")},
+    "DeleteOptions": {
+        1: ("gracePeriodSeconds", "int"),
+        2: ("preconditions", "Preconditions"),
+        3: ("orphanDependents", "bool"),
+        4: ("propagationPolicy", "string"),
+        5: ("dryRun", "[]string"),
+        6: ("ignoreStoreReadErrorWithClusterBreakingPotential", "bool"),
+    },
+    "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
 }
 
 # (apiVersion, kind) -> top-level message
@@ -446,10 +457,13 @@ KINDS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "RoleBinding",
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "RoleBinding",
     ("v1", "ResourceQuota"): "ResourceQuota",
+    ("policy/v1", "Eviction"): "Eviction",
+    ("policy/v1beta1", "Eviction"): "Eviction",
 }
 
 # int fields that are Go pointers: an explicit 0 is meaningful and must survive.
 KEEP_ZERO = {
+    "gracePeriodSeconds",  # DeleteOptions: 0 is "delete now"
     "replicas",
     "terminationGracePeriodSeconds",
     "revisionHistoryLimit",

@@ -102,3 +102,25 @@ def echo_ready(kubeconfig: Path | str, namespace: str, pod: str) -> None:
         return got.returncode == 0 and '"path": "/ready"' in got.stdout
 
     wait_for(answers, what=f"the echo server of {namespace}/{pod}")
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return out + bytes([low])
+        out += bytes([low | 0x80])
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def eviction_protobuf(name: str, namespace: str, *, dry_run: bool = False) -> bytes:
+    """A policy/v1 Eviction as kubectl drain (client-go's typed client) POSTs it: application/vnd.kubernetes.protobuf,
+    the `k8s\\x00` envelope around a runtime.Unknown."""
+    options = _field(5, b"All") if dry_run else b""
+    eviction = _field(1, _field(1, name.encode()) + _field(3, namespace.encode())) + _field(2, options)
+    type_meta = _field(1, b"policy/v1") + _field(2, b"Eviction")
+    return b"k8s\x00" + _field(1, type_meta) + _field(2, eviction)

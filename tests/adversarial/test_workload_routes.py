@@ -35,7 +35,15 @@ from conftest import (
     stop_process,
 )
 from kubetest import KUBECTL, Background, kubectl_env, run_kubectl
-from workload_pods import apply, echo_pod, echo_ready, echo_service, sleeper_pod, wait_for
+from workload_pods import (
+    apply,
+    echo_pod,
+    echo_ready,
+    echo_service,
+    eviction_protobuf,
+    sleeper_pod,
+    wait_for,
+)
 from yarl import URL
 
 ALICE = GATEWAY_USERS["alice"][1]
@@ -267,11 +275,20 @@ async def test_crafted_evictions_are_refused(gw, cluster, guarded):
         assert status in (400, 403), (path, status, body)
         if status == 403:
             assert_refused(status, body, "evictions-in-prod")
+    # in protobuf, as kubectl drain's typed client sends it
+    pb = "application/vnd.kubernetes.protobuf"
+    status, body = await send(gw, "guarded", "POST", "/api/v1/namespaces/prod/pods/evict-me-too/eviction",
+                              eviction_protobuf("evict-me-too", "prod"), pb)  # fmt: skip
+    assert_refused(status, body, "evictions-in-prod")
     # kubectl itself, the way a script without drain would do it
     raw = run_kubectl(guarded, "create", "--raw", "/api/v1/namespaces/prod/pods/evict-me-too/eviction", "-f", "-",
                       input=json.dumps(eviction("evict-me-too")))  # fmt: skip
     assert raw.returncode != 0 and "refused by evictions-in-prod" in raw.stderr, raw.stderr
     assert reached(cluster, since, "viction") == [] and pod(cluster, "evict-me-too") is not None
+    # without the rule the protobuf eviction goes through and the pod is gone
+    status, body = await send(gw, "sandbox", "POST", "/api/v1/namespaces/prod/pods/evict-me-too/eviction",
+                              eviction_protobuf("evict-me-too", "prod"), pb)  # fmt: skip
+    assert status == 201 and pod(cluster, "evict-me-too") is None, body
 
 
 # --- pods/proxy and services/proxy ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from workload_pods import (
     echo_pod,
     echo_ready,
     echo_service,
+    eviction_protobuf,
     sleeper_pod,
     wait_for,
 )
@@ -94,6 +95,21 @@ def test_eviction_deletes_the_pod_with_a_201_success_status(sandbox, ns):
     assert status == 404 and json.loads(body)["reason"] == "NotFound"
     # only POST
     assert raw(sandbox, path)[0] == 405
+
+
+def test_eviction_in_protobuf_as_kubectl_drain_sends_it(sandbox, ns):
+    apply(sandbox.kubeconfig, sleeper_pod("drained", ns))
+    path = f"/api/v1/namespaces/{ns}/pods/drained/eviction"
+    protobuf = {"Content-Type": "application/vnd.kubernetes.protobuf"}
+    status, _, body = raw(
+        sandbox, path, method="POST", body=eviction_protobuf("drained", ns, dry_run=True), headers=protobuf
+    )
+    assert status == 201 and pod_exists(sandbox, ns, "drained"), body  # dryRun inside the DeleteOptions
+    status, _, body = raw(
+        sandbox, path, method="POST", body=eviction_protobuf("drained", ns), headers=protobuf
+    )
+    assert status == 201 and json.loads(body)["status"] == "Success", body
+    assert not pod_exists(sandbox, ns, "drained")
 
 
 def test_eviction_with_the_official_python_client(sandbox, ns):
