@@ -220,8 +220,10 @@ class Decoder:
     def __init__(self, encoding: str):
         self.z = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
 
-    def feed(self, chunk: bytes) -> bytes:
-        return self.z.decompress(chunk)
+    def feed(self, chunk: bytes, limit: int = 0) -> bytes:
+        """`chunk` decompressed; with `limit`, at most `limit` + 1 bytes of it (a few bytes of gzip expand a
+        thousandfold: the caller sees it went over and stops reading). zlib.error: a corrupt stream."""
+        return self.z.decompress(chunk, limit + 1) if limit else self.z.decompress(chunk)
 
 
 def parse_json(data: bytes) -> Any:
@@ -240,17 +242,27 @@ class JsonBody:
         self.masking, self.flow, self.decoder, self.render = masking, flow, decoder, render
         self.parts: list[bytes] = []
         self.size = 0
+        self.broken = ""
 
     def feed(self, chunk: bytes) -> bytes:
+        limit = self.masking.settings.max_body_bytes
+        if self.size > limit or self.broken:
+            return b""  # withheld at the end anyway: nothing more is decompressed or kept
         if self.decoder is not None:
-            chunk = self.decoder.feed(chunk)
+            try:
+                chunk = self.decoder.feed(chunk, limit - self.size)
+            except zlib.error:
+                self.broken = "its compressed body is corrupt"
+                return b""
         self.size += len(chunk)
-        if self.size <= self.masking.settings.max_body_bytes:
+        if self.size <= limit:
             self.parts.append(chunk)
         return b""
 
     def end(self) -> bytes:
         body = b"".join(self.parts)
+        if self.broken:
+            return _withheld(self.masking, self.flow, self.broken)
         if self.size > self.masking.settings.max_body_bytes:
             return _withheld(
                 self.masking, self.flow, f"larger than {self.masking.settings.max_body_bytes} bytes"
@@ -276,6 +288,7 @@ class WatchLines:
         self.masking, self.flow, self.decoder = masking, flow, decoder
         self.pending = b""
         self.kind = KIND_OF_RESOURCE.get(flow.attributes.resource, "")
+        self.broken = False
 
     def _line(self, line: bytes) -> bytes:
         if not line.strip(b" \t\r\n"):
@@ -289,8 +302,19 @@ class WatchLines:
         return self.masking.mask_json(event, self.kind) + b"\n"  # re-serialized even when unchanged
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.broken:
+            return b""
         if self.decoder is not None:
-            chunk = self.decoder.feed(chunk)
+            limit = self.masking.settings.max_body_bytes
+            try:
+                chunk = self.decoder.feed(chunk, limit)
+            except zlib.error:
+                chunk = b""
+                self.broken = True
+            if self.broken or len(chunk) > limit:
+                # The rest of the stream cannot be read (or was cut at the limit): none of it goes out.
+                self.broken, self.pending = True, b""
+                return _withheld(self.masking, self.flow, "the compressed watch stream cannot be read") + b"\n"
         data = self.pending + chunk
         lines = data.split(b"\n")
         self.pending = lines.pop()
@@ -301,6 +325,8 @@ class WatchLines:
 
     def end(self) -> bytes:
         out, self.pending = self.pending, b""
+        if self.broken:
+            return b""
         return self._line(out) if out.strip() else out
 
 

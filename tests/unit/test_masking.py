@@ -595,3 +595,33 @@ def test_when_the_value_pass_breaks_json_the_slow_pass_still_masks_every_string(
     ):
         out = m.mask_json(doc, kind)
         assert out.count(b"hunter2-x") == (1 if kind else 0), out  # only the object's name is kept
+
+
+def test_a_compression_bomb_or_corrupt_gzip_is_withheld_without_expanding_it():
+    import gzip
+
+    from kubegate.plugins.masking import Decoder
+
+    m = masking(max_body_bytes=1 << 20)
+    bomb = gzip.compress(
+        b'{"kind":"ConfigMap","data":{"a":"' + b"x" * (64 << 20) + b'"}}'
+    )  # 64 MiB from ~64 KiB
+
+    class Measured(Decoder):
+        largest = 0
+
+        def feed(self, chunk: bytes, *limit: int) -> bytes:
+            out = super().feed(chunk, *limit)
+            Measured.largest = max(Measured.largest, len(out))
+            return out
+
+    body = JsonBody(m, flow("configmaps"), Measured("gzip"))
+    for start in range(0, len(bomb), 8192):
+        assert body.feed(bomb[start : start + 8192]) == b""
+    assert json.loads(body.end())["code"] == 502
+    assert Measured.largest <= (1 << 20) + 1  # never expanded beyond the limit, not even for a moment
+    corrupt = JsonBody(m, flow("configmaps"), Decoder("gzip"))
+    assert json.loads(_run(corrupt, [b"\x1f\x8b\x08\x00garbage-not-deflate"]))["code"] == 502
+    watch = WatchLines(m, flow("configmaps", verb="watch"), Decoder("gzip"))
+    out = _run(watch, [bomb[:8192], bomb[8192:16384]])
+    assert json.loads(out.splitlines()[0])["code"] == 502 and len(out) < 1000
