@@ -167,6 +167,11 @@ def test_exec_command_lines_are_masked_in_audit_sessions_and_casts(gw, sandbox, 
     assert "mysql -uroot -p" in kept and "DB_PASSWORD=" in kept  # the command lines are recorded…
     assert f"-p{MARKER}" in kept.replace("%3C", "<").replace("%3E", ">").replace("%20", " ")
     assert_absent(kept, mysql, env)  # …masked: audit query, session rows, cast titles
+    casts = [p.read_text() for p in (gw.dir / "state" / "recordings").rglob("*.cast")]
+    titles = [json.loads(cast.splitlines()[0]).get("title", "") for cast in casts if cast]
+    assert any(
+        title.endswith(f"$ sh -c mysql -uroot -p{MARKER} shop 2>/dev/null || true") for title in titles
+    )
 
 
 def test_a_held_exec_shows_reviewers_the_masked_command(gw):
