@@ -56,6 +56,7 @@ class RuleMatch(BaseModel):
     condition: str | None = Field(None, description="CEL expression that must be true.")
     _program: Any = PrivateAttr(None)
     _reads_object: bool = PrivateAttr(False)
+    _reads_patch_type: bool = PrivateAttr(False)
 
     @field_validator("verbs")
     @classmethod
@@ -75,6 +76,7 @@ class RuleMatch(BaseModel):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
                 raise ValueError(f"invalid CEL condition: {first}") from None
             self._reads_object = "object" in self.condition or "oldObject" in self.condition
+            self._reads_patch_type = "patchType" in self.condition
         return self
 
 
@@ -295,6 +297,10 @@ def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str, int]:
             body = request_body(req)
         except BodyError as exc:
             return None, f"the request body could not be read: {exc}", exc.status
+        if body is not None and body.shape == "json-patch" and not match._reads_patch_type:
+            # `object` is a list of operations there: a condition written for objects would read it as
+            # "nothing matches" (has() is false on a list), so it cannot judge it unless it says it can
+            return None, "the body is a JSON patch and the condition does not look at request.patchType", 0
     try:
         result = match._program.evaluate(celpy.json_to_cel(cel_activation(req, body)))
     except Exception as exc:  # celpy raises evaluation errors as well as returning them

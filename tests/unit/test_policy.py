@@ -184,3 +184,141 @@ def test_policy_check_text_names_the_rules_it_passed(tmp_path):
 def test_policy_check_errors_are_one_line(tmp_path, args, message):
     proc = policy_check(tmp_path, *args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- conditions read the body as the API server does, and fail closed (issue 13 §2) ----------------------
+
+PRIVILEGED = (
+    "has(object.spec) && has(object.spec.containers) && object.spec.containers.exists(c, "
+    "has(c.securityContext) && has(c.securityContext.privileged) && c.securityContext.privileged)"
+)
+GUARD = {
+    "default": "allow",
+    "rules": [
+        {"name": "no-privileged", "match": {"verbs": ["create", "update", "patch"], "resources": ["pods"],
+                                            "condition": PRIVILEGED},
+         "action": "deny", "message": "privileged pods are not allowed"},
+        {"name": "host-pid-needs-review", "match": {"verbs": ["create"], "resources": ["pods"],
+                                                    "condition": "object.spec.hostPID"},
+         "action": "approve", "approval": {"reviewer_groups": ["sre"]}},
+    ],
+}  # fmt: skip
+PRIV_JSON = b'{"kind":"Pod","spec":{"containers":[{"name":"c","securityContext":{"privileged":true}}]}}'
+PRIV_YAML = b"kind: Pod\nspec:\n  containers:\n  - name: c\n    securityContext: {privileged: yes}\n"
+# Pod{metadata{name p}, spec{containers[{name c, image i, securityContext{privileged true}}]}}
+PRIV_PROTOBUF = (
+    b"k8s\x00\n\t\n\x02v1\x12\x03Pod\x12\x13\n\x03\n\x01p\x12\x0c\x12\n\n\x01c\x12\x01iz\x02\x10\x01"
+)
+# the same with PodSpec field 99 (not in the gateway's schema; the old decoder skipped such fields)
+PRIV_PROTOBUF_99 = b"k8s\x00\n\t\n\x02v1\x12\x03Pod\x12\x16\n\x03\n\x01p\x12\x0f\x12\n\n\x01c\x12\x01iz\x02\x10\x01\x98\x06\x01"
+
+
+def guarded(verb: str = "create", body: bytes | None = None, content_type: str = "", **rule_overrides):
+    policy = json.loads(json.dumps(GUARD))
+    policy["rules"][0].update(rule_overrides)
+    request_ = req(verb=verb, body=body, content_type=content_type, namespace="dev")
+    return evaluate(PolicySettings.model_validate(policy), request_)
+
+
+@pytest.mark.parametrize(
+    ("verb", "content_type", "body"),
+    [
+        ("create", "application/json", PRIV_JSON),
+        ("create", "application/yaml", PRIV_YAML),  # was `object = null`: no match, created
+        ("create", "application/vnd.kubernetes.protobuf", PRIV_PROTOBUF),  # was null too
+        ("update", "", PRIV_JSON),
+        ("patch", "application/strategic-merge-patch+json", b'{"spec":{"containers":[{"name":"c",'
+                                                             b'"securityContext":{"privileged":true}}]}}'),
+        ("patch", "application/merge-patch+json", PRIV_JSON),
+        ("patch", "application/apply-patch+yaml", PRIV_YAML),
+    ],
+)  # fmt: skip
+def test_a_privileged_pod_is_denied_in_every_content_type(verb, content_type, body):
+    outcome = guarded(verb, body, content_type)
+    assert (outcome.action, outcome.rule.name) == ("deny", "no-privileged"), outcome.trace
+    assert outcome.condition_error == ""  # the condition saw the object and was true
+
+
+@pytest.mark.parametrize(
+    ("verb", "content_type", "body", "why"),
+    [
+        ("patch", "application/json-patch+json",
+         b'[{"op":"add","path":"/spec/containers/0/securityContext","value":{"privileged":true}}]',
+         "the body is a JSON patch and the condition does not look at request.patchType"),
+        ("create", "application/json", PRIV_JSON[:-1] + b',"spec":{}}', "duplicate key 'spec'"),
+        ("create", "application/yaml", b"kind: Pod\nspec: {}\n---\n" + PRIV_YAML, "2 documents"),
+        ("create", "text/yaml", PRIV_YAML, "unknown format"),
+        ("create", "application/vnd.kubernetes.protobuf", PRIV_PROTOBUF_99, "field 99 of PodSpec is not in the schema"),
+        ("create", "application/json", None, "the request body was not given"),
+    ],
+)  # fmt: skip
+def test_a_body_the_condition_cannot_judge_is_denied_saying_why(verb, content_type, body, why):
+    outcome = guarded(verb, body, content_type)
+    assert (outcome.action, outcome.rule.name) == ("deny", "no-privileged"), outcome.trace
+    assert (
+        outcome.condition_error.startswith("policy rule no-privileged: ") and why in outcome.condition_error
+    )
+    decision = decision_for(outcome, "prod")
+    assert decision.verdict is Verdict.DENY and decision.reason == outcome.condition_error
+    assert why in outcome.trace[0] and "on_condition_error: match" in outcome.trace[0]
+
+
+def test_benign_bodies_pass_and_unguarded_conditions_hold_for_review():
+    benign = b"kind: Pod\nspec:\n  containers:\n  - name: c\n"
+    assert (
+        guarded("patch", b'{"metadata":{"labels":{"a":"b"}}}', "application/merge-patch+json").action
+        == "allow"
+    )
+    assert guarded("update", benign, "application/yaml").action == "allow"
+    # `object.spec.hostPID` without has(): an error on a pod without it — the approve rule holds, saying why
+    held = guarded("create", benign, "application/yaml")
+    assert (held.action, held.rule.name) == ("approve", "host-pid-needs-review")
+    decision = decision_for(held, "prod")
+    assert decision.verdict is Verdict.NEEDS_APPROVAL
+    assert "its condition could not be evaluated: no such member" in decision.reason
+
+
+def test_on_condition_error_no_match_and_allow_rules():
+    bad = b"{not json"
+    assert guarded(body=bad, on_condition_error="no_match").rule.name == "host-pid-needs-review"
+    allow = {"name": "allow-small", "match": {"condition": "object.spec.replicas < 3"}, "action": "allow"}
+    settings_ = PolicySettings.model_validate({"default": "deny", "rules": [allow]})
+    outcome = evaluate(settings_, req(verb="create", body=bad))
+    assert (outcome.action, outcome.rule) == ("deny", None)  # an allow rule does not match on an error
+    forced = PolicySettings.model_validate(
+        {"default": "deny", "rules": [{**allow, "on_condition_error": "match"}]}
+    )
+    assert evaluate(forced, req(verb="create", body=bad)).action == "allow"
+
+
+def test_conditions_see_content_and_patch_types():
+    rule = {"name": "r", "match": {"condition": "request.patchType == 'json-patch' && "
+                                                "object.exists(op, op.path.startsWith('/spec'))"},
+            "action": "deny"}  # fmt: skip
+    settings_ = PolicySettings.model_validate({"rules": [rule]})
+    ops = b'[{"op":"replace","path":"/spec/hostPID","value":true}]'
+    patch = req(verb="patch", body=ops, content_type="application/json-patch+json")
+    assert evaluate(settings_, patch).action == "deny"
+    labels = b'[{"op":"add","path":"/metadata/labels/a","value":"b"}]'
+    patch = req(verb="patch", body=labels, content_type="application/json-patch+json")
+    assert evaluate(settings_, patch).action == "allow"
+
+
+def test_requests_without_an_object_see_null():
+    """Reads, deletes and exec carry no object (as in ValidatingAdmissionPolicy): their body is never read."""
+    rule = {"name": "r", "match": {"condition": "object == null"}, "action": "deny"}
+    settings_ = PolicySettings.model_validate({"rules": [rule]})
+    for request_ in (req(verb="delete", body=b"\xff"), req(verb="create", resource="pods/exec", body=b"")):
+        assert evaluate(settings_, request_).action == "deny"
+
+
+def test_policy_check_says_why_a_rule_failed_closed(tmp_path):
+    from kubegate.plugins.policy_check import check
+
+    settings_ = PolicySettings.model_validate(GUARD)
+    result = check(settings_, ALICE, ["POST", "/api/v1/namespaces/dev/pods"], PRIV_YAML[:-1] + b"\n---\n")
+    assert (result["decision"], result["rule"]) == ("deny", "no-privileged")
+    assert "2 documents" in result["condition_error"]
+    assert any("matched because the request body could not be read" in line for line in result["text"])
+    yaml_ok = check(settings_, ALICE, ["POST", "/api/v1/namespaces/dev/pods"], PRIV_YAML)  # guessed: YAML
+    assert (yaml_ok["rule"], yaml_ok["condition_error"]) == ("no-privileged", "")
