@@ -338,6 +338,18 @@ async def test_crafted_proxy_requests_are_refused(gw, cluster):
     assert reached(cluster, since, "roxy") == []
 
 
+async def test_a_websocket_upgrade_through_the_proxy_is_refused(gw, cluster):
+    """A container's WebSocket endpoint reached through pods/proxy is a GET upgrade: the same rule holds."""
+    since = last_id(cluster)
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    async with aiohttp.ClientSession() as session:
+        url = f"{gw.url}/k8s/guarded/api/v1/namespaces/prod/pods/echo/proxy/ws"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(url, headers={"Authorization": f"Bearer {ALICE}"}, ssl=context)
+    assert refused.value.status == 403
+    assert reached(cluster, since, "proxy") == []
+
+
 async def test_the_old_proxy_verb_paths_reach_no_container(gw, cluster):
     """`/api/v1/proxy/namespaces/NS/pods/NAME` (verb `proxy`) matches no `pods/proxy` rule; it is safe only
     because the API server has no such route any more."""

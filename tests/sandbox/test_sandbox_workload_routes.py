@@ -289,6 +289,12 @@ def test_service_proxy_picks_a_pod_of_the_selector(sandbox, echo):
     assert json.loads(got.stdout)["method"] == "GET"
 
 
+def test_service_proxy_with_a_numeric_target_port(sandbox):
+    """The seeded prod/web service (port 80 → targetPort 8080) reaches a web pod, whose runtime answers."""
+    status, _, body = raw(sandbox, "/api/v1/namespaces/prod/services/web:80/proxy/")
+    assert status == 200 and body.decode().startswith("hello from web"), body
+
+
 def test_name_and_path_helpers():
     assert split_scheme_name_port("web") == ("", "web", "")
     assert split_scheme_name_port("web:8080") == ("", "web", "8080")
