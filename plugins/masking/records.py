@@ -71,9 +71,35 @@ def mask_record_object(doc: Any, rules: ObjectRules, resource_kind: str, *, part
         return _scrub_value(doc, rules)
     structure = replace(rules, scrub_text=None)
     _mask_structure(doc, structure, resource_kind, partial)
+    _mask_container_commands(doc, rules)
     if rules.scrub_text is not None:
         _scrub_strings(doc, rules.scrub_text)
     return doc
+
+
+def _mask_container_commands(node: Any, rules: ObjectRules) -> None:
+    """A container's `command` and `args` (anywhere: pod templates, custom resources, a patch) are a
+    command line: masked like an exec's (`--password X`, `mysql -pX`, `env DB_PASSWORD=…`)."""
+    if isinstance(node, dict):
+        command, args = node.get("command"), node.get("args")
+        argv_lists = [
+            v for v in (command, args) if isinstance(v, list) and all(isinstance(a, str) for a in v)
+        ]
+        if argv_lists:
+            joined = [arg for argv in argv_lists for arg in argv]
+            masked = mask_command(joined, rules.scrub_text or _same, rules.env_name, rules.marker)
+            for argv in argv_lists:
+                argv[:], masked = masked[: len(argv)], masked[len(argv) :]
+        for value in node.values():
+            if isinstance(value, dict | list):
+                _mask_container_commands(value, rules)
+    elif isinstance(node, list):
+        for item in node:
+            _mask_container_commands(item, rules)
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str, partial: bool) -> None:

@@ -311,3 +311,15 @@ def test_other_query_parameters_are_scrubbed_by_the_text_rules():
     assert masked is not None and CLEAR not in masked and KNOWN not in masked
     assert "&limit=500&" in masked
     assert mask_query_for_record(flow("pods"), "labelSelector=app%3Dweb&limit=500") is None
+
+
+def test_container_command_and_args_are_masked_as_command_lines():
+    pod = {"kind": "Pod", "spec": {"containers": [{"name": "db", "command": ["mysqld"],
+                                                   "args": ["--root-password", CLEAR, "--port=3306"]}],
+                                   "initContainers": [{"name": "init", "command": ["sh", "-c",
+                                                                                   f"mysql -p{CLEAR} < init.sql"]}]}}  # fmt: skip
+    masked = json.loads(record(pod, "pods", method="POST"))
+    assert CLEAR not in json.dumps(masked)
+    assert masked["spec"]["containers"][0]["args"] == ["--root-password", MARKER, "--port=3306"]
+    ops = [{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": f"--api-token={CLEAR}"}]
+    assert CLEAR not in record(ops, "deployments", content_type=JSON_PATCH)
