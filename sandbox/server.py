@@ -2027,9 +2027,9 @@ class SandboxAPI:
             raise ApiError(400, "BadRequest", f"invalid {what} request {info.name!r}".replace("'", '"'))
         scheme, name, port = split
         obj = self._get_or_404(resource, ns, name)
-        # After api/v1/namespaces/NS/RESOURCE/NAME/proxy (or the cluster-scoped form): the container's path.
-        prefix = len([p for p in request.path.split("/") if p]) - len(info.parts) + 3
-        path = proxy.upstream_path(request.path, proxy.subpath_index(request.path, prefix))
+        # After api/v1/namespaces/NS/RESOURCE/NAME/proxy: the container's path, from the path as Go decodes it.
+        prefix = len([p for p in info.path.split("/") if p]) - len(info.parts) + 3
+        path = proxy.upstream_path(info.path, proxy.subpath_index(info.path, prefix))
         if resource.kind == "Pod":
             port = proxy.pod_port(obj, port)
             ip = (obj.get("status") or {}).get("podIP") or ""

@@ -244,6 +244,10 @@ def test_pod_proxy_reaches_the_pods_server_with_path_and_raw_query(sandbox, echo
         seen = json.loads(body)
         assert seen["path"] == "/a/b/?x=1&y=%2F+z&x=2"  # the raw query, byte for byte
         assert "authorization" not in seen["headers"]  # the caller's credential stays in the API server
+    status, _, body = raw(sandbox, base + "/a%2Bb%20c")
+    assert (
+        status == 200 and json.loads(body)["path"] == "/a+b%20c"
+    )  # decoded as Go does, re-escaped as Go does
     status, _, body = raw(sandbox, base + "/x/../../../etc/passwd")
     assert status == 200 and json.loads(body)["path"] == "/etc/passwd"  # cleaned, never above the root
     status, _, body = raw(sandbox, base + "/submit", method="POST", body=b"payload",
