@@ -20,6 +20,7 @@ headers (`-H 'Authorization: Bearer X'`), also inside a shell string (`sh -c 'â€
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -200,12 +201,29 @@ def _mask_patch_value(path: Any, value: Any, rules: ObjectRules, kind: str, name
     if segments[0] in ("kind", "apiVersion"):
         return _scrub_value(value, rules)
     # A skeleton object of the kind with the value where the pointer puts it, masked by the object rules
-    # (an env entry placed by index has no name there, so its value is masked).
+    # (an env entry placed by index has no name there, so its value is masked). A segment like `0` or `-`
+    # indexes a list or names a map key, depending on the stored object: both are tried, and where either
+    # reading masks something, that masked value is kept.
+    as_lists = _placed(segments, copy.deepcopy(value), True, rules, kind, namespace, name)
+    as_maps = _placed(segments, copy.deepcopy(value), False, rules, kind, namespace, name)
+    if as_lists is _UNPLACEABLE or as_maps is _UNPLACEABLE:
+        return _all_masked(value, rules.marker)
+    return as_maps if as_lists == value else as_lists
+
+
+_UNPLACEABLE = object()
+
+
+def _placed(
+    segments: list[str], value: Any, indexes: bool, rules: ObjectRules, kind: str, namespace: str, name: str
+) -> Any:
+    """`value` masked where `segments` put it in an object of `kind` (index-like segments as list indexes
+    when `indexes`, else as map keys)."""
     node: Any = value
     for segment in reversed(segments):
-        node = [node] if LIST_INDEX.match(segment) else {segment: node}
+        node = [node] if indexes and LIST_INDEX.match(segment) else {segment: node}
     if not isinstance(node, dict):
-        return _all_masked(value, rules.marker)
+        return _UNPLACEABLE
     skeleton: dict[str, Any] = node
     if kind:
         skeleton["kind"] = kind

@@ -323,3 +323,10 @@ def test_container_command_and_args_are_masked_as_command_lines():
     assert masked["spec"]["containers"][0]["args"] == ["--root-password", MARKER, "--port=3306"]
     ops = [{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": f"--api-token={CLEAR}"}]
     assert CLEAR not in record(ops, "deployments", content_type=JSON_PATCH)
+
+
+def test_json_patch_index_like_segments_are_read_as_map_keys_too():
+    # `/data/0` of a ConfigMap is the key "0" (a map), not an index: the key rule must see it.
+    m = masking(configmap_keys=[{"keys": ["*"]}])
+    ops = [{"op": "add", "path": "/data/0", "value": CLEAR}, {"op": "add", "path": "/data/-", "value": CLEAR}]
+    assert CLEAR not in record(ops, "configmaps", content_type=JSON_PATCH, masked=m)
