@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from kubegate.core import bodies, protobuf
-from kubegate.core.attributes import parse_request
+from kubegate.core.attributes import parse_request, path_unescape
 from kubegate.core.flow import Identity
 
 from .policy import Outcome, PolicySettings, Request, evaluate, request_from_attributes
@@ -166,18 +166,15 @@ def build_request(identity: Identity, argv: list[str], body: bytes | None, conte
             )
     else:
         method, path, query = request_from_kubectl(argv)
-    attrs = parse_request(method, path, query)
-    command = [v for k, v in _pairs(query) if k == "command"]
-    req = request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), command, body)
+    try:
+        # Read as the gateway reads a live request (Go's rules); what it would refuse is reported.
+        attrs = parse_request(method, path_unescape(path), query)
+    except ValueError as exc:
+        raise CheckError(f"the gateway would refuse this request: {exc}") from None
+    req = request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), attrs.command, body)
     req.method = method
     req.content_type = content_type or guess_content_type(method, body)
     return req
-
-
-def _pairs(query: str) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
-    return parse_qsl(query, keep_blank_values=True)
 
 
 def describe(req: Request, outcome: Outcome) -> list[str]:
