@@ -56,9 +56,11 @@ class KnownValues(BaseModel):
 
     enabled: bool = True
     namespaces: list[str] = Field(default_factory=list, description="Whose Secrets to learn; default all.")
-    min_length: int = Field(6, ge=1, le=1024, description="Shorter values are not masked by value.")
+    min_length: int = Field(6, ge=1, le=1024, description="Shorter values (in characters) are not learned.")
     max_values: int = Field(10_000, ge=1, le=1_000_000)
-    max_value_bytes: int = Field(4096, ge=16, le=1 << 20)
+    max_value_bytes: int = Field(
+        4096, ge=16, le=1 << 20, description="Longer values (in bytes) are not learned."
+    )
 
 
 class Exempt(BaseModel):
@@ -71,7 +73,12 @@ class Exempt(BaseModel):
 class MaskingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    marker: str = Field("<masked by kubegate>", min_length=1, description="What replaces a secret value.")
+    marker: str = Field(
+        "<masked by kubegate>",
+        min_length=1,
+        description="What replaces a secret value (no quotes, backslashes or control characters: it is written "
+        "into JSON text).",
+    )
     env_names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ENV_NAMES),
         description="Regexes (case-insensitive, searched) for env var names whose `value` is masked.",
@@ -100,7 +107,7 @@ class MaskingSettings(BaseModel):
     def _marker(cls, marker: str) -> str:
         # The marker is written into JSON text by the value pass: a quote, backslash or control character
         # could end a string early and change the document's structure.
-        if any(char in marker for char in '"\\') or any(ord(char) < 0x20 or ord(char) == 0x7F for char in marker):
+        if any(char in '"\\' or ord(char) < 0x20 or ord(char) == 0x7F for char in marker):
             raise ValueError("the marker may not contain quotes, backslashes or control characters")
         return marker
 
@@ -314,7 +321,8 @@ class WatchLines:
             if self.broken or len(chunk) > limit:
                 # The rest of the stream cannot be read (or was cut at the limit): none of it goes out.
                 self.broken, self.pending = True, b""
-                return _withheld(self.masking, self.flow, "the compressed watch stream cannot be read") + b"\n"
+                why = "the compressed watch stream cannot be read"
+                return _withheld(self.masking, self.flow, why) + b"\n"
         data = self.pending + chunk
         lines = data.split(b"\n")
         self.pending = lines.pop()
