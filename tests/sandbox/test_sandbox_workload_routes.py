@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 
 import pytest
-from kubetest import KUBECTL, kubectl_env, run_kubectl
+from kubetest import KUBECTL, PtySession, kubectl_env, run_kubectl
 from workload_pods import (
     apply,
     echo_pod,
@@ -181,6 +181,24 @@ def test_kubectl_debug_interactive_attaches_to_the_new_container(sandbox, ns):
         env=kubectl_env(sandbox.kubeconfig),
     )
     assert "sum=42" in proc.stdout, proc.stderr
+
+
+def test_kubectl_debug_it_gets_a_shell_on_a_terminal(sandbox, ns):
+    """`kubectl debug -it POD --image=busybox`: no command, so the image's shell, attached on a tty."""
+    apply(sandbox.kubeconfig, sleeper_pod("on-a-tty", ns))
+    session = PtySession(
+        ["kubectl", "debug", "-it", "on-a-tty", "-n", ns, "--image=busybox"], sandbox.kubeconfig
+    )
+    try:
+        session.expect("try pressing enter")  # kubectl attaches once the container runs
+        session.send("\r")
+        session.expect("[#$] ")  # the shell's prompt
+        session.send("echo tty=$(tty | cut -c1-8)-$((6*7))\r")
+        session.expect("tty=/dev/pts-42")
+        session.send("exit\r")
+        assert session.wait(30) == 0
+    finally:
+        session.close()
 
 
 def test_ephemeral_containers_can_only_be_added(sandbox, ns):
