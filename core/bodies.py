@@ -12,7 +12,8 @@ API server and a Python parser could read the same bytes differently, the body i
 - CBOR (`application/cbor`, `application/apply-patch+cbor`; behind feature gates upstream) is not decoded:
   it is refused with status 415, on which client-go retries the request as JSON.
 - JSON: strict UTF-8, no duplicate object keys (sigs.k8s.io/json would take the last; a Python reader the
-  first — either way two readers disagree), no NaN/Infinity, nothing after the value. Keys are kept as sent:
+  first — either way two readers disagree), no NaN/Infinity, no unpaired surrogate escapes (Go reads
+  U+FFFD), nothing after the value. Keys are kept as sent:
   Kubernetes' JSON decoder matches field names case-sensitively, so `Spec` is not `spec` for it either.
 - YAML: read as sigs.k8s.io/yaml reads it (goyaml.v2, YAML 1.1, then to JSON): plain scalars resolve by
   goyaml.v2's rules (`y`/`n`/`on`/`off` are booleans, `1:30` and timestamps stay strings, `0o17`/`1e3` are
@@ -102,6 +103,8 @@ def decode_write_body(method: str, content_type: str, body: bytes) -> Body:
         doc = decode_yaml(body)
     else:
         doc = decode_json(body)
+    if media_type != PROTOBUF:
+        _no_lone_surrogates(doc)
     if shape == "json-patch":
         if not isinstance(doc, list) or not all(isinstance(op, dict) for op in doc):
             raise BodyError("a JSON patch must be a list of operation objects")
@@ -152,6 +155,14 @@ def patch_media_type(content_type: str) -> str:
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 _TOKEN_TYPE = re.compile(f"{_TOKEN}/{_TOKEN}")
 _PARAMETER = re.compile(rf'\s*{_TOKEN}\s*=\s*({_TOKEN}|"[^"\\]*")\s*')
+
+
+def _no_lone_surrogates(doc: Any) -> None:
+    """`"\\ud800"` escapes: Go's decoders turn an unpaired surrogate into U+FFFD, Python keeps it — refused."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BodyError("the body has an unpaired UTF-16 surrogate escape") from None
 
 
 def _json_type(value: Any) -> str:

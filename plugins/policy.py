@@ -75,7 +75,10 @@ class RuleMatch(BaseModel):
             except Exception as exc:  # celpy raises its parser's own error types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
                 raise ValueError(f"invalid CEL condition: {first}") from None
-            self._reads_object = "object" in self.condition or "oldObject" in self.condition
+            # the body is read (and must be readable) when the condition can see anything of it
+            self._reads_object = any(
+                word in self.condition for word in ("object", "contentType", "patchType")
+            )
             self._reads_patch_type = "patchType" in self.condition
         return self
 

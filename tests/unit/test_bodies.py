@@ -77,6 +77,7 @@ def test_refused_content_types(method, content_type, status):
         (b"[]", "must be a JSON object"),
         (b"null", "must be a JSON object"),
         (b"[" * 100_000, "nested too deeply"),
+        (b'{"metadata":{"name":"a\\ud800"}}', "unpaired UTF-16 surrogate"),
     ],
 )
 def test_json_read_two_ways_is_refused(body, why):
