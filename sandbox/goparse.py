@@ -76,11 +76,12 @@ def go_bool(query: MultiDictProxy[str] | MultiDict[str], key: str) -> bool:
     return not (len(folded) == 5 and folded.casefold() == "false" and folded.isascii())
 
 
-def exact_name(selector: str) -> tuple[bool, str | None]:
-    """fields.ParseSelector(selector).RequiresExactMatch("metadata.name"): (parsed, name or None). Terms split on unescaped `,`, are sorted, split at the first `!=`/`==`/`=`; values
+def selector_terms(selector: str) -> list[tuple[str, str, str]] | None:
+    """fields.ParseSelector: (field, operator, value) terms in Go's order, or None when it does not parse.
+    Terms split on unescaped `,`, are sorted, split at the first `!=`/`==`/`=` (nothing trimmed); values
     unescape `\\\\`, `\\,` and `\\=` and may hold no bare `,` or `=`."""
     if not selector:
-        return True, None
+        return []
     pieces: list[str] = []
     current = ""
     escaped = False
@@ -95,20 +96,27 @@ def exact_name(selector: str) -> tuple[bool, str | None]:
             continue
         current += ch
     pieces.append(current)
-    found: str | None = None
+    terms = []
     for piece in sorted(pieces):
         if not piece:
             continue
         cut = _first_operator(piece)
         if cut is None:
-            return False, None
+            return None
         field, op, value = cut
         plain = _unescape_selector_value(value)
         if plain is None:
-            return False, None
-        if found is None and field == "metadata.name" and op != "!=":
-            found = plain
-    return True, found
+            return None
+        terms.append((field, op, plain))
+    return terms
+
+
+def exact_name(selector: str) -> tuple[bool, str | None]:
+    """fields.ParseSelector(selector).RequiresExactMatch("metadata.name"): (parsed, name or None)."""
+    terms = selector_terms(selector)
+    if terms is None:
+        return False, None
+    return True, next((v for f, op, v in terms if f == "metadata.name" and op != "!="), None)
 
 
 def _first_operator(term: str) -> tuple[str, str, str] | None:

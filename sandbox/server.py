@@ -283,24 +283,16 @@ def labels_match(reqs: list[tuple[str, str, list[str]]], labels: dict[str, str])
 
 
 def parse_field_selector(resource: Resource, selector: str) -> list[tuple[str, str, str]]:
+    """fields.ParseSelector (escapes, no trimming; see goparse), then the resource's field label check."""
     allowed_fields = {"metadata.name", "metadata.namespace", *resource.field_selectors}
+    terms = goparse.selector_terms(selector)
+    if terms is None:
+        raise ApiError(400, "BadRequest", f"invalid selector: '{selector}'")
     out = []
-    for term in _split_terms(selector):
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            op = "!="
-        elif "==" in term:
-            k, v = term.split("==", 1)
-            op = "="
-        elif "=" in term:
-            k, v = term.split("=", 1)
-            op = "="
-        else:
-            raise ApiError(400, "BadRequest", f"invalid selector: '{selector}'; can't understand '{term}'")
-        k = k.strip()
-        if k not in allowed_fields:
-            raise ApiError(400, "BadRequest", f"field label not supported: {k}")
-        out.append((k, op, v.strip()))
+    for field_name, op, value in terms:
+        if field_name not in allowed_fields:
+            raise ApiError(400, "BadRequest", f"field label not supported: {field_name}")
+        out.append((field_name, "!=" if op == "!=" else "=", value))
     return out
 
 

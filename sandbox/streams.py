@@ -763,13 +763,13 @@ async def _attach_session(
 # port-forward
 # ---------------------------------------------------------------------------------------------------
 def _ports_query(request: web.Request) -> list[int] | None:
+    # PodPortForwardOptions.Ports (Convert_Slice_string_To_Slice_int32): every `ports` value, split on `,`,
+    # each part strconv.ParseUint(part, 10, 16) — nothing trimmed or skipped. The API server builds the
+    # kubelet's `port` parameters itself, so a client's own `port` is ignored.
     ports: list[int] = []
-    for value in request.query.getall("ports", []) + request.query.getall("port", []):
+    for value in request.query.getall("ports", []):
         for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if not part.isdigit() or not 0 < int(part) < 65536:
+            if not (part.isascii() and part.isdigit()) or not 0 < int(part) < 65536:
                 return None
             ports.append(int(part))
     return ports
