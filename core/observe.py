@@ -65,9 +65,8 @@ def observe(flow: Flow) -> None:
 
 def is_stream(flow: Flow) -> bool:
     attributes = flow.attributes
-    return attributes.verb == "watch" or (
-        attributes.subresource == "log" and "follow=true" in flow.request.query
-    )
+    # `follow` as the API server reads it (any value but 0/false, e.g. `follow=1`), not a substring.
+    return attributes.verb == "watch" or (attributes.subresource == "log" and attributes.follow)
 
 
 async def metrics_body(gateway: Gateway) -> tuple[bytes, str]:

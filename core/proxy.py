@@ -869,5 +869,8 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
         authorization = flow.request.header("authorization")
         if authorization:
             data["credential"] = token_fingerprint(flow.request.bearer_token or authorization)
+    if flow.request.raw_query != flow.request.query:
+        # What the client sent, when the gateway forwarded a canonical re-encoding of it instead.
+        data["raw_query"] = flow.request.raw_query
     data.update(extra)
     return data
