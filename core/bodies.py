@@ -322,9 +322,14 @@ def _tagged_scalar(tag: str, text: str) -> Any:
     if tag == _CORE + "null":
         return None
     resolved = _plain_scalar(text)
-    expected = {"int": int, "float": (int, float), "bool": bool}[tag.rsplit(":", 1)[1]]
-    if isinstance(resolved, bool) != (expected is bool) or not isinstance(resolved, expected):
-        raise BodyError(f"the YAML value {text!r} is not a valid {tag.rsplit(':', 1)[1]}")
+    kind = tag.rsplit(":", 1)[1]
+    fits = {
+        "int": isinstance(resolved, int) and not isinstance(resolved, bool),
+        "float": isinstance(resolved, (int, float)) and not isinstance(resolved, bool),
+        "bool": isinstance(resolved, bool),
+    }[kind]
+    if not fits:
+        raise BodyError(f"the YAML value {text!r} is not a valid {kind}")
     return resolved
 
 
