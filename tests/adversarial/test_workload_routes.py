@@ -338,6 +338,29 @@ async def test_crafted_proxy_requests_are_refused(gw, cluster):
     assert reached(cluster, since, "roxy") == []
 
 
+ODD_PROXY_PATHS = [
+    "/api/v1/namespaces/prod/pods/echo%2Fproxy/",  # an encoded slash: another split for another reader
+    "/api/v1/namespaces/prod/pods/echo/proxy%2Fadmin",
+    "/api/v1/namespaces/prod/pods/echo/proxy%00/",
+    "/api/v1/namespaces/prod/pods/echo/proxy/%2e%2e/%2e%2e/x",
+    "/api/v1/namespaces/prod//pods/echo/proxy/",
+    "/api/v1/namespaces/prod/pods/./echo/proxy/",
+    "//api/v1/namespaces/prod/pods/echo/proxy/",
+    "/api/v1/namespaces/prod/pods/echo/PROXY/",  # not the subresource: the API server has no such route
+    "/api/v1/namespaces/prod/pods/echo/proxy;x/",
+    "/api/v1/namespaces/prod/pods/ECHO/proxy/",
+    "/api/v1/namespaces/prod/pods/echo:8000:x/proxy/",
+    "/api/v1/namespaces/prod/pods/echo/proxy/?watch=true",
+]
+
+
+@pytest.mark.parametrize("path", ODD_PROXY_PATHS)
+async def test_odd_proxy_paths_reach_no_container(gw, cluster, path):
+    status, body = await send(gw, "guarded", "GET", path)
+    assert status in (400, 403, 404), (status, body)  # refused by the gateway, or no route upstream
+    assert json.loads(body)["kind"] == "Status" and b'"path"' not in body
+
+
 async def test_a_websocket_upgrade_through_the_proxy_is_refused(gw, cluster):
     """A container's WebSocket endpoint reached through pods/proxy is a GET upgrade: the same rule holds."""
     since = last_id(cluster)
