@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from .store import ApiError
 
@@ -160,9 +161,16 @@ def unreachable(host: str, port: str, why: str) -> ApiError:
 
 def forwarded_headers(request: web.Request, host: str) -> dict[str, str]:
     headers: dict[str, str] = {}
+    # Headers the client lists in Connection are hop-by-hop too (Go's ReverseProxy drops them).
+    listed = {t.strip().lower() for v in request.headers.getall("Connection", []) for t in v.split(",")}
     for key, value in request.headers.items():
         lower = key.lower()
-        if lower in HOP_BY_HOP or lower in CREDENTIAL_HEADERS or lower.startswith("impersonate-"):
+        if (
+            lower in HOP_BY_HOP
+            or lower in listed
+            or lower in CREDENTIAL_HEADERS
+            or lower.startswith("impersonate-")
+        ):
             continue
         if lower == "host":
             continue
@@ -205,7 +213,7 @@ async def forward(
         try:
             upstream = await session.request(
                 request.method,
-                aiohttp.client.URL(url, encoded=True),
+                URL(url, encoded=True),
                 headers=forwarded_headers(request, f"{display_host}:{display_port}"),
                 data=request.content if request.can_read_body else None,
                 allow_redirects=False,
