@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import string
 
-from multidict import MultiDict, MultiDictProxy
+from multidict import MultiDict, MultiDictProxy, MultiMapping
 
 _HEXDIGITS = set(string.hexdigits)
 _MAX_PAIRS = 10000  # net/url: more pairs than this and ParseQuery returns no values at all
@@ -64,7 +64,7 @@ def go_path(raw_path: str) -> str:
     return _percent_decode(raw_path, False)
 
 
-def go_bool(query: MultiDictProxy[str] | MultiDict[str], key: str) -> bool:
+def go_bool(query: MultiMapping[str], key: str) -> bool:
     """runtime.Convert_Slice_string_To_bool on the first value: only absent, "0" and "false" (any case,
     Unicode simple folding) are false."""
     if key not in query:

@@ -1005,9 +1005,9 @@ class SandboxAPI:
         include_object = request.query.get("includeObject", "Metadata")
         timeout = request.query.get("timeoutSeconds")
         deadline = time.monotonic() + float(timeout) if timeout and timeout.isdigit() else None
-        bookmarks = request.query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        bookmarks = goparse.go_bool(request.query, "allowWatchBookmarks")
         rv_param = request.query.get("resourceVersion", "")
-        send_initial = request.query.get("sendInitialEvents", "").lower() in ("true", "1")
+        send_initial = goparse.go_bool(request.query, "sendInitialEvents")
         scope_ns = ns if resource.namespaced and ns else None
 
         watcher = self.store.subscribe(resource.key, scope_ns)
@@ -1859,7 +1859,7 @@ class SandboxAPI:
             container = containers[0]
         elif container not in named:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
-        if q.get("previous", "").lower() in ("true", "1"):
+        if goparse.go_bool(q, "previous"):
             raise ApiError(
                 400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found'
             )
@@ -1873,14 +1873,14 @@ class SandboxAPI:
             except ValueError as exc:
                 raise ApiError(400, "BadRequest", f"{key}: Invalid value: {v!r}") from exc
 
-        follow = q.get("follow", "").lower() in ("true", "1")
+        follow = goparse.go_bool(q, "follow")
         chunks = self.runtime.stream_logs(
             ns,
             name,
             container,
             follow=follow,
             tail_lines=_int("tailLines"),
-            timestamps=q.get("timestamps", "").lower() in ("true", "1"),
+            timestamps=goparse.go_bool(q, "timestamps"),
             limit_bytes=_int("limitBytes"),
         )
         resp = web.StreamResponse(
