@@ -33,9 +33,10 @@ class UnsupportedKind(ProtobufError):
         self.kind = kind
 
 
-# Field spec: number -> (json name, type). Types: "string", "bytes", "int", "bool", "time", "intorstr",
-# "quantity", "map:<value type>", a message name, "[]<type>" for repeated, "inline:<message>" for Go
-# embedded structs (their fields appear at the parent level in JSON).
+# Field spec: number -> (json name, type). Types: "string", "bytes", "int" (int64), "int32", "bool", "time",
+# "intorstr", "quantity", "map:<value type>", a message name, "[]<type>" for repeated, "inline:<message>" for
+# Go embedded structs (their fields appear at the parent level in JSON). A trailing "?" marks a Go pointer
+# field: it is sent only when set, so its zero value is kept.
 S = dict[int, tuple[str, str]]
 
 MESSAGES: dict[str, S] = {
@@ -137,14 +138,14 @@ MESSAGES: dict[str, S] = {
         3: ("status", "DeploymentStatus"),
     },
     "DeploymentSpec": {
-        1: ("replicas", "int"),
+        1: ("replicas", "int32"),
         2: ("selector", "LabelSelector"),
         3: ("template", "PodTemplateSpec"),
         4: ("strategy", "DeploymentStrategy"),
-        5: ("minReadySeconds", "int"),
-        6: ("revisionHistoryLimit", "int"),
+        5: ("minReadySeconds", "int32"),
+        6: ("revisionHistoryLimit", "int32"),
         7: ("paused", "bool"),
-        9: ("progressDeadlineSeconds", "int"),
+        9: ("progressDeadlineSeconds", "int32"),
     },
     "DeploymentStrategy": {1: ("type", "string"), 2: ("rollingUpdate", "RollingUpdateDeployment")},
     "RollingUpdateDeployment": {1: ("maxUnavailable", "intorstr"), 2: ("maxSurge", "intorstr")},
@@ -175,7 +176,7 @@ MESSAGES: dict[str, S] = {
         20: ("initContainers", "[]Container"),
         21: ("automountServiceAccountToken", "bool?"),
         24: ("priorityClassName", "string"),
-        25: ("priority", "int?"),
+        25: ("priority", "int32?"),
         27: ("shareProcessNamespace", "bool?"),
         28: ("readinessGates", "[]PodReadinessGate"),
         29: ("runtimeClassName", "string?"),
@@ -271,8 +272,8 @@ MESSAGES: dict[str, S] = {
     "ContainerResizePolicy": {1: ("resourceName", "string"), 2: ("restartPolicy", "string")},
     "ContainerPort": {
         1: ("name", "string"),
-        2: ("hostPort", "int"),
-        3: ("containerPort", "int"),
+        2: ("hostPort", "int32"),
+        3: ("containerPort", "int32"),
         4: ("protocol", "string"),
         5: ("hostIP", "string"),
     },
@@ -294,14 +295,14 @@ MESSAGES: dict[str, S] = {
     "Pod": {1: ("metadata", "ObjectMeta"), 2: ("spec", "PodSpec")},
     "Job": {1: ("metadata", "ObjectMeta"), 2: ("spec", "JobSpec"), 3: ("status", "JobStatus")},
     "JobSpec": {
-        1: ("parallelism", "int"),
-        2: ("completions", "int"),
+        1: ("parallelism", "int32"),
+        2: ("completions", "int32"),
         3: ("activeDeadlineSeconds", "int"),
         4: ("selector", "LabelSelector"),
         5: ("manualSelector", "bool"),
         6: ("template", "PodTemplateSpec"),
-        7: ("backoffLimit", "int"),
-        8: ("ttlSecondsAfterFinished", "int"),
+        7: ("backoffLimit", "int32"),
+        8: ("ttlSecondsAfterFinished", "int32"),
         9: ("completionMode", "string"),
         10: ("suspend", "bool"),
     },
@@ -312,8 +313,8 @@ MESSAGES: dict[str, S] = {
         3: ("concurrencyPolicy", "string"),
         4: ("suspend", "bool"),
         5: ("jobTemplate", "JobTemplateSpec"),
-        6: ("successfulJobsHistoryLimit", "int"),
-        7: ("failedJobsHistoryLimit", "int"),
+        6: ("successfulJobsHistoryLimit", "int32"),
+        7: ("failedJobsHistoryLimit", "int32"),
         8: ("timeZone", "string"),
     },
     "JobTemplateSpec": {1: ("metadata", "ObjectMeta"), 2: ("spec", "JobSpec")},
@@ -339,7 +340,7 @@ MESSAGES: dict[str, S] = {
         9: ("loadBalancerSourceRanges", "[]string"),
         10: ("externalName", "string"),
         11: ("externalTrafficPolicy", "string"),
-        12: ("healthCheckNodePort", "int"),
+        12: ("healthCheckNodePort", "int32"),
         13: ("publishNotReadyAddresses", "bool"),
         18: ("clusterIPs", "[]string"),
         19: ("ipFamilies", "[]string"),
@@ -347,33 +348,33 @@ MESSAGES: dict[str, S] = {
     "ServicePort": {
         1: ("name", "string"),
         2: ("protocol", "string"),
-        3: ("port", "int"),
+        3: ("port", "int32"),
         4: ("targetPort", "intorstr"),
-        5: ("nodePort", "int"),
+        5: ("nodePort", "int32"),
         6: ("appProtocol", "string?"),
     },
     # Status parts: gogo-protobuf writes every non-pointer field, so kubectl's generators send empty statuses
     # (the API server resets status on create; conditions and the like are not here and are refused).
     "DeploymentStatus": {
         1: ("observedGeneration", "int"),
-        2: ("replicas", "int"),
-        3: ("updatedReplicas", "int"),
-        4: ("availableReplicas", "int"),
-        5: ("unavailableReplicas", "int"),
-        7: ("readyReplicas", "int"),
-        8: ("collisionCount", "int?"),
-        9: ("terminatingReplicas", "int?"),
+        2: ("replicas", "int32"),
+        3: ("updatedReplicas", "int32"),
+        4: ("availableReplicas", "int32"),
+        5: ("unavailableReplicas", "int32"),
+        7: ("readyReplicas", "int32"),
+        8: ("collisionCount", "int32?"),
+        9: ("terminatingReplicas", "int32?"),
     },
     "JobStatus": {
         2: ("startTime", "time"),
         3: ("completionTime", "time"),
-        4: ("active", "int"),
-        5: ("succeeded", "int"),
-        6: ("failed", "int"),
+        4: ("active", "int32"),
+        5: ("succeeded", "int32"),
+        6: ("failed", "int32"),
         7: ("completedIndexes", "string"),
         9: ("failedIndexes", "string?"),
-        10: ("ready", "int?"),
-        11: ("terminating", "int?"),
+        10: ("ready", "int32?"),
+        11: ("terminating", "int32?"),
     },
     "CronJobStatus": {
         1: ("active", "[]ObjectReference"),
@@ -563,6 +564,11 @@ def _scalar(typ: str, value: Any, strict: bool = False) -> Any:
         return value
     if typ == "int":
         return _signed(value)
+    if typ == "int32":  # Go keeps the low 32 bits of the varint; a value outside int32 is refused
+        if strict and not (value < 1 << 31 or value >= (1 << 64) - (1 << 31)):
+            raise ProtobufError(f"an int32 field holds {value}")
+        low = value & 0xFFFFFFFF
+        return low - (1 << 32) if low >= 1 << 31 else low
     if typ == "bool":
         if strict and value not in (0, 1):
             raise ProtobufError(f"a bool field holds {value}")
@@ -598,7 +604,7 @@ def _go_duration(nanos: int) -> str:
     return sign + text
 
 
-_VARINT_TYPES = {"int", "bool"}
+_VARINT_TYPES = {"int", "int32", "bool"}
 
 
 def decode_message(name: str, buf: bytes, strict: bool = False) -> dict[str, Any]:

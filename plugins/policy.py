@@ -422,7 +422,9 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
     settings: PolicySettings = flow.connection.settings_for(PLUGIN_NAME)
     req = request_from_flow(flow)
     req.method = flow.request.method.upper()
-    req.content_type = flow.request.header("content-type")  # the first one, as Go's Header.Get
+    # Go's Header.Get reads the first Content-Type; two of them could be read either way: joined, they are
+    # no media type at all and the body is refused
+    req.content_type = ", ".join(flow.request.header_values("content-type"))
     if req.body is None and not flow.request.websocket and needs_body(settings, req):
         req.body = await flow.request.read_body()
     outcome = evaluate(settings, req)

@@ -251,3 +251,19 @@ async def test_protobuf_bodies_of_kubectl_generators_are_judged(gw, sandbox):
     secret = envelope("v1", "Secret", ld(1, meta) + ld(2, ld(1, b"k") + ld(2, b"v")))
     code, answer = await send(gw, "POST", f"/api/v1/namespaces/{NS}/secrets", PROTOBUF, secret)
     assert code == 403 and "no-forbidden-label" in answer["message"], answer
+
+
+async def test_two_content_types_are_refused(gw, sandbox):
+    """Which of two Content-Type headers counts could differ between the gateway and the API server."""
+    since = last_id(sandbox)
+    ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+    headers = [("Authorization", f"Bearer {ALICE}"), ("Content-Type", "text/plain"),
+               ("Content-Type", "application/yaml")]  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        url = URL(f"{gw.connection_url('sandbox')}{PODS}", encoded=True)
+        async with session.post(url, data=pod_yaml("adv-two-types"), headers=headers, ssl=ctx) as resp:
+            assert resp.status == 415, await resp.text()
+    assert (
+        writes_to(sandbox, since, "adv-two-types") == []
+        and await stored_pod(sandbox, "adv-two-types") is None
+    )

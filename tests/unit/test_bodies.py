@@ -252,3 +252,12 @@ def test_protobuf_unknown_kind_is_415_and_the_lenient_mode_stays_for_the_sandbox
     assert refused("POST", PROTOBUF, envelope("v1", "PersistentVolume", b"")).status == 415
     lenient = protobuf.decode_body(pod(ld(2, CONTAINER) + ld(99, b"x")))  # the sandbox's reading
     assert lenient["spec"]["containers"] == [{"name": "c", "image": "nginx"}]
+
+
+def test_protobuf_int32_fields_are_read_as_go_reads_them():
+    """gogo keeps the low 32 bits of an int32 varint: 2^32 + 80 would be port 80 there, 4294967376 here."""
+    port = ld(6, vi(3, (1 << 32) + 80))  # ports[{containerPort: 2^32 + 80}]
+    assert "an int32 field holds 4294967376" in str(refused("POST", PROTOBUF, pod(ld(2, CONTAINER + port))))
+    negative = ld(6, vi(3, (1 << 64) - 1))  # -1, sign-extended to 10 bytes as Go writes it
+    doc = decode_write_body("POST", PROTOBUF, pod(ld(2, CONTAINER + negative))).doc
+    assert doc["spec"]["containers"][0]["ports"] == [{"containerPort": -1}]
