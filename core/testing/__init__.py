@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 import yaml
 
-from kubegate.core.attributes import parse_request
+from kubegate.core.attributes import parse_request, path_unescape
 from kubegate.core.flow import Flow, Identity, Request
 from kubegate.core.plugins import PluginHost
 
@@ -170,10 +170,13 @@ def make_flow(
         conn = make_connection(connection or "test", plugins=plugins, settings=settings)
     header_list = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
     data = body.encode() if isinstance(body, str) else body
+    # Read as the proxy reads a live request: plugins see the canonical query that goes upstream.
+    attributes = parse_request(method.upper(), path_unescape(path), query)
     request = Request(
         method=method.upper(),
         path=path,
-        query=query,
+        query=attributes.canonical_query,
+        raw_query=query,
         headers=header_list,
         client_addr="127.0.0.1",
         websocket=websocket,
@@ -181,7 +184,7 @@ def make_flow(
         body_size=len(data or b""),
         body_sha256=hashlib.sha256(data).hexdigest() if data else "",
     )
-    flow = Flow(connection=conn, request=request, attributes=parse_request(method, path, query))
+    flow = Flow(connection=conn, request=request, attributes=attributes)
     if isinstance(identity, str):
         identity = Identity(user=identity, method="kubegate.testing")
     flow.identity = identity
