@@ -426,13 +426,13 @@ MESSAGES: dict[str, S] = {
     "ResourceQuotaStatus": {1: ("hard", "map:quantity"), 2: ("used", "map:quantity")},
     # kubectl drain / client-go EvictV1: POST pods/NAME/eviction
     "Eviction": {1: ("metadata", "ObjectMeta"), 2: ("deleteOptions", "DeleteOptions")},
-    "DeleteOptions": {
-        1: ("gracePeriodSeconds", "int"),
+    "DeleteOptions": {  # pointers: gracePeriodSeconds 0 is "now", not "unset"
+        1: ("gracePeriodSeconds", "int?"),
         2: ("preconditions", "Preconditions"),
-        3: ("orphanDependents", "bool"),
-        4: ("propagationPolicy", "string"),
+        3: ("orphanDependents", "bool?"),
+        4: ("propagationPolicy", "string?"),
         5: ("dryRun", "[]string"),
-        6: ("ignoreStoreReadErrorWithClusterBreakingPotential", "bool"),
+        6: ("ignoreStoreReadErrorWithClusterBreakingPotential", "bool?"),
     },
     "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
 }

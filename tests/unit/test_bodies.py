@@ -261,3 +261,10 @@ def test_protobuf_int32_fields_are_read_as_go_reads_them():
     negative = ld(6, vi(3, (1 << 64) - 1))  # -1, sign-extended to 10 bytes as Go writes it
     doc = decode_write_body("POST", PROTOBUF, pod(ld(2, CONTAINER + negative))).doc
     assert doc["spec"]["containers"][0]["ports"] == [{"containerPort": -1}]
+
+
+def test_protobuf_eviction_keeps_a_zero_grace_period():
+    """DeleteOptions.gracePeriodSeconds is a pointer: 0 means "now" and must not read as unset."""
+    eviction = envelope("policy/v1", "Eviction", ld(1, ld(1, b"web")) + ld(2, vi(1, 0)))
+    doc = decode_write_body("POST", PROTOBUF, eviction).doc
+    assert doc["deleteOptions"] == {"gracePeriodSeconds": 0}
