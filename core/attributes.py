@@ -238,8 +238,18 @@ def go_bool(values: list[str]) -> bool:
 
 
 def _go_lower_bool(values: list[str]) -> bool:
-    # NewRequestInfo's fallback when ListOptions do not decode: `switch strings.ToLower(values[0])`.
+    # NewRequestInfo's fallback when ListOptions do not decode, and Convert_Slice_string_To_bool before it
+    # used strings.EqualFold: `switch strings.ToLower(values[0])`.
     return bool(values) and values[0].lower() not in ("false", "0")
+
+
+def _bool(query: dict[str, list[str]], name: str) -> bool:
+    """A boolean parameter, refused when Go's two readings of it differ (only U+017F, the long s, folds to
+    `s` for EqualFold but not for ToLower): which one applies depends on the path and the server version."""
+    values = query.get(name, [])
+    if go_bool(values) != _go_lower_bool(values):
+        raise RequestRefused(400, f"{name}={values[0]!r} reads differently to the API server's two decoders")
+    return go_bool(values)
 
 
 def _int64(values: list[str], name: str) -> int | None:
@@ -431,12 +441,9 @@ def _list_or_watch(info: RequestAttributes) -> None:
     if info.name or info.verb != "get":
         return
     query = info.query
-    watch = query.get("watch", [])
     # When ListOptions do not decode, NewRequestInfo falls back to strings.ToLower(first) for watch and sets
-    # no name. The two boolean readings only differ on U+017F (long s, folded to `s`): refuse rather than pick one.
-    if go_bool(watch) != _go_lower_bool(watch):
-        raise RequestRefused(400, f"watch={watch[0]!r} reads differently to the API server's two decoders")
-    info.verb = "watch" if go_bool(watch) else "list"
+    # no name; `_bool` refuses a value those two readings disagree on.
+    info.verb = "watch" if _bool(query, "watch") else "list"
     # Integers that fail to decode make the handler answer 400 anyway; refusing here keeps one reading.
     _int64(query.get("limit", []), "limit")
     _int64(query.get("timeoutSeconds", []), "timeoutSeconds")
@@ -467,17 +474,17 @@ def _subresource_options(info: RequestAttributes) -> None:
         if info.subresource == "exec":
             info.command = list(query.get("command", []))
         info.container = first
-        info.stdin = go_bool(query.get("stdin", []))
-        info.stdout = go_bool(query.get("stdout", []))
-        info.stderr = go_bool(query.get("stderr", []))
-        info.tty = go_bool(query.get("tty", []))
+        info.stdin = _bool(query, "stdin")
+        info.stdout = _bool(query, "stdout")
+        info.stderr = _bool(query, "stderr")
+        info.tty = _bool(query, "tty")
     elif info.subresource == "portforward":
         info.ports = _ports(query.get("ports", []))
     elif info.subresource == "log":
         info.container = first
-        info.follow = go_bool(query.get("follow", []))
-        info.previous = go_bool(query.get("previous", []))
-        info.timestamps = go_bool(query.get("timestamps", []))
+        info.follow = _bool(query, "follow")
+        info.previous = _bool(query, "previous")
+        info.timestamps = _bool(query, "timestamps")
         info.tail_lines = _int64(query.get("tailLines", []), "tailLines")
         info.limit_bytes = _int64(query.get("limitBytes", []), "limitBytes")
         info.since_seconds = _int64(query.get("sinceSeconds", []), "sinceSeconds")

@@ -362,3 +362,10 @@ def test_canonical_encoding_round_trips(values):
     assert encoded.isascii() and ";" not in encoded and "#" not in encoded
     assert parse_query(encoded) == values
     assert encode_query(parse_query(encoded)) == encoded
+
+
+@pytest.mark.parametrize(("path", "key"), [(EXEC, "tty"), (EXEC, "stdin"), (PODS + "/web/log", "follow")])
+def test_booleans_the_two_go_decoders_disagree_on_are_refused(path, key):
+    """EqualFold folds U+017F to `s`, ToLower (the fallback, and older API servers) does not."""
+    assert refused("GET", path, f"{key}=fal%C5%BFe") == 400
+    assert getattr(parse_request("GET", path, f"{key}=FALSE"), key) is False
