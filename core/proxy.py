@@ -589,8 +589,8 @@ class Proxy:
             """The frame as the `kubegate_stream_frame` plugins left it, or None when one dropped it."""
             frame = Frame(direction, payload, text=text)
             await hooks.stream_frame(flow, session, frame)
-            for earlier in frame.before:
-                await send_to_client(earlier, False)
+            for earlier in frame.before:  # held output of the same protocol: text frames on base64 ones
+                await send_to_client(earlier, text)
             return None if frame.drop else frame.data
 
         async def send_to_client(payload: bytes, text: bool) -> None:
@@ -607,10 +607,11 @@ class Proxy:
             session.flush_after = None
             frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"", flush=True)
             await hooks.stream_frame(flow, session, frame)
+            # A plugin sets `frame.text` when what it held is text frames (the base64 channel protocols).
             for earlier in frame.before:
-                await send_to_client(earlier, False)
+                await send_to_client(earlier, frame.text)
             if frame.data and not frame.drop:
-                await send_to_client(frame.data, False)
+                await send_to_client(frame.data, frame.text)
 
         async def client_to_upstream() -> None:
             while True:

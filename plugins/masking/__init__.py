@@ -32,7 +32,8 @@ from . import records, scanner
 from .known import KnownSecrets, text_values
 from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers, scrub_document
-from .text import DETECTORS, LineCarry, TextMasker, custom_patterns, detector_patterns
+from .stream import ChannelMaskers, StreamMasker
+from .text import DETECTORS, TextMasker, custom_patterns, detector_patterns
 
 if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
@@ -100,6 +101,14 @@ class MaskingSettings(BaseModel):
     )
     exec_hold_ms: int = Field(
         30, ge=1, le=2000, description="Longest exec/attach output is held back to join a split secret."
+    )
+    max_secret_bytes: int = Field(
+        16 * 1024,
+        ge=256,
+        le=16 * 1024 * 1024,
+        description="Longest text a stream (logs, exec/attach output) holds back while a secret may be in "
+        "progress (at least the longest known value form); a match still open at this length is replaced by "
+        "the marker and the rest of it, up to the next whitespace or quote, is not sent.",
     )
 
     @field_validator("marker")
@@ -339,15 +348,20 @@ class WatchLines:
 
 
 class Text:
+    """`pods/log` (and `-f`): one streaming masker (stream.py) whatever the chunks; complete lines without a
+    secret in progress go out at once."""
+
     def __init__(self, masking: Masking, decoder: Decoder | None):
-        self.carry = LineCarry(masking.text)
+        self.masking = masking
+        self.stream = StreamMasker(masking.text, masking.settings.max_secret_bytes)
         self.decoder = decoder
 
     def feed(self, chunk: bytes) -> bytes:
-        return self.carry.feed(self.decoder.feed(chunk) if self.decoder is not None else chunk)
+        self.stream.use(self.masking.text)  # the known values may have changed since the last chunk
+        return self.stream.feed(self.decoder.feed(chunk) if self.decoder is not None else chunk)
 
     def end(self) -> bytes:
-        return self.carry.end()
+        return self.stream.end()
 
 
 class Withhold:
@@ -509,8 +523,10 @@ def kubegate_response_stream(flow: Flow) -> Any:
     return Withhold(_withheld(masking, flow, f"content type {state.get('content_type') or 'unknown'}"))
 
 
-MAX_CARRY = 256
-SEPARATORS = (b" ", b"\n", b"\r", b"\t", b'"', b"'")
+# What exec/attach output holds back: in-progress matches of at least this many characters (fewer would
+# hold the echo of almost every keystroke; what goes out then is at most 3 characters of a detector's
+# format prefix or of a known value, whose rest is masked: see stream.py).
+EXEC_MIN_HOLD = 4
 
 
 @hookimpl
@@ -520,50 +536,55 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
         return
     if flow.attributes.subresource not in ("exec", "attach"):
         return
-    if frame.text:
-        # The base64 protocols (`base64.channel.k8s.io`, `v4.base64…`; web terminals use them): a digit for
-        # the channel, then the data in base64. Masked frame by frame: no carry across frames here.
-        if "base64" in session.subprotocol and frame.data[:1] in (b"1", b"2"):
-            try:
-                data = base64.b64decode(frame.data[1:], validate=True)
-            except ValueError:
-                frame.data = frame.data[:1]  # not base64 after all: nothing of it goes out unread
-                return
-            frame.data = frame.data[:1] + base64.b64encode(masking.text.mask_bytes(data))
-        return
-    carry: dict[int, bytes] = session.state.setdefault(PLUGIN_NAME, {})
+    # One streaming masker per output channel for the whole session (stream.py): a secret split across
+    # frames is held until it is complete, or until no frame came for `exec_hold_ms` (then it goes out as
+    # it stands, and the rest of it is masked when it comes). Base64 protocols (`base64.channel.k8s.io`,
+    # `v4.base64…`; web terminals): text frames, a digit for the channel, then the data in base64.
+    base64_frames = "base64" in session.subprotocol
+    output: ChannelMaskers | None = session.state.get(PLUGIN_NAME)
+    if output is None:
+        output = session.state[PLUGIN_NAME] = ChannelMaskers(
+            masking.text, masking.settings.max_secret_bytes, EXEC_MIN_HOLD, base64_frames
+        )
+    output.use(masking.text)  # the known values may have changed since the last frame
     if frame.flush:
-        # Timer tick or end of stream: what was held goes out now (masked: it is complete as it is).
-        held = [bytes([ch]) + masking.text.mask_bytes(data) for ch, data in sorted(carry.items()) if data]
-        carry.clear()
+        # Timer tick or end of stream: what is held goes out now.
+        held = output.flush()
         if held:
-            frame.before, frame.data = held[:-1], held[-1]
+            frame.before, frame.data, frame.text = held[:-1], held[-1], base64_frames
         return
-    channel = frame.channel
-    if channel not in (1, 2):
-        # Another channel (the exit status): whatever stdout/stderr still hold goes out before it.
-        frame.before = [
-            bytes([ch]) + masking.text.mask_bytes(data) for ch, data in sorted(carry.items()) if data
-        ]
-        carry.clear()
+    if frame.text != base64_frames:
+        return  # not this protocol's data frames (a text frame on a binary protocol carries no channel)
+    channel, data = _channel_data(frame, base64_frames)
+    if channel in (1, 2):
+        if data is None:  # not base64 after all: nothing of it goes out unread
+            frame.data = frame.data[:1]
+            return
+        out = output.output(channel, data)
+        if out is None:
+            frame.drop = True
+        else:
+            frame.data = out
+        if output.holding:
+            session.flush_after = masking.settings.exec_hold_ms / 1000
         return
-    data = carry.pop(channel, b"") + frame.data[1:]
-    # A secret split across frames: hold back the trailing word when it may be the first part of a secret
-    # (a known value starts in it, or a detector's hint or an assignment keyword is in it) until the next
-    # frame completes it or the flush timer fires. The cut is at a separator, so no secret without
-    # whitespace is ever cut in two; a trailing word longer than any secret is not held. A keystroke's
-    # echo is held only when it could begin a secret.
-    last_separator = max(data.rfind(sep) for sep in SEPARATORS)
-    run = len(data) - (last_separator + 1)
-    word = data[last_separator + 1 :]
-    if 0 < run <= min(MAX_CARRY, max(masking.text.longest, 64)) and masking.text.may_start_secret(
-        word.decode("utf-8", "surrogateescape")
-    ):
-        head, carry[channel] = data[: last_separator + 1], data[last_separator + 1 :]
-        session.flush_after = masking.settings.exec_hold_ms / 1000
-    else:
-        head = data
-    frame.data = frame.data[:1] + masking.text.mask_bytes(head)
+    # Another channel (the exit status, a v5 close): whatever stdout/stderr still hold goes out before it.
+    frame.before = output.flush()
+
+
+def _channel_data(frame: Frame, base64_frames: bool) -> tuple[int | None, bytes | None]:
+    """A frame's channel and data (None when a base64 frame's data is not base64)."""
+    if not frame.data:
+        return None, b""
+    if not base64_frames:
+        return frame.data[0], frame.data[1:]
+    digit = frame.data[:1]
+    if not digit.isdigit():
+        return None, None
+    try:
+        return int(digit), base64.b64decode(frame.data[1:], validate=True)
+    except ValueError:
+        return int(digit), None
 
 
 def mask_body_for_record(flow: Flow, body: bytes) -> str:

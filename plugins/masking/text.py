@@ -34,10 +34,12 @@ DETECTORS = {
 # keyword's position (located with the hint automaton below): the rest of the key, the separator, the value.
 ASSIGNMENT_KEYWORDS = ("password", "passwd", "pwd", "secret", "token", "apikey", "api_key", "accesskey",
                        "access_key", "privatekey", "private_key", "credential")  # fmt: skip
-ASSIGNMENT_TAIL = re.compile(r"[A-Za-z0-9_.-]*?(\s*[=:]\s*)([\"']?)([^\s\"',;&]{4,})")
+# Line-local (`[ \t]*`, not `\s*`): a key at the end of one line and a value on the next are not an
+# assignment, so what is masked does not depend on where a stream's chunks fall (see stream.py).
+ASSIGNMENT_TAIL = re.compile(r"[A-Za-z0-9_.-]*?([ \t]*[=:][ \t]*)([\"']?)([^\s\"',;&]{4,})")
 ASSIGNMENT = re.compile(  # the same rule as one regex, for reference and tests
     r"(?i)((?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL)[A-Z0-9_.-]*?)"
-    r"(\s*[=:]\s*)([\"']?)([^\s\"',;&]{4,})"
+    r"([ \t]*[=:][ \t]*)([\"']?)([^\s\"',;&]{4,})"
 )
 # A cheap test per chunk before a detector's regex runs: the text must contain one of these (lower case).
 PREFILTER = {
@@ -274,25 +276,3 @@ class TextMasker:
         text = data.decode("utf-8", "surrogateescape")
         masked = self.mask(text)
         return data if masked == text else masked.encode("utf-8", "surrogateescape")
-
-
-class LineCarry:
-    """Masks a text stream (`logs -f`) chunk by chunk without letting a secret through when a chunk boundary
-    splits it: complete lines go out at once; an unfinished line waits for its end, up to `limit` bytes,
-    after which all but a secret's length of it goes out."""
-
-    def __init__(self, masker: TextMasker, limit: int = 64 * 1024):
-        self.masker, self.limit = masker, limit
-        self.pending = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = self.pending + chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0 and len(data) > self.limit:
-            cut = len(data) - max(self.masker.longest, 256)
-        self.pending = data[cut:]
-        return self.masker.mask_bytes(data[:cut]) if cut else b""
-
-    def end(self) -> bytes:
-        out, self.pending = self.masker.mask_bytes(self.pending), b""
-        return out

@@ -1,0 +1,376 @@
+"""Masking a byte stream (`pods/log`, `logs -f`, exec/attach stdout/stderr) wherever its chunks are cut.
+
+One `StreamMasker` per stream (per channel for exec/attach). It keeps the bytes it has not sent yet and
+sends only what no later byte can turn into part of a secret:
+
+- known values: it holds back the longest tail of the stream that is the beginning of some known value form
+  (raw, base64, URL-encoded) — across newlines, so the first lines of a multi-line value (a PEM key) wait
+  until the value is complete or has turned into something else;
+- patterns (detectors, `KEY=VALUE` assignments, custom regexes) are line-local: it holds back the part of
+  the last line where a match may still be in progress (the `regex` package's partial matching tells), from
+  where the masked part would begin (an assignment's value, not its key);
+- the bound: at most `max(longest known form, max_secret_bytes)` characters are held. A match still open at
+  the bound (a 10 MiB token after `password=`) is replaced by the marker there and its continuation is
+  swallowed up to the next whitespace or quote, so no prefix of it goes out.
+
+Complete lines that hold nothing in progress go out at once (`logs -f` stays live), and so does the part of
+an unfinished line before any match in progress (a keystroke's echo, most of the time).
+
+The emitted text stays in a bounded context (the original bytes, not the masked ones) so that a secret whose
+beginning had to go out — the exec/attach timer (`flush`) sends what is held after `exec_hold_ms` — is still
+masked from where the stream stands once the rest arrives.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import ahocorasick
+import regex
+
+from .text import ASSIGNMENT, TextMasker, masked_group
+
+# Characters of left context kept after they went out (lookbehinds, an assignment's key before its value).
+LEFT_CONTEXT = 1024
+# Characters searched before where a match may begin, for the patterns' lookbehinds and `\b`s.
+LOOKBEHIND = 64
+# A known value form is located by its first characters (an automaton of these heads), then verified.
+HEAD = 6
+# Where a secret cut at the bound stops being swallowed.
+SWALLOW_STOP = re.compile(r"[\s\"']")
+DEFAULT_MAX_SECRET_BYTES = 16 * 1024
+
+
+@dataclass
+class _Rules:
+    """What a `TextMasker` needs for streaming, built once per masker (known values change → new masker)."""
+
+    heads: ahocorasick.Automaton | None  # the first HEAD characters of each known form
+    # (line-local regex, its masked group, the regex of what precedes that group: None for group 0)
+    partial: list[tuple[regex.Pattern[str], int, regex.Pattern[str] | None]] = field(default_factory=list)
+
+
+_RULES: weakref.WeakKeyDictionary[TextMasker, _Rules] = weakref.WeakKeyDictionary()
+
+
+def _rules(masker: TextMasker) -> _Rules:
+    rules = _RULES.get(masker)
+    if rules is not None:
+        return rules
+    heads = None
+    if masker.known is not None:
+        heads = ahocorasick.Automaton()
+        for form in masker.known.keys():
+            head = str(form)[:HEAD]
+            heads.add_word(head, len(head))
+        heads.make_automaton()
+    sources = [pattern for pattern in masker.always] + [pattern for _, pattern in masker.patterns]
+    if masker.scanner is not None:
+        sources = [
+            p.regex for p in masker.scanner.patterns + masker.scanner.leftover if p.regex is not ASSIGNMENT
+        ]
+    groups = [(p, masked_group(p)) for p in sources] + ([(ASSIGNMENT, 4)] if masker.assignments else [])
+    partial = [(_line_local(p.pattern, p.flags), group, _before_group(p, group)) for p, group in groups]
+    rules = _Rules(heads, partial)
+    _RULES[masker] = rules
+    return rules
+
+
+def _line_local(source: str, flags: int) -> regex.Pattern[str]:
+    return regex.compile(source, flags & (re.IGNORECASE | re.MULTILINE | re.DOTALL | re.VERBOSE))
+
+
+def _before_group(pattern: re.Pattern[str], group: int) -> regex.Pattern[str] | None:
+    """The part of `pattern` before its `group`-th capturing group opens, as a regex (None for group 0, or
+    when that part is not a regex by itself — a group nested in another: the whole match is held then).
+    A partial match does not say where an open group began; this does: the secret part of `password: hu`
+    begins after `password: `, so the key may go out while the value is held."""
+    if not group:
+        return None
+    source, index, seen, in_class = pattern.pattern, 0, 0, False
+    while index < len(source):
+        char = source[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if source[index + 1 : index + 2] == "]" or source[index + 1 : index + 3] == "^]":
+                index += 2 if source[index + 1] == "]" else 3
+                continue
+        elif char == "(" and source[index + 1 : index + 2] != "?":
+            seen += 1
+            if seen == group:
+                try:
+                    return _line_local(source[:index], pattern.flags)
+                except regex.error:
+                    return None
+        index += 1
+    return None
+
+
+def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
+    """Where `masker` would put a marker in `text`: known values, detector matches, assignment values (the
+    masked group of each match), as (start, end) character offsets, unsorted, possibly overlapping."""
+    spans: list[tuple[int, int]] = []
+    if masker.known is not None:
+        spans += [(end - length + 1, end + 1) for end, length in masker.known.iter_long(text)]
+    if masker.scanner is not None:
+        data = text.encode("utf-8", "surrogateescape")
+        found = masker.scanner.spans(data)
+        if found and len(data) != len(text):  # not ASCII: byte offsets → character offsets
+            found = [(_chars(data, start), _chars(data, end)) for start, end in found]
+        spans += found
+        regexes = [leftover.regex for leftover in masker.scanner.leftover]
+    else:
+        hints = {hint for _, hint in masker.hint_automaton.iter(text.lower())}
+        regexes = [*masker.always, *(p for h, p in masker.patterns if any(x in hints for x in h))]
+        if masker.assignments and hints & masker.keywords:
+            spans += [m.span(4) for m in ASSIGNMENT.finditer(text)]
+    for pattern in regexes:
+        group = masked_group(pattern)
+        for match in pattern.finditer(text):
+            span = match.span(group) if group and match.group(group) else match.span()
+            if span[1] > span[0]:
+                spans.append(span)
+    return spans
+
+
+def _chars(data: bytes, offset: int) -> int:
+    return len(data[:offset].decode("utf-8", "surrogateescape"))
+
+
+def _incomplete_utf8(text: str) -> int:
+    """How many characters at the end of `text` are the escaped bytes of a UTF-8 sequence not yet complete
+    (held so that a character cut by a chunk boundary is matched whole once its bytes are all here)."""
+    for count in (1, 2, 3):
+        if len(text) < count:
+            return 0
+        char = ord(text[-count])
+        if not 0xDC80 <= char <= 0xDCFF:
+            return 0
+        byte = char - 0xDC00
+        if byte >= 0xC2:  # a lead byte: complete once 2 (C2-DF), 3 (E0-EF) or 4 (F0-F4) bytes are here
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return count if count < needed and byte <= 0xF4 else 0
+        if byte >= 0xC0 or byte < 0x80:
+            return 0
+    return 0
+
+
+class StreamMasker:
+    """Masks one text stream fed in chunks of any size; see the module docstring for what is held.
+
+    `min_hold` is the shortest in-progress match that is held at all: 1 (everything, exact: the output is
+    the same however the stream is cut) for logs; more for interactive output, where holding the echo of
+    every keystroke that could begin something would delay typing (what goes out is at most
+    `min_hold - 1` characters of a detector's format prefix or of a known value, whose rest is masked).
+    """
+
+    def __init__(self, masker: TextMasker, max_secret_bytes: int = DEFAULT_MAX_SECRET_BYTES,
+                 min_hold: int = 1):  # fmt: skip
+        self.masker = masker
+        self.max_secret_bytes = max_secret_bytes
+        self.min_hold = max(1, min_hold)
+        self.context = ""  # emitted text (original characters), kept for matches that continue
+        self.pending = b""  # received, not emitted
+        self.swallowing = False
+        # Where in context + pending a pattern match may be in progress: none starts before this one (each
+        # match open at the end of a feed was found then), so a feed searches only what is new.
+        self.open_from = 0
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.pending)
+
+    @property
+    def bound(self) -> int:
+        return max(self.masker.longest, self.max_secret_bytes)
+
+    def use(self, masker: TextMasker) -> None:
+        """Mask with a newer masker (the known values changed); what is held stays held."""
+        self.masker = masker
+
+    def feed(self, data: bytes) -> bytes:
+        """The part of the stream so far that can go out now, masked."""
+        if self.swallowing:
+            stop = SWALLOW_STOP.search(data.decode("latin-1"))
+            if stop is None:
+                return b""
+            self.swallowing, data = False, data[stop.start() :]
+        if not data:
+            return b""
+        return self._emit(self.pending + data, final=False)
+
+    def flush(self) -> bytes:
+        """Everything held, masked as it stands (the exec/attach timer): a secret still in progress goes
+        out as far as it came; the context keeps it, so its continuation is masked when it arrives."""
+        if not self.pending:
+            return b""
+        return self._emit(self.pending, final=True)
+
+    def end(self) -> bytes:
+        """The end of the stream: everything held, masked."""
+        out = self.flush()
+        self.context, self.swallowing, self.open_from = "", False, 0
+        return out
+
+    def _emit(self, pending: bytes, final: bool) -> bytes:
+        text = self.context + pending.decode("utf-8", "surrogateescape")
+        emitted_upto = len(self.context)  # text[:emitted_upto] went out already
+        length = len(text)
+        spans = secret_spans(self.masker, text)
+        cut, keep_from, marker_from = self._hold(text, spans, emitted_upto)
+        if final:
+            cut = length
+        elif cut == length:
+            cut -= _incomplete_utf8(text)
+        if not final and length - cut > self.bound:
+            # A match open for longer than the bound: what precedes its secret part goes out, then the
+            # marker; the rest of it is swallowed up to the next whitespace or quote, never sent.
+            out = self._masked(text, spans, emitted_upto, marker_from) + self.masker.marker
+            self.pending, self.swallowing = b"", True
+            self._keep(text, length, length)
+            return out.encode("utf-8", "surrogateescape")
+        out = self._masked(text, spans, emitted_upto, cut)
+        self.pending = text[cut:].encode("utf-8", "surrogateescape")
+        self._keep(text[:cut], keep_from, keep_from)
+        return out.encode("utf-8", "surrogateescape")
+
+    def _keep(self, emitted: str, keep_from: int, open_from: int) -> None:
+        """Keep the end of what went out as context: enough for lookbehinds and known values, and all of a
+        match still in progress (up to the bound)."""
+        keep = max(LEFT_CONTEXT, self.masker.longest, len(emitted) - min(keep_from, len(emitted)))
+        self.context = emitted[-min(keep, self.bound + LEFT_CONTEXT) :]
+        self.open_from = max(0, open_from - (len(emitted) - len(self.context)))
+
+    def _masked(self, text: str, spans: list[tuple[int, int]], start: int, stop: int) -> str:
+        """text[start:stop] with each span in it (clipped to it; overlapping ones merged) → the marker."""
+        merged: list[list[int]] = []
+        for span_start, span_end in sorted(spans):
+            span_start, span_end = max(span_start, start), min(span_end, stop)
+            if span_end <= span_start:
+                continue
+            if merged and span_start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], span_end)
+            else:
+                merged.append([span_start, span_end])
+        parts, position = [], start
+        for span_start, span_end in merged:
+            parts += [text[position:span_start], self.masker.marker]
+            position = span_end
+        parts.append(text[position:stop])
+        return "".join(parts)
+
+    def _hold(self, text: str, spans: list[tuple[int, int]], emitted_upto: int) -> tuple[int, int, int]:
+        """(where to cut: what follows is held; the earliest start of a match in progress, whose context is
+        kept; where the secret part of the match that set the cut begins)."""
+        length = len(text)
+        cut = keep_from = marker_from = length
+        known_start = self._known_prefix(text)
+        if known_start < length:
+            cut = keep_from = marker_from = known_start
+        # Patterns are line-local: only the last line can hold a match still in progress (searched as its
+        # own string: the regex package would otherwise copy all of `text` for each pattern).
+        line_start = max(text.rfind("\n") + 1, min(self.open_from, length) - LOOKBEHIND)
+        line = text[line_start:]
+        for pattern, group, before_group in _rules(self.masker).partial if line else ():
+            for match in pattern.finditer(line, partial=True):
+                if not match.partial and match.end() < len(line):
+                    continue  # complete, and nothing after it can change it: masked by its span
+                keep_from = min(keep_from, line_start + match.start())
+                if match.end() - match.start() < self.min_hold:
+                    break
+                secret_start = _secret_start(match, group, before_group)
+                if secret_start < 0:  # the masked group has not begun: only the context is kept
+                    break
+                if line_start + secret_start < cut:
+                    cut = marker_from = line_start + secret_start
+                break
+        # A complete match is never cut in two: a cut inside one moves back to its start.
+        moved = True
+        while moved:
+            moved = False
+            for start, end in spans:
+                if emitted_upto <= start < cut < end:
+                    cut, moved = start, True
+        return max(cut, emitted_upto), keep_from, max(marker_from, emitted_upto)
+
+    def _known_prefix(self, text: str) -> int:
+        """Where the longest tail of `text` that begins some known form starts (len(text) if none)."""
+        masker = self.masker
+        heads = _rules(masker).heads
+        if masker.known is None or heads is None:
+            return len(text)
+        length = len(text)
+        window = max(0, length - masker.longest + 1)
+        candidates = {end - size + 1 for end, size in heads.iter(text, window)}
+        candidates.update(range(max(window, length - HEAD + 1), length))  # tails shorter than a head
+        for start in sorted(candidates):
+            if length - start < self.min_hold:
+                break
+            if masker.known.match(text[start:]):
+                return start
+        return length
+
+
+def _secret_start(match: regex.Match[str], group: int, before_group: regex.Pattern[str] | None) -> int:
+    """Where the masked part of an open match begins (-1: not yet)."""
+    if not group:
+        return match.start()
+    if match.start(group) >= 0:
+        return match.start(group)
+    if before_group is None:
+        return match.start()  # unknown: all of it is held
+    before = before_group.match(match.string, match.start(), match.end())
+    return -1 if before is None else before.end()
+
+
+class ChannelMaskers:
+    """exec/attach output: a `StreamMasker` per channel (stdout, stderr), frames in and out.
+
+    Binary protocols (`v4/v5.channel.k8s.io`): a frame is the channel byte, then data. Base64 protocols
+    (`base64.channel.k8s.io`, `v4.base64.channel.k8s.io`, text frames): the channel as a digit, then the data
+    in base64 — decoded, masked with the same carry, re-encoded, so every frame sent is valid base64.
+    """
+
+    def __init__(self, masker: TextMasker, max_secret_bytes: int, min_hold: int, base64_frames: bool):
+        self.masker, self.max_secret_bytes, self.min_hold = masker, max_secret_bytes, min_hold
+        self.base64_frames = base64_frames
+        self.channels: dict[int, StreamMasker] = {}
+
+    @property
+    def holding(self) -> bool:
+        return any(stream.holding for stream in self.channels.values())
+
+    def use(self, masker: TextMasker) -> None:
+        self.masker = masker
+        for stream in self.channels.values():
+            stream.use(masker)
+
+    def output(self, channel: int, data: bytes) -> bytes | None:
+        """One stdout/stderr frame's data → the frame to send (None: nothing goes out now)."""
+        stream = self.channels.get(channel)
+        if stream is None:
+            stream = self.channels[channel] = StreamMasker(self.masker, self.max_secret_bytes, self.min_hold)
+        out = stream.feed(data)
+        return self.frame(channel, out) if out else None
+
+    def flush(self) -> list[bytes]:
+        """Frames carrying what every channel holds (the timer, or before another channel's frame)."""
+        frames = []
+        for channel, stream in sorted(self.channels.items()):
+            out = stream.flush()
+            if out:
+                frames.append(self.frame(channel, out))
+        return frames
+
+    def frame(self, channel: int, data: bytes) -> bytes:
+        if self.base64_frames:
+            return str(channel).encode() + base64.b64encode(data)
+        return bytes([channel]) + data
