@@ -435,6 +435,32 @@ MESSAGES: dict[str, S] = {
         6: ("ignoreStoreReadErrorWithClusterBreakingPotential", "bool?"),
     },
     "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
+    # kubectl create priorityclass / pdb
+    "PriorityClass": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("value", "int32?"),  # json:"value" without omitempty: 0 is sent in JSON too
+        3: ("globalDefault", "bool"),
+        4: ("description", "string"),
+        5: ("preemptionPolicy", "string?"),
+    },
+    "PodDisruptionBudget": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("spec", "PodDisruptionBudgetSpec"),
+        3: ("status", "PodDisruptionBudgetStatus"),
+    },
+    "PodDisruptionBudgetSpec": {  # pointers: maxUnavailable 0 means "no eviction at all"
+        1: ("minAvailable", "intorstr?"),
+        2: ("selector", "LabelSelector"),
+        3: ("maxUnavailable", "intorstr?"),
+        4: ("unhealthyPodEvictionPolicy", "string?"),
+    },
+    "PodDisruptionBudgetStatus": {
+        1: ("observedGeneration", "int"),
+        3: ("disruptionsAllowed", "int32"),
+        4: ("currentHealthy", "int32"),
+        5: ("desiredHealthy", "int32"),
+        6: ("expectedPods", "int32"),
+    },
 }
 
 # (apiVersion, kind) -> top-level message
@@ -458,6 +484,8 @@ KINDS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "RoleBinding",
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "RoleBinding",
     ("v1", "ResourceQuota"): "ResourceQuota",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "PriorityClass",
+    ("policy/v1", "PodDisruptionBudget"): "PodDisruptionBudget",
     ("policy/v1", "Eviction"): "Eviction",
     ("policy/v1beta1", "Eviction"): "Eviction",
 }

@@ -268,3 +268,17 @@ def test_protobuf_eviction_keeps_a_zero_grace_period():
     eviction = envelope("policy/v1", "Eviction", ld(1, ld(1, b"web")) + ld(2, vi(1, 0)))
     doc = decode_write_body("POST", PROTOBUF, eviction).doc
     assert doc["deleteOptions"] == {"gracePeriodSeconds": 0}
+
+
+def test_protobuf_pdb_and_priority_class_as_kubectl_create_sends_them():
+    intorstr_zero = ld(3, vi(1, 0) + vi(2, 0))  # maxUnavailable: 0 — "no voluntary eviction at all"
+    pdb = envelope(
+        "policy/v1", "PodDisruptionBudget", ld(1, ld(1, b"pdb")) + ld(2, intorstr_zero) + ld(3, b"")
+    )
+    assert decode_write_body("POST", PROTOBUF, pdb).doc["spec"] == {"maxUnavailable": 0}
+    pc = envelope(
+        "scheduling.k8s.io/v1", "PriorityClass", ld(1, ld(1, b"pc")) + vi(2, 0) + vi(3, 0) + ld(4, b"")
+    )
+    assert decode_write_body("POST", PROTOBUF, pc).doc == {
+        "kind": "PriorityClass", "apiVersion": "scheduling.k8s.io/v1", "metadata": {"name": "pc"}, "value": 0,
+    }  # fmt: skip
