@@ -5,8 +5,16 @@ kubectl's generators (`create secret|configmap|namespace|deployment|service|serv
 `auth can-i`) POST `application/vnd.kubernetes.protobuf`: the magic `k8s\\x00` followed by a
 runtime.Unknown {typeMeta=1 {apiVersion=1, kind=2}, raw=2, contentEncoding=3, contentType=4} whose `raw` is
 the object's own protobuf encoding. The schemas below carry the field numbers of k8s.io/api's
-generated.proto for the kinds those generators send; fields not listed are skipped like unknown fields.
-The result is the JSON-shaped dict the same object would have had as a JSON body.
+generated.proto for the kinds those generators send. The result is the JSON-shaped dict the same object
+would have had as a JSON body (gogo-protobuf writes every non-pointer field, zero or not; zeros are dropped
+as JSON's omitempty would, except for pointer fields, which are only sent when set).
+
+Two modes: lenient (the default; the sandbox) skips fields the schemas do not list. Strict
+(`decode_body(..., strict=True)`, what `kubegate.core.bodies` uses for decisions) refuses them, and a
+singular field or map key sent twice, a wrong wire type or an out-of-range int32 — anything Go would read
+differently from, or beyond, what the gateway judged. Not here (refused in strict mode): volumes, probes,
+lifecycle hooks, affinity, tolerations and other PodSpec/Container parts kubectl's generators do not send;
+Ingress, HorizontalPodAutoscaler and every kind not in KINDS.
 """
 
 from __future__ import annotations
