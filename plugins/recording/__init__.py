@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qs
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -350,7 +349,8 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
     settings = flow.connection.settings_for(PLUGIN_NAME) or RecordingConnectionSettings()
     if kind == store.PORTFORWARD and not settings.portforward:
         return
-    query = parse_qs(flow.request.query, keep_blank_values=True)
+    # The options as the API server decodes them (core/attributes.py), not a second reading of the query.
+    attrs = flow.attributes
     identity = flow.identity
     record = store.SessionRecord(
         id=store.new_id(),
@@ -361,10 +361,10 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
         kind=kind,
         namespace=flow.attributes.namespace,
         pod=flow.attributes.name,
-        container=(query.get("container") or [""])[0],
-        command=mask_command_for_record(flow, query.get("command", [])),  # the row and the cast's title
-        ports=",".join(query.get("ports", [])),
-        tty=(query.get("tty") or [""])[0].lower() in ("true", "1"),
+        container=attrs.container,
+        command=mask_command_for_record(flow, attrs.command),  # the row and the cast's title
+        ports=",".join(str(port) for port in attrs.ports),
+        tty=attrs.tty,
         subprotocol=session.subprotocol,
         started=session.started,
         kubectl_session=flow.kubectl_session,
