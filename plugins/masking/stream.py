@@ -224,7 +224,12 @@ class StreamMasker:
         text = self.context + pending.decode("utf-8", "surrogateescape")
         emitted_upto = len(self.context)  # text[:emitted_upto] went out already
         length = len(text)
-        spans = secret_spans(self.masker, text)
+        # What went out is searched again only from where a match may still be open (plus a lookbehind's
+        # worth): a match cannot cross into the new text from further back.
+        scan_from = max(0, min(self.open_from, emitted_upto) - LOOKBEHIND)
+        spans = secret_spans(self.masker, text[scan_from:])
+        if scan_from:
+            spans = [(start + scan_from, end + scan_from) for start, end in spans]
         cut, keep_from, marker_from = self._hold(text, spans, emitted_upto)
         if final:
             cut = length
@@ -250,20 +255,21 @@ class StreamMasker:
         self.open_from = max(0, open_from - (len(emitted) - len(self.context)))
 
     def _masked(self, text: str, spans: list[tuple[int, int]], start: int, stop: int) -> str:
-        """text[start:stop] with each span in it (clipped to it; overlapping ones merged) → the marker."""
-        merged: list[list[int]] = []
+        """text[start:stop] with each span in it (clipped to it) replaced by the marker; overlapping spans
+        get one marker (adjoining ones one each, as `TextMasker.mask` does)."""
+        marker = self.masker.marker
+        parts: list[str] = []
+        position, after_marker = start, False
         for span_start, span_end in sorted(spans):
-            span_start, span_end = max(span_start, start), min(span_end, stop)
-            if span_end <= span_start:
+            if span_end <= position:
                 continue
-            if merged and span_start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], span_end)
-            else:
-                merged.append([span_start, span_end])
-        parts, position = [], start
-        for span_start, span_end in merged:
-            parts += [text[position:span_start], self.masker.marker]
-            position = span_end
+            if span_start >= stop:
+                break
+            if span_start >= position:
+                parts += (text[position:span_start], marker)
+            elif not after_marker:  # a span that began before `start` (its beginning went out already)
+                parts.append(marker)
+            after_marker, position = True, min(span_end, stop)
         parts.append(text[position:stop])
         return "".join(parts)
 
@@ -272,9 +278,9 @@ class StreamMasker:
         kept; where the secret part of the match that set the cut begins)."""
         length = len(text)
         cut = keep_from = marker_from = length
-        known_start = self._known_prefix(text)
-        if known_start < length:
-            cut = keep_from = marker_from = known_start
+        keep_from = self._known_prefix(text)
+        if length - keep_from >= self.min_hold:
+            cut = marker_from = keep_from
         # Patterns are line-local: only the last line can hold a match still in progress (searched as its
         # own string: the regex package would otherwise copy all of `text` for each pattern).
         line_start = max(text.rfind("\n") + 1, min(self.open_from, length) - LOOKBEHIND)
@@ -293,10 +299,11 @@ class StreamMasker:
                     cut = marker_from = line_start + secret_start
                 break
         # A complete match is never cut in two: a cut inside one moves back to its start.
-        moved = True
+        crossing = [span for span in spans if span[1] > cut] if cut < length else []
+        moved = bool(crossing)
         while moved:
             moved = False
-            for start, end in spans:
+            for start, end in crossing:
                 if emitted_upto <= start < cut < end:
                     cut, moved = start, True
         return max(cut, emitted_upto), keep_from, max(marker_from, emitted_upto)
@@ -312,8 +319,6 @@ class StreamMasker:
         candidates = {end - size + 1 for end, size in heads.iter(text, window)}
         candidates.update(range(max(window, length - HEAD + 1), length))  # tails shorter than a head
         for start in sorted(candidates):
-            if length - start < self.min_hold:
-                break
             if masker.known.match(text[start:]):
                 return start
         return length
