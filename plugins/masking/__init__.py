@@ -554,7 +554,10 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
             frame.before, frame.data, frame.text = held[:-1], held[-1], base64_frames
         return
     if frame.text != base64_frames:
-        return  # not this protocol's data frames (a text frame on a binary protocol carries no channel)
+        # Not this protocol's kind of frame (a text frame on a binary protocol): no channel to carry for,
+        # masked as it stands rather than passed unread.
+        frame.data = masking.text.mask_bytes(frame.data)
+        return
     channel, data = _channel_data(frame, base64_frames)
     if channel in (1, 2):
         if data is None:  # not base64 after all: nothing of it goes out unread

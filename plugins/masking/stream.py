@@ -40,7 +40,7 @@ LOOKBEHIND = 64
 # A known value form is located by its first characters (an automaton of these heads), then verified.
 HEAD = 6
 # Where a secret cut at the bound stops being swallowed.
-SWALLOW_STOP = re.compile(r"[\s\"']")
+SWALLOW_STOP = re.compile(rb"[ \t\n\r\f\v\"']")
 DEFAULT_MAX_SECRET_BYTES = 16 * 1024
 
 
@@ -199,7 +199,7 @@ class StreamMasker:
     def feed(self, data: bytes) -> bytes:
         """The part of the stream so far that can go out now, masked."""
         if self.swallowing:
-            stop = SWALLOW_STOP.search(data.decode("latin-1"))
+            stop = SWALLOW_STOP.search(data)
             if stop is None:
                 return b""
             self.swallowing, data = False, data[stop.start() :]

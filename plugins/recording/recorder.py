@@ -98,7 +98,7 @@ class Recording:
             if not frame.drop:
                 self._from_client(frame.data, frame.text)
             return
-        pieces = [(data, False) for data in frame.before]
+        pieces = [(data, frame.text) for data in frame.before]  # held output: the frame's own kind
         if not frame.drop and frame.data:
             pieces.append((frame.data, frame.text))
         for data, text in pieces:

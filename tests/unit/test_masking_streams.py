@@ -94,9 +94,15 @@ def test_a_secret_anywhere_in_a_stream_cut_anywhere_is_masked(secret, before, af
     start = len(head.encode())
     out = stream(cut(text.encode(), sizes, (start, start + len(printed)), fine))
     assert clear.encode() not in out
-    # the same as one pass over the whole text: no boundary changes what is masked
-    assert out == MASKING.text.mask(text).encode()
+    expected = MASKING.text.mask(text).encode()
     assert out.count(MARKER.encode()) >= 1
+    if any(end - start > StreamMasker(MASKING.text).bound for start, end in secret_spans(MASKING.text, text)):
+        # A match longer than the bound (a JWT whose last part runs on through 64 KiB of filler): masked at
+        # the bound and swallowed to the next whitespace, so a little more than one pass masks may go.
+        marked = out.index(MARKER.encode()) + len(MARKER)
+        assert expected.startswith(out[:marked]) and expected.endswith(out[marked:])
+    else:  # the same as one pass over the whole text: no boundary changes what is masked
+        assert out == expected
 
 
 @settings(max_examples=200, deadline=None)
