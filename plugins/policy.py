@@ -194,6 +194,20 @@ def _any_glob(patterns: list[str], value: str) -> bool:
     return any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
 
 
+def _names_of(req: Request) -> tuple[str, ...]:
+    """The names a `names` pattern is tried on: the request's name, and for a proxy subresource also the
+    object it reaches. A proxy name is `[scheme:]name[:port]` (k8s.io/apimachinery `net.SplitSchemeNamePort`):
+    `names: [web]` must hold `pods/web:8080/proxy` too, or the port would step around the rule."""
+    if not req.resource.endswith("/proxy"):
+        return (req.name,)
+    parts = req.name.split(":")
+    if len(parts) == 2:
+        return (req.name, parts[0])
+    if len(parts) == 3 and parts[0] in ("", "http", "https"):
+        return (req.name, parts[1])
+    return (req.name,)
+
+
 def _mismatch(match: RuleMatch, req: Request) -> str | None:
     """Why `match` does not hold for `req` (None when everything but the condition matches)."""
     who = req.identity
@@ -215,7 +229,7 @@ def _mismatch(match: RuleMatch, req: Request) -> str | None:
         return f"resource {req.resource or '(none)'} not in {match.resources}"
     if match.namespaces and not _any_glob(match.namespaces, req.namespace):
         return f"namespace {req.namespace or '(cluster)'} not in {match.namespaces}"
-    if match.names and not _any_glob(match.names, req.name):
+    if match.names and not any(_any_glob(match.names, name) for name in _names_of(req)):
         return f"name {req.name or '(none)'} not in {match.names}"
     if match.commands and not (req.command and _any_glob(match.commands, " ".join(req.command))):
         return f"command {' '.join(req.command) or '(none)'} not in {match.commands}"

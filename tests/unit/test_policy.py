@@ -322,3 +322,24 @@ def test_policy_check_says_why_a_rule_failed_closed(tmp_path):
     assert any("matched because the request body could not be read" in line for line in result["text"])
     yaml_ok = check(settings_, ALICE, ["POST", "/api/v1/namespaces/dev/pods"], PRIV_YAML)  # guessed: YAML
     assert (yaml_ok["rule"], yaml_ok["condition_error"]) == ("no-privileged", "")
+
+
+@pytest.mark.parametrize(
+    ("resource", "name", "held"),
+    [
+        ("pods/proxy", "web", True),
+        ("pods/proxy", "web:8080", True),  # the port must not step around `names: [web]`
+        ("services/proxy", "https:web:443", True),
+        ("services/proxy", "http:web:", True),
+        ("pods/proxy", "web-2:8080", False),
+        ("pods/proxy", "ftp:web:21", False),  # not a scheme the API server proxies: no object name in it
+        ("pods/exec", "web:8080", False),  # only proxy names carry a port
+    ],
+)
+def test_names_hold_every_port_of_a_proxied_object(resource, name, held):
+    policy = PolicySettings.model_validate(
+        {"default": "allow", "rules": [{"name": "no-web-proxy", "match": {"resources": ["*/proxy", "pods/exec"],
+                                        "names": ["web"]}, "action": "deny"}]}
+    )  # fmt: skip
+    outcome = evaluate(policy, req(verb="get", resource=resource, name=name))
+    assert (outcome.action == "deny") is held
