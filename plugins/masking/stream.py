@@ -120,6 +120,10 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     if masker.known is not None:
         spans += [(end - length + 1, end + 1) for end, length in masker.known.iter_long(text)]
+    if spans:
+        # Patterns look at the text with the known values gone, as `TextMasker.mask` does (their place
+        # blanked, so offsets stay): a URL around a known password is not a second match to check.
+        text = _blanked(text, spans)
     if masker.scanner is not None:
         data = text.encode("utf-8", "surrogateescape")
         found = masker.scanner.spans(data)
@@ -139,6 +143,15 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
             if span[1] > span[0]:
                 spans.append(span)
     return spans
+
+
+def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
+    parts, position = [], 0
+    for start, end in spans:  # in order, not overlapping (leftmost-longest)
+        parts += (text[position:start], " " * (end - start))
+        position = end
+    parts.append(text[position:])
+    return "".join(parts)
 
 
 def _chars(data: bytes, offset: int) -> int:
