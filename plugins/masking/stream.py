@@ -39,6 +39,8 @@ LEFT_CONTEXT = 1024
 LOOKBEHIND = 64
 # A known value form is located by its first characters (an automaton of these heads), then verified.
 HEAD = 6
+# More candidate starts than this in the tail (text crafted to repeat the heads): all are held, unverified.
+MAX_CANDIDATES = 64
 # Where a secret cut at the bound stops being swallowed.
 SWALLOW_STOP = re.compile(rb"[ \t\n\r\f\v\"']")
 DEFAULT_MAX_SECRET_BYTES = 16 * 1024
@@ -290,7 +292,7 @@ class StreamMasker:
         """(where to cut: what follows is held; the earliest start of a match in progress, whose context is
         kept; where the secret part of the match that set the cut begins)."""
         length = len(text)
-        cut = keep_from = marker_from = length
+        cut = marker_from = length
         keep_from = self._known_prefix(text)
         if length - keep_from >= self.min_hold:
             cut = marker_from = keep_from
@@ -331,6 +333,8 @@ class StreamMasker:
         window = max(0, length - masker.longest + 1)
         candidates = {end - size + 1 for end, size in heads.iter(text, window)}
         candidates.update(range(max(window, length - HEAD + 1), length))  # tails shorter than a head
+        if len(candidates) > MAX_CANDIDATES:
+            return min(candidates)  # a text built to make this slow: hold from the first candidate
         for start in sorted(candidates):
             if masker.known.match(text[start:]):
                 return start
