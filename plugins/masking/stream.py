@@ -278,7 +278,7 @@ class StreamMasker:
         for span_start, span_end in sorted(spans):
             if span_end <= position:
                 continue
-            if span_start >= stop:
+            if span_start >= stop or position >= stop:
                 break
             if span_start >= position:
                 parts += (text[position:span_start], marker)

@@ -241,3 +241,11 @@ def test_a_tail_crafted_to_repeat_known_heads_is_held_not_searched_slowly():
     out = stream(cut(data, [997]))
     assert time.perf_counter() - started < 5
     assert out == MASKING.text.mask(data.decode()).encode() and b"dor&3x" not in out
+
+
+def test_a_known_value_completed_after_its_first_characters_went_out_gets_one_marker():
+    # exec: "C" goes out (shorter than the hold minimum), the rest completes the known value in the next
+    # frame and is held as a possible longer form: nothing may go out for it yet, not even a marker.
+    s = StreamMasker(MASKING.text, min_hold=4)
+    out = [s.feed(b"b"), s.feed(b"C"), s.feed(SPACED[1:].encode()), s.feed(b"qq"), s.end()]
+    assert out[2] == b"" and b"".join(out) == f"bC{MARKER}qq".encode()
