@@ -124,7 +124,8 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
         spans += [(end - length + 1, end + 1) for end, length in masker.known.iter_long(text)]
     if spans:
         # Patterns look at the text with the known values gone, as `TextMasker.mask` does (their place
-        # blanked, so offsets stay): a URL around a known password is not a second match to check.
+        # blanked with newlines, so offsets stay and no pattern runs through it): a URL around a known
+        # password is not a second match to check.
         text = _blanked(text, spans)
     if masker.scanner is not None:
         data = text.encode("utf-8", "surrogateescape")
@@ -150,7 +151,7 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
 def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
     parts, position = [], 0
     for start, end in spans:  # in order, not overlapping (leftmost-longest)
-        parts += (text[position:start], " " * (end - start))
+        parts += (text[position:start], "\n" * (end - start))
         position = end
     parts.append(text[position:])
     return "".join(parts)
@@ -301,7 +302,8 @@ class StreamMasker:
         line_start = max(text.rfind("\n") + 1, min(self.open_from, length) - LOOKBEHIND)
         line = text[line_start:]
         for pattern, group, before_group in _rules(self.masker).partial if line else ():
-            for match in pattern.finditer(line, partial=True):
+            # Overlapped: a match may begin inside an earlier one (`password=x;password: ...` as one value).
+            for match in pattern.finditer(line, partial=True, overlapped=True):
                 if not match.partial and match.end() < len(line):
                     continue  # complete, and nothing after it can change it: masked by its span
                 keep_from = min(keep_from, line_start + match.start())
@@ -321,6 +323,10 @@ class StreamMasker:
             for start, end in crossing:
                 if emitted_upto <= start < cut < end:
                     cut, moved = start, True
+        if cut < length:
+            # What is held may be the masked part of a match that began further back on its line (a long
+            # key before `: value`): the next feed searches again from that line's start.
+            keep_from = min(keep_from, text.rfind("\n", 0, cut) + 1)
         return max(cut, emitted_upto), keep_from, max(marker_from, emitted_upto)
 
     def _known_prefix(self, text: str) -> int:
