@@ -149,7 +149,8 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
 
 
 def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
-    parts, position = [], 0
+    parts: list[str] = []
+    position = 0
     for start, end in spans:  # in order, not overlapping (leftmost-longest)
         parts += (text[position:start], "\n" * (end - start))
         position = end
