@@ -169,6 +169,8 @@ def kubegate_upstream_request(flow: Flow) -> Awaitable[None] | None:
     ``flow.upstream_headers`` already has the connection's credential and the impersonation headers; a
     plugin may add headers. Whatever it does, the host checks afterwards that no client ``Authorization``
     or client ``Impersonate-*`` header survived, and refuses the request with a 500 ``Status`` otherwise.
+    A plugin that cannot serve the request as asked refuses it by raising ``StatusError`` (the masking
+    plugin answers 406 to an ``Accept`` it cannot mask): the client gets that ``Status``, nothing is sent.
 
     :param flow: the request about to be sent.
     """
