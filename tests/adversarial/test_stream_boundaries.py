@@ -232,9 +232,11 @@ async def test_a_base64_terminal_gets_held_output_as_valid_base64_text_frames(ma
         masked.url.replace("https://", "wss://") + f"/k8s/masked/api/v1/namespaces/prod/pods/web/exec?{query}"
     )
     stdout, status = b"", None
-    async with connect(url, subprotocols=["v4.base64.channel.k8s.io"], ssl=ssl.create_default_context(
-            cafile=str(masked.ca_file)), additional_headers={"Authorization": f"Bearer {GATEWAY_USERS['alice'][1]}"}
-    ) as ws:  # fmt: skip
+    context = ssl.create_default_context(cafile=str(masked.ca_file))
+    alice = {"Authorization": f"Bearer {GATEWAY_USERS['alice'][1]}"}
+    async with connect(
+        url, subprotocols=["v4.base64.channel.k8s.io"], ssl=context, additional_headers=alice
+    ) as ws:
         async for message in ws:
             assert isinstance(message, str), message  # held output too: text, as the protocol says
             payload = base64.b64decode(message[1:], validate=True)
