@@ -221,7 +221,8 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> Awaitab
     ``session.flush_after`` (seconds); when no frame came from upstream for that long, and once more when
     upstream closes, the hook gets a frame with ``frame.flush`` set and empty ``data``, to fill with what
     it holds (channel byte first). ``frame.before`` lists whole frames to send ahead of this one (held
-    stdout ahead of an exit status, say).
+    stdout ahead of an exit status, say); they go out as the same kind of message as the frame (text on the
+    base64 channel protocols). On a ``flush`` frame, set ``frame.text`` when what it carries is text.
 
     :param flow: the upgrade request.
     :param session: the session.
