@@ -24,6 +24,7 @@ masked from where the stream stands once the rest arrives.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import regex
 
 from .text import ASSIGNMENT, TextMasker, masked_group
 
+rules_log = logging.getLogger("kubegate.masking")
 # Characters of left context kept after they went out (lookbehinds, an assignment's key before its value).
 LEFT_CONTEXT = 1024
 # Characters searched before where a match may begin, for the patterns' lookbehinds and `\b`s.
@@ -51,8 +53,11 @@ class _Rules:
     """What a `TextMasker` needs for streaming, built once per masker (known values change → new masker)."""
 
     heads: ahocorasick.Automaton | None  # the first HEAD characters of each known form
-    # (line-local regex, its masked group, the regex of what precedes that group: None for group 0)
-    partial: list[tuple[regex.Pattern[str], int, regex.Pattern[str] | None]] = field(default_factory=list)
+    # (line-local regex — None: any line may hold a match —, its masked group, the regex of what precedes
+    # that group: None for group 0)
+    partial: list[tuple[regex.Pattern[str] | None, int, regex.Pattern[str] | None]] = field(
+        default_factory=list
+    )
 
 
 _RULES: weakref.WeakKeyDictionary[TextMasker, _Rules] = weakref.WeakKeyDictionary()
@@ -75,7 +80,16 @@ def _rules(masker: TextMasker) -> _Rules:
             p.regex for p in masker.scanner.patterns + masker.scanner.leftover if p.regex is not ASSIGNMENT
         ]
     groups = [(p, masked_group(p)) for p in sources] + ([(ASSIGNMENT, 4)] if masker.assignments else [])
-    partial = [(_line_local(p.pattern, p.flags), group, _before_group(p, group)) for p, group in groups]
+    partial = []
+    for pattern, group in groups:
+        try:
+            compiled = _line_local(pattern.pattern, pattern.flags)
+        except regex.error:  # a custom regex `re` takes and `regex` does not: its lines are held whole
+            rules_log.warning(
+                "masking: %r cannot be matched partially; streams hold its lines", pattern.pattern
+            )
+            compiled = None
+        partial.append((compiled, group, _before_group(pattern, group)))
     rules = _Rules(heads, partial)
     _RULES[masker] = rules
     return rules
@@ -303,6 +317,11 @@ class StreamMasker:
         line_start = max(text.rfind("\n") + 1, min(self.open_from, length) - LOOKBEHIND)
         line = text[line_start:]
         for pattern, group, before_group in _rules(self.masker).partial if line else ():
+            if pattern is None:  # no partial matching for it: the whole unfinished line may be a match
+                keep_from = min(keep_from, line_start)
+                if len(line) >= self.min_hold and line_start < cut:
+                    cut = marker_from = line_start
+                continue
             # Overlapped: a match may begin inside an earlier one (`password=x;password: ...` as one value).
             for match in pattern.finditer(line, partial=True, overlapped=True):
                 if not match.partial and match.end() < len(line):

@@ -271,3 +271,20 @@ def test_where_a_stream_is_cut_never_changes_what_is_masked(pieces, sizes):
     text = "".join(pieces)
     for printed, clear in SECRETS:  # each printed secret is masked (its value may also be there as is)
         assert out.count(clear.encode()) <= text.count(clear) - text.count(printed)
+
+
+def test_a_pattern_without_partial_matching_holds_its_unfinished_lines(monkeypatch):
+    from kubegate.plugins.masking import stream as stream_module
+
+    custom = masking(patterns=["zz[0-9]{6}"])
+    real = stream_module._line_local
+
+    def refuse_custom(source: str, flags: int):
+        if source == "zz[0-9]{6}":
+            raise stream_module.regex.error("pretend the regex package cannot take it")
+        return real(source, flags)
+
+    monkeypatch.setattr(stream_module, "_line_local", refuse_custom)
+    s = StreamMasker(custom.text)
+    assert s.feed(b"done\nid zz12") == b"done\n"  # the unfinished line waits whole
+    assert s.feed(b"3456 ok\n") == f"id {MARKER} ok\n".encode()
