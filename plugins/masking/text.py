@@ -239,16 +239,6 @@ class TextMasker:
         parts.append(text[position:])
         return "".join(parts)
 
-    def may_start_secret(self, word: str) -> bool:
-        """Whether a word at the end of a frame could be the first part of something masked: a known
-        value begins somewhere in it, or it holds a detector's hint or an assignment keyword."""
-        if self.known is not None:
-            for start in range(len(word)):
-                if self.known.match(word[start:]):
-                    return True
-        lower = word.lower()
-        return any(True for _ in self.hint_automaton.iter(lower))
-
     def _mask_known(self, text: str) -> str:
         assert self.known is not None
         parts: list[str] = []
