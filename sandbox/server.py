@@ -1664,22 +1664,7 @@ class SandboxAPI:
                 else:
                     raise ApiError(400, "BadRequest", "DeleteOptions body is not valid JSON") from None
         obj = self._get_or_404(resource, ns, name)
-        pre = options.get("preconditions") or {}
-        if pre.get("uid") and pre["uid"] != obj["metadata"]["uid"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object "
-                f"meta: {obj['metadata']['uid']}",
-            )
-        if pre.get("resourceVersion") and pre["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: ResourceVersion in precondition: "
-                f"{pre['resourceVersion']}, ResourceVersion in object meta: "
-                f"{obj['metadata']['resourceVersion']}",
-            )
+        _check_preconditions(options, obj)
         dry = self._dry_run(request) or options.get("dryRun") == ["All"]
         if dry:
             return json_response(
@@ -2074,21 +2059,7 @@ class SandboxAPI:
             )
         pod = self._get_or_404(resource, ns, name)
         options = body.get("deleteOptions") or {}
-        pre = options.get("preconditions") or {}
-        if pre.get("uid") and pre["uid"] != pod["metadata"]["uid"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: "
-                f"{pod['metadata']['uid']}",
-            )
-        if pre.get("resourceVersion") and pre["resourceVersion"] != pod["metadata"]["resourceVersion"]:
-            raise ApiError(
-                409,
-                "Conflict",
-                f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
-                f"ResourceVersion in object meta: {pod['metadata']['resourceVersion']}",
-            )
+        _check_preconditions(options, pod)
         dry_run = self._dry_run(request) or options.get("dryRun") == ["All"]
         if not dry_run:
             await self.delete_object(resource, ns, name)
@@ -2230,6 +2201,25 @@ async def _apiserver_headers(request: web.Request, response: web.StreamResponse)
     response.headers.setdefault("Audit-Id", str(uuid.uuid4()))
     if response.status != 101:
         response.headers.setdefault("Cache-Control", "no-cache, private")
+
+
+def _check_preconditions(options: dict[str, Any], obj: dict[str, Any]) -> None:
+    """DeleteOptions.preconditions (uid, resourceVersion) against the stored object: 409 as the API server."""
+    pre = options.get("preconditions") or {}
+    meta = obj["metadata"]
+    if pre.get("uid") and pre["uid"] != meta["uid"]:
+        raise ApiError(
+            409,
+            "Conflict",
+            f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {meta['uid']}",
+        )
+    if pre.get("resourceVersion") and pre["resourceVersion"] != meta["resourceVersion"]:
+        raise ApiError(
+            409,
+            "Conflict",
+            f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
+            f"ResourceVersion in object meta: {meta['resourceVersion']}",
+        )
 
 
 def _obj_key(obj: dict[str, Any]) -> str:

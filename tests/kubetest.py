@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -217,3 +218,22 @@ def run_kubegate(tmp_path: Path, config: dict | str, *args: str) -> subprocess.C
         text=True,
         timeout=60,
     )
+
+
+def gateway_api(gateway, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, Any]:
+    """A call to one of the gateway's JSON APIs (`/api/approvals`…) as the holder of `token`: (status, JSON)."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(gateway.ca_file))
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"{gateway.url}{path}", data=data, method=method, headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=20) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +19,7 @@ import pytest
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
+from kubetest import gateway_api
 
 KUBECTL = str(VENV_BIN / "kubectl")
 AUDIENCE = "kubegate-one-person"
@@ -110,15 +108,7 @@ def gw(sandbox, idp: JWKS, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def api(gw: Gateway, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, Any]:
-    context = ssl.create_default_context(cafile=str(gw.ca_file))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{gw.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=20) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return gateway_api(gw, method, path, token, body)
 
 
 def kubectl(gw: Gateway, name: str, token: str, *args: str) -> subprocess.Popen:

@@ -10,18 +10,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import run_kubectl
+from kubetest import gateway_api, run_kubectl
 
 KUBECTL = str(VENV_BIN / "kubectl")
 MARKER = "<masked by kubegate>"
@@ -198,15 +195,7 @@ def test_a_held_exec_shows_reviewers_the_masked_command(gw):
 
 
 def review(gw: Gateway, method: str, path: str, body: dict | None = None) -> Any:
-    context = ssl.create_default_context(cafile=str(gw.ca_file))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{gw.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {RITA[2]}"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=20) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read())
+    return gateway_api(gw, method, path, RITA[2], body)[1]
 
 
 def wait_pending(gw: Gateway, **expect: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from conftest import (
     start_sandbox,
     stop_process,
 )
-from kubetest import run_kubectl
+from kubetest import gateway_api, run_kubectl
 
 KUBEGATE = str(VENV_BIN / "kubegate")
 KUBECTL = str(VENV_BIN / "kubectl")
@@ -143,15 +143,7 @@ def gw(own_sandbox, receiver, tmp_path_factory) -> Iterator[Gateway]:
 
 
 def api(gw: Gateway, method: str, path: str, user: str, body: dict | None = None) -> tuple[int, Any]:
-    context = ssl.create_default_context(cafile=str(gw.ca_file))
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{gw.url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {PEOPLE[user][1]}"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=20) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return gateway_api(gw, method, path, PEOPLE[user][1], body)
 
 
 def kubectl(gw: Gateway, user: str, *args: str) -> subprocess.Popen:
