@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubegate.core import bodies
 from kubegate.core.errors import StatusError
-from kubegate.core.flow import Flow, Frame, FrameDirection, Identity, Session
+from kubegate.core.flow import Decision, Flow, Frame, FrameDirection, Identity, Session
 from kubegate.core.plugins import hookimpl
 
-from . import records, scanner
+from . import records, scanner, writes
 from .known import KnownSecrets, text_values
 from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers, scrub_document
@@ -406,6 +406,15 @@ def kubegate_startup(gateway: Gateway) -> None:
                 masking.known = KnownSecrets(connection, k.namespaces, k.min_length, k.max_values,
                                              k.max_value_bytes, masking.set_known)  # fmt: skip
                 masking.known.start()
+
+
+@hookimpl
+async def kubegate_decide(flow: Flow) -> Decision | None:
+    """Deny the writes that would read a masked Secret value back out (see `writes.py`)."""
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    if masking is None or masking.exempt(flow.identity):
+        return None
+    return await writes.decide(flow)
 
 
 @hookimpl
