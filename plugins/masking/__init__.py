@@ -414,7 +414,7 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
     masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
     if masking is None or masking.exempt(flow.identity):
         return None
-    return await writes.decide(flow)
+    return await writes.decide(flow, (masking.settings.marker, masking.rules.marker_b64))
 
 
 @hookimpl

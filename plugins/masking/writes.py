@@ -13,13 +13,17 @@ masking). So on a masked connection, a JSON patch of a Secret whose `copy`/`move
 `test` looks at, the Secret's values is denied with a reason kubectl prints. A JSON patch the gateway
 cannot read is denied on Secrets too: it could be either. Merge and strategic-merge patches cannot read a
 value, and a whole-object write (PUT) carries only what the caller already has.
+
+The other way round: a write that puts the masking marker itself into a Secret's values (a `kubectl replace`
+of what `kubectl get -o yaml` showed) would replace the real values with the marker — lost data. Such a
+write is refused with a message that says so.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kubegate.core.bodies import BodyError, decode_write_body, patch_media_type
+from kubegate.core.bodies import Body, BodyError, decode_write_body, patch_media_type
 from kubegate.core.flow import Decision, Flow, Verdict
 
 # JSON pointers that reach a Secret's values: the values, their maps, or the whole object.
@@ -49,22 +53,65 @@ def reading_op(ops: Any) -> str | None:
     return None
 
 
-async def decide(flow: Flow) -> Decision | None:
-    """The masking plugin's decision on writes (see the module docstring); None for everything else."""
+def writes_marker(doc: Any, markers: tuple[str, ...]) -> bool:
+    """Whether a Secret body (an object, a merge/apply patch, or a JSON patch's values) sets a value to the
+    marker — a masked copy written back."""
+    if isinstance(doc, list):  # JSON patch
+        return any(
+            isinstance(op, dict)
+            and _reads_values(op.get("path"))
+            and writes_marker_value(op.get("value"), markers)
+            for op in doc
+        )
+    if not isinstance(doc, dict):
+        return False
+    return any(writes_marker_value(doc.get(field), markers) for field in ("data", "stringData"))
+
+
+def writes_marker_value(value: Any, markers: tuple[str, ...]) -> bool:
+    if isinstance(value, str):
+        return value in markers
+    if isinstance(value, dict):
+        return any(writes_marker_value(item, markers) for item in value.values())
+    return False
+
+
+async def decide(flow: Flow, markers: tuple[str, ...]) -> Decision | None:
+    """The masking plugin's decision on writes (see the module docstring); None for everything else.
+    `markers`: the marker as masked responses carry it (plain, and base64 as in `data`)."""
     attrs = flow.attributes
-    if attrs.resource != "secrets" or attrs.subresource or flow.request.method != "PATCH":
+    method = flow.request.method
+    if attrs.resource != "secrets" or attrs.subresource or method not in ("POST", "PUT", "PATCH"):
         return None
     content_types = flow.request.header_values("content-type")
+    if len(content_types) > 1:
+        return None  # refused by the policy's body reading, or by the API server
+    content_type = content_types[0] if content_types else ""
+    raw = await flow.request.read_body()
     try:
-        if len(content_types) != 1 or patch_media_type(content_types[0]) != "application/json-patch+json":
-            return None  # not a JSON patch (a Content-Type the API server refuses is refused there)
-    except BodyError:
-        return None
-    body = await flow.request.read_body()
-    try:
-        why = reading_op(decode_write_body("PATCH", content_types[0], body).doc)
+        body: Body | None = decode_write_body(method, content_type, raw)
+        unreadable = ""
     except BodyError as exc:
-        why = f"the JSON patch cannot be read ({exc}), so it could reveal a masked value"
-    if why is None:
-        return None
+        body, unreadable = None, str(exc)
+    if body is not None and writes_marker(body.doc, markers):
+        return _deny(
+            "this write sets a Secret value to the masking marker — it would replace the real value with the "
+            "marker (a masked copy written back); write the values you mean"
+        )
+    if method != "PATCH" or not _is_json_patch(content_type):
+        return None  # other unreadable bodies are the API server's to refuse: they cannot read a value
+    if body is None:
+        return _deny(f"the JSON patch cannot be read ({unreadable}), so it could reveal a masked value")
+    why = reading_op(body.doc)
+    return None if why is None else _deny(why)
+
+
+def _is_json_patch(content_type: str) -> bool:
+    try:
+        return patch_media_type(content_type) == "application/json-patch+json"
+    except BodyError:
+        return False  # a Content-Type the API server refuses for PATCH: refused there
+
+
+def _deny(why: str) -> Decision:
     return Decision(Verdict.DENY, f"masking: {why}", plugin="masking")

@@ -109,3 +109,34 @@ def test_reading_op():
     assert reading_op([{"op": "copy", "from": "/database", "path": "/a"}]) is None  # not /data
     assert reading_op([{"op": "move", "from": None, "path": "/a"}])
     assert reading_op({"op": "copy"}) and reading_op(["copy"])
+
+
+MARKER_B64 = base64.b64encode(b"<masked by kubegate>").decode()
+
+
+def test_a_masked_copy_written_back_is_refused_not_stored(gw, sandbox, tmp_path):
+    """`kubectl get -o yaml` then `kubectl replace -f` through a masked connection would store the marker in
+    place of the real value: refused, and the Secret keeps its value."""
+    kubeconfig = gw.kubeconfig("alice", connection="masked")
+    shown = run_kubectl(kubeconfig, "get", "secret", NAME, "-n", NS, "-o", "json", check=True).stdout
+    assert json.loads(shown)["data"]["password"] == MARKER_B64
+    (tmp_path / "secret.json").write_text(shown)
+    replaced = run_kubectl(kubeconfig, "replace", "-f", str(tmp_path / "secret.json"))
+    assert replaced.returncode != 0 and "masking marker" in replaced.stderr, replaced.stderr
+    stored = run_kubectl(sandbox.kubeconfig, "get", "secret", NAME, "-n", NS, "-o", "json", check=True).stdout
+    assert json.loads(stored)["data"]["password"] == ENCODED
+    # A write of real values still works, and so does a JSON patch that sets one.
+    fresh = json.loads(shown) | {"data": {"password": ENCODED}}
+    (tmp_path / "fresh.json").write_text(json.dumps(fresh))
+    assert run_kubectl(kubeconfig, "replace", "-f", str(tmp_path / "fresh.json")).returncode == 0
+
+
+async def test_json_and_merge_patches_writing_the_marker_are_refused(gw):
+    status, body = await patch(
+        gw, "masked", [{"op": "replace", "path": "/data/password", "value": MARKER_B64}]
+    )
+    assert status == 403 and "masking marker" in body["message"]
+    status, body = await patch(gw, "masked", [{"op": "add", "path": "/data", "value": {"p": MARKER_B64}}])
+    assert status == 403 and "masking marker" in body["message"]
+    status, body = await patch(gw, "masked", [{"op": "replace", "path": "/data/password", "value": ENCODED}])
+    assert status == 200, body
