@@ -89,9 +89,8 @@ def common_match(a: list[Token], b: list[Token]) -> str | None:
         if ta is not None and tb is not None:
             char_a = None if ta in (STAR, ONE) else ta[1]
             char_b = None if tb in (STAR, ONE) else tb[1]
-            if char_a is not None and char_b is not None and char_a != char_b:
-                pass  # two different characters: no common string goes on from here
-            else:
+            # Two different literal characters: no common string goes on from here.
+            if char_a is None or char_b is None or char_a == char_b:
                 char = char_a or char_b or "x"
                 if ta == STAR and tb != STAR:
                     steps.append((i, j + 1, char))  # a's star eats b's character
