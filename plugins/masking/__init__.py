@@ -102,6 +102,15 @@ class MaskingSettings(BaseModel):
     exec_hold_ms: int = Field(
         30, ge=1, le=2000, description="Longest exec/attach output is held back to join a split secret."
     )
+    exec_hold_from: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="exec/attach output holds a possible secret from this many characters on. 1 (default): "
+        "from its first character, so no part of a secret split across frames goes out; the echo of a typed "
+        "character that may begin a secret then waits up to exec_hold_ms. 4: keystroke echo is never held, "
+        "and up to 3 first characters of a secret split right there may go out (the rest is masked).",
+    )
     max_secret_bytes: int = Field(
         16 * 1024,
         ge=256,
@@ -532,12 +541,6 @@ def kubegate_response_stream(flow: Flow) -> Any:
     return Withhold(_withheld(masking, flow, f"content type {state.get('content_type') or 'unknown'}"))
 
 
-# What exec/attach output holds back: in-progress matches of at least this many characters (fewer would
-# hold the echo of almost every keystroke; what goes out then is at most 3 characters of a detector's
-# format prefix or of a known value, whose rest is masked: see stream.py).
-EXEC_MIN_HOLD = 4
-
-
 @hookimpl
 def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
     masking = _masking(flow)
@@ -553,7 +556,7 @@ def kubegate_stream_frame(flow: Flow, session: Session, frame: Frame) -> None:
     output: ChannelMaskers | None = session.state.get(PLUGIN_NAME)
     if output is None:
         output = session.state[PLUGIN_NAME] = ChannelMaskers(
-            masking.text, masking.settings.max_secret_bytes, EXEC_MIN_HOLD, base64_frames
+            masking.text, masking.settings.max_secret_bytes, masking.settings.exec_hold_from, base64_frames
         )
     output.use(masking.text)  # the known values may have changed since the last frame
     if frame.flush:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kubetest import run_kubectl
 
 from kubegate.core.flow import Frame, FrameDirection
-from kubegate.plugins.masking import EXEC_MIN_HOLD, Masking, MaskingSettings, kubegate_stream_frame
+from kubegate.plugins.masking import Masking, MaskingSettings, kubegate_stream_frame
 from kubegate.sandbox.seed import DB_PASSWORD
 
 MARKER = "<masked by kubegate>"
@@ -32,14 +32,18 @@ SECRETS = [(SPACED, SPACED), (JWT, JWT), (f"password: {ASSIGNED}", ASSIGNED), ("
 FILLER = "bfjkmnquvwyz0123456789 .\n"
 
 
-def masking() -> Masking:
-    m = Masking(MaskingSettings())
+# The default: a possible secret is held from its first character.
+HOLD_FROM = MaskingSettings().exec_hold_from
+
+
+def masking(**settings: int) -> Masking:
+    m = Masking(MaskingSettings(**settings))
     m.set_known({SPACED, "Tr0ub4dor&3x"})
     return m
 
 
-def session_for(protocol: str) -> tuple[SimpleNamespace, SimpleNamespace]:
-    flow = SimpleNamespace(connection=SimpleNamespace(state={"masking": masking()}), state={},
+def session_for(protocol: str, **settings: int) -> tuple[SimpleNamespace, SimpleNamespace]:
+    flow = SimpleNamespace(connection=SimpleNamespace(state={"masking": masking(**settings)}), state={},
                            attributes=SimpleNamespace(subresource="exec"))  # fmt: skip
     return flow, SimpleNamespace(subprotocol=protocol, state={}, flush_after=None)
 
@@ -97,9 +101,9 @@ def test_exec_output_masks_a_secret_at_any_offset_across_any_frames(protocol, se
     printed, clear = secret
     text = before + printed + after
     out = relay(protocol, frames(text.encode(), sizes))
-    # Never the secret; at most EXEC_MIN_HOLD - 1 of its first characters (they stay a format prefix or a
-    # fragment the rest of which is masked: what keeps keystroke echo from being held).
-    assert clear[:EXEC_MIN_HOLD].encode() not in out, out
+    # Never the secret, nor (by default) any of its first characters: out is the text around it, the marker
+    # standing where the secret was.
+    assert clear[:HOLD_FROM].encode() not in out.replace(MARKER.encode(), b""), out
     assert MARKER.encode() in out
 
 
@@ -116,8 +120,9 @@ def test_exec_output_masks_a_secret_in_a_long_run_without_separators(protocol, r
         start += len(SPACED)
     bounds = [*sorted(cuts | {0}), len(text)]
     out = relay(protocol, [text[a:b].encode() for a, b in itertools.pairwise(bounds) if b > a])
-    # At most EXEC_MIN_HOLD - 1 first characters of each secret go out, then the marker.
-    leaked = "|".join(re.escape(SPACED[:k]) for k in range(EXEC_MIN_HOLD - 1, 0, -1))
+    # With the default, nothing of a secret goes out, only the marker (with exec_hold_from N, at most N - 1
+    # of its first characters: see the test below).
+    leaked = "|".join(re.escape(SPACED[:k]) for k in range(HOLD_FROM - 1, 0, -1))
     expected = "".join(f"b{{{n}}}(?:{leaked})?{re.escape(MARKER)}" for n in runs) + "q{5}"
     assert re.fullmatch(expected, out.decode()), out[-200:]
 
@@ -248,3 +253,21 @@ async def test_a_base64_terminal_gets_held_output_as_valid_base64_text_frames(ma
     # The first secret: held across the 0.2 s pause, masked whole. The second: released by the timer after
     # exec_hold_ms (1 s) as far as it came (not promised, see docs/masking.md), its rest masked.
     assert stdout == f"a {MARKER} b\nc {DB_PASSWORD[:half]}{MARKER} d\n".encode()
+
+
+def test_exec_hold_from_trades_the_first_characters_for_keystroke_echo():
+    """By default a typed `e` (it may begin a JWT) waits for the next frame or the timer; with
+    `exec_hold_from: 4` it is echoed at once — and a secret cut after its first characters lets those out."""
+    for hold_from, echoed in ((1, b""), (4, b"e")):
+        flow, session = session_for("v5.channel.k8s.io", exec_hold_from=hold_from)
+        frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"\x01e")
+        kubegate_stream_frame(flow, session, frame)
+        assert (b"" if frame.drop else frame.data[1:]) == echoed
+    for hold_from, first in ((1, b""), (4, SPACED[:3].encode())):
+        flow, session = session_for("v5.channel.k8s.io", exec_hold_from=hold_from)
+        out = b""
+        for chunk in (b"\x01" + SPACED[:3].encode(), b"\x01" + SPACED[3:].encode() + b"\n"):
+            frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, chunk)
+            kubegate_stream_frame(flow, session, frame)
+            out += b"".join(data[1:] for data in [*frame.before, *([] if frame.drop else [frame.data])])
+        assert out == first + MARKER.encode() + b"\n", out
