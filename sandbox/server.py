@@ -1326,13 +1326,7 @@ class SandboxAPI:
                     resource, obj["metadata"]["name"], "spec.containers[0].name", "Required value", ""
                 )
             image = c.get("image", "")
-            c.setdefault(
-                "imagePullPolicy",
-                "Always" if image.endswith(":latest") or ":" not in image.split("/")[-1] else "IfNotPresent",
-            )
-            c.setdefault("resources", {})
-            c.setdefault("terminationMessagePath", "/dev/termination-log")
-            c.setdefault("terminationMessagePolicy", "File")
+            _container_defaults(c, image)
             for p in c.get("ports") or []:
                 p.setdefault("protocol", "TCP")
         spec.setdefault("restartPolicy", "Always")
@@ -2184,13 +2178,7 @@ class SandboxAPI:
             if target and target not in regular:
                 raise invalid(f"{where}.targetContainerName", f'Not found: "{target}"')
             image = c["image"]
-            c.setdefault(
-                "imagePullPolicy",
-                "Always" if image.endswith(":latest") or ":" not in image.split("/")[-1] else "IfNotPresent",
-            )
-            c.setdefault("resources", {})
-            c.setdefault("terminationMessagePath", "/dev/termination-log")
-            c.setdefault("terminationMessagePolicy", "File")
+            _container_defaults(c, image)
             added.append(c)
         return added
 
@@ -2201,6 +2189,18 @@ async def _apiserver_headers(request: web.Request, response: web.StreamResponse)
     response.headers.setdefault("Audit-Id", str(uuid.uuid4()))
     if response.status != 101:
         response.headers.setdefault("Cache-Control", "no-cache, private")
+
+
+def _container_defaults(container: dict[str, Any], image: str) -> None:
+    """The API server's defaults for a container (SetDefaults_Container): pull policy, resources,
+    termination message."""
+    container.setdefault(
+        "imagePullPolicy",
+        "Always" if image.endswith(":latest") or ":" not in image.split("/")[-1] else "IfNotPresent",
+    )
+    container.setdefault("resources", {})
+    container.setdefault("terminationMessagePath", "/dev/termination-log")
+    container.setdefault("terminationMessagePolicy", "File")
 
 
 def _check_preconditions(options: dict[str, Any], obj: dict[str, Any]) -> None:
