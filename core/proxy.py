@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import logging
 import time
@@ -268,7 +269,7 @@ class Proxy:
     def _upstream_url(self, flow: Flow) -> URL:
         """The upstream URL with exactly the path and query bytes decided on: built already encoded, so
         that aiohttp neither requotes them nor reads a `#` as a fragment."""
-        base = URL(flow.connection.upstream.base_url)
+        base = _parsed_base_url(flow.connection.upstream.base_url)
         return URL.build(
             scheme=base.scheme,
             authority=base.raw_authority,
@@ -806,6 +807,12 @@ class _DisconnectWatcher:
         self._task.cancel()
         if self.fired and self._owner is not None:
             self._owner.uncancel()
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_base_url(base_url: str) -> URL:
+    """A connection's upstream URL, parsed once rather than on every request."""
+    return URL(base_url)
 
 
 def _too_large(cap: int) -> StatusError:
