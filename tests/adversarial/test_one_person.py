@@ -9,21 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from joserfc import jwt
-from joserfc.jwk import KeySet, RSAKey
 from kubetest import gateway_api
+from oidc_idp import IdP
 
 KUBECTL = str(VENV_BIN / "kubectl")
 AUDIENCE = "kubegate-one-person"
-KEY = RSAKey.generate_key(2048, parameters={"kid": "one-person", "use": "sig"})
 STATIC = {
     # user: (groups, token) — alice is a reviewer herself, so only the person rule can stop her.
     "alice": (["developers", "reviewers"], "alice-one-person-token-0123456789"),
@@ -42,48 +38,20 @@ POLICY = {
 }  # fmt: skip
 
 
-class JWKS:
-    """The IdP's key set on loopback (the gateway fetches it; the test mints the tokens)."""
-
-    def __init__(self) -> None:
-        body = json.dumps(KeySet([KEY]).as_dict(private=False)).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def mint(self, sub: str, email: str | None = None, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": self.issuer, "aud": AUDIENCE, "sub": sub, "email": email, "groups": ["reviewers"],
-                   "iat": now, "exp": now + 600, **claims}  # fmt: skip
-        payload = {k: v for k, v in payload.items() if v is not None}  # None: the claim left out
-        return jwt.encode({"alg": "RS256", "kid": KEY.kid}, payload, KEY, algorithms=["RS256"])
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def mint(idp: IdP, sub: str, email: str | None = None, **claims: Any) -> str:
+    """An OIDC token of `sub` in the IdP's `reviewers` group (email None: the claim left out)."""
+    return idp.mint(sub=sub, email=email, groups=["reviewers"], **claims)
 
 
 @pytest.fixture(scope="module")
-def idp() -> Iterator[JWKS]:
-    server = JWKS()
+def idp() -> Iterator[IdP]:
+    server = IdP(AUDIENCE)
     yield server
     server.close()
 
 
 @pytest.fixture(scope="module")
-def gw(sandbox, idp: JWKS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gw(sandbox, idp: IdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("gw-one-person")
     config = gateway_config(sandbox, directory, free_port())
     plugins = config["connections"]["sandbox"]["plugins"]
@@ -91,7 +59,7 @@ def gw(sandbox, idp: JWKS, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         {"user": user, "groups": groups, "sha256": hashlib.sha256(token.encode()).hexdigest()}
         for user, (groups, token) in STATIC.items()
     ]
-    plugins["oidc"] = {"issuers": [{"issuer": idp.issuer, "audiences": [AUDIENCE], "jwks_url": f"{idp.issuer}/jwks",
+    plugins["oidc"] = {"issuers": [{"issuer": idp.url, "audiences": [AUDIENCE], "jwks_url": f"{idp.url}/jwks",
                                     "keep_claims": ["email", "email_verified"]}]}  # fmt: skip
     plugins["policy"] = POLICY
     plugins["approvals"] = {}
@@ -149,7 +117,7 @@ def test_the_requesters_oidc_identity_cannot_approve_her_static_identitys_reques
     name = f"ghost-one-{ALICE_EMAILS.index(email)}"
     held = kubectl(gw, "alice", STATIC["alice"][1], "delete", "pod", name, "-n", "prod")
     item = wait_pending(gw, name=name)
-    other_alice = idp.mint("alice", email)
+    other_alice = mint(idp, "alice", email)
     for action in ("approve", "deny"):
         status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/{action}", other_alice, {})
         assert status == 403, answer
@@ -172,12 +140,12 @@ def test_the_requesters_oidc_identity_cannot_approve_her_static_identitys_reques
 
 
 def test_the_requesters_static_identity_cannot_approve_her_oidc_identitys_request(gw, idp):
-    token = idp.mint("alice", "alice@example.com")
+    token = mint(idp, "alice", "alice@example.com")
     held = kubectl(gw, "alice-oidc", token, "delete", "pod", "ghost-two", "-n", "prod")
     item = wait_pending(gw, name="ghost-two")
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", STATIC["alice"][1], {})
     assert status == 403 and "same person, alice@example.com" in answer["error"], answer
-    assert item["requester"] == f"{idp.issuer}#alice" and item["requester_person"] == "alice@example.com"
+    assert item["requester"] == f"{idp.url}#alice" and item["requester_person"] == "alice@example.com"
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", STATIC["rita"][1], {})
     assert status == 200 and answer["state"] == "approved"
     code, _, err = finish(held)
@@ -190,7 +158,7 @@ def test_two_identities_of_one_reviewer_do_not_make_two_approvals(gw, idp):
     assert item["min_approvals"] == 2
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", STATIC["rita"][1], {})
     assert status == 200 and answer["state"] == "pending"
-    rita_oidc = idp.mint("rita", "Rita@example.com")
+    rita_oidc = mint(idp, "rita", "Rita@example.com")
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", rita_oidc, {})
     assert status == 409 and "already approved this request as rita" in answer["error"], answer
     time.sleep(0.5)
@@ -214,7 +182,7 @@ def test_a_token_that_leaves_out_the_person_claim_cannot_pass_for_another_person
     name = f"ghost-stripped-{len(claims)}"
     held = kubectl(gw, "alice", STATIC["alice"][1], "delete", "pod", name, "-n", "prod")
     item = wait_pending(gw, name=name)
-    token = idp.mint("alice", **claims)
+    token = mint(idp, "alice", **claims)
     status, answer = api(gw, "POST", f"/api/approvals/{item['id']}/approve", token, {})
     assert status == 403 and "has no person key" in answer["error"], answer
     assert api(gw, "GET", f"/api/approvals/{item['id']}", STATIC["ray"][1])[1]["state"] == "pending"
