@@ -22,7 +22,11 @@ from .errors import ConfigError
 
 EXIT_USAGE = 2
 # Modules with `add_commands(subparsers)`; their handlers use `CLIError` and `database_from_config` from here.
-PLUGIN_COMMANDS: tuple[str, ...] = ("kubegate.plugins.recording.cli", "kubegate.plugins.audit.cli")
+PLUGIN_COMMANDS: tuple[str, ...] = (
+    "kubegate.plugins.recording.cli",
+    "kubegate.plugins.audit.cli",
+    "kubegate.connections.agent.cli",
+)
 
 
 class CLIError(Exception):

@@ -29,6 +29,7 @@ BUILTIN_MODEL_MODULES = (
     "kubegate.plugins.approvals.store",
     "kubegate.plugins.audit.store",
     "kubegate.plugins.recording.store",
+    "kubegate.connections.agent.store",
 )
 BASELINE = "0001"  # the first revision: the schema as it was before migrations
 MIGRATION_LOCK = 0x6B75_6265  # PostgreSQL advisory lock id: one upgrader at a time across replicas
