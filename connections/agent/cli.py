@@ -99,14 +99,16 @@ def agent_settings(config: str, raw: dict[str, Any] | None) -> AgentGatewaySetti
 
 
 def agent_address(settings: Any, agents: AgentGatewaySettings) -> tuple[str, bool]:
-    """HOST:PORT agents dial, and whether it is a wildcard (listening on every address) to be replaced."""
+    """HOST:PORT agents dial, and whether it is a placeholder to replace (the listener takes every address)."""
     if agents.listen:
         host = agents.listen.rpartition(":")[0].strip("[]")
         address = agents.listen
     else:
         host = settings.host
         address = f"[{host}]:{DEFAULT_PORT}" if ":" in host else f"{host}:{DEFAULT_PORT}"
-    return address, host in ("", "0.0.0.0", "::")
+    if host in ("", "0.0.0.0", "::"):  # listening on every address: no address to dial, a name is needed
+        return f"GATEWAY-HOST:{address.rpartition(':')[2]}", True
+    return address, False
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
@@ -174,7 +176,9 @@ def join_token(args: argparse.Namespace, settings: Any, agents: AgentGatewaySett
     name_note = "" if args.name else "  # any name: lower-case letters, digits, '-' and '.'"
     print(f"name: {args.name or 'my-agent'}{name_note}")
     gateway_note = (
-        "  # a name that resolves to every gateway replica" if wildcard else "  # every replica's address"
+        "  # replace: a name that resolves to every gateway replica"
+        if wildcard
+        else "  # every replica's address"
     )
     print(f"gateways: [{json.dumps(address)}]{gateway_note}")
     print(f'gateway_host_key: "{host_key}"')
