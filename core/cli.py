@@ -26,6 +26,7 @@ PLUGIN_COMMANDS: tuple[str, ...] = (
     "kubegate.plugins.recording.cli",
     "kubegate.plugins.audit.cli",
     "kubegate.connections.agent.cli",
+    "kubegate.agent.cli",
 )
 
 

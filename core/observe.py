@@ -129,6 +129,10 @@ class Readiness:
     @staticmethod
     async def _upstream(connection: Any) -> str:
         upstream = connection.upstream
+        # A connection type that knows better (an agent tunnel: is an agent connected?) answers itself.
+        readiness = getattr(upstream, "readiness", None)
+        if readiness is not None:
+            return str(await readiness())
         try:
             async with asyncio.timeout(3):
                 response = await upstream.session.get(f"{upstream.base_url}/readyz",

@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-
-with warnings.catch_warnings():
-    # asyncssh still imports cryptography's DSA, which warns on import; kubegate uses ed25519 only.
-    warnings.simplefilter("ignore")
-    import asyncssh
 
 from kubegate.core.db import Database
 
 from . import store
 from .settings import AgentGatewaySettings
+from .ssh import asyncssh
 
 KEY_ALGORITHM = "ssh-ed25519"
 

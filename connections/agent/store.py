@@ -377,3 +377,14 @@ def load_or_create_host_key(session: Session, generate: Callable[[], str]) -> st
             raise
         return stored.private_key
     return private_key
+
+
+def join_token_usable(session: Session, token: str, now: float | None = None) -> bool:
+    """Whether `token` could be redeemed now (checked at SSH login; redeeming it stays atomic)."""
+    if not JOIN_TOKEN_SHAPE.match(token):
+        return False
+    now = time.time() if now is None else now
+    record = session.exec(
+        select(JoinTokenRecord).where(JoinTokenRecord.token_hash == join_token_hash(token))
+    ).first()
+    return record is not None and record.used_at is None and record.expires_at > now

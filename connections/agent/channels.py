@@ -1,0 +1,124 @@
+"""An SSH channel seen as an asyncio transport, so that aiohttp's HTTP client (gateway side) and HTTP server
+(agent side) run over a tunnel channel exactly as over a socket.
+
+asyncssh's session callbacks mirror asyncio's protocol callbacks one to one, so each direction is a thin
+adapter: :class:`ChannelTransport` forwards the protocol's writes and flow control to the channel, and
+:class:`ChannelSession` forwards the channel's data and flow control to the protocol. Backpressure is end to
+end: a protocol that stops reading pauses the channel, which stops granting SSH window, which pauses the
+writer on the other side — for that channel only, so one slow watch never stalls another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .ssh import asyncssh
+
+# asyncssh's default per-channel receive window (2 MiB) keeps a fast stream moving across one round trip;
+# the write buffer limits keep what a channel queues locally small while the peer's window is closed.
+WRITE_BUFFER_HIGH = 256 * 1024
+WRITE_BUFFER_LOW = 64 * 1024
+
+
+class ChannelTransport(asyncio.Transport):
+    """The asyncio transport side of one SSH channel (forwarded stream-local connection)."""
+
+    def __init__(self, channel: asyncssh.SSHChannel[bytes], extra: dict[str, Any] | None = None):
+        super().__init__(extra)
+        self._channel = channel
+        self._closing = False
+        self._reading = True
+        channel.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
+
+    # -- writing --
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            return  # like a socket transport: writes after close are dropped
+        if data:
+            self._channel.write(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if not self._closing:
+            self._channel.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_write_buffer_size(self) -> int:
+        return self._channel.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return WRITE_BUFFER_LOW, WRITE_BUFFER_HIGH
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._channel.set_write_buffer_limits(high, low)
+
+    # -- reading --
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._channel.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._channel.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    # -- closing --
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._channel.close()
+
+    def abort(self) -> None:
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise NotImplementedError("a tunnel channel keeps the protocol it was opened with")
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
+    def mark_closed(self) -> None:
+        self._closing = True
+
+
+class ChannelSession(asyncssh.SSHUNIXSession[bytes]):
+    """Feeds one SSH channel into an asyncio protocol (aiohttp's client or server protocol)."""
+
+    def __init__(self, protocol: asyncio.Protocol, extra: dict[str, Any] | None = None):
+        self.protocol = protocol
+        self.transport: ChannelTransport | None = None
+        self._extra = extra or {}
+
+    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:  # type: ignore[override]
+        self.transport = ChannelTransport(chan, self._extra)
+        self.protocol.connection_made(self.transport)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.protocol.data_received(data)
+
+    def eof_received(self) -> bool:
+        # Half-close as on a socket: the protocol decides whether the other direction stays open.
+        return bool(self.protocol.eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.transport.mark_closed()
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()

@@ -1,0 +1,140 @@
+"""The ``agent`` connection type: an API server reached through an agent's tunnel.
+
+The gateway holds no credential and no address for such a connection: aiohttp's pool opens its connections
+as SSH channels to an agent (:class:`TunnelConnector`), and everything above the socket — the proxy, every
+plugin, WebSockets — is the same code as for a ``kubernetes`` connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from kubegate.core.config import LimitSettings
+
+from .settings import AgentUpstreamSettings
+
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
+
+# The host in upstream URLs of agent connections: never resolved (the connector does not use DNS); the
+# agent replaces the Host header with its API server's.
+TUNNEL_HOST = "agent.kubegate.invalid"
+READINESS_PATH = "/.kubegate-agent/readyz"
+
+
+class TunnelConnector(aiohttp.BaseConnector):
+    """aiohttp connections as SSH channels to an agent serving `connection`."""
+
+    def __init__(self, connection: str, allowed_agents: list[str], *, limit: int):
+        super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
+        self.connection = connection
+        self.allowed_agents = allowed_agents
+
+    async def _create_connection(
+        self,
+        req: Any,
+        traces: Any,
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> ResponseHandler:
+        from . import hub as hubs
+        from .ssh import asyncssh
+
+        hub = hubs.current()
+        if hub is None:
+            raise aiohttp.ClientConnectionError("the agent tunnel listener is not running")
+        try:
+            tunnel = hub.pick(self.connection, self.allowed_agents)
+        except hubs.NoAgent as exc:
+            raise aiohttp.ClientConnectionError(str(exc)) from None
+        protocol = self._factory()
+        try:
+            async with asyncio.timeout(timeout.sock_connect or timeout.connect):
+                await tunnel.open_channel(self.connection, protocol)
+        except TimeoutError:
+            raise aiohttp.ConnectionTimeoutError(f"agent {tunnel.agent!r} did not open a channel") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise aiohttp.ClientConnectionError(
+                f"agent {tunnel.agent!r} refused a channel: {getattr(exc, 'reason', exc)}"
+            ) from None
+        return protocol
+
+
+class AgentUpstream:
+    """Implements the registry's ``Upstream`` for a connection served by agents."""
+
+    def __init__(self, name: str, settings: AgentUpstreamSettings, limits: LimitSettings):
+        self.name = name
+        self.settings = settings
+        self.limits = limits
+        self.base_url = f"http://{TUNNEL_HOST}"
+        self.request_options: dict[str, Any] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream of connection {self.name!r} is not started")
+        return self._session
+
+    async def start(self) -> None:
+        from kubegate.core.proxy import handshake_trace_config
+
+        self._session = aiohttp.ClientSession(
+            connector=TunnelConnector(self.name, self.settings.agents, limit=self.limits.upstream_pool_size),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.limits.upstream_connect_timeout_seconds,
+                sock_connect=self.limits.upstream_connect_timeout_seconds,
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[handshake_trace_config()],
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def credential_headers(self) -> list[tuple[str, str]]:
+        return []  # the agent adds its own; the gateway has none for this connection
+
+    def describe(self) -> str:
+        only = f" ({', '.join(self.settings.agents)})" if self.settings.agents else ""
+        return f"agent tunnel{only}"
+
+    async def readiness(self) -> str:
+        """ "ok" when an agent serving this connection is connected and its API server answers /readyz."""
+        from . import hub as hubs
+
+        hub = hubs.current()
+        try:
+            if hub is None:
+                return "no agent tunnel listener"
+            hub.pick(self.name, self.settings.agents)
+        except hubs.NoAgent:
+            return "no agent connected"
+        try:
+            async with asyncio.timeout(3):
+                response = await self.session.get(f"{self.base_url}{READINESS_PATH}")
+                async with response:
+                    await response.read()
+                    return "ok" if response.status == 200 else f"agent: API server answered {response.status}"
+        except TimeoutError:
+            return "agent connected; no answer within 3 s"
+        except Exception as exc:
+            return f"agent connected; unreachable: {exc.__class__.__name__}"
+
+
+class AgentConnectionType:
+    settings_model = AgentUpstreamSettings
+
+    def create_upstream(
+        self, name: str, settings: AgentUpstreamSettings, base_dir: Path, limits: LimitSettings
+    ) -> AgentUpstream:
+        return AgentUpstream(name, settings, limits)
