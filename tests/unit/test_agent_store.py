@@ -234,3 +234,12 @@ def test_mint_refuses_what_could_never_enrol(database):
         database.call(lambda s: store.mint_join_token(s, [], ttl_seconds=60))
     with pytest.raises(ValueError, match="agent name 'Bad Name'"):
         database.call(lambda s: store.mint_join_token(s, ["prod"], ttl_seconds=60, agent_name="Bad Name"))
+
+
+def test_join_token_usable_answers_without_spending_the_token(database):
+    token = mint(database, "prod", ttl=60, now=1000.0)
+    assert database.call(lambda s: store.join_token_usable(s, token, now=1010.0))
+    assert not database.call(lambda s: store.join_token_usable(s, token, now=1060.0))  # expired
+    assert not database.call(lambda s: store.join_token_usable(s, "kgj_nothing", now=1010.0))
+    redeem(database, token, "edge-1", now=1010.0)  # still unspent after the check
+    assert not database.call(lambda s: store.join_token_usable(s, token, now=1011.0))
