@@ -311,3 +311,15 @@ def postgres():
         server.stop()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def agent_gateway(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway whose connection `edge` is served by a `kubegate agent` over its SSH tunnel (the gateway
+    holds no address or credential for the sandbox): an `e2e.agent_stack.AgentStack`."""
+    from e2e.agent_stack import start_agent_stack  # imports this module: only once it is loaded
+
+    stack = start_agent_stack(sandbox, tmp_path_factory.mktemp("agent"))
+    yield stack
+    stack.agent.stop()
+    stop_process(stack.gateway.process)

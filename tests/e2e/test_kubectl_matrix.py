@@ -1,7 +1,9 @@
-"""The kubectl matrix, run twice: against the sandbox directly and through the gateway.
+"""The kubectl matrix, run three times: against the sandbox directly, through the gateway, and through the
+gateway and a `kubegate agent`'s SSH tunnel.
 
 The sandbox is the stand-in API server; passing the same matrix directly is what makes it a fair stand-in,
-and passing it through the gateway is what makes the gateway transparent to kubectl.
+passing it through the gateway is what makes the gateway transparent to kubectl, and passing it through the
+tunnel is what makes a `type: agent` connection as transparent as a direct one.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ class Target:
         return run_kubectl(self.kubeconfig, *args, **kwargs)
 
 
-@pytest.fixture(scope="module", params=["direct", "gateway"])
+@pytest.fixture(scope="module", params=["direct", "gateway", "agent"])
 def target(request, sandbox) -> Target:
     if request.param == "direct":
         return Target("direct", sandbox.kubeconfig, "kubegate-admin")
+    if request.param == "agent":  # through the gateway and a `kubegate agent`'s SSH tunnel
+        stack = request.getfixturevalue("agent_gateway")
+        return Target("agent", stack.kubeconfig("alice"), "alice")
     gateway = request.getfixturevalue("gateway")
     return Target("gateway", gateway.kubeconfig("alice"), "alice")
 
