@@ -231,7 +231,9 @@ def make_blueprint(gateway: Gateway) -> Blueprint:
         for connection in gateway.connections:
             if connection.name not in identities and not admin:
                 continue
+            status = getattr(connection.upstream, "status", None)  # e.g. an agent tunnel's agents
             items.append({"name": connection.name, "description": connection.description,
+                          "type": connection.type, "upstream": status() if status else None,
                           "plugins": sorted(connection.enabled_plugins),
                           "policy": policy_summary(connection.settings_for("policy"))
                           if "policy" in connection.enabled_plugins else None})  # fmt: skip

@@ -59,6 +59,9 @@ async def kubegate_startup(gateway: Gateway) -> None:
         return
     from . import hub as hubs
     from .keys import gateway_host_key
+    from .metrics import register
+
+    register()
 
     settings: AgentGatewaySettings = gateway.settings_for(PLUGIN_NAME) or AgentGatewaySettings()
     host, port = listen_address(gateway)

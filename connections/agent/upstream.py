@@ -108,6 +108,17 @@ class AgentUpstream:
         only = f" ({', '.join(self.settings.agents)})" if self.settings.agents else ""
         return f"agent tunnel{only}"
 
+    def status(self) -> dict[str, Any]:
+        """What the UI's Connections page shows: the agents serving this connection through this replica."""
+        from . import hub as hubs
+
+        hub = hubs.current()
+        tunnels = [t for t in (hub.status() if hub else []) if self.name in t["connections"]]
+        if self.settings.agents:
+            tunnels = [t for t in tunnels if t["agent"] in self.settings.agents]
+        state = "connected" if tunnels else "no agent connected"
+        return {"kind": "agent", "state": state, "replica": hub.replica if hub else "", "agents": tunnels}
+
     async def readiness(self) -> str:
         """ "ok" when an agent serving this connection is connected and its API server answers /readyz."""
         from . import hub as hubs

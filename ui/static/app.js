@@ -485,6 +485,20 @@ async function textReplay(url, stage) {
 
 // -- connections ------------------------------------------------------------------------------------------
 
+// A connection served by agents: whether one is connected to this replica, and each tunnel.
+function agentStatus(upstream) {
+  const state = el("p", { class: upstream.agents.length ? "agent-up" : "agent-down" }, "Agent tunnel: ",
+    el("strong", { text: upstream.state }), upstream.replica ? ` (replica ${upstream.replica})` : "");
+  if (!upstream.agents.length) return state;
+  return el("div", {}, state, table(
+    ["Agent", "Version", "Connected since", "From", "Open channels"],
+    upstream.agents.map((a) => el("tr", {}, el("td", { text: a.agent }), el("td", { text: a.version }),
+      el("td", { text: new Date(a.since * 1000).toISOString() }), el("td", { text: a.peer }),
+      el("td", { text: String(a.channels_open) }))),
+    "Agents",
+  ));
+}
+
 async function connections() {
   try {
     const data = await api("/api/connections");
@@ -495,6 +509,7 @@ async function connections() {
           { class: "connection" },
           el("h2", { text: c.name }),
           c.description ? el("p", { text: c.description }) : null,
+          c.upstream && c.upstream.kind === "agent" ? agentStatus(c.upstream) : null,
           el("p", {}, "Plugins: ", c.plugins.map((p) => el("span", { class: "tag", text: p }))),
           c.policy
             ? table(
