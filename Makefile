@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy core connections plugins sandbox ui
+	$(BIN)/mypy core connections plugins sandbox ui agent
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -204,8 +204,8 @@ class Forwarder:
             length = upstream.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 response.content_length = int(length)
-            else:
-                response.enable_chunked_encoding()
+            elif upstream.status not in (204, 304) and request.method != "HEAD":
+                response.enable_chunked_encoding()  # a watch or `logs -f`: streamed as it comes
             await response.prepare(request)
             sent = 0
             async for chunk in upstream.content.iter_any():

@@ -24,7 +24,7 @@ WRITE_BUFFER_LOW = 64 * 1024
 class ChannelTransport(asyncio.Transport):
     """The asyncio transport side of one SSH channel (forwarded stream-local connection)."""
 
-    def __init__(self, channel: asyncssh.SSHChannel[bytes], extra: dict[str, Any] | None = None):
+    def __init__(self, channel: asyncssh.SSHUNIXChannel[bytes], extra: dict[str, Any] | None = None):
         super().__init__(extra)
         self._channel = channel
         self._closing = False
@@ -101,7 +101,7 @@ class ChannelSession(asyncssh.SSHUNIXSession[bytes]):
         self.transport: ChannelTransport | None = None
         self._extra = extra or {}
 
-    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHUNIXChannel[bytes]) -> None:
         self.transport = ChannelTransport(chan, self._extra)
         self.protocol.connection_made(self.transport)
 

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubegate.core.db import Database
 
@@ -377,7 +377,7 @@ class _AgentLogin(asyncssh.SSHServer):
         self, stdin: asyncssh.SSHReader[str], stdout: asyncssh.SSHWriter[str], stderr: asyncssh.SSHWriter[str]
     ) -> None:
         """The `enroll` command: JSON {name, public_key, version} in, JSON {agent, connections} out."""
-        channel = stdout.channel
+        channel = cast("asyncssh.SSHServerChannel[str]", stdout.channel)
         command = channel.get_command() or ""
         try:
             if command != ENROL_COMMAND:
