@@ -23,6 +23,7 @@ from typing import Any
 from kubegate.connections.agent.channels import ChannelSession
 from kubegate.connections.agent.hub import ENCRYPTION_ALGS, ENROL_COMMAND, JOIN_USER, PATH_PREFIX
 from kubegate.connections.agent.ssh import asyncssh
+from kubegate.connections.agent.store import JOIN_TOKEN_SHAPE
 
 from .config import AgentSettings, cluster_upstreams
 from .forward import Forwarder, RequestLog
@@ -143,6 +144,10 @@ class Agent:
         if token is None:
             assert key is not None
             return key
+        if not JOIN_TOKEN_SHAPE.match(token):
+            raise AgentError(
+                "the join token is malformed (expected kgj_… as `kubegate agents join-token` prints)"
+            )
         backoff = 1.0
         while True:
             host, port = _first_address(self.settings.gateways)
