@@ -1,11 +1,13 @@
 """Where the gateway spends its time on the small GET: py-spy samples `kubegate serve` under wrk load.
 
-    .venv/bin/python bench/profile_gateway.py [--seconds 15] [--concurrency 32] [--path /api/v1/...]
+    .venv/bin/python bench/profile_gateway.py [--seconds 15] [--concurrency 32] [--path /api/v1/...] [--agent]
 
 Starts the stand-in upstream and a gateway (same config as bench/run.py), drives it with wrk, records with
 py-spy (installed into bench/.venv-mitm when missing; needs root or ptrace rights) and prints the functions
 with the most samples, by self time and by inclusive time, plus a coarse split by layer. The raw collapsed
-stacks stay in bench/results/profile-*.txt.
+stacks stay in bench/results/profile-*.txt. With --agent the gateway's connection is served through the
+agent tunnel (bench/run.py's agent contender) and both processes are sampled at once: the gateway's stacks
+in profile-*-gateway.txt, the agent's in profile-*-agent.txt, each summarized on its own.
 """
 
 from __future__ import annotations
@@ -27,10 +29,23 @@ PY_SPY = bench.MITM_VENV / "bin" / "py-spy"
 
 # Coarse layers, by the file a frame is in; the first that matches the innermost frames wins.
 LAYERS = [
+    ("asyncssh (SSH tunnel: packets, channels, AES-GCM)", ("asyncssh/",)),
     ("ssl (OpenSSL, both sides)", ("ssl.py", "sslproto.py", "_ssl")),
-    ("kubegate (proxy, plugins, headers)", ("kubegate/", "/core/", "/plugins/", "/connections/")),
+    (
+        "kubegate (proxy, plugins, headers; the agent's forwarder)",
+        (
+            "kubegate/",
+            "/core/",
+            "/plugins/",
+            "/connections/",
+            "(core/",
+            "(plugins/",
+            "(connections/",
+            "(agent/",
+        ),
+    ),
     ("hypercorn + h11 (client side HTTP)", ("hypercorn/", "h11/", "h2/", "wsproto/")),
-    ("aiohttp client (upstream side HTTP)", ("aiohttp/", "multidict", "yarl/")),
+    ("aiohttp (gateway: upstream client; agent: server and client)", ("aiohttp/", "multidict", "yarl/")),
     ("pluggy", ("pluggy/",)),
     ("asyncio / uvloop", ("asyncio/", "uvloop/")),
 ]
@@ -51,6 +66,9 @@ def main() -> int:
     parser.add_argument("--path", default=bench.POD_PATH)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--native", action="store_true", help="also sample C frames (OpenSSL, uvloop)")
+    parser.add_argument(
+        "--agent", action="store_true", help="through the agent tunnel: sample the gateway and the agent"
+    )
     args = parser.parse_args()
     if not PY_SPY.exists():
         bench.ensure_tools(["mitmproxy"])
@@ -58,11 +76,21 @@ def main() -> int:
     bench.ensure_tools(["direct"])
     work = Path(tempfile.mkdtemp(prefix="kubegate-profile-"))
     bench.RESULTS.mkdir(exist_ok=True)
-    out = bench.RESULTS / f"profile-{dt.datetime.now():%Y%m%d-%H%M%S}.txt"
+    stamp = f"profile-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    outs = {"gateway": bench.RESULTS / f"{stamp}{'-gateway' if args.agent else ''}.txt"}
+    if args.agent:
+        outs["agent"] = bench.RESULTS / f"{stamp}-agent.txt"
     try:
         up = bench.start_upstream(work)
-        gw = bench.start_gateway(work, up)
+        gw = (
+            bench.start_gateway(work, up, label="agent", agent=True)
+            if args.agent
+            else bench.start_gateway(work, up)
+        )
         assert gw.proc is not None
+        pids = {"gateway": gw.proc.pid}
+        if gw.agent_proc is not None:
+            pids["agent"] = gw.agent_proc.pid
         bench.run_wrk(gw.url(args.path), gw.token, args.concurrency, 2)  # warm-up
         result: dict = {}
         load = threading.Thread(
@@ -71,34 +99,54 @@ def main() -> int:
             )
         )
         load.start()
-        spy = subprocess.run(
-            [
-                str(PY_SPY),
-                "record",
-                "--pid",
-                str(gw.proc.pid),
-                "--duration",
-                str(args.seconds),
-                "--rate",
-                "250",
-                "--format",
-                "raw",
-                "--output",
-                str(out),
-                "--function",
-                *(["--native"] if args.native else ["--nonblocking"]),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        spies = {
+            name: subprocess.Popen(
+                [
+                    str(PY_SPY),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(args.seconds),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(outs[name]),
+                    "--function",
+                    *(["--native"] if args.native else ["--nonblocking"]),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, pid in pids.items()
+        }
+        failures = []
+        for name, spy in spies.items():
+            _, err = spy.communicate()
+            if spy.returncode != 0:
+                failures.append(f"py-spy ({name}) failed: {err.strip()[-1500:]}")
         load.join()
-        if spy.returncode != 0:
-            raise bench.BenchError(f"py-spy failed: {spy.stderr.strip()[-1500:]}")
+        if failures:
+            raise bench.BenchError("; ".join(failures))
     finally:
         bench.PROCS.stop_all()
         bench.shutil.rmtree(work, ignore_errors=True)
     rps = result.get("requests", 0) / max(result.get("duration_us", 1) / 1e6, 1e-9)
-    print(f"wrk c={args.concurrency} {args.path}: {rps:,.0f} req/s while sampled; stacks in {out}")
+    where = ", ".join(str(out) for out in outs.values())
+    print(f"wrk c={args.concurrency} {args.path}: {rps:,.0f} req/s while sampled; stacks in {where}")
+    status = 0
+    for name, out in outs.items():
+        if len(outs) > 1:
+            print(f"\n== {name} process ==")
+        status |= summarize(out, args.top)
+    return status
+
+
+def summarize(out: Path, top: int) -> int:
+    """Print the layers, self time and inclusive time of one raw py-spy recording."""
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     layers: collections.Counter[str] = collections.Counter()
@@ -121,10 +169,10 @@ def main() -> int:
     for name, count in layers.most_common():
         print(f"  {100 * count / total:5.1f}%  {name}")
     print("\nby self time:")
-    for frame, count in self_time.most_common(args.top):
+    for frame, count in self_time.most_common(top):
         print(f"  {100 * count / total:5.1f}%  {frame}")
     print("\nby inclusive time:")
-    for frame, count in inclusive.most_common(args.top):
+    for frame, count in inclusive.most_common(top):
         print(f"  {100 * count / total:5.1f}%  {frame}")
     return 0
 
