@@ -138,3 +138,48 @@ def start_agent_stack(sandbox: Sandbox, directory: Path, plugins: dict | None = 
 
 
 __all__ = ["GATEWAY_USERS", "sys"]
+
+
+# -- helpers of the fault and topology tests ---------------------------------------------------------------
+
+
+def gateway_get(gateway: Gateway, connection: str, path: str, user: str = "alice") -> tuple[int, Any]:
+    """A GET through the gateway as `user`: (status, the JSON body, or the text when it is not JSON)."""
+    ctx = ssl.create_default_context(cafile=str(gateway.ca_file))
+    request = urllib.request.Request(f"{gateway.connection_url(connection)}{path}",
+                                     headers={"Authorization": f"Bearer {GATEWAY_USERS[user][1]}"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, context=ctx, timeout=30) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 30) -> str:
+    """The log once it contains `text`; AssertionError with the log's tail when it does not in time."""
+    deadline = time.monotonic() + timeout
+    content = ""
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} within {timeout:g} s; tail:\n{content[-3000:]}")
+
+
+def agents_list(config: Path) -> list[dict[str, Any]]:
+    """`kubegate agents list -o json`: every enrolled agent with its tunnels (one per gateway replica)."""
+    return json.loads(kubegate("agents", "list", "-c", str(config), "-o", "json").stdout)
+
+
+def stop_stack(stack: AgentStack) -> None:
+    """Stop the agent, then the gateway (each test of a fault has its own stack)."""
+    from conftest import stop_process
+
+    stack.agent.stop(kill=True)
+    if stack.gateway.process.poll() is None:
+        stop_process(stack.gateway.process)
