@@ -183,3 +183,18 @@ def stop_stack(stack: AgentStack) -> None:
     stack.agent.stop(kill=True)
     if stack.gateway.process.poll() is None:
         stop_process(stack.gateway.process)
+
+
+def write_agent_config(directory: Path, sandbox: Sandbox, *, name: str, gateways: list[str], host_key: str,
+                       connections: tuple[str, ...] = (AGENT_CONNECTION,), extra: dict | None = None) -> Path:  # fmt: skip
+    """The agent.yaml `start_agent` writes, for an agent started some other way (e.g. in a network namespace)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "cluster-token").write_text(sandbox.token)
+    cluster = {"server": sandbox.url, "certificate_authority": str(sandbox.ca_file),
+               "token_file": str(directory / "cluster-token")}  # fmt: skip
+    config = {"name": name, "gateways": gateways, "gateway_host_key": host_key,
+              "identity_file": str(directory / "id_ed25519"), "connections": {c: cluster for c in connections},
+              "audit_log": str(directory / "agent-audit.jsonl"), "max_backoff_seconds": 2, **(extra or {})}  # fmt: skip
+    path = directory / "agent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
