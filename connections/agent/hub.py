@@ -39,6 +39,7 @@ MAX_ENROL_REQUEST = 16 * 1024
 # SSH algorithms: AES-GCM runs in OpenSSL (the cryptography package) at memory speed on any CPU with AES
 # instructions; ChaCha20 is the fallback for those without. No compression: API traffic is mostly small.
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
+MAX_FIRST_CHANNEL_ATTEMPTS = 20
 
 
 class NoAgent(Exception):
@@ -60,6 +61,7 @@ class Tunnel:
     session_id: str = ""
     channels_open: int = 0
     channels_total: int = 0
+    listening: set[str] = field(default_factory=set)  # connections a channel has opened for
 
     async def open_channel(self, connection: str, protocol: asyncio.Protocol) -> None:
         """Open a channel to the agent for `connection` and connect `protocol` to it."""
@@ -67,7 +69,20 @@ class Tunnel:
         self.channels_open += 1
         self.channels_total += 1
         try:
-            await self.conn.create_unix_connection(lambda: _Counted(session, self), PATH_PREFIX + connection)
+            for attempt in itertools.count():
+                try:
+                    await self.conn.create_unix_connection(
+                        lambda: _Counted(session, self), PATH_PREFIX + connection
+                    )
+                    break
+                except asyncssh.ChannelOpenError:
+                    # The agent sets its listener up when our answer to its request reaches it: a channel
+                    # opened in that round trip is refused ("No such listener"). Until one has opened for
+                    # the connection, that is what a refusal means, so try again for up to a second.
+                    if connection in self.listening or attempt >= MAX_FIRST_CHANNEL_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(0.05)
+            self.listening.add(connection)
         except BaseException:
             self.channels_open -= 1
             raise

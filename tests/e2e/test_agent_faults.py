@@ -491,3 +491,43 @@ async def test_a_compromised_gateway_cannot_use_the_agent_as_itself_or_as_system
         agent.stop(kill=True)
         server.close()
         await server.wait_closed()
+
+
+# -- the first channel of a new tunnel --------------------------------------------------------------------
+
+
+async def test_a_request_arriving_while_the_agent_sets_up_its_listener_waits_for_it(tmp_path, monkeypatch):
+    """The hub counts a connection as served when the agent asks to listen; the agent has its listener
+    only once the answer reaches it. A request in that round trip used to get 503 "No such listener"
+    (seen about once in six reconnects under load); the hub now retries a first channel briefly."""
+    from kubegate.connections.agent import hub as hubs
+    from kubegate.connections.agent import store
+    from kubegate.core.db import Database
+
+    database = Database(f"sqlite:///{tmp_path / 'kubegate.db'}")
+    agent_key = asyncssh.generate_private_key("ssh-ed25519")
+    public = agent_key.export_public_key("openssh").decode().split()
+    token, _ = database.call(lambda s: store.mint_join_token(s, [AGENT_CONNECTION], ttl_seconds=60))
+    database.call(lambda s: store.redeem_join_token(s, token, agent_name="edge-1", public_key=" ".join(public[:2]),
+                                                    fingerprint=agent_key.get_fingerprint("sha256")))  # fmt: skip
+    hub = hubs.Hub(host="127.0.0.1", port=0, host_key=asyncssh.generate_private_key("ssh-ed25519"),
+                   database=database, replica="test", heartbeat_seconds=1)  # fmt: skip
+    first_channels: list[asyncio.Future[None]] = []
+    register = hub._register
+
+    def register_and_open_at_once(tunnel: hubs.Tunnel, connection: str) -> None:
+        register(tunnel, connection)
+        # The gateway's first request on this tunnel, sent right behind its answer to the agent.
+        first_channels.append(asyncio.ensure_future(tunnel.open_channel(connection, asyncio.Protocol())))
+
+    monkeypatch.setattr(hub, "_register", register_and_open_at_once)
+    await hub.start()
+    try:
+        async with asyncssh.connect("127.0.0.1", hub.port, username="edge-1", client_keys=[agent_key],
+                                    known_hosts=None, agent_path=None, config=()) as conn:  # fmt: skip
+            await conn.create_unix_server(asyncssh.SSHUNIXSession, f"kubegate/{AGENT_CONNECTION}")
+            await asyncio.wait_for(first_channels[0], 10)
+            assert hub.status()[0]["channels_total"] >= 1
+    finally:
+        await hub.close()
+        database.close()
