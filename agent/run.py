@@ -77,7 +77,13 @@ class _PinnedGateway(asyncssh.SSHClient):
         self.fingerprint = fingerprint
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        return bool(key.get_fingerprint("sha256") == self.fingerprint)
+        presented = key.get_fingerprint("sha256")
+        if presented != self.fingerprint:
+            # Named here: asyncssh's own error says only "Host key is not trusted", not which key it saw.
+            log.error("gateway %s:%s presented host key %s, not the pinned gateway_host_key %s: not trusted",
+                      addr, port, presented, self.fingerprint)  # fmt: skip
+            return False
+        return True
 
 
 def _ssh_options(settings: AgentSettings) -> dict[str, Any]:

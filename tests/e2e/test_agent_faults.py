@@ -285,6 +285,8 @@ def test_a_wrong_pinned_host_key_never_talks(sandbox, tmp_path):
         agent = start_agent(tmp_path / "agent", sandbox, name="edge-1", gateways=[f"127.0.0.1:{ssh_port}"],
                             host_key=impostor, token=joined["token"])  # fmt: skip
         text = wait_for_log(agent.log, "Host key is not trusted")
+        assert (f"gateway 127.0.0.1:{ssh_port} presented host key {joined['host_key']}, not the pinned "
+                f"gateway_host_key {impostor}: not trusted") in text  # fmt: skip
         time.sleep(3)  # a few retries (backoff 1 s, 2 s)
         assert agent.process.poll() is None  # it keeps trying: the right gateway may come back
         assert "enrolled as" not in agent.log.read_text() and "tunnel to" not in text
