@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 # agent replaces the Host header with its API server's.
 TUNNEL_HOST = "agent.kubegate.invalid"
 READINESS_PATH = "/.kubegate-agent/readyz"
+# Who the gateway's own requests on an agent connection (the masking plugin following Secrets) act as.
+# The agent forwards only impersonated requests, so there is no "the gateway's credential" here: the
+# gateway names itself, and the cluster's RBAC grants this user what those requests need (for masking:
+# list and watch secrets). Not a `system:` name, which the agent refuses; no identity plugin should
+# give a person this name.
+GATEWAY_IDENTITY = "kubegate:gateway"
 
 
 class TunnelConnector(aiohttp.BaseConnector):
@@ -91,6 +97,9 @@ class AgentUpstream:
                 sock_connect=self.limits.upstream_connect_timeout_seconds,
             ),
             auto_decompress=False,
+            # A default: every proxied request names its caller (the proxy always impersonates), and a
+            # request's own Impersonate-User replaces the session's; only the gateway's own requests keep it.
+            headers={"Impersonate-User": GATEWAY_IDENTITY},
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
             cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[handshake_trace_config()],
