@@ -7,7 +7,8 @@ py-spy (installed into bench/.venv-mitm when missing; needs root or ptrace right
 with the most samples, by self time and by inclusive time, plus a coarse split by layer. The raw collapsed
 stacks stay in bench/results/profile-*.txt. With --agent the gateway's connection is served through the
 agent tunnel (bench/run.py's agent contender) and both processes are sampled at once: the gateway's stacks
-in profile-*-gateway.txt, the agent's in profile-*-agent.txt, each summarized on its own.
+in profile-*-gateway.txt, the agent's in profile-*-agent.txt, each summarized on its own. With --exec-mb N
+the load is exec sessions (bench/run.py's exec stdout stream, N MB each, one after another) instead of wrk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +71,9 @@ def main() -> int:
     parser.add_argument(
         "--agent", action="store_true", help="through the agent tunnel: sample the gateway and the agent"
     )
+    parser.add_argument(
+        "--exec-mb", type=int, default=0, metavar="N", help="load: exec sessions of N MB of stdout, not wrk"
+    )
     args = parser.parse_args()
     if not PY_SPY.exists():
         bench.ensure_tools(["mitmproxy"])
@@ -91,13 +96,18 @@ def main() -> int:
         pids = {"gateway": gw.proc.pid}
         if gw.agent_proc is not None:
             pids["agent"] = gw.agent_proc.pid
-        bench.run_wrk(gw.url(args.path), gw.token, args.concurrency, 2)  # warm-up
         result: dict = {}
-        load = threading.Thread(
-            target=lambda: result.update(
-                bench.run_wrk(gw.url(args.path), gw.token, args.concurrency, args.seconds + 2)
+        if args.exec_mb:
+            load = threading.Thread(
+                target=lambda: result.update(exec_load(gw, args.exec_mb, args.seconds + 2))
             )
-        )
+        else:
+            bench.run_wrk(gw.url(args.path), gw.token, args.concurrency, 2)  # warm-up
+            load = threading.Thread(
+                target=lambda: result.update(
+                    bench.run_wrk(gw.url(args.path), gw.token, args.concurrency, args.seconds + 2)
+                )
+            )
         load.start()
         spies = {
             name: subprocess.Popen(
@@ -134,15 +144,30 @@ def main() -> int:
     finally:
         bench.PROCS.stop_all()
         bench.shutil.rmtree(work, ignore_errors=True)
-    rps = result.get("requests", 0) / max(result.get("duration_us", 1) / 1e6, 1e-9)
     where = ", ".join(str(out) for out in outs.values())
-    print(f"wrk c={args.concurrency} {args.path}: {rps:,.0f} req/s while sampled; stacks in {where}")
+    if args.exec_mb:
+        rate = result.get("bytes", 0) / max(result.get("seconds", 1), 1e-9) / bench.MB
+        print(f"exec {args.exec_mb} MB sessions: {rate:,.1f} MB/s while sampled; stacks in {where}")
+    else:
+        rps = result.get("requests", 0) / max(result.get("duration_us", 1) / 1e6, 1e-9)
+        print(f"wrk c={args.concurrency} {args.path}: {rps:,.0f} req/s while sampled; stacks in {where}")
     status = 0
     for name, out in outs.items():
         if len(outs) > 1:
             print(f"\n== {name} process ==")
         status |= summarize(out, args.top)
     return status
+
+
+def exec_load(target: bench.Target, megabytes: int, seconds: float) -> dict:
+    """Exec sessions of `megabytes` back to back for `seconds`: bytes and seconds spent in them."""
+    url = target.url(bench.POD_PATH)
+    done, spent = 0, 0.0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        elapsed, got = bench.asyncio.run(bench.exec_once(url, target.token, megabytes * bench.MB, 120))
+        done, spent = done + got, spent + elapsed
+    return {"bytes": done, "seconds": spent}
 
 
 def summarize(out: Path, top: int) -> int:

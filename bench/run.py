@@ -514,7 +514,7 @@ def start_bench_agent(
         )
     )
     return PROCS.start(
-        f"{label} agent",
+        f"kubegate agent for {label}",
         [*kubegate, "agent", "--config", str(agent_config), "--join-token", grant["token"]],
         adir / "agent.log",
         cwd=str(adir),
