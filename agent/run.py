@@ -165,7 +165,12 @@ class Agent:
                 await self._enrol(host, port, key, token)
                 return key
             except (OSError, asyncssh.Error, TimeoutError) as exc:
-                log.warning("cannot reach gateway %s:%s to enrol: %s; retrying in %.0f s", host, port,
+                what = (
+                    "does not prove the pinned host key"
+                    if isinstance(exc, asyncssh.HostKeyNotVerifiable)
+                    else "cannot be reached"
+                )
+                log.warning("gateway %s:%s %s to enrol: %s; retrying in %.0f s", host, port, what,
                             _why(exc), backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.max_backoff_seconds)
