@@ -12,6 +12,8 @@ from urllib.parse import quote
 from .errors import StatusError
 from .flow import Identity
 
+RESERVED_USER_PREFIX = "kubegate:"
+
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the gateway sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -84,6 +86,10 @@ def _safe(value: str, what: str) -> str:
 def impersonation_headers(identity: Identity) -> list[tuple[str, str]]:
     """``Impersonate-*`` headers for the caller: one ``Impersonate-Group`` per group (the API server adds
     ``system:authenticated`` itself), ``Impersonate-Uid`` and ``Impersonate-Extra-<key>`` when known."""
+    if identity.user.startswith(RESERVED_USER_PREFIX):
+        # The gateway's own requests on a connection without a gateway credential (an agent connection)
+        # act as `kubegate:gateway`; no caller may be that user.
+        raise StatusError(403, f"the user name {identity.user!r} is reserved for the gateway itself")
     out = [("Impersonate-User", _safe(identity.user, "user name"))]
     out += [("Impersonate-Group", _safe(group, "group")) for group in identity.groups]
     if identity.uid:

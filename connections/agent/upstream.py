@@ -27,8 +27,8 @@ READINESS_PATH = "/.kubegate-agent/readyz"
 # Who the gateway's own requests on an agent connection (the masking plugin following Secrets) act as.
 # The agent forwards only impersonated requests, so there is no "the gateway's credential" here: the
 # gateway names itself, and the cluster's RBAC grants this user what those requests need (for masking:
-# list and watch secrets). Not a `system:` name, which the agent refuses; no identity plugin should
-# give a person this name.
+# list and watch secrets). Not a `system:` name, which the agent refuses; the proxy refuses any caller
+# whose name starts with `kubegate:` (core.headers.RESERVED_USER_PREFIX), so no one else acts as it.
 GATEWAY_IDENTITY = "kubegate:gateway"
 
 

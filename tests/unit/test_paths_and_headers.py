@@ -93,6 +93,16 @@ def test_identity_with_control_characters_is_refused():
     assert info.value.code == 403
 
 
+@pytest.mark.parametrize("user", ["kubegate:gateway", "kubegate:anything"])
+def test_the_gateways_own_user_name_is_reserved(user):
+    # An agent connection's gateway-own requests act as kubegate:gateway (RBAC may let it read Secrets):
+    # a caller whose identity plugin maps them to that name must not inherit it.
+    with pytest.raises(StatusError) as info:
+        impersonation_headers(Identity(user=user))
+    assert info.value.code == 403
+    assert impersonation_headers(Identity(user="kubegate-fan"))[0] == ("Impersonate-User", "kubegate-fan")
+
+
 def test_last_check_refuses_surviving_client_headers():
     credential = [("Authorization", "Bearer gateway")]
     imp = [("Impersonate-User", "alice")]
