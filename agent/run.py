@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubegate.connections.agent.channels import ChannelSession
+from kubegate.connections.agent.channels import CHANNEL_MAX_PACKET, ChannelSession
 from kubegate.connections.agent.hub import ENCRYPTION_ALGS, ENROL_COMMAND, JOIN_USER, PATH_PREFIX
 from kubegate.connections.agent.ssh import asyncssh
 from kubegate.connections.agent.store import JOIN_TOKEN_SHAPE
@@ -242,7 +242,11 @@ class Agent:
                     served = []
                     for name, forwarder in self.forwarders.items():
                         try:
-                            await conn.create_unix_server(_session_factory(forwarder), PATH_PREFIX + name)
+                            await conn.create_unix_server(
+                                _session_factory(forwarder),
+                                PATH_PREFIX + name,
+                                max_pktsize=CHANNEL_MAX_PACKET,
+                            )
                             served.append(name)
                         except asyncssh.ChannelListenError:
                             log.error("gateway %s:%s refused to let this agent serve %s (not enrolled for it)",

@@ -21,6 +21,15 @@ WRITE_BUFFER_HIGH = 256 * 1024
 WRITE_BUFFER_LOW = 64 * 1024
 
 
+# An SSH channel packet carries up to this many bytes (asyncssh's default is 32 KiB): an exec frame or a
+# list answer crosses in one or two packets instead of many, each of which costs an encryption, a MAC and,
+# with asyncssh, an extra SSH_MSG_IGNORE packet. Both ends ask for it when they open/accept a channel.
+CHANNEL_MAX_PACKET = 256 * 1024
+# Writes within one event-loop pass are sent as one channel write (aiohttp writes a response's head and body
+# separately); a batch that reaches this size goes at once.
+COALESCE_LIMIT = 64 * 1024
+
+
 class ChannelTransport(asyncio.Transport):
     """The asyncio transport side of one SSH channel (forwarded stream-local connection)."""
 
@@ -29,27 +38,43 @@ class ChannelTransport(asyncio.Transport):
         self._channel = channel
         self._closing = False
         self._reading = True
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._loop = asyncio.get_running_loop()
         channel.set_write_buffer_limits(WRITE_BUFFER_HIGH, WRITE_BUFFER_LOW)
 
     # -- writing --
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing:
+        if self._closing or not data:
             return  # like a socket transport: writes after close are dropped
-        if data:
-            self._channel.write(bytes(data))
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size >= COALESCE_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            if not self._closing:
+                self._channel.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
     def write_eof(self) -> None:
         if not self._closing:
+            self._flush()
             self._channel.write_eof()
 
     def can_write_eof(self) -> bool:
         return True
 
     def get_write_buffer_size(self) -> int:
-        return self._channel.get_write_buffer_size()
+        return self._channel.get_write_buffer_size() + self._pending_size
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return WRITE_BUFFER_LOW, WRITE_BUFFER_HIGH
@@ -74,6 +99,7 @@ class ChannelTransport(asyncio.Transport):
     # -- closing --
     def close(self) -> None:
         if not self._closing:
+            self._flush()
             self._closing = True
             self._channel.close()
 
@@ -91,6 +117,8 @@ class ChannelTransport(asyncio.Transport):
 
     def mark_closed(self) -> None:
         self._closing = True
+        self._pending.clear()
+        self._pending_size = 0
 
 
 class ChannelSession(asyncssh.SSHUNIXSession[bytes]):

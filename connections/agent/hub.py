@@ -27,7 +27,7 @@ from typing import Any, cast
 from kubegate.core.db import Database
 
 from . import store
-from .channels import ChannelSession
+from .channels import CHANNEL_MAX_PACKET, ChannelSession
 from .ssh import asyncssh
 
 log = logging.getLogger("kubegate.agents")
@@ -72,7 +72,9 @@ class Tunnel:
             for attempt in itertools.count():
                 try:
                     await self.conn.create_unix_connection(
-                        lambda: _Counted(session, self), PATH_PREFIX + connection
+                        lambda: _Counted(session, self),
+                        PATH_PREFIX + connection,
+                        max_pktsize=CHANNEL_MAX_PACKET,
                     )
                     break
                 except asyncssh.ChannelOpenError:
