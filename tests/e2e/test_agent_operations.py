@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import GATEWAY_USERS, stop_process
 from e2e.agent_stack import AGENT_CONNECTION, AgentStack, kubegate, start_agent_stack
-from kubetest import gateway_api, run_kubectl
+from kubetest import Background, gateway_api, run_kubectl
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,69 @@ def test_readyz_names_the_agent_connection(stack: AgentStack):
     with urllib.request.urlopen(f"{stack.gateway.url}/readyz", context=ctx, timeout=10) as resp:
         report = json.loads(resp.read())
     assert report["connections"][AGENT_CONNECTION] == "ok"
+
+
+def test_one_agent_serves_two_connections_and_two_agents_serve_one(sandbox, tmp_path: Path):
+    """`prod` and `staging` through one agent (its config names both clusters); `staging` also through a second
+    agent — the gateway spreads its channels over both, and loses nothing when one of them goes."""
+    import yaml
+    from conftest import free_port, start_gateway
+    from e2e.agent_stack import agent_gateway_config, join_token, start_agent, wait_ready
+
+    ssh_port = free_port()
+    config = agent_gateway_config(sandbox, tmp_path / "gateway", ssh_port)
+    edge = config["connections"].pop(AGENT_CONNECTION)
+    config["connections"] = {"prod": edge, "staging": edge}
+    gateway = start_gateway(tmp_path / "gateway", config)
+    address = [f"127.0.0.1:{ssh_port}"]
+    first = join_token(gateway.config, "multi", "prod", "staging")
+    second = join_token(gateway.config, "spare", "staging")
+    agents = [
+        start_agent(tmp_path / "multi", sandbox, name="multi", gateways=address, host_key=first["host_key"],
+                    token=first["token"], connections=("prod", "staging")),
+        start_agent(tmp_path / "spare", sandbox, name="spare", gateways=address, host_key=second["host_key"],
+                    token=second["token"], connections=("staging",)),
+    ]  # fmt: skip
+    try:
+        for name in ("prod", "staging"):
+            wait_ready(gateway, name, agent=agents[0])
+        deadline = time.monotonic() + 20
+        while True:  # both agents' tunnels registered for staging
+            _status, body = gateway_api(gateway, "GET", "/api/connections", GATEWAY_USERS["alice"][1])
+            staging = [c for c in body.get("items", []) if c["name"] == "staging"]
+            if staging and len(staging[0]["upstream"]["agents"]) == 2:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.3)
+        for name in ("prod", "staging"):
+            result = run_kubectl(gateway.kubeconfig("alice", name), "get", "pods", "-n", "prod", "-o", "name")
+            assert result.returncode == 0, result.stderr
+        # Channels held open at once (watches) are spread over both agents (round robin on each new channel);
+        # each agent logs its own lines (when a request ends).
+        watches = [Background(["kubectl", "get", "pods", "-n", "prod", "-w"], gateway.kubeconfig("alice", "staging"))
+                   for _ in range(4)]  # fmt: skip
+        try:
+            for watch in watches:
+                watch.read_until(r"\n")  # the first line: the watch is open
+        finally:
+            for watch in watches:
+                watch.proc.terminate()
+                watch.proc.wait(10)
+        time.sleep(1)  # the agents notice the closed channels and write their lines
+        served = {a.name: [json.loads(line) for line in (tmp_path / a.name / "agent-audit.jsonl").read_text().splitlines()]
+                  for a in agents}  # fmt: skip
+        assert {r["connection"] for r in served["multi"]} == {"prod", "staging"}
+        assert {r["connection"] for r in served["spare"]} == {"staging"}
+        # One agent goes: staging keeps working through the other.
+        agents[1].stop(kill=True)
+        for _ in range(3):
+            result = run_kubectl(gateway.kubeconfig("alice", "staging"), "get", "ns", "-o", "name")
+            assert result.returncode == 0, result.stderr
+        assert yaml.safe_load((tmp_path / "multi" / "agent.yaml").read_text())["connections"].keys() == {
+            "prod",
+            "staging",
+        }
+    finally:
+        for agent in agents:
+            agent.stop()
+        stop_process(gateway.process)
