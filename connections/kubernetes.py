@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kubegate.core.config import LimitSettings, resolve
 from kubegate.core.plugins import hookimpl
 
-from .registry import ConnectionType, SettingError
+from .registry import ConnectionType, SettingError, upstream_session
 
 PLUGIN_NAME = "kubernetes"
 
@@ -110,18 +110,7 @@ class KubernetesUpstream:
             limit=self.limits.upstream_pool_size,
             ttl_dns_cache=300,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.limits.upstream_connect_timeout_seconds,
-                sock_connect=self.limits.upstream_connect_timeout_seconds,
-            ),
-            # Bodies pass through as bytes (gzip stays gzip) and no header is invented for the client.
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._session = upstream_session(connector, self.limits)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -51,6 +51,29 @@ class Upstream(Protocol):
     def describe(self) -> str: ...
 
 
+def upstream_session(
+    connector: aiohttp.BaseConnector, limits: LimitSettings, **options: Any
+) -> aiohttp.ClientSession:
+    """The pooled aiohttp session a connection type gives the proxy: no time cut on bodies (watches, `logs -f`),
+    bodies passed through as bytes (gzip stays gzip), no header invented for the client, no cookies kept, and
+    the body of a refused WebSocket upgrade kept so the client sees the API server's own message."""
+    from kubegate.core.proxy import handshake_trace_config  # core.proxy imports this module
+
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=limits.upstream_connect_timeout_seconds,
+            sock_connect=limits.upstream_connect_timeout_seconds,
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[handshake_trace_config()],
+        **options,
+    )
+
+
 class ConnectionType(Protocol):
     """A kind of connection (``type:`` in the config)."""
 

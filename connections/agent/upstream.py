@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from kubegate.connections.registry import upstream_session
 from kubegate.core.config import LimitSettings
 
 from .settings import AgentUpstreamSettings
@@ -87,22 +88,12 @@ class AgentUpstream:
         return self._session
 
     async def start(self) -> None:
-        from kubegate.core.proxy import handshake_trace_config
-
-        self._session = aiohttp.ClientSession(
-            connector=TunnelConnector(self.name, self.settings.agents, limit=self.limits.upstream_pool_size),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.limits.upstream_connect_timeout_seconds,
-                sock_connect=self.limits.upstream_connect_timeout_seconds,
-            ),
-            auto_decompress=False,
+        self._session = upstream_session(
+            TunnelConnector(self.name, self.settings.agents, limit=self.limits.upstream_pool_size),
+            self.limits,
             # A default: every proxied request names its caller (the proxy always impersonates), and a
             # request's own Impersonate-User replaces the session's; only the gateway's own requests keep it.
             headers={"Impersonate-User": GATEWAY_IDENTITY},
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[handshake_trace_config()],
         )
 
     async def close(self) -> None:

@@ -212,3 +212,13 @@ async def test_a_chunked_body_under_the_cap_streams_through(gateway):
     assert status == 201, answer
     assert len(json.loads(answer)["data"]["k"]) == 500_000
     await raw_request(gateway, f"/k8s/sandbox/api/v1/namespaces/dev/configmaps/{name}", method="DELETE")
+
+
+def test_a_refused_exec_upgrade_prints_the_api_servers_reason(gateway, agent_gateway):
+    """RBAC refuses bob's exec at the WebSocket handshake: kubectl must print the API server's own Status, not
+    a gateway 502 — through a direct connection and through an agent's tunnel alike."""
+    for kubeconfig in (gateway.kubeconfig("bob"), agent_gateway.gateway.kubeconfig("bob", "edge")):
+        result = run_kubectl(kubeconfig, "exec", "web", "-n", "prod", "--", "true")
+        assert result.returncode != 0
+        assert 'User "bob" cannot create resource "pods/exec"' in result.stderr, result.stderr
+        assert "502" not in result.stderr and "refused the WebSocket upgrade" not in result.stderr
