@@ -206,3 +206,39 @@ def test_own_requests_are_not_approvable_and_log_out_revokes_the_token(demo, bro
     page.wait_for_url(re.compile(r"/ui/login"))
     after = run_kubectl(demo.kubeconfig, "--token", token, "get", "pods", "-n", "prod")
     assert after.returncode != 0 and "Unauthorized" in after.stderr  # the token itself was revoked
+
+
+def test_the_connections_page_shows_an_agent_tunnel(sandbox, browser, tmp_path_factory):
+    """A `type: agent` connection: the page says whether an agent is connected and lists its tunnel."""
+    from conftest import GATEWAY_USERS, stop_process
+    from e2e.agent_stack import start_agent_stack
+
+    stack = start_agent_stack(sandbox, tmp_path_factory.mktemp("ui-agent"), plugins={"ui": {}})
+    try:
+        context = browser.new_context(
+            ignore_https_errors=True,
+            viewport={"width": 1280, "height": 900},
+            extra_http_headers={"Authorization": f"Bearer {GATEWAY_USERS['alice'][1]}"},
+        )
+        page = context.new_page()
+        page.goto(f"{stack.gateway.url}/ui/connections")
+        section = page.locator(".connection").filter(has_text="edge")
+        section.locator(".agent-up").filter(has_text="connected").wait_for(timeout=20_000)
+        row = section.locator("tr", has_text="edge-1")
+        assert "kubegate-agent_" in row.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "ui-connections-agent.png"), full_page=True)
+        # The agent goes: the page (reloaded) says so.
+        stack.agent.stop(kill=True)
+        deadline = time.monotonic() + 20
+        while True:
+            page.reload()
+            state = page.locator(".connection").filter(has_text="edge").locator(".agent-down, .agent-up")
+            state.first.wait_for(timeout=20_000)
+            if "no agent connected" in state.first.inner_text():
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        context.close()
+    finally:
+        stack.agent.stop()
+        stop_process(stack.gateway.process)
