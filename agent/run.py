@@ -26,7 +26,8 @@ from kubegate.connections.agent.ssh import asyncssh
 from kubegate.connections.agent.store import JOIN_TOKEN_SHAPE
 
 from .config import AgentSettings, cluster_upstreams
-from .forward import Forwarder, RequestLog
+from .forward import RequestLog
+from .relay import Forwarder
 
 log = logging.getLogger("kubegate.agent")
 
