@@ -38,7 +38,7 @@ ENTRY_POINT_GROUP = "kubegate"
 # module makes (the audit sinks share their hooks that way). Each sets PLUGIN_NAME.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.connections.kubernetes",
-    "kubegate.connections.agent",
+    "kubegate.connections.agent.plugin",
     "kubegate.plugins.static_tokens",
     "kubegate.plugins.oidc",
     "kubegate.plugins.login.plugin",

@@ -1,95 +1,10 @@
-"""The agent tunnel (built-in plugin ``agents``): connections served by ``kubegate agent`` processes that run
-next to their clusters and dial out to the gateway over SSH.
+"""The agent tunnel: connections served by ``kubegate agent`` processes that run next to their clusters and
+dial out to the gateway over SSH (docs/agent.md).
 
-- ``type: agent`` connections (:mod:`.upstream`): the last hop is an SSH channel to an agent;
-- the SSH listener, enrolment and tunnels (:mod:`.hub`), started with the gateway when a config has agent
-  connections or a ``plugins.agents`` block;
-- the database tables of agents, join tokens and tunnels (:mod:`.store`), ``kubegate agents`` (:mod:`.cli`).
+- :mod:`.plugin`: the built-in plugin ``agents`` (the ``agent`` connection type, the listener's start/stop);
+- :mod:`.upstream`: ``type: agent`` connections — the last hop is an SSH channel to an agent;
+- :mod:`.hub`: the SSH listener, enrolment and tunnels; :mod:`.channels`: an SSH channel as a transport;
+- :mod:`.store`: agents, join tokens and tunnels in the database; :mod:`.cli`: ``kubegate agents``.
 
-See docs/agent.md.
+Kept import-free: ``kubegate agents`` and the CLI parser load this package without the server side.
 """
-
-from __future__ import annotations
-
-import asyncio
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
-
-from kubegate.core.plugins import hookimpl
-
-from .settings import DEFAULT_PORT, PLUGIN_NAME, AgentGatewaySettings, split_host_port
-from .upstream import AgentConnectionType
-
-if TYPE_CHECKING:
-    from kubegate.connections.registry import ConnectionType
-    from kubegate.core.gateway import Gateway
-
-__all__ = ["PLUGIN_NAME"]
-
-
-@hookimpl
-def kubegate_connection_types() -> dict[str, ConnectionType]:
-    return {"agent": AgentConnectionType()}
-
-
-@hookimpl
-def kubegate_gateway_settings() -> type[BaseModel] | None:
-    return AgentGatewaySettings
-
-
-def listen_address(gateway: Gateway) -> tuple[str, int]:
-    """Where the SSH listener binds: ``plugins.agents.listen``, else the gateway's host on port 8022."""
-    settings: AgentGatewaySettings | None = gateway.settings_for(PLUGIN_NAME)
-    if settings is not None and settings.listen:
-        return split_host_port(settings.listen)
-    host, _ = split_host_port(gateway.settings.listen)
-    return host, DEFAULT_PORT
-
-
-def _wanted(gateway: Gateway) -> bool:
-    return gateway.settings_for(PLUGIN_NAME) is not None or any(
-        c.type == "agent" for c in gateway.connections
-    )
-
-
-@hookimpl
-async def kubegate_startup(gateway: Gateway) -> None:
-    if not _wanted(gateway):
-        return
-    from . import hub as hubs
-    from .keys import gateway_host_key
-    from .metrics import register
-
-    register()
-
-    settings: AgentGatewaySettings = gateway.settings_for(PLUGIN_NAME) or AgentGatewaySettings()
-    host, port = listen_address(gateway)
-
-    def make_hub(host_key: Any) -> hubs.Hub:
-        return hubs.Hub(
-            host=host,
-            port=port,
-            host_key=host_key,
-            database=gateway.database,
-            replica=settings.replica or hubs.default_replica_name(port),
-            heartbeat_seconds=settings.heartbeat_seconds,
-        )
-
-    if hubs.current() is None:
-        key = await asyncio.to_thread(
-            gateway_host_key, settings, gateway.config_path.parent, gateway.database
-        )
-        hub = await hubs.acquire(lambda: make_hub(key))
-    else:
-        hub = await hubs.acquire(lambda: make_hub(None))  # already running: the factory is not called
-    gateway.extensions[PLUGIN_NAME] = hub
-
-
-@hookimpl
-async def kubegate_shutdown(gateway: Gateway) -> None:
-    hub = gateway.extensions.pop(PLUGIN_NAME, None)
-    if hub is not None:
-        from . import hub as hubs
-
-        await hubs.release(hub)
