@@ -150,3 +150,56 @@ def test_one_agent_serves_two_connections_and_two_agents_serve_one(sandbox, tmp_
         for agent in agents:
             agent.stop()
         stop_process(gateway.process)
+
+
+def test_two_agent_pods_sharing_one_identity(sandbox, tmp_path: Path):
+    """The HA Deployment of docs/agent.md: two agent processes with the same identity (the same Secret) both
+    hold tunnels; metrics add them up under one agent; either one going leaves the other serving."""
+    import shutil
+
+    from conftest import free_port, start_gateway
+    from e2e.agent_stack import agent_gateway_config, join_token, start_agent, wait_ready
+
+    ssh_port = free_port()
+    gateway = start_gateway(
+        tmp_path / "gateway", agent_gateway_config(sandbox, tmp_path / "gateway", ssh_port)
+    )
+    address = [f"127.0.0.1:{ssh_port}"]
+    joined = join_token(gateway.config, "pair")
+    first = start_agent(tmp_path / "pod-a", sandbox, name="pair", gateways=address, host_key=joined["host_key"],
+                        token=joined["token"])  # fmt: skip
+    second = None
+    try:
+        wait_ready(gateway, agent=first)
+        (tmp_path / "pod-b").mkdir()
+        shutil.copy(
+            tmp_path / "pod-a" / "id_ed25519", tmp_path / "pod-b" / "id_ed25519"
+        )  # one Secret, two pods
+        second = start_agent(tmp_path / "pod-b", sandbox, name="pair", gateways=address,
+                             host_key=joined["host_key"], token=None)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while 'kubegate_agent_tunnels{agent="pair",connection="edge"} 2.0' not in (
+            text := _metrics_of(gateway)
+        ):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.3)
+        agents = json.loads(kubegate("agents", "list", "-c", str(gateway.config), "-o", "json").stdout)
+        (pair,) = [
+            a for a in (agents if isinstance(agents, list) else agents["agents"]) if a["name"] == "pair"
+        ]
+        assert len(pair["tunnels"]) == 2
+        first.stop(kill=True)
+        for _ in range(3):
+            result = run_kubectl(gateway.kubeconfig("alice", AGENT_CONNECTION), "get", "ns", "-o", "name")
+            assert result.returncode == 0, result.stderr
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        stop_process(gateway.process)
+
+
+def _metrics_of(gateway) -> str:
+    ctx = ssl.create_default_context(cafile=str(gateway.ca_file))
+    with urllib.request.urlopen(f"{gateway.url}/metrics", context=ctx, timeout=10) as resp:
+        return resp.read().decode()
