@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kubegate.core.config import LimitSettings, resolve
 from kubegate.core.plugins import hookimpl
 
-from .registry import ConnectionType, SettingError, upstream_session
+from .registry import ConnectionType, PooledUpstream, SettingError, upstream_session
 
 PLUGIN_NAME = "kubernetes"
 
@@ -76,7 +76,7 @@ class TokenSource:
         return self._token
 
 
-class KubernetesUpstream:
+class KubernetesUpstream(PooledUpstream):
     def __init__(
         self,
         name: str,
@@ -96,13 +96,6 @@ class KubernetesUpstream:
         self.token = token
         self.limits = limits
         self._description = describe
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError(f"upstream of connection {self.name!r} is not started")
-        return self._session
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -111,11 +104,6 @@ class KubernetesUpstream:
             ttl_dns_cache=300,
         )
         self._session = upstream_session(connector, self.limits)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def credential_headers(self) -> list[tuple[str, str]]:
         if self.token is None:

@@ -74,6 +74,25 @@ def upstream_session(
     )
 
 
+class PooledUpstream:
+    """The session lifecycle every built-in upstream shares: `start` sets ``_session`` (see
+    :func:`upstream_session`), `close` ends it; using it before `start` is a programming error."""
+
+    name: str
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"upstream of connection {self.name!r} is not started")
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class ConnectionType(Protocol):
     """A kind of connection (``type:`` in the config)."""
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from kubegate.connections.registry import upstream_session
+from kubegate.connections.registry import PooledUpstream, upstream_session
 from kubegate.core.config import LimitSettings
 
 from .settings import AgentUpstreamSettings
@@ -70,7 +70,7 @@ class TunnelConnector(aiohttp.BaseConnector):
         return protocol
 
 
-class AgentUpstream:
+class AgentUpstream(PooledUpstream):
     """Implements the registry's ``Upstream`` for a connection served by agents."""
 
     def __init__(self, name: str, settings: AgentUpstreamSettings, limits: LimitSettings):
@@ -79,13 +79,6 @@ class AgentUpstream:
         self.limits = limits
         self.base_url = f"http://{TUNNEL_HOST}"
         self.request_options: dict[str, Any] = {}
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError(f"upstream of connection {self.name!r} is not started")
-        return self._session
 
     async def start(self) -> None:
         self._session = upstream_session(
@@ -95,11 +88,6 @@ class AgentUpstream:
             # request's own Impersonate-User replaces the session's; only the gateway's own requests keep it.
             headers={"Impersonate-User": GATEWAY_IDENTITY},
         )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def credential_headers(self) -> list[tuple[str, str]]:
         return []  # the agent adds its own; the gateway has none for this connection
