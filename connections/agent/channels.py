@@ -33,9 +33,15 @@ COALESCE_LIMIT = 64 * 1024
 class ChannelTransport(asyncio.Transport):
     """The asyncio transport side of one SSH channel (forwarded stream-local connection)."""
 
-    def __init__(self, channel: asyncssh.SSHUNIXChannel[bytes], extra: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        channel: asyncssh.SSHUNIXChannel[bytes],
+        extra: dict[str, Any] | None = None,
+        session: ChannelSession | None = None,
+    ):
         super().__init__(extra)
         self._channel = channel
+        self._session = session
         self._closing = False
         self._reading = True
         self._pending: list[bytes] = []
@@ -110,10 +116,12 @@ class ChannelTransport(asyncio.Transport):
         return self._closing
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        raise NotImplementedError("a tunnel channel keeps the protocol it was opened with")
+        assert self._session is not None
+        self._session.protocol = protocol  # type: ignore[assignment]  # data now goes to the new protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        raise NotImplementedError
+        assert self._session is not None
+        return self._session.protocol
 
     def mark_closed(self) -> None:
         self._closing = True
@@ -130,7 +138,7 @@ class ChannelSession(asyncssh.SSHUNIXSession[bytes]):
         self._extra = extra or {}
 
     def connection_made(self, chan: asyncssh.SSHUNIXChannel[bytes]) -> None:
-        self.transport = ChannelTransport(chan, self._extra)
+        self.transport = ChannelTransport(chan, self._extra, self)
         self.protocol.connection_made(self.transport)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
