@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubegate.connections.agent.settings import split_host_port
 from kubegate.connections.kubernetes import (
@@ -15,7 +15,7 @@ from kubegate.connections.kubernetes import (
     KubernetesUpstreamSettings,
 )
 from kubegate.connections.registry import SettingError
-from kubegate.core.config import LimitSettings, first_error, read_yaml, resolve
+from kubegate.core.config import LimitSettings, read_model, resolve
 from kubegate.core.errors import ConfigError
 
 AGENT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
@@ -70,14 +70,7 @@ class AgentSettings(BaseModel):
 
 def load_agent_settings(path: Path) -> AgentSettings:
     """Read and validate agent.yaml; raises ConfigError naming the file, key and reason."""
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(path, "", "the file must be a YAML mapping")
-    try:
-        settings = AgentSettings.model_validate(data)
-    except ValidationError as exc:
-        key, reason = first_error(exc)
-        raise ConfigError(path, key, reason) from None
+    settings = read_model(path, AgentSettings)
     base = path.parent
     settings.identity_file = resolve(base, settings.identity_file)
     if settings.join_token_file:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -177,16 +177,24 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(path, where, f"invalid YAML: {problem}") from None
 
 
-def parse_settings(path: Path) -> GatewaySettings:
-    """Read and validate the top level of the config file (connections' inner blocks come later)."""
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def read_model(path: Path, model: type[ModelT]) -> ModelT:
+    """A YAML mapping file validated against `model`; ConfigError naming the file, the key and the reason."""
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(path, "", "the file must be a YAML mapping")
     try:
-        settings = GatewaySettings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         key, reason = first_error(exc)
         raise ConfigError(path, key, reason) from None
+
+
+def parse_settings(path: Path) -> GatewaySettings:
+    """Read and validate the top level of the config file (connections' inner blocks come later)."""
+    settings = read_model(path, GatewaySettings)
     base = path.parent
     settings.state_dir = resolve(base, settings.state_dir)
     if settings.tls.cert_file:
