@@ -28,7 +28,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httptools
@@ -192,8 +192,7 @@ class RelayProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ channel side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.channel = transport
+        self.channel = cast(asyncio.Transport, transport)  # uvloop's TLS transport is not a subclass
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import random
+import re
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubegate.connections.agent.channels import CHANNEL_MAX_PACKET, ChannelSession
 from kubegate.connections.agent.hub import ENCRYPTION_ALGS, ENROL_COMMAND, JOIN_USER, PATH_PREFIX
+from kubegate.connections.agent.keys import certificate_fingerprint
+from kubegate.connections.agent.links import LINK_GREETING, LINK_WAIT_SECONDS, LINKS_COMMAND, client_context
 from kubegate.connections.agent.ssh import asyncssh
 from kubegate.connections.agent.store import JOIN_TOKEN_SHAPE
 
@@ -32,6 +36,7 @@ from .relay import Forwarder
 log = logging.getLogger("kubegate.agent")
 
 RESOLVE_EVERY_SECONDS = 30.0
+NONCE_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 class AgentError(Exception):
@@ -109,6 +114,7 @@ class Agent:
     join_token: str | None = None
     forwarders: dict[str, Forwarder] = field(default_factory=dict)
     _dialers: dict[tuple[str, int], asyncio.Task[None]] = field(default_factory=dict)
+    _link_tls: ssl.SSLContext = field(default_factory=client_context)
 
     async def run(self) -> None:
         upstreams = cluster_upstreams(self.settings, self.config_path)
@@ -256,7 +262,11 @@ class Agent:
                         raise AgentError("the gateway let this agent serve none of its connections")
                     log.info("tunnel to %s:%s up, serving %s", host, port, ", ".join(served))
                     backoff = 1.0
-                    await conn.wait_closed()
+                    links = asyncio.create_task(self._serve_links(conn, host, port))
+                    try:
+                        await conn.wait_closed()
+                    finally:
+                        links.cancel()
                 log.warning("tunnel to %s:%s closed; reconnecting", host, port)
             except asyncio.CancelledError:
                 raise
@@ -267,6 +277,71 @@ class Agent:
             delay = backoff * random.uniform(0.8, 1.2)
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+
+    # -- data links --
+    async def _serve_links(self, conn: asyncssh.SSHClientConnection, host: str, port: int) -> None:
+        """The `links` session: open a data link for every one the gateway asks for (links.py)."""
+        try:
+            process = await conn.create_process(LINKS_COMMAND)
+        except (asyncssh.Error, OSError) as exc:
+            log.info("gateway %s:%s offers no data links (%s): SSH channels only", host, port, _why(exc))
+            return
+        dials: set[asyncio.Task[None]] = set()
+        try:
+            while line := await process.stdout.readline():
+                try:
+                    request = json.loads(line)
+                    nonce, connection = str(request["link"]), str(request["connection"])
+                except (ValueError, TypeError, KeyError):
+                    log.info(
+                        "gateway %s:%s: no data links (%s): SSH channels only", host, port, line.strip()[:200]
+                    )
+                    continue
+                task = asyncio.create_task(self._open_link(host, port, nonce, connection, process.stdin))
+                dials.add(task)
+                task.add_done_callback(dials.discard)
+        except (asyncssh.Error, OSError):
+            pass  # the tunnel went down: _tunnel_forever reconnects
+        finally:
+            for task in dials:
+                task.cancel()
+
+    async def _open_link(
+        self, host: str, port: int, nonce: str, connection: str, report: asyncssh.SSHWriter[str]
+    ) -> None:
+        def fail(reason: str) -> None:
+            with contextlib.suppress(Exception):
+                report.write(json.dumps({"link": nonce, "error": reason}) + "\n")
+
+        forwarder = self.forwarders.get(connection)
+        if forwarder is None or not NONCE_SHAPE.fullmatch(nonce):
+            fail(f"this agent does not serve connection {connection!r}" if forwarder is None else "bad nonce")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(LINK_WAIT_SECONDS):
+                transport, _ = await loop.create_connection(asyncio.Protocol, host, port, ssl=self._link_tls)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning("data link to %s:%s failed: %s", host, port, _why(exc))
+            fail(f"the agent cannot open a TLS connection to {host}:{port}: {_why(exc)}")
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            presented = certificate_fingerprint(der) if der else "no certificate"
+        except Exception:  # not a key the pin could name
+            presented = "an unreadable certificate"
+        if presented != self.settings.gateway_host_key:
+            transport.abort()
+            log.error("data link to %s:%s presented %s, not the pinned gateway_host_key %s: not trusted",
+                      host, port, presented, self.settings.gateway_host_key)  # fmt: skip
+            fail("the link's certificate is not the pinned host key")
+            return
+        # The pin holds: only now does the nonce leave the agent. Then the link is a relay like a channel.
+        transport.write(LINK_GREETING + nonce.encode("ascii") + b"\n")
+        relay = forwarder.server()
+        transport.set_protocol(relay)
+        relay.connection_made(transport)
 
 
 def _session_factory(forwarder: Forwarder) -> Any:

@@ -3,9 +3,10 @@
 An agent logs in either with a join token (SSH user ``kubegate-join``, password = token) to enrol its public
 key, or with that key (SSH user = the agent's name). A logged-in agent asks, for each connection it serves,
 to "listen" on the stream-local path ``kubegate/CONNECTION``; the gateway allows only the connections the
-agent was enrolled for, and from then on opens one SSH channel per upstream HTTP connection (aiohttp's pool
-keeps them open across requests). Nothing else is allowed: no shell, no TCP forwarding in either direction,
-no session other than the enrolment command.
+agent was enrolled for. Each upstream HTTP connection (aiohttp's pool keeps them open across requests) is
+then a data link (links.py: a TLS connection the agent opens on request, on this same port) or, when links
+cannot be used, an SSH channel. Nothing else is allowed: no shell, no TCP forwarding in either direction, no
+session but the enrolment command and an agent's ``links`` session.
 
 One hub per process, shared by the gateway objects a SIGHUP reload creates (the listener outlives a reload,
 so tunnels do too); ``plugins.agents.listen`` changes take effect at a restart, like ``listen``.
@@ -19,6 +20,7 @@ import itertools
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,15 @@ from kubegate.core.db import Database
 
 from . import store
 from .channels import CHANNEL_MAX_PACKET, ChannelSession
+from .links import (
+    LINKS_COMMAND,
+    LINKS_RETRY_SECONDS,
+    TLS_FIRST_BYTE,
+    CountedLink,
+    LinkAcceptor,
+    LinkFailed,
+    LinkRequests,
+)
 from .ssh import asyncssh
 
 log = logging.getLogger("kubegate.agents")
@@ -40,6 +51,10 @@ MAX_ENROL_REQUEST = 16 * 1024
 # instructions; ChaCha20 is the fallback for those without. No compression: API traffic is mostly small.
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
 MAX_FIRST_CHANNEL_ATTEMPTS = 20
+# A new connection that has not spoken within this is taken for SSH (whose server may speak first); a TLS
+# client always speaks first.
+SNIFF_SECONDS = 3.0
+LISTEN_BACKLOG = 1024  # a burst of links (1,000 watches at once) queues here, not in refused connections
 
 
 class NoAgent(Exception):
@@ -62,6 +77,61 @@ class Tunnel:
     channels_open: int = 0
     channels_total: int = 0
     listening: set[str] = field(default_factory=set)  # connections a channel has opened for
+    link_requests: LinkRequests | None = None  # the hub's, while links are enabled
+    control: Any = None  # the agent's `links` session (an SSHWriter), once it opened one
+    link_transports: set[asyncio.Transport] = field(default_factory=set)
+    links_paused_until: float = 0.0
+
+    def links_usable(self) -> bool:
+        return (
+            self.control is not None
+            and self.link_requests is not None
+            and time.monotonic() >= self.links_paused_until
+        )
+
+    async def open_link(self, connection: str, protocol: asyncio.Protocol) -> None:
+        """Ask the agent for a data link for `connection` and connect `protocol` to it (LinkFailed when the
+        agent reports it cannot; the caller bounds the wait)."""
+        control, requests = self.control, self.link_requests
+        if control is None or requests is None:
+            raise LinkFailed("the agent has no links session")
+        nonce, pending = requests.issue(self, connection)
+        try:
+            control.write(json.dumps({"link": nonce, "connection": connection}) + "\n")
+            try:
+                transport, rest = await pending.arrived
+            except asyncio.CancelledError:
+                # Arrived just as the wait ended: nobody will use it.
+                arrived = pending.arrived
+                if arrived.done() and not arrived.cancelled() and arrived.exception() is None:
+                    arrived.result()[0].abort()
+                raise
+        finally:
+            requests.drop(nonce)
+        self.channels_open += 1
+        self.channels_total += 1
+        self.link_transports.add(transport)
+        transport.set_protocol(CountedLink(protocol, self, transport))
+        protocol.connection_made(transport)
+        if rest:
+            protocol.data_received(rest)
+        transport.resume_reading()
+
+    def link_closed(self, transport: asyncio.Transport) -> None:
+        if transport in self.link_transports:
+            self.link_transports.discard(transport)
+            self.channels_open -= 1
+
+    def pause_links(self, reason: str) -> None:
+        """Use SSH channels for a while: a link did not arrive."""
+        self.links_paused_until = time.monotonic() + LINKS_RETRY_SECONDS
+        log.warning("agent %s: no data link (%s); using SSH channels for %.0f s", self.agent, reason,
+                    LINKS_RETRY_SECONDS)  # fmt: skip
+
+    def close(self) -> None:
+        self.conn.close()
+        for transport in list(self.link_transports):
+            transport.abort()
 
     async def open_channel(self, connection: str, protocol: asyncio.Protocol) -> None:
         """Open a channel to the agent for `connection` and connect `protocol` to it."""
@@ -128,53 +198,147 @@ class Hub:
         database: Database,
         replica: str,
         heartbeat_seconds: float,
+        links: bool = True,
     ):
         self.host, self.port = host, port
         self.host_key = host_key
+        self.links_enabled = links
+        self.link_requests = LinkRequests()
+        self._link_tls: Any = None  # ssl.SSLContext, made at start when links are enabled
         self.database = database
         self.replica = replica
         self.heartbeat_seconds = heartbeat_seconds
         self.tunnels: dict[str, list[Tunnel]] = {}  # connection name -> tunnels serving it
         self._all: set[Tunnel] = set()
         self._round_robin = itertools.count()
-        self._server: asyncssh.SSHAcceptor | None = None
+        self._sockets: list[socket.socket] = []
+        self._accepting: set[asyncio.Task[None]] = set()  # accept loops and connections being sniffed
+        self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self.users = 0  # gateways (one per config load) using this hub
 
     # -- lifecycle --
     async def start(self) -> None:
-        self._server = await asyncssh.create_server(
-            lambda: _AgentLogin(self),
-            self.host,
-            self.port,
+        self._ssh_options = asyncssh.SSHServerConnectionOptions(
+            server_factory=lambda: _AgentLogin(self),
             server_host_keys=[self.host_key],
             keepalive_interval=self.heartbeat_seconds,
             keepalive_count_max=3,
             encryption_algs=ENCRYPTION_ALGS,
             compression_algs=["none"],
             login_timeout=30,
-            reuse_address=True,
-            # No agent forwarding, X11 or TCP forwarding, and no sessions but the enrolment command.
+            # No agent forwarding, X11 or TCP forwarding, and no sessions but enrolment and links.
             agent_forwarding=False,
             x11_forwarding=False,
             allow_pty=False,
         )
-        if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
+        if self.links_enabled:
+            from .links import server_context
+
+            try:
+                self._link_tls = await asyncio.to_thread(server_context, self.host_key)
+            except Exception as exc:  # e.g. a host key type TLS has no certificates for (DSA)
+                log.warning("agent data links disabled (SSH channels only): the host key cannot make a "
+                            "TLS certificate: %s", exc)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+                if self.port == 0 and self._sockets:  # one port for every address
+                    address = (address[0], self.port, *address[2:])
+                sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                self._close_sockets()
+                raise
+            self._sockets.append(sock)
+            if self.port == 0:
+                self.port = sock.getsockname()[1]
+        for sock in self._sockets:
+            self._spawn(self._accept_forever(sock))
         self._heartbeat = asyncio.create_task(self._heartbeats())
         log.info("agent tunnels: listening on %s:%d (host key %s)", self.host, self.port, self.fingerprint)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and the like: do not spin
+                log.warning("agent tunnels: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        """One new connection: a data link (TLS) or an agent's SSH session, told apart by its first byte."""
+        loop = asyncio.get_running_loop()
+        first = b""
+        readable: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            async with asyncio.timeout(SNIFF_SECONDS):
+                await readable
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                sock.close()  # closed before it said anything
+                return
+        except TimeoutError:
+            pass  # silent: an SSH client waiting for the server's version line
+        except OSError:
+            sock.close()
+            return
+        finally:
+            loop.remove_reader(fd)
+        try:
+            if first == TLS_FIRST_BYTE and self._link_tls is not None:
+                await loop.connect_accepted_socket(
+                    lambda: LinkAcceptor(self.link_requests), sock, ssl=self._link_tls,
+                    ssl_handshake_timeout=10,
+                )  # fmt: skip
+            else:
+                await asyncssh.run_server(sock, options=self._ssh_options)
+        except (OSError, asyncssh.Error, TimeoutError, ssl.SSLError) as exc:
+            log.debug("agent tunnels: a connection failed before it was set up: %s", exc)
+            sock.close()
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        for task in list(self._accepting):
+            task.cancel()
+        for task in list(self._accepting):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._close_sockets()
         for tunnel in list(self._all):
-            tunnel.conn.close()
-        self._server = None
+            tunnel.close()
 
     @property
     def fingerprint(self) -> str:
@@ -201,6 +365,8 @@ class Hub:
                 "since": t.since,
                 "channels_open": t.channels_open,
                 "channels_total": t.channels_total,
+                "links_open": len(t.link_transports),
+                "links": t.links_usable(),
             }
             for t in sorted(self._all, key=lambda t: (t.agent, t.since))
         ]
@@ -240,6 +406,9 @@ class Hub:
         self._all.discard(tunnel)
         for connection in list(tunnel.serving):
             self._unregister(tunnel, connection)
+        tunnel.control = None
+        for transport in list(tunnel.link_transports):
+            transport.abort()  # a link lives no longer than its tunnel (revoked, disconnected)
         log.warning("agent %s disconnected from %s%s", tunnel.agent, tunnel.peer, f": {exc}" if exc else "")
         if tunnel.session_id:
             session_id = tunnel.session_id
@@ -266,7 +435,7 @@ class Hub:
                     or record.fingerprint != tunnel.fingerprint
                 ):
                     log.warning("agent %s: identity revoked; closing its tunnel", tunnel.agent)
-                    tunnel.conn.close()
+                    tunnel.close()
 
 
 def _heartbeat(session: Any, tunnels: list[Tunnel]) -> dict[str, store.AgentRecord | None]:
@@ -361,6 +530,7 @@ class _AgentLogin(asyncssh.SSHServer):
             conn=self.conn,
             peer=self.peer,
             version=version.removeprefix("SSH-2.0-"),
+            link_requests=self.hub.link_requests if self.hub._link_tls is not None else None,
         )
         await self.hub._connected(self.tunnel)
         log.info("agent %s connected from %s (%s)", self.record.name, self.peer, self.tunnel.version)
@@ -388,7 +558,34 @@ class _AgentLogin(asyncssh.SSHServer):
     def session_requested(self) -> Any:
         if self.username == JOIN_USER and self.join_token:
             return self._enrol
+        if self.tunnel is not None:
+            return self._links
         return False
+
+    async def _links(
+        self, stdin: asyncssh.SSHReader[str], stdout: asyncssh.SSHWriter[str], stderr: asyncssh.SSHWriter[str]
+    ) -> None:
+        """The `links` session: the gateway writes one line per data link it wants, ``{"link": NONCE,
+        "connection": NAME}``; the agent answers only failures, ``{"link": NONCE, "error": REASON}``."""
+        channel = cast("asyncssh.SSHServerChannel[str]", stdout.channel)
+        tunnel = self.tunnel
+        if channel.get_command() != LINKS_COMMAND or tunnel is None or tunnel.link_requests is None:
+            stdout.write(json.dumps({"error": "data links are not available; use SSH channels"}) + "\n")
+            channel.exit(1)
+            return
+        requests = tunnel.link_requests
+        tunnel.control = stdout
+        try:
+            while line := await stdin.readline():
+                with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                    report = json.loads(line)
+                    requests.fail(str(report["link"]), str(report.get("error", "no reason given"))[:300])
+        except (asyncssh.Error, OSError):
+            pass
+        finally:
+            if tunnel.control is stdout:
+                tunnel.control = None
+        channel.exit(0)
 
     async def _enrol(
         self, stdin: asyncssh.SSHReader[str], stdout: asyncssh.SSHWriter[str], stderr: asyncssh.SSHWriter[str]

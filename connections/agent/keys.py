@@ -56,3 +56,48 @@ def gateway_host_key(
             ) from None
     pem = database.call(lambda session: store.load_or_create_host_key(session, generate_private_key))
     return asyncssh.import_private_key(pem)
+
+
+def tls_certificate(key: asyncssh.SSHKey) -> tuple[bytes, bytes]:
+    """A self-signed certificate for `key` and the key itself, both PEM: what the gateway's data links
+    present. The agent checks it by the key's SSH fingerprint (the same pin as the SSH host key), not by
+    name or issuer, so subject and validity carry nothing."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+    from cryptography.x509.oid import NameOID
+
+    private = serialization.load_pem_private_key(key.export_private_key("pkcs8-pem"), None)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubegate agent links")])
+    now = datetime.datetime.now(datetime.UTC)
+    # Ed25519/Ed448 sign without a separate hash; RSA and ECDSA host keys with SHA-256.
+    digest = (
+        None if isinstance(private, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else hashes.SHA256()
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(private, digest)  # type: ignore[arg-type]
+    )
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """The SSH fingerprint (``SHA256:...``) of the public key in a DER certificate: what the agent compares
+    with its pinned ``gateway_host_key`` before it sends anything on a data link."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    public = x509.load_der_x509_certificate(der).public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return fingerprint(asyncssh.import_public_key(pem))

@@ -22,12 +22,17 @@ class TunnelCollector(Collector):
         )
         channels = GaugeMetricFamily(
             "kubegate_agent_channels_open",
-            "SSH channels (upstream connections) open now, per agent.",
+            "Upstream connections through the tunnel (data links and SSH channels) open now, per agent.",
             labels=["agent"],
         )
         opened = CounterMetricFamily(
             "kubegate_agent_channels_opened",
-            "SSH channels opened since the agent connected.",
+            "Upstream connections (data links and SSH channels) opened since the agent connected.",
+            labels=["agent"],
+        )
+        links = GaugeMetricFamily(
+            "kubegate_agent_links_open",
+            "Of kubegate_agent_channels_open, how many are data links (the rest are SSH channels).",
             labels=["agent"],
         )
         since = GaugeMetricFamily(
@@ -42,17 +47,19 @@ class TunnelCollector(Collector):
             agent = tunnel["agent"]
             for connection in tunnel["connections"]:
                 per_connection[connection, agent] = per_connection.get((connection, agent), 0) + 1
-            totals = per_agent.setdefault(agent, [0, 0, tunnel["since"]])
+            totals = per_agent.setdefault(agent, [0, 0, tunnel["since"], 0])
             totals[0] += tunnel["channels_open"]
             totals[1] += tunnel["channels_total"]
             totals[2] = min(totals[2], tunnel["since"])
+            totals[3] += tunnel["links_open"]
         for (connection, agent), count in per_connection.items():
             serving.add_metric([connection, agent], count)
-        for agent, (open_now, total, first) in per_agent.items():
+        for agent, (open_now, total, first, links_now) in per_agent.items():
             channels.add_metric([agent], open_now)
+            links.add_metric([agent], links_now)
             opened.add_metric([agent], total)
             since.add_metric([agent], first)
-        yield from (serving, channels, opened, since)
+        yield from (serving, channels, links, opened, since)
 
 
 _registered = False

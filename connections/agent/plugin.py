@@ -66,6 +66,7 @@ async def kubegate_startup(gateway: Gateway) -> None:
             database=gateway.database,
             replica=settings.replica or hubs.default_replica_name(port),
             heartbeat_seconds=settings.heartbeat_seconds,
+            links=settings.links,
         )
 
     if hubs.current() is None:

@@ -30,6 +30,12 @@ class AgentGatewaySettings(BaseModel):
     heartbeat_seconds: float = Field(
         10.0, gt=0, description="SSH keepalive and database heartbeat interval; 3 missed = disconnected."
     )
+    links: bool = Field(
+        True,
+        description="Carry requests over data links (TLS connections the agent opens on request, on the same "
+        "port, checked against the same host key) instead of SSH channels: about twice as fast per request. "
+        "false: SSH channels only.",
+    )
 
     @field_validator("listen")
     @classmethod

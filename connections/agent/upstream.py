@@ -1,8 +1,8 @@
 """The ``agent`` connection type: an API server reached through an agent's tunnel.
 
 The gateway holds no credential and no address for such a connection: aiohttp's pool opens its connections
-as SSH channels to an agent (:class:`TunnelConnector`), and everything above the socket — the proxy, every
-plugin, WebSockets — is the same code as for a ``kubernetes`` connection.
+as data links or SSH channels to an agent (:class:`TunnelConnector`), and everything above the socket — the
+proxy, every plugin, WebSockets — is the same code as for a ``kubernetes`` connection.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ GATEWAY_IDENTITY = "kubegate:gateway"
 
 
 class TunnelConnector(aiohttp.BaseConnector):
-    """aiohttp connections as SSH channels to an agent serving `connection`."""
+    """aiohttp connections to an agent serving `connection`: a data link when the tunnel has them (links.py),
+    else an SSH channel."""
 
     def __init__(self, connection: str, allowed_agents: list[str], *, limit: int):
         super().__init__(limit=limit, limit_per_host=0, enable_cleanup_closed=False)
@@ -48,6 +49,7 @@ class TunnelConnector(aiohttp.BaseConnector):
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> ResponseHandler:
         from . import hub as hubs
+        from .links import LINK_WAIT_SECONDS, LinkFailed
         from .ssh import asyncssh
 
         hub = hubs.current()
@@ -57,9 +59,20 @@ class TunnelConnector(aiohttp.BaseConnector):
             tunnel = hub.pick(self.connection, self.allowed_agents)
         except hubs.NoAgent as exc:
             raise aiohttp.ClientConnectionError(str(exc)) from None
+        connect_timeout = timeout.sock_connect or timeout.connect
+        if tunnel.links_usable():
+            protocol = self._factory()
+            try:
+                async with asyncio.timeout(min(LINK_WAIT_SECONDS, connect_timeout or LINK_WAIT_SECONDS)):
+                    await tunnel.open_link(self.connection, protocol)
+                return protocol
+            except TimeoutError:
+                tunnel.pause_links(f"none arrived within {LINK_WAIT_SECONDS:.0f} s")
+            except LinkFailed as exc:
+                tunnel.pause_links(str(exc))
         protocol = self._factory()
         try:
-            async with asyncio.timeout(timeout.sock_connect or timeout.connect):
+            async with asyncio.timeout(connect_timeout):
                 await tunnel.open_channel(self.connection, protocol)
         except TimeoutError:
             raise aiohttp.ConnectionTimeoutError(f"agent {tunnel.agent!r} did not open a channel") from None

@@ -4,6 +4,7 @@ the agents, `kubegate agents list` reads them from the database."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import ssl
 import time
@@ -56,6 +57,10 @@ def test_metrics_show_the_agent(stack: AgentStack):
     text = _metrics(stack)
     assert f'kubegate_agent_tunnels{{agent="edge-1",connection="{AGENT_CONNECTION}"}} 1.0' in text
     assert 'kubegate_agent_channels_opened_total{agent="edge-1"}' in text
+    # The requests went over data links (TLS), not SSH channels: aiohttp still holds the kubectl request's.
+    links_open = re.search(r'^kubegate_agent_links_open\{agent="edge-1"\} (\S+)$', text, re.M)
+    assert links_open is not None and float(links_open.group(1)) >= 1, text
+    assert "no data link" not in stack.gateway.log.read_text()
     assert 'kubegate_agent_connected_since_seconds{agent="edge-1"}' in text
 
 
@@ -67,6 +72,7 @@ def test_ui_connection_list_shows_agent_status(stack: AgentStack):
     assert item["upstream"]["state"] == "connected"
     assert [a["agent"] for a in item["upstream"]["agents"]] == ["edge-1"]
     assert item["upstream"]["agents"][0]["version"].startswith("kubegate-agent_")
+    assert item["upstream"]["agents"][0]["links"] is True
 
 
 def test_agents_list_reads_the_database(stack: AgentStack):
