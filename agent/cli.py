@@ -66,6 +66,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(level: str, fmt: str) -> None:
+    import logging
+
     from kubegate.core.observe import setup_logging
 
     setup_logging(level, fmt)
+    # One line per request is on the request path: skip what no agent log line shows (the logging HOWTO's
+    # "Optimization": no caller lookup per record, no thread/process names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -16,9 +16,10 @@ Contenders, all TLS on loopback, all in front of one stand-in API server (bench/
              database (one lookup per second, revocation_check_seconds): small GET only;
   nginx      Debian's nginx, one worker, TLS reverse proxy with an upstream keepalive pool;
   mitmproxy  mitmdump --mode reverse:UPSTREAM (own venv: bench/.venv-mitm);
-  agent      the gateway (static-tokens only) with a `type: agent` connection: each request goes through an
-             SSH tunnel to a `kubegate agent` (enrolled with a join token at start) that holds the upstream
-             credential and forwards to the same upstream; compared with `gateway` in every round.
+  agent      the gateway (static-tokens only) with a `type: agent` connection: each request goes through the
+             tunnel (data links: TLS connections asked for over SSH) to a `kubegate agent` (enrolled with a
+             join token at start) that holds the upstream credential and forwards to the same upstream;
+             compared with `gateway` in every round.
 
 Measured: small GET (one pod) and a 500-pod list at concurrency 1 and 32 with wrk (req/s, p50, p99);
 exec stdout throughput over a v5.channel.k8s.io WebSocket (MB/s); the gateway's RSS with 1,000 open watches.
@@ -1195,7 +1196,7 @@ def render_agent(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[lis
         return [], []
     section = [
         "",
-        "### Through the agent tunnel (gateway → SSH → kubegate agent → upstream, vs the gateway direct)",
+        "### Through the agent tunnel (gateway → data link → kubegate agent → upstream, vs the gateway direct)",
         "",
         "Both gateways are the same static-tokens gateway; the agent contender's connection is `type: agent`. "
         "Ratios and added p50 are medians of the per-round values (the two are measured seconds apart).",

@@ -311,6 +311,8 @@ class Hub:
             loop.remove_reader(fd)
         try:
             if first == TLS_FIRST_BYTE and self._link_tls is not None:
+                # Request/response traffic: no Nagle delay (uvloop sets this itself; asyncio does not).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await loop.connect_accepted_socket(
                     lambda: LinkAcceptor(self.link_requests), sock, ssl=self._link_tls,
                     ssl_handshake_timeout=10,
