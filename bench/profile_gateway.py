@@ -1,6 +1,7 @@
 """Where the gateway spends its time on the small GET: py-spy samples `kubegate serve` under wrk load.
 
     .venv/bin/python bench/profile_gateway.py [--seconds 15] [--concurrency 32] [--path /api/v1/...] [--agent]
+        [--full]
 
 Starts the stand-in upstream and a gateway (same config as bench/run.py), drives it with wrk, records with
 py-spy (installed into bench/.venv-mitm when missing; needs root or ptrace rights) and prints the functions
@@ -72,6 +73,11 @@ def main() -> int:
         "--agent", action="store_true", help="through the agent tunnel: sample the gateway and the agent"
     )
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the gateway-full contender: policy, approvals, masking, audit-db, recording on",
+    )
+    parser.add_argument(
         "--exec-mb", type=int, default=0, metavar="N", help="load: exec sessions of N MB of stdout, not wrk"
     )
     args = parser.parse_args()
@@ -87,10 +93,8 @@ def main() -> int:
         outs["agent"] = bench.RESULTS / f"{stamp}-agent.txt"
     try:
         up = bench.start_upstream(work)
-        gw = (
-            bench.start_gateway(work, up, label="agent", agent=True)
-            if args.agent
-            else bench.start_gateway(work, up)
+        gw = bench.start_gateway(
+            work, up, label="agent" if args.agent else "gateway", agent=args.agent, full=args.full
         )
         assert gw.proc is not None
         pids = {"gateway": gw.proc.pid}
