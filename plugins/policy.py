@@ -140,6 +140,8 @@ class PolicySettings(BaseModel):
     dry_run: bool = Field(False, description="Every rule only records what it would have done.")
     rules: list[Rule] = Field(default_factory=list)
 
+    _index: RuleIndex | None = PrivateAttr(None)
+
     @field_validator("rules")
     @classmethod
     def _unique(cls, rules: list[Rule]) -> list[Rule]:
@@ -149,6 +151,13 @@ class PolicySettings(BaseModel):
                 raise ValueError(f"rule name {rule.name!r} is used twice")
             seen.add(rule.name)
         return rules
+
+    @property
+    def index(self) -> RuleIndex:
+        """The rules by verb and resource, built once per loaded config (the settings object)."""
+        if self._index is None:
+            self._index = RuleIndex(self.rules)
+        return self._index
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,6 +243,78 @@ def _mismatch(match: RuleMatch, req: Request) -> str | None:
     if match.commands and not (req.command and _any_glob(match.commands, " ".join(req.command))):
         return f"command {' '.join(req.command) or '(none)'} not in {match.commands}"
     return None
+
+
+def _matches(match: RuleMatch, req: Request) -> bool:
+    """``_mismatch(match, req) is None`` without building the reasons (the request path's version; a test
+    holds the two equal)."""
+    who = req.identity
+    if match.users and not _any_glob(match.users, who.user):
+        return False
+    if match.groups and not any(_any_glob(match.groups, g) for g in who.groups):
+        return False
+    if match.methods and not _any_glob(match.methods, who.method):
+        return False
+    for claim, pattern in match.claims.items():
+        value = who.claims.get(claim)
+        if value is None or not fnmatch.fnmatchcase(str(value), pattern):
+            return False
+    if match.verbs and "*" not in match.verbs and req.verb not in match.verbs:
+        return False
+    if match.api_groups and "*" not in match.api_groups and req.api_group not in match.api_groups:
+        return False
+    if match.resources and not _any_glob(match.resources, req.resource):
+        return False
+    if match.namespaces and not _any_glob(match.namespaces, req.namespace):
+        return False
+    if match.names and not any(_any_glob(match.names, name) for name in _names_of(req)):
+        return False
+    return not (match.commands and not (req.command and _any_glob(match.commands, " ".join(req.command))))
+
+
+GLOB_CHARACTERS = frozenset("*?[")
+MAX_INDEXED_PAIRS = 4096  # (verb, resource) pairs remembered; resources come from requests: bounded
+
+
+class RuleIndex:
+    """Which rules can match a (verb, resource) at all, in rule order: a rule that names verbs is a candidate
+    only for those; a rule whose `resources` are all plain names only for those resources. Everything else
+    about a rule is checked per request (`_matches`), so the index only skips rules that cannot match."""
+
+    def __init__(self, rules: list[Rule]):
+        self.rules = rules
+        self._by_verb: dict[str, frozenset[int]] = {}
+        any_verb = {i for i, r in enumerate(rules) if not r.match.verbs or "*" in r.match.verbs}
+        for verb in VERBS:
+            self._by_verb[verb] = frozenset(
+                any_verb | {i for i, r in enumerate(rules) if verb in r.match.verbs}
+            )
+        self._any_resource: set[int] = set()
+        self._by_resource: dict[str, set[int]] = {}
+        for i, rule in enumerate(rules):
+            names = rule.match.resources
+            if not names or any(GLOB_CHARACTERS & set(name) for name in names):
+                self._any_resource.add(i)
+            else:
+                for name in names:
+                    self._by_resource.setdefault(name, set()).add(i)
+        self._all = tuple(range(len(rules)))
+        self._candidates: dict[tuple[str, str], tuple[int, ...]] = {}
+
+    def candidates(self, verb: str, resource: str) -> tuple[int, ...]:
+        key = (verb, resource)
+        found = self._candidates.get(key)
+        if found is not None:
+            return found
+        by_verb = self._by_verb.get(verb)
+        if by_verb is None:  # not a verb rules can name: every rule is tried
+            return self._all
+        by_resource = self._any_resource | self._by_resource.get(resource, set())
+        found = tuple(sorted(by_verb & by_resource))
+        if len(self._candidates) >= MAX_INDEXED_PAIRS:
+            self._candidates.clear()
+        self._candidates[key] = found
+        return found
 
 
 BODY_VERBS = {"create": "POST", "update": "PUT", "patch": "PATCH"}
@@ -329,8 +410,13 @@ def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str, int]:
     return bool(result), f"condition {'true' if result else 'false'}", 0
 
 
-def evaluate(settings: PolicySettings, req: Request) -> Outcome:
-    """The rules against one request, in order. Pure (no I/O): the caller has read the body if needed."""
+def evaluate(settings: PolicySettings, req: Request, *, explain: bool = True) -> Outcome:
+    """The rules against one request, in order. Pure (no I/O): the caller has read the body if needed.
+    With `explain` (``kubegate policy check``) every rule is tried and the trace says why each did or did
+    not match; without it (the request path) only the index's candidates are tried and there is no trace —
+    the same outcome either way."""
+    if not explain:
+        return _evaluate_fast(settings, req)
     dry: list[dict[str, str]] = []
     trace: list[str] = []
     for rule in settings.rules:
@@ -357,9 +443,36 @@ def evaluate(settings: PolicySettings, req: Request) -> Outcome:
     return Outcome(None, settings.default, "", dry, trace)
 
 
+def _evaluate_fast(settings: PolicySettings, req: Request) -> Outcome:
+    """`evaluate` over the index's candidates, without a trace."""
+    dry: list[dict[str, str]] = []
+    rules = settings.rules
+    for position in settings.index.candidates(req.verb, req.resource):
+        rule = rules[position]
+        if not _matches(rule.match, req):
+            continue
+        failure, failure_status = "", 0
+        if rule.match._program is not None:
+            matched, detail, status = _condition(rule.match, req)
+            if matched is None and rule.matches_on_condition_error:
+                failure, failure_status = detail, status  # fail closed: the rule applies
+            elif not matched:
+                continue
+        error = f"policy rule {rule.name}: {failure}" if failure else ""
+        if rule.dry_run or settings.dry_run:
+            dry.append({"rule": rule.name, "action": rule.action})
+            continue
+        return Outcome(rule, rule.action, error or rule.message, dry, [], error, failure_status)
+    return Outcome(None, settings.default, "", dry, [])
+
+
 def needs_body(settings: PolicySettings, req: Request) -> bool:
     """Whether some rule that could still decide has a condition on the request object."""
-    return any(rule.match._reads_object and _mismatch(rule.match, req) is None for rule in settings.rules)
+    rules = settings.rules
+    return any(
+        rules[i].match._reads_object and _matches(rules[i].match, req)
+        for i in settings.index.candidates(req.verb, req.resource)
+    )
 
 
 CONNECT_SUBRESOURCES = {"pods/exec", "pods/attach", "pods/portforward"}
@@ -441,7 +554,7 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
     req.content_type = ", ".join(flow.request.header_values("content-type"))
     if req.body is None and not flow.request.websocket and needs_body(settings, req):
         req.body = await flow.request.read_body()
-    outcome = evaluate(settings, req)
+    outcome = evaluate(settings, req, explain=False)
     if outcome.dry_run:
         flow.state[PLUGIN_NAME] = {"dry_run": outcome.dry_run}
         for entry in outcome.dry_run:
