@@ -1203,9 +1203,11 @@ def render(results: dict) -> str:
         )
     tunnel_section, tunnel_targets = render_agent(results, cells, raw)
     out += tunnel_section
+    full_section, full_targets = render_full(results, cells, raw)
+    out += full_section
     out += [
         "",
-        "### Targets (gateway with only static-tokens enabled)",
+        "### Targets",
         "",
         "| target | measured | met |",
         "| --- | --- | --- |",
@@ -1250,6 +1252,7 @@ def render(results: dict) -> str:
             f"{'yes' if gw_exec['mb_per_s'] >= 100 else '**no**'} |"
         )
     out += tunnel_targets
+    out += full_targets
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)) + "\n"
 
 
@@ -1332,6 +1335,64 @@ def render_agent(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[lis
             f"| through the agent: {watch['watches']:,} concurrent watches established | {watch['opened']:,} "
             f"in {watch['open_seconds']:.1f} s | {'yes' if watch['opened'] == watch['watches'] else '**no**'} |"
         )
+    return section, targets
+
+
+def render_full(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[list[str], list[str]]:
+    """gateway-full (every plugin a deployment runs) next to the static-tokens gateway, direct and
+    mitmproxy: ratios as medians of the per-round values, and issue 15's target rows."""
+    if "gateway-full" not in results["args"].get("contenders", []):
+        return [], []
+    section = [
+        "",
+        "### The full plugin chain (gateway-full vs the static-tokens gateway)",
+        "",
+        "gateway-full: static-tokens, policy (ten rules, none matching the benchmark's GETs), approvals, "
+        "masking (known values learned from the upstream's Secrets), audit-db (SQLite) and recording. Ratios "
+        "and added p50 are medians of the per-round values.",
+        "",
+        "| workload | conc. | gateway req/s | gateway-full req/s | full / gateway | full p50 added vs direct | "
+        "full / mitmproxy | per round (full/gateway) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    targets: list[str] = []
+    for workload in WORKLOADS:
+        for conc in results["args"]["concurrency"]:
+            gw, full = (
+                find_cell(cells, "gateway", workload, conc),
+                find_cell(cells, "gateway-full", workload, conc),
+            )
+            if not (gw and full and gw.rps):
+                continue
+            ratios = per_round(raw, "gateway-full", "gateway", workload, conc, lambda f, g: f.rps / g.rps)
+            ratio = statistics.median(ratios) if ratios else full.rps / gw.rps
+            adds = per_round(raw, "gateway-full", "direct", workload, conc, lambda f, d: f.p50_ms - d.p50_ms)
+            added = statistics.median(adds) if adds else None
+            mitm_ratios = per_round(
+                raw, "gateway-full", "mitmproxy", workload, conc, lambda f, m: f.rps / m.rps
+            )
+            mitm = statistics.median(mitm_ratios) if mitm_ratios else None
+            section.append(
+                f"| {workload} | {conc} | {gw.rps:,.0f} | {full.rps:,.0f} | {ratio:.2f}x | "
+                f"{'—' if added is None else f'{added:+.2f} ms'} | {'—' if mitm is None else f'{mitm:.2f}x'} | "
+                f"{', '.join(f'{r:.2f}x' for r in ratios)} |"
+            )
+            if workload != SMALL:
+                continue
+            targets.append(
+                f"| full chain ≥ 0.8x the static-tokens gateway's req/s, small GET, c={conc} | {ratio:.2f}x "
+                f"({full.rps:,.0f} vs {gw.rps:,.0f} req/s) | {'yes' if ratio >= 0.8 else '**no**'} |"
+            )
+            if mitm is not None:
+                targets.append(
+                    f"| full chain ≥ 3x mitmproxy req/s, small GET, c={conc} | {mitm:.2f}x | "
+                    f"{'yes' if mitm >= 3 else '**no**'} |"
+                )
+            if conc == 1 and added is not None:
+                targets.append(
+                    f"| full chain ≤ 0.5 ms added p50 over direct, small GET, c=1 | {added:+.2f} ms | "
+                    f"{'yes' if added <= 0.5 else '**no**'} |"
+                )
     return section, targets
 
 
