@@ -60,11 +60,28 @@ def database_from_config(config: str):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import parse_settings, worker_count
+
+    settings = parse_settings(Path(args.config))
+    metrics_dir = None
+    if worker_count(settings) > 1:
+        # Before prometheus-client is first imported (by the gateway's modules): it picks its value store
+        # once, and the workers must share theirs.
+        metrics_dir = _multiprocess_metrics_dir(settings.state_dir)
+    try:
+        return _serve(args)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import worker_count
     from .observe import setup_logging
     from .server import StartupError, run
 
     gateway = _load(args.config)
-    setup_logging(gateway.settings.log_level, gateway.settings.log_format)
+    setup_logging(gateway.settings.log_level, gateway.settings.log_format, worker_count(gateway.settings) > 1)
     try:
         run(gateway, bind=args.bind, announce=lambda line: print(line, file=sys.stderr, flush=True))
     except StartupError as exc:
@@ -74,6 +91,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"cannot serve on {args.bind or gateway.settings.listen}: {exc.strerror or exc}"
         ) from None
     return 0
+
+
+def _multiprocess_metrics_dir(state_dir: Path) -> Path:
+    """A fresh private directory for the workers' metric files (STATE_DIR/metrics-PID-XXXX), set as
+    PROMETHEUS_MULTIPROC_DIR. Directories a supervisor that no longer runs left behind are removed."""
+    import os
+    import tempfile
+
+    if "prometheus_client" in sys.modules:  # pragma: no cover - a programming error, not a user's
+        raise CLIError("internal: prometheus_client was imported before the metrics directory was set")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for old in state_dir.glob("metrics-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        directory = Path(tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=state_dir))  # mode 0700
+    except OSError as exc:
+        raise CLIError(f"cannot make a metrics directory in {state_dir}: {exc.strerror or exc}") from None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+def _running(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_kubeconfig(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ their connection type and plugin declare (see the ``kubegate_connection_types`` 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -20,6 +21,8 @@ from .people import PeopleSettings
 
 CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
+
+MAX_WORKERS = 1024
 
 LOOPBACK_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 
@@ -106,6 +109,11 @@ class GatewaySettings(StrictModel):
         "uvicorn",
         description="ASGI server: uvicorn (HTTP/1.1, the faster data path) or hypercorn (adds HTTP/2).",
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Gateway processes serving the one listener: an integer from 1 to 1024, or `auto` (one per "
+        "usable CPU). 1 serves in one process, as before.",
+    )
     plugins: dict[str, dict[str, Any] | None] = Field(
         default_factory=dict,
         description="Gateway-wide plugins and their settings (e.g. `login`), validated by the model each "
@@ -126,6 +134,16 @@ class GatewaySettings(StrictModel):
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443")
         return value
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | str:
+        # bool is an int to Python: `workers: yes` is a mistake, not 1.
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS
+        ):
+            return value
+        raise ValueError(f"must be an integer from 1 to {MAX_WORKERS}, or auto")
+
     @field_validator("connections")
     @classmethod
     def _names(cls, value: dict[str, ConnectionSettings]) -> dict[str, ConnectionSettings]:
@@ -143,6 +161,17 @@ class GatewaySettings(StrictModel):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def worker_count(settings: GatewaySettings) -> int:
+    """How many gateway processes `workers` asks for (`auto`: the CPUs this process may run on)."""
+    if settings.workers != "auto":
+        return int(settings.workers)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return min(max(usable, 1), MAX_WORKERS)
 
 
 def format_location(loc: tuple[int | str, ...], prefix: str = "") -> str:

@@ -1,16 +1,23 @@
 """What operators watch: Prometheus metrics (`GET /metrics`), readiness (`GET /readyz`) and logs that carry
 the request id (JSON lines with `log_format: json`).
 
-Metrics are process-wide (one registry, as logging is): a gateway reloaded on SIGHUP keeps counting.
+Metrics are process-wide (one registry, as logging is): a gateway reloaded on SIGHUP keeps counting. With
+`workers: N` (several processes, core/server.py) the metrics live in prometheus-client's multiprocess files
+(PROMETHEUS_MULTIPROC_DIR, set before this module is first imported) and `/metrics` on any worker answers
+the sum over all of them; collectors that read live in-process state (agent tunnels, third-party plugins')
+answer for the worker that serves the scrape, with a `worker` label (its pid).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -21,32 +28,42 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client import values as prometheus_values
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .flow import Flow
     from .gateway import Gateway
 
+# prometheus-client chose its value store when it was imported: mmap files shared by the workers, or memory.
+MULTIPROCESS: bool = getattr(prometheus_values.ValueClass, "_multiprocess", False)
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("kubegate_requests", "Requests through the gateway, by connection, verb, decision and "
                    "status code.", ["connection", "verb", "decision", "code"], registry=REGISTRY)  # fmt: skip
 LATENCY = Histogram("kubegate_request_duration_seconds", "Time from the request to its last byte (sessions: "
                     "to their end).", ["connection", "verb"], registry=REGISTRY,
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
+# Gauges say how their workers' values combine (ignored in one process): what is open now adds up over the
+# live workers; counts since start add up over every worker that ever ran (a restarted one's too); a sink is
+# up only while it is up in every worker; pending approvals come from the database (the latest reading).
 OPEN_STREAMS = Gauge("kubegate_open_streams", "Watches and `logs -f` streams open now.", ["connection"],
-                     registry=REGISTRY)  # fmt: skip
+                     registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
 OPEN_SESSIONS = Gauge("kubegate_open_sessions", "exec/attach/port-forward sessions open now.",
-                      ["connection", "kind"], registry=REGISTRY)  # fmt: skip
-PENDING_APPROVALS = Gauge(
-    "kubegate_pending_approvals", "Requests held for a reviewer now.", registry=REGISTRY
-)
+                      ["connection", "kind"], registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
+PENDING_APPROVALS = Gauge("kubegate_pending_approvals", "Requests held for a reviewer now.", registry=REGISTRY,
+                          multiprocess_mode="livemostrecent")  # fmt: skip
 AUDIT_QUEUE = Gauge("kubegate_audit_queue_depth", "Audit events waiting to be written, per sink.", ["sink"],
-                    registry=REGISTRY)  # fmt: skip
+                    registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
 AUDIT_DROPPED = Gauge("kubegate_audit_dropped_events", "Audit events a sink dropped (queue full) since start.",
-                      ["sink"], registry=REGISTRY)  # fmt: skip
+                      ["sink"], registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
 AUDIT_WRITTEN = Gauge("kubegate_audit_written_events", "Audit events a sink wrote since start.", ["sink"],
-                      registry=REGISTRY)  # fmt: skip
+                      registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
 AUDIT_HEALTHY = Gauge("kubegate_audit_sink_up", "1 while a sink writes, 0 while its writes fail.", ["sink"],
-                      registry=REGISTRY)  # fmt: skip
+                      registry=REGISTRY, multiprocess_mode="livemin")  # fmt: skip
+# How often each worker publishes its sinks' gauges (another worker may answer the scrape).
+PUBLISH_SECONDS = 1.0
 
 
 def decision_label(flow: Flow) -> str:
@@ -69,6 +86,49 @@ def is_stream(flow: Flow) -> bool:
     return attributes.verb == "watch" or (attributes.subresource == "log" and attributes.follow)
 
 
+def publish_sink_gauges(gateway: Gateway) -> None:
+    """Each audit sink's queue, drops, writes and health, from this process's sinks."""
+    for value in list(gateway.extensions.values()):
+        if hasattr(value, "queue") and hasattr(value, "dropped") and hasattr(value, "healthy"):
+            AUDIT_QUEUE.labels(value.name).set(len(value.queue))
+            AUDIT_DROPPED.labels(value.name).set(value.dropped)
+            AUDIT_WRITTEN.labels(value.name).set(value.written)
+            AUDIT_HEALTHY.labels(value.name).set(1 if value.healthy else 0)
+
+
+async def publish_forever(current: Callable[[], Gateway]) -> None:
+    """In a worker of several: keep this process's sink gauges fresh for scrapes another worker answers."""
+    while True:
+        with contextlib.suppress(Exception):  # a sink mid-reload must not end the loop
+            publish_sink_gauges(current())
+        await asyncio.sleep(PUBLISH_SECONDS)
+
+
+class _ThisWorker(Collector):
+    """The collectors of REGISTRY that read live in-process state (not prometheus-client's metric objects,
+    which the multiprocess files already hold), with the serving worker's pid as a `worker` label."""
+
+    def collect(self) -> Iterator[Any]:
+        # prometheus-client keeps no public list of a registry's collectors.
+        collectors = list(getattr(REGISTRY, "_collector_to_names", {}))
+        worker = str(os.getpid())
+        for collector in collectors:
+            if isinstance(collector, MetricWrapperBase):
+                continue
+            for family in collector.collect():
+                family.samples = [s._replace(labels={**s.labels, "worker": worker}) for s in family.samples]
+                yield family
+
+
+def _exposition() -> bytes:
+    if not MULTIPROCESS:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry)
+    registry.register(_ThisWorker())
+    return generate_latest(registry)
+
+
 async def metrics_body(gateway: Gateway) -> tuple[bytes, str]:
     """The exposition, with the gauges read from plugins' state just before (pending approvals from the
     database; each audit sink's queue)."""
@@ -81,13 +141,8 @@ async def metrics_body(gateway: Gateway) -> tuple[bytes, str]:
             PENDING_APPROVALS.set(count)
         except Exception:  # a database that does not answer shows in /readyz, not here
             pass
-    for value in list(gateway.extensions.values()):
-        if hasattr(value, "queue") and hasattr(value, "dropped") and hasattr(value, "healthy"):
-            AUDIT_QUEUE.labels(value.name).set(len(value.queue))
-            AUDIT_DROPPED.labels(value.name).set(value.dropped)
-            AUDIT_WRITTEN.labels(value.name).set(value.written)
-            AUDIT_HEALTHY.labels(value.name).set(1 if value.healthy else 0)
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    publish_sink_gauges(gateway)
+    return _exposition(), CONTENT_TYPE_LATEST
 
 
 class Readiness:
@@ -161,6 +216,10 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, with_pid: bool = False):
+        super().__init__()
+        self.with_pid = with_pid
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -169,6 +228,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.with_pid:
+            entry["pid"] = record.process
         request_id = getattr(record, "request_id", "")
         if request_id:
             entry["request_id"] = request_id
@@ -177,13 +238,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str, log_format: str) -> None:
+def setup_logging(level: str, log_format: str, with_pid: bool = False) -> None:
+    """`with_pid` (several workers): each line says which process wrote it."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(with_pid))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pid = " [%(process)d]" if with_pid else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

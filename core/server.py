@@ -4,19 +4,26 @@ Both are ASGI servers running the same application. uvicorn is the default becau
 the data path (docs/performance.md: its C HTTP/1.1 parser takes a third of the per-request cost off
 Hypercorn's pure-Python h11); Hypercorn (`server: hypercorn`) adds HTTP/2, which kubectl uses when offered
 but does not need.
+
+With `workers: N` (N > 1) this process becomes a supervisor (:class:`Supervisor`): it binds the listener
+once and forks N workers that each serve it exactly as a single process does, restarts one that dies,
+passes SIGHUP on and stops them all on SIGTERM/SIGINT. It serves no request itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import select
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import uvicorn
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
+from .config import worker_count
 from .gateway import Gateway
 from .tls import ensure_self_signed
 
@@ -111,19 +119,41 @@ class _QuietUvicorn(logging.Filter):
 
 def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
+    workers = worker_count(gateway.settings)
+    if workers > 1:
+        Supervisor(gateway, workers, bind, announce).run()
+        return
     check_bind(bind or gateway.settings.listen)
     tls = tls_files(gateway)
     logging.getLogger("uvicorn.error").addFilter(_QuietUvicorn())
+    asyncio_run(serve_until_signal(gateway, tls, bind, on_ready=lambda: _banner(gateway, tls, announce)))
 
-    def ready() -> None:
-        if tls and tls.ca:
-            announce(f"kubegate: serving a certificate from its own CA; clients must trust {tls.ca}")
-        announce(f"kubegate: serving {len(gateway.connections)} connection(s) on {gateway.public_url}")
-        for connection in gateway.connections:
-            upstream = connection.upstream.base_url
-            announce(f"  {connection.name}: {gateway.connection_url(connection.name)} -> {upstream}")
 
-    asyncio_run(serve_until_signal(gateway, tls, bind, on_ready=ready))
+def _banner(gateway: Gateway, tls: TLSFiles | None, announce: Callable[[str], Any]) -> None:
+    if tls and tls.ca:
+        announce(f"kubegate: serving a certificate from its own CA; clients must trust {tls.ca}")
+    announce(f"kubegate: serving {len(gateway.connections)} connection(s) on {gateway.public_url}")
+    for connection in gateway.connections:
+        upstream = connection.upstream.base_url
+        announce(f"  {connection.name}: {gateway.connection_url(connection.name)} -> {upstream}")
+
+
+def worker_conflicts(gateway: Gateway, workers: int) -> str | None:
+    """Why `gateway`'s configuration cannot run in `workers` processes (None: it can). What is refused keeps
+    state in one process or one local file that N processes would each keep, or fight over."""
+    if workers <= 1:
+        return None
+    enabled = {name for connection in gateway.connections for name in connection.enabled_plugins}
+    if "agents" in gateway.settings.plugins or any(c.type == "agent" for c in gateway.connections):
+        # One SSH listener per host port, and an agent's tunnel ends in the one process that accepted it.
+        return f"{gateway.config_path}: workers: agent connections need workers: 1 for now"
+    for name, why in (
+        ("audit-file", "its hash chain continues from the file's last line, under a lock of one process"),
+        ("audit-webhook", "its spool directory is appended to and consumed by one process"),
+    ):
+        if name in enabled:
+            return f"{gateway.config_path}: workers: {name} needs workers: 1 for now ({why}); audit-db works"
+    return None
 
 
 def check_bind(bind: str) -> None:
@@ -158,32 +188,56 @@ async def _when_listening(
         await asyncio.sleep(0.05)
 
 
+async def _when_started(on_ready: Callable[[], None], started: Callable[[], bool]) -> None:
+    """A worker's readiness: its server has taken the inherited listener (a connection to the address would
+    prove nothing, the supervisor's socket accepts it whoever serves)."""
+    while not started():  # noqa: ASYNC110 - the servers expose a flag, not an event
+        await asyncio.sleep(0.05)
+    on_ready()
+
+
 async def serve_until_signal(
     gateway: Gateway,
     tls: TLSFiles | None,
     bind: str | None = None,
     on_ready: Callable[[], None] | None = None,
+    *,
+    listener: socket.socket | None = None,
+    workers: int = 1,
 ) -> None:
-    """Serve with the configured server until SIGINT or SIGTERM, then stop the gateway cleanly."""
+    """Serve with the configured server until SIGINT or SIGTERM, then stop the gateway cleanly. A worker of
+    several serves `listener`, bound by the supervisor, instead of binding `bind` itself."""
     started: list[Callable[[], bool]] = [lambda: True]
-    ready = asyncio.ensure_future(
-        _when_listening(bind or gateway.settings.listen, on_ready or (lambda: None), lambda: started[0]())
-    )
+    if listener is None:
+        ready = asyncio.ensure_future(
+            _when_listening(bind or gateway.settings.listen, on_ready or (lambda: None), lambda: started[0]())
+        )
+    else:
+        ready = asyncio.ensure_future(_when_started(on_ready or (lambda: None), lambda: started[0]()))
     # Everything loaded so far (config, plugins, modules) lives as long as the process: keep it out of the
     # collector's way, and collect young objects less often (a few % of request time was GC).
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-    app = Reloadable(gateway)
+    app = Reloadable(gateway, workers)
     loop = asyncio.get_running_loop()
     if hasattr(signal, "SIGHUP"):
         loop.add_signal_handler(signal.SIGHUP, app.reload_soon)
+    publishing: asyncio.Future[None] | None = None
+    if workers > 1:
+        from .observe import publish_forever
+
+        publishing = asyncio.ensure_future(publish_forever(lambda: app.current))
     try:
         if gateway.settings.server == "hypercorn":
             stop = asyncio.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            config = hypercorn_config(gateway, tls, bind)
+            config = hypercorn_config(gateway, tls, f"fd://{listener.fileno()}" if listener else bind)
+            if listener is not None:
+                # Hypercorn has no "started" flag; with the socket already listening, serving follows the
+                # lifespan startup at once.
+                started[0] = lambda: app.current._app_started
             try:
                 await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
             except Exception:
@@ -198,7 +252,7 @@ async def serve_until_signal(
             server = uvicorn.Server(uvicorn_config(gateway, tls, bind, app))
             started[0] = lambda: server.started
             try:
-                await server.serve()
+                await server.serve(sockets=[listener] if listener is not None else None)
             except SystemExit:
                 if not gateway.startup_error:
                     raise
@@ -208,6 +262,8 @@ async def serve_until_signal(
                 raise OSError(f"cannot serve on {bind or gateway.settings.listen}")
     finally:
         ready.cancel()
+        if publishing is not None:
+            publishing.cancel()
         if hasattr(signal, "SIGHUP"):
             loop.remove_signal_handler(signal.SIGHUP)
         for running in {gateway, app.current, *app.retiring}:
@@ -225,10 +281,12 @@ class Reloadable:
     already open stay with the old one, which stops once they are done (or after its
     `shutdown_grace_seconds`). A config that does not load or start is refused with a log line, and the
     running one stays. The listening address and TLS files belong to the server: changing them needs a
-    restart (the log says so)."""
+    restart (the log says so), and so does `workers`. A worker of several refuses a configuration that
+    cannot run in several processes (:func:`worker_conflicts`)."""
 
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, workers: int = 1):
         self.current = gateway
+        self.workers = workers
         self.inflight: dict[int, int] = {}
         self.retiring: set[Gateway] = set()
         self._reloading = asyncio.Lock()
@@ -272,13 +330,17 @@ class Reloadable:
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays: %s", exc)
                 return False
+            conflict = worker_conflicts(new, self.workers)
+            if conflict:
+                log.error("reload refused, the running configuration stays: %s", conflict)
+                return False
             try:
                 await new.start()
             except Exception as exc:
                 log.error("reload refused, the running configuration stays: cannot start it: %s", exc)
                 await new.stop()
                 return False
-            for key in ("listen", "tls"):
+            for key in ("listen", "tls", "workers"):
                 if getattr(new.settings, key) != getattr(old.settings, key):
                     log.warning("reload: `%s` changed; it takes effect at the next restart", key)
             self.current = new
@@ -299,6 +361,402 @@ class Reloadable:
         self.retiring.discard(old)
         self.inflight.pop(id(old), None)
         await old.stop()
+
+
+# -- several workers ------------------------------------------------------------------------------------------
+
+STOP_MARGIN_SECONDS = 15.0  # beyond shutdown_grace_seconds (audit sinks drain after the server stops)
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+STABLE_SECONDS = 60.0  # a worker that served this long before it died is restarted without delay build-up
+SUPERVISOR_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    status: int  # read end of the pipe the worker says "ready" or "error REASON" on; -1 once at EOF
+    generation: int  # the configuration generation it serves (SIGHUPs it has been sent)
+    forked_at: float
+    ready: bool = False
+    error: str = ""
+    pending: bytes = field(default=b"", repr=False)
+
+
+class Supervisor:
+    """`workers: N`: one listening socket, N forked worker processes serving it.
+
+    The supervisor binds the address, prepares what must happen once (the generated TLS files, the database
+    schema), then forks. Each worker runs :func:`serve_until_signal` on the inherited socket, exactly as a
+    single process serves; the kernel hands each new connection to one of them. The banner is printed once
+    every worker serves. A worker that dies is forked again (the delay doubles from 0.5 s up to 30 s while
+    they keep dying, and starts over after one that served a minute). SIGHUP: the supervisor loads the
+    file again (the configuration later workers start with) and passes SIGHUP to every worker, which
+    reloads as a single process does; one whose reload fails keeps its configuration and the others are
+    not affected. SIGTERM/SIGINT: every worker stops gracefully (`shutdown_grace_seconds`), then the
+    supervisor exits; one that has not stopped by the grace period plus 15 s is killed."""
+
+    def __init__(
+        self, gateway: Gateway, workers: int, bind: str | None, announce: Callable[[str], Any]
+    ) -> None:
+        self.template = gateway  # the configuration a worker is forked with (never started here)
+        self.count = workers
+        self.bind = bind or gateway.settings.listen
+        self.announce = announce
+        self.generation = 0
+        self.workers: dict[int, _Worker] = {}  # by pid
+        self.restarts: dict[int, float] = {}  # worker index -> when to fork it again
+        self.failures: dict[int, int] = {}  # worker index -> deaths in a row
+        self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+        self.tls: TLSFiles | None = None
+        self.listener: socket.socket | None = None
+        self._wake_read = self._wake_write = -1
+        self._stopping = False
+        self._stop_requests = 0
+        self._started_all = False  # every worker of the first round has served
+        self._reaped_during_start: list[_Worker] = []
+
+    # -- the supervisor's side -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from .observe import MULTIPROCESS
+
+        if not MULTIPROCESS:
+            # The CLI sets PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported; without it each
+            # worker would count alone and /metrics would show one worker's share.
+            raise StartupError("workers > 1 needs PROMETHEUS_MULTIPROC_DIR set before kubegate is imported")
+        conflict = worker_conflicts(self.template, self.count)
+        if conflict:
+            raise StartupError(conflict)
+        self.tls = tls_files(self.template)
+        self._prepare_database()
+        self.listener = self._listen()
+        self._forget_own_metrics()
+        logging.getLogger("uvicorn.error").addFilter(_QuietUvicorn())
+        previous = {sig: signal.getsignal(sig) for sig in SUPERVISOR_SIGNALS}
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        previous_wakeup = signal.set_wakeup_fd(self._wake_write)
+        for sig in SUPERVISOR_SIGNALS:
+            signal.signal(sig, _note_signal)  # the wake-up pipe carries the signal to the loop below
+        try:
+            if self._start_all():
+                self._started_all = True
+                _banner(self.template, self.tls, self.announce)
+                self.announce(
+                    f"kubegate: {self.count} workers (pids {', '.join(str(p) for p in sorted(self.workers))})"
+                )
+                self._supervise()
+        finally:
+            self._stop_all()
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for fd in (self._wake_read, self._wake_write):
+                os.close(fd)
+            self.listener.close()
+
+    def _prepare_database(self) -> None:
+        """Set up or check the schema once, before N workers would all try at the same moment (SQLite has no
+        advisory lock to take turns with); the connections are closed so no worker inherits one."""
+        from .db import DatabaseError
+
+        try:
+            self.template.database.create_tables()
+        except DatabaseError as exc:
+            raise StartupError(str(exc)) from None
+        finally:
+            self.template.database.close()
+
+    def _listen(self) -> socket.socket:
+        host, _, port = self.bind.rpartition(":")
+        host = host.strip("[]")
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+            listener.bind((host, int(port)))
+            listener.listen(2048)  # uvicorn's default backlog
+        except OSError:
+            listener.close()
+            raise
+        listener.set_inheritable(True)
+        return listener
+
+    def _forget_own_metrics(self) -> None:
+        """prometheus-client opened files for this process when the metrics were defined; the supervisor
+        serves nothing, so its (zero) series must not show among the workers'."""
+        if not self.metrics_dir:
+            return
+        for path in Path(self.metrics_dir).glob(f"*_{os.getpid()}.db"):
+            path.unlink(missing_ok=True)
+
+    def _start_all(self) -> bool:
+        """Fork every worker and wait until all serve. False when a stop signal came first; StartupError
+        (the first worker's reason) when one cannot start — the others are stopped then."""
+        for index in range(self.count):
+            self._fork(index)
+        while not all(w.ready for w in self.workers.values()) or len(self.workers) < self.count:
+            if self._stopping:
+                return False
+            self._wait(None)
+            failed = [w for w in self.workers.values() if w.error] + self._reaped_during_start
+            if failed:
+                raise StartupError(failed[0].error or f"worker {failed[0].index} exited during its startup")
+        return True
+
+    def _supervise(self) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            due = min(self.restarts.values(), default=None)
+            self._wait(None if due is None else max(due - now, 0.0))
+            now = time.monotonic()
+            for index, when in list(self.restarts.items()):
+                if when <= now and not self._stopping:
+                    del self.restarts[index]
+                    self._fork(index)
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait for a signal or a worker's word (or `timeout`), and act on what came."""
+        poller = select.poll()  # not select(): 1,024 workers have pipe fds past FD_SETSIZE
+        for fd in (self._wake_read, *(w.status for w in self.workers.values() if w.status >= 0)):
+            poller.register(fd, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+        if self._wake_read in readable:
+            with contextlib.suppress(BlockingIOError):
+                for number in os.read(self._wake_read, 512):
+                    self._on_signal(number)
+        for worker in list(self.workers.values()):
+            if worker.status in readable:
+                self._read_status(worker)
+        self._reap()
+
+    def _on_signal(self, number: int) -> None:
+        if number == signal.SIGHUP:
+            self._reload()
+        elif number in (signal.SIGTERM, signal.SIGINT):
+            self._stop_requests += 1
+            if not self._stopping:
+                self._stopping = True
+                log.info("stopping %d worker(s) (signal %s)", len(self.workers), signal.Signals(number).name)
+                self._send_all(signal.SIGTERM)
+            else:
+                # A second request: uvicorn takes SIGINT after SIGTERM as "stop now, do not wait".
+                log.warning("stopping the workers now, without waiting for open requests")
+                self._send_all(signal.SIGINT)
+
+    def _reload(self) -> None:
+        from .config import ConfigError
+
+        try:
+            candidate = Gateway.from_config(self.template.config_path, plugins=self.template.plugins)
+        except ConfigError as exc:
+            log.error("reload: %s (workers keep their configuration; a new worker starts with the last good one)",
+                      exc)  # fmt: skip
+        else:
+            conflict = worker_conflicts(candidate, self.count)
+            if conflict:
+                log.error("reload: %s (a new worker starts with the last good configuration)", conflict)
+            else:
+                self.template = candidate
+        self.generation += 1
+        for worker in self.workers.values():
+            # A worker still starting has no reload handler yet; it is sent SIGHUP once it serves.
+            if worker.ready:
+                self._send(worker, signal.SIGHUP)
+                worker.generation = self.generation
+
+    def _read_status(self, worker: _Worker) -> None:
+        try:
+            data = os.read(worker.status, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            os.close(worker.status)
+            worker.status = -1
+            return
+        worker.pending += data
+        *lines, worker.pending = worker.pending.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace")
+            if text == "ready":
+                worker.ready = True
+                log.info("worker %d (pid %d) serving", worker.index, worker.pid)
+                if worker.generation < self.generation:  # a SIGHUP came while it was starting
+                    self._send(worker, signal.SIGHUP)
+                    worker.generation = self.generation
+            elif text.startswith("error "):
+                worker.error = text.removeprefix("error ")
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            if worker.status >= 0:
+                # Its last words (an "error" line) may still be in the pipe.
+                os.set_blocking(worker.status, False)
+                self._read_status(worker)
+                if worker.status >= 0:
+                    os.close(worker.status)
+                    worker.status = -1
+            self._forget_worker_metrics(pid)
+            if self._stopping:
+                continue
+            how = _exit_description(status)
+            if not self._started_all:
+                self._reaped_during_start.append(worker)
+                if not worker.error:
+                    worker.error = f"worker {worker.index} (pid {pid}) {how} during its startup"
+                continue
+            served = time.monotonic() - worker.forked_at
+            failures = 0 if worker.ready and served >= STABLE_SECONDS else self.failures.get(worker.index, 0)
+            delay = min(FIRST_BACKOFF_SECONDS * 2**failures, MAX_BACKOFF_SECONDS)
+            self.failures[worker.index] = failures + 1
+            self.restarts[worker.index] = time.monotonic() + delay
+            reason = f": {worker.error}" if worker.error else ""
+            log.error("worker %d (pid %d) %s%s; starting it again in %.1f s", worker.index, pid, how, reason,
+                      delay)  # fmt: skip
+
+    def _forget_worker_metrics(self, pid: int) -> None:
+        """Its gauges of what is open now go; its counters stay in the sums (they happened)."""
+        if self.metrics_dir:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            with contextlib.suppress(OSError):
+                mark_process_dead(pid, self.metrics_dir)
+
+    def _send(self, worker: _Worker, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, sig)
+
+    def _send_all(self, sig: int) -> None:
+        for worker in list(self.workers.values()):
+            self._send(worker, sig)
+
+    def _stop_all(self) -> None:
+        """Stop every worker (they finish open requests within the grace period), killing stragglers."""
+        self._stopping = True
+        self.restarts.clear()
+        if not self.workers:
+            return
+        if self._stop_requests == 0:  # stopping for another reason than a signal (a worker failed to start)
+            self._send_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.template.settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+        while self.workers and time.monotonic() < deadline:
+            self._wait(min(deadline - time.monotonic(), 1.0))
+        if self.workers:
+            log.error("killing %d worker(s) that did not stop in time", len(self.workers))
+            self._send_all(signal.SIGKILL)
+            for pid in list(self.workers):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                self._forget_worker_metrics(pid)
+                worker = self.workers.pop(pid)
+                if worker.status >= 0:
+                    os.close(worker.status)
+        log.info("all workers stopped")
+
+    # -- the worker's side ----------------------------------------------------------------------------------
+
+    def _fork(self, index: int) -> None:
+        status_read, status_write = os.pipe()
+        parent = os.getpid()
+        # Signals wait until the child has dropped the supervisor's handlers (and the parent its bookkeeping).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(status_read)
+            os.close(status_write)
+            raise
+        if pid == 0:  # the worker
+            code = 70
+            try:
+                os.close(status_read)
+                for fd in (self._wake_read, self._wake_write, *(w.status for w in self.workers.values())):
+                    if fd >= 0:
+                        os.close(fd)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                # No reload before the server has its handler; the supervisor sends SIGHUP again once ready.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                _die_with_parent(parent)
+                code = self._serve_as_worker(index, status_write)
+            except BaseException:  # nothing may unwind into the supervisor's code in a child
+                log.exception("worker %d failed", index)
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(code)
+        os.close(status_write)
+        os.set_blocking(status_read, False)
+        self.workers[pid] = _Worker(index, pid, status_read, self.generation, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _serve_as_worker(self, index: int, status: int) -> int:
+        assert self.listener is not None
+        gateway = self.template
+
+        def say(text: str) -> None:
+            with contextlib.suppress(OSError):
+                os.write(status, (" ".join(text.split()) + "\n").encode())
+
+        try:
+            asyncio_run(
+                serve_until_signal(
+                    gateway,
+                    self.tls,
+                    self.bind,
+                    on_ready=lambda: say("ready"),
+                    listener=self.listener,
+                    workers=self.count,
+                )
+            )
+            return 0
+        except StartupError as exc:
+            say(f"error {exc}")
+        except OSError as exc:
+            say(f"error cannot serve on {self.bind}: {exc.strerror or exc}")
+        except SystemExit as exc:
+            say(f"error {gateway.startup_error or f'the server exited ({exc.code})'}")
+        return 3
+
+
+def _note_signal(_number: int, _frame: Any) -> None:
+    """The supervisor's signal handler: nothing here, the signal number arrives through the wake-up fd."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this worker SIGTERM when the supervisor dies (even by SIGKILL), so no worker
+    goes on serving without one that restarts, reloads and stops it."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before the line above
+        os._exit(0)
+
+
+def _exit_description(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def asyncio_run(coro) -> None:

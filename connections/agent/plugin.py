@@ -49,6 +49,12 @@ def _wanted(gateway: Gateway) -> bool:
 async def kubegate_startup(gateway: Gateway) -> None:
     if not _wanted(gateway):
         return
+    from kubegate.core.config import worker_count
+    from kubegate.core.errors import ConfigError
+
+    if worker_count(gateway.settings) > 1:
+        # One SSH listener per port, and a tunnel ends in the one process that accepted it (docs/operations.md).
+        raise ConfigError(gateway.config_path, "workers", "agent connections need workers: 1 for now")
     from . import hub as hubs
     from .keys import gateway_host_key
     from .metrics import register
