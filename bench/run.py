@@ -62,11 +62,12 @@ DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 CONTENDERS = (
-    "direct", "gateway", "gateway-full", "gateway-oidc", "gateway-login", "agent", "nginx", "mitmproxy",
-    "aiohttp-ref",
+    "direct", "gateway", "gateway-2w", "gateway-full", "gateway-oidc", "gateway-login", "agent", "nginx",
+    "mitmproxy", "aiohttp-ref",
 )  # fmt: skip
-# aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment
-DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "aiohttp-ref")
+# aiohttp-ref (bench/reference_proxy.py) is an opt-in experiment; so is gateway-2w (the gateway contender
+# with `workers: 2`, to set 1 and 2 worker processes side by side: --contenders direct,gateway,gateway-2w).
+DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c not in ("aiohttp-ref", "gateway-2w"))
 POD_PATH = "/api/v1/namespaces/prod/pods/web"
 LIST_PATH = "/api/v1/namespaces/prod/pods"
 WATCH_PATH = "/api/v1/namespaces/prod/pods?watch=true"
@@ -408,11 +409,14 @@ def start_gateway(
     masking: bool | dict[str, object] = False,
     agent: bool = False,
     full: bool = False,
+    workers: int = 1,
+    name: str = "",
 ) -> Target:
     """`kubegate serve` with one connection and only static-tokens enabled, or only oidc with oidc_key, or
     only login (a gateway token minted into the gateway's database beforehand). With `agent`, the connection
     is `type: agent` (no address, no credential) and a `kubegate agent` enrolled for it serves it over its
-    SSH tunnel (Target.agent_proc)."""
+    SSH tunnel (Target.agent_proc). `workers`: the config's `workers` (gateway processes); `name`: the
+    contender's name when the flags do not say it (gateway-2w)."""
     token, digest = gateway_token()
     port = free_port()
     gdir = work / label
@@ -487,6 +491,7 @@ def start_gateway(
 listen: 127.0.0.1:{port}
 state_dir: {gdir / "state"}
 log_level: warning
+workers: {workers}
 {"limits:" + limits if limits else ""}
 {agents}connections:
   {CONNECTION}:
@@ -495,7 +500,7 @@ log_level: warning
     )
     log = gdir / "gateway.log"
     proc = start_kubegate_serve(label, config, log, gdir)
-    name = (
+    name = name or (
         "agent" if agent else "gateway-full" if full else "gateway-login" if login
         else "gateway" if oidc_key is None else "gateway-oidc"
     )  # fmt: skip
@@ -1424,6 +1429,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_CONTENDERS),
         help=f"comma-separated subset of {','.join(CONTENDERS)} (default: all but aiohttp-ref)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="`workers: N` for the gateway, gateway-full, gateway-oidc and gateway-login contenders (default 1; "
+        "gateway-2w always has 2, agent 1)",
+    )
     parser.add_argument("--exec-mb", type=int, default=256, help="stdout MB per exec session (default 256)")
     parser.add_argument("--exec-runs", type=int, default=3)
     parser.add_argument("--watches", type=int, default=1000)
@@ -1443,6 +1456,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or "direct" not in args.contenders or "gateway" not in args.contenders:
         parser.error(f"--contenders must include direct and gateway, from {', '.join(CONTENDERS)}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
     return args
 
 
@@ -1463,6 +1478,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "exec_runs": args.exec_runs,
             "watches": args.watches,
             "contenders": args.contenders,
+            "workers": args.workers,
         },
         "requests": [],
         "exec": [],
@@ -1477,10 +1493,17 @@ def run(args: argparse.Namespace, command: str) -> dict:
         up = start_upstream(work, oidc_jwks)
         targets = [Target("direct", up.url, up.token)]
         starters = {
-            "gateway": lambda: start_gateway(work, up),
-            "gateway-full": lambda: start_gateway(work, up, label="gateway-full", full=True),
-            "gateway-oidc": lambda: start_gateway(work, up, label="gateway-oidc", oidc_key=oidc_key),
-            "gateway-login": lambda: start_gateway(work, up, label="gateway-login", login=True),
+            "gateway": lambda: start_gateway(work, up, workers=args.workers),
+            "gateway-2w": lambda: start_gateway(work, up, label="gateway-2w", workers=2, name="gateway-2w"),
+            "gateway-full": lambda: start_gateway(
+                work, up, label="gateway-full", full=True, workers=args.workers
+            ),
+            "gateway-oidc": lambda: start_gateway(
+                work, up, label="gateway-oidc", oidc_key=oidc_key, workers=args.workers
+            ),
+            "gateway-login": lambda: start_gateway(
+                work, up, label="gateway-login", login=True, workers=args.workers
+            ),
             "agent": lambda: start_gateway(work, up, label="agent", agent=True),
             "nginx": lambda: start_nginx(work, up),
             "mitmproxy": lambda: start_mitmproxy(work, up),
