@@ -175,37 +175,44 @@ class Masking:
         self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
 
     def mask_doc(self, doc: Any, resource_kind: str) -> Any:
-        """Mask a parsed JSON document; the masked document (`doc` itself, edited, or a new one).
+        """Mask a parsed JSON document; the masked document (`doc` itself, edited, or a new one)."""
+        return self._mask(doc, resource_kind)[0]
+
+    def mask_json(self, doc: Any, resource_kind: str) -> bytes:
+        """Mask a parsed JSON document; the masked document serialized (always: what goes out is exactly
+        what was inspected, whatever the bytes it was parsed from)."""
+        masked, serialized = self._mask(doc, resource_kind)
+        return serialized if serialized is not None else orjson.dumps(masked)
+
+    def _mask(self, doc: Any, resource_kind: str) -> tuple[Any, bytes | None]:
+        """The masked document, and its serialization when nothing in it changed (None otherwise).
 
         Structure first (Secret data, env values… — a walk of the parsed document), then values and
         patterns over the serialized text in one pass (much faster than visiting every string). Markers
         contain no quote or backslash, so the text stays JSON; if a pattern ever broke it, the slow
-        per-string scrub is used instead.
+        per-string scrub is used instead. When the text pass changes nothing, the text it read is the
+        serialization of the masked document: returned so that it is not serialized a second time.
         """
         mask_document(doc, self.structure_rules, resource_kind)
-        text = orjson.dumps(doc).decode()
+        serialized = orjson.dumps(doc)
+        text = serialized.decode()
         scrubbed = self.text.mask(text)
         if scrubbed is text or scrubbed == text:
-            return doc
+            return doc, serialized
         try:
             masked = orjson.loads(scrubbed)
         except ValueError:
             # The slow way: string by string, everywhere (not only where `mask_document` looks: list items
             # that are not objects, a top-level array or string), identifiers in their positions kept.
             if isinstance(doc, str):
-                return self.text.mask(doc)
+                return self.text.mask(doc), None
             mask_document(doc, self.rules, resource_kind)
             scrub_document(doc, self.text.mask)
-            return doc
+            return doc, None
         # The text pass saw names and uids too: a known value that is also an object's name must not
         # rename it — only identifiers in identifier positions are put back, never data keyed `name`.
         restore_identifiers(masked, doc)
-        return masked
-
-    def mask_json(self, doc: Any, resource_kind: str) -> bytes:
-        """Mask a parsed JSON document; the masked document serialized (always: what goes out is exactly
-        what was inspected, whatever the bytes it was parsed from)."""
-        return orjson.dumps(self.mask_doc(doc, resource_kind))
+        return masked, None
 
     def exempt(self, identity: Identity | None) -> bool:
         e = self.settings.exempt
@@ -298,12 +305,13 @@ class JsonBody:
             doc = parse_json(body)
         except ValueError:
             return _withheld(self.masking, self.flow, "not valid JSON")
-        masked = self.masking.mask_doc(doc, KIND_OF_RESOURCE.get(self.flow.attributes.resource, ""))
+        resource_kind = KIND_OF_RESOURCE.get(self.flow.attributes.resource, "")
         # Never upstream's bytes, even when nothing changed: a client parser reading duplicate keys
         # first-wins, or escapes differently, would see something other than what was checked.
         if self.render == YAML_FORM:
-            return to_yaml(masked)
-        return orjson.dumps(masked) + b"\n"  # the newline the API server's encoder writes
+            return to_yaml(self.masking.mask_doc(doc, resource_kind))
+        # The newline is the one the API server's encoder writes.
+        return self.masking.mask_json(doc, resource_kind) + b"\n"
 
 
 class WatchLines:
