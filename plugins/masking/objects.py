@@ -269,7 +269,8 @@ def scrub_document(doc: Any, scrub: Callable[[str], str]) -> bool:
 
 
 def _scrub_strings(node: Any, scrub: Callable[[str], str], position: str = "object") -> bool:
-    """Scrub every string in `node` (a dict or list at `position`) but identifiers in identifier positions."""
+    """Scrub every string in `node` (a dict or list at `position`), keys too, but identifiers in identifier
+    positions."""
     changed = False
     if isinstance(node, dict):
         table = _resolve(node, position)
@@ -284,6 +285,16 @@ def _scrub_strings(node: Any, scrub: Callable[[str], str], position: str = "obje
                     changed = True
             elif isinstance(value, dict | list):
                 changed |= _scrub_strings(value, scrub, child)
+        # Keys are text as well (the value pass over the serialized document masks them): a ConfigMap keyed
+        # by a known value, say. Renamed in place, in order; keys that become the same keep the last value,
+        # as parsing the masked text would.
+        keys = [(key, scrub(key)) for key in node]
+        if any(new is not key and new != key for key, new in keys):
+            items = [(new, node[key]) for key, new in keys]
+            node.clear()
+            for key, value in items:
+                node[key] = value
+            changed = True
     elif isinstance(node, list):
         changed |= _scrub_list(node, scrub, position[:-2] if position.endswith("[]") else "data")
     return changed

@@ -159,3 +159,13 @@ def test_bodies_with_escapes_and_duplicates_go_out_as_before():
             line = body.replace(b"\n", b"") + b"\n"
             assert watch.feed(line) + watch.end() == expected, (body, resource)
             assert b"eA==" not in expected and b"known-value" not in expected.replace(b"s3cret\\/known", b"")
+
+
+def test_keys_holding_a_known_value_are_masked_when_the_value_pass_falls_back():
+    # A known value spanning JSON syntax (`x","p`) breaks the masked text: the document is then scrubbed string
+    # by string, and a key that is a known value must not go out in clear there either.
+    m = Masking(MaskingSettings())
+    m.set_known({KNOWN, 'x","p'})
+    out = m.mask_json({"kind": "ConfigMap", "data": {KNOWN: "x", "p": "a", "q": {KNOWN: 1}}}, "ConfigMap")
+    assert KNOWN.encode() not in out
+    assert orjson.loads(out)["data"] == {MARKER: "x", "p": "a", "q": {MARKER: 1}}
