@@ -38,6 +38,7 @@ class Signer:
 
     def __init__(self, algorithm: Literal["hmac-sha256", "ed25519"], key: bytes):
         self.algorithm = algorithm
+        self.key = key  # as read, so that the audit-db writer process can make the same signer
         self._hmac_key = b""
         self._private: Ed25519PrivateKey | None = None
         self._public: Ed25519PublicKey | None = None

@@ -7,18 +7,22 @@ Enable it per connection (`connections.NAME.plugins.audit-db: {}`); its settings
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from quart import Blueprint
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from kubegate.core.db import Database, DatabaseError
 from kubegate.core.plugins import hookimpl
 
 from . import chain, store
 from .sink import SigningSettings, SinkPlugin, SinkSettings, SinkWriter
+from .writer import WriterGone, WriterProcess
 
 if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
@@ -39,29 +43,38 @@ class AuditDbSettings(SinkSettings, SigningSettings):
 
 
 class DatabaseSink(SinkWriter):
+    """Batches go to a writer process of their own (writer.py) when another process can open the database
+    (a file or a server); an in-memory SQLite database is written from a thread of this process."""
+
     name = "audit-db"
 
     def __init__(self, settings: AuditDbSettings, database: Database, signer: chain.Signer | None,
-                 owns_database: bool = False):  # fmt: skip
+                 owns_database: bool = False, process: WriterProcess | None = None):  # fmt: skip
         super().__init__(settings)
         self.database, self.signer, self.owns_database = database, signer, owns_database
+        self.process = process
+
+    def start(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.start()
+            except WriterGone as exc:
+                # Not fatal: every write tries to start it again, failing (and, fail-closed, gating) meanwhile.
+                log.error("audit sink %s: %s", self.name, exc)
+        super().start()
 
     async def close(self, drain_seconds: float = 10.0) -> None:
         await super().close(drain_seconds)
+        if self.process is not None:
+            await asyncio.to_thread(self.process.close)
         if self.owns_database:
             self.database.close()
 
     def write(self, batch: list[dict[str, Any]]) -> None:
-        for attempt in range(8):
-            try:
-                with self.database.session() as session:
-                    store.append(session, batch, self.signer)
-                    session.commit()
-                return
-            except IntegrityError:
-                # Another writer (a replica) took the same positions first: re-read the head and go again.
-                if attempt == 7:
-                    raise
+        if self.process is not None:
+            self.process.write(batch, self.retrying)
+        else:
+            store.write(self.database, batch, self.signer, retry=self.retrying)
 
 
 def settings_of(gateway: Gateway) -> AuditDbSettings:
@@ -86,7 +99,23 @@ def make_sink(gateway: Gateway, settings: AuditDbSettings | None) -> DatabaseSin
         raise ValueError(str(exc)) from None
     if signer is not None and not signer.can_sign:
         raise ValueError("the signing key can only verify (an Ed25519 public key)")
-    return DatabaseSink(settings, database, signer, owns_database=database is not gateway.database)
+    process = None
+    # KUBEGATE_AUDIT_WRITER=thread keeps the writer in a thread of this process, as before issue 15 (for a
+    # platform that forbids starting processes, and for side-by-side measurements: bench/audit.py).
+    if shareable(database.url) and os.environ.get("KUBEGATE_AUDIT_WRITER", "process") != "thread":
+        signing = (signer.algorithm, signer.key) if signer is not None else None
+        process = WriterProcess(database.url, signing)
+    return DatabaseSink(
+        settings, database, signer, owns_database=database is not gateway.database, process=process
+    )
+
+
+def shareable(url: str) -> bool:
+    """Whether another process can open the same database (not an in-memory SQLite one)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return True
+    return parsed.database not in (None, "", ":memory:") and "mode=memory" not in str(parsed.query)
 
 
 class DatabaseSinkPlugin(SinkPlugin):
