@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1261,6 +1261,18 @@ def render(results: dict) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)) + "\n"
 
 
+def beside_gateway(results: dict, cells: list[Cell], contender: str) -> Iterator[tuple[str, int, Cell, Cell]]:
+    """(workload, concurrency, the gateway's cell, `contender`'s cell) wherever both were measured."""
+    for workload in WORKLOADS:
+        for conc in results["args"]["concurrency"]:
+            gw, other = (
+                find_cell(cells, "gateway", workload, conc),
+                find_cell(cells, contender, workload, conc),
+            )
+            if gw and other and gw.rps:
+                yield workload, conc, gw, other
+
+
 def render_agent(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[list[str], list[str]]:
     """The agent contender next to the gateway: a section of ratios (each the median of the per-round
     values: both are measured seconds apart in every round) and the issue's target rows."""
@@ -1278,36 +1290,29 @@ def render_agent(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[lis
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     targets: list[str] = []
-    for workload in WORKLOADS:
-        for conc in results["args"]["concurrency"]:
-            gw, tunnel = (
-                find_cell(cells, "gateway", workload, conc),
-                find_cell(cells, "agent", workload, conc),
+    for workload, conc, gw, tunnel in beside_gateway(results, cells, "agent"):
+        ratios = per_round(raw, "agent", "gateway", workload, conc, lambda a, g: a.rps / g.rps)
+        adds = per_round(raw, "agent", "gateway", workload, conc, lambda a, g: a.p50_ms - g.p50_ms)
+        ratio = statistics.median(ratios) if ratios else tunnel.rps / gw.rps
+        added = statistics.median(adds) if adds else tunnel.p50_ms - gw.p50_ms
+        runs = "; ".join(f"{r:.2f}x, {a:+.2f}" for r, a in zip(ratios, adds, strict=False))
+        section.append(
+            f"| {workload} | {conc} | {gw.rps:,.0f} | {tunnel.rps:,.0f} | {ratio:.2f}x | {gw.p50_ms:.2f} | "
+            f"{tunnel.p50_ms:.2f} | {added:+.2f} ms | {runs} |"
+        )
+        if workload == SMALL:
+            span = f"; per round {min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
+            targets.append(
+                f"| through the agent: ≥ 0.7x the gateway's req/s, small GET, c={conc} | {ratio:.2f}x "
+                f"({tunnel.rps:,.0f} vs {gw.rps:,.0f} req/s{span}) | {'yes' if ratio >= 0.7 else '**no**'} |"
             )
-            if not (gw and tunnel and gw.rps):
-                continue
-            ratios = per_round(raw, "agent", "gateway", workload, conc, lambda a, g: a.rps / g.rps)
-            adds = per_round(raw, "agent", "gateway", workload, conc, lambda a, g: a.p50_ms - g.p50_ms)
-            ratio = statistics.median(ratios) if ratios else tunnel.rps / gw.rps
-            added = statistics.median(adds) if adds else tunnel.p50_ms - gw.p50_ms
-            runs = "; ".join(f"{r:.2f}x, {a:+.2f}" for r, a in zip(ratios, adds, strict=False))
-            section.append(
-                f"| {workload} | {conc} | {gw.rps:,.0f} | {tunnel.rps:,.0f} | {ratio:.2f}x | {gw.p50_ms:.2f} | "
-                f"{tunnel.p50_ms:.2f} | {added:+.2f} ms | {runs} |"
-            )
-            if workload == SMALL:
-                span = f"; per round {min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
+            if conc == 1:
+                span = f"; per round {min(adds):+.2f} to {max(adds):+.2f} ms" if len(adds) > 1 else ""
                 targets.append(
-                    f"| through the agent: ≥ 0.7x the gateway's req/s, small GET, c={conc} | {ratio:.2f}x "
-                    f"({tunnel.rps:,.0f} vs {gw.rps:,.0f} req/s{span}) | {'yes' if ratio >= 0.7 else '**no**'} |"
+                    f"| through the agent: ≤ +0.3 ms p50 over the gateway, small GET, c=1 | {added:+.2f} ms "
+                    f"({tunnel.p50_ms:.2f} vs {gw.p50_ms:.2f} ms{span}) | "
+                    f"{'yes' if added <= 0.3 else '**no**'} |"
                 )
-                if conc == 1:
-                    span = f"; per round {min(adds):+.2f} to {max(adds):+.2f} ms" if len(adds) > 1 else ""
-                    targets.append(
-                        f"| through the agent: ≤ +0.3 ms p50 over the gateway, small GET, c=1 | {added:+.2f} ms "
-                        f"({tunnel.p50_ms:.2f} vs {gw.p50_ms:.2f} ms{span}) | "
-                        f"{'yes' if added <= 0.3 else '**no**'} |"
-                    )
     execs = {r["contender"]: r for r in results["exec"]}
     gw_exec, tunnel_exec = execs.get("gateway"), execs.get("agent")
     if tunnel_exec:
@@ -1361,43 +1366,34 @@ def render_full(results: dict, cells: list[Cell], raw: list[Cell]) -> tuple[list
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     targets: list[str] = []
-    for workload in WORKLOADS:
-        for conc in results["args"]["concurrency"]:
-            gw, full = (
-                find_cell(cells, "gateway", workload, conc),
-                find_cell(cells, "gateway-full", workload, conc),
-            )
-            if not (gw and full and gw.rps):
-                continue
-            ratios = per_round(raw, "gateway-full", "gateway", workload, conc, lambda f, g: f.rps / g.rps)
-            ratio = statistics.median(ratios) if ratios else full.rps / gw.rps
-            adds = per_round(raw, "gateway-full", "direct", workload, conc, lambda f, d: f.p50_ms - d.p50_ms)
-            added = statistics.median(adds) if adds else None
-            mitm_ratios = per_round(
-                raw, "gateway-full", "mitmproxy", workload, conc, lambda f, m: f.rps / m.rps
-            )
-            mitm = statistics.median(mitm_ratios) if mitm_ratios else None
-            section.append(
-                f"| {workload} | {conc} | {gw.rps:,.0f} | {full.rps:,.0f} | {ratio:.2f}x | "
-                f"{'—' if added is None else f'{added:+.2f} ms'} | {'—' if mitm is None else f'{mitm:.2f}x'} | "
-                f"{', '.join(f'{r:.2f}x' for r in ratios)} |"
-            )
-            if workload != SMALL:
-                continue
+    for workload, conc, gw, full in beside_gateway(results, cells, "gateway-full"):
+        ratios = per_round(raw, "gateway-full", "gateway", workload, conc, lambda f, g: f.rps / g.rps)
+        ratio = statistics.median(ratios) if ratios else full.rps / gw.rps
+        adds = per_round(raw, "gateway-full", "direct", workload, conc, lambda f, d: f.p50_ms - d.p50_ms)
+        added = statistics.median(adds) if adds else None
+        mitm_ratios = per_round(raw, "gateway-full", "mitmproxy", workload, conc, lambda f, m: f.rps / m.rps)
+        mitm = statistics.median(mitm_ratios) if mitm_ratios else None
+        section.append(
+            f"| {workload} | {conc} | {gw.rps:,.0f} | {full.rps:,.0f} | {ratio:.2f}x | "
+            f"{'—' if added is None else f'{added:+.2f} ms'} | {'—' if mitm is None else f'{mitm:.2f}x'} | "
+            f"{', '.join(f'{r:.2f}x' for r in ratios)} |"
+        )
+        if workload != SMALL:
+            continue
+        targets.append(
+            f"| full chain ≥ 0.8x the static-tokens gateway's req/s, small GET, c={conc} | {ratio:.2f}x "
+            f"({full.rps:,.0f} vs {gw.rps:,.0f} req/s) | {'yes' if ratio >= 0.8 else '**no**'} |"
+        )
+        if mitm is not None:
             targets.append(
-                f"| full chain ≥ 0.8x the static-tokens gateway's req/s, small GET, c={conc} | {ratio:.2f}x "
-                f"({full.rps:,.0f} vs {gw.rps:,.0f} req/s) | {'yes' if ratio >= 0.8 else '**no**'} |"
+                f"| full chain ≥ 3x mitmproxy req/s, small GET, c={conc} | {mitm:.2f}x | "
+                f"{'yes' if mitm >= 3 else '**no**'} |"
             )
-            if mitm is not None:
-                targets.append(
-                    f"| full chain ≥ 3x mitmproxy req/s, small GET, c={conc} | {mitm:.2f}x | "
-                    f"{'yes' if mitm >= 3 else '**no**'} |"
-                )
-            if conc == 1 and added is not None:
-                targets.append(
-                    f"| full chain ≤ 0.5 ms added p50 over direct, small GET, c=1 | {added:+.2f} ms | "
-                    f"{'yes' if added <= 0.5 else '**no**'} |"
-                )
+        if conc == 1 and added is not None:
+            targets.append(
+                f"| full chain ≤ 0.5 ms added p50 over direct, small GET, c=1 | {added:+.2f} ms | "
+                f"{'yes' if added <= 0.5 else '**no**'} |"
+            )
     return section, targets
 
 

@@ -6,6 +6,7 @@ channel. And through real kubectl: a gateway with `links: false` serves over SSH
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -84,9 +85,12 @@ async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-@pytest.fixture
-async def hub_with_agent(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[HubWithAgent]:
-    links = getattr(request, "param", True)
+@contextlib.asynccontextmanager
+async def enrolled_hub(
+    tmp_path: Path, *, links: bool = True, session_factory: Any = asyncssh.SSHUNIXSession
+) -> AsyncIterator[HubWithAgent]:
+    """A real hub with its SQLite database, and an agent `edge-1` enrolled and logged in over SSH that
+    listens for `AGENT_CONNECTION` (channels go to `session_factory`) and has opened its `links` session."""
     database = Database(f"sqlite:///{tmp_path / 'kubegate.db'}")
     agent_key = asyncssh.generate_private_key("ssh-ed25519")
     public = agent_key.export_public_key("openssh").decode().split()
@@ -99,7 +103,7 @@ async def hub_with_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Asyn
     try:
         async with asyncssh.connect("127.0.0.1", hub.port, username="edge-1", client_keys=[agent_key],
                                     known_hosts=None, agent_path=None, config=()) as conn:  # fmt: skip
-            await conn.create_unix_server(asyncssh.SSHUNIXSession, f"kubegate/{AGENT_CONNECTION}")
+            await conn.create_unix_server(session_factory, f"kubegate/{AGENT_CONNECTION}")
             process = await conn.create_process(LINKS_COMMAND)
             tunnel = hub.pick(AGENT_CONNECTION, [])
             if links:
@@ -108,6 +112,12 @@ async def hub_with_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Asyn
     finally:
         await hub.close()
         database.close()
+
+
+@pytest.fixture
+async def hub_with_agent(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[HubWithAgent]:
+    async with enrolled_hub(tmp_path, links=getattr(request, "param", True)) as hub_and_agent:
+        yield hub_and_agent
 
 
 async def test_a_link_binds_once_to_its_request_and_strangers_guesses_and_replays_are_dropped(
@@ -178,45 +188,26 @@ class TinyServer(asyncio.Protocol):
 async def test_a_link_that_fails_falls_back_to_an_ssh_channel(tmp_path: Path, monkeypatch, caplog):
     from kubegate.connections.agent.upstream import TUNNEL_HOST, TunnelConnector
 
-    database = Database(f"sqlite:///{tmp_path / 'kubegate.db'}")
-    agent_key = asyncssh.generate_private_key("ssh-ed25519")
-    public = agent_key.export_public_key("openssh").decode().split()
-    token, _ = database.call(lambda s: store.mint_join_token(s, [AGENT_CONNECTION], ttl_seconds=60))
-    database.call(lambda s: store.redeem_join_token(s, token, agent_name="edge-1", public_key=" ".join(public[:2]),
-                                                    fingerprint=agent_key.get_fingerprint("sha256")))  # fmt: skip
-    hub = hubs.Hub(host="127.0.0.1", port=0, host_key=asyncssh.generate_private_key("ssh-ed25519"),
-                   database=database, replica="test", heartbeat_seconds=1)  # fmt: skip
-    await hub.start()
-    monkeypatch.setattr(hubs, "_hub", hub)
-    try:
-        async with asyncssh.connect("127.0.0.1", hub.port, username="edge-1", client_keys=[agent_key],
-                                    known_hosts=None, agent_path=None, config=()) as conn:  # fmt: skip
-            await conn.create_unix_server(
-                lambda: ChannelSession(TinyServer()), f"kubegate/{AGENT_CONNECTION}"
-            )
-            process = await conn.create_process(LINKS_COMMAND)
-            tunnel = hub.pick(AGENT_CONNECTION, [])
-            await eventually(tunnel.links_usable, "the links session did not start")
+    async with enrolled_hub(tmp_path, session_factory=lambda: ChannelSession(TinyServer())) as h:
+        monkeypatch.setattr(hubs, "_hub", h.hub)
+        process, tunnel = h.process, h.tunnel
 
-            async def refuse_links() -> None:
-                while line := await process.stdout.readline():
-                    nonce = json.loads(line)["link"]
-                    process.stdin.write(json.dumps({"link": nonce, "error": "TLS blocked here"}) + "\n")
+        async def refuse_links() -> None:
+            while line := await process.stdout.readline():
+                nonce = json.loads(line)["link"]
+                process.stdin.write(json.dumps({"link": nonce, "error": "TLS blocked here"}) + "\n")
 
-            refusing = asyncio.ensure_future(refuse_links())
-            connector = TunnelConnector(AGENT_CONNECTION, [], limit=4)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                async with session.get(f"http://{TUNNEL_HOST}/api") as response:
-                    assert (response.status, await response.read()) == (200, b"channel")
-                assert not tunnel.links_usable()  # channels for a while; no link asked for each request
-                assert "TLS blocked here" in caplog.text
-                async with session.get(f"http://{TUNNEL_HOST}/api", headers={"Connection": "close"}) as again:
-                    assert await again.read() == b"channel"
-            refusing.cancel()
-            assert hub.status()[0]["links_open"] == 0
-    finally:
-        await hub.close()
-        database.close()
+        refusing = asyncio.ensure_future(refuse_links())
+        connector = TunnelConnector(AGENT_CONNECTION, [], limit=4)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(f"http://{TUNNEL_HOST}/api") as response:
+                assert (response.status, await response.read()) == (200, b"channel")
+            assert not tunnel.links_usable()  # channels for a while; no link asked for each request
+            assert "TLS blocked here" in caplog.text
+            async with session.get(f"http://{TUNNEL_HOST}/api", headers={"Connection": "close"}) as again:
+                assert await again.read() == b"channel"
+        refusing.cancel()
+        assert h.hub.status()[0]["links_open"] == 0
 
 
 @pytest.mark.parametrize("hub_with_agent", [False], indirect=True)
