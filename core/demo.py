@@ -7,6 +7,7 @@ it, connected exactly as a real deployment would be (TLS, the gateway's own toke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import shutil
@@ -209,7 +210,9 @@ async def _run(directory: Path, port: int) -> None:
     finally:
         await sandbox.close()
         if idp:
-            idp[0].terminate()
+            # A terminal's Ctrl-C reaches the whole process group: the identity provider may be gone already.
+            with contextlib.suppress(ProcessLookupError):
+                idp[0].terminate()
             await idp[0].wait()
 
 

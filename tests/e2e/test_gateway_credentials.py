@@ -71,6 +71,28 @@ def test_kubegate_kubeconfig_output_works_with_kubectl(gateway, tmp_path):
     assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "ci-bot"
 
 
+def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
+    """A terminal sends SIGINT to the whole foreground process group: the demo's identity provider gets it
+    too and may be gone before the demo stops it. That used to end in "cannot start the demo" and exit 1."""
+    port = free_port()
+    proc = subprocess.Popen([KUBEGATE, "demo", "--dir", "demo", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    output = ""
+    deadline = time.monotonic() + 60
+    while "Press Ctrl-C" not in output and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output += line
+    assert "Press Ctrl-C" in output, output
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, rest
+    assert "error" not in rest, rest
+
+
 def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
