@@ -7,10 +7,10 @@ pair; an event leaves the gateway's queue only after this process answers that i
 
 Protocol (pickle frames of `multiprocessing.connection`, both ends ours): the gateway sends
 `("init", url, signing)` once and waits for `("ready", "")` (imports done), then sends `(records, retry)`
-per batch and waits for `("ok", "")` or `("error", "Class: first line")`. The process ignores SIGINT and
-SIGTERM (a Ctrl-C or a service manager signals the whole group: the gateway drains its queue through this
-process before it closes the socket) and exits when the socket closes — also when the gateway dies, after
-finishing the batch it holds.
+per batch and waits for `("ok", "")` or `("error", "Class: first line")`. The process runs in a session of
+its own (a terminal's Ctrl-C does not reach it) and ignores SIGINT and SIGTERM (a service manager may still
+signal it: the gateway drains its queue through this process before it closes the socket); it exits when the
+socket closes — also when the gateway dies, after finishing the batch it holds.
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ class WriterProcess:
                 [sys.executable, "-P", "-m", "kubegate.plugins.audit.writer", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C (sent to the whole foreground group) would otherwise
+                # reach it while it still imports, before it ignores SIGINT, and print a traceback there.
+                start_new_session=True,
             )
         except OSError as exc:
             ours.close()
