@@ -71,13 +71,12 @@ def test_kubegate_kubeconfig_output_works_with_kubectl(gateway, tmp_path):
     assert json.loads(whoami.stdout)["status"]["userInfo"]["username"] == "ci-bot"
 
 
-def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
-    """A terminal sends SIGINT to the whole foreground process group: the demo's identity provider gets it
-    too and may be gone before the demo stops it. That used to end in "cannot start the demo" and exit 1."""
+def start_demo(tmp_path, **popen) -> tuple[subprocess.Popen, str, int]:
+    """`kubegate demo` in `tmp_path` (relative --dir, as `make demo` runs it) and what it printed up to
+    "Press Ctrl-C"."""
     port = free_port()
     proc = subprocess.Popen([KUBEGATE, "demo", "--dir", "demo", "--port", str(port)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
     assert proc.stdout is not None
     output = ""
     deadline = time.monotonic() + 60
@@ -86,6 +85,13 @@ def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
         if not line:
             break
         output += line
+    return proc, output, port
+
+
+def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
+    """A terminal sends SIGINT to the whole foreground process group: the demo's identity provider gets it
+    too and may be gone before the demo stops it. That used to end in "cannot start the demo" and exit 1."""
+    proc, output, _port = start_demo(tmp_path, start_new_session=True)
     assert "Press Ctrl-C" in output, output
     os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
     rest, _ = proc.communicate(timeout=30)
@@ -94,23 +100,8 @@ def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
 
 
 def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [KUBEGATE, "demo", "--dir", "demo", "--port", str(port)],  # relative, as `make demo` runs it
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, output, port = start_demo(tmp_path)
     try:
-        assert proc.stdout is not None
-        output = ""
-        deadline = time.monotonic() + 60
-        while "Press Ctrl-C" not in output and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output += line
         assert "kubegate demo is running" in output, output
         kubeconfig = tmp_path / "demo" / "kubeconfig"
         whoami = run_kubectl(kubeconfig, "auth", "whoami", "-o", "json", check=True)
