@@ -1,90 +1,33 @@
 """Shared fixtures: real processes (sandbox cluster, gateway) and real clients (kubectl, kubernetes, websockets).
 
-Everything is started as a subprocess and talked to over TLS on loopback, the way a user would run it.
+Everything is started as a subprocess and talked to over TLS on loopback, the way a user would run it. The
+sandbox and gateway processes are started by `kubegate.testing`, the fixtures plugin authors get; this
+file adds what only the project's own tests need (the users, the many connections of `gateway`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 from kubetest import KUBECTL, kubectl_binaries, run_kubectl  # noqa: F401 - re-exported for tests
 
+try:
+    from kubegate import testing
+except ImportError:  # the kubegate.testing name is mapped in pyproject.toml; the module is core/testing
+    from kubegate.core import testing
+
 VENV_BIN = Path(sys.executable).parent
 
-
-@dataclass
-class Sandbox:
-    """A running sandbox cluster process."""
-
-    dir: Path
-    url: str
-    port: int
-    kubeconfig: Path
-    token: str
-    ca_file: Path
-    process: subprocess.Popen
-
-    def requests_log(self, since: int = 0) -> list[dict]:
-        """What the sandbox received (impersonation headers, token hashes), read over its admin API."""
-        import ssl
-        import urllib.request
-
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        req = urllib.request.Request(
-            f"{self.url}/sandbox/requests?since={since}", headers={"Authorization": f"Bearer {self.token}"}
-        )
-        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-            items = json.loads(resp.read())["items"]
-        # The log's own reads are recorded too; leave them out.
-        return [item for item in items if not item["path"].startswith("/sandbox/")]
-
-
-def start_sandbox(directory: Path) -> Sandbox:
-    directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubegate.sandbox", "serve", "--dir", str(directory), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=open(directory / "sandbox.log", "wb"),
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    line = ""
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("{"):
-            break
-        if proc.poll() is not None:
-            raise RuntimeError(f"sandbox exited: {(directory / 'sandbox.log').read_text()}")
-    info = json.loads(line)
-    return Sandbox(
-        dir=directory,
-        url=info["url"],
-        port=info["port"],
-        kubeconfig=Path(info["kubeconfig"]),
-        token=info["token"],
-        ca_file=Path(info["ca_file"]),
-        process=proc,
-    )
-
-
-@pytest.fixture(scope="session")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    sb = start_sandbox(tmp_path_factory.mktemp("sandbox"))
-    yield sb
-    sb.process.terminate()
-    try:
-        sb.process.wait(10)
-    except subprocess.TimeoutExpired:
-        sb.process.kill()
+# The sandbox cluster of the session is kubegate.testing's fixture; tests name its type and start more.
+Sandbox = testing.Sandbox
+start_sandbox = testing.start_sandbox
+sandbox = testing.sandbox
+free_port = testing.free_port
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,39 +45,16 @@ GATEWAY_USERS = {
 CI_BOT_UID = "uid-ci-bot-42"
 
 
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range, so no process binding port 0 (a sandbox, an IdP, an
-    outgoing connection) can take it between this call and the server that binds it."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
 @dataclass
-class Gateway:
-    """A running `kubegate serve` process."""
+class Gateway(testing.GatewayProcess):
+    """A running `kubegate serve` process (kubegate.testing's), with kubeconfigs for GATEWAY_USERS."""
 
-    dir: Path
-    url: str
-    config: Path
-    ca_file: Path
-    process: subprocess.Popen
-    log: Path
-
-    def connection_url(self, name: str) -> str:
-        return f"{self.url}/k8s/{name}"
-
-    def kubeconfig(self, user: str = "alice", connection: str = "sandbox", token: str | None = None) -> Path:
-        """A kubeconfig for `user` (a GATEWAY_USERS name) reaching `connection` through the gateway."""
+    # Not GatewayProcess.kubeconfig's (connection, user, token): the suite's users by name, alice by default.
+    def kubeconfig(  # type: ignore[override]
+        self, user: str = "alice", connection: str = "sandbox", token: str | None = None
+    ) -> Path:
+        """A kubeconfig for `user` (a GATEWAY_USERS name) reaching `connection` through the gateway; with
+        `token` "" it sends no credential at all."""
         import base64
 
         import yaml
@@ -195,42 +115,15 @@ PLUGIN_FIXTURE = Path(__file__).parent / "plugins_fixture"
 
 
 def start_gateway(directory: Path, config: dict, *, with_test_plugin: bool = False) -> Gateway:
-    import ssl
-    import urllib.request
-
-    import yaml
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = directory / "kubegate.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log = directory / "gateway.log"
-    env = dict(os.environ)
+    """`kubegate serve` with `config` (its `listen` kept) in `directory`; returns once /healthz answers."""
+    pythonpath = []
     if with_test_plugin:
         # Installed the way third-party plugins are: a distribution with a `kubegate` entry point.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_FIXTURE), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "kubegate"), "serve", "--config", str(config_path)],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
+        pythonpath.append(PLUGIN_FIXTURE)
+    started = testing.start_gateway_process(
+        config, directory, pythonpath=pythonpath, listen=config.get("listen")
     )
-    url = f"https://{config['listen']}"
-    ca_file = Path(config["state_dir"]) / "tls" / "ca.crt"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited ({proc.returncode}): {log.read_text()}")
-        try:
-            ctx = ssl.create_default_context(cafile=str(ca_file))
-            with urllib.request.urlopen(f"{url}/healthz", context=ctx, timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except (OSError, ssl.SSLError):
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"gateway did not start: {log.read_text()}")
-    return Gateway(dir=directory, url=url, config=config_path, ca_file=ca_file, process=proc, log=log)
+    return Gateway(**{f.name: getattr(started, f.name) for f in fields(started)})
 
 
 def stop_process(proc: subprocess.Popen) -> None:

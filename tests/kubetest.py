@@ -1,4 +1,5 @@
-"""Helpers for driving real kubectl in tests: a pty for `-it`, background commands, free ports."""
+"""Helpers for driving real kubectl in tests: a pty for `-it`, background commands, free ports; and
+`wait_for` / `wait_for_async` (from kubegate.testing) to wait for a condition instead of sleeping."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:
+    from kubegate.testing import wait_for, wait_for_async
+except ImportError:  # the kubegate.testing name is mapped in pyproject.toml; the module is core/testing
+    from kubegate.core.testing import wait_for, wait_for_async
+
+__all__ = ["wait_for", "wait_for_async"]  # waiting for a condition instead of sleeping: see kubegate.testing
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -34,11 +35,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
 import yaml
@@ -58,6 +59,7 @@ __all__ = [
     "GatewayProcess",
     "RunningGateway",
     "Sandbox",
+    "free_port",
     "make_connection",
     "make_flow",
     "make_gateway",
@@ -67,6 +69,8 @@ __all__ = [
     "start_gateway_process",
     "start_sandbox",
     "static_tokens",
+    "wait_for",
+    "wait_for_async",
     "write_kubeconfig",
 ]
 
@@ -199,6 +203,90 @@ def _plugin_name(plugin: Plugin) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Waiting for something to happen (an audit line written after the response, a gateway noticing a change)
+# ---------------------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    *,
+    timeout: float = 10,
+    interval: float = 0.05,
+    ignore: tuple[type[Exception], ...] = (),
+) -> T:
+    """Call `condition` until it returns something truthy, and return that; instead of a fixed sleep.
+
+    :param what: what is waited for, e.g. ``"the audit line of the delete"``: a timeout fails the test
+        with ``AssertionError: timed out after 10 s waiting for <what> (last: <last value>)``.
+    :param ignore: exceptions that mean "not yet" (e.g. ``OSError`` while a server restarts); the last one
+        is named in the failure. Any other exception fails at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        last: object
+        try:
+            value = condition()
+            if value:
+                return value
+            last = value
+        except ignore as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timed_out(what, timeout, last))
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    condition: Callable[[], T | Awaitable[T]],
+    what: str,
+    *,
+    timeout: float = 10,  # noqa: ASYNC109 - the same arguments as wait_for
+    interval: float = 0.05,
+    ignore: tuple[type[Exception], ...] = (),
+) -> T:
+    """:func:`wait_for` in an event loop: `condition` may be a plain or an ``async`` function, and the
+    loop keeps running between calls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last: object
+        try:
+            answer = condition()
+            value: T = await answer if inspect.isawaitable(answer) else answer
+            if value:
+                return value
+            last = value
+        except ignore as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(_timed_out(what, timeout, last))
+        await asyncio.sleep(interval)
+
+
+def _timed_out(what: str, timeout: float, last: object) -> str:
+    shown = repr(last)
+    return f"timed out after {timeout:g} s waiting for {what} (last: {shown[:500]})"
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, so that nothing binding port 0 (a
+    sandbox, an outgoing connection) takes it between this call and the server that binds it."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The sandbox cluster
 # ---------------------------------------------------------------------------------------------------------
 
@@ -217,6 +305,22 @@ class Sandbox:
 
     def stop(self) -> None:
         _stop(self.process)
+
+    def requests_log(self, since: int = 0) -> list[dict[str, Any]]:
+        """What the cluster received after the entry with id `since` (method, path, impersonation
+        headers, token hashes…), oldest first, read over its admin API: to check what your plugin let
+        through, and as whom."""
+        import ssl
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(
+            f"{self.url}/sandbox/requests?since={since}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            items: list[dict[str, Any]] = json.loads(response.read())["items"]
+        # The log's own reads are recorded too; leave them out.
+        return [item for item in items if not item["path"].startswith("/sandbox/")]
 
 
 def start_sandbox(directory: Path, timeout: float = 30) -> Sandbox:
@@ -428,18 +532,20 @@ def start_gateway_process(
     *,
     pythonpath: Sequence[Path | str] = (),
     timeout: float = 30,
+    listen: str | None = None,
 ) -> GatewayProcess:
     """Run ``kubegate serve`` as a subprocess, the way it runs in production: plugins come from installed
     entry points — put a folder your plugin package was installed into (``pip install --target``) on
     `pythonpath`. Returns once ``/healthz`` answers. Call ``stop()``.
+
+    :param listen: ``HOST:PORT`` to serve on (e.g. to restart on the same address); a free loopback port
+        by default.
     """
     import ssl
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    path = _prepare(config, directory, listen=f"127.0.0.1:{port}")
+    listen = listen or f"127.0.0.1:{free_port()}"
+    path = _prepare(config, directory, listen=listen)
     state_dir = Path(yaml.safe_load(path.read_text())["state_dir"])
     log = directory / "gateway.log"
     env = dict(os.environ)
@@ -450,7 +556,7 @@ def start_gateway_process(
         proc = subprocess.Popen(
             [*command, "serve", "--config", str(path)], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    url = f"https://127.0.0.1:{port}"
+    url = f"https://{listen}"
     ca_file = state_dir / "tls" / "ca.crt"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

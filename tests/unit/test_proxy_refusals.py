@@ -1,0 +1,326 @@
+"""The proxy's refusals, driven in process: the gateway's ASGI app is called directly (no listening socket,
+no TLS, no kubectl), so each path is exercised exactly and fast.
+
+Every refusal a client hears is a Kubernetes `Status` (kubectl prints its message as the API server's own),
+none reaches the cluster, and each leaves exactly one audit event with the status it ended with. The same
+paths over real sockets and real kubectl are in tests/e2e/test_gateway_errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubetest import wait_for_async
+
+from kubegate.core import hookimpl
+from kubegate.core.flow import AuditEvent, Decision, Flow, Verdict
+from kubegate.core.gateway import Gateway
+from kubegate.core.plugins import PluginHost
+
+try:
+    from kubegate import testing
+except ImportError:  # the kubegate.testing name is mapped in pyproject.toml; the module is core/testing
+    from kubegate.core import testing
+
+ALICE_TOKEN = "alice-token-0123456789abcdef"
+BODY_CAP = 1024
+
+
+class Guard:
+    """A policy and approval plugin of this test: denies namespace deletes, holds ConfigMap creates until
+    the client leaves, and keeps every audit event."""
+
+    PLUGIN_NAME = "refusal-guard"
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self.held = asyncio.Event()
+        self.client_left = asyncio.Event()
+
+    @hookimpl
+    def kubegate_decide(self, flow: Flow) -> Decision | None:
+        attributes = flow.attributes
+        if attributes.resource == "namespaces" and attributes.verb == "delete":
+            return Decision.deny("namespaces cannot be deleted through this gateway", rule="no-ns-deletes")
+        if attributes.resource == "configmaps" and attributes.verb == "create":
+            return Decision(Verdict.NEEDS_APPROVAL, "configmaps need a second person", rule="hold-cms")
+        return None
+
+    @hookimpl
+    async def kubegate_approval(self, flow: Flow, decision: Decision) -> Decision:
+        # As the approvals plugin does: wait for the reviewers, or stop waiting when the client leaves.
+        self.held.set()
+        await flow.request.wait_disconnected()
+        self.client_left.set()
+        return Decision.deny("the client went away while waiting for approval", decision.rule)
+
+    @hookimpl
+    def kubegate_audit_event(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [event.data for event in self.events if event.kind == "request"]
+
+
+@dataclass
+class Answer:
+    """What the ASGI app sent back."""
+
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def kubernetes_status(self) -> dict[str, Any]:
+        assert self.headers.get("content-type") == "application/json", self.headers
+        doc: dict[str, Any] = json.loads(self.body)
+        return doc
+
+
+async def call(
+    app: Any,
+    method: str,
+    path: str,
+    *,
+    token: str | None = ALICE_TOKEN,
+    headers: dict[str, str] | None = None,
+    body: list[bytes] | None = None,
+    unfinished: bool = False,
+    leave: asyncio.Event | None = None,
+) -> Answer:
+    """One HTTP request to the ASGI `app`, with the body in the given pieces (the last one announcing
+    more when `unfinished`); with `leave`, the client disconnects (``http.disconnect``) once the body is
+    sent and `leave` is set, else once its response is complete."""
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if token is not None:
+        raw_headers.append((b"authorization", f"Bearer {token}".encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": raw_headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 443),
+    }
+    pieces = list(body if body is not None else [b""])
+    answer = Answer()
+    done = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            piece = pieces.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces) or unfinished}
+        if leave is not None:
+            await leave.wait()
+        else:
+            await done.wait()  # a client that stays until its response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer.status = message["status"]
+            answer.headers = {k.decode(): v.decode() for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            answer.body += message.get("body", b"")
+            if not message.get("more_body", False):
+                done.set()
+
+    await asyncio.wait_for(app(scope, receive, send), 30)
+    return answer
+
+
+def assert_status(answer: Answer, code: int, reason: str, message: str) -> dict[str, Any]:
+    """`answer` is the Kubernetes Status kubectl prints: kind, apiVersion, status, code, reason, message."""
+    assert answer.status == code, answer
+    doc = answer.kubernetes_status()
+    assert doc["kind"] == "Status" and doc["apiVersion"] == "v1" and doc["status"] == "Failure", doc
+    assert doc["code"] == code and doc["reason"] == reason, doc
+    assert message in doc["message"], doc
+    return doc
+
+
+async def _swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An upstream that reads whatever it is sent and never answers."""
+    try:
+        while await reader.read(65536):
+            pass
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Guard]]:
+    """A gateway in this process. Connection `prod` points at a port nothing listens on: any request that
+    got through would end in a 503, so a refusal with another code proves the cluster was never asked.
+    Connection `mute` points at an upstream that reads request bodies and never answers (the only socket
+    here: a body streams upstream only once a connection is open)."""
+    mute = await asyncio.start_server(_swallow, "127.0.0.1", 0)
+    mute_port = mute.sockets[0].getsockname()[1]
+    guard = Guard()
+    (tmp_path / "upstream-token").write_text("gateway-credential")
+    upstream = {
+        "server": f"https://127.0.0.1:{testing.free_port()}",  # nobody listens: refused at once
+        "token_file": str(tmp_path / "upstream-token"),
+    }
+    tokens = {"alice": (ALICE_TOKEN, ["developers"])}
+    plugins = {"static-tokens": testing.static_tokens(tokens), Guard.PLUGIN_NAME: {}}
+    config = {
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "limits": {"max_request_body_bytes": BODY_CAP, "upstream_connect_timeout_seconds": 2},
+        "connections": {
+            "prod": {"upstream": upstream, "plugins": plugins},
+            "mute": {"upstream": {**upstream, "server": f"http://127.0.0.1:{mute_port}"}, "plugins": plugins},
+        },
+    }
+    path = tmp_path / "kubegate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = Gateway.from_config(path, plugins=PluginHost(load_entry_points=False, extra=[guard]))
+    await gateway.start()
+    try:
+        yield gateway, guard
+    finally:
+        await gateway.stop()
+        mute.close()
+
+
+PODS = "/k8s/prod/api/v1/namespaces/dev/pods"
+MUTE_PODS = "/k8s/mute/api/v1/namespaces/dev/pods"
+
+
+# -- 401: no credential, an unknown one ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "why"), [(None, "no credential"), ("not-a-known-token", "unknown credential")]
+)
+async def test_no_or_unknown_token_is_a_401_status(served, token, why):
+    gateway, guard = served
+    answer = await call(gateway, "GET", PODS, token=token)
+    assert_status(answer, 401, "Unauthorized", "Unauthorized")
+    (event,) = guard.requests()
+    assert event["status"] == 401 and event["identity"] is None and event["auth_failure"] == why
+    if token:  # the audit names the credential by fingerprint, never by value
+        assert event["credential"] == "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+        assert token not in json.dumps(event)
+
+
+# -- 403: a policy denial --------------------------------------------------------------------------------
+
+
+async def test_policy_deny_is_a_403_status_naming_the_reason(served):
+    gateway, guard = served
+    answer = await call(gateway, "DELETE", "/k8s/prod/api/v1/namespaces/dev")
+    doc = assert_status(answer, 403, "Forbidden", "namespaces cannot be deleted through this gateway")
+    assert doc["details"]["name"] == "dev" and doc["details"]["kind"] == "namespaces", doc
+    (event,) = guard.requests()
+    assert event["status"] == 403 and event["identity"]["user"] == "alice"
+    assert event["decision"] == {
+        "verdict": "deny",
+        "reason": "namespaces cannot be deleted through this gateway",
+        "rule": "no-ns-deletes",
+    }
+
+
+# -- 413: a body over max_request_body_bytes -------------------------------------------------------------
+
+
+async def test_declared_oversize_body_is_a_413_status_before_anyone_decides(served):
+    gateway, guard = served
+    body = b"x" * (BODY_CAP + 1)
+    answer = await call(
+        gateway, "POST", PODS, headers={"content-length": str(len(body))}, body=[body[:100], body[100:]]
+    )
+    assert_status(answer, 413, "RequestEntityTooLarge", f"larger than the limit of {BODY_CAP} bytes")
+    (event,) = guard.requests()
+    assert event["status"] == 413
+
+
+async def test_undeclared_oversize_body_is_a_413_status_once_it_passes_the_cap(served):
+    """Chunked: no Content-Length to refuse on, so the cap is enforced while the body streams."""
+    gateway, guard = served
+    pieces = [b"y" * 600, b"y" * 600]  # 1200 > 1024 only with the second piece
+    answer = await call(gateway, "POST", MUTE_PODS, body=pieces)
+    assert_status(answer, 413, "RequestEntityTooLarge", f"larger than the limit of {BODY_CAP} bytes")
+    (event,) = guard.requests()
+    assert event["status"] == 413
+
+
+async def test_a_body_at_the_cap_is_not_refused_as_too_large(served):
+    """The boundary: exactly max_request_body_bytes goes on (here to the absent upstream: 503)."""
+    gateway, _ = served
+    body = b"z" * BODY_CAP
+    answer = await call(gateway, "POST", PODS, headers={"content-length": str(BODY_CAP)}, body=[body])
+    assert answer.status == 503, answer
+
+
+# -- 499: the client went away -----------------------------------------------------------------------------
+
+
+async def test_client_leaving_before_its_body_is_recorded_as_499_and_nothing_is_sent(served):
+    gateway, guard = served
+    gone = asyncio.Event()
+    gone.set()  # headers of a PUT, then the client disconnects before any of the body
+    answer = await call(gateway, "PUT", f"{MUTE_PODS}/web", body=[], leave=gone)
+    assert answer == Answer()  # nobody is there to hear an answer: nothing is sent
+    (event,) = guard.requests()
+    assert event["status"] == 499 and event["identity"]["user"] == "alice"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core/proxy.py: aiohttp wraps ClientGone from the body stream in a ClientOSError, and _forward "
+    "reports it as 503 'the API server is unavailable' (the audit blames the cluster for a client that left)",
+)
+async def test_client_leaving_mid_body_is_recorded_as_499_not_as_an_unavailable_upstream(served):
+    gateway, guard = served
+    gone = asyncio.Event()
+    gone.set()  # the client disconnects after its first piece, with more of the body announced
+    answer = await call(
+        gateway, "PUT", f"{MUTE_PODS}/web", body=[b'{"kind": "Pod",'], unfinished=True, leave=gone
+    )
+    (event,) = guard.requests()
+    assert event["status"] == 499, event["error"]
+    assert answer == Answer()
+
+
+async def test_client_leaving_while_held_stops_the_hold_and_never_reaches_the_cluster(served):
+    gateway, guard = served
+    leave = asyncio.Event()
+    request = asyncio.create_task(
+        call(gateway, "POST", "/k8s/prod/api/v1/namespaces/dev/configmaps", body=[b"{}"], leave=leave)
+    )
+    await wait_for_async(guard.held.is_set, "the request to be held for approval", timeout=10)
+    assert not request.done()  # held: no answer while the reviewers have not decided
+    leave.set()
+    answer = await asyncio.wait_for(request, 10)
+    assert guard.client_left.is_set()
+    # The refusal goes to a client that is gone; it is a Status all the same, and never a 503 (which
+    # would mean the gateway tried the cluster).
+    assert_status(answer, 403, "Forbidden", "the client went away while waiting for approval")
+    (event,) = guard.requests()
+    assert event["status"] == 403 and event["decision"]["rule"] == "hold-cms"
+
+
+# -- 503: the upstream is not there ----------------------------------------------------------------------
+
+
+async def test_unreachable_upstream_is_a_503_status_naming_the_connection(served):
+    gateway, guard = served
+    answer = await call(gateway, "GET", PODS)
+    assert_status(answer, 503, "ServiceUnavailable", 'connection "prod": the API server is unavailable (')
+    (event,) = guard.requests()
+    assert event["status"] == 503 and event["identity"]["user"] == "alice"
+    assert event["error"].startswith('connection "prod": the API server is unavailable')
