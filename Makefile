@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck bench docs clean
+.PHONY: setup demo test test-fast lint typecheck bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ typecheck: setup
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Everything but the tests marked `slow` (streams held open past 90 s), without lint and type checks: the
+# quick loop while developing. `make test` (and CI) still runs them all.
+test-fast: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 docs: setup
 	$(BIN)/mkdocs build --strict
