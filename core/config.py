@@ -8,10 +8,13 @@ their connection type and plugin declare (see the ``kubegate_connection_types`` 
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -129,9 +132,7 @@ class GatewaySettings(StrictModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443")
+        split_listen(value)
         return value
 
     @field_validator("workers", mode="before")
@@ -156,11 +157,42 @@ class GatewaySettings(StrictModel):
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_listen(self.listen)[1]
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    """HOST and PORT of a listening address (`127.0.0.1:8443`, `localhost:8443`, `[::1]:8443`; port 0: any
+    free port). ValueError saying what is wrong in words a user can act on: the same check serves the
+    `listen` key, `kubegate serve --bind` and the server's own bind."""
+    if address.startswith("["):  # [IPv6]:PORT
+        host, bracket, rest = address[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{address!r}: expected [IPv6]:PORT, e.g. [::1]:8443") from None
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{address!r}: expected [IPv6]:PORT, e.g. [::1]:8443")
+        port = rest[1:]
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon:  # `localhost`: a host without a port
+            host, port = address, ""
+        if ":" in host:
+            raise ValueError(f"{address!r}: an IPv6 address goes in brackets, e.g. [{host}]:{port or 8443}")
+    if not port:
+        example = address.rstrip(":") or "127.0.0.1"
+        raise ValueError(f"{address!r} has no port: expected HOST:PORT, e.g. {example}:8443")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{address!r}: port {port!r} is not a number")
+    if int(port) > 65535:
+        raise ValueError(f"{address!r}: port {int(port)} is out of range (0-65535)")
+    if not host:
+        raise ValueError(f"{address!r} has no host: expected HOST:PORT, e.g. 127.0.0.1:{port}")
+    return host, int(port)
 
 
 def worker_count(settings: GatewaySettings) -> int:
@@ -180,14 +212,93 @@ def format_location(loc: tuple[int | str, ...], prefix: str = "") -> str:
     return ".".join(parts)
 
 
-def first_error(exc: ValidationError, prefix: str = "") -> tuple[str, str]:
-    err = exc.errors()[0]
+def first_error(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> tuple[str, str]:
+    """(dotted key, reason) of the first error (unknown keys first). An unknown key names the closest valid one (or the valid keys
+    there); `model` is the model that was validated (found by `exc.title` when not given)."""
+    errors = exc.errors()
+    # A typo'd key also makes the real key "missing": the unknown key is the one to name.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _key_hint(str(loc[-1]), valid_keys(model or _model_named(exc.title), loc[:-1]))
     elif err["type"] == "missing":
         msg = "required key is missing"
-    return format_location(tuple(err["loc"]), prefix), msg
+    return format_location(loc, prefix), msg
+
+
+def _key_hint(key: str, valid: list[str] | None) -> str:
+    if not valid:
+        return ""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (valid here: {', '.join(valid)})"
+
+
+def _model_named(title: str) -> type[BaseModel] | None:
+    """The one loaded model class called `title` (None when there is none, or several)."""
+    found: list[type[BaseModel]] = []
+    pending: list[type[BaseModel]] = [BaseModel]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__name__ == title and cls not in found:
+            found.append(cls)
+    return found[0] if len(found) == 1 else None
+
+
+def valid_keys(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> list[str] | None:
+    """The keys the mapping at `loc` inside `model` accepts (None when that is not a model's mapping)."""
+    node: Any = model
+    for part in loc:
+        node = _step(node, part)
+        if node is None:
+            return None
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return None
+    return [field.alias or name for name, field in node.model_fields.items()]
+
+
+def _step(annotation: Any, part: int | str) -> Any:
+    """The type one step (a field, a list index, a mapping key) into `annotation`."""
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            if isinstance(part, str):
+                if part == member.__name__ or part in _tags(
+                    member
+                ):  # a union's member, named by class or tag
+                    return member
+                for name, field in member.model_fields.items():
+                    if part in (name, field.alias):
+                        return field.annotation
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(part, int) and origin in (list, tuple, set, frozenset) and args:
+            return args[0]
+        if isinstance(part, str) and origin is dict and len(args) == 2:
+            return args[1]
+    return None
+
+
+def _tags(model: type[BaseModel]) -> set[Any]:
+    """The values of `model`'s Literal fields: how pydantic names a discriminated union's member in a location."""
+    return {
+        value
+        for field in model.model_fields.values()
+        if get_origin(field.annotation) is Literal
+        for value in get_args(field.annotation)
+    }
+
+
+def _members(annotation: Any) -> list[Any]:
+    """`annotation` without Annotated/Optional wrapping: the union's members, or itself."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    return [annotation]
 
 
 def read_yaml(path: Path) -> Any:
@@ -217,7 +328,7 @@ def read_model(path: Path, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        key, reason = first_error(exc)
+        key, reason = first_error(exc, model=model)
         raise ConfigError(path, key, reason) from None
 
 
@@ -233,6 +344,15 @@ def parse_settings(path: Path) -> GatewaySettings:
     if bool(settings.tls.cert_file) != bool(settings.tls.key_file):
         raise ConfigError(path, "tls", "cert_file and key_file go together")
     return settings
+
+
+def check_readable(config_path: Path | str, key: str, path: Path) -> None:
+    """ConfigError naming the key and the file when a file the config refers to cannot be read."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(config_path, key, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def resolve(base: Path, value: Path) -> Path:

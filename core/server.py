@@ -31,7 +31,8 @@ import uvicorn
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
-from .config import worker_count
+from .config import check_readable, split_listen, worker_count
+from .errors import ConfigError
 from .gateway import Gateway
 from .tls import ensure_self_signed
 
@@ -50,6 +51,9 @@ def tls_files(gateway: Gateway) -> TLSFiles | None:
     if not tls.enabled:
         return None
     if tls.cert_file and tls.key_file:
+        # Named here, one line: the TLS library's own error names neither the key nor the file.
+        check_readable(gateway.config_path, "tls.cert_file", tls.cert_file)
+        check_readable(gateway.config_path, "tls.key_file", tls.key_file)
         return TLSFiles(tls.cert_file, tls.key_file, None)
     hostnames = [*tls.hostnames]
     if gateway.settings.host not in ("0.0.0.0", "::", ""):
@@ -119,6 +123,9 @@ class _QuietUvicorn(logging.Filter):
 
 def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
+    if bind is not None:
+        # `listen` was checked with the config; `--bind` is checked here, before anything binds or forks.
+        check_address(bind, "--bind")
     workers = worker_count(gateway.settings)
     if workers > 1:
         Supervisor(gateway, workers, bind, announce).run()
@@ -156,14 +163,22 @@ def worker_conflicts(gateway: Gateway, workers: int) -> str | None:
     return None
 
 
+def check_address(address: str, source: str = "listening address") -> tuple[str, int]:
+    """HOST and PORT of `address`; a one-line ConfigError (`--bind: '…': reason`) when it is not HOST:PORT."""
+    try:
+        return split_listen(address)
+    except ValueError as exc:
+        raise ConfigError(source, "", str(exc)) from None
+
+
 def check_bind(bind: str) -> None:
-    """Fail early, with the OS's reason, when the address cannot be served (e.g. already in use)."""
-    host, _, port = bind.rpartition(":")
-    host = host.strip("[]")
+    """Fail early, with a one-line reason, when the address cannot be served: not HOST:PORT (ConfigError),
+    or the OS refuses it (OSError, e.g. already in use)."""
+    host, port = check_address(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, int(port)))
+        probe.bind((host, port))
 
 
 async def _when_listening(
