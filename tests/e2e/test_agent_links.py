@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import ssl
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from e2e.agent_stack import (
     wait_for_log,
     wait_ready,
 )
-from kubetest import run_kubectl
+from kubetest import run_kubectl, wait_for_async
 
 from kubegate.connections.agent import hub as hubs
 from kubegate.connections.agent import keys, store
@@ -69,15 +68,6 @@ class HubWithAgent:
         return reader, writer
 
 
-async def eventually(predicate: Any, what: str, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        if predicate():
-            return
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
-
-
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
     try:
         return await asyncio.wait_for(reader.read(1), 5) == b""
@@ -107,7 +97,7 @@ async def enrolled_hub(
             process = await conn.create_process(LINKS_COMMAND)
             tunnel = hub.pick(AGENT_CONNECTION, [])
             if links:
-                await eventually(tunnel.links_usable, "the links session did not start")
+                await wait_for_async(tunnel.links_usable, "the links session to start", interval=0.02)
             yield HubWithAgent(hub, conn, process, tunnel)
     finally:
         await hub.close()
@@ -263,7 +253,7 @@ async def test_the_agent_sends_its_nonce_only_to_the_pinned_key(tmp_path: Path):
     report = Report()
     nonce = new_nonce()
     await agent._open_link("127.0.0.1", port, nonce, AGENT_CONNECTION, report)  # type: ignore[arg-type]
-    await eventually(lambda: received, "the impostor saw no connection")
+    await wait_for_async(lambda: received, "a connection to the impostor", interval=0.02)
     server.close()
     assert received == [b""]  # the handshake, then nothing: the nonce never left
     (line,) = report.lines

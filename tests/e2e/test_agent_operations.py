@@ -7,7 +7,6 @@ import json
 import re
 import signal
 import ssl
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import GATEWAY_USERS, stop_process
 from e2e.agent_stack import AGENT_CONNECTION, AgentStack, kubegate, start_agent_stack
-from kubetest import Background, gateway_api, run_kubectl
+from kubetest import Background, gateway_api, run_kubectl, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +39,8 @@ def test_reload_keeps_the_tunnel(stack: AgentStack):
     before = _tunnels_up(stack.agent.log)
     assert before >= 1
     stack.gateway.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while "configuration reloaded" not in stack.gateway.log.read_text():
-        assert time.monotonic() < deadline, stack.gateway.log.read_text()[-2000:]
-        time.sleep(0.2)
+    wait_for(lambda: "configuration reloaded" in stack.gateway.log.read_text(), "the gateway to log the reload",
+             timeout=20)  # fmt: skip
     result = run_kubectl(stack.kubeconfig(), "get", "namespaces", "-o", "name")
     assert result.returncode == 0, result.stderr
     assert "namespace/default" in result.stdout
@@ -116,14 +113,13 @@ def test_one_agent_serves_two_connections_and_two_agents_serve_one(sandbox, tmp_
     try:
         for name in ("prod", "staging"):
             wait_ready(gateway, name, agent=agents[0])
-        deadline = time.monotonic() + 20
-        while True:  # both agents' tunnels registered for staging
+
+        def staging_agents() -> int:
             _status, body = gateway_api(gateway, "GET", "/api/connections", GATEWAY_USERS["alice"][1])
             staging = [c for c in body.get("items", []) if c["name"] == "staging"]
-            if staging and len(staging[0]["upstream"]["agents"]) == 2:
-                break
-            assert time.monotonic() < deadline, body
-            time.sleep(0.3)
+            return len(staging[0]["upstream"]["agents"]) if staging else 0
+
+        wait_for(lambda: staging_agents() == 2, "both agents' tunnels registered for staging", timeout=20)
         for name in ("prod", "staging"):
             result = run_kubectl(gateway.kubeconfig("alice", name), "get", "pods", "-n", "prod", "-o", "name")
             assert result.returncode == 0, result.stderr
@@ -138,11 +134,25 @@ def test_one_agent_serves_two_connections_and_two_agents_serve_one(sandbox, tmp_
             for watch in watches:
                 watch.proc.terminate()
                 watch.proc.wait(10)
-        time.sleep(1)  # the agents notice the closed channels and write their lines
-        served = {a.name: [json.loads(line) for line in (tmp_path / a.name / "agent-audit.jsonl").read_text().splitlines()]
-                  for a in agents}  # fmt: skip
-        assert {r["connection"] for r in served["multi"]} == {"prod", "staging"}
-        assert {r["connection"] for r in served["spare"]} == {"staging"}
+
+        def connections_served(agent: str) -> set[str]:  # an agent writes its line when a channel ends
+            path = tmp_path / agent / "agent-audit.jsonl"
+            return (
+                {json.loads(line)["connection"] for line in path.read_text().splitlines()}
+                if path.exists()
+                else set()
+            )
+
+        wait_for(
+            lambda: connections_served("multi") == {"prod", "staging"},
+            "agent multi's lines for prod and staging",
+            ignore=(ValueError,),  # a line still being written
+        )
+        wait_for(
+            lambda: connections_served("spare") == {"staging"},
+            "agent spare's lines for staging",
+            ignore=(ValueError,),
+        )
         # One agent goes: staging keeps working through the other.
         agents[1].stop(kill=True)
         for _ in range(3):
@@ -183,12 +193,8 @@ def test_two_agent_pods_sharing_one_identity(sandbox, tmp_path: Path):
         )  # one Secret, two pods
         second = start_agent(tmp_path / "pod-b", sandbox, name="pair", gateways=address,
                              host_key=joined["host_key"], token=None)  # fmt: skip
-        deadline = time.monotonic() + 20
-        while 'kubegate_agent_tunnels{agent="pair",connection="edge"} 2.0' not in (
-            text := _metrics_of(gateway)
-        ):
-            assert time.monotonic() < deadline, text[-2000:]
-            time.sleep(0.3)
+        wait_for(lambda: 'kubegate_agent_tunnels{agent="pair",connection="edge"} 2.0' in _metrics_of(gateway),
+                 "kubegate_agent_tunnels of agent pair to reach 2", timeout=20)  # fmt: skip
         agents = json.loads(kubegate("agents", "list", "-c", str(gateway.config), "-o", "json").stdout)
         (pair,) = [
             a for a in (agents if isinstance(agents, list) else agents["agents"]) if a["name"] == "pair"

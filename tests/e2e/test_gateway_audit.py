@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import GATEWAY_USERS, VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import run_kubectl
+from kubetest import run_kubectl, wait_for
 
 MARKER = "<masked by kubegate>"
 POLICY = {"default": "allow", "rules": [{"name": "bots-never-delete-in-prod", "action": "deny",
@@ -57,15 +57,6 @@ def events(gw: Gateway, *filters: str) -> list[dict]:
     return json.loads(proc.stdout)
 
 
-def wait_for(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
-
-
 def stored_bytes(gw: Gateway) -> bytes:
     """Everything the database and the audit file hold, raw (SQLite keeps recent writes in its WAL)."""
     state = Path(json.loads(json.dumps(str(gw.dir / "state"))))
@@ -91,7 +82,8 @@ def test_a_kubectl_command_is_recorded_with_who_what_and_outcome(audited):
     denied = kc(audited, "delete", "pod", "web", "-n", "prod", user="ci-bot", check=False)
     assert denied.returncode != 0 and "CI may not delete anything in prod" in denied.stderr
 
-    found = wait_for(lambda: [e for e in events(audited, "--user", "ci-bot", "--verb", "delete")])
+    found = wait_for(lambda: events(audited, "--user", "ci-bot", "--verb", "delete"), "ci-bot's delete event",
+                     timeout=15, interval=0.2)  # fmt: skip
     (event,) = found
     data = event["data"]
     assert data["identity"]["user"] == "ci-bot" and data["identity"]["groups"] == ["ci", "deployers"]
@@ -128,13 +120,15 @@ def test_request_bodies_are_stored_masked(audited):
         "--from-literal=password=audit-s3cret-value",
     )
     found = wait_for(lambda: [e for e in events(audited, "--verb", "create", "--resource", "secrets")
-                              if name in json.dumps(e)])  # fmt: skip
+                              if name in json.dumps(e)], f"the create event of secret {name}",
+                     timeout=15, interval=0.2)  # fmt: skip
     body = found[0]["data"]["request_body"]
     assert body["bytes"] > 0 and len(body["sha256"]) == 64
     content = json.loads(body["content"])
     assert content["metadata"]["name"] == name
     assert base64.b64decode(content["data"]["password"]).decode() == MARKER
-    time.sleep(0.5)
+    wait_for(lambda: name in (audited.dir / "audit.jsonl").read_text(), f"the audit file to record secret {name}",
+             ignore=(FileNotFoundError,))  # fmt: skip
     raw = stored_bytes(audited)
     assert b"audit-s3cret-value" not in raw
     assert base64.b64encode(b"audit-s3cret-value") not in raw
@@ -144,7 +138,8 @@ def test_an_authentication_failure_is_recorded_without_the_token(audited):
     bad = "not-a-real-token-0123456789"
     proc = run_kubectl(audited.kubeconfig("alice", token=bad), "get", "pods", check=False)
     assert proc.returncode != 0
-    found = wait_for(lambda: events(audited, "--decision", "unauthenticated"))
+    found = wait_for(lambda: events(audited, "--decision", "unauthenticated"), "an unauthenticated event",
+                     timeout=15, interval=0.2)  # fmt: skip
     assert found and found[-1]["data"]["status"] == 401
     assert found[-1]["data"]["credential"].startswith("sha256:")
     assert bad.encode() not in stored_bytes(audited)
@@ -152,7 +147,7 @@ def test_an_authentication_failure_is_recorded_without_the_token(audited):
 
 def test_the_api_shows_auditors_everything_and_others_their_own(audited):
     kc(audited, "get", "pods", "-n", "dev", user="ci-bot")
-    wait_for(lambda: events(audited, "--user", "ci-bot"))
+    wait_for(lambda: events(audited, "--user", "ci-bot"), "ci-bot's events", timeout=15, interval=0.2)
     status, mine = api(audited, "/api/audit/events?limit=500", "alice")
     assert (
         status == 200
@@ -172,9 +167,22 @@ def test_the_api_shows_auditors_everything_and_others_their_own(audited):
     assert api(audited, "/api/audit/events?since=yesterday", "bob")[0] == 400
 
 
+def stored_counts(gw: Gateway) -> tuple[int, int]:
+    """(rows in the audit table, lines in the audit file)."""
+    database = sqlite3.connect(gw.dir / "state" / "kubegate.db")
+    try:
+        (rows,) = database.execute("SELECT count(*) FROM kubegate_audit_events").fetchone()
+    finally:
+        database.close()
+    path = gw.dir / "audit.jsonl"
+    return rows, len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
 def test_verify_passes_then_catches_an_edited_row(audited):
+    rows, lines = stored_counts(audited)
     kc(audited, "get", "pods", "-n", "prod")
-    time.sleep(0.5)
+    wait_for(lambda: (now := stored_counts(audited))[0] > rows and now[1] > lines,
+             "the get's event in the audit table and the audit file")  # fmt: skip
     intact = kubegate(audited, "audit", "verify", "--key-file", str(audited.dir / "audit.key"),
                       "--algorithm", "hmac-sha256")  # fmt: skip
     assert intact.returncode == 0 and intact.stdout.startswith("intact:"), intact.stdout + intact.stderr
@@ -202,7 +210,8 @@ def test_replay_walks_an_identitys_calls_and_sessions_in_order(audited):
     kc(audited, "get", "pods", "-n", "dev", user="ci-bot")
     kc(audited, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo walked-through-$((6*7))", user="ci-bot")
     kc(audited, "get", "configmaps", "-n", "dev", user="ci-bot")
-    wait_for(lambda: events(audited, "--user", "ci-bot", "--kind", "session_end"))
+    wait_for(lambda: events(audited, "--user", "ci-bot", "--kind", "session_end"), "ci-bot's session_end event",
+             timeout=15, interval=0.2)  # fmt: skip
     walk = kubegate(audited, "replay", "--user", "ci-bot", "--since", "10m", "--speed", "1000")
     assert walk.returncode == 0, walk.stderr
     assert "walked-through-42" in walk.stdout  # the session, played

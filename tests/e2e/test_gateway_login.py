@@ -25,7 +25,7 @@ import pytest
 import yaml
 from browserless import Browser, browser_login, mock_idp_authorize, read_login_prompt
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import run_kubectl
+from kubetest import run_kubectl, wait_for
 from saml_idp import SAMLIdP, make_signing_pair
 
 KUBEGATE = str(VENV_BIN / "kubegate")
@@ -219,9 +219,8 @@ def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway,
     revoke = subprocess.run([KUBEGATE, "tokens", "revoke", cached["id"], "-c", str(login_gateway.config)],
                             capture_output=True, text=True)  # fmt: skip
     assert revoke.returncode == 0 and f"revoked {cached['id']}" in revoke.stdout
-    time.sleep(1.2)
-    status = _api_status(login_gateway, "sandbox", token)
-    assert status["code"] == 401
+    status = wait_for(lambda: (s := _api_status(login_gateway, "sandbox", token))["code"] == 401 and s,
+                      "the gateway to refuse the revoked token")  # fmt: skip
     assert status["message"] == "Unauthorized: gateway token revoked: run kubegate login"
     listing = subprocess.run([KUBEGATE, "tokens", "list", "--all", "-c", str(login_gateway.config)],
                              capture_output=True, text=True, check=True)  # fmt: skip
@@ -493,8 +492,8 @@ def test_expired_cached_token_makes_kubectl_log_in_again(login_gateway, provider
     out = subprocess.run([KUBEGATE, "logout", *target], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "revoked token" in out.stderr, out.stderr
     assert not path.exists()
-    time.sleep(1.2)
-    assert _api_status(login_gateway, "sandbox", token)["code"] == 401
+    wait_for(lambda: _api_status(login_gateway, "sandbox", token)["code"] == 401,
+             "the gateway to refuse the logged-out token")  # fmt: skip
 
 
 def saml_form_page(saml_idp: SAMLIdP, route: Any, request: Any, **options: Any) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import run_kubectl
+from kubetest import Background, run_kubectl, wait_for
 
 from kubegate.sandbox.seed import API_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, DB_PASSWORD
 
@@ -137,19 +137,18 @@ def test_watch_masks_a_secret_as_it_changes(masked, sandbox):
     name = f"rotating-{int(time.time())}"
     run_kubectl(sandbox.kubeconfig, "create", "secret", "generic", name, "-n", "dev", "--from-literal=pw=first-value-1",
                 check=True)  # fmt: skip
-    watch = subprocess.Popen(
-        [str(VENV_BIN / "kubectl"), "get", "secret", name, "-n", "dev", "-w", "-o", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"KUBECONFIG": str(masked.kubeconfig("alice", "masked")), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    time.sleep(1.5)
-    new = "rotated-value-2"
-    patch = json.dumps({"data": {"pw": base64.b64encode(new.encode()).decode()}})
-    run_kubectl(sandbox.kubeconfig, "patch", "secret", name, "-n", "dev", "-p", patch, check=True)
-    time.sleep(1.5)
-    watch.kill()
-    out, _ = watch.communicate(timeout=10)
-    assert out.count('"pw"') >= 2  # the initial object and the change
+    watch = Background(["kubectl", "get", "secret", name, "-n", "dev", "-w", "-o", "json"],
+                       masked.kubeconfig("alice", "masked"))  # fmt: skip
+    value = r'(?s).*?"pw":\s*"[^"]*"'  # everything up to and including the next value of pw
+    try:
+        out = watch.read_until(value).group(0).decode()  # the initial object: the watch is open
+        new = "rotated-value-2"
+        patch = json.dumps({"data": {"pw": base64.b64encode(new.encode()).decode()}})
+        run_kubectl(sandbox.kubeconfig, "patch", "secret", name, "-n", "dev", "-p", patch, check=True)
+        out += watch.read_until(value).group(0).decode()  # the change
+    finally:
+        watch.stop()
+    assert out.count('"pw"') == 2  # the initial object and the change
     assert base64.b64encode(MARKER.encode()).decode() in out
     for value in ("first-value-1", new, base64.b64encode(new.encode()).decode()):
         assert value not in out
@@ -181,14 +180,14 @@ def test_exempt_group_sees_clear_values_and_it_is_audited(masked):
     proc = kc(masked, "get", "secret", "db-credentials", "-n", "prod", "-o", "jsonpath={.data.password}",
               user="eve", token=EVE[0])  # fmt: skip
     assert base64.b64decode(proc.stdout).decode() == DB_PASSWORD
+
     # The request's audit event is written once the response is sent: wait for it.
-    deadline, seen = time.monotonic() + 10, False
-    while not seen and time.monotonic() < deadline:
+    def eve_exempt_audited() -> bool:
         events = [json.loads(line) for line in (masked.dir / "audit.jsonl").read_text().splitlines()]
-        seen = any((e.get("identity") or {}).get("user") == "eve" and (e.get("masking") or {}).get("exempt")
+        return any((e.get("identity") or {}).get("user") == "eve" and (e.get("masking") or {}).get("exempt")
                    for e in events)  # fmt: skip
-        time.sleep(0.1)
-    assert seen
+
+    wait_for(eve_exempt_audited, "eve's exempt read in the audit file", ignore=(ValueError,))
 
 
 def test_masked_connection_asks_upstream_for_json_only(masked, sandbox):

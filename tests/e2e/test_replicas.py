@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import KUBECTL, run_kubectl
+from kubetest import KUBECTL, run_kubectl, wait_for
 
 from kubegate.core.kubeconfig import dump, gateway_kubeconfig
 from kubegate.core.tls import ensure_self_signed
@@ -122,13 +122,14 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, 
     )
     held = subprocess.Popen([KUBECTL, "delete", "configmap", name, "-n", "prod"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
-    deadline, found = time.monotonic() + 20, None
-    while found is None and time.monotonic() < deadline:
+
+    def held_delete() -> str | None:
         listed = kubegate("approvals", "list", *target, *bob, "-o", "json")
         assert listed.returncode == 0, listed.stderr
-        found = next((r["id"] for r in json.loads(listed.stdout) if r["name"] == name), None)
-        time.sleep(0.3)
-    assert found is not None and held.poll() is None
+        return next((r["id"] for r in json.loads(listed.stdout) if r["name"] == name), None)
+
+    found = wait_for(held_delete, f"the delete of configmap {name} to be held", timeout=20)
+    assert held.poll() is None
     approved_at = time.monotonic()
     assert kubegate("approvals", "approve", found, *target, *bob).returncode == 0
     out, err = held.communicate(timeout=30)
@@ -138,12 +139,13 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, 
     # A window grant approved through one replica lets alice exec through both, until revoked.
     shell = subprocess.Popen([KUBECTL, "exec", "web", "-n", "prod", "--", "echo", "first"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
-    deadline, found = time.monotonic() + 20, None
-    while found is None and time.monotonic() < deadline:
+
+    def held_exec() -> str | None:
         listed = json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)
-        found = next((r["id"] for r in listed if r["resource"] == "pods/exec"), None)
-        time.sleep(0.3)
-    assert found and kubegate("approvals", "approve", found, *target, *bob).returncode == 0
+        return next((r["id"] for r in listed if r["resource"] == "pods/exec"), None)
+
+    found = wait_for(held_exec, "alice's exec to be held", timeout=20)
+    assert kubegate("approvals", "approve", found, *target, *bob).returncode == 0
     assert shell.communicate(timeout=30)[0].strip() == "first"
     for _ in range(4):  # through both replicas, no new approval needed
         run_kubectl(alice, "exec", "web", "-n", "prod", "--", "true", check=True)
@@ -151,6 +153,8 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, 
     grants = kubegate("grants", "list", "--config", config)
     grant_id = next(line.split()[0] for line in grants.stdout.splitlines() if "shell-into-prod" in line)
     assert kubegate("grants", "revoke", grant_id, "--config", config).returncode == 0
+    # Kept: nothing to poll for without sending an exec, and an exec sent while a replica still honours
+    # the revoked grant runs instead of being held (failing the check below).
     time.sleep(1.5)
     # Neither replica honours it any more: each new exec is held for a reviewer again.
     before = {r["id"] for r in json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)}
@@ -159,12 +163,13 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, 
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "KUBECONFIG": str(alice)})  # fmt: skip
         try:
-            deadline, held_again = time.monotonic() + 20, []
-            while not held_again and time.monotonic() < deadline:
+
+            def new_exec_requests(seen: set[str] = before) -> list[dict]:
                 listed = json.loads(kubegate("approvals", "list", *target, *bob, "-o", "json").stdout)
-                held_again = [r for r in listed if r["resource"] == "pods/exec" and r["id"] not in before]
-                time.sleep(0.3)
-            assert held_again and again.poll() is None
+                return [r for r in listed if r["resource"] == "pods/exec" and r["id"] not in seen]
+
+            held_again = wait_for(new_exec_requests, f"exec attempt {attempt} to be held again", timeout=20)
+            assert again.poll() is None
             before |= {r["id"] for r in held_again}
         finally:
             again.kill()
@@ -182,8 +187,14 @@ def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, 
     for _ in range(2):
         run_kubectl(carol, "auth", "whoami", check=True)
     assert kubegate("tokens", "revoke", record.id, "--config", config).returncode == 0
-    time.sleep(1.5)  # revocation_check_seconds (1 s) plus a little
-    for _ in range(4):
-        refused = run_kubectl(carol, "auth", "whoami")
-        assert refused.returncode != 0 and "Unauthorized" in refused.stderr
+
+    def refused_four_times_in_a_row() -> bool:  # the balancer alternates: both replicas refuse
+        for _ in range(4):
+            refused = run_kubectl(carol, "auth", "whoami")
+            if refused.returncode == 0 or "Unauthorized" not in refused.stderr:
+                return False
+        return True
+
+    # Each replica re-reads revocations every revocation_check_seconds (1 s).
+    wait_for(refused_four_times_in_a_row, "both replicas to refuse carol's revoked token", timeout=15)
     assert all(count > 2 for count in balancer.served.values()), balancer.served  # both replicas served

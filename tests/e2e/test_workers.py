@@ -26,7 +26,7 @@ import psutil
 import pytest
 import yaml
 from conftest import GATEWAY_USERS, VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import KUBECTL, run_kubectl
+from kubetest import KUBECTL, run_kubectl, wait_for
 
 POLICY = {"default": "allow", "rules": [
     {"name": "deletes-in-prod", "match": {"verbs": ["delete"], "namespaces": ["prod"]}, "action": "approve",
@@ -163,13 +163,6 @@ def answers(gateway: Gateway, pid: int, pids: list[int], token: str) -> int:
         conn.close()
 
 
-def wait_for(check, timeout: float = 15, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def workers(sandbox, tmp_path_factory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("workers")
@@ -301,12 +294,12 @@ def test_a_killed_worker_is_restarted_with_the_configuration_in_force(workers):
     victim, survivor = pids
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in worker_pids(workers, timeout=5) and len(worker_pids(workers)) == 2,
-             what="a new worker")  # fmt: skip
+             what="a new worker", timeout=30)  # fmt: skip
     renewed = worker_pids(workers)
     assert survivor in renewed
     newcomer = next(pid for pid in renewed if pid != survivor)
     wait_for(lambda: "serving" in workers.log.read_text().split(f"(pid {newcomer})")[-1][:20],
-             what="the new worker to serve")  # fmt: skip
+             what="the new worker to serve", timeout=30)  # fmt: skip
     assert f"(pid {victim}) was killed by SIGKILL; starting it again" in workers.log.read_text()
     # Forked from the supervisor's configuration as reloaded, not the one it started with.
     assert answers(workers, newcomer, renewed, erin) == 200

@@ -14,6 +14,7 @@ from typing import Any
 
 import httptools
 import pytest
+from kubetest import wait_for_async
 
 from kubegate.agent.forward import RequestLog
 from kubegate.agent.relay import Forwarder, RelayProtocol
@@ -187,11 +188,7 @@ async def channel(forwarder: Forwarder, *chunks: bytes) -> tuple[RelayProtocol, 
 
 
 async def until(condition: Any, what: str) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    await wait_for_async(condition, what, timeout=5, interval=0.01)
 
 
 def responses(raw: bytes) -> list[tuple[int, bytes]]:
