@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
-from kubetest import run_kubectl
+from kubetest import run_kubectl, wait_for
 
 
 def get(gw: Gateway, path: str) -> tuple[int, str]:
@@ -74,18 +74,23 @@ def test_metrics_show_a_kubectl_sessions_traffic(observed):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={"KUBECONFIG": str(observed.kubeconfig("alice")), "PATH": "/usr/bin:/bin",
                                   "HOME": str(observed.dir)})  # fmt: skip
+
+    def open_streams() -> float:
+        return metric(get(observed, "/metrics")[1], "kubegate_open_streams", connection="sandbox") or 0
+
     try:
-        deadline, streams = time.monotonic() + 15, 0.0
-        while streams < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            text = get(observed, "/metrics")[1]
-            streams = metric(text, "kubegate_open_streams", connection="sandbox") or 0
-        assert streams >= 1
+        wait_for(lambda: open_streams() >= 1, "the watch in kubegate_open_streams", timeout=15)
     finally:
         watch.kill()
         watch.wait(10)
-    time.sleep(0.5)
-    text = get(observed, "/metrics")[1]
+
+    def settled() -> str | None:  # the watch ended, and the audit writer (batches of 50 ms) caught up
+        text = get(observed, "/metrics")[1]
+        streams = metric(text, "kubegate_open_streams", connection="sandbox")
+        written = metric(text, "kubegate_audit_written_events", sink="audit-db") or 0
+        return text if streams == 0 and written >= 3 else None
+
+    text = wait_for(settled, "no open stream and 3 events written by audit-db in /metrics")
     after = metric(
         text, "kubegate_requests_total", connection="sandbox", verb="list", decision="none", code="200"
     )
@@ -107,20 +112,26 @@ def test_metrics_show_a_kubectl_sessions_traffic(observed):
 def test_json_logs_carry_the_request_id(observed):
     proc = run_kubectl(observed.kubeconfig("alice", "down"), "get", "pods", "--request-timeout=10s")
     assert proc.returncode != 0
-    time.sleep(0.5)
-    lines = [json.loads(line) for line in observed.log.read_text().splitlines() if line.startswith("{")]
-    warnings = [entry for entry in lines if "upstream of down unavailable" in entry["message"]]
+
+    def warnings_logged() -> list[dict]:
+        lines = [json.loads(line) for line in observed.log.read_text().splitlines() if line.startswith("{")]
+        return [entry for entry in lines if "upstream of down unavailable" in entry["message"]]
+
+    warnings = wait_for(warnings_logged, "the 'upstream of down unavailable' log line")
     assert warnings and all(entry["request_id"] and entry["level"] == "warning" for entry in warnings)
     # the same id the audit store has for that request
     from kubegate.core.db import Database
     from kubegate.plugins.audit import store
 
-    database = Database(f"sqlite:///{observed.dir / 'state' / 'kubegate.db'}")
-    ids = {
-        e["request_id"] for e in database.call(lambda s: store.search(s, store.Filters(connection="down")))
-    }
-    database.close()
-    assert warnings[-1]["request_id"] in ids
+    def audited_ids() -> set[str]:  # the event is written after the response, so after the log line
+        database = Database(f"sqlite:///{observed.dir / 'state' / 'kubegate.db'}")
+        try:
+            events = database.call(lambda s: store.search(s, store.Filters(connection="down")))
+        finally:
+            database.close()
+        return {e["request_id"] for e in events}
+
+    wait_for(lambda: warnings[-1]["request_id"] in audited_ids(), "the logged request's audit event")
 
 
 def test_sigterm_drains_then_stops_within_the_grace_time(sandbox, tmp_path):
