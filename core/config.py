@@ -106,7 +106,8 @@ class GatewaySettings(StrictModel):
         ge=0,
         le=3600,
         description="On SIGTERM/SIGINT (and for the old config after a SIGHUP reload), how long open requests, "
-        "watches and sessions may go on before they are closed.",
+        "watches and `logs -f` may go on before they are closed (uvicorn closes exec/attach/port-forward "
+        "sessions at once); 0: at once; fractions round up to whole seconds.",
     )
     server: Literal["uvicorn", "hypercorn"] = Field(
         "uvicorn",

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import select
 import signal
@@ -107,7 +108,9 @@ def uvicorn_config(
         date_header=False,
         server_header=False,
         timeout_keep_alive=75,
-        timeout_graceful_shutdown=int(gateway.settings.shutdown_grace_seconds) or None,
+        # Whole seconds (uvicorn's type), rounded up; 0 stays 0 (cut at once) — `or None` made 0 and any
+        # value below 1 wait without end.
+        timeout_graceful_shutdown=math.ceil(gateway.settings.shutdown_grace_seconds),
     )
 
 
@@ -246,8 +249,15 @@ async def serve_until_signal(
     try:
         if gateway.settings.server == "hypercorn":
             stop = asyncio.Event()
+            grace = gateway.settings.shutdown_grace_seconds
+
+            def stop_serving() -> None:
+                if not stop.is_set():
+                    log.warning("%s", shutdown_notice(list(app.open_kinds.values()), grace, uvicorn=False))
+                stop.set()
+
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, stop_serving)
             config = hypercorn_config(gateway, tls, f"fd://{listener.fileno()}" if listener else bind)
             if listener is not None:
                 # Hypercorn has no "started" flag; with the socket already listening, serving follows the
@@ -266,11 +276,15 @@ async def serve_until_signal(
                 signal.signal(sig, lambda *_: None)
             server = uvicorn.Server(uvicorn_config(gateway, tls, bind, app))
             started[0] = lambda: server.started
+            grace = gateway.settings.shutdown_grace_seconds
+            announcing = asyncio.ensure_future(_announce_stop(lambda: server.should_exit, app, grace))
             try:
                 await server.serve(sockets=[listener] if listener is not None else None)
             except SystemExit:
                 if not gateway.startup_error:
                     raise
+            finally:
+                announcing.cancel()
             if not server.started:
                 if gateway.startup_error:
                     raise StartupError(gateway.startup_error)
@@ -283,6 +297,55 @@ async def serve_until_signal(
             loop.remove_signal_handler(signal.SIGHUP)
         for running in {gateway, app.current, *app.retiring}:
             await running.stop()  # no-op when the lifespan already stopped it
+
+
+def request_kind(scope: Any) -> str:
+    """What an open request is, in kubectl's words, for the shutdown message: exec, attach, port-forward
+    (WebSocket sessions), watch, logs -f (streams), or request."""
+    path = str(scope.get("path", "")).rstrip("/")
+    if scope.get("type") == "websocket":
+        last = path.rsplit("/", 1)[-1]
+        return {"portforward": "port-forward"}.get(last, last if last in ("exec", "attach") else "session")
+    query = scope.get("query_string", b"").decode("latin-1").lower()
+    params = {part.partition("=")[0]: part.partition("=")[2] for part in query.split("&")}
+    if params.get("watch") in ("1", "true") or "/watch/" in path:
+        return "watch"
+    if path.endswith("/log") and params.get("follow") in ("1", "true"):
+        return "logs -f"
+    return "request"
+
+
+def shutdown_notice(open_kinds: list[str], grace_seconds: float, *, uvicorn: bool) -> str:
+    """The line printed when a stop begins: what is still open, what the server does with it, how long it
+    waits. uvicorn closes WebSocket sessions (exec, attach, port-forward) at once with code 1012 ("service
+    restart"), and a second SIGINT stops it without waiting; HTTP streams (watch, logs -f) and requests may
+    finish for up to `shutdown_grace_seconds`, then they are cut. Hypercorn waits for all of them."""
+    if not open_kinds:
+        return "stopping (no open requests)"
+    sessions = [
+        kind for kind in open_kinds if uvicorn and kind in ("exec", "attach", "port-forward", "session")
+    ]
+    others = [kind for kind in open_kinds if kind not in sessions]
+
+    def summary(kinds: list[str], noun: str) -> str:
+        counts = {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+        detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        return f"{len(kinds)} open {noun}{'' if len(kinds) == 1 else 's'} ({detail})"
+
+    parts = []
+    if others:
+        parts.append(f"waiting up to {grace_seconds:g} s for {summary(others, 'request')} to end")
+    if sessions:
+        parts.append(f"closing {summary(sessions, 'session')}")
+    hint = "; Ctrl-C again to stop now" if uvicorn and others else ""
+    return "stopping: " + "; ".join(parts) + hint
+
+
+async def _announce_stop(stopping: Callable[[], bool], app: Reloadable, grace: float) -> None:
+    """Log `shutdown_notice` once the server begins to stop (uvicorn sets a flag; polled like uvicorn does)."""
+    while not stopping():  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.05)
+    log.warning("%s", shutdown_notice(list(app.open_kinds.values()), grace, uvicorn=True))
 
 
 class StartupError(Exception):
@@ -303,6 +366,7 @@ class Reloadable:
         self.current = gateway
         self.workers = workers
         self.inflight: dict[int, int] = {}
+        self.open_kinds: dict[int, str] = {}  # every open request: what it is (see `request_kind`)
         self.retiring: set[Gateway] = set()
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -320,10 +384,13 @@ class Reloadable:
         gateway = self.current
         key = id(gateway)
         self.inflight[key] = self.inflight.get(key, 0) + 1
+        marker = object()  # this request's key in open_kinds, for as long as it runs
+        self.open_kinds[id(marker)] = request_kind(scope)
         try:
             await gateway(scope, receive, send)
         finally:
             self.inflight[key] -= 1
+            del self.open_kinds[id(marker)]
 
     async def _lifespan(self, scope: Any, receive: Any, send: Any) -> None:
         async def forwarded_receive() -> Any:
