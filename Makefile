@@ -30,8 +30,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy checks the package as installed, kubegate.* ([tool.mypy] in pyproject.toml: mypy_path .typecheck/,
+# packages = kubegate); naming folders (`mypy core`) would check them again as `core.*`.
 typecheck: setup
-	$(BIN)/mypy core connections plugins sandbox ui agent
+	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)

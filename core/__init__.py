@@ -3,7 +3,10 @@
 `from kubegate.core import hookimpl` is the plugin authors' marker; it is loaded on first use, so that
 importing a light part of the package (the CLI, `kubegate credential`) does not load the plugin host."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # type checkers see the real marker; at run time it is imported on first use (below)
+    from .plugins import hookimpl
 
 __all__ = ["hookimpl"]
 

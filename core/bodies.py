@@ -232,7 +232,7 @@ class _Loader(yaml.SafeLoader):
             return _PLAIN
         if kind is yaml.ScalarNode:
             return _CORE + "str"
-        return super().resolve(kind, value, implicit)
+        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]  # untyped in PyYAML's stubs
 
 
 _GO_BOOL = {

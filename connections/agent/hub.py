@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -425,7 +426,7 @@ class Hub:
             if not tunnels:
                 continue
             try:
-                records = await self.database.run(lambda s, tunnels=tunnels: _heartbeat(s, tunnels))
+                records = await self.database.run(functools.partial(_heartbeat, tunnels=tunnels))
             except Exception as exc:
                 log.warning("agent heartbeat: database unavailable: %s", exc)
                 continue

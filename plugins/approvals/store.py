@@ -65,7 +65,7 @@ class ApprovalRecord(SQLModel, table=True):
         return data
 
 
-class GrantRecord(Revocable, table=True):  # type: ignore[call-arg]  # mypy misreads SQLModel subclassing
+class GrantRecord(Revocable, table=True):
     """A time window in which an identity may do what one rule requires approval for, without asking."""
 
     __tablename__ = "kubegate_grants"

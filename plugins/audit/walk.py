@@ -3,6 +3,7 @@ audit store in order, and each recorded exec/attach session played where it happ
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -32,7 +33,7 @@ def walk(audit_db: Database, sessions_db: Database, user: str, since: float, *, 
         if record["kind"] != "session_start":
             continue
         request_id = record["request_id"]
-        session = sessions_db.call(lambda s, request_id=request_id: _session_of(s, SessionRecord, request_id))
+        session = sessions_db.call(functools.partial(_session_of, model=SessionRecord, request_id=request_id))
         if session is None:
             continue
         if step is not None:

@@ -30,7 +30,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class TokenRecord(Revocable, table=True):  # type: ignore[call-arg]  # mypy misreads SQLModel subclassing
+class TokenRecord(Revocable, table=True):
     """A gateway-issued token. Only its SHA-256 is stored; the token itself is shown once, to its owner."""
 
     __tablename__ = "kubegate_tokens"
