@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from kubegate.core.cli import hookimpl
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     agent = sub.add_parser(
@@ -77,3 +79,8 @@ def _setup_logging(level: str, fmt: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+@hookimpl
+def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_commands(subparsers)

@@ -7,27 +7,35 @@ for bugs only.
 from __future__ import annotations
 
 import argparse
-import getpass
-import hashlib
 import importlib
-import json
-import secrets
 import shutil
 import sys
-import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import pluggy
+
+from . import hookspecs
 from .errors import ConfigError
 
 EXIT_USAGE = 2
-# Modules with `add_commands(subparsers)`; their handlers use `CLIError` and `database_from_config` from here.
-PLUGIN_COMMANDS: tuple[str, ...] = (
+# The same marker as `kubegate.core.plugins.hookimpl`, importable without the plugin host: a command module
+# implements `kubegate_cli_commands` with it (and uses `CLIError`, `database_from_config` from here).
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+# Built-in modules that contribute commands, in `kubegate --help` order; like `DEFAULT_PLUGINS`, names not
+# imports. Each imports only light modules: every `kubegate` run (kubectl's `kubegate credential` before
+# each request) builds the whole parser. Third-party plugins add theirs from the `kubegate` entry points.
+DEFAULT_COMMANDS: tuple[str, ...] = (
+    "kubegate.plugins.static_tokens_cli",
+    "kubegate.sandbox.cli",
+    "kubegate.plugins.policy_cli",
+    "kubegate.plugins.login.cli",
+    "kubegate.plugins.approvals_cli",
     "kubegate.plugins.recording.cli",
     "kubegate.plugins.audit.cli",
     "kubegate.connections.agent.cli",
     "kubegate.agent.cli",
 )
+ENTRY_POINT_GROUP = "kubegate"  # as kubegate.core.plugins.ENTRY_POINT_GROUP
 
 
 class CLIError(Exception):
@@ -35,10 +43,23 @@ class CLIError(Exception):
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("kubegate")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
         return "0+unknown"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, reading the installed version only when asked (not on every run)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.exit(message=f"kubegate {_version()}\n")
 
 
 def _load(config: str):
@@ -182,217 +203,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_static_token(args: argparse.Namespace) -> int:
-    token = secrets.token_urlsafe(32)
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    groups = "".join(f"\n      - {g}" for g in args.group) or " []"
-    print(f"token: {token}")
-    print("# add under connections.NAME.plugins.static-tokens.tokens:")
-    print(f"  - user: {args.user}\n    groups:{groups}\n    sha256: {digest}")
-    return 0
-
-
-def _target(args: argparse.Namespace):
-    from kubegate.plugins.login.client import Target
-
-    gateway = args.gateway.rstrip("/")
-    if not gateway.startswith(("https://", "http://")):
-        raise CLIError(f"--gateway must be a URL such as https://kubegate.example.com, got {args.gateway!r}")
-    if args.certificate_authority and not Path(args.certificate_authority).is_file():
-        raise CLIError(f"no such file: {args.certificate_authority}")
-    return Target(gateway, args.connection, args.certificate_authority, args.insecure_skip_tls_verify)
-
-
-def _self_command() -> str:
-    """How kubectl should run this program again (an absolute path when we know it)."""
-    argv0 = Path(sys.argv[0])
-    if argv0.name == "kubegate" and argv0.is_file():
-        return str(argv0.resolve())
-    return shutil.which("kubegate") or "kubegate"
-
-
-def cmd_login(args: argparse.Namespace) -> int:
-    from kubegate.plugins.login.client import ClientError, default_kubeconfig, login, update_kubeconfig
-
-    target = _target(args)
-    try:
-        answer = login(target, open_browser=not args.no_browser)
-        path = Path(args.kubeconfig) if args.kubeconfig else default_kubeconfig()
-        context = update_kubeconfig(path, target, _self_command(), set_current=not args.no_set_context)
-    except ClientError as exc:
-        raise CLIError(str(exc)) from None
-    until = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(float(answer["expires_at"])))
-    groups = ", ".join(answer.get("groups") or []) or "none"
-    print(f"Logged in as {answer['user']} (groups: {groups}) until {until}.", file=sys.stderr)
-    print(
-        f"kubeconfig {path}: context {context} runs `kubegate credential`; try: kubectl --context {context} auth whoami",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def cmd_credential(args: argparse.Namespace) -> int:
-    from kubegate.plugins.login.client import ClientError, credential
-
-    target = _target(args)
-    try:
-        answer = credential(target, open_browser=not args.no_browser)
-    except ClientError as exc:
-        raise CLIError(str(exc)) from None
-    print(json.dumps(answer))
-    return 0
-
-
-def cmd_logout(args: argparse.Namespace) -> int:
-    from kubegate.plugins.login.client import ClientError, logout
-
-    try:
-        revoked = logout(_target(args))
-    except ClientError as exc:
-        raise CLIError(str(exc)) from None
-    print(
-        f"revoked token {revoked}" if revoked else "no cached token for this gateway and connection",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def cmd_tokens(args: argparse.Namespace) -> int:
-    from kubegate.core.db import DatabaseError
-    from kubegate.plugins.login import store
-
-    database = database_from_config(args.config)
-    try:
-        if args.tokens_command == "list":
-            records = database.call(lambda s: store.list_tokens(s, user=args.user, include_inactive=args.all))
-            if args.output == "json":
-                print(json.dumps([r.model_dump() | {"token_hash": None} for r in records], indent=2))
-                return 0
-            now = time.time()
-            print(
-                f"{'ID':<13} {'USER':<32} {'METHOD':<9} {'PROVIDER':<12} {'CONNECTION':<11} {'EXPIRES':<17} STATE"
-            )
-            for r in records:
-                expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.expires_at))
-                print(
-                    f"{r.id:<13} {r.user:<32} {r.method:<9} {r.provider:<12} {r.connection or '*':<11} {expires:<17} {r.state(now)}"
-                )
-            return 0
-        if not args.id and not args.user:
-            raise CLIError("say which tokens to revoke: a token ID, or --user NAME for all of theirs")
-        if args.id and args.user:
-            raise CLIError("give a token ID or --user, not both")
-        by = f"admin ({getpass.getuser()})"
-        revoked = database.call(lambda s: store.revoke_tokens(s, token_id=args.id, user=args.user, by=by))
-    except DatabaseError as exc:
-        raise CLIError(str(exc)) from None
-    if not revoked:
-        raise CLIError(f"no active token {args.id}" if args.id else f"{args.user} has no active tokens")
-    for r in revoked:
-        print(f"revoked {r.id} ({r.user})")
-    return 0
-
-
-def cmd_policy_check(args: argparse.Namespace) -> int:
-    from kubegate.plugins.policy import PLUGIN_NAME, PolicySettings
-    from kubegate.plugins.policy_check import CheckError, check
-
-    from .flow import Identity
-
-    gateway = _load(args.config)
-    connection = gateway.connections.get(args.connection)
-    if connection is None:
-        raise CLIError(
-            f"no connection {args.connection!r} in {args.config} (have: {', '.join(gateway.connections.names)})"
-        )
-    settings = connection.settings_for(PLUGIN_NAME)
-    if not isinstance(settings, PolicySettings):
-        raise CLIError(f"connection {args.connection} does not enable the policy plugin")
-    claims = {}
-    for pair in args.claim:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise CLIError(f"--claim takes NAME=VALUE, got {pair!r}")
-        claims[key] = value
-    groups = tuple(g for item in args.group for g in item.split(",") if g)
-    identity = Identity(user=args.as_user, groups=groups, method=args.method, claims=claims)
-    body = None
-    if args.body:
-        try:
-            body = Path(args.body).read_bytes()
-        except OSError as exc:
-            raise CLIError(f"cannot read {args.body}: {exc.strerror}") from None
-    try:
-        request = list(args.request)
-        result = check(settings, identity, request[1:] if request[:1] == ["--"] else request, body)
-    except CheckError as exc:
-        raise CLIError(str(exc)) from None
-    if args.output == "json":
-        result.pop("text")
-        print(json.dumps(result, indent=2))
-    else:
-        print("\n".join(result["text"]))
-    return 0
-
-
-def cmd_approvals(args: argparse.Namespace) -> int:
-    from kubegate.plugins.approvals.client import describe, request, table, token_for
-    from kubegate.plugins.login.client import ClientError
-
-    target = _target(args)
-    given = args.token
-    if args.token_file:
-        try:
-            given = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise CLIError(f"cannot read {args.token_file}: {exc.strerror}") from None
-    try:
-        token = token_for(target, given)
-        if args.approvals_command == "list":
-            answer = request(target, token, "GET", f"/api/approvals?state={args.state}")
-            items = answer["items"]
-            print(json.dumps(items, indent=2) if args.output == "json" else "\n".join(table(items)))
-        elif args.approvals_command == "show":
-            item = request(target, token, "GET", f"/api/approvals/{args.id}")
-            print(json.dumps(item, indent=2) if args.output == "json" else "\n".join(describe(item)))
-        else:
-            action = args.approvals_command
-            item = request(
-                target, token, "POST", f"/api/approvals/{args.id}/{action}", {"comment": args.comment}
-            )
-            print(f"{args.id}: {item['state']} ({len(item['approvals'])} of {item['min_approvals']} approvals)"
-                  if action == "approve" else f"{args.id}: denied")  # fmt: skip
-    except ClientError as exc:
-        raise CLIError(str(exc)) from None
-    return 0
-
-
-def cmd_grants(args: argparse.Namespace) -> int:
-    from kubegate.core.db import DatabaseError
-    from kubegate.plugins.approvals import store
-
-    database = database_from_config(args.config)
-    try:
-        if args.grants_command == "list":
-            grants = database.call(lambda s: store.list_grants(s, include_inactive=args.all))
-            now = time.time()
-            print(f"{'ID':<11} {'USER':<28} {'CONNECTION':<12} {'RULE':<24} {'EXPIRES':<17} STATE")
-            for g in grants:
-                expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.expires_at))
-                print(
-                    f"{g.id:<11} {g.user[:28]:<28} {g.connection:<12} {g.rule[:24]:<24} {expires:<17} {g.state(now)}"
-                )
-            return 0
-        by = f"admin ({getpass.getuser()})"
-        grant = database.call(lambda s: store.revoke_grant(s, args.id, by))
-    except DatabaseError as exc:
-        raise CLIError(str(exc)) from None
-    if grant is None:
-        raise CLIError(f"no active grant {args.id}")
-    print(f"revoked grant {grant.id} ({grant.user}, rule {grant.rule})")
-    return 0
-
-
 def cmd_db(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -418,15 +228,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(Path(args.dir), port=args.port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubegate", description="An access gateway for Kubernetes.")
-    parser.add_argument("--version", action="version", version=f"kubegate {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -449,113 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--config", "-c", help="also show which connections enable each plugin")
     plugins.set_defaults(func=cmd_plugins)
 
-    token = sub.add_parser("static-token", help="make a token and its static-tokens config entry")
-    token.add_argument("--user", required=True)
-    token.add_argument("--group", action="append", default=[])
-    token.set_defaults(func=cmd_static_token)
-
-    demo = sub.add_parser("demo", help="run a sandbox cluster behind the gateway with demo users")
-    demo.add_argument("--dir", default=".kubegate/demo", help="where the demo writes its files")
-    demo.add_argument("--port", type=int, default=8443, help="gateway port (default 8443)")
-    demo.set_defaults(func=cmd_demo)
-
-    policy = sub.add_parser("policy", help="policy tools")
-    policy_sub = policy.add_subparsers(dest="policy_command", metavar="check", required=True)
-    pcheck = policy_sub.add_parser(
-        "check",
-        help="which policy rule decides a request, and why (no cluster is called)",
-        description="Examples: kubegate policy check --connection prod --as alice --group developers -- "
-        "kubectl delete pod web -n prod;  ... -- DELETE /api/v1/namespaces/prod/pods/web",
-    )
-    pcheck.add_argument("--config", "-c", default="kubegate.yaml")
-    pcheck.add_argument("--connection", required=True)
-    pcheck.add_argument("--as", dest="as_user", required=True, metavar="USER", help="the caller's user name")
-    pcheck.add_argument("--group", "--groups", action="append", default=[], help="a group (repeat, or a,b)")
-    pcheck.add_argument("--method", default="", help="authentication method, e.g. oidc or login:oidc")
-    pcheck.add_argument("--claim", action="append", default=[], help="NAME=VALUE of a kept claim (repeat)")
-    pcheck.add_argument("--body", help="file with the request body (for conditions on `object`)")
-    pcheck.add_argument("--output", "-o", choices=["text", "json"], default="text")
-    pcheck.add_argument("request", nargs=argparse.REMAINDER, help="-- kubectl ... | -- METHOD /path")
-    pcheck.set_defaults(func=cmd_policy_check)
-
-    def add_target(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--gateway", required=True, help="the gateway's URL, e.g. https://kubegate.example.com"
-        )
-        p.add_argument("--connection", required=True, help="the connection (cluster) to use")
-        p.add_argument("--certificate-authority", help="CA file to trust for the gateway's certificate")
-        p.add_argument("--insecure-skip-tls-verify", action="store_true", help=argparse.SUPPRESS)
-        p.add_argument("--no-browser", action="store_true", help="only print the URL to open (headless use)")
-
-    login = sub.add_parser("login", help="log in through the browser and set up kubectl for a connection")
-    add_target(login)
-    login.add_argument("--kubeconfig", help="kubeconfig to update (default: $KUBECONFIG or ~/.kube/config)")
-    login.add_argument("--no-set-context", action="store_true", help="don't make it the current context")
-    login.set_defaults(func=cmd_login)
-
-    cred = sub.add_parser("credential", help="kubectl exec credential plugin (set up by kubegate login)")
-    add_target(cred)
-    cred.set_defaults(func=cmd_credential)
-
-    logout = sub.add_parser("logout", help="revoke and forget the cached token of a connection")
-    add_target(logout)
-    logout.set_defaults(func=cmd_logout)
-
-    approvals = sub.add_parser("approvals", help="review held requests (with your kubegate login token)")
-    approvals_sub = approvals.add_subparsers(
-        dest="approvals_command", metavar="list|show|approve|deny", required=True
-    )
-    for name, text in [
-        ("list", "requests you may review or made"),
-        ("show", "one request in full"),
-        ("approve", "approve a request"),
-        ("deny", "deny a request"),
-    ]:
-        p = approvals_sub.add_parser(name, help=text)
-        add_target(p)
-        p.add_argument("--token", help="a gateway token (default: the one kubegate login cached)")
-        p.add_argument("--token-file", help="file holding the token")
-        if name == "list":
-            p.add_argument(
-                "--state", default="pending", help="pending (default), approved, denied, expired, used, all"
-            )
-        else:
-            p.add_argument("id", help="approval request ID")
-        if name in ("approve", "deny"):
-            p.add_argument(
-                "--comment", "-m", default="", help="shown to the requester (kubectl prints a denial's)"
-            )
-        if name in ("list", "show"):
-            p.add_argument("--output", "-o", choices=["text", "json"], default="text")
-        p.set_defaults(func=cmd_approvals)
-
-    grants = sub.add_parser("grants", help="list or revoke time-window grants (reads the gateway's database)")
-    grants_sub = grants.add_subparsers(dest="grants_command", metavar="list|revoke", required=True)
-    grants_list = grants_sub.add_parser("list", help="active grants (all with --all)")
-    grants_list.add_argument("--config", "-c", default="kubegate.yaml")
-    grants_list.add_argument("--all", action="store_true")
-    grants_list.set_defaults(func=cmd_grants)
-    grants_revoke = grants_sub.add_parser("revoke", help="end a grant now")
-    grants_revoke.add_argument("--config", "-c", default="kubegate.yaml")
-    grants_revoke.add_argument("id")
-    grants_revoke.set_defaults(func=cmd_grants)
-
-    tokens = sub.add_parser(
-        "tokens", help="list or revoke gateway-issued tokens (reads the gateway's database)"
-    )
-    tokens_sub = tokens.add_subparsers(dest="tokens_command", metavar="list|revoke", required=True)
-    tokens_list = tokens_sub.add_parser("list", help="active tokens (all with --all)")
-    tokens_list.add_argument("--config", "-c", default="kubegate.yaml")
-    tokens_list.add_argument("--user", help="only this user's")
-    tokens_list.add_argument("--all", action="store_true", help="include expired and revoked tokens")
-    tokens_list.add_argument("--output", "-o", choices=["table", "json"], default="table")
-    tokens_list.set_defaults(func=cmd_tokens)
-    tokens_revoke = tokens_sub.add_parser("revoke", help="revoke a token by ID, or all of a user's")
-    tokens_revoke.add_argument("--config", "-c", default="kubegate.yaml")
-    tokens_revoke.add_argument("id", nargs="?", help="token ID (from tokens list)")
-    tokens_revoke.add_argument("--user", help="revoke every active token of this user")
-    tokens_revoke.set_defaults(func=cmd_tokens)
-
     db = sub.add_parser("db", help="the gateway's database schema (migrations)")
     db_sub = db.add_subparsers(dest="db_command", metavar="upgrade|status", required=True)
     for name, text in [("upgrade", "bring the schema to this kubegate's revision (back up first)"),
@@ -564,11 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default="kubegate.yaml")
         p.set_defaults(func=cmd_db)
 
-    # Commands of built-in plugins that own their data (sessions, audit): each module adds its own.
-    for module_name in PLUGIN_COMMANDS:
-        module = importlib.import_module(module_name)
-        module.add_commands(sub)
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Every `kubegate_cli_commands`: the built-in command modules (`DEFAULT_COMMANDS`), then the plugins of
+    the `kubegate` entry points, on a plugin manager of their own (the gateway's plugin host is not loaded).
+    A command name taken twice is a plugin's bug: it stops the command line."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_COMMANDS:
+        pm.register(importlib.import_module(name), name=name)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for impl in pm.hook.kubegate_cli_commands.get_hookimpls():  # registration order
+        try:
+            impl.function(sub)
+        except argparse.ArgumentError as exc:  # a name taken twice (argparse refuses it)
+            raise SystemExit(f"kubegate: error: plugin {impl.plugin_name}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,4 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m kubegate.core.cli`: run the imported module's main, so that the CLIError plugins' commands
+    # raise (from `kubegate.core.cli`) is the one caught.
+    from kubegate.core.cli import main as cli_main
+
+    sys.exit(cli_main())

@@ -1,7 +1,7 @@
 """The gateway's database: sqlmodel tables, SQLite by default (``STATE_DIR/kubegate.db``).
 
-Plugins declare their tables as ``SQLModel`` classes with ``table=True`` (named ``kubegate_*``). The
-built-in plugins' schema is versioned with alembic (``core/migrations``): ``kubegate db upgrade`` brings a
+Plugins declare their tables as ``SQLModel`` classes with ``table=True`` (named ``kubegate_*``) and return
+them from the ``kubegate_database_models`` hook. The built-in plugins' schema is versioned with alembic (``core/migrations``): ``kubegate db upgrade`` brings a
 database to this kubegate's revision; at start an empty database is set up at once, and one whose schema
 is behind stops the start with a message naming the command. Third-party plugins' tables are created when
 missing, never altered. Calls are synchronous SQLAlchemy run in a worker thread (:meth:`Database.run`), so
@@ -23,23 +23,16 @@ from sqlmodel import Session, SQLModel, create_engine
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-# Modules whose tables the migrations manage (the built-in plugins' stores).
-BUILTIN_MODEL_MODULES = (
-    "kubegate.plugins.login.store",
-    "kubegate.plugins.approvals.store",
-    "kubegate.plugins.audit.store",
-    "kubegate.plugins.recording.store",
-    "kubegate.connections.agent.store",
-)
 BASELINE = "0001"  # the first revision: the schema as it was before migrations
 MIGRATION_LOCK = 0x6B75_6265  # PostgreSQL advisory lock id: one upgrader at a time across replicas
 
 
-def import_models() -> None:
-    import importlib
+def import_models() -> list[type[SQLModel]]:
+    """Declare every installed plugin's tables (`kubegate_database_models`) in SQLModel's metadata, before
+    the schema is created, migrated or compared; returns the models."""
+    from .plugins import PluginHost
 
-    for name in BUILTIN_MODEL_MODULES:
-        importlib.import_module(name)
+    return PluginHost().database_models()
 
 
 def _alembic_config(connection: Any) -> Any:

@@ -19,7 +19,7 @@ from .attributes import RequestAttributes
 from .errors import StatusError
 
 if TYPE_CHECKING:
-    from kubegate.connections.registry import Connection
+    from .connections import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +198,10 @@ class Flow:
     upstream_headers: list[tuple[str, str]] = field(default_factory=list)
     response: Response = field(default_factory=Response)
     error: StatusError | None = None
+    # Set by a plugin that masks what this flow sends the client (the response, a session's output): the
+    # built-in masking plugin, unless the caller is exempt. A recording stores such output as relayed and
+    # masks any other output itself (kubegate_record_text), so False is always the safe reading.
+    output_masked: bool = False
     # Per-plugin, per-request state: plugins use their own name as key.
     state: dict[str, Any] = field(default_factory=dict)
 

@@ -14,9 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 from quart import Quart, jsonify
 
-from kubegate.connections.registry import ConnectionRegistry, build_registry
-
 from .config import ConfigError, GatewaySettings, first_error, parse_settings
+from .connections import ConnectionRegistry, build_registry
 from .db import Database, DatabaseError, default_url
 from .observe import Readiness, metrics_body
 from .plugins import PluginHost

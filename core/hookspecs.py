@@ -20,15 +20,19 @@ Failure rule: an exception in ``kubegate_authenticate`` or ``kubegate_decide`` d
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+
     from pydantic import BaseModel
     from quart import Blueprint
+    from sqlmodel import SQLModel
 
-    from kubegate.connections.registry import Connection, ConnectionType
+    from kubegate.core.connections import Connection, ConnectionType
     from kubegate.core.flow import (
         AuditEvent,
         AuthFailure,
@@ -53,7 +57,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 def kubegate_connection_types() -> dict[str, ConnectionType]:
     """Register connection types by name (``type:`` of a connection in the config).
 
-    :return: a mapping of type name to a :class:`~kubegate.connections.registry.ConnectionType`.
+    :return: a mapping of type name to a :class:`~kubegate.core.connections.ConnectionType`.
         The built-in ``kubernetes`` type is registered through this hook like any other.
     """
 
@@ -99,6 +103,45 @@ def kubegate_startup(gateway: Gateway) -> Awaitable[None] | None:
 @hookspec
 def kubegate_shutdown(gateway: Gateway) -> Awaitable[None] | None:
     """Called once when the gateway stops, before upstream sessions close.
+
+    :param gateway: the running gateway.
+    """
+
+
+@hookspec
+def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add this plugin's commands to ``kubegate`` (``subparsers.add_parser(...)``, ``set_defaults(func=...)``).
+
+    Called on the command-line host, not on the gateway's plugin host: the built-in command modules and
+    the plugins of the ``kubegate`` entry-point group. Every ``kubegate`` run builds the whole parser (kubectl
+    runs ``kubegate credential`` before each request), so the module that implements this hook imports only
+    light modules (``argparse``, ``kubegate.core.cli``) and each handler imports what it needs when it runs.
+    A handler takes the parsed arguments and returns the exit code; it reports a user's mistake by raising
+    ``kubegate.core.cli.CLIError`` (one line, exit 2). A command name taken twice stops the command line.
+
+    :param subparsers: the ``kubegate`` parser's subcommands.
+    """
+
+
+@hookspec
+def kubegate_database_models() -> Iterable[type[SQLModel]] | None:
+    """Return the ``SQLModel`` table classes this plugin stores (tables named ``kubegate_*``).
+
+    A gateway hook, called before the schema is created or migrated (at start, ``kubegate db upgrade``,
+    alembic's environment), so every table exists whatever the connections enable. The built-in plugins'
+    tables are versioned by the migrations in ``core/migrations``; a third-party plugin's tables are created
+    when missing, never altered.
+    """
+
+
+@hookspec
+def kubegate_metrics(gateway: Gateway) -> Awaitable[None] | None:
+    """Bring this plugin's Prometheus gauges up to date just before ``GET /metrics`` answers.
+
+    A gateway hook. Define metrics at module level in ``kubegate.core.observe.REGISTRY`` (with a
+    ``multiprocess_mode`` for gauges: several workers may serve); read what they show here (a count from
+    the database, the size of a queue). Each implementation gets two seconds; one that fails or takes longer
+    leaves its gauges as they were, and the scrape is answered anyway.
 
     :param gateway: the running gateway.
     """
@@ -272,6 +315,54 @@ def kubegate_record_query(flow: Flow, query: str) -> str | None:
 
     :param flow: the request (its connection's masking settings apply when it has any).
     :param query: the query string as the audit event would carry it (without the `?`).
+    """
+
+
+@hookspec(firstresult=True)
+def kubegate_record_command(flow: Flow, argv: list[str]) -> list[str] | None:
+    """Render an exec/attach command line for records people read — approval requests, session rows,
+    recording titles — with secrets in it masked (``mysql -pHUNTER2``, ``env DB_PASSWORD=…``).
+
+    A gateway hook like ``kubegate_record_body``: called on every installed plugin, a plain function, the
+    first non-None answer wins. With no answer (or a failing plugin), records carry every argument replaced
+    by ``******``: a command line is never recorded as it came. The built-in `masking` plugin answers with
+    each argument masked by the connection's text rules, secret-named variables and flags, and clients'
+    password options (its default rules where the connection does not mask).
+
+    :param flow: the request (its connection's masking settings apply when it has any).
+    :param argv: the command line, one argument per item.
+    """
+
+
+@hookspec(firstresult=True)
+def kubegate_record_text(flow: Flow, data: bytes) -> bytes | None:
+    """Mask text that is stored — a session recording's typed input, and output no plugin masked on its way
+    to the client (see ``flow.output_masked``).
+
+    A gateway hook like ``kubegate_record_body``: called on every installed plugin, a plain function, the
+    first non-None answer wins. With no answer (or a failing plugin) the text is not stored. The built-in
+    `masking` plugin answers with the known values and patterns masked by the connection's masking, or its
+    default rules where the connection has none.
+
+    :param flow: the session's upgrade request.
+    :param data: the bytes to store (may end in the middle of a line).
+    """
+
+
+@hookspec
+def kubegate_audit_fields(flow: Flow) -> dict[str, Any] | None:
+    """Contribute this plugin's part of a request's audit event: a mapping of top-level keys to
+    JSON-serialisable values (the `policy` plugin's ``policy``, `approvals`' ``approval``, `masking`'s
+    ``masking``).
+
+    A gateway hook, called on every installed plugin for every audit event — a plugin not enabled on the
+    flow's connection answers too (with None values), so an event has the same keys on every connection. A
+    plain function (it runs once per request; no I/O). Keys appear in the order the plugins were
+    registered, after ``decision``; a key that core writes itself (``status``, ``identity``, …) or another
+    plugin already gave is an error in the plugin, and the event keeps the first value. A plugin that
+    raises contributes nothing to that event (logged); the event is still recorded.
+
+    :param flow: the finished request or session.
     """
 
 

@@ -47,13 +47,12 @@ LATENCY = Histogram("kubegate_request_duration_seconds", "Time from the request 
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
 # Gauges say how their workers' values combine (ignored in one process): what is open now adds up over the
 # live workers; counts since start add up over every worker that ever ran (a restarted one's too); a sink is
-# up only while it is up in every worker; pending approvals come from the database (the latest reading).
+# up only while it is up in every worker. Plugins define their own metrics in REGISTRY and update them in
+# `kubegate_metrics` before each scrape (approvals: the pending count, read from the database).
 OPEN_STREAMS = Gauge("kubegate_open_streams", "Watches and `logs -f` streams open now.", ["connection"],
                      registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
 OPEN_SESSIONS = Gauge("kubegate_open_sessions", "exec/attach/port-forward sessions open now.",
                       ["connection", "kind"], registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
-PENDING_APPROVALS = Gauge("kubegate_pending_approvals", "Requests held for a reviewer now.", registry=REGISTRY,
-                          multiprocess_mode="livemostrecent")  # fmt: skip
 AUDIT_QUEUE = Gauge("kubegate_audit_queue_depth", "Audit events waiting to be written, per sink.", ["sink"],
                     registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
 AUDIT_DROPPED = Gauge("kubegate_audit_dropped_events", "Audit events a sink dropped (queue full) since start.",
@@ -130,17 +129,9 @@ def _exposition() -> bytes:
 
 
 async def metrics_body(gateway: Gateway) -> tuple[bytes, str]:
-    """The exposition, with the gauges read from plugins' state just before (pending approvals from the
-    database; each audit sink's queue)."""
-    approvals = gateway.extensions.get("approvals")
-    if approvals is not None:
-        from kubegate.plugins.approvals import store
-
-        try:
-            count = await asyncio.wait_for(gateway.database.run(store.count_pending), 2)
-            PENDING_APPROVALS.set(count)
-        except Exception:  # a database that does not answer shows in /readyz, not here
-            pass
+    """The exposition, with the gauges read from plugins' state just before (`kubegate_metrics`; each audit
+    sink's queue)."""
+    await gateway.plugins.metrics(gateway)
     publish_sink_gauges(gateway)
     return _exposition(), CONTENT_TYPE_LATEST
 

@@ -7,6 +7,7 @@ Built-in features are plugins registered exactly like third-party ones (from ``D
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -24,8 +25,9 @@ from .people import PeopleResolver
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from quart import Blueprint
+    from sqlmodel import SQLModel
 
-    from kubegate.connections.registry import Connection, ConnectionType
+    from kubegate.core.connections import Connection, ConnectionType
     from kubegate.core.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,33 @@ async def _first_answer(results: list[Any]) -> Any:
             _close_pending(results[index + 1 :])
             return answer
     return None
+
+
+# What a command line becomes in records when no plugin can mask it: each argument hidden, never in clear.
+UNMASKED_ARGUMENT = "******"
+METRICS_SECONDS = 2.0  # per `kubegate_metrics` implementation
+
+
+def record_command(pm: pluggy.PluginManager, flow: Flow, argv: list[str]) -> list[str]:
+    """`kubegate_record_command`: the first plugin's rendering; with none, or one that fails, every argument
+    hidden (fail closed: a command line may hold a password)."""
+    try:
+        rendered = pm.hook.kubegate_record_command(flow=flow, argv=list(argv))
+    except Exception:
+        log.exception("record_command hook failed; the command line is recorded hidden")
+        rendered = None
+    return [UNMASKED_ARGUMENT for _ in argv] if rendered is None else list(rendered)
+
+
+def record_text(pm: pluggy.PluginManager, flow: Flow, data: bytes) -> bytes:
+    """`kubegate_record_text`: the first plugin's rendering; with none, or one that fails, nothing (text
+    that cannot be masked is not stored)."""
+    try:
+        rendered = pm.hook.kubegate_record_text(flow=flow, data=data)
+    except Exception:
+        log.exception("record_text hook failed; the text is not stored")
+        rendered = None
+    return b"" if rendered is None else bytes(rendered)
 
 
 @dataclass(frozen=True)
@@ -191,6 +220,48 @@ class PluginHost:
         rendered = self.pm.hook.kubegate_record_query(flow=flow, query=query)
         return query if rendered is None else cast(str, rendered)
 
+    def record_command(self, flow: Flow, argv: list[str]) -> list[str]:
+        """An exec/attach command line as records keep it; see `record_command` (module level)."""
+        return record_command(self.pm, flow, argv)
+
+    def record_text(self, flow: Flow, data: bytes) -> bytes:
+        """Text as it may be stored (recordings); see `record_text` (module level)."""
+        return record_text(self.pm, flow, data)
+
+    def audit_fields(self, flow: Flow) -> dict[str, Any]:
+        """The plugins' parts of a request's audit event, in registration order; the first plugin to give a
+        key keeps it. A plugin that fails contributes nothing to this event (logged): the event is still
+        recorded."""
+        fields: dict[str, Any] = {}
+        for impl in self.pm.hook.kubegate_audit_fields.get_hookimpls():  # registration order
+            try:
+                part = cast("dict[str, Any] | None", impl.function(*[flow][: len(impl.argnames)]))
+            except Exception:
+                log.exception("kubegate_audit_fields of %s failed", impl.plugin_name)
+                continue
+            for key, value in (part or {}).items():
+                if key in fields:
+                    log.error(
+                        "kubegate_audit_fields of %s gives %r again; kept the first", impl.plugin_name, key
+                    )
+                    continue
+                fields[key] = value
+        return fields
+
+    def database_models(self) -> list[type[SQLModel]]:
+        """The table classes every installed plugin stores (importing them declares their tables)."""
+        return [model for models in self.pm.hook.kubegate_database_models() for model in models or ()]
+
+    async def metrics(self, gateway: Gateway) -> None:
+        """Let plugins bring their gauges up to date before a scrape: two seconds each; a failing or slow one
+        leaves its gauges as they were."""
+        for impl in self.pm.hook.kubegate_metrics.get_hookimpls():
+            try:
+                answer = impl.function(*[gateway][: len(impl.argnames)])
+                await asyncio.wait_for(await_me_maybe(answer), METRICS_SECONDS)
+            except Exception:  # a database that does not answer shows in /readyz, not here
+                log.debug("kubegate_metrics of %s failed", impl.plugin_name, exc_info=True)
+
     def for_connection(self, enabled: Iterable[str], people: PeopleResolver | None = None) -> ConnectionHooks:
         """The hooks of a connection with `enabled` plugins; `people` finds authenticated identities'
         person keys (the config's `people` section; without one, the user name)."""
@@ -203,6 +274,7 @@ class ConnectionHooks:
     def __init__(self, pm: pluggy.PluginManager, enabled: frozenset[str], people: PeopleResolver):
         self.enabled = enabled
         self.people = people
+        self._pm = pm  # for the gateway-wide record hooks plugins reach from a flow
         remove = [plugin for name, plugin in pm.list_name_plugin() if name not in enabled]
         caller = pm.subset_hook_caller
         self._authenticate = caller("kubegate_authenticate", remove)
@@ -224,6 +296,23 @@ class ConnectionHooks:
             self._session_start.get_hookimpls() or self._session_end.get_hookimpls()
         )
         self.has_audit = bool(self._audit_event.get_hookimpls())
+
+    def record_body(self, flow: Flow, body: bytes) -> str | None:
+        """`PluginHost.record_body` for plugins that hold a flow (records are masked on every connection)."""
+        return cast("str | None", self._pm.hook.kubegate_record_body(flow=flow, body=body))
+
+    def record_query(self, flow: Flow, query: str) -> str:
+        """`PluginHost.record_query`, reachable from a flow."""
+        rendered = self._pm.hook.kubegate_record_query(flow=flow, query=query)
+        return query if rendered is None else cast(str, rendered)
+
+    def record_command(self, flow: Flow, argv: list[str]) -> list[str]:
+        """`PluginHost.record_command`, reachable from a flow."""
+        return record_command(self._pm, flow, argv)
+
+    def record_text(self, flow: Flow, data: bytes) -> bytes:
+        """`PluginHost.record_text`, reachable from a flow."""
+        return record_text(self._pm, flow, data)
 
     async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
         """The first plugin's answer; an identity comes with its person key resolved here, so the data path

@@ -51,8 +51,7 @@ from .headers import (
 )
 
 if TYPE_CHECKING:
-    from kubegate.connections.registry import ConnectionRegistry
-
+    from .connections import ConnectionRegistry
     from .plugins import PluginHost
 
 log = logging.getLogger("kubegate.proxy")
@@ -300,7 +299,8 @@ class Proxy:
         hooks = flow.connection.hooks
         if not hooks.has_audit:
             return
-        data = _audit_data(flow, **extra)
+        fields = self.plugins.audit_fields(flow) if self.plugins is not None else {}
+        data = _audit_data(flow, fields, **extra)
         for key in ("query", "raw_query"):
             if isinstance(data.get(key), str) and data[key]:
                 data[key] = self._query_record(flow, data[key])
@@ -835,7 +835,14 @@ def _denial_details(flow: Flow) -> dict[str, Any] | None:
     return {"name": attrs.name, "group": attrs.api_group, "kind": attrs.resource}
 
 
-def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
+# Keys core writes after the plugins' audit fields (and those it may add: auth failures, a raw query).
+_CORE_AUDIT_TAIL = frozenset({"status", "bytes", "latency_ms", "error", "auth_failure", "credential", "raw_query",
+                              "request_body"})  # fmt: skip
+
+
+def _audit_data(flow: Flow, fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The audit event's data: core's keys, with the plugins' `fields` (kubegate_audit_fields) after
+    `decision`; a plugin cannot replace a key core writes."""
     identity = flow.identity
     data: dict[str, Any] = {
         "request_id": flow.id,
@@ -864,14 +871,14 @@ def _audit_data(flow: Flow, **extra: Any) -> dict[str, Any]:
             "reason": flow.decision.reason,
             "rule": flow.decision.rule,
         },
-        "policy": flow.state.get("policy"),
-        "approval": flow.state.get("approval"),
-        "masking": flow.state.get("masking"),
-        "status": flow.response.status,
-        "bytes": flow.response.bytes_sent,
-        "latency_ms": round(flow.latency_ms, 3),
-        "error": flow.error.message if flow.error else None,
     }
+    for key, value in fields.items():
+        if key not in data and key not in _CORE_AUDIT_TAIL:
+            data[key] = value
+    data["status"] = flow.response.status
+    data["bytes"] = flow.response.bytes_sent
+    data["latency_ms"] = round(flow.latency_ms, 3)
+    data["error"] = flow.error.message if flow.error else None
     if flow.auth_failure:
         data["auth_failure"] = flow.auth_failure
         authorization = flow.request.header("authorization")

@@ -13,7 +13,7 @@ from .flow import AuthFailure, Flow, Identity
 from .flow import Request as FlowRequest
 
 if TYPE_CHECKING:
-    from kubegate.connections.registry import Connection
+    from .connections import Connection
 
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 # The web UI keeps the login's gateway token in this cookie (HttpOnly, Secure, SameSite=Strict).

@@ -545,6 +545,12 @@ def kubegate_plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
+def kubegate_audit_fields(flow: Flow) -> dict[str, Any]:
+    """The audit event's `policy`: what dry-run rules would have done (None when none matched)."""
+    return {"policy": flow.state.get(PLUGIN_NAME)}
+
+
+@hookimpl
 async def kubegate_decide(flow: Flow) -> Decision | None:
     settings: PolicySettings = flow.connection.settings_for(PLUGIN_NAME)
     req = request_from_flow(flow)

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from kubegate.core.cli import hookimpl
+
 from .settings import DEFAULT_PORT, PLUGIN_NAME, AgentGatewaySettings
 
 AGENT_TYPE = "agent"
@@ -254,3 +256,8 @@ def revoke(args: argparse.Namespace, agents: AgentGatewaySettings, database: Any
     )
     print("To enrol it again: `kubegate agents join-token --connection NAME --name " + args.name + "`.")
     return 0
+
+
+@hookimpl
+def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_commands(subparsers)

@@ -14,7 +14,9 @@ from .settings import DEFAULT_PORT, PLUGIN_NAME, AgentGatewaySettings, split_hos
 from .upstream import AgentConnectionType
 
 if TYPE_CHECKING:
-    from kubegate.connections.registry import ConnectionType
+    from sqlmodel import SQLModel
+
+    from kubegate.core.connections import ConnectionType
     from kubegate.core.gateway import Gateway
 
 __all__ = ["PLUGIN_NAME"]
@@ -28,6 +30,13 @@ def kubegate_connection_types() -> dict[str, ConnectionType]:
 @hookimpl
 def kubegate_gateway_settings() -> type[BaseModel] | None:
     return AgentGatewaySettings
+
+
+@hookimpl
+def kubegate_database_models() -> list[type[SQLModel]]:
+    from . import store
+
+    return [store.JoinTokenRecord, store.AgentRecord, store.AgentSessionRecord, store.HostKeyRecord]
 
 
 def listen_address(gateway: Gateway) -> tuple[str, int]:

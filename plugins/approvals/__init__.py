@@ -8,21 +8,27 @@ is denied, or 403 "approval expired". Reviewers use the JSON API (`/api/approval
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubegate.core.flow import Decision, Flow
+from kubegate.core.observe import REGISTRY
 from kubegate.core.plugins import hookimpl
 
 from .service import ApprovalService
 
 if TYPE_CHECKING:
     from quart import Blueprint
+    from sqlmodel import SQLModel
 
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "approvals"
+# Read from the database before each scrape (the latest reading wins across workers).
+PENDING_APPROVALS = Gauge("kubegate_pending_approvals", "Requests held for a reviewer now.", registry=REGISTRY,
+                          multiprocess_mode="livemostrecent")  # fmt: skip
 
 
 class ApprovalsSettings(BaseModel):
@@ -76,3 +82,26 @@ async def kubegate_approval(flow: Flow, decision: Decision) -> Decision | None:
     if service is None:
         return None
     return await service.hold(flow, decision)
+
+
+@hookimpl
+def kubegate_audit_fields(flow: Flow) -> dict[str, Any]:
+    """The audit event's `approval`: the approval request or grant that let the request through (or
+    refused it), None when it was not held."""
+    return {"approval": flow.state.get("approval")}
+
+
+@hookimpl
+def kubegate_database_models() -> list[type[SQLModel]]:
+    from . import store
+
+    return [store.ApprovalRecord, store.GrantRecord]
+
+
+@hookimpl
+async def kubegate_metrics(gateway: Gateway) -> None:
+    if gateway.extensions.get(PLUGIN_NAME) is None:
+        return
+    from . import store
+
+    PENDING_APPROVALS.set(await gateway.database.run(store.count_pending))

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
 from kubegate.core.people import PeopleResolver, normalize, person_key
-from kubegate.plugins.masking import mask_body_for_record, mask_command_for_record, mask_query_for_record
 
 from . import store
 
@@ -52,10 +51,17 @@ class Intent:
         return hashlib.sha256(json.dumps(self.fields, sort_keys=True).encode()).hexdigest()
 
 
-def intent_of(flow: Flow, body: bytes) -> Intent:
-    from kubegate.plugins.policy import request_from_flow
+# exec/attach/port-forward arrive as GET (WebSocket) or POST (SPDY); the API server authorizes them as
+# `create` on the subresource, and so does the policy (its `api_verb`): an intent names the verb the same way.
+CONNECT_SUBRESOURCES = frozenset({"pods/exec", "pods/attach", "pods/portforward"})
 
-    req = request_from_flow(flow)
+
+def authorized_verb(verb: str, resource: str) -> str:
+    return "create" if resource in CONNECT_SUBRESOURCES else verb
+
+
+def intent_of(flow: Flow, body: bytes) -> Intent:
+    attrs = flow.attributes
     assert flow.identity is not None
     # The canonical query is what upstream receives, so an approval binds exactly what will run.
     path = flow.request.path + (f"?{flow.request.query}" if flow.request.query else "")
@@ -64,22 +70,36 @@ def intent_of(flow: Flow, body: bytes) -> Intent:
             "connection": flow.connection.name,
             "user": flow.identity.user,
             "groups": sorted(flow.identity.groups),
-            "verb": req.verb,
-            "resource": req.resource,
-            "namespace": req.namespace,
-            "name": req.name,
+            "verb": authorized_verb(attrs.verb, attrs.resource_path),
+            "resource": attrs.resource_path,
+            "namespace": attrs.namespace,
+            "name": attrs.name,
             "path": path,
             "body_sha256": hashlib.sha256(body).hexdigest(),
-            "command": req.command,
+            # The command exactly as the API server will decode it (every value, in order, blanks kept).
+            "command": list(attrs.command),
         }
     )
 
 
 def _masked_path(flow: Flow, path: str) -> str:
-    """An intent's path and query as records keep it: the exec command line in the query masked."""
+    """An intent's path and query as records keep it: the exec command line in the query masked
+    (`kubegate_record_query`)."""
     route, mark, query = path.partition("?")
-    masked = mask_query_for_record(flow, query) if mark else None
-    return path if masked is None else f"{route}?{masked}"
+    if not mark:
+        return path
+    masked = flow.connection.hooks.record_query(flow, query)
+    return path if masked == query else f"{route}?{masked}"
+
+
+def _body_preview(flow: Flow, body: bytes) -> str:
+    """The body as reviewers see it (`kubegate_record_body`: masked); only its size and hash when no plugin
+    renders it — a body is never shown as it came."""
+    rendered = flow.connection.hooks.record_body(flow, body)
+    if rendered is None:
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        rendered = f"<{len(body)} bytes, not decoded, sha256 {digest}…>" if body else ""
+    return rendered[:PREVIEW_BYTES]
 
 
 async def emit(connection: Connection, kind: str, flow_id: str, data: dict[str, Any]) -> None:
@@ -193,8 +213,8 @@ class ApprovalService:
             # Reviewers and the audit see the path and command masked; the intent hash binds them in clear.
             path=_masked_path(flow, fields["path"]),
             body_sha256=fields["body_sha256"],
-            body_preview=mask_body_for_record(flow, body)[:PREVIEW_BYTES],
-            command=mask_command_for_record(flow, fields["command"]),
+            body_preview=_body_preview(flow, body),
+            command=flow.connection.hooks.record_command(flow, fields["command"]),
             kubectl_command=flow.kubectl_command,
             reviewer_groups=list(spec.reviewer_groups),
             min_approvals=spec.min_approvals,

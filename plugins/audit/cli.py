@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kubegate.core.cli import hookimpl
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="search, group, export and verify audit records")
@@ -194,3 +196,8 @@ def describe_event(record: dict[str, Any]) -> str:
     command = f"  [kubectl {data['kubectl_command']}]" if data.get("kubectl_command") else ""
     return (f"{when(record['time'])}  #{record.get('seq', '?'):<6} {record['kind']:<16} {user:<20} "
             f"{record['connection']:<10} {what}  {status} {decision}{command}").rstrip()  # fmt: skip
+
+
+@hookimpl
+def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_commands(subparsers)

@@ -25,6 +25,8 @@ from .sink import SigningSettings, SinkPlugin, SinkSettings, SinkWriter
 from .writer import WriterGone, WriterProcess
 
 if TYPE_CHECKING:
+    from sqlmodel import SQLModel
+
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "audit-db"
@@ -120,6 +122,10 @@ def shareable(url: str) -> bool:
 
 class DatabaseSinkPlugin(SinkPlugin):
     """A sink plugin with the audit JSON API (routes.py)."""
+
+    @hookimpl
+    def kubegate_database_models(self) -> list[type[SQLModel]]:
+        return [store.AuditRow, store.AuditHead]
 
     @hookimpl
     def kubegate_http_routes(self, gateway: Gateway) -> Blueprint | None:

@@ -23,10 +23,20 @@ from .store import TOKEN_PREFIX
 
 if TYPE_CHECKING:
     from quart import Blueprint
+    from sqlmodel import SQLModel
 
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "login"
+
+
+@hookimpl
+def kubegate_database_models() -> list[type[SQLModel]]:
+    from . import store
+
+    return [store.TokenRecord, store.LoginRequest, store.SeenAssertion]
+
+
 log = logging.getLogger("kubegate.login")
 
 

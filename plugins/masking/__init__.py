@@ -450,6 +450,7 @@ def kubegate_upstream_request(flow: Flow) -> None:
     if masking.exempt(flow.identity):
         flow.state[PLUGIN_NAME] = {"exempt": True}  # audited: this caller saw responses in clear
         return
+    flow.output_masked = True  # a recording stores this session's output as the client got it
     # The API server reads the first Accept header only: so does the negotiation, and exactly one goes up.
     accept = next((value for name, value in flow.upstream_headers if name.lower() == "accept"), "")
     if _serves_objects(flow):
@@ -670,6 +671,23 @@ def mask_query_for_record(flow: Flow, query: str) -> str | None:
 @hookimpl
 def kubegate_record_query(flow: Flow, query: str) -> str | None:
     return mask_query_for_record(flow, query)
+
+
+@hookimpl
+def kubegate_record_command(flow: Flow, argv: list[str]) -> list[str]:
+    return mask_command_for_record(flow, argv)
+
+
+@hookimpl
+def kubegate_record_text(flow: Flow, data: bytes) -> bytes:
+    return mask_text_for_record(flow, data)
+
+
+@hookimpl
+def kubegate_audit_fields(flow: Flow) -> dict[str, Any]:
+    """The audit event's `masking`: how the response was masked (mode, form, encoding), or that the caller
+    was exempt; None when the connection does not mask."""
+    return {"masking": flow.state.get(PLUGIN_NAME)}
 
 
 def _record_masking(flow: Flow) -> Masking:

@@ -25,6 +25,7 @@ from .cast import CastError, parse_cast, play
 
 if TYPE_CHECKING:
     from quart import Blueprint
+    from sqlmodel import SQLModel
 
     from kubegate.core.db import Database
     from kubegate.core.flow import Flow, Frame, Session
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 PLUGIN_NAME = "recording"
-MASKING = "masking"  # the masking plugin's name: its state says whether output was masked already
 
 __all__ = [
     "PLUGIN_NAME",
@@ -301,6 +301,13 @@ def kubegate_plugin_settings() -> type[BaseModel]:
 
 
 @hookimpl
+def kubegate_database_models() -> list[type[SQLModel]]:
+    from . import store
+
+    return [store.SessionRecord, store.SessionChunk]
+
+
+@hookimpl
 def kubegate_http_routes(gateway: Gateway) -> Blueprint | None:
     if not _enabled(gateway):
         return None
@@ -336,8 +343,6 @@ async def kubegate_shutdown(gateway: Gateway) -> None:
 
 @hookimpl
 async def kubegate_session_start(flow: Flow, session: Session) -> None:
-    from kubegate.plugins.masking import mask_command_for_record, mask_text_for_record
-
     from . import store
     from .recorder import Recording
     from .storage import Storage
@@ -362,7 +367,7 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
         namespace=flow.attributes.namespace,
         pod=flow.attributes.name,
         container=attrs.container,
-        command=mask_command_for_record(flow, attrs.command),  # the row and the cast's title
+        command=flow.connection.hooks.record_command(flow, attrs.command),  # the row and the cast's title
         ports=",".join(str(port) for port in attrs.ports),
         tty=attrs.tty,
         subprotocol=session.subprotocol,
@@ -373,14 +378,14 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
     if kind != store.PORTFORWARD:  # port-forward: the row only, never the forwarded bytes
         storage = recorder.storage
         record.storage, record.location = storage.name, storage.location(record.id)
-    # Output the masking plugin already masked for this caller is stored as relayed; other output (an
-    # exempt caller's, or on a connection without masking) is masked here.
-    exempt = bool((flow.state.get(MASKING) or {}).get("exempt"))
+    # Output a plugin already masked for this caller (`flow.output_masked`) is stored as relayed; other
+    # output (an exempt caller's, or on a connection without masking) is masked here.
+    hooks = flow.connection.hooks
     recording = Recording(
         record,
         storage,
-        mask=lambda data: mask_text_for_record(flow, data),
-        mask_output=flow.connection.state.get(MASKING) is None or exempt,
+        mask=lambda data: hooks.record_text(flow, data),
+        mask_output=not flow.output_masked,
         record_input=settings.record_input,
         max_buffer_bytes=recorder.max_buffer_bytes,
     )

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from kubegate.core.cli import hookimpl
+
 if TYPE_CHECKING:
     from .store import SessionRecord
 
@@ -260,3 +262,8 @@ def _walk(args: argparse.Namespace, speed: float, max_wait: float) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+@hookimpl
+def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    add_commands(subparsers)

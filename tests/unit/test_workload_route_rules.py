@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubegate.core.demo import DEMO_POLICY
+from kubegate.sandbox.demo import DEMO_POLICY
 from kubegate.core.flow import Identity
 from kubegate.plugins.policy import PolicySettings, evaluate
 from kubegate.plugins.policy_check import build_request

@@ -1,6 +1,7 @@
 """``kubegate demo``: a sandbox cluster behind the gateway, with demo users and a ready kubeconfig.
 
-Everything runs in one process: the sandbox cluster (the stand-in API server) and the gateway in front of
+Part of the sandbox package, which contributes the ``demo`` command (``sandbox/cli.py``): core knows
+neither the sandbox nor the demo. Everything runs in one process: the sandbox cluster (the stand-in API server) and the gateway in front of
 it, connected exactly as a real deployment would be (TLS, the gateway's own token, impersonation).
 """
 
@@ -17,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError
-from .kubeconfig import dump, gateway_kubeconfig, write_private
+from kubegate.core.config import ConfigError
+from kubegate.core.kubeconfig import dump, gateway_kubeconfig, write_private
 
 CONNECTION = "demo"
 DEMO_USERS = (
@@ -172,10 +173,10 @@ def write_demo_config(
 
 
 async def _run(directory: Path, port: int) -> None:
-    from kubegate.sandbox.server import start_sandbox
+    from kubegate.core.gateway import Gateway
+    from kubegate.core.server import check_bind, serve_until_signal, tls_files
 
-    from .gateway import Gateway
-    from .server import check_bind, serve_until_signal, tls_files
+    from .server import start_sandbox
 
     check_bind(f"127.0.0.1:{port}")
 
@@ -318,7 +319,7 @@ Or log in on the command line as a person of the demo identity provider (alice o
 
 
 def run_demo(directory: Path, *, port: int = 8443) -> int:
-    from .server import asyncio_run
+    from kubegate.core.server import asyncio_run
 
     # Absolute, so the paths written into the demo's config and kubeconfig hold from any directory.
     directory = directory.resolve()
