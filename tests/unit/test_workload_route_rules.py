@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubegate.sandbox.demo import DEMO_POLICY
 from kubegate.core.flow import Identity
 from kubegate.plugins.policy import PolicySettings, evaluate
 from kubegate.plugins.policy_check import build_request
+from kubegate.sandbox.demo import DEMO_POLICY
 
 ALICE = Identity(user="alice", groups=("developers",), method="static-tokens")
 NS = "/api/v1/namespaces/prod"
