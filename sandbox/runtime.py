@@ -2,13 +2,24 @@
 
 What a pod gets:
 
-* a root directory ``ROOT/NS/NAME/`` that plays the container's ``/``. When ``proot`` (Debian package
-  ``proot``) is installed, every process of the pod runs under ``proot -r PODROOT`` with the host's
-  ``/usr /bin /sbin /lib* /etc /dev /proc /sys`` bound in, so absolute paths behave like in a container:
-  ``kubectl cp f prod/web:/tmp/f`` writes ``PODROOT/tmp/f`` and ``ls /`` shows the pod's tree. Without
-  proot (or with ``KUBEGATE_SANDBOX_PROOT=0``) processes run with cwd = the pod root and absolute paths
-  are the host's; ``kubectl cp`` then needs relative paths (``prod/web:tmp/f``). All containers of a pod
-  share the one root (real containers have separate filesystems; pods share only volumes).
+* a root directory ``ROOT/NS/NAME/`` that is the container's ``/``, and nothing outside it: every process
+  of the pod (its containers, ``kubectl exec``, the ``tar`` of ``kubectl cp``) runs confined to it, so an
+  absolute path, ``..`` or a symlink resolves inside the pod's tree, never on the host. The host's program
+  directories (``/usr /bin /sbin /lib* /etc/alternatives``, the "image") are visible, with a few device
+  nodes and ``/proc``; ``/etc`` is the pod's own (a small ``passwd``, ``group``, ``hosts``). Two ways to
+  confine, chosen by ``KUBEGATE_SANDBOX_ISOLATION`` (``auto``, the default: the first that works here):
+
+  - ``namespaces``: sandbox/confine.py enters user, mount and PID namespaces, binds the image read-only,
+    mounts a /proc of the pod's own processes, chroots to the pod root and runs the command (as ``nobody``
+    on the host when the sandbox runs as root). Needs Linux with unprivileged user namespaces (most
+    distributions) or root. Costs one Python start per process (about 0.1 s here).
+  - ``proot`` (Debian package ``proot``): the command runs under ``proot -r PODROOT`` with the image bound
+    in. proot cannot bind read-only: a pod of a sandbox running as root could write to the host's /usr.
+
+  When neither works (or ``KUBEGATE_SANDBOX_PROOT=0`` leaves no other), pods fail closed: containers stay
+  waiting with ``RunContainerError`` and exec answers with one line saying what to install. No pod process
+  ever runs unconfined. All containers of a pod share the one root (real containers have separate
+  filesystems; pods share only volumes).
 * each container's main process: ``command`` + ``args`` (``sleep infinity`` when neither is set) with the
   container's env (``value``, ``valueFrom`` secretKeyRef / configMapKeyRef / fieldRef, ``$(VAR)``
   expansion). Its stdin is a pipe when the container has ``stdin: true`` and a pty when it also has
@@ -38,11 +49,14 @@ import errno
 import fcntl
 import json
 import os
+import posixpath
 import re
 import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import termios
 import time
 from collections.abc import AsyncIterator, Callable
@@ -51,11 +65,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .confine import NOBODY, PROGRAM_DIRS, SYSTEM_DIRS
+
 Resolver = Callable[[str, str, str], str | None]
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Host directories visible inside a proot'ed pod (the "image"); everything else is the pod's own tree.
-BOUND_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/dev", "/proc", "/sys")
+ISOLATIONS = ("namespaces", "proot")
+# Longest first: /etc/alternatives is the image's, the rest of /etc the pod's.
+IMAGE_DIRS = sorted((*PROGRAM_DIRS, *SYSTEM_DIRS), key=len, reverse=True)
+NO_ISOLATION = (
+    "sandbox pods need isolation from the host and none works here: install proot, or allow unprivileged "
+    "user namespaces (KUBEGATE_SANDBOX_ISOLATION={wanted})"
+)
+UNRESOLVABLE = "/dev/null/unresolvable"  # exists nowhere (ENOTDIR): what a too-long link chain maps to
+CONFINE_SCRIPT = Path(__file__).with_name("confine.py")
+# The pod's own /etc (the host's is not the pod's business): enough for id, whoami and localhost.
+POD_ETC = {
+    "passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "group": "root:x:0:\nnogroup:x:65534:\n",
+    "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n",
+}
 READ_CHUNK = 32 * 1024
 # Chunks queued per attached client before the container's output reader waits for it (backpressure).
 ATTACH_QUEUE = 64
@@ -241,14 +270,23 @@ class Pod:
 
 
 class PodRuntime:
-    def __init__(self, root: Path, resolve_secret: Resolver, resolve_configmap: Resolver) -> None:
+    def __init__(
+        self, root: Path, resolve_secret: Resolver, resolve_configmap: Resolver, isolation: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.resolve_secret = resolve_secret
         self.resolve_configmap = resolve_configmap
-        self.proot = shutil.which("proot") if os.environ.get("KUBEGATE_SANDBOX_PROOT", "1") != "0" else None
+        # isolation: "auto", "namespaces" or "proot"; None reads KUBEGATE_SANDBOX_ISOLATION (default auto)
+        self.wanted_isolation = isolation or os.environ.get("KUBEGATE_SANDBOX_ISOLATION", "auto")
+        self.isolation, self.proot = choose_isolation(self.wanted_isolation)
         self._pods: dict[tuple[str, str], Pod] = {}
         self._lock = asyncio.Lock()
+
+    @property
+    def unconfined(self) -> str | None:
+        """Why no pod process can run here (nothing confines it), or None when they run confined."""
+        return None if self.isolation else NO_ISOLATION.format(wanted=self.wanted_isolation)
 
     # ---- lookup -------------------------------------------------------------------------------------
     def pod(self, namespace: str, name: str) -> Pod | None:
@@ -278,8 +316,15 @@ class PodRuntime:
                 await self._stop(existing)
                 self._remove(existing)
             root = self.pod_root(ns, name)
-            for sub in ("tmp", "root", "var/tmp"):
+            for sub in ("tmp", "root", "var/tmp", "etc"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
+            for etc_file, content in POD_ETC.items():
+                (root / "etc" / etc_file).write_text(content)
+            (root / "etc" / "hostname").write_text(name + "\n")
+            if self.isolation == "namespaces" and os.getuid() == 0:
+                # confine.py runs the pods of a root sandbox as nobody: the pod's tree must be theirs.
+                for path in [root, *root.rglob("*")]:
+                    os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
             p = Pod(ns, name, meta.get("uid") or "", root, pod)
             self._pods[(ns, name)] = p
             spec = pod.get("spec") or {}
@@ -416,40 +461,40 @@ class PodRuntime:
                 env[name] = value
         return env
 
-    def argv(self, pod: Pod, command: list[str], workdir: str = "/") -> tuple[list[str], str]:
-        """argv and host cwd to run `command` inside the pod's filesystem view."""
-        if self.proot:
+    def argv(
+        self, pod: Pod, command: list[str], workdir: str = "/", terminal: str | None = None
+    ) -> tuple[list[str], str]:
+        """argv and host cwd to run `command` confined to the pod's root (ExecError when nothing confines).
+
+        terminal: the pty slave the command gets, which proot binds (only it of the host's terminals).
+        """
+        workdir = workdir or "/"
+        if self.isolation == "namespaces":
+            launcher = [sys.executable, "-I", "-S", str(CONFINE_SCRIPT)]
+            return [*launcher, str(pod.root), workdir, "--", *command], str(pod.root)
+        if self.isolation == "proot" and self.proot:
             binds: list[str] = []
-            for d in BOUND_DIRS:
+            for d in (*PROGRAM_DIRS, *SYSTEM_DIRS, *([terminal] if terminal else [])):
                 if os.path.exists(d):
                     binds += ["-b", d]
-            return [self.proot, "-r", str(pod.root), *binds, "-w", workdir or "/", *command], "/"
-        cwd = pod.root / (workdir or "/").lstrip("/")
-        cwd.mkdir(parents=True, exist_ok=True)
-        return command, str(cwd)
+            return [self.proot, "-r", str(pod.root), *binds, "-w", workdir, *command], str(pod.root)
+        raise ExecError(self.unconfined or NO_ISOLATION)
 
-    def host_path(self, pod: Pod, guest: str) -> str:
-        if not self.proot:
-            return guest
-        for d in BOUND_DIRS:
-            if guest == d or guest.startswith(d + "/"):
-                return guest
-        return str(pod.root / guest.lstrip("/"))
+    def host_path(self, pod: Pod, guest: str, workdir: str = "/") -> str:
+        """The host path of a path as the pod sees it (see resolve_in_root)."""
+        return resolve_in_root(pod.root, guest, workdir)
 
     def resolve_command(self, pod: Pod, cmd0: str, env: dict[str, str], workdir: str) -> None:
         """Fail the way runc does when the executable is missing (proot would only print its own error)."""
         if "/" in cmd0:
-            guest = cmd0 if cmd0.startswith("/") else os.path.join(workdir or "/", cmd0)
-            host = self.host_path(pod, guest) if self.proot else str(pod.root / guest.lstrip("/"))
-            if not self.proot and cmd0.startswith("/"):
-                host = cmd0
+            host = self.host_path(pod, cmd0, workdir or "/")
             if not os.path.exists(host):
                 raise ExecError(f'exec: "{cmd0}": stat {cmd0}: no such file or directory')
             if os.path.isdir(host) or not os.access(host, os.X_OK):
                 raise ExecError(f'exec: "{cmd0}": permission denied')
             return
         for d in env.get("PATH", DEFAULT_PATH).split(":"):
-            host = self.host_path(pod, os.path.join(d or ".", cmd0))
+            host = self.host_path(pod, posixpath.join(d or ".", cmd0), workdir or "/")
             if os.path.isfile(host) and os.access(host, os.X_OK):
                 return
         raise ExecError(f'exec: "{cmd0}": executable file not found in $PATH')
@@ -465,11 +510,12 @@ class PodRuntime:
         tty: bool,
     ) -> Process:
         """Start `command` in the pod. stdout/stderr are always captured; stdin is a pipe/pty or /dev/null."""
-        self.resolve_command(pod, command[0], env, workdir)
         argv, cwd = self.argv(pod, command, workdir)
+        self.resolve_command(pod, command[0], env, workdir)
         if tty:
             master, slave = os.openpty()
             set_winsize(master, 80, 24)
+            argv, cwd = self.argv(pod, command, workdir, terminal=os.ttyname(slave))
             env = {**env, "TERM": env.get("TERM", "xterm")}
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -480,7 +526,8 @@ class PodRuntime:
                     cwd=cwd,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=_make_controlling_tty,
+                    # confine.py gives the command a session and the terminal inside the pod's namespace
+                    preexec_fn=None if self.isolation == "namespaces" else _make_controlling_tty,
                 )
             except OSError as exc:
                 _close(master)
@@ -846,3 +893,79 @@ def parse_resize(payload: bytes) -> list[tuple[int, int]]:
         if isinstance(obj, dict):
             out.append((int(obj.get("Width") or 0), int(obj.get("Height") or 0)))
     return out
+
+
+def configured_isolation() -> str | None:
+    """How a PodRuntime() made now confines its pods (KUBEGATE_SANDBOX_ISOLATION); None: they fail closed."""
+    return choose_isolation(os.environ.get("KUBEGATE_SANDBOX_ISOLATION", "auto"))[0]
+
+
+def choose_isolation(wanted: str = "auto") -> tuple[str | None, str | None]:
+    """(how pods are confined: "namespaces", "proot" or None when nothing works here, the proot binary).
+
+    wanted: auto (the first that works, namespaces first: read-only image), namespaces or proot;
+    KUBEGATE_SANDBOX_PROOT=0 never uses proot. Anything else confines nothing (pods fail closed).
+    """
+    wanted = wanted.strip().lower() or "auto"
+    proot = shutil.which("proot") if os.environ.get("KUBEGATE_SANDBOX_PROOT", "1") != "0" else None
+    candidates = ISOLATIONS if wanted == "auto" else tuple(i for i in ISOLATIONS if i == wanted)
+    for isolation in candidates:
+        if isolation == "namespaces" and namespaces_work():
+            return "namespaces", None
+        if isolation == "proot" and proot:
+            return "proot", proot
+    return None, None
+
+
+def namespaces_work() -> bool:
+    """Whether confine.py can enter a mount namespace here (tried once in a child process)."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-I", "-S", str(CONFINE_SCRIPT), "--probe"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def resolve_in_root(root: Path, guest: str, cwd: str = "/", *, max_links: int = 40) -> str:
+    """The host path of `guest` as the kernel resolves it after chroot(root): relative to cwd, `..` stops
+    at the pod's "/", symlinks are read inside the pod (an absolute target starts again at the pod's "/"),
+    and the image directories (PROGRAM_DIRS, SYSTEM_DIRS) are the host's. Never a path outside root or the
+    image, whatever links the pod made."""
+    pending = [p for p in posixpath.join("/", cwd, guest).split("/") if p]
+    resolved: list[str] = []
+    links = 0
+
+    def host_of(parts: list[str]) -> str:
+        path = "/" + "/".join(parts)
+        for image_dir in IMAGE_DIRS:
+            if path == image_dir or path.startswith(image_dir + "/"):
+                return path
+        return str(root.joinpath(*parts)) if parts else str(root)
+
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = [*resolved, part]
+        host = host_of(candidate)
+        if os.path.islink(host):
+            links += 1
+            if links > max_links:
+                return UNRESOLVABLE  # ELOOP in the pod; never a path the host would follow for us
+            target = os.readlink(host)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        resolved = candidate
+    return host_of(resolved)

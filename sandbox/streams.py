@@ -628,6 +628,8 @@ async def handle_exec(request: web.Request, runtime: PodRuntime, pod: dict[str, 
     meta = pod.get("metadata") or {}
     p = runtime.pod(meta.get("namespace") or "default", meta.get("name", ""))
     c = p.containers.get(spec["name"]) if p else None
+    if runtime.unconfined is not None:
+        return bad_request(f"unable to upgrade connection: {runtime.unconfined}")
     if p is None or c is None or not c.running:
         return bad_request(f'unable to upgrade connection: container not found ("{spec["name"]}")')
     ch, resp = await open_session(request, stdin, stdout, stderr, tty)
@@ -707,6 +709,8 @@ async def handle_attach(request: web.Request, runtime: PodRuntime, pod: dict[str
     meta = pod.get("metadata") or {}
     p = runtime.pod(meta.get("namespace") or "default", meta.get("name", ""))
     c = p.containers.get(spec["name"]) if p else None
+    if runtime.unconfined is not None:
+        return bad_request(f"unable to upgrade connection: {runtime.unconfined}")
     if p is None or c is None or not c.running or c.process is None:
         return bad_request(f'unable to upgrade connection: container not found ("{spec["name"]}")')
     ch, resp = await open_session(request, stdin, stdout, stderr, tty)

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -37,12 +38,26 @@ import websockets
 from aiohttp import web
 
 from kubegate.sandbox import spdy
-from kubegate.sandbox.runtime import PodRuntime, parse_cri, rfc3339nano, tail_entries
+from kubegate.sandbox.runtime import (
+    POD_ETC,
+    PodRuntime,
+    choose_isolation,
+    configured_isolation,
+    parse_cri,
+    resolve_in_root,
+    rfc3339nano,
+    tail_entries,
+)
 from kubegate.sandbox.streams import handle_attach, handle_exec, handle_portforward
 
 VENV_BIN = Path(sys.executable).parent
 KUBECTLS = [k for k in (str(VENV_BIN / "kubectl"), "/usr/bin/kubectl") if os.path.exists(k)]
 KUBECTL = KUBECTLS[0]
+# Pods run only confined (sandbox/runtime.py): where neither user namespaces nor proot work, every test
+# that runs a pod process skips; the confinement tests below still run and check that pods fail closed.
+ISOLATION = configured_isolation()
+NO_ISOLATION_REASON = "pods cannot be confined here: no proot and no user namespaces (they fail closed)"
+needs_isolation = pytest.mark.skipif(ISOLATION is None, reason=NO_ISOLATION_REASON)
 
 
 def _pod(name: str, containers: list[dict[str, Any]], ns: str = "prod") -> dict[str, Any]:
@@ -189,23 +204,24 @@ def _make_app(runtime: PodRuntime, pods: dict[tuple[str, str], dict[str, Any]]) 
     return app
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamCluster]:
-    root = tmp_path_factory.mktemp("streams")
+@contextlib.contextmanager
+def _running_cluster(
+    root: Path, pods: list[dict[str, Any]], isolation: str | None = None
+) -> Iterator[StreamCluster]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     secrets = {("prod", "db", "password"): "s3cret"}
     cms = {("prod", "cfg", "mode"): "fast"}
-    pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in PODS}
+    by_name = {(p["metadata"]["namespace"], p["metadata"]["name"]): p for p in pods}
 
     async def start() -> tuple[PodRuntime, web.AppRunner, int]:
-        rt = PodRuntime(root / "pods", lambda *k: secrets.get(k), lambda *k: cms.get(k))
-        runner = web.AppRunner(_make_app(rt, pods))
+        rt = PodRuntime(root / "pods", lambda *k: secrets.get(k), lambda *k: cms.get(k), isolation)
+        runner = web.AppRunner(_make_app(rt, by_name))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        for p in PODS:
+        for p in pods:
             await rt.start_pod(p)
         port = runner.addresses[0][1]
         return rt, runner, port
@@ -225,17 +241,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamCluster]
             }
         )
     )
-    c = StreamCluster(url, kubeconfig, rt, loop, root)
-    time.sleep(0.5)  # let the containers print their first lines
-    yield c
+    try:
+        yield StreamCluster(url, kubeconfig, rt, loop, root)
+    finally:
 
-    async def stop() -> None:
-        await rt.close()
-        await runner.cleanup()
+        async def stop() -> None:
+            await rt.close()
+            await runner.cleanup()
 
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StreamCluster]:
+    if ISOLATION is None:
+        pytest.skip(NO_ISOLATION_REASON)
+    with _running_cluster(tmp_path_factory.mktemp("streams"), PODS) as c:
+        time.sleep(0.5)  # let the containers print their first lines
+        yield c
 
 
 # kubectl speaks WebSocket first; these switches make it use the SPDY/3.1 upgrade instead (its fallback).
@@ -298,7 +323,7 @@ def test_exec_stdin(cluster: StreamCluster, transport: str) -> None:
 def test_exec_env_and_filesystem(cluster: StreamCluster) -> None:
     r = kubectl(cluster, "exec", "web", "--", "sh", "-c", 'echo "$PLAIN $FROM_SECRET $FROM_CM $POD $NS"; pwd')
     assert r.stdout.splitlines() == ["v-$(POD) s3cret fast web prod", "/"]
-    # With proot the pod root is the container's "/": files written there land in the pod directory.
+    # The pod root is the container's "/": files written there land in the pod directory.
     kubectl(cluster, "exec", "web", "--", "sh", "-c", "echo inside > /tmp/marker")
     assert (cluster.runtime.pod_root("prod", "web") / "tmp" / "marker").read_text() == "inside\n"
 
@@ -790,8 +815,157 @@ def test_recreated_pod_gets_a_fresh_root(cluster: StreamCluster) -> None:
     cluster.run(rt.stop_pod("prod", "again"))
 
 
-def test_proot_is_used_when_installed(cluster: StreamCluster) -> None:
-    assert (cluster.runtime.proot is not None) == (shutil.which("proot") is not None)
+# ---------------------------------------------------------------------------------------------------
+# Confinement: a pod reaches no host file outside its own directory (namespaces, proot, or nothing at all:
+# then it fails closed). Each attack runs in every mode; modes that do not work on this host skip.
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Confined:
+    cluster: StreamCluster
+    mode: str
+    host: Path  # host files a pod must neither read nor write
+    secret: Path
+
+    @property
+    def confines(self) -> bool:
+        return self.mode != "nothing"
+
+
+@pytest.fixture(scope="module", params=["namespaces", "proot", "nothing"])
+def confined(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Confined]:
+    mode: str = request.param
+    patch = pytest.MonkeyPatch()
+    if mode == "nothing":
+        patch.setenv("KUBEGATE_SANDBOX_PROOT", "0")  # proot hidden, user namespaces not asked for
+        isolation = "proot"
+    else:
+        isolation = mode
+        if choose_isolation(mode)[0] != mode:
+            pytest.skip(f"{mode} cannot confine pods on this host")
+    # World-readable and -writable on purpose: only confinement, not file permissions, may keep pods out
+    # (a root sandbox runs namespaced pods as nobody).
+    host = Path(tempfile.mkdtemp(prefix="kubegate-host-"))
+    host.chmod(0o777)
+    secret = host / "secret.txt"
+    secret.write_text("host-only\n")
+    secret.chmod(0o666)
+    root = tmp_path_factory.mktemp(f"confined-{mode}")
+    try:
+        with _running_cluster(root, [_pod("box", [{"name": "box"}])], isolation) as c:
+            yield Confined(c, mode, host, secret)
+    finally:
+        patch.undo()
+        shutil.rmtree(host, ignore_errors=True)
+
+
+def _refused(r: subprocess.CompletedProcess[str]) -> None:
+    """What every pod command gets when nothing can confine it: one line saying what to install."""
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert "sandbox pods need isolation from the host" in r.stderr
+    assert "install proot" in r.stderr
+
+
+def test_exec_cat_etc_passwd_shows_the_pods_own(confined: Confined) -> None:
+    r = kubectl(confined.cluster, "exec", "box", "--", "cat", "/etc/passwd")
+    assert Path("/etc/passwd").read_text() not in r.stdout
+    if not confined.confines:
+        _refused(r)
+        return
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == POD_ETC["passwd"]
+
+
+def test_absolute_dotdot_symlink_and_proc_paths_stay_in_the_pod(confined: Confined) -> None:
+    host, secret = confined.host, confined.secret
+    # A link the pod's tree already holds (left by anyone) pointing at the host directory.
+    os.symlink(host, confined.cluster.runtime.pod_root("prod", "box") / "tmp" / "planted")
+    script = "; ".join(
+        [
+            f"cat {secret}",
+            f"cat ../../../../../../..{secret}",
+            f"cd /tmp && cat ../../../../../..{secret}",
+            "ln -s / /tmp/slash",
+            f"cat /tmp/slash{secret}",
+            "ln -s ../../../../../../../.. /tmp/up",
+            f"cat /tmp/up{secret}",
+            "cat /tmp/planted/secret.txt",
+            f"cat /proc/1/root{secret}",
+            f"cat /proc/self/root{secret}",
+            f"echo pwned > {host}/written",
+            f"echo pwned > /tmp/up{host}/written-up",
+            "echo pwned > /tmp/planted/written-planted",
+            "echo done",
+        ]
+    )
+    r = kubectl(confined.cluster, "exec", "box", "--", "sh", "-c", script)
+    assert "host-only" not in r.stdout + r.stderr
+    assert sorted(p.name for p in host.iterdir()) == ["secret.txt"]
+    if not confined.confines:
+        _refused(r)
+        return
+    assert r.stdout.endswith("done\n"), r.stderr  # the script ran; every attempt just missed
+
+
+def test_kubectl_cp_cannot_leave_the_pod(confined: Confined, tmp_path: Path) -> None:
+    c, host = confined.cluster, confined.host
+    src = tmp_path / "payload.txt"
+    src.write_text("payload\n")
+    for remote in (
+        f"{host}/cp-abs.txt",
+        f"../../../../../../..{host}/cp-dotdot.txt",
+        "/tmp/../../../cp-up.txt",
+    ):
+        kubectl(c, "cp", str(src), f"prod/box:{remote}")
+    back = tmp_path / "stolen.txt"
+    r = kubectl(c, "cp", f"prod/box:{confined.secret}", str(back))
+    assert not back.exists() or "host-only" not in back.read_text()
+    assert sorted(p.name for p in host.iterdir()) == ["secret.txt"]
+    if not confined.confines:
+        _refused(r)
+        return
+    # What kubectl cp does to absolute paths in a container: they are the pod's.
+    r = kubectl(c, "cp", str(src), "prod/box:/tmp/in-pod.txt")
+    assert r.returncode == 0, r.stderr
+    assert (c.runtime.pod_root("prod", "box") / "tmp" / "in-pod.txt").read_text() == "payload\n"
+    assert (c.runtime.pod_root("prod", "box") / "cp-up.txt").read_text() == "payload\n"  # ".." stops at /
+
+
+def test_containers_fail_closed_without_confinement(confined: Confined) -> None:
+    state = confined.cluster.runtime.container_state("prod", "box", "box")
+    if confined.confines:
+        assert "running" in state
+        return
+    assert state["waiting"]["reason"] == "RunContainerError"
+    assert "install proot" in state["waiting"]["message"]
+
+
+def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "pod"
+    (root / "tmp" / "deep").mkdir(parents=True)
+    (root / "tmp" / "abs").symlink_to("/etc")  # absolute: the pod's /etc, not the host's
+    (root / "tmp" / "up").symlink_to("../../../../../..")
+    (root / "tmp" / "loop").symlink_to("loop")
+    (root / "tmp" / "deep" / "rel").symlink_to("../abs")
+    assert resolve_in_root(root, "/etc/passwd") == str(root / "etc/passwd")
+    assert resolve_in_root(root, "../../../../etc/passwd", "/tmp") == str(root / "etc/passwd")
+    assert resolve_in_root(root, "/tmp/abs/passwd") == str(root / "etc/passwd")
+    assert resolve_in_root(root, "/tmp/deep/rel/shadow") == str(root / "etc/shadow")
+    assert resolve_in_root(root, "/tmp/up/etc/passwd") == str(root / "etc/passwd")
+    assert not os.path.exists(resolve_in_root(root, "/tmp/loop"))
+    # The image (programs) is the host's, read-only inside the pod.
+    assert resolve_in_root(root, "/usr/bin/env") == "/usr/bin/env"
+    assert resolve_in_root(root, "/tmp/up/usr/bin/../bin/env") == "/usr/bin/env"
+
+
+def test_isolation_is_chosen_and_proot_can_be_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_isolation("no-such-isolation") == (None, None)
+    monkeypatch.setenv("KUBEGATE_SANDBOX_PROOT", "0")
+    assert choose_isolation("proot") == (None, None)
+    monkeypatch.delenv("KUBEGATE_SANDBOX_PROOT")
+    proot = shutil.which("proot")
+    assert choose_isolation("proot") == (("proot", proot) if proot else (None, None))
+    assert choose_isolation("auto")[0] in {choose_isolation("namespaces")[0] or "proot", None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -805,6 +979,7 @@ def _sb_kubectl(sandbox: Any, *args: str, binary: str = KUBECTL, input: str | No
     )
 
 
+@needs_isolation
 @pytest.mark.parametrize("binary", KUBECTLS)
 def test_sandbox_server_exec_cp_and_logs(sandbox: Any, binary: str, tmp_path: Path) -> None:
     r = _sb_kubectl(sandbox, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo hi; echo $DB_PASSWORD >&2")
@@ -824,6 +999,7 @@ def test_sandbox_server_exec_cp_and_logs(sandbox: Any, binary: str, tmp_path: Pa
     assert "request" in r.stdout and r.stdout.count("\n") == 1
 
 
+@needs_isolation
 def test_sandbox_server_port_forward_and_follow(sandbox: Any) -> None:
     local = free_port()
     env = {**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)}
@@ -849,6 +1025,7 @@ def test_sandbox_server_port_forward_and_follow(sandbox: Any) -> None:
             p.wait(5)
 
 
+@needs_isolation
 def test_sandbox_server_python_client_exec(sandbox: Any) -> None:
     from kubernetes import client
     from kubernetes.stream import stream
