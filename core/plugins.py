@@ -11,10 +11,10 @@ import asyncio
 import importlib
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, cast
 
 import pluggy
 
@@ -59,20 +59,35 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 _DECISION_RANK = {Verdict.ALLOW: 0, Verdict.NEEDS_APPROVAL: 1, Verdict.DENY: 2}
 
 
-async def await_me_maybe(value: Any) -> Any:
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+# What one implementation of a hook returns: its answer, or an awaitable of it (``async def`` or not).
+MaybeAwaitable: TypeAlias = "Awaitable[T] | T"
+
+
+class HookCall(Protocol[T_co]):
+    """A pluggy hook caller, typed: the answers of its implementations, each maybe awaitable. pluggy types
+    every answer `Any`; each hook's facade below names what its spec in `hookspecs` returns."""
+
+    def __call__(self, **kwargs: object) -> Sequence[MaybeAwaitable[T_co]]: ...
+
+    def get_hookimpls(self) -> list[pluggy.HookImpl]: ...
+
+
+async def await_me_maybe(value: MaybeAwaitable[T]) -> T:
     """Await `value` when it is awaitable: hooks may be implemented with or without ``async``."""
     if inspect.isawaitable(value):
-        return await value
-    return value
+        return cast(T, await value)
+    return cast(T, value)
 
 
-def _close_pending(results: Iterable[Any]) -> None:
+def _close_pending(results: Iterable[object]) -> None:
     for value in results:
         if inspect.iscoroutine(value):
             value.close()
 
 
-async def _first_answer(results: list[Any]) -> Any:
+async def _first_answer(results: Sequence[MaybeAwaitable[T]]) -> T | None:
     """Await implementations in call order (pluggy: last registered first) and stop at the first non-None
     answer; the coroutines not awaited are closed."""
     for index, result in enumerate(results):
@@ -171,7 +186,8 @@ class PluginHost:
 
     def connection_types(self) -> dict[str, ConnectionType]:
         types: dict[str, ConnectionType] = {}
-        for result in self.pm.hook.kubegate_connection_types():
+        answers: list[dict[str, ConnectionType] | None] = self.pm.hook.kubegate_connection_types()
+        for result in answers:
             for type_name, ctype in (result or {}).items():
                 if type_name in types:
                     raise ValueError(f"connection type {type_name!r} is registered twice")
@@ -196,14 +212,17 @@ class PluginHost:
         return models
 
     def http_routes(self, gateway: Gateway) -> list[Blueprint]:
-        return [bp for bp in self.pm.hook.kubegate_http_routes(gateway=gateway) if bp is not None]
+        blueprints: list[Blueprint | None] = self.pm.hook.kubegate_http_routes(gateway=gateway)
+        return [bp for bp in blueprints if bp is not None]
 
     async def startup(self, gateway: Gateway) -> None:
-        for result in self.pm.hook.kubegate_startup(gateway=gateway):
+        results: list[MaybeAwaitable[None]] = self.pm.hook.kubegate_startup(gateway=gateway)
+        for result in results:
             await await_me_maybe(result)
 
     async def shutdown(self, gateway: Gateway) -> None:
-        for result in self.pm.hook.kubegate_shutdown(gateway=gateway):
+        results: list[MaybeAwaitable[None]] = self.pm.hook.kubegate_shutdown(gateway=gateway)
+        for result in results:
             try:
                 await await_me_maybe(result)
             except Exception:
@@ -250,7 +269,8 @@ class PluginHost:
 
     def database_models(self) -> list[type[SQLModel]]:
         """The table classes every installed plugin stores (importing them declares their tables)."""
-        return [model for models in self.pm.hook.kubegate_database_models() for model in models or ()]
+        answers: list[Iterable[type[SQLModel]] | None] = self.pm.hook.kubegate_database_models()
+        return [model for models in answers for model in models or ()]
 
     async def metrics(self, gateway: Gateway) -> None:
         """Let plugins bring their gauges up to date before a scrape: two seconds each; a failing or slow one
@@ -277,16 +297,17 @@ class ConnectionHooks:
         self._pm = pm  # for the gateway-wide record hooks plugins reach from a flow
         remove = [plugin for name, plugin in pm.list_name_plugin() if name not in enabled]
         caller = pm.subset_hook_caller
-        self._authenticate = caller("kubegate_authenticate", remove)
-        self._decide = caller("kubegate_decide", remove)
-        self._approval = caller("kubegate_approval", remove)
-        self._upstream_request = caller("kubegate_upstream_request", remove)
-        self._response_headers = caller("kubegate_response_headers", remove)
-        self._response_stream = caller("kubegate_response_stream", remove)
-        self._session_start = caller("kubegate_session_start", remove)
-        self._stream_frame = caller("kubegate_stream_frame", remove)
-        self._session_end = caller("kubegate_session_end", remove)
-        self._audit_event = caller("kubegate_audit_event", remove)
+        # Each typed with what its spec (hookspecs) returns.
+        self._authenticate: HookCall[Identity | AuthFailure | None] = caller("kubegate_authenticate", remove)
+        self._decide: HookCall[Decision | None] = caller("kubegate_decide", remove)
+        self._approval: HookCall[Decision | None] = caller("kubegate_approval", remove)
+        self._upstream_request: HookCall[None] = caller("kubegate_upstream_request", remove)
+        self._response_headers: HookCall[None] = caller("kubegate_response_headers", remove)
+        self._response_stream: HookCall[BodyTransformer | None] = caller("kubegate_response_stream", remove)
+        self._session_start: HookCall[None] = caller("kubegate_session_start", remove)
+        self._stream_frame: HookCall[None] = caller("kubegate_stream_frame", remove)
+        self._session_end: HookCall[None] = caller("kubegate_session_end", remove)
+        self._audit_event: HookCall[None] = caller("kubegate_audit_event", remove)
         # Hooks nobody implements on this connection are skipped on the hot path.
         self.has_upstream_request = bool(self._upstream_request.get_hookimpls())
         self.has_response_headers = bool(self._response_headers.get_hookimpls())
@@ -320,7 +341,7 @@ class ConnectionHooks:
         answer = await _first_answer(self._authenticate(flow=flow))
         if isinstance(answer, Identity):
             return self.people.resolve(answer)
-        return cast("AuthFailure | None", answer)
+        return answer
 
     async def decide(self, flow: Flow) -> Decision | None:
         strictest: Decision | None = None
@@ -333,7 +354,7 @@ class ConnectionHooks:
         return strictest
 
     async def approval(self, flow: Flow, decision: Decision) -> Decision | None:
-        return cast("Decision | None", await _first_answer(self._approval(flow=flow, decision=decision)))
+        return await _first_answer(self._approval(flow=flow, decision=decision))
 
     async def upstream_request(self, flow: Flow) -> None:
         for result in self._upstream_request(flow=flow):
