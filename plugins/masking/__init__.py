@@ -33,13 +33,14 @@ from .known import KnownSecrets, text_values
 from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers, scrub_document
 from .stream import ChannelMaskers, StreamMasker
-from .text import DETECTORS, TextMasker, custom_patterns, detector_patterns
+from .text import DEFAULT_NON_SECRET_NAMES, DETECTORS, TextMasker, custom_patterns, detector_patterns
 
 if TYPE_CHECKING:
     from kubegate.core.gateway import Gateway
 
 PLUGIN_NAME = "masking"
 log = logging.getLogger("kubegate.masking")
+NON_SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DEFAULT_ENV_NAMES = ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL", "PRIVATE", "AUTH", "CERT"]
 DROP_MEDIA = ("application/vnd.kubernetes.protobuf", "application/cbor")
 
@@ -83,6 +84,12 @@ class MaskingSettings(BaseModel):
     env_names: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ENV_NAMES),
         description="Regexes (case-insensitive, searched) for env var names whose `value` is masked.",
+    )
+    non_secret_names: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NON_SECRET_NAMES),
+        description="Exact, case-sensitive variable names whose values the name rules (`env_names`, "
+        "`assignments`) leave alone: well-known non-secrets such as PWD. Known values and detectors still "
+        "apply to their values.",
     )
     configmap_keys: list[ConfigMapKeys] = Field(default_factory=list)
     detectors: list[str] = Field(default_factory=lambda: list(DETECTORS))
@@ -144,6 +151,15 @@ class MaskingSettings(BaseModel):
             raise ValueError("engine 'hyperscan' needs the hyperscan package, which is not installed")
         return engine
 
+    @field_validator("non_secret_names")
+    @classmethod
+    def _plain_names(cls, names: list[str]) -> list[str]:
+        # Whole names, not patterns: `.*` or `DB_*` here would switch the name rules off wholesale.
+        for name in names:
+            if not NON_SECRET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a variable name (letters, digits, '_'; no patterns)")
+        return names
+
     @field_validator("patterns", "env_names")
     @classmethod
     def _regexes(cls, patterns: list[str]) -> list[str]:
@@ -155,20 +171,35 @@ class MaskingSettings(BaseModel):
         return patterns
 
 
+def env_name_rule(env_names: list[str], non_secret_names: list[str]) -> re.Pattern[str]:
+    """One regex for "this env var name holds a secret", searched in a whole name (objects, records, command
+    lines): any of `env_names` (case-insensitive), unless the name is exactly one of `non_secret_names`
+    (case-sensitive: `pwd` or `Pwd` are not the shell's PWD)."""
+    secret = "|".join(f"(?:{p})" for p in env_names)
+    if not secret:
+        return re.compile("(?!)")
+    if not non_secret_names:
+        return re.compile(secret, re.I)
+    allowed = "|".join(re.escape(name) for name in non_secret_names)
+    # Anchored at the name's start, so `search` tries the exception once; then any position, as before.
+    return re.compile(rf"\A(?!(?-i:{allowed})\Z)[\s\S]*?(?:{secret})", re.I)
+
+
 class Masking:
     """One connection's masking: rules, the current text masker, the known-values follower."""
 
     def __init__(self, settings: MaskingSettings):
         self.settings = settings
         self.patterns = [*detector_patterns(settings.detectors), *custom_patterns(settings.patterns)]
-        self.env_name = re.compile("|".join(f"(?:{p})" for p in settings.env_names) or "(?!)", re.I)
+        self.env_name = env_name_rule(settings.env_names, settings.non_secret_names)
         self.known: KnownSecrets | None = None
         self.set_known(set())
 
     def set_known(self, values: set[str]) -> None:
         s = self.settings
         plain, raw = text_values(values)
-        self.text = TextMasker(s.marker, plain, self.patterns, s.assignments, s.engine)
+        self.text = TextMasker(s.marker, plain, self.patterns, s.assignments, s.engine,
+                               non_secret_names=s.non_secret_names)  # fmt: skip
         raw.add_to(self.text)
         configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
         self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)

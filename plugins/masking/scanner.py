@@ -14,7 +14,7 @@ is everything where the `hyperscan` package is not installed (it has no wheel fo
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:
@@ -31,12 +31,19 @@ def available() -> bool:
 
 
 class Pattern:
-    """One pattern: the regex that decides, which group is masked (0: the whole match)."""
+    """One pattern: the regex that decides, which group is masked (0: the whole match), and `skip`: a match
+    it says yes to is not masked (the assignment rule's non-secret names, see text.py)."""
 
-    def __init__(self, regex: re.Pattern[str], group: int = 0):
+    def __init__(
+        self,
+        regex: re.Pattern[str],
+        group: int = 0,
+        skip: Callable[[bytes, re.Match[bytes]], bool] | None = None,
+    ):
         self.regex = regex
         self.check = re.compile(regex.pattern.encode(), regex.flags & ~re.UNICODE)
         self.group = group
+        self.skip = skip
 
 
 class PatternScanner:
@@ -77,6 +84,8 @@ class PatternScanner:
             pattern = self.patterns[pattern_id]
             match = pattern.check.match(data, start)
             if match is None or match.group(pattern.group) is None:
+                continue
+            if pattern.skip is not None and pattern.skip(data, match):
                 continue
             span = match.span(pattern.group)
             if span[1] > span[0] and not data.startswith(self.marker, span[0]):

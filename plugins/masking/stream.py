@@ -152,7 +152,7 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
         hints = {hint for _, hint in masker.hint_automaton.iter(text.lower())}
         regexes = [*masker.always, *(p for h, p in masker.patterns if any(x in hints for x in h))]
         if masker.assignments and hints & masker.keywords:
-            spans += [m.span(4) for m in ASSIGNMENT.finditer(text)]
+            spans += masker.assignment_spans(text)
     for pattern in regexes:
         group = masked_group(pattern)
         for match in pattern.finditer(text):

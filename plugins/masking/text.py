@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote
 
 import ahocorasick
@@ -41,6 +41,39 @@ ASSIGNMENT = re.compile(  # the same rule as one regex, for reference and tests
     r"(?i)((?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL)[A-Z0-9_.-]*?)"
     r"([ \t]*[=:][ \t]*)([\"']?)([^\s\"',;&]{4,})"
 )
+# Well-known variables whose values are not secrets although their names hold a keyword of the name rules
+# (the assignment keywords above, `env_names`): every POSIX shell sets PWD and OLDPWD to directories
+# (`kubectl exec -- env` prints them), and OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR name where the public CA
+# certificates are. Exact, case-sensitive whole names: `DB_PWD`, `PWD_FILE` or `pwd` are still masked. The
+# trade-off: a secret put into one of these names (`PWD=hunter2`) is shown, unless another rule (a known
+# value, a detector) catches it. The `non_secret_names` setting replaces this list.
+DEFAULT_NON_SECRET_NAMES = ("PWD", "OLDPWD", "SSL_CERT_FILE", "SSL_CERT_DIR")
+# The characters of a name around an assignment's keyword (as in ASSIGNMENT's key).
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+NAME_BYTES = frozenset(ord(char) for char in NAME_CHARS)
+
+
+def assignment_name(text: str, keyword_start: int, key_end: int) -> str:
+    """The whole name of an assignment whose keyword starts at `keyword_start` and whose key ends at
+    `key_end` (the separator): `OLDPWD` for the `PWD` found in `OLDPWD=/tmp`."""
+    start = keyword_start
+    while start > 0 and text[start - 1] in NAME_CHARS:
+        start -= 1
+    return text[start:key_end]
+
+
+def _skip_non_secret(names: frozenset[bytes]) -> Callable[[bytes, re.Match[bytes]], bool]:
+    """For the scanner: whether an ASSIGNMENT match (bytes) is an assignment to one of `names`."""
+
+    def skip(data: bytes, match: re.Match[bytes]) -> bool:
+        start = match.start(1)
+        while start > 0 and data[start - 1] in NAME_BYTES:
+            start -= 1
+        return data[start : match.end(1)] in names
+
+    return skip
+
+
 # A cheap test per chunk before a detector's regex runs: the text must contain one of these (lower case).
 PREFILTER = {
     "aws": ("akia", "asia", "abia", "acca", "a3t", "aws"),
@@ -122,11 +155,17 @@ def value_forms(value: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def scanner_for(patterns: tuple[Detector, ...], assignments: bool, marker: str) -> scanner.PatternScanner:
+def scanner_for(
+    patterns: tuple[Detector, ...],
+    assignments: bool,
+    marker: str,
+    non_secret_names: frozenset[str] = frozenset(),
+) -> scanner.PatternScanner:
     """One compiled scanner per set of patterns, shared by the maskers rebuilt when known values change."""
     if not scanner.available():
         raise RuntimeError("the hyperscan package is not installed")
-    regexes = [scanner.Pattern(ASSIGNMENT, group=4)] if assignments else []
+    skip = _skip_non_secret(frozenset(n.encode() for n in non_secret_names)) if non_secret_names else None
+    regexes = [scanner.Pattern(ASSIGNMENT, group=4, skip=skip)] if assignments else []
     scan_forms = {0: ASSIGNMENT_SCAN} if assignments else {}
     regexes += [scanner.Pattern(pattern, masked_group(pattern)) for _, pattern in patterns]
     return scanner.PatternScanner(regexes, marker, scan_forms)
@@ -136,8 +175,10 @@ class TextMasker:
     """Masks one string at a time. Immutable: a new one is built when the known values change."""
 
     def __init__(self, marker: str, known: Iterable[str] = (), patterns: Iterable[Detector] = (),
-                 assignments: bool = True, engine: str = "auto"):  # fmt: skip
+                 assignments: bool = True, engine: str = "auto", non_secret_names: Iterable[str] = ()):  # fmt: skip
+        """`non_secret_names`: exact names the assignment rule leaves alone (DEFAULT_NON_SECRET_NAMES)."""
         self.marker = marker
+        self.non_secret_names = frozenset(non_secret_names)
         forms = {f for value in known for f in value_forms(value)}
         self.longest = max((len(f) for f in forms), default=0)
         # Aho-Corasick: one pass over the text whatever the number of values (a regex alternation of
@@ -164,7 +205,9 @@ class TextMasker:
             self.hint_automaton.make_automaton()
         # The compiled scanner when there is one (engine "auto"); "python" keeps the hint-gated regexes.
         use_scanner = engine == "hyperscan" or (engine == "auto" and scanner.available())
-        self.scanner = scanner_for(tuple(patterns), assignments, marker) if use_scanner else None
+        self.scanner = (
+            scanner_for(tuple(patterns), assignments, marker, self.non_secret_names) if use_scanner else None
+        )
 
     def mask(self, text: str) -> str:
         if self.known is not None:
@@ -227,6 +270,11 @@ class TextMasker:
         for end in keyword_ends:
             match = ASSIGNMENT_TAIL.match(text, end + 1)
             if match and not text.startswith(self.marker, match.start(3)):
+                if (
+                    self.non_secret_names
+                    and assignment_name(text, end, match.start(1)) in self.non_secret_names
+                ):
+                    continue
                 spans.append(match.span(3))
         if not spans:
             return text
@@ -238,6 +286,21 @@ class TextMasker:
             position = stop
         parts.append(text[position:])
         return "".join(parts)
+
+    def assignment_spans(self, text: str) -> list[tuple[int, int]]:
+        """The values the assignment rule masks in `text` (as `mask` without a scanner), for stream.py."""
+        spans: list[tuple[int, int]] = []
+        position = 0
+        while match := ASSIGNMENT.search(text, position):
+            if self.non_secret_names and (
+                assignment_name(text, match.start(1), match.end(1)) in self.non_secret_names
+            ):
+                # Not this one; its value may hold an assignment of its own (`PWD=x;PASSWORD=y`).
+                position = match.start(1) + 1
+                continue
+            spans.append(match.span(4))
+            position = match.end()
+        return spans
 
     def _mask_known(self, text: str) -> str:
         assert self.known is not None
