@@ -168,34 +168,85 @@ def when(t: float) -> str:
 
 
 def describe_command(group: dict[str, Any]) -> str:
-    """`alice ran `kubectl delete pod web` at 10:02:11 → 3 calls, 1 denied`."""
-    command = group["command"] or f"{group['requests'][0]['verb']} {group['requests'][0]['resource']}".strip()
+    """`alice ran `kubectl delete` on prod → 3 calls, 1 denied, approved by rita`."""
+    first = group["requests"][0]
+    called = " ".join(x for x in (first["verb"], first["resource"] or first.get("path", "")) if x)
     outcome = f"{group['calls']} call{'s' if group['calls'] != 1 else ''}"
     if group["denied"]:
         outcome += f", {group['denied']} denied"
     if group["failed"]:
         outcome += f", {group['failed']} failed"
+    if group.get("approved_by"):
+        outcome += f", approved by {', '.join(group['approved_by'])}"
     # kubectl's Kubectl-Command header names the command without its arguments ("kubectl delete")
-    tool = f"ran `{command}`" if group["command"] else f"called {command}"
+    tool = f"ran `{kubectl_command(group['command'])}`" if group["command"] else f"called {called}"
     return f"{when(group['started'])}  {group['user'] or '(unauthenticated)'} {tool} on {group['connection']} → {outcome}"
+
+
+def kubectl_command(header: str) -> str:
+    """The Kubectl-Command header as a command line: it already starts with `kubectl` (never twice)."""
+    return header if header.split(" ", 1)[0] == "kubectl" else f"kubectl {header}"
+
+
+# Subresources that open a session: the GET that upgrades is the session, named as kubectl names it.
+SESSION_SUBRESOURCES = {"exec": "exec", "attach": "attach", "portforward": "port-forward"}
+
+
+def describe_target(data: dict[str, Any]) -> str:
+    """What a record is about: `delete pods web-0 -n prod`, `exec pods web -n prod`, `get /version`."""
+    attributes = data.get("attributes") or {}
+    verb = attributes.get("verb") or data.get("verb") or ""
+    resource = attributes.get("resource") or data.get("resource") or ""
+    name = attributes.get("name") or data.get("name") or ""
+    namespace = attributes.get("namespace") or data.get("namespace") or ""
+    path = (attributes.get("path") or data.get("path") or "").split("?", 1)[0]
+    subresource = attributes.get("subresource") or ""
+    if not subresource and "/" in resource:  # approval records: `pods/exec`
+        resource, subresource = resource.split("/", 1)
+    if subresource in SESSION_SUBRESOURCES:
+        verb = SESSION_SUBRESOURCES[subresource]
+    elif subresource:
+        resource = f"{resource}/{subresource}"
+    if not resource:  # /version, /api, /openapi/v3…: the path says what it was
+        return " ".join(x for x in (verb, path) if x)
+    what = " ".join(x for x in (verb, resource, name) if x)
+    if namespace:
+        what += f" -n {namespace}"
+    command = data.get("command")
+    if command and isinstance(command, list) and verb in ("exec", "attach"):
+        what += ": " + " ".join(map(str, command))
+    return what
+
+
+def _approval_note(kind: str, data: dict[str, Any]) -> str:
+    """Who decided: an approval event names its reviewer; a request that was held names its approvers."""
+    if kind in ("approval.approved", "approval.partial"):
+        return f"approved by {data.get('reviewer') or '?'}"
+    if kind == "approval.denied":
+        return f"denied by {data.get('reviewer') or '?'}"
+    if kind == "approval.requested":
+        return f"held by rule {data['rule']}" if data.get("rule") else "held"
+    approval = data.get("approval")
+    if isinstance(approval, dict) and approval.get("approvers"):
+        return f"({approval.get('state', 'approved')} by {', '.join(approval['approvers'])})"
+    if isinstance(approval, dict) and approval.get("denied_by"):
+        return f"(denied by {approval['denied_by']})"
+    return ""
 
 
 def describe_event(record: dict[str, Any]) -> str:
     data = record.get("data") or {}
     identity = data.get("identity") or {}
-    attributes = data.get("attributes") or {}
     user = identity.get("user") or data.get("requester") or data.get("user") or "-"
-    what = " ".join(x for x in [attributes.get("verb", ""), attributes.get("resource", ""),
-                                attributes.get("name", "")] if x) or data.get("path", "")  # fmt: skip
-    if attributes.get("namespace"):
-        what += f" -n {attributes['namespace']}"
+    what = describe_target(data)
     decision = (data.get("decision") or {}).get("verdict", "")
     if data.get("auth_failure"):
         decision = "unauthenticated"
     status = data.get("status", "")
-    command = f"  [kubectl {data['kubectl_command']}]" if data.get("kubectl_command") else ""
-    return (f"{when(record['time'])}  #{record.get('seq', '?'):<6} {record['kind']:<16} {user:<20} "
-            f"{record['connection']:<10} {what}  {status} {decision}{command}").rstrip()  # fmt: skip
+    outcome = " ".join(str(x) for x in (status, decision, _approval_note(record["kind"], data)) if x)
+    command = f"  [{kubectl_command(data['kubectl_command'])}]" if data.get("kubectl_command") else ""
+    return (f"{when(record['time'])}  #{record.get('seq', '?'):<6} {record['kind']:<18} {user:<20} "
+            f"{record['connection']:<10} {what}  {outcome}".rstrip() + command)  # fmt: skip
 
 
 @hookimpl

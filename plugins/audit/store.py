@@ -215,14 +215,28 @@ def export(session: Session, filters: Filters, batch: int = 1000) -> Iterator[st
         last = rows[-1].seq
 
 
+# A call without a Kubectl-Session this soon before a kubectl invocation of the same user is part of it:
+# kubectl's dispatcher asks /version before the real kubectl runs (and sends no session header).
+PREAMBLE_SECONDS = 5.0
+
+
+# The records that are a client's call: requests, and exec/attach/port-forward sessions (their start).
+CALL_KINDS = ("request", "session_start")
+
+
 def commands(session: Session, filters: Filters, limit: int = 200) -> list[dict[str, Any]]:
-    """API calls grouped by kubectl invocation (`Kubectl-Session`; calls without one stand alone), newest
-    invocation last: who ran which command when, how many calls, how many refused."""
+    """API calls grouped by kubectl invocation (`Kubectl-Session`; calls without one stand alone, except a
+    non-resource call right before an invocation of the same user, which joins it), newest invocation last:
+    who ran which command when, how many calls, how many refused or failed, who approved held ones."""
     rows = session.exec(
-        _query(filters).where(AuditRow.kind == "request").order_by(col(AuditRow.seq).desc()).limit(limit * 20)
+        _query(filters)
+        .where(col(AuditRow.kind).in_(CALL_KINDS))
+        .order_by(col(AuditRow.seq).desc())
+        .limit(limit * 20)
     ).all()
     groups: dict[str, dict[str, Any]] = {}
     for row in reversed(rows):
+        data = json.loads(row.record).get("data") or {}
         key = row.kubectl_session or f"request:{row.request_id}"
         group = groups.get(key)
         if group is None:
@@ -236,19 +250,58 @@ def commands(session: Session, filters: Filters, limit: int = 200) -> list[dict[
                 "calls": 0,
                 "denied": 0,
                 "failed": 0,
+                "approved_by": [],
                 "requests": [],
             }
-        group["ended"] = row.time
+        group["ended"] = max(group["ended"], row.time)
         group["calls"] += 1
         if row.decision in ("deny", "unauthenticated") or row.status in (401, 403):
             group["denied"] += 1
-        elif row.status >= 400 or row.status == 0:
+        elif (row.status >= 400 or row.status == 0) and not _waited_for_deletion(group["requests"], row):
             group["failed"] += 1
+        approval = data.get("approval")
+        if isinstance(approval, dict):
+            for approver in approval.get("approvers") or []:
+                if approver not in group["approved_by"]:
+                    group["approved_by"].append(approver)
+        path = (data.get("path") or "").split("?", 1)[0]
         group["requests"].append(
-            {"seq": row.seq, "time": row.time, "verb": row.verb, "resource": row.resource,
+            {"seq": row.seq, "time": row.time, "verb": row.verb, "resource": row.resource, "path": path,
              "namespace": row.namespace, "name": row.name, "status": row.status, "decision": row.decision}
         )  # fmt: skip
-    return list(groups.values())[-limit:]
+    return _join_preambles(list(groups.values()))[-limit:]
+
+
+def _waited_for_deletion(earlier: list[dict[str, Any]], row: AuditRow) -> bool:
+    """A 404 GET of an object the same invocation deleted: `kubectl delete` waiting for it to be gone (its
+    success), not a failure."""
+    return row.status == 404 and row.verb == "get" and any(
+        r["verb"] == "delete" and 200 <= r["status"] < 300 and (r["resource"], r["namespace"], r["name"])
+        == (row.resource, row.namespace, row.name) for r in earlier
+    )  # fmt: skip
+
+
+def _join_preambles(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold each lone non-resource call (no session, no resource: /version, /api…) into the kubectl
+    invocation of the same user and connection that starts within PREAMBLE_SECONDS after it."""
+    joined: list[dict[str, Any]] = []
+    for index, group in enumerate(groups):
+        lone = not group["session"] and group["calls"] == 1 and not group["requests"][0]["resource"]
+        if lone:
+            same = (group["user"], group["connection"])
+            following = next(
+                (g for g in groups[index + 1 :] if g["session"] and (g["user"], g["connection"]) == same),
+                None,
+            )
+            if following is not None and 0 <= following["started"] - group["ended"] <= PREAMBLE_SECONDS:
+                following["requests"][:0] = group["requests"]
+                following["calls"] += 1
+                following["failed"] += group["failed"]
+                following["denied"] += group["denied"]
+                following["started"] = min(following["started"], group["started"])
+                continue
+        joined.append(group)
+    return joined
 
 
 def head(session: Session) -> tuple[int, str]:

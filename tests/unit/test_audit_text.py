@@ -1,0 +1,81 @@
+"""The text of `kubegate audit commands` and `kubegate replay --user` (issue 16), from stored records."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubegate.core.db import Database
+from kubegate.plugins.audit import store
+from kubegate.plugins.audit.cli import describe_command, describe_event
+
+
+def call(seq: int, t: float, verb: str, resource: str = "", *, session: str = "", command: str = "", name: str = "",
+         status: int = 200, path: str = "", kind: str = "request", subresource: str = "", **data) -> dict:  # fmt: skip
+    attributes = {"verb": verb, "resource": resource, "namespace": "prod" if resource else "", "name": name,
+                  "subresource": subresource, "path": path}  # fmt: skip
+    return {"id": f"e{seq}", "time": t, "kind": kind, "connection": "prod", "request_id": f"r{seq}",
+            "data": {"identity": {"user": "alice", "groups": ["developers"]}, "attributes": attributes,
+                     "path": path, "status": status, "decision": {"verdict": "allow"}, "kubectl_command": command,
+                     "kubectl_session": session, **data}}  # fmt: skip
+
+
+@pytest.fixture
+def grouped(tmp_path) -> list[dict]:
+    approval = {"approval_id": "a1", "approvers": ["rita"], "state": "approved"}
+    records = [
+        call(1, 100.0, "get", path="/version"),  # kubectl's dispatcher, before the command: no session header
+        call(2, 100.2, "get", path="/api", session="s1", command="kubectl get"),
+        call(3, 100.3, "list", "pods", session="s1", command="kubectl get"),
+        call(4, 200.0, "get", path="/version"),
+        call(5, 200.1, "delete", "pods", name="web-0", session="s2", command="kubectl delete", approval=approval),
+        call(6, 215.0, "get", "pods", name="web-0", session="s2", command="kubectl delete", status=404),
+        call(7, 300.0, "get", "pods", name="nope", session="s3", command="get pods", status=404),  # old header form
+        call(8, 400.0, "get", path="/healthz"),  # alone: no kubectl command follows it
+        call(9, 500.0, "get", "pods", name="web", session="s4", command="kubectl exec", status=101,
+             kind="session_start", subresource="exec", approval=approval),
+    ]  # fmt: skip
+    db = Database(f"sqlite:///{tmp_path / 'audit.db'}")
+    db.create_tables()
+    db.call(lambda s: store.append(s, records, None))
+    try:
+        yield db.call(lambda s: store.commands(s, store.Filters()))
+    finally:
+        db.close()
+
+
+def test_one_line_per_kubectl_command(grouped):
+    lines = [describe_command(group).split("  ", 1)[1] for group in grouped]
+    assert lines == [
+        "alice ran `kubectl get` on prod → 3 calls",  # /version joined the command it came before
+        "alice ran `kubectl delete` on prod → 3 calls, approved by rita",  # its wait's 404 is not a failure
+        "alice ran `kubectl get pods` on prod → 1 call, 1 failed",  # a real 404
+        "alice called get /healthz on prod → 1 call",
+        "alice ran `kubectl exec` on prod → 1 call, approved by rita",  # the session is the command's call
+    ]
+    assert [r["path"] for r in grouped[0]["requests"]] == ["/version", "/api", ""]
+
+
+def test_event_lines():
+    session = call(9, 500.0, "get", "pods", name="web", session="s4", command="kubectl exec", status=101,
+                   kind="session_start", subresource="exec",
+                   approval={"approval_id": "a1", "approvers": ["rita"], "state": "approved"})  # fmt: skip
+    line = describe_event({**session, "seq": 9})
+    assert line.endswith(" exec pods web -n prod  101 allow (approved by rita)  [kubectl exec]"), line
+    assert "kubectl kubectl" not in line
+    old = describe_event({**call(7, 1.0, "get", "pods", name="x", command="get pods"), "seq": 7})
+    assert old.endswith("[kubectl get pods]"), old
+    assert describe_event({**call(1, 1.0, "get", path="/version"), "seq": 1}).endswith(
+        " get /version  200 allow"
+    )
+    summary = {"approval_id": "a1", "rule": "prod-exec", "requester": "alice", "verb": "create",
+               "resource": "pods/exec", "namespace": "prod", "name": "web", "path": "/api/v1/namespaces/prod/pods/web/exec",
+               "command": ["sh", "-c", "id"]}  # fmt: skip
+    approved = {"seq": 2, "time": 1.0, "kind": "approval.approved", "connection": "prod",
+                "data": {**summary, "reviewer": "rita"}}  # fmt: skip
+    assert describe_event(approved).endswith(
+        " alice                prod       exec pods web -n prod: sh -c id  approved by rita"
+    )
+    denied = {**approved, "kind": "approval.denied", "data": {**summary, "reviewer": "ray"}}
+    assert describe_event(denied).endswith("denied by ray")
+    requested = {**approved, "kind": "approval.requested", "data": summary}
+    assert describe_event(requested).endswith("held by rule prod-exec")
