@@ -14,12 +14,12 @@ import os
 import re
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError as ConfigError  # re-exported: callers catch config errors from here
 from .people import PeopleSettings
 
 CONNECTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -143,7 +143,7 @@ class GatewaySettings(StrictModel):
         if value == "auto" or (
             isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS
         ):
-            return value
+            return cast("int | str", value)
         raise ValueError(f"must be an integer from 1 to {MAX_WORKERS}, or auto")
 
     @field_validator("connections")

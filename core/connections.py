@@ -10,6 +10,7 @@ config entry, with its plugin settings validated and its hook caller computed on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -142,7 +143,7 @@ class ConnectionRegistry:
     def get(self, name: str) -> Connection | None:
         return self._connections.get(name)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Connection]:
         return iter(self._connections.values())
 
     def __len__(self) -> int:

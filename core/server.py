@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,7 @@ class _QuietUvicorn(logging.Filter):
         return "Unsupported upgrade request" not in record.getMessage()
 
 
-def run(gateway: Gateway, *, bind: str | None = None, announce=print) -> None:
+def run(gateway: Gateway, *, bind: str | None = None, announce: Callable[[str], Any] = print) -> None:
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
     if bind is not None:
         # `listen` was checked with the config; `--bind` is checked here, before anything binds or forks.
@@ -716,7 +716,7 @@ class Supervisor:
             from prometheus_client.multiprocess import mark_process_dead
 
             with contextlib.suppress(OSError):
-                mark_process_dead(pid, self.metrics_dir)
+                mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
 
     def _send(self, worker: _Worker, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -841,7 +841,7 @@ def _exit_description(status: int) -> str:
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
-def asyncio_run(coro) -> None:
+def asyncio_run(coro: Coroutine[Any, Any, object]) -> None:
     """Run on uvloop when available (about 1.2x Hypercorn's asyncio worker here)."""
     try:
         import uvloop
