@@ -72,6 +72,10 @@ def _positive(name: str, text: str, *, allow_zero: bool = False) -> float:
     return value
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
@@ -258,7 +262,7 @@ def _walk(args: argparse.Namespace, speed: float, max_wait: float) -> int:
         audit_db.close()
         sessions_db.close()
     print(
-        f"{args.user}: {events} audit events, {sessions} sessions played since {_when(since)}",
+        f"{args.user}: {_count(events, 'audit event')}, {_count(sessions, 'session')} played since {_when(since)}",
         file=sys.stderr,
     )
     return 0

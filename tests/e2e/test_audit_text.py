@@ -101,6 +101,7 @@ def test_replay_user_lines_name_sessions_approvers_and_the_command_once(ran):
     )  # fmt: skip
     assert walk.returncode == 0, walk.stderr
     assert "exec-ran" in walk.stdout
+    assert walk.stderr.splitlines()[-1].startswith("alice: ") and ", 1 session played since " in walk.stderr
     lines = walk.stderr.splitlines()
     assert not [line for line in lines if "kubectl kubectl" in line], lines
     assert any(line.endswith("[kubectl delete]") for line in lines), lines

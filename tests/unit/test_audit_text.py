@@ -79,3 +79,9 @@ def test_event_lines():
     assert describe_event(denied).endswith("denied by ray")
     requested = {**approved, "kind": "approval.requested", "data": summary}
     assert describe_event(requested).endswith("held by rule prod-exec")
+
+
+def test_replay_summary_counts_read_right():
+    from kubegate.plugins.recording.cli import _count
+
+    assert [_count(n, "session") for n in (0, 1, 2)] == ["0 sessions", "1 session", "2 sessions"]

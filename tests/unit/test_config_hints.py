@@ -170,3 +170,20 @@ def test_missing_tls_files_are_named(tmp_path):
         f"kubegate: error: {tmp_path / 'kubegate.yaml'}: tls.cert_file: cannot read {tmp_path / 'nope.pem'}: "
         "No such file or directory"
     )
+
+
+def test_demo_port_out_of_range_is_one_line(tmp_path):
+    import subprocess
+
+    from kubetest import KUBEGATE
+
+    proc = subprocess.run(
+        [KUBEGATE, "demo", "--dir", str(tmp_path / "demo"), "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        one_line_error(proc)
+        == "kubegate: error: listening address: '127.0.0.1:99999': port 99999 is out of range (0-65535)"
+    )
