@@ -192,7 +192,12 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     connection = Connection(int(sys.argv[1]))
-    serve(connection)
+    try:
+        serve(connection)
+    except (EOFError, OSError):
+        # The gateway went away before or between the answers (a demo stopped while this process was
+        # still starting): nothing of ours is left to write, and a traceback would only alarm.
+        return
 
 
 if __name__ == "__main__":

@@ -257,3 +257,26 @@ async def test_a_fail_closed_sink_whose_writer_cannot_write_gates_then_recovers(
     written = Database(url)
     assert stored_ids(written) == [item.id]
     written.close()
+
+
+def test_a_gateway_gone_before_the_writer_answers_leaves_no_traceback(database, tmp_path):
+    """A demo stopped while its writer still starts: the writer's `ready` finds the socket closed."""
+    import pickle
+    import socket
+    import subprocess
+    import sys
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "kubegate.plugins.audit.writer", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    theirs.close()
+    gateway_end = Connection(ours.detach())
+    gateway_end.send_bytes(pickle.dumps(("init", database.url, None)))
+    gateway_end.close()  # gone before the writer has even imported what it needs
+    assert process.wait(60) == 0
+    assert b"Traceback" not in stderr.read_bytes(), stderr.read_text()
