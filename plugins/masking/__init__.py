@@ -29,7 +29,8 @@ from kubegate.core.flow import Decision, Flow, Frame, FrameDirection, Identity, 
 from kubegate.core.plugins import hookimpl
 
 from . import records, scanner, writes
-from .known import KnownSecrets, text_values
+from .forms import KnownForms
+from .known import KnownIndex, KnownSecrets
 from .media import JSON_FORM, YAML_FORM, Negotiated, NotAcceptable, content_type_for, negotiate, to_yaml
 from .objects import KIND_OF_RESOURCE, ObjectRules, mask_document, restore_identifiers, scrub_document
 from .stream import ChannelMaskers, StreamMasker
@@ -193,14 +194,23 @@ class Masking:
         self.patterns = [*detector_patterns(settings.detectors), *custom_patterns(settings.patterns)]
         self.env_name = env_name_rule(settings.env_names, settings.non_secret_names)
         self.known: KnownSecrets | None = None
+        self.known_index = KnownIndex(self._use_known)
         self.set_known(set())
 
     def set_known(self, values: set[str]) -> None:
+        """Mask exactly these known values from now on (synchronously; the follower of the cluster's
+        Secrets calls `known_changed` instead)."""
+        self.known_index.set_now(values)
+
+    def known_changed(self, values: set[str]) -> None:
+        """The cluster's Secrets changed: new values are masked at once, the rest is reindexed off the
+        event loop (see `KnownIndex`)."""
+        self.known_index.update(values)
+
+    def _use_known(self, forms: KnownForms) -> None:
         s = self.settings
-        plain, raw = text_values(values)
-        self.text = TextMasker(s.marker, plain, self.patterns, s.assignments, s.engine,
+        self.text = TextMasker(s.marker, (), self.patterns, s.assignments, s.engine, known_forms=forms,
                                non_secret_names=s.non_secret_names)  # fmt: skip
-        raw.add_to(self.text)
         configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
         self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)
         self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
@@ -452,7 +462,7 @@ def kubegate_startup(gateway: Gateway) -> None:
             k = settings.known_values
             if k.enabled:
                 masking.known = KnownSecrets(connection, k.namespaces, k.min_length, k.max_values,
-                                             k.max_value_bytes, masking.set_known)  # fmt: skip
+                                             k.max_value_bytes, masking.known_changed)  # fmt: skip
                 masking.known.start()
 
 
@@ -471,6 +481,8 @@ async def kubegate_shutdown(gateway: Gateway) -> None:
         masking = connection.state.get(PLUGIN_NAME)
         if isinstance(masking, Masking) and masking.known is not None:
             await masking.known.close()
+        if isinstance(masking, Masking):
+            await masking.known_index.close()
 
 
 @hookimpl

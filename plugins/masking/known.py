@@ -17,19 +17,18 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import ahocorasick
 import aiohttp
 import orjson
 
+from .forms import FormSet, KnownForms
+from .text import value_forms
+
 if TYPE_CHECKING:
     from kubegate.connections.registry import Connection
-
-    from .text import TextMasker
 
 log = logging.getLogger("kubegate.masking")
 RETRY_SECONDS = 5.0
@@ -149,32 +148,13 @@ def _in(key: str, namespace: str) -> bool:
     return not namespace or key.startswith(f"{namespace}/")
 
 
-@dataclass
-class RawValues:
-    """Binary known values (`surrogateescape`'d bytes), which `TextMasker` cannot take as values (it
-    encodes each to UTF-8 for its base64 and URL forms): added to its automaton as they are."""
-
-    values: set[str]
-
-    def add_to(self, masker: TextMasker) -> None:
-        """Mask these in `masker`'s text too (text it reads from bytes with `surrogateescape`)."""
-        if not self.values:
-            return
-        automaton = masker.known if masker.known is not None else ahocorasick.Automaton()
-        for value in self.values:
-            automaton.add_word(value, len(value))
-        automaton.make_automaton()
-        masker.known = automaton
-        masker.longest = max(masker.longest, *(len(value) for value in self.values))
-
-
-def text_values(values: set[str]) -> tuple[set[str], RawValues]:
+def text_values(values: Iterable[str]) -> tuple[set[str], set[str]]:
     """Known values as `TextMasker` takes them, and the binary ones it cannot take.
 
     A value with characters JSON escapes (a quote, a backslash, a newline of a PEM key) is also given in
     its escaped form, since the value pass runs over serialized JSON text. A binary value is given as its
-    base64 forms (standard and URL-safe, padded or not) and URL-encoding, and its raw form goes to
-    `RawValues`."""
+    base64 forms (standard and URL-safe, padded or not) and URL-encoding, and its raw form (which
+    `value_forms` cannot encode) is returned apart, to be searched as it is."""
     plain: set[str] = set()
     binary: set[str] = set()
     for value in values:
@@ -191,4 +171,88 @@ def text_values(values: set[str]) -> tuple[set[str], RawValues]:
         raw = value.encode("utf-8", "surrogateescape")
         forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
         plain |= forms | {form.rstrip("=") for form in forms} | {quote(raw, safe="")}
-    return plain, RawValues(binary)
+    return plain, binary
+
+
+def forms_of(values: Iterable[str]) -> set[str]:
+    """Every form of `values` a text masker searches for (see `text_values` and `value_forms`)."""
+    plain, binary = text_values(values)
+    return {form for value in plain for form in value_forms(value)} | binary
+
+
+# Above this many forms in the delta part, the base part is rebuilt (about 4 forms per value).
+DELTA_FORMS = 1000
+
+
+class KnownIndex:
+    """Keeps the `KnownForms` of a changing set of values, without stalling the event loop (forms.py).
+
+    A value added is masked at once: it goes into the small delta part, rebuilt on the spot. The large base
+    part is rebuilt in a worker thread, and only when the delta grew past `DELTA_FORMS` or values were
+    removed; a removed value stays masked until then (masking a little more for a moment is safe, less is
+    not). Changes during a rebuild are folded into the next one, so a burst of events costs one rebuild. A
+    re-list that finds the same values (every broken or expired watch) rebuilds nothing."""
+
+    def __init__(self, publish: Callable[[KnownForms], None]):
+        self.publish = publish
+        self.base, self.base_values = FormSet.build(()), frozenset[str]()
+        self.delta, self.delta_values = FormSet.build(()), frozenset[str]()
+        self.wanted: frozenset[str] = frozenset()
+        self.rebuilds = 0  # base rebuilds done in the worker thread (tests and diagnostics)
+        self._rebuild: asyncio.Task[None] | None = None
+        self._again = False
+
+    def set_now(self, values: Iterable[str]) -> None:
+        """Index exactly `values`, synchronously (start-up, tests)."""
+        self.wanted = self.base_values = frozenset(values)
+        self.base = FormSet.build(forms_of(self.base_values))
+        self.delta, self.delta_values = FormSet.build(()), frozenset()
+        self.publish(KnownForms([self.base]))
+
+    def update(self, values: Iterable[str]) -> None:
+        """The values are now `values`. Call on the event loop."""
+        self.wanted = frozenset(values)
+        covered = self.base_values | self.delta_values
+        added = self.wanted - covered
+        if added and not self.base_values and self._rebuild is None:
+            self.set_now(self.wanted)  # the first listing: nothing to keep serving meanwhile
+            return
+        if added:
+            self.delta_values |= added
+            self.delta = FormSet.build(forms_of(self.delta_values))
+            self.publish(KnownForms([self.base, self.delta]))
+        if self.delta.size > DELTA_FORMS or not covered <= self.wanted:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._rebuild is not None and not self._rebuild.done():
+            self._again = True
+            return
+        self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_base())
+
+    async def _rebuild_base(self) -> None:
+        while True:
+            self._again = False
+            snapshot = self.wanted
+            try:
+                base = await asyncio.to_thread(_build_all, snapshot)
+            except Exception:  # the parts in use stay (they mask every value still wanted, and more)
+                log.exception("masking: rebuilding the known values' index failed")
+                return
+            self.base, self.base_values = base, snapshot
+            self.delta_values = self.wanted - snapshot  # added while the base was built
+            self.delta = FormSet.build(forms_of(self.delta_values))
+            self.rebuilds += 1
+            self.publish(KnownForms([self.base, self.delta]))
+            if not self._again:
+                return
+
+    async def close(self) -> None:
+        if self._rebuild is not None:
+            self._rebuild.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rebuild
+
+
+def _build_all(values: frozenset[str]) -> FormSet:
+    return FormSet.build(forms_of(values))

@@ -29,9 +29,9 @@ import re
 import weakref
 from dataclasses import dataclass, field
 
-import ahocorasick
 import regex
 
+from .forms import HEAD  # a known value form is located by its first HEAD characters, then verified
 from .text import ASSIGNMENT, TextMasker, masked_group
 
 rules_log = logging.getLogger("kubegate.masking")
@@ -39,8 +39,6 @@ rules_log = logging.getLogger("kubegate.masking")
 LEFT_CONTEXT = 1024
 # Characters searched before where a match may begin, for the patterns' lookbehinds and `\b`s.
 LOOKBEHIND = 64
-# A known value form is located by its first characters (an automaton of these heads), then verified.
-HEAD = 6
 # More candidate starts than this in the tail (text crafted to repeat the heads): all are held, unverified.
 MAX_CANDIDATES = 64
 # Where a secret cut at the bound stops being swallowed.
@@ -52,7 +50,6 @@ DEFAULT_MAX_SECRET_BYTES = 16 * 1024
 class _Rules:
     """What a `TextMasker` needs for streaming, built once per masker (known values change → new masker)."""
 
-    heads: ahocorasick.Automaton | None  # the first HEAD characters of each known form
     # (line-local regex — None: any line may hold a match —, its masked group, the regex of what precedes
     # that group: None for group 0)
     partial: list[tuple[regex.Pattern[str] | None, int, regex.Pattern[str] | None]] = field(
@@ -67,13 +64,6 @@ def _rules(masker: TextMasker) -> _Rules:
     rules = _RULES.get(masker)
     if rules is not None:
         return rules
-    heads = None
-    if masker.known is not None:
-        heads = ahocorasick.Automaton()
-        for form in masker.known.keys():
-            head = str(form)[:HEAD]
-            heads.add_word(head, len(head))
-        heads.make_automaton()
     sources = [pattern for pattern in masker.always] + [pattern for _, pattern in masker.patterns]
     if masker.scanner is not None:
         sources = [
@@ -90,7 +80,7 @@ def _rules(masker: TextMasker) -> _Rules:
             )
             compiled = None
         partial.append((compiled, group, _before_group(pattern, group)))
-    rules = _Rules(heads, partial)
+    rules = _Rules(partial)
     _RULES[masker] = rules
     return rules
 
@@ -135,7 +125,7 @@ def secret_spans(masker: TextMasker, text: str) -> list[tuple[int, int]]:
     masked group of each match), as (start, end) character offsets, unsorted, possibly overlapping."""
     spans: list[tuple[int, int]] = []
     if masker.known is not None:
-        spans += [(end - length + 1, end + 1) for end, length in masker.known.iter_long(text)]
+        spans += masker.known.spans(text)
     if spans:
         # Patterns look at the text with the known values gone, as `TextMasker.mask` does (their place
         # blanked with newlines, so offsets stay and no pattern runs through it): a URL around a known
@@ -352,17 +342,16 @@ class StreamMasker:
     def _known_prefix(self, text: str) -> int:
         """Where the longest tail of `text` that begins some known form starts (len(text) if none)."""
         masker = self.masker
-        heads = _rules(masker).heads
-        if masker.known is None or heads is None:
+        if masker.known is None:
             return len(text)
         length = len(text)
         window = max(0, length - masker.longest + 1)
-        candidates = {end - size + 1 for end, size in heads.iter(text, window)}
+        candidates = set(masker.known.head_starts(text, window))
         candidates.update(range(max(window, length - HEAD + 1), length))  # tails shorter than a head
         if len(candidates) > MAX_CANDIDATES:
             return min(candidates)  # a text built to make this slow: hold from the first candidate
         for start in sorted(candidates):
-            if masker.known.match(text[start:]):
+            if masker.known.is_prefix(text[start:]):
                 return start
         return length
 

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import ahocorasick
 
 from . import scanner
+from .forms import FormSet, KnownForms
 
 # detect-secrets plugins whose regexes apply to free text (the keyword/entropy ones need file context).
 DETECTORS = {
@@ -175,20 +176,19 @@ class TextMasker:
     """Masks one string at a time. Immutable: a new one is built when the known values change."""
 
     def __init__(self, marker: str, known: Iterable[str] = (), patterns: Iterable[Detector] = (),
-                 assignments: bool = True, engine: str = "auto", non_secret_names: Iterable[str] = ()):  # fmt: skip
-        """`non_secret_names`: exact names the assignment rule leaves alone (DEFAULT_NON_SECRET_NAMES)."""
+                 assignments: bool = True, engine: str = "auto", known_forms: KnownForms | None = None,
+                 non_secret_names: Iterable[str] = ()):  # fmt: skip
+        """`known`: values, whose forms are indexed here; or `known_forms`, already indexed (the masking
+        plugin keeps them in parts so that a Secret event does not rebuild them all, see forms.py).
+        `non_secret_names`: exact names the assignment rule leaves alone (DEFAULT_NON_SECRET_NAMES)."""
         self.marker = marker
         self.non_secret_names = frozenset(non_secret_names)
-        forms = {f for value in known for f in value_forms(value)}
-        self.longest = max((len(f) for f in forms), default=0)
-        # Aho-Corasick: one pass over the text whatever the number of values (a regex alternation of
-        # thousands of literals is orders of magnitude slower).
-        self.known: ahocorasick.Automaton | None = None
-        if forms:
-            self.known = ahocorasick.Automaton()
-            for form in forms:
-                self.known.add_word(form, len(form))
-            self.known.make_automaton()
+        if known_forms is None:
+            # Aho-Corasick: one pass over the text whatever the number of values (a regex alternation of
+            # thousands of literals is orders of magnitude slower).
+            known_forms = KnownForms([FormSet.build({f for value in known for f in value_forms(value)})])
+        self.known: KnownForms | None = known_forms if known_forms else None
+        self.longest = known_forms.longest
         # Patterns without hints (custom regexes) run over all text; the others only where a hint is.
         self.always = [pattern for hints, pattern in patterns if not hints]
         self.patterns = [(hints, pattern) for hints, pattern in patterns if hints]
@@ -306,12 +306,11 @@ class TextMasker:
         assert self.known is not None
         parts: list[str] = []
         position = 0
-        for end, length in self.known.iter_long(text):
-            start = end - length + 1
+        for start, end in self.known.spans(text):
             if start < position:
                 continue
             parts += [text[position:start], self.marker]
-            position = end + 1
+            position = end
         if not parts:
             return text
         parts.append(text[position:])
