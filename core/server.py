@@ -253,7 +253,7 @@ async def serve_until_signal(
 
             def stop_serving() -> None:
                 if not stop.is_set():
-                    log.warning("%s", shutdown_notice(list(app.open_kinds.values()), grace, uvicorn=False))
+                    log.warning("%s", shutdown_notice(app.open_kinds(), grace, uvicorn=False))
                 stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -345,7 +345,7 @@ async def _announce_stop(stopping: Callable[[], bool], app: Reloadable, grace: f
     """Log `shutdown_notice` once the server begins to stop (uvicorn sets a flag; polled like uvicorn does)."""
     while not stopping():  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)
-    log.warning("%s", shutdown_notice(list(app.open_kinds.values()), grace, uvicorn=True))
+    log.warning("%s", shutdown_notice(app.open_kinds(), grace, uvicorn=True))
 
 
 class StartupError(Exception):
@@ -366,7 +366,9 @@ class Reloadable:
         self.current = gateway
         self.workers = workers
         self.inflight: dict[int, int] = {}
-        self.open_kinds: dict[int, str] = {}  # every open request: what it is (see `request_kind`)
+        # Every open request's type, path and query, for the stop notice (classified then, not on the
+        # request path; copied, as the application may rewrite its scope).
+        self.open_requests: dict[int, tuple[Any, Any, Any]] = {}
         self.retiring: set[Gateway] = set()
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -384,13 +386,20 @@ class Reloadable:
         gateway = self.current
         key = id(gateway)
         self.inflight[key] = self.inflight.get(key, 0) + 1
-        marker = object()  # this request's key in open_kinds, for as long as it runs
-        self.open_kinds[id(marker)] = request_kind(scope)
+        marker = object()  # this request's key in open_requests, for as long as it runs
+        self.open_requests[id(marker)] = (scope["type"], scope.get("path"), scope.get("query_string"))
         try:
             await gateway(scope, receive, send)
         finally:
             self.inflight[key] -= 1
-            del self.open_kinds[id(marker)]
+            del self.open_requests[id(marker)]
+
+    def open_kinds(self) -> list[str]:
+        """What the open requests are (`request_kind`), for the stop notice."""
+        return [
+            request_kind({"type": kind, "path": path or "", "query_string": query or b""})
+            for kind, path, query in list(self.open_requests.values())
+        ]
 
     async def _lifespan(self, scope: Any, receive: Any, send: Any) -> None:
         async def forwarded_receive() -> Any:
