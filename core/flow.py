@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,9 @@ class Flow:
     # built-in masking plugin, unless the caller is exempt. A recording stores such output as relayed and
     # masks any other output itself (kubegate_record_text), so False is always the safe reading.
     output_masked: bool = False
+    # The caller's stated reason (`Kubegate-Intent`, see `stated_intent`): shown to reviewers and recorded,
+    # never an input to a decision.
+    intent: str = ""
     # Per-plugin, per-request state: plugins use their own name as key.
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -278,6 +282,32 @@ class AuditEvent:
     # Unique per event and the same in every sink, so records from two sinks can be matched (and a
     # receiver can drop a batch delivered twice).
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# A caller may say why it sends a request (MCP tools always do): shown to reviewers, kept in audit events.
+INTENT_HEADER = "kubegate-intent"
+MAX_INTENT_CHARS = 1000
+
+
+def stated_intent(request: Request) -> str:
+    """The request's `Kubegate-Intent`: UTF-8, percent-encoded (plain ASCII passes as it is), at most
+    `MAX_INTENT_CHARS` characters once decoded. Sent twice, or too long, the request is refused (400): a
+    record must never show one reason while another was sent."""
+    values = request.header_values(INTENT_HEADER)
+    if not values:
+        return ""
+    if len(values) > 1:
+        raise StatusError(400, "the request has more than one Kubegate-Intent header")
+    if len(values[0]) > 3 * MAX_INTENT_CHARS:  # bounded before decoding
+        raise StatusError(400, f"the Kubegate-Intent header is longer than {MAX_INTENT_CHARS} characters")
+    try:
+        text = urllib.parse.unquote(values[0].encode("latin-1").decode("utf-8"), errors="strict")
+    except UnicodeError:
+        raise StatusError(400, "the Kubegate-Intent header is not percent-encoded UTF-8") from None
+    if len(text) > MAX_INTENT_CHARS:
+        raise StatusError(400, f"the Kubegate-Intent header is longer than {MAX_INTENT_CHARS} characters")
+    # Control characters (a forged second line in a log or a chat message) become spaces.
+    return "".join(" " if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in text).strip()
 
 
 def token_fingerprint(token: str) -> str:

@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "kubegate.plugins.webhook",
     "kubegate.plugins.masking",
     "kubegate.plugins.recording",
+    "kubegate.plugins.mcp",
     "kubegate.plugins.audit.database:PLUGIN",
     "kubegate.plugins.audit.file:PLUGIN",
     "kubegate.plugins.audit.webhook:PLUGIN",

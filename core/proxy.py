@@ -40,6 +40,7 @@ from .flow import (
     Request,
     Session,
     Verdict,
+    stated_intent,
     token_fingerprint,
 )
 from .headers import (
@@ -213,7 +214,9 @@ class Proxy:
             websocket=websocket,
             subprotocols=list(scope.get("subprotocols") or []),
         )
-        return Flow(connection=connection, request=request, attributes=attributes)
+        return Flow(
+            connection=connection, request=request, attributes=attributes, intent=stated_intent(request)
+        )
 
     # -- shared steps ----------------------------------------------------------------------------------
 
@@ -304,6 +307,9 @@ class Proxy:
         for key in ("query", "raw_query"):
             if isinstance(data.get(key), str) and data[key]:
                 data[key] = self._query_record(flow, data[key])
+        if flow.intent:  # stated text is recorded as stored text is: masked (no plugin to mask: left out)
+            masked = self.plugins.record_text(flow, flow.intent.encode()) if self.plugins is not None else b""
+            data["intent"] = masked.decode(errors="replace")
         if flow.request.body_size and kind == "request":
             data["request_body"] = self._body_record(flow)
         event = AuditEvent(
@@ -837,7 +843,7 @@ def _denial_details(flow: Flow) -> dict[str, Any] | None:
 
 # Keys core writes after the plugins' audit fields (and those it may add: auth failures, a raw query).
 _CORE_AUDIT_TAIL = frozenset({"status", "bytes", "latency_ms", "error", "auth_failure", "credential", "raw_query",
-                              "request_body"})  # fmt: skip
+                              "request_body", "intent"})  # fmt: skip
 
 
 def _audit_data(flow: Flow, fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -884,6 +890,8 @@ def _audit_data(flow: Flow, fields: dict[str, Any], **extra: Any) -> dict[str, A
         authorization = flow.request.header("authorization")
         if authorization:
             data["credential"] = token_fingerprint(flow.request.bearer_token or authorization)
+    if flow.intent:  # the caller's stated reason; `_audit` masks it
+        data["intent"] = flow.intent
     if flow.request.raw_query != flow.request.query:
         # What the client sent, when the gateway forwarded a canonical re-encoding of it instead.
         data["raw_query"] = flow.request.raw_query

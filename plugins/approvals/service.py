@@ -102,6 +102,13 @@ def _body_preview(flow: Flow, body: bytes) -> str:
     return rendered[:PREVIEW_BYTES]
 
 
+def _stated_intent(flow: Flow) -> str:
+    """The requester's stated reason as reviewers see it: masked (`kubegate_record_text`), like the body."""
+    if not flow.intent:
+        return ""
+    return flow.connection.hooks.record_text(flow, flow.intent.encode()).decode(errors="replace")
+
+
 async def emit(connection: Connection, kind: str, flow_id: str, data: dict[str, Any]) -> None:
     """An audit event through the connection's audit hooks (approval events are audited like requests)."""
     if not connection.hooks.has_audit:
@@ -135,6 +142,7 @@ def _summary(record: store.ApprovalRecord) -> dict[str, Any]:
         "name": record.name,
         "path": record.path,
         "command": record.command,
+        "intent": record.intent,
         "state": record.state,
         "approvals": record.approvals,
         "denial": record.denial,
@@ -216,6 +224,7 @@ class ApprovalService:
             body_preview=_body_preview(flow, body),
             command=flow.connection.hooks.record_command(flow, fields["command"]),
             kubectl_command=flow.kubectl_command,
+            intent=_stated_intent(flow),
             reviewer_groups=list(spec.reviewer_groups),
             min_approvals=spec.min_approvals,
             scope=spec.scope,

@@ -43,6 +43,9 @@ class ApprovalRecord(SQLModel, table=True):
     body_preview: str = ""  # the first KiB of the body, for the reviewer (masked once masking exists)
     command: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     kubectl_command: str = ""
+    # Why the requester says it asks (`Kubegate-Intent`, an MCP tool's `reason`), masked: shown to reviewers,
+    # never part of the intent hash or the decision.
+    intent: str = ""
     reviewer_groups: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     min_approvals: int = 1
     scope: str = "once"

@@ -245,8 +245,20 @@ def describe_event(record: dict[str, Any]) -> str:
     status = data.get("status", "")
     outcome = " ".join(str(x) for x in (status, decision, _approval_note(record["kind"], data)) if x)
     command = f"  [{kubectl_command(data['kubectl_command'])}]" if data.get("kubectl_command") else ""
+    if record["kind"] == "mcp_tool":  # an agent's tool call (the mcp plugin): tool, target, reason
+        what, outcome = describe_tool_call(data), str(data.get("outcome") or "")
     return (f"{when(record['time'])}  #{record.get('seq', '?'):<6} {record['kind']:<18} {user:<20} "
             f"{record['connection']:<10} {what}  {outcome}".rstrip() + command)  # fmt: skip
+
+
+def describe_tool_call(data: dict[str, Any]) -> str:
+    """`mcp delete pods worker -n prod — "why"`: an MCP tool call, as its (masked) arguments name it."""
+    arguments = data.get("arguments") or {}
+    pod = arguments.get("pod")
+    target = describe_target({"resource": arguments.get("resource") or ("pods" if pod else ""),
+                              "name": arguments.get("name") or pod or "", "namespace": arguments.get("namespace") or ""})  # fmt: skip
+    reason = json.dumps(data.get("intent") or "", ensure_ascii=False)
+    return " ".join(x for x in ("mcp", str(data.get("tool", "?")), target) if x) + f" — {reason}"
 
 
 @hookimpl

@@ -1,0 +1,178 @@
+"""`/mcp/NAME`: the MCP endpoint of connection NAME (streamable HTTP, the SDK's session manager, stateless).
+
+In front of the SDK: the connection lookup and authentication through the connection's own
+`kubegate_authenticate` plugins (the bearer token kubectl would send). Stateless mode, so every POST is
+authenticated on its own and any worker or replica can serve any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+from kubegate.core.attributes import RequestAttributes
+from kubegate.core.flow import Flow, Identity, Request
+
+from . import audit
+from .calls import Caller
+from .tools import build_server
+
+if TYPE_CHECKING:
+    from kubegate.core.connections import Connection
+    from kubegate.core.gateway import Gateway
+
+    from . import McpSettings
+
+log = logging.getLogger("kubegate.mcp")
+
+PREFIX = b"/mcp/"
+SCOPE_KEY = "kubegate.mcp.caller"
+Scope = dict[str, Any]
+ASGI = Any
+
+
+class Endpoint:
+    def __init__(self, gateway: Gateway, plugin: str):
+        self.gateway = gateway
+        self.plugin = plugin
+        root = logging.getLogger()
+        # MCPServer calls logging.basicConfig; a root handler (even a passing one) makes that a no-op.
+        placeholder = logging.NullHandler()
+        root.addHandler(placeholder)
+        try:
+            self.server = build_server(self)
+        finally:
+            root.removeHandler(placeholder)
+        # The SDK logs each failed tool call's message at INFO: an API server's refusal may quote what the
+        # agent sent (a manifest's values). Its own errors are still logged.
+        logging.getLogger("mcp.server.mcpserver.server").setLevel(logging.WARNING)
+        self.manager = StreamableHTTPSessionManager(self.server._lowlevel_server, stateless=True)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ready = asyncio.Event()
+
+        async def run() -> None:
+            async with self.manager.run():
+                ready.set()
+                await self._stop.wait()
+
+        self._task = asyncio.ensure_future(run())
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self._task.done():
+            self._task.result()  # raises why it could not start
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+
+    def wrap(self, app: ASGI) -> ASGI:
+        """The gateway's non-API application with `/mcp/` served in front of it."""
+
+        async def asgi(scope: Scope, receive: Any, send: Any) -> None:
+            raw_path: bytes = scope.get("raw_path") or scope.get("path", "").encode()
+            if scope["type"] == "http" and raw_path.startswith(PREFIX):
+                await self.handle(scope, receive, send)
+            else:
+                await app(scope, receive, send)
+
+        return asgi
+
+    # -- one HTTP request -------------------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Any, send: Any) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        name = raw_path[len(PREFIX) :].decode("latin-1").rstrip("/")
+        connection = self.gateway.connections.get(name) if "/" not in name else None
+        if connection is None or self.plugin not in connection.enabled_plugins:
+            await _refuse(
+                send,
+                404,
+                "not_found",
+                f"no MCP endpoint here: {self.plugin} is not enabled on this connection",
+            )
+            return
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        client = scope.get("client") or ("", 0)
+        flow_request = Request(method=scope["method"], path=f"/mcp/{name}", query="", headers=headers,
+                               client_addr=str(client[0]))  # fmt: skip
+        flow = Flow(
+            connection=connection, request=flow_request, attributes=RequestAttributes(path=f"/mcp/{name}")
+        )
+        # Bearer tokens only: a browser's session cookie is no credential for an agent's endpoint.
+        try:
+            answer = await connection.hooks.authenticate(flow) if flow_request.bearer_token else None
+        except Exception:
+            log.exception("authentication plugin failed on %s; refusing the MCP request", name)
+            answer = None
+        if not isinstance(answer, Identity):
+            await _refuse(send, 401, "invalid_token", "send a bearer token this connection accepts")
+            return
+        caller = Caller(
+            connection=name,
+            authorization=flow_request.header("authorization"),
+            identity=_identity(answer),
+            client=(str(client[0]), int(client[1]) if len(client) > 1 else 0),
+            scheme=scope.get("scheme", "https"),
+        )
+        await self.manager.handle_request({**scope, SCOPE_KEY: caller}, receive, send)
+
+    # -- tool calls -------------------------------------------------------------------------------------
+
+    def settings(self, caller: Caller) -> McpSettings:
+        from . import McpSettings
+
+        connection = self.gateway.connections.get(caller.connection)
+        settings = connection.settings_for(self.plugin) if connection is not None else None
+        return settings if isinstance(settings, McpSettings) else McpSettings()
+
+    def begin(self, ctx: Context, tool: str, reason: str, arguments: dict[str, Any]) -> audit.ToolCall:
+        request = ctx.request_context.request
+        caller = getattr(request, "scope", {}).get(SCOPE_KEY)
+        if not isinstance(caller, Caller):  # only ever reached through `handle`
+            raise ToolError("this MCP server is only served by kubegate's /mcp/NAME endpoint")
+        if not reason.strip():
+            raise ToolError("reason must say why you make this call")
+        return audit.ToolCall(tool=tool, reason=reason.strip(), arguments=arguments, caller=caller)
+
+    async def finish(self, call: audit.ToolCall, outcome: str, error: str) -> None:
+        connection: Connection | None = self.gateway.connections.get(call.caller.connection)
+        if connection is None or not connection.hooks.has_audit:
+            return
+        try:
+            await connection.hooks.audit_event(audit.event(connection, call, outcome, error), connection)
+        except Exception:
+            log.exception("audit hook failed for an MCP tool call")
+
+
+def _identity(identity: Identity) -> dict[str, Any]:
+    """As the API requests' audit events show it."""
+    return {"user": identity.user, "person": identity.person, "groups": list(identity.groups),
+            "method": identity.method, "issuer": identity.issuer, "claims": identity.claims}  # fmt: skip
+
+
+async def _refuse(send: Any, status: int, error: str, description: str) -> None:
+    """An OAuth-style error, as the SDK's bearer middleware answers (`WWW-Authenticate` on a 401)."""
+    body = json.dumps({"error": error, "error_description": description}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store")]  # fmt: skip
+    if status == 401:
+        headers.append(
+            (b"www-authenticate", f'Bearer error="{error}", error_description="{description}"'.encode())
+        )
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
