@@ -253,7 +253,7 @@ async def serve_until_signal(
 
             def stop_serving() -> None:
                 if not stop.is_set():
-                    log.warning("%s", shutdown_notice(app.open_kinds(), grace, uvicorn=False))
+                    _log_notice(app.open_kinds(), grace, uvicorn=False)
                 stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -345,7 +345,13 @@ async def _announce_stop(stopping: Callable[[], bool], app: Reloadable, grace: f
     """Log `shutdown_notice` once the server begins to stop (uvicorn sets a flag; polled like uvicorn does)."""
     while not stopping():  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)
-    log.warning("%s", shutdown_notice(app.open_kinds(), grace, uvicorn=True))
+    _log_notice(app.open_kinds(), grace, uvicorn=True)
+
+
+def _log_notice(open_kinds: list[str], grace: float, *, uvicorn: bool) -> None:
+    # A warning when something is cut short or waited for; an ordinary stop is information.
+    level = logging.WARNING if open_kinds else logging.INFO
+    log.log(level, "%s", shutdown_notice(open_kinds, grace, uvicorn=uvicorn))
 
 
 class StartupError(Exception):
