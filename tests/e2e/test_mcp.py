@@ -242,6 +242,11 @@ async def test_a_delete_is_held_until_a_reviewer_approves_then_completes(gw, own
     requests = [e for e in audit(gw) if e["kind"] == "request" and e["request_id"] in data["request_ids"]]
     assert len(requests) == 1 and requests[0]["data"]["intent"] == reason
     assert requests[0]["data"]["approval"]["approval_id"] == item["id"]
+    # The event the webhook plugin sends reviewers (approval.requested) carries the reason too.
+    asked = [
+        e for e in audit(gw) if e["kind"] == "approval.requested" and e["data"]["approval_id"] == item["id"]
+    ]
+    assert [e["data"]["intent"] for e in asked] == [reason]
 
 
 async def test_a_denial_returns_the_reviewers_comment(gw, own_sandbox):
@@ -430,3 +435,43 @@ def test_replay_shows_tool_calls_and_kubectl_calls_in_order(gw):
         replay.stderr
     )
     assert max(tool_rows) < max(kubectl_rows)  # in time order: the kubectl call came last
+
+
+async def test_a_secret_applied_by_the_agent_is_masked_in_every_record(gw, own_sandbox):
+    value = "zz-agent-applied-value-8c1f"
+    manifest = json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "agent-made", "namespace": "dev"},
+                           "stringData": {"token": value}})  # fmt: skip
+    async with agent(gw) as client:
+        applied = await client.call_tool("apply", {"manifest": manifest, "reason": "store the new token"})
+        got = await client.call_tool("get_resource", {"resource": "secrets", "name": "agent-made", "namespace": "dev",
+                                                      "reason": "check it"})  # fmt: skip
+    assert not applied.is_error and not got.is_error, text(applied) + text(got)
+    assert value not in text(applied) + text(got)
+    event = wait_for(lambda: next((e for e in tool_events(gw, "apply") if e["data"]["intent"] == "store the new token"),
+                                  None), what="the apply's event")  # fmt: skip
+    records = [
+        e for e in audit(gw) if e["request_id"] in [event["request_id"], *event["data"]["request_ids"]]
+    ]
+    assert len(records) == 2 and "agent-made" in json.dumps(records)
+    assert value not in json.dumps(records)
+
+
+def test_a_kubectl_user_may_state_an_intent_it_is_recorded_and_bounded(gw):
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+
+    def get(intent: str) -> int:
+        request = urllib.request.Request(f"{gw.url}/k8s/sandbox/api/v1/namespaces/prod/configmaps/app-config",
+                                         headers={"Authorization": f"Bearer {AGENT[2]}", "Kubegate-Intent": intent})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=20) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get("on-call%3A checking the config") == 200
+    wait_for(lambda: any(e["kind"] == "request" and e["data"].get("intent") == "on-call: checking the config"
+                         for e in audit(gw)), what="the request's intent in its audit event")  # fmt: skip
+    assert get("x" * 1001) == 400
