@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubegate.core.errors import StatusError
+from kubegate.core.errors import ConfigError, StatusError
 from kubegate.core.flow import AuditEvent, Decision, Flow
 from kubegate.core.plugins import hookimpl
 
@@ -233,8 +233,8 @@ class SinkPlugin:
         found = gateway.settings_for(name)
         try:
             sink = self.make(gateway, found if isinstance(found, self.settings_model) else None)
-        except (ValueError, OSError) as exc:
-            raise RuntimeError(f"{name}: {exc}") from None
+        except (ValueError, OSError) as exc:  # the user's to fix (a key file, the database): one line
+            raise ConfigError(gateway.config_path, f"plugins.{name}", str(exc)) from None
         sink.start()
         gateway.extensions[name] = sink
         for connection in gateway.connections:

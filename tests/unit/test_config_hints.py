@@ -187,3 +187,18 @@ def test_demo_port_out_of_range_is_one_line(tmp_path):
         one_line_error(proc)
         == "kubegate: error: listening address: '127.0.0.1:99999': port 99999 is out of range (0-65535)"
     )
+
+
+@pytest.mark.parametrize("sink", ["audit-db", "audit-file"])
+def test_a_missing_audit_signing_key_stops_the_start_with_one_line(tmp_path, sink):
+    # Found when the sink starts (not when the config is read): it must still be one line, never a traceback.
+    config = base_config(tmp_path)
+    config["plugins"] = {sink: {"signing_algorithm": "hmac-sha256", "signing_key_file": "missing.key"}}
+    config["connections"]["prod"]["plugins"][sink] = {}
+    proc = run_kubegate(tmp_path, config, "serve", "--bind", "127.0.0.1:0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"kubegate: error: cannot start: {tmp_path / 'kubegate.yaml'}: plugins.{sink}: "
+        f"cannot read the signing key {tmp_path / 'missing.key'}: No such file or directory"
+    ), last
