@@ -1,0 +1,132 @@
+"""`Masking`: one connection's masking rules, its current text masker and its known values; the default
+rules that records get where a connection does not mask."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+from typing import Any
+
+import orjson
+
+from kubegate.core.flow import Flow, Identity
+
+from .forms import KnownForms
+from .known import KnownIndex, KnownSecrets
+from .objects import ObjectRules, mask_document, restore_identifiers, scrub_document
+from .settings import PLUGIN_NAME, MaskingSettings
+from .text import TextMasker, custom_patterns, detector_patterns
+
+
+def env_name_rule(env_names: list[str], non_secret_names: list[str]) -> re.Pattern[str]:
+    """One regex for "this env var name holds a secret", searched in a whole name (objects, records, command
+    lines): any of `env_names` (case-insensitive), unless the name is exactly one of `non_secret_names`
+    (case-sensitive: `pwd` or `Pwd` are not the shell's PWD)."""
+    secret = "|".join(f"(?:{p})" for p in env_names)
+    if not secret:
+        return re.compile("(?!)")
+    if not non_secret_names:
+        return re.compile(secret, re.I)
+    allowed = "|".join(re.escape(name) for name in non_secret_names)
+    # Anchored at the name's start, so `search` tries the exception once; then any position, as before.
+    return re.compile(rf"\A(?!(?-i:{allowed})\Z)[\s\S]*?(?:{secret})", re.I)
+
+
+class Masking:
+    """One connection's masking: rules, the current text masker, the known-values follower."""
+
+    def __init__(self, settings: MaskingSettings):
+        self.settings = settings
+        self.patterns = [*detector_patterns(settings.detectors), *custom_patterns(settings.patterns)]
+        self.env_name = env_name_rule(settings.env_names, settings.non_secret_names)
+        self.known: KnownSecrets | None = None
+        self.known_index = KnownIndex(self._use_known)
+        self.set_known(set())
+
+    def set_known(self, values: set[str]) -> None:
+        """Mask exactly these known values from now on (synchronously; the follower of the cluster's
+        Secrets calls `known_changed` instead)."""
+        self.known_index.set_now(values)
+
+    def known_changed(self, values: set[str]) -> None:
+        """The cluster's Secrets changed: new values are masked at once, the rest is reindexed off the
+        event loop (see `KnownIndex`)."""
+        self.known_index.update(values)
+
+    def _use_known(self, forms: KnownForms) -> None:
+        s = self.settings
+        self.text = TextMasker(s.marker, (), self.patterns, s.assignments, s.engine, known_forms=forms,
+                               non_secret_names=s.non_secret_names)  # fmt: skip
+        configmap_keys = [(c.namespaces, c.names, k) for c in s.configmap_keys for k in c.keys]
+        self.rules = ObjectRules(s.marker, self.env_name, configmap_keys, scrub_text=self.text.mask)
+        self.structure_rules = ObjectRules(s.marker, self.env_name, configmap_keys)
+
+    def mask_doc(self, doc: Any, resource_kind: str) -> Any:
+        """Mask a parsed JSON document; the masked document (`doc` itself, edited, or a new one)."""
+        return self._mask(doc, resource_kind)[0]
+
+    def mask_json(self, doc: Any, resource_kind: str) -> bytes:
+        """Mask a parsed JSON document; the masked document serialized (always: what goes out is exactly
+        what was inspected, whatever the bytes it was parsed from)."""
+        masked, serialized = self._mask(doc, resource_kind)
+        return serialized if serialized is not None else orjson.dumps(masked)
+
+    def _mask(self, doc: Any, resource_kind: str) -> tuple[Any, bytes | None]:
+        """The masked document, and its serialization when nothing in it changed (None otherwise).
+
+        Structure first (Secret data, env values… — a walk of the parsed document), then values and
+        patterns over the serialized text in one pass (much faster than visiting every string). Markers
+        contain no quote or backslash, so the text stays JSON; if a pattern ever broke it, the slow
+        per-string scrub is used instead. When the text pass changes nothing, the text it read is the
+        serialization of the masked document: returned so that it is not serialized a second time.
+        """
+        mask_document(doc, self.structure_rules, resource_kind)
+        serialized = orjson.dumps(doc)
+        text = serialized.decode()
+        scrubbed = self.text.mask(text)
+        if scrubbed is text or scrubbed == text:
+            return doc, serialized
+        try:
+            masked = orjson.loads(scrubbed)
+        except ValueError:
+            # The slow way: string by string, everywhere (not only where `mask_document` looks: list items
+            # that are not objects, a top-level array or string), identifiers in their positions kept.
+            if isinstance(doc, str):
+                return self.text.mask(doc), None
+            mask_document(doc, self.rules, resource_kind)
+            scrub_document(doc, self.text.mask)
+            return doc, None
+        # The text pass saw names and uids too: a known value that is also an object's name must not
+        # rename it — only identifiers in identifier positions are put back, never data keyed `name`.
+        restore_identifiers(masked, doc)
+        return masked, None
+
+    def exempt(self, identity: Identity | None) -> bool:
+        e = self.settings.exempt
+        if identity is None:
+            return False
+        return any(fnmatch.fnmatchcase(identity.user, u) for u in e.users) or any(
+            fnmatch.fnmatchcase(g, p) for g in identity.groups for p in e.groups
+        )
+
+
+def masking_of(flow: Flow) -> Masking | None:
+    """The connection's masking for this flow's response; None where the connection does not mask or the
+    caller is exempt."""
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    if masking is None or flow.state.get(PLUGIN_NAME, {}).get("exempt"):
+        return None
+    return masking
+
+
+def record_masking(flow: Flow) -> Masking:
+    """The masking of what is recorded (approvals, audit, recordings): the connection's, or the default
+    rules where it has none (records are masked even where responses are not)."""
+    masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
+    return masking or default_masking()
+
+
+@functools.cache
+def default_masking() -> Masking:
+    return Masking(MaskingSettings())
