@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from kubegate.core.connections import Connection
 
 KIND = "mcp_tool"
+REFUSED_KIND = "mcp_unauthenticated"  # a request to /mcp/NAME without a token the connection accepts
 
 
 @dataclass

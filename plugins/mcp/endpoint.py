@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from mcp.server.mcpserver import Context
@@ -18,7 +20,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from kubegate.core.attributes import RequestAttributes
-from kubegate.core.flow import Flow, Identity, Request
+from kubegate.core.flow import AuditEvent, AuthFailure, Flow, Identity, Request, token_fingerprint
 
 from . import audit
 from .calls import Caller
@@ -121,6 +123,7 @@ class Endpoint:
             answer = None
         if not isinstance(answer, Identity):
             await _refuse(send, 401, "invalid_token", "send a bearer token this connection accepts")
+            await self._audit_refusal(connection, flow_request, answer)
             return
         caller = Caller(
             connection=name,
@@ -130,6 +133,28 @@ class Endpoint:
             scheme=scope.get("scheme", "https"),
         )
         await self.manager.handle_request({**scope, SCOPE_KEY: caller}, receive, send)
+
+    async def _audit_refusal(self, connection: Connection, request: Request, answer: object) -> None:
+        """An unauthenticated MCP request is audited as the data path audits one: who tried (a fingerprint of
+        the credential, never the credential) from where, and why it was refused."""
+        if not connection.hooks.has_audit:
+            return
+        authorization = request.header("authorization")
+        data = {
+            "path": request.path,
+            "source": request.client_addr,
+            "user_agent": request.user_agent,
+            "auth_failure": answer.reason if isinstance(answer, AuthFailure) else
+            ("unknown credential" if authorization else "no credential"),
+            "credential": token_fingerprint(request.bearer_token or authorization) if authorization else None,
+            "status": 401,
+        }  # fmt: skip
+        event = AuditEvent(kind=audit.REFUSED_KIND, flow_id=uuid.uuid4().hex, connection=connection.name,
+                           time=time.time(), data=data)  # fmt: skip
+        try:
+            await connection.hooks.audit_event(event, connection)
+        except Exception:
+            log.exception("audit hook failed for a refused MCP request")
 
     # -- tool calls -------------------------------------------------------------------------------------
 

@@ -287,9 +287,20 @@ def test_unauthenticated_and_wrong_connection_tokens_are_refused(gw, token, conn
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
     answer = httpx2.post(f"{gw.url}/mcp/{connection}", json=body, headers=headers, verify=context)
     assert answer.status_code == 401
-    assert answer.json()["error"] == "invalid_token" and answer.headers["www-authenticate"].startswith(
-        "Bearer "
-    )
+    assert answer.json()["error"] == "invalid_token"
+    assert answer.headers["www-authenticate"].startswith("Bearer ")
+    if (
+        connection == "sandbox"
+    ):  # audited (that connection has sinks): a fingerprint of the token, never the token
+        fingerprint = "sha256:" + hashlib.sha256(token.encode()).hexdigest() if token else None
+
+        def refusal() -> dict[str, Any] | None:
+            found = [e for e in audit(gw) if e["kind"] == "mcp_unauthenticated"]
+            return next((e for e in found if e["data"]["credential"] == fingerprint), None)
+
+        event = wait_for(refusal, what="the refusal's audit event")
+        assert event["data"]["status"] == 401 and event["data"]["path"] == "/mcp/sandbox"
+        assert not token or token not in json.dumps(audit(gw))
 
 
 async def test_the_sdk_client_is_refused_too(gw):
