@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import aiohttp
     import uvicorn
 
-    from kubegate.connections.registry import Connection
+    from kubegate.core.connections import Connection
     from kubegate.core.gateway import Gateway
 
 __all__ = [
@@ -119,7 +119,7 @@ def make_connection(
         ``plugins`` is enabled, with ``{}`` when not given here; built-ins are enabled by listing them.
     :param host: a plugin host to reuse (``plugins`` is then ignored).
     """
-    from kubegate.connections.registry import Connection
+    from kubegate.core.connections import Connection
 
     plugins = list(plugins)
     host = host or PluginHost(load_entry_points=False, extra=plugins)

@@ -1,7 +1,7 @@
 """Browser login at an OpenID Connect provider: authorization code flow with PKCE and a nonce.
 
-The ID token is checked by the same code as the `oidc` plugin's bearer tokens (JWKS cache, claims,
-mappings), so the identity a person gets is the same either way.
+The ID token is checked by the same code as the `oidc` plugin's bearer tokens (core's issuer-token code:
+JWKS cache, claims, mappings), so the identity a person gets is the same either way.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from urllib.parse import urlencode
 import aiohttp
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
+from kubegate.core.claims import check_url, map_identity
 from kubegate.core.flow import AuthFailure, Identity
-from kubegate.plugins.oidc import FETCH_TIMEOUT_SECONDS, OIDCSettings, _check_url, map_identity
+from kubegate.core.issuer_tokens import Verifier
+from kubegate.core.jwks import FETCH_TIMEOUT_SECONDS
 
 from .settings import OIDCLoginProvider
 
@@ -31,7 +33,7 @@ class OIDCLogin:
         self.provider = provider
         self.redirect_uri = redirect_uri
         # One issuer, no token cache: an ID token is used once, here.
-        self.verifier = OIDCSettings(issuers=[provider], max_cached_tokens=0).verifier
+        self.verifier = Verifier([provider], max_cached_tokens=0, method="oidc")
         self._discovery: dict[str, Any] | None = None
         self._discovered_at = 0.0
 
@@ -55,7 +57,7 @@ class OIDCLogin:
                 raise LoginError("the identity provider's discovery document names another issuer")
             for key in ("authorization_endpoint", "token_endpoint"):
                 try:
-                    _check_url(str(document.get(key, "")), key)
+                    check_url(str(document.get(key, "")), key)
                 except ValueError as exc:
                     raise LoginError(str(exc)) from None
             self._discovery, self._discovered_at = document, time.monotonic()
@@ -120,7 +122,7 @@ class OIDCLogin:
         entry, claims = result
         if not nonce or claims.get("nonce") != nonce:
             raise LoginError("the ID token's nonce does not match this login (a replayed token?)")
-        identity = map_identity(entry, claims)
+        identity = map_identity(entry, claims, "oidc")
         if isinstance(identity, AuthFailure):
             raise LoginError(f"the ID token was refused: {identity.reason}")
         return identity

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from kubegate.core.claims import TokenIssuer
 from kubegate.core.config import ConfigError
 from kubegate.core.flow import AuthFailure, Flow, Identity
 from kubegate.core.plugins import hookimpl
@@ -92,16 +93,18 @@ def kubegate_startup(gateway: Gateway) -> None:
 
 
 def _check_prefixes(gateway: Gateway, settings: LoginSettings) -> None:
-    """A login provider's user names must not be able to collide with an `oidc` issuer's on any connection."""
-    from kubegate.plugins.oidc import OIDCSettings
+    """A login provider's user names must not be able to collide with an `oidc` issuer's on any connection.
 
+    The `oidc` plugin's settings are read by their shape (`issuers`, each core's `TokenIssuer`), not by
+    importing that plugin: plugins do not import each other."""
     for connection in gateway.connections:
-        oidc = connection.settings_for("oidc")
-        if not isinstance(oidc, OIDCSettings) or PLUGIN_NAME not in connection.enabled_plugins:
+        if PLUGIN_NAME not in connection.enabled_plugins:
             continue
+        oidc_issuers = getattr(connection.settings_for("oidc"), "issuers", None) or ()
+        issuers = [entry for entry in oidc_issuers if isinstance(entry, TokenIssuer)]
         for provider in settings.providers:
             prefix, issuer = user_prefix(provider), provider_issuer(provider)
-            for entry in oidc.issuers:
+            for entry in issuers:
                 other = entry.claim_mappings.username.prefix or ""
                 if entry.issuer != issuer and (other.startswith(prefix) or prefix.startswith(other)):
                     raise ConfigError(

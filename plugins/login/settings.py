@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from kubegate.plugins.oidc import IssuerSettings
+from kubegate.core.claims import TokenIssuer
 
 PROVIDER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOUR = 3600
@@ -36,11 +36,11 @@ def _read_secret(path: Path, what: str) -> str:
     return value
 
 
-class OIDCLoginProvider(IssuerSettings):
+class OIDCLoginProvider(TokenIssuer):
     """Browser login at an OpenID Connect provider (authorization code flow with PKCE).
 
-    Inherits the token checks and claim mappings of the `oidc` plugin's issuers, so a person gets the
-    same Kubernetes user name whether they log in here or present an ID token directly.
+    Inherits the token checks and claim mappings of the `oidc` plugin's issuers (core's `TokenIssuer`), so
+    a person gets the same Kubernetes user name whether they log in here or present an ID token directly.
     """
 
     type: Literal["oidc"]

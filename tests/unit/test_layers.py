@@ -4,8 +4,11 @@ metrics, database models, commands — and what the host does when a plugin fail
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -284,3 +287,65 @@ def test_python_dash_m_core_cli_reports_a_plugin_commands_error_in_one_line(tmp_
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and run.stderr.startswith("kubegate: error:"), run.stderr
     assert "Traceback" not in run.stderr
+
+
+# -- the import contracts ([tool.importlinter] in pyproject.toml, `make lint`) ------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def importlinter_contracts() -> list[dict]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def expression_matches(expression: str, module: str) -> bool:
+    """import-linter's module expressions: `*` is one segment of the name, `**` one or more."""
+    pattern = r"\.".join(
+        "[^.]+" if part == "*" else ".+" if part == "**" else re.escape(part)
+        for part in expression.split(".")
+    )
+    return re.fullmatch(pattern, module) is not None
+
+
+def plugins_folder_modules() -> list[str]:
+    """Every module and package directly in plugins/, by its installed name."""
+    names = [path.stem for path in (REPO / "plugins").glob("*.py") if path.stem != "__init__"]
+    names += [path.parent.name for path in (REPO / "plugins").glob("*/__init__.py")]
+    return sorted(f"kubegate.plugins.{name}" for name in names)
+
+
+def not_independent(contract: dict) -> list[str]:
+    """The modules of plugins/ that the independence contract does not name."""
+    return [
+        m for m in plugins_folder_modules() if not any(expression_matches(e, m) for e in contract["modules"])
+    ]
+
+
+def test_every_module_in_plugins_is_in_the_plugin_independence_contract():
+    contract = next(c for c in importlinter_contracts() if c["name"] == "each plugin imports no other plugin")
+    assert contract["type"] == "independence"
+    modules = plugins_folder_modules()
+    # The folder is read (not a list that would go stale): the plugins, their command modules, policy_check.
+    assert {"kubegate.plugins.oidc", "kubegate.plugins.masking", "kubegate.plugins.policy_check",
+            "kubegate.plugins.policy_cli", "kubegate.plugins.approvals_cli"} <= set(modules)  # fmt: skip
+    assert not_independent(contract) == []
+
+
+def test_a_plugin_left_out_of_the_independence_contract_is_reported():
+    # The check above can fail: a list naming the plugins of the day misses the command modules and any
+    # plugin added since.
+    listed = {"type": "independence", "modules": ["kubegate.plugins.oidc", "kubegate.plugins.mas*"]}
+    missing = not_independent(listed)
+    assert "kubegate.plugins.policy_check" in missing and "kubegate.plugins.approvals_cli" in missing
+    assert "kubegate.plugins.oidc" not in missing and "kubegate.plugins.masking" in missing
+    assert expression_matches("kubegate.plugins.*", "kubegate.plugins.mcp")
+    assert not expression_matches("kubegate.plugins.*", "kubegate.plugins.login.oidc_flow")
+    assert expression_matches("kubegate.plugins.**", "kubegate.plugins.login.oidc_flow")
+
+
+def test_core_has_no_exception_to_its_layer():
+    contract = next(c for c in importlinter_contracts() if c.get("source_modules") == ["kubegate.core"])
+    assert contract["type"] == "forbidden"
+    assert "kubegate.plugins" in contract["forbidden_modules"]
+    assert "kubegate.connections" in contract["forbidden_modules"]
+    assert not contract.get("ignore_imports")
