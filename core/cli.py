@@ -10,12 +10,18 @@ import argparse
 import importlib
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from . import hookspecs
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .db import Database
+    from .gateway import Gateway
 
 EXIT_USAGE = 2
 # The same marker as `kubegate.core.plugins.hookimpl`, importable without the plugin host: a command module
@@ -62,13 +68,13 @@ class _VersionAction(argparse.Action):
         parser.exit(message=f"kubegate {_version()}\n")
 
 
-def _load(config: str):
+def _load(config: str) -> Gateway:
     from .gateway import Gateway
 
     return Gateway.from_config(Path(config))
 
 
-def database_from_config(config: str):
+def database_from_config(config: str) -> Database:
     """The gateway's database from the config's top level only (no plugins are loaded or validated)."""
     from .config import parse_settings
     from .db import Database, DatabaseError, default_url
@@ -287,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    command: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return command(args)
     except (ConfigError, CLIError) as exc:
         print(f"kubegate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -123,7 +123,7 @@ def _exposition() -> bytes:
     if not MULTIPROCESS:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus_client: no annotations
     registry.register(_ThisWorker())
     return generate_latest(registry)
 

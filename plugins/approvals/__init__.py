@@ -78,7 +78,7 @@ def kubegate_startup(gateway: Gateway) -> None:
 
 @hookimpl
 async def kubegate_approval(flow: Flow, decision: Decision) -> Decision | None:
-    service = flow.connection.state.get(PLUGIN_NAME)
+    service: ApprovalService | None = flow.connection.state.get(PLUGIN_NAME)
     if service is None:
         return None
     return await service.hold(flow, decision)

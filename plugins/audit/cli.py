@@ -13,7 +13,7 @@ from typing import Any
 from kubegate.core.cli import hookimpl
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="search, group, export and verify audit records")
     audit_sub = audit.add_subparsers(
         dest="audit_command", metavar="search|commands|export|verify", required=True

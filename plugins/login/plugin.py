@@ -121,7 +121,8 @@ async def kubegate_authenticate(flow: Flow) -> Identity | AuthFailure | None:
     if token is None or not token.startswith(TOKEN_PREFIX):
         return None
     settings: LoginConnectionSettings = flow.connection.settings_for(PLUGIN_NAME)
-    return await settings._service.check(token, flow.connection.name, settings)
+    service: LoginService = settings._service  # attached at startup
+    return await service.check(token, flow.connection.name, settings)
 
 
 @hookimpl

@@ -358,13 +358,16 @@ class StreamMasker:
 
 def _secret_start(match: regex.Match[str], group: int, before_group: regex.Pattern[str] | None) -> int:
     """Where the masked part of an open match begins (-1: not yet)."""
+    # `regex` has no type annotations: the positions are named as ints here.
+    start: int = match.start()
     if not group:
-        return match.start()
-    if match.start(group) >= 0:
-        return match.start(group)
+        return start
+    group_start: int = match.start(group)
+    if group_start >= 0:
+        return group_start
     if before_group is None:
-        return match.start()  # unknown: all of it is held
-    before = before_group.match(match.string, match.start(), match.end())
+        return start  # unknown: all of it is held
+    before = before_group.match(match.string, start, match.end())
     return -1 if before is None else before.end()
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .store import SessionRecord
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sessions = sub.add_parser(
         "sessions", help="recorded exec/attach/port-forward sessions (reads the database)"
     )
