@@ -23,8 +23,9 @@ $(UI_VENDOR)/.built: ui/package.json ui/package-lock.json
 
 setup: $(BIN)/.installed $(UI_VENDOR)/.built
 
+# make demo PORT=8444 SANDBOX_PORT=8445 IDP_PORT=8446: each given port is passed to `kubegate demo`.
 demo: setup
-	$(BIN)/kubegate demo
+	$(BIN)/kubegate demo $(if $(PORT),--port $(PORT)) $(if $(SANDBOX_PORT),--sandbox-port $(SANDBOX_PORT)) $(if $(IDP_PORT),--idp-port $(IDP_PORT))
 
 # The import layers ([tool.importlinter] in pyproject.toml) are checked on .typecheck/, the committed link
 # tree of the source folders under their installed names (lint-imports cannot follow the editable install).

@@ -172,17 +172,38 @@ def write_demo_config(
     return path, users
 
 
-async def _run(directory: Path, port: int) -> None:
+class DemoPortError(Exception):
+    """A port the demo was given cannot be used: one line, naming the flag."""
+
+
+def check_ports(ports: dict[str, int]) -> None:
+    """Each port given (0: any free one) can be served on 127.0.0.1 and is given once: else DemoPortError
+    (or a ConfigError for a port out of range), before anything starts."""
+    from kubegate.core.server import check_bind
+
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port and port in seen:
+            raise DemoPortError(f"{seen[port]} and {flag} are both {port}: give each its own port")
+        try:
+            check_bind(f"127.0.0.1:{port}")
+        except OSError as exc:
+            raise DemoPortError(f"cannot start the demo: {flag} {port}: {exc.strerror or exc}") from None
+        seen[port] = flag
+
+
+async def _run(directory: Path, port: int, sandbox_port: int = 0, idp_port: int = 0) -> None:
     from kubegate.core.gateway import Gateway
-    from kubegate.core.server import check_bind, serve_until_signal, tls_files
+    from kubegate.core.server import serve_until_signal, tls_files
 
     from .server import start_sandbox
 
-    check_bind(f"127.0.0.1:{port}")
+    check_ports({"--port": port, "--sandbox-port": sandbox_port, "--idp-port": idp_port})
 
-    sandbox = await start_sandbox(directory / "sandbox")
-    idp = await _start_demo_idp(directory)
+    sandbox = await start_sandbox(directory / "sandbox", port=sandbox_port)
+    idp = None
     try:
+        idp = await _start_demo_idp(directory, idp_port)
         idp_url = idp[1] if idp else None
         config_path, users = write_demo_config(
             directory, sandbox.url, Path(sandbox.ca_file), sandbox.token, port, idp_url
@@ -203,7 +224,7 @@ async def _run(directory: Path, port: int) -> None:
             ),
         )
         url = gateway.connection_url(CONNECTION)
-        login = (gateway.public_url, tls.ca, directory / "kubeconfig-login") if idp_url else None
+        login = (gateway.public_url, tls.ca, directory / "kubeconfig-login", idp_url) if idp_url else None
         review = (gateway.public_url, tls.ca, directory)
         await serve_until_signal(
             gateway, tls, on_ready=lambda: _announce(url, sandbox.url, config_path, kubeconfig, login, review)
@@ -217,17 +238,20 @@ async def _run(directory: Path, port: int) -> None:
             await idp[0].wait()
 
 
-async def _start_demo_idp(directory: Path) -> tuple[asyncio.subprocess.Process, str] | None:
-    """oidc-provider-mock (a dev dependency) on a free loopback port; None when it is not installed."""
+async def _start_demo_idp(directory: Path, port: int = 0) -> tuple[asyncio.subprocess.Process, str] | None:
+    """oidc-provider-mock (a dev dependency) on `port` of the loopback (0: a free one); None when it is not
+    installed. `--idp-port` keeps its URL, the issuer in the demo's config, the same across runs."""
     import json
     import socket
 
     program = Path(sys.executable).parent / "oidc-provider-mock"
     if not program.exists():
         return None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    given = bool(port)
+    if not given:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
     args = [str(program), "--port", str(port), "--require-nonce", "true"]
     for user in DEMO_IDP_USERS:
         args += ["--user-claims", json.dumps(user)]
@@ -241,6 +265,9 @@ async def _start_demo_idp(directory: Path) -> tuple[asyncio.subprocess.Process, 
         except OSError:
             await asyncio.sleep(0.1)
     process.kill()
+    await process.wait()
+    if given:  # asked for: say so; otherwise the demo runs without `kubegate login`, as when not installed
+        raise DemoPortError(f"the demo identity provider did not start on --idp-port {port} (see {log.name})")
     return None
 
 
@@ -249,7 +276,7 @@ def _announce(
     sandbox_url: str,
     config: Path,
     kubeconfig: Path,
-    login: tuple[str, Path, Path] | None,
+    login: tuple[str, Path, Path, str] | None,
     review: tuple[str, Path, Path],
 ) -> None:
     public_url, ca, directory = review
@@ -286,6 +313,7 @@ Review held requests as rita (in another terminal):
   {kubegate} approvals list {target} --token-file {directory / "tokens" / "rita"}
   {kubegate} approvals approve ID {target} --token-file {directory / "tokens" / "rita"}
   {kubegate} policy check -c {config} --connection {CONNECTION} --as alice -- kubectl delete pod web -n prod
+  {kubegate} policy check -c {config} --connection {CONNECTION} --as ci-bot -- kubectl delete pod web -n prod
 
 See what happened (the audit store and session recordings, in the demo's database):
   {kubegate} audit commands -c {config}                 # who ran which kubectl command: calls, denials
@@ -301,32 +329,33 @@ Press Ctrl-C to stop.
     )
 
 
-def _login_hint(login: tuple[str, Path, Path] | None, kubectl: str) -> str:
+def _login_hint(login: tuple[str, Path, Path, str] | None, kubectl: str) -> str:
     if login is None:
         return ""
-    public_url, ca, login_kubeconfig = login
+    public_url, ca, login_kubeconfig, idp_url = login
     return f"""
 The web UI (approvals, grants, audit, session replay):
   web UI:  {public_url}/ui/
   Log in with the demo identity provider as rita (a reviewer: approve held requests there), ava (an
   auditor: audit and sessions) or alice (a developer). The certificate is the demo's own CA: {ca.resolve()}
 
-Or log in on the command line as a person of the demo identity provider (alice or rita: type the name):
+Or log in on the command line as a person of the demo identity provider ({idp_url}; alice or rita: type
+the name), after which `kubegate approvals list` needs no flags (it remembers the gateway of the last login):
   {Path(sys.executable).parent / "kubegate"} login --gateway {public_url} --connection {CONNECTION} \\
       --certificate-authority {ca.resolve()} --kubeconfig {login_kubeconfig}
   KUBECONFIG={login_kubeconfig} {kubectl} auth whoami   # demo:alice, via `kubegate credential`
 """
 
 
-def run_demo(directory: Path, *, port: int = 8443) -> int:
+def run_demo(directory: Path, *, port: int = 8443, sandbox_port: int = 0, idp_port: int = 0) -> int:
     from kubegate.core.server import asyncio_run
 
     # Absolute, so the paths written into the demo's config and kubeconfig hold from any directory.
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio_run(_run(directory, port))
-    except ConfigError:
+        asyncio_run(_run(directory, port, sandbox_port, idp_port))
+    except (ConfigError, DemoPortError):  # one line each, from the command (`sandbox/cli.py`)
         raise
     except OSError as exc:
         print(

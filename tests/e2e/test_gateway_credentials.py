@@ -170,8 +170,26 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
         time.sleep(1)  # events are written just after each response
         commands = subprocess.run(printed("audit commands"), capture_output=True, text=True, timeout=30)
         assert "ci-bot ran `kubectl delete` on demo → 1 call, 1 denied" in commands.stdout, commands.stdout
-        # alice's delete: the DELETE (held, approved), then kubectl's check that the pod is gone (404)
-        assert "alice ran `kubectl delete` on demo → 2 calls, 1 failed" in commands.stdout, commands.stdout
+        # alice's delete: the DELETE (held, approved by rita), then kubectl's check that the pod is gone (a
+        # 404 it waits for: the delete's success, not a failure)
+        alice = next(line for line in commands.stdout.splitlines() if "alice ran `kubectl delete`" in line)
+        assert alice.endswith("alice ran `kubectl delete` on demo → 2 calls, approved by rita"), (
+            commands.stdout
+        )
+        # The printed `policy check` examples answer as the gateway decided above: alice's delete held for a
+        # reviewer, ci-bot's refused by its guardrail (its groups come from its static token).
+        checks = {
+            line.split(" --as ")[1].split()[0]: shlex.split(line)
+            for line in re.findall(r"(\S+/kubegate policy check .*)$", output, re.M)
+        }
+        assert set(checks) == {"alice", "ci-bot"}, output
+        decided = {user: subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+                   for user, command in checks.items()}  # fmt: skip
+        assert "decision: approve by rule deletes-in-prod" in decided["alice"], decided["alice"]
+        assert (
+            "decision: deny by rule bots-never-delete-in-prod: CI may not delete anything in prod"
+            in decided["ci-bot"]
+        )
         sessions = subprocess.run(printed("sessions list"), capture_output=True, text=True, timeout=30)
         session_id = next(line.split()[0] for line in sessions.stdout.splitlines() if "DB_PASSWORD" in line)
         replay = [part if part != "SESSION_ID" else session_id for part in printed("replay SESSION_ID")]
@@ -200,6 +218,13 @@ def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
                              env={"KUBEGATE_CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
         info = json.loads(whoami.stdout)["status"]["userInfo"]
         assert info["username"] == "demo:rita" and "demo:reviewers" in info["groups"]
+        # After `kubegate login`, rita reviews with no flags: the gateway, connection and CA are remembered.
+        reviewed = subprocess.run([KUBEGATE, "approvals", "list", "--state", "all"], capture_output=True, text=True,
+                                  timeout=30, env={**os.environ, "KUBEGATE_CACHE_DIR": str(tmp_path / "cache")})  # fmt: skip
+        assert reviewed.returncode == 0, reviewed.stderr
+        assert any("web-0" in line and "used" in line.split() for line in reviewed.stdout.splitlines()), (
+            reviewed.stdout
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)
