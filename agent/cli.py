@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     agent.set_defaults(func=cmd_agent)
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="keygen")
     keygen = agent_sub.add_parser("keygen", help="write a new agent identity (Ed25519 private key)")
-    keygen.add_argument("--identity-file", required=True, type=Path)
+    keygen.add_argument("--identity-file", required=True, type=Path, help="where to write the private key")
     keygen.set_defaults(func=cmd_keygen)
 
 

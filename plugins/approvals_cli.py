@@ -14,7 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from kubegate.core.cli import CLIError, database_from_config, hookimpl
+from kubegate.core.cli import (
+    CLIError,
+    add_config_argument,
+    add_output_argument,
+    database_from_config,
+    hookimpl,
+)
 
 # The reviewer's client reaches the gateway as `kubegate login` set it up: the login plugin's target flags,
 # token cache and HTTP client (an allowed edge of the import-linter contracts, pyproject.toml).
@@ -62,6 +68,9 @@ def cmd_grants(args: argparse.Namespace) -> int:
         if args.grants_command == "list":
             grants = database.call(lambda s: store.list_grants(s, include_inactive=args.all))
             now = time.time()
+            if args.output == "json":
+                print(json.dumps([g.model_dump() | {"state": g.state(now)} for g in grants], indent=2))
+                return 0
             print(f"{'ID':<11} {'USER':<28} {'CONNECTION':<12} {'RULE':<24} {'EXPIRES':<17} STATE")
             for g in grants:
                 expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.expires_at))
@@ -94,7 +103,7 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         ("deny", "deny a request"),
     ]:
         p = approvals_sub.add_parser(name, help=text)
-        add_target_arguments(p)
+        add_target_arguments(p, remembered=True)
         p.add_argument("--token", help="a gateway token (default: the one kubegate login cached)")
         p.add_argument("--token-file", help="file holding the token")
         if name == "list":
@@ -108,7 +117,7 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
                 "--comment", "-m", default="", help="shown to the requester (kubectl prints a denial's)"
             )
         if name in ("list", "show"):
-            p.add_argument("--output", "-o", choices=["text", "json"], default="text")
+            add_output_argument(p)
         p.set_defaults(func=cmd_approvals)
 
     grants = subparsers.add_parser(
@@ -116,10 +125,11 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
     )
     grants_sub = grants.add_subparsers(dest="grants_command", metavar="list|revoke", required=True)
     grants_list = grants_sub.add_parser("list", help="active grants (all with --all)")
-    grants_list.add_argument("--config", "-c", default="kubegate.yaml")
-    grants_list.add_argument("--all", action="store_true")
+    add_config_argument(grants_list)
+    grants_list.add_argument("--all", action="store_true", help="include expired and revoked grants")
+    add_output_argument(grants_list)
     grants_list.set_defaults(func=cmd_grants)
     grants_revoke = grants_sub.add_parser("revoke", help="end a grant now")
-    grants_revoke.add_argument("--config", "-c", default="kubegate.yaml")
-    grants_revoke.add_argument("id")
+    add_config_argument(grants_revoke)
+    grants_revoke.add_argument("id", help="grant ID (from grants list)")
     grants_revoke.set_defaults(func=cmd_grants)

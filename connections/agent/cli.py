@@ -10,11 +10,12 @@ import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubegate.core.cli import hookimpl
+from kubegate.core.cli import add_config_argument, add_output_argument, hookimpl
 
-from .settings import DEFAULT_PORT, PLUGIN_NAME, AgentGatewaySettings
+if TYPE_CHECKING:  # pydantic models: imported when a command runs, not on every `kubegate` start
+    from .settings import AgentGatewaySettings
 
 AGENT_TYPE = "agent"
 MAX_TTL_SECONDS = 7 * 86400
@@ -32,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="a single-use token an agent enrols with, and a ready-to-edit agent.yaml",
         description="Mint a single-use join token for `kubegate agent --join-token`. The token is shown once.",
     )
-    join.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(join)
     join.add_argument(
         "--connection",
         action="append",
@@ -46,17 +47,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     join.add_argument(
         "--ttl", default="1h", help="how long the token can be used: 30m, 1h, 2d or seconds (max 7d)"
     )
-    join.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    add_output_argument(join)
     join.set_defaults(func=cmd_agents)
 
     listing = agents_sub.add_parser("list", help="enrolled agents and their tunnels to the gateway replicas")
-    listing.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(listing)
     listing.add_argument("--all", action="store_true", help="include revoked agents")
-    listing.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    add_output_argument(listing)
     listing.set_defaults(func=cmd_agents)
 
     revoke = agents_sub.add_parser("revoke", help="end an agent's identity: its key no longer logs in")
-    revoke.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(revoke)
     revoke.add_argument("name", help="the agent's name (from `kubegate agents list`)")
     revoke.set_defaults(func=cmd_agents)
 
@@ -92,6 +93,8 @@ def agent_settings(config: str, raw: dict[str, Any] | None) -> AgentGatewaySetti
 
     from kubegate.core.cli import CLIError
 
+    from .settings import PLUGIN_NAME, AgentGatewaySettings
+
     try:
         return AgentGatewaySettings.model_validate(raw or {})
     except ValidationError as exc:
@@ -102,6 +105,8 @@ def agent_settings(config: str, raw: dict[str, Any] | None) -> AgentGatewaySetti
 
 def agent_address(settings: Any, agents: AgentGatewaySettings) -> tuple[str, bool]:
     """HOST:PORT agents dial, and whether it is a placeholder to replace (the listener takes every address)."""
+    from .settings import DEFAULT_PORT
+
     if agents.listen:
         host = agents.listen.rpartition(":")[0].strip("[]")
         address = agents.listen
@@ -119,6 +124,8 @@ def cmd_agents(args: argparse.Namespace) -> int:
     from kubegate.core.cli import CLIError, database_from_config
     from kubegate.core.config import parse_settings
     from kubegate.core.db import DatabaseError
+
+    from .settings import PLUGIN_NAME
 
     settings = parse_settings(Path(args.config))
     agents = agent_settings(args.config, settings.plugins.get(PLUGIN_NAME))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubegate.core.cli import hookimpl
+from kubegate.core.cli import add_config_argument, add_output_argument, hookimpl
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,17 +24,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         ("export", "matching events as JSON lines with their chain fields"),
     ]:
         p = audit_sub.add_parser(name, help=text)
-        p.add_argument("--config", "-c", default="kubegate.yaml")
+        add_config_argument(p)
         add_filters(p)
         p.add_argument(
             "--limit", type=int, default=200 if name != "export" else 0, help="most recent N (0: all)"
         )
-        if name != "export":
-            p.add_argument("--output", "-o", choices=["text", "json"], default="text")
+        if name != "export":  # export writes JSON lines, always
+            add_output_argument(p)
         p.set_defaults(func=cmd_audit)
     verify = audit_sub.add_parser("verify", help="check the hash chain: the first modified, deleted, inserted "
                                   "or reordered record")  # fmt: skip
-    verify.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(verify)
     verify.add_argument("--file", nargs="+", type=Path, help="verify audit-file files instead (oldest first)")
     verify.add_argument(
         "--key-file", type=Path, help="the signing key (or Ed25519 public key) to check signatures"
@@ -44,12 +44,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--user")
-    p.add_argument("--group")
-    p.add_argument("--connection")
-    p.add_argument("--verb")
-    p.add_argument("--resource")
-    p.add_argument("--namespace", "-n")
+    p.add_argument("--user", help="the caller's user name")
+    p.add_argument("--group", help="a group of the caller")
+    p.add_argument("--connection", help="the connection (cluster)")
+    p.add_argument("--verb", help="get, list, create, delete, … (the API verb)")
+    p.add_argument("--resource", help="pods, secrets, pods/exec, …")
+    p.add_argument("--namespace", "-n", help="the namespace")
     p.add_argument("--decision", help="allow, deny or unauthenticated")
     p.add_argument("--kind", help="request, session_start, session_end, approval.requested, …")
     p.add_argument("--since", help="30m, 1h, 2d or an ISO 8601 time")

@@ -16,31 +16,56 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubegate.core.cli import CLIError, database_from_config, hookimpl
+from kubegate.core.cli import (
+    CLIError,
+    add_config_argument,
+    add_output_argument,
+    database_from_config,
+    hookimpl,
+)
 
 if TYPE_CHECKING:
     from .client import Target
 
 
-def add_target_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that name a gateway and a connection (login, credential, logout, approvals)."""
-    p.add_argument("--gateway", required=True, help="the gateway's URL, e.g. https://kubegate.example.com")
-    p.add_argument("--connection", required=True, help="the connection (cluster) to use")
-    p.add_argument("--certificate-authority", help="CA file to trust for the gateway's certificate")
+def add_target_arguments(p: argparse.ArgumentParser, *, remembered: bool = False) -> None:
+    """The flags that name a gateway and a connection (login, credential, logout, approvals). `remembered`:
+    each may be left out, and `target_of` takes it from the last `kubegate login`."""
+    default = " (default: the last kubegate login's)" if remembered else ""
+    p.add_argument("--gateway", required=not remembered,
+                   help=f"the gateway's URL, e.g. https://kubegate.example.com{default}")  # fmt: skip
+    p.add_argument("--connection", required=not remembered, help=f"the connection (cluster) to use{default}")
+    p.add_argument("--certificate-authority", help=f"CA file to trust for the gateway's certificate{default}")
     p.add_argument("--insecure-skip-tls-verify", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_browser_argument(p: argparse.ArgumentParser) -> None:
+    """Only where a browser may open: `login`, and `credential` (which logs in when no token is cached)."""
     p.add_argument("--no-browser", action="store_true", help="only print the URL to open (headless use)")
 
 
 def target_of(args: argparse.Namespace) -> Target:
-    """The gateway and connection the flags of `add_target_arguments` name; a bad value is a CLIError."""
-    from .client import Target
+    """The gateway and connection the flags of `add_target_arguments` name; a bad value is a CLIError.
+    A flag left out (where `remembered`) comes from the last `kubegate login`; a flag given wins, and the
+    remembered CA is used only with the remembered gateway (it vouches for that gateway alone)."""
+    from .client import Target, remembered_target
 
-    gateway = args.gateway.rstrip("/")
+    gateway, connection, ca_file = args.gateway, args.connection, args.certificate_authority
+    if not (gateway and connection):
+        last = remembered_target()
+        if last is None:
+            raise CLIError("no gateway given and none remembered: run kubegate login --gateway URL "
+                           "--connection NAME first, or give --gateway and --connection")  # fmt: skip
+        gateway = gateway or last.gateway
+        connection = connection or last.connection
+        if ca_file is None and gateway.rstrip("/") == last.gateway.rstrip("/"):
+            ca_file = last.ca_file
+    gateway = gateway.rstrip("/")
     if not gateway.startswith(("https://", "http://")):
-        raise CLIError(f"--gateway must be a URL such as https://kubegate.example.com, got {args.gateway!r}")
-    if args.certificate_authority and not Path(args.certificate_authority).is_file():
-        raise CLIError(f"no such file: {args.certificate_authority}")
-    return Target(gateway, args.connection, args.certificate_authority, args.insecure_skip_tls_verify)
+        raise CLIError(f"--gateway must be a URL such as https://kubegate.example.com, got {gateway!r}")
+    if ca_file and not Path(ca_file).is_file():
+        raise CLIError(f"no such file: {ca_file}")
+    return Target(gateway, connection, ca_file, args.insecure_skip_tls_verify)
 
 
 def _self_command() -> str:
@@ -52,13 +77,14 @@ def _self_command() -> str:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from .client import ClientError, default_kubeconfig, login, update_kubeconfig
+    from .client import ClientError, default_kubeconfig, login, remember_target, update_kubeconfig
 
     target = target_of(args)
     try:
         answer = login(target, open_browser=not args.no_browser)
         path = Path(args.kubeconfig) if args.kubeconfig else default_kubeconfig()
         context = update_kubeconfig(path, target, _self_command(), set_current=not args.no_set_context)
+        remember_target(target)  # for `kubegate approvals` without flags
     except ClientError as exc:
         raise CLIError(str(exc)) from None
     until = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(float(answer["expires_at"])))
@@ -140,6 +166,7 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         "login", help="log in through the browser and set up kubectl for a connection"
     )
     add_target_arguments(login)
+    add_browser_argument(login)
     login.add_argument("--kubeconfig", help="kubeconfig to update (default: $KUBECONFIG or ~/.kube/config)")
     login.add_argument("--no-set-context", action="store_true", help="don't make it the current context")
     login.set_defaults(func=cmd_login)
@@ -148,6 +175,7 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
         "credential", help="kubectl exec credential plugin (set up by kubegate login)"
     )
     add_target_arguments(cred)
+    add_browser_argument(cred)
     cred.set_defaults(func=cmd_credential)
 
     logout = subparsers.add_parser("logout", help="revoke and forget the cached token of a connection")
@@ -159,13 +187,13 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
     )
     tokens_sub = tokens.add_subparsers(dest="tokens_command", metavar="list|revoke", required=True)
     tokens_list = tokens_sub.add_parser("list", help="active tokens (all with --all)")
-    tokens_list.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(tokens_list)
     tokens_list.add_argument("--user", help="only this user's")
     tokens_list.add_argument("--all", action="store_true", help="include expired and revoked tokens")
-    tokens_list.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    add_output_argument(tokens_list)
     tokens_list.set_defaults(func=cmd_tokens)
     tokens_revoke = tokens_sub.add_parser("revoke", help="revoke a token by ID, or all of a user's")
-    tokens_revoke.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(tokens_revoke)
     tokens_revoke.add_argument("id", nargs="?", help="token ID (from tokens list)")
     tokens_revoke.add_argument("--user", help="revoke every active token of this user")
     tokens_revoke.set_defaults(func=cmd_tokens)

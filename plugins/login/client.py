@@ -2,7 +2,8 @@
 answer kubectl as an exec credential plugin (`kubegate credential`).
 
 Standard library only (urllib), so the exec plugin starts fast and needs nothing of the gateway's server
-stack. Every message for the person goes to stderr: kubectl reads the credential from stdout.
+stack; what only `kubegate login` needs (yaml for the kubeconfig, webbrowser) is imported when it runs.
+Every message for the person goes to stderr: kubectl reads the credential from stdout.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 EXEC_API_VERSION = "client.authentication.k8s.io/v1"
 RENEW_BEFORE_SECONDS = 60  # a token this close to expiry is not handed to kubectl
@@ -87,6 +85,36 @@ def write_cached(target: Target, answer: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     kept = {k: answer[k] for k in ("token", "expires_at", "user", "groups", "id") if k in answer}
     _write_private(path, json.dumps(kept))
+
+
+def remembered_path() -> Path:
+    return cache_dir() / "last-login.json"
+
+
+def remember_target(target: Target) -> None:
+    """What `kubegate login` logged in to, so that `kubegate approvals` needs no flags afterwards. Not
+    `--insecure-skip-tls-verify`: a later command skips verification only when it is asked to again."""
+    path = remembered_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_file = str(Path(target.ca_file).resolve()) if target.ca_file else None
+    _write_private(
+        path, json.dumps({"gateway": target.gateway, "connection": target.connection, "ca_file": ca_file})
+    )
+
+
+def remembered_target() -> Target | None:
+    """The gateway, connection and CA of the last `kubegate login`; None when there was none (or the file
+    is not what `remember_target` writes)."""
+    try:
+        saved = json.loads(remembered_path().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    gateway, connection, ca_file = saved.get("gateway"), saved.get("connection"), saved.get("ca_file")
+    if not (isinstance(gateway, str) and gateway and isinstance(connection, str) and connection):
+        return None
+    return Target(gateway, connection, ca_file if isinstance(ca_file, str) and ca_file else None)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -173,6 +201,8 @@ def login(
         f"To log in to {target.gateway} ({target.connection}), open:\n\n    {url}\n\nand check that it shows the code {code}."
     )
     if open_browser and _has_graphical_browser():
+        import webbrowser
+
         with _quiet_stdout():
             opened = webbrowser.open(url)
         if opened:
@@ -247,6 +277,8 @@ def default_kubeconfig() -> Path:
 
 def update_kubeconfig(path: Path, target: Target, command: str, *, set_current: bool = True) -> str:
     """Add or replace the cluster, user and context `kubegate-CONNECTION`; returns the context name."""
+    import yaml
+
     try:
         config = yaml.safe_load(path.read_text()) if path.exists() else None
     except (OSError, yaml.YAMLError) as exc:

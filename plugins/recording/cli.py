@@ -13,7 +13,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from kubegate.core.cli import hookimpl
+from kubegate.core.cli import add_config_argument, add_output_argument, hookimpl
 
 if TYPE_CHECKING:
     from .store import SessionRecord
@@ -25,12 +25,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     sessions_sub = sessions.add_subparsers(dest="sessions_command", metavar="list", required=True)
     listing = sessions_sub.add_parser("list", help="sessions, newest first")
-    listing.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(listing)
     listing.add_argument("--user", help="only this user's")
     listing.add_argument("--connection", help="only on this connection")
     listing.add_argument("--since", help="only sessions started since: 30m, 1h, 2d or a time (ISO 8601)")
     listing.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
-    listing.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    add_output_argument(listing)
     listing.set_defaults(func=cmd_sessions_list)
 
     replay = sub.add_parser(
@@ -47,7 +47,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--since", default="1h", help="with --user: from when (30m, 1h, 2d, ISO 8601; default 1h)"
     )
     replay.add_argument("--step", action="store_true", help="with --user: wait for Enter before each session")
-    replay.add_argument("--config", "-c", default="kubegate.yaml")
+    add_config_argument(replay)
     replay.add_argument("--speed", default="1", help="play N times faster (default 1; 0.5 is slower)")
     replay.add_argument(
         "--max-wait", default="2", help="cap pauses at this many seconds, before --speed (default 2; 0: none)"
