@@ -230,3 +230,46 @@ async def exec_command(
             refusal["status"], refusal["headers"], refusal["body"], False, output.request_id
         )
     return output
+
+
+async def pending_approval(gateway: Gateway, caller: Caller, path: str) -> dict[str, Any] | None:
+    """The caller's own pending approval request for `path`, as the approvals API shows it to them (asked in
+    process, with their token: requesters see their own requests), or None (none, or no approvals API)."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": caller.scheme, "path": "/api/approvals", "raw_path": b"/api/approvals",
+        "query_string": b"state=pending", "root_path": "", "client": caller.client, "server": ("kubegate", 0),
+        "headers": [(b"authorization", caller.authorization.encode("latin-1")), (b"host", b"kubegate")],
+    }  # fmt: skip
+    status, chunks = 0, []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # Quart listens for a disconnect until it has answered: none comes
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    app: Any = gateway.app  # an ASGI application (Quart types its messages more narrowly)
+    await app(scope, receive, send)
+    if status != 200:
+        return None
+    try:
+        items = json.loads(b"".join(chunks)).get("items") or []
+    except (ValueError, AttributeError):
+        return None
+    mine = [
+        item for item in items
+        if item.get("connection") == caller.connection and item.get("requester") == caller.identity.get("user")
+        and str(item.get("path", "")).split("?", 1)[0] == path
+    ]  # fmt: skip
+    return max(mine, key=lambda item: item.get("created_at") or 0) if mine else None

@@ -84,14 +84,16 @@ def build_server(endpoint: Endpoint) -> MCPServer:
         answer = await waiting(
             ctx, call, calls.request(endpoint.gateway, call.caller, reason=call.reason, tool=call.tool,
                                      max_bytes=kwargs.pop("max_bytes", settings.max_result_bytes), **kwargs),
+            kwargs["path"],
         )  # fmt: skip
         call.request_ids.append(answer.request_id)
         if answer.status >= 400:
             raise ToolError(f"{answer.status}: {answer.message()}")
         return answer
 
-    async def waiting(ctx: Context, call: ToolCall, work: Awaitable[T]) -> T:
-        """`work`, with a progress notification every `progress_seconds` while it has not answered."""
+    async def waiting(ctx: Context, call: ToolCall, work: Awaitable[T], path: str) -> T:
+        """`work`, with a progress notification every `progress_seconds` while it has not answered: naming the
+        approval request when the caller's request to `path` is the one held."""
         task = asyncio.ensure_future(work)
         every = endpoint.settings(call.caller).progress_seconds
         started = time.monotonic()
@@ -102,14 +104,25 @@ def build_server(endpoint: Endpoint) -> MCPServer:
                 if done:
                     return task.result()
                 ticks += 1
-                waited = time.monotonic() - started
                 await ctx.report_progress(
-                    ticks, None, f"waiting {waited:.0f} s: the request may be held for a reviewer's approval "
-                    "(it goes on once approved; a denial ends it)",
-                )  # fmt: skip
+                    ticks, None, await held_message(call, path, time.monotonic() - started)
+                )
         except asyncio.CancelledError:
             task.cancel()
             raise
+
+    async def held_message(call: ToolCall, path: str, waited: float) -> str:
+        try:
+            held = await calls.pending_approval(endpoint.gateway, call.caller, path)
+        except Exception:  # a progress message is no reason to fail the call
+            held = None
+        if held is None:
+            return (
+                f"waiting {waited:.0f} s for the gateway (the request may be held for a reviewer's approval)"
+            )
+        why = f": {held['reason']}" if held.get("reason") else ""
+        return (f"waiting {waited:.0f} s: held for approval {held.get('id')} (rule {held.get('rule')}{why}); "
+                f"a reviewer in {', '.join(held.get('reviewer_groups') or [])} decides, then this call returns")  # fmt: skip
 
     # -- reads --------------------------------------------------------------------------------------------
 
@@ -332,7 +345,7 @@ def build_server(endpoint: Endpoint) -> MCPServer:
             output = await waiting(ctx, call, calls.exec_command(
                 endpoint.gateway, call.caller, path=path, query=calls.query_string(query), reason=call.reason,
                 tool=call.tool, max_bytes=settings.max_exec_output_bytes,
-                time_limit=min(timeout_seconds, settings.max_exec_seconds)))  # fmt: skip
+                time_limit=min(timeout_seconds, settings.max_exec_seconds)), path)  # fmt: skip
             call.request_ids.append(output.request_id)
             if output.refused is not None:
                 raise ToolError(f"{output.refused.status}: {output.refused.message()}")

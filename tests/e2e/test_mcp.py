@@ -231,7 +231,11 @@ async def test_a_delete_is_held_until_a_reviewer_approves_then_completes(gw, own
     await asyncio.wait_for(task, 30)
     assert not result["answer"].is_error, text(result["answer"])
     assert json.loads(text(result["answer"]))["deleted"]["name"] == "worker"
+    # Progress while held, naming the approval request and its rule (the caller sees its own requests).
     assert progress and all("approval" in (message or "") for _, message in progress)
+    assert any(
+        f"held for approval {item['id']} (rule agents-deletes-held" in (m or "") for _, m in progress
+    ), progress
     gone = run_kubectl(own_sandbox.kubeconfig, "get", "pod", "worker", "-n", "prod")
     assert gone.returncode == 1 and "NotFound" in gone.stderr
     # The tool call's event: tool, reason, identity, the API request it made (the one the approval let through).
