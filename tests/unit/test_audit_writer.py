@@ -95,16 +95,18 @@ def test_a_killed_process_is_replaced_and_the_failed_write_raises(database):
 
 
 def test_a_write_the_process_cannot_answer_raises_writer_gone(database):
-    writer = WriterProcess(database.url, None, reply_seconds=1.0)
+    writer = WriterProcess(database.url, None)
     writer.start()
     try:
-        writer.write(records(1), retry=False)
+        writer.write(records(1), retry=False)  # the first write opens the database: not timed
+        writer.reply_seconds = 1.0
         pid = writer.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # stuck: alive but silent
         with pytest.raises(WriterGone, match="did not answer"):
             writer.write(records(2), retry=False)
         assert wait_exit(pid), "the stuck process was not killed"
+        writer.reply_seconds = 120.0  # the new process opens the database again: not timed either
         writer.write(records(2), retry=True)  # a new process; the retry writes the new record once
     finally:
         writer.close()
