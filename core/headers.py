@@ -10,7 +10,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from .errors import StatusError
-from .flow import Identity
+from .flow import INTENT_HEADER, Identity
 
 RESERVED_USER_PREFIX = "kubegate:"
 
@@ -32,6 +32,9 @@ WEBSOCKET_HANDSHAKE = frozenset(
     {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 )
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+# Headers that speak to the gateway, not to the cluster: read here, never forwarded (the stated intent is
+# recorded masked; sent on, it would reach the API server and whatever logs its requests as written).
+GATEWAY_ONLY = frozenset({INTENT_HEADER})
 
 
 # The API server's front-proxy authenticator (`--requestheader-*`) takes the user from these headers when the
@@ -64,7 +67,7 @@ def client_headers_for_upstream(
     out = []
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in listed or is_credential_header(lname):
+        if lname in HOP_BY_HOP or lname in GATEWAY_ONLY or lname in listed or is_credential_header(lname):
             continue
         if websocket and lname in WEBSOCKET_HANDSHAKE:
             continue

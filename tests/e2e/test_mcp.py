@@ -471,7 +471,7 @@ async def test_a_secret_applied_by_the_agent_is_masked_in_every_record(gw, own_s
     assert value not in json.dumps(records)
 
 
-def test_a_kubectl_user_may_state_an_intent_it_is_recorded_and_bounded(gw):
+def test_a_kubectl_user_may_state_an_intent_it_is_recorded_and_bounded(gw, own_sandbox):
     import urllib.error
     import urllib.request
 
@@ -486,7 +486,10 @@ def test_a_kubectl_user_may_state_an_intent_it_is_recorded_and_bounded(gw):
         except urllib.error.HTTPError as exc:
             return exc.code
 
+    since = last_entry(own_sandbox)
     assert get("on-call%3A checking the config") == 200
+    forwarded = agents_requests(own_sandbox, since)  # the intent is the gateway's: never sent upstream
+    assert forwarded and all("kubegate-intent" not in {h.lower() for h in r["headers"]} for r in forwarded)
     wait_for(lambda: any(e["kind"] == "request" and e["data"].get("intent") == "on-call: checking the config"
                          for e in audit(gw)), what="the request's intent in its audit event")  # fmt: skip
     assert get("x" * 1001) == 400

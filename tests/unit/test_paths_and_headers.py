@@ -68,6 +68,8 @@ def test_client_credentials_and_impersonation_are_stripped():
         ("X-Secret-Hop", "1"),
         ("Accept", "application/json"),
         ("Kubectl-Command", "kubectl get"),
+        ("Kubegate-Intent", "rotating the db password hunter2"),  # for the gateway: shown, recorded masked
+        ("KUBEGATE-INTENT", "x"),
     ]
     assert client_headers_for_upstream(headers) == [
         ("Accept", "application/json"),
