@@ -61,6 +61,15 @@ class WebhookSettings(BaseModel):
     _senders: list[Sender] = PrivateAttr(default_factory=list)
 
 
+def _slack_text(text: Any, limit: int = 500) -> str:
+    """Text a requester or reviewer wrote, as Slack shows it literally: its control characters escaped (so a
+    stated reason cannot make a link such as `<https://elsewhere|Approve>`), and bounded."""
+    value = str(text)
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def slack_message(event: AuditEvent, link_base: str) -> dict[str, Any]:
     data = event.data
     what = f"{data.get('verb', '?')} {data.get('resource', '?')}"
@@ -80,7 +89,9 @@ def slack_message(event: AuditEvent, link_base: str) -> dict[str, Any]:
     }.get(event.kind, f"{event.kind}: {what}")
     detail = f"rule `{data.get('rule', '')}`"
     if data.get("comment"):
-        detail += f" — “{data['comment']}”"
+        detail += f" — “{_slack_text(data['comment'])}”"
+    if data.get("intent"):  # the requester's stated reason (masked when it was recorded)
+        detail += f"\nreason: “{_slack_text(data['intent'])}”"
     text = f"{headline}\n{detail}\n<{link}|Review {approval_id}>" if approval_id else f"{headline}\n{detail}"
     return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
 

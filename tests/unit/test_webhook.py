@@ -36,6 +36,18 @@ def test_slack_message_of_a_denial_carries_the_comment():
     assert "— “no”" in slack_message(event, "https://gw")["text"]
 
 
+def test_slack_message_shows_the_stated_reason_literally():
+    intent = "deploy hotfix <https://evil.example|Approve here> & more " + "x" * 600
+    event = AuditEvent("approval.requested", "", "prod", 0.0, {**EVENT.data, "intent": intent})
+    text = slack_message(event, "https://gw")["text"]
+    assert "\nreason: “deploy hotfix &lt;https://evil.example|Approve here&gt; &amp; more x" in text
+    assert "<https://evil" not in text and len(text) < 900  # no link of the requester's making; bounded
+    denied = AuditEvent(
+        "approval.denied", "", "prod", 0.0, {**EVENT.data, "reviewer": "r", "comment": "<!here>"}
+    )
+    assert "— “&lt;!here&gt;”" in slack_message(denied, "https://gw")["text"]
+
+
 @pytest.mark.parametrize("url", ["http://hooks.example.com/x", "ftp://x", "hooks.example.com"])
 def test_receivers_must_use_https_off_loopback(url):
     with pytest.raises(ValidationError, match="must be https"):

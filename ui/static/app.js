@@ -215,7 +215,13 @@ function renderApproval(r, status) {
     el("dt", { text: "Where" }),
     el("dd", { text: `connection ${r.connection}` }),
     el("dt", { text: "Why" }),
-    el("dd", {}, r.reason || "—", el("span", { class: "muted" }, ` (rule ${r.rule})`)),
+    el(
+      "dd",
+      {},
+      r.reason || "—",
+      el("span", { class: "muted" }, ` (rule ${r.rule})`),
+      r.intent ? el("div", {}, "stated reason: ", el("q", { text: r.intent })) : null,
+    ),
     el("dt", { text: "Waiting" }),
     el(
       "dd",
