@@ -2,24 +2,28 @@
 
 Raw ASGI rather than a Quart route, for three measured reasons: every request on this path pays no
 framework cost (Quart + aiohttp served 2.3k req/s here against 3.6k for raw ASGI + aiohttp); there is no
-response timeout to cut watches and ``logs -f``; and WebSocket frames are pulled from Hypercorn's bounded
+response timeout to cut watches and ``logs -f``; and WebSocket frames are pulled from the server's bounded
 queue one at a time, so a client that stops reading, or an upstream that floods, blocks the other side
 instead of growing the gateway's memory.
 
-Request path (see docs/architecture.md):
-path check → connection lookup → attributes → authenticate → decide → upstream request hook →
-identity-header check → upstream → response headers hook → body transformers → client → audit event.
+Every request is one `Flow` through the same pipeline (docs/architecture.md, "The request path"):
+
+    flow      path check, connection lookup, attributes            `_make_flow`
+    admit     authenticate, decide                                 `_admit`
+    hold      approval, only when the decision asks for it        `_hold`
+    prepare   upstream headers, upstream request hook, check       `_prepare`
+    forward   REST: body up, response down (core/httpbody.py)     `_forward`
+    relay     exec/attach/port-forward WebSocket (core/relay.py)  `_session`
+    record    metrics and the flow's one audit event              `_record`
+
+`_http` and `_websocket` run these steps and end in `_record`, once, whatever happened.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import hashlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -31,11 +35,8 @@ from .errors import STATUS_HEADERS, StatusError
 from .flow import (
     AuditEvent,
     AuthFailure,
-    BodyTransformer,
     Decision,
     Flow,
-    Frame,
-    FrameDirection,
     Identity,
     Request,
     Session,
@@ -43,43 +44,55 @@ from .flow import (
     stated_intent,
     token_fingerprint,
 )
-from .headers import (
-    RESPONSE_DROP,
-    check_upstream_headers,
-    client_headers_for_upstream,
-    impersonation_headers,
-    subprotocols_for_upstream,
+from .headers import check_upstream_headers, client_headers_for_upstream, impersonation_headers
+from .httpbody import (
+    BodyReader,
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    describe_error,
+    drain,
+    respond,
+    too_large,
+    unavailable,
 )
+from .relay import (
+    MAX_HANDSHAKE_ERROR_BODY,
+    HandshakeRefusal,
+    WebSocketClient,
+    close_both,
+    open_upstream,
+    relay_frames,
+    send_refusal,
+)
+from .relay import handshake_trace_config as handshake_trace_config  # connections.py imports it from here
 
 if TYPE_CHECKING:
+    from prometheus_client import Gauge
+
     from .connections import ConnectionRegistry
     from .plugins import PluginHost
 
-log = logging.getLogger("kubegate.proxy")
+__all__ = [
+    "PREFIX",
+    "Proxy",
+    "Receive",
+    "Scope",
+    "Send",
+    "handshake_trace_config",
+    "send_status",
+    "split_path",
+]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = logging.getLogger("kubegate.proxy")
 
 PREFIX = b"/k8s/"
 # Percent-encodings that could smuggle a separator or a dot segment past the check below.
 FORBIDDEN_ENCODINGS = (b"%2f", b"%5c", b"%2e", b"%00", b"%25")
-MAX_HANDSHAKE_ERROR_BODY = 64 * 1024
-
-# Where the body of a refused upstream WebSocket handshake is kept for the task that asked (see
-# `_capture_handshake_body`): aiohttp's ws_connect raises without it, and kubectl should print the API
-# server's own message.
-_handshake_body: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "kubegate_handshake_body", default=None
-)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class ClientGone(Exception):
-    pass
+# The audit event's `error` for a client that left while its request was held for approval.
+LEFT_WHILE_HELD = "the client went away while waiting for approval"
 
 
 class RelayedError(Exception):
@@ -132,25 +145,6 @@ async def send_status(send: Send, error: StatusError, *, websocket: bool = False
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _capture_handshake_body(
-    session: aiohttp.ClientSession, ctx: Any, params: aiohttp.TraceRequestEndParams
-) -> None:
-    holder = _handshake_body.get()
-    if holder is not None and params.response.status != 101:
-        holder["status"] = params.response.status
-        holder["content_type"] = params.response.headers.get("Content-Type", "")
-        try:
-            holder["body"] = await params.response.content.read(MAX_HANDSHAKE_ERROR_BODY)
-        except (TimeoutError, aiohttp.ClientError):
-            holder["body"] = b""
-
-
-def handshake_trace_config() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_request_end.append(_capture_handshake_body)
-    return trace
-
-
 class Proxy:
     """Handles every ASGI request under ``/k8s/``."""
 
@@ -161,12 +155,12 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = scope["type"] == "websocket"
         try:
-            flow = self._make_flow(scope, receive, websocket)
+            flow = self._make_flow(scope, websocket)
         except StatusError as error:
             if websocket:
                 await receive()  # websocket.connect
             else:
-                await _drain(receive)
+                await drain(receive)
             await send_status(send, error, websocket=websocket)
             return
         observe.REQUEST_ID.set(flow.id)  # log lines of this request carry its id
@@ -182,7 +176,89 @@ class Proxy:
         else:
             await self._http(flow, receive, send)
 
-    def _make_flow(self, scope: Scope, receive: Receive, websocket: bool) -> Flow:
+    # -- the two pipelines ---------------------------------------------------------------------------
+
+    async def _http(self, flow: Flow, receive: Receive, send: Send) -> None:
+        """REST: admit → hold → prepare → forward → record."""
+        limits = flow.connection.limits
+        cap = limits.max_request_body_bytes
+        body = BodyReader(receive, cap, limits.audit_body_bytes if flow.connection.hooks.has_audit else 0)
+        flow.request._body_reader = body.read_all
+        flow.request._disconnect_waiter = body.until_disconnect
+        try:
+            declared = flow.request.header("content-length")
+            if declared.isdigit() and int(declared) > cap:
+                raise too_large(cap)
+            if flow.request.header("upgrade").lower().startswith("spdy"):
+                await self._refuse_spdy(flow, await self._admit(flow, body))
+            impersonation = await self._admit(flow, body)
+            first = await body.first()
+            if flow.request.body is None and body.complete:
+                flow.request.body = first
+            streamed = flow.request.body is None
+            await self._prepare(flow, impersonation, keep_length=streamed)
+            data = body.stream(first) if streamed else (flow.request.body or None)
+            await self._forward(flow, data, body, receive, send)
+        except StatusError as error:
+            flow.error = error
+            if not body.complete:
+                await body.discard()
+            if flow.response.status == 0:
+                flow.response.status = error.code
+                await send_status(send, error)
+        except RelayedError as relayed:
+            flow.response.status = relayed.status
+            headers = [
+                (b"content-type", relayed.content_type.encode("latin-1")),
+                (b"content-length", str(len(relayed.body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": relayed.status, "headers": headers})
+            await send({"type": "http.response.body", "body": relayed.body, "more_body": False})
+        except ClientGone as gone:
+            _client_gone(flow, gone)
+        finally:
+            body.describe(flow.request)
+            await self._record(flow)
+
+    async def _websocket(self, flow: Flow, receive: Receive, send: Send) -> None:
+        """exec/attach/port-forward: admit → hold → prepare → upgrade upstream → relay → record."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        client = WebSocketClient(receive)
+        flow.request._disconnect_waiter = client.until_disconnect
+        session: Session | None = None
+        open_sessions: Gauge | None = None
+        try:
+            impersonation = await self._admit(flow, client)
+            await self._prepare(flow, impersonation, keep_length=False)
+            ws = await open_upstream(flow, self._upstream_url(flow))
+            if isinstance(ws, HandshakeRefusal):  # e.g. RBAC's 403: kubectl prints the API server's message
+                flow.response.status = ws.status
+                await send_refusal(send, ws)
+                return
+            flow.response.status = 101
+            await send({"type": "websocket.accept", "subprotocol": ws.protocol})
+            session = Session(flow=flow, subprotocol=ws.protocol or "")
+            open_sessions = observe.OPEN_SESSIONS.labels(
+                flow.connection.name, flow.attributes.subresource or "other"
+            )
+            open_sessions.inc()
+            await self._session(flow, session, ws, receive, send)
+        except StatusError as error:
+            flow.error = error
+            flow.response.status = error.code
+            await send_status(send, error, websocket=True)
+        except ClientGone as gone:
+            _client_gone(flow, gone)
+        finally:
+            await self._record(flow, session)
+            if open_sessions is not None:
+                open_sessions.dec()
+
+    # -- the steps -----------------------------------------------------------------------------------
+
+    def _make_flow(self, scope: Scope, websocket: bool) -> Flow:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         name, raw_rest = split_path(raw_path)
         connection = self.registry.get(name)
@@ -218,14 +294,13 @@ class Proxy:
             connection=connection, request=request, attributes=attributes, intent=stated_intent(request)
         )
 
-    # -- shared steps ----------------------------------------------------------------------------------
-
-    async def _admit(self, flow: Flow) -> list[tuple[str, str]]:
-        """Authenticate and decide; return the impersonation headers. Raises StatusError to refuse."""
+    async def _admit(self, flow: Flow, client: BodyReader | WebSocketClient) -> list[tuple[str, str]]:
+        """Authenticate and decide (and hold, when the decision asks for approval); return the impersonation
+        headers. Raises StatusError to refuse, ClientGone when the client left meanwhile."""
         hooks = flow.connection.hooks
         try:
             answer = await hooks.authenticate(flow)
-        except StatusError:
+        except (StatusError, ClientGone):
             raise
         except Exception:
             log.exception("authentication plugin failed on %s; denying", flow.connection.name)
@@ -242,7 +317,7 @@ class Proxy:
         flow.identity = answer
         try:
             decision = await hooks.decide(flow)
-        except StatusError:
+        except (StatusError, ClientGone):  # a plugin reading the body of a client that left: not its failure
             raise
         except Exception:
             log.exception("decision plugin failed on %s; denying", flow.connection.name)
@@ -250,6 +325,9 @@ class Proxy:
         flow.decision = decision
         if decision is not None and decision.verdict is Verdict.NEEDS_APPROVAL:
             flow.decision = decision = await self._hold(flow, decision)
+            if decision.verdict is Verdict.DENY and client.client_gone:
+                # Nobody is there to hear the refusal: the request ends as the client's doing (499).
+                raise ClientGone(LEFT_WHILE_HELD)
         if decision is not None and decision.verdict is Verdict.DENY:
             raise StatusError(403, decision.reason or "denied by policy", details=_denial_details(flow))
         return impersonation_headers(answer)
@@ -258,7 +336,7 @@ class Proxy:
         """Ask the approval plugins; anything but an answer of allow or deny refuses (fail closed)."""
         try:
             resolved = await flow.connection.hooks.approval(flow, decision)
-        except StatusError:
+        except (StatusError, ClientGone):
             raise
         except Exception:
             log.exception("approval plugin failed on %s; denying", flow.connection.name)
@@ -268,21 +346,9 @@ class Proxy:
             return Decision(Verdict.DENY, f"{reason}, and no approval plugin is enabled", decision.rule)
         return resolved
 
-    def _upstream_url(self, flow: Flow) -> URL:
-        """The upstream URL with exactly the path and query bytes decided on: built already encoded, so
-        that aiohttp neither requotes them nor reads a `#` as a fragment."""
-        base = _parsed_base_url(flow.connection.upstream.base_url)
-        return URL.build(
-            scheme=base.scheme,
-            authority=base.raw_authority,
-            path=base.raw_path.rstrip("/") + flow.request.path,
-            query_string=flow.request.query,
-            encoded=True,
-        )
-
-    async def _prepare_upstream(
-        self, flow: Flow, impersonation: list[tuple[str, str]], *, keep_length: bool
-    ) -> None:
+    async def _prepare(self, flow: Flow, impersonation: list[tuple[str, str]], *, keep_length: bool) -> None:
+        """The headers sent upstream: the client's, cleaned, plus the gateway's credential and impersonation;
+        then `kubegate_upstream_request`; then the check that the identity headers are only the gateway's."""
         upstream = flow.connection.upstream
         credential = upstream.credential_headers()
         flow.upstream_headers = [
@@ -296,12 +362,138 @@ class Proxy:
             await flow.connection.hooks.upstream_request(flow)
         check_upstream_headers(flow.upstream_headers, credential, impersonation)
 
-    async def _audit(self, flow: Flow, kind: str = "request", **extra: Any) -> None:
-        if kind in ("request", "session_end"):  # every flow ends in exactly one of these
-            observe.observe(flow)
+    def _upstream_url(self, flow: Flow) -> URL:
+        """The upstream URL with exactly the path and query bytes decided on: built already encoded, so
+        that aiohttp neither requotes them nor reads a `#` as a fragment."""
+        base = _parsed_base_url(flow.connection.upstream.base_url)
+        return URL.build(
+            scheme=base.scheme,
+            authority=base.raw_authority,
+            path=base.raw_path.rstrip("/") + flow.request.path,
+            query_string=flow.request.query,
+            encoded=True,
+        )
+
+    async def _forward(self, flow: Flow, data: Any, body: BodyReader, receive: Receive, send: Send) -> None:
+        """Send the request upstream (`data`: the buffered body, or the body streaming from the client) and
+        its response to the client."""
+        upstream = flow.connection.upstream
+        limits = flow.connection.limits
+        try:
+            async with asyncio.timeout(limits.upstream_response_timeout_seconds):
+                resp = await upstream.session.request(
+                    flow.request.method,
+                    self._upstream_url(flow),
+                    headers=flow.upstream_headers,
+                    data=data,
+                    allow_redirects=False,
+                    compress=None,
+                    **upstream.request_options,
+                )
+        except BodyTooLarge:
+            raise too_large(limits.max_request_body_bytes) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise unavailable(
+                flow, f"no connection within {limits.upstream_connect_timeout_seconds:g} s"
+            ) from None
+        except TimeoutError:
+            raise StatusError(
+                504, f'connection "{flow.connection.name}": the API server did not answer in time'
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # aiohttp wraps what the body stream raised (the cap, the client leaving) in a ClientOSError:
+            # the body reader knows which it was, and neither is the cluster's doing.
+            if body.too_large:
+                raise too_large(limits.max_request_body_bytes) from None
+            if body.client_gone:
+                raise ClientGone from None
+            log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
+            raise unavailable(flow, describe_error(exc)) from None
+        async with resp:
+            await respond(flow, resp, receive, send)
+
+    async def _refuse_spdy(self, flow: Flow, impersonation: list[tuple[str, str]]) -> None:
+        """Answer an upgrade to SPDY, which ASGI cannot take over.
+
+        kubectl falls back to SPDY when its WebSocket upgrade is refused, so this attempt must get the same
+        answer the WebSocket one got: the API server is asked (without the upgrade, which it refuses
+        harmlessly) and its refusal is relayed, e.g. RBAC's 403. Only when it would have allowed the upgrade
+        does the client hear that this gateway relays WebSocket only.
+        """
+        await self._prepare(flow, impersonation, keep_length=False)
+        upstream = flow.connection.upstream
+        try:
+            async with asyncio.timeout(flow.connection.limits.upstream_response_timeout_seconds):
+                resp = await upstream.session.request(
+                    flow.request.method,
+                    self._upstream_url(flow),
+                    headers=flow.upstream_headers,
+                    allow_redirects=False,
+                    **upstream.request_options,
+                )
+                async with resp:
+                    body = await resp.content.read(MAX_HANDSHAKE_ERROR_BODY)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise unavailable(flow, describe_error(exc)) from None
+        if resp.status in (401, 403, 404) or resp.status >= 500:
+            raise RelayedError(resp.status, resp.headers.get("Content-Type", "application/json"), body)
+        raise StatusError(
+            400,
+            "kubegate relays exec, attach and port-forward over WebSocket only "
+            f"(received an upgrade to {flow.request.header('upgrade')!r}); use kubectl 1.30 or newer "
+            "and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
+        )
+
+    async def _session(
+        self, flow: Flow, session: Session, ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
+    ) -> None:
+        """An accepted exec/attach/port-forward session: `kubegate_session_start`, the `session_start` audit
+        event, frames both ways (core/relay.py), both sides closed, `kubegate_session_end`."""
         hooks = flow.connection.hooks
-        if not hooks.has_audit:
+        try:
+            if hooks.has_session_hooks:
+                await hooks.session_start(flow, session)
+            if hooks.has_audit:
+                await self._deliver(
+                    flow, self._audit_event(flow, "session_start", subprotocol=session.subprotocol)
+                )
+            await relay_frames(flow, session, ws, receive, send)
+        finally:
+            await close_both(ws, send, session)
+            if hooks.has_session_hooks:
+                await hooks.session_end(flow, session)
+
+    async def _record(self, flow: Flow, session: Session | None = None) -> None:
+        """The end of every flow, called once: its metrics and its audit event (`request`, or `session_end`
+        for a relayed session)."""
+        observe.observe(flow)
+        if not flow.connection.hooks.has_audit:
             return
+        if session is None:
+            event = self._audit_event(flow, "request")
+        else:
+            event = self._audit_event(
+                flow,
+                "session_end",
+                subprotocol=session.subprotocol,
+                bytes_from_client=session.bytes_from_client,
+                bytes_from_upstream=session.bytes_from_upstream,
+                close_code=session.close_code,
+            )
+        try:  # inline rather than through `_deliver`: one coroutine less on every audited request
+            await flow.connection.hooks.audit_event(event, flow.connection)
+        except Exception:
+            log.exception("audit hook failed")
+
+    async def _deliver(self, flow: Flow, event: AuditEvent) -> None:
+        try:
+            await flow.connection.hooks.audit_event(event, flow.connection)
+        except Exception:
+            log.exception("audit hook failed")
+
+    # -- the audit event -----------------------------------------------------------------------------
+
+    def _audit_event(self, flow: Flow, kind: str, **extra: Any) -> AuditEvent:
         fields = self.plugins.audit_fields(flow) if self.plugins is not None else {}
         data = _audit_data(flow, fields, **extra)
         for key in ("query", "raw_query"):
@@ -312,13 +504,9 @@ class Proxy:
             data["intent"] = masked.decode(errors="replace")
         if flow.request.body_size and kind == "request":
             data["request_body"] = self._body_record(flow)
-        event = AuditEvent(
+        return AuditEvent(
             kind=kind, flow_id=flow.id, connection=flow.connection.name, time=flow.wall_time, data=data
         )
-        try:
-            await hooks.audit_event(event, flow.connection)
-        except Exception:
-            log.exception("audit hook failed")
 
     def _query_record(self, flow: Flow, query: str) -> str | None:
         """The query as audit events carry it: as the `kubegate_record_query` plugins render it (an exec's
@@ -346,492 +534,18 @@ class Proxy:
                 log.exception("record_body hook failed; the body is recorded as size and hash only")
         return record
 
-    # -- REST ------------------------------------------------------------------------------------------
 
-    async def _http(self, flow: Flow, receive: Receive, send: Send) -> None:
-        limits = flow.connection.limits
-        cap = limits.max_request_body_bytes
-        declared = flow.request.header("content-length")
-        body_state = _BodyReader(
-            receive, cap, limits.audit_body_bytes if flow.connection.hooks.has_audit else 0
-        )
-        flow.request._body_reader = body_state.read_all
-        flow.request._disconnect_waiter = body_state.until_disconnect
-        try:
-            if declared.isdigit() and int(declared) > cap:
-                raise _too_large(cap)
-            if flow.request.header("upgrade").lower().startswith("spdy"):
-                await self._refuse_spdy(flow, await self._admit(flow))
-            impersonation = await self._admit(flow)
-            first = await body_state.first()
-            if flow.request.body is None and body_state.complete:
-                flow.request.body = first
-            streamed = flow.request.body is None
-            await self._prepare_upstream(flow, impersonation, keep_length=streamed)
-            data: Any = body_state.stream(first) if streamed else (flow.request.body or None)
-            await self._forward(flow, data, receive, send, body_state)
-        except StatusError as error:
-            flow.error = error
-            if not body_state.complete:
-                await body_state.discard()
-            if flow.response.status == 0:
-                flow.response.status = error.code
-                await send_status(send, error)
-        except RelayedError as relayed:
-            flow.response.status = relayed.status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": relayed.status,
-                    "headers": [
-                        (b"content-type", relayed.content_type.encode("latin-1")),
-                        (b"content-length", str(len(relayed.body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": relayed.body, "more_body": False})
-        except ClientGone:
-            flow.response.status = flow.response.status or 499
-        finally:
-            flow.request.body_size = body_state.received
-            if body_state.received:
-                flow.request.body_sha256 = body_state.digest.hexdigest()
-                if body_state.sample is not None and body_state.complete:
-                    flow.request.body_sample = bytes(body_state.sample)
-            await self._audit(flow)
-
-    async def _refuse_spdy(self, flow: Flow, impersonation: list[tuple[str, str]]) -> None:
-        """Answer an upgrade to SPDY, which ASGI cannot take over.
-
-        kubectl falls back to SPDY when its WebSocket upgrade is refused, so this attempt must get the same
-        answer the WebSocket one got: the API server is asked (without the upgrade, which it refuses
-        harmlessly) and its refusal is relayed, e.g. RBAC's 403. Only when it would have allowed the upgrade
-        does the client hear that this gateway relays WebSocket only.
-        """
-        await self._prepare_upstream(flow, impersonation, keep_length=False)
-        upstream = flow.connection.upstream
-        try:
-            async with asyncio.timeout(flow.connection.limits.upstream_response_timeout_seconds):
-                resp = await upstream.session.request(
-                    flow.request.method,
-                    self._upstream_url(flow),
-                    headers=flow.upstream_headers,
-                    allow_redirects=False,
-                    **upstream.request_options,
-                )
-                async with resp:
-                    body = await resp.content.read(MAX_HANDSHAKE_ERROR_BODY)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise _unavailable(flow, _describe(exc)) from None
-        if resp.status in (401, 403, 404) or resp.status >= 500:
-            raise RelayedError(resp.status, resp.headers.get("Content-Type", "application/json"), body)
-        raise StatusError(
-            400,
-            "kubegate relays exec, attach and port-forward over WebSocket only "
-            f"(received an upgrade to {flow.request.header('upgrade')!r}); use kubectl 1.30 or newer "
-            "and do not set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
-        )
-
-    async def _forward(self, flow: Flow, data: Any, receive: Receive, send: Send, body: _BodyReader) -> None:
-        upstream = flow.connection.upstream
-        limits = flow.connection.limits
-        try:
-            async with asyncio.timeout(limits.upstream_response_timeout_seconds):
-                resp = await upstream.session.request(
-                    flow.request.method,
-                    self._upstream_url(flow),
-                    headers=flow.upstream_headers,
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                    **upstream.request_options,
-                )
-        except BodyTooLarge:
-            raise _too_large(limits.max_request_body_bytes) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise _unavailable(
-                flow, f"no connection within {limits.upstream_connect_timeout_seconds:g} s"
-            ) from None
-        except TimeoutError:
-            raise StatusError(
-                504, f'connection "{flow.connection.name}": the API server did not answer in time'
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            if body.too_large:
-                raise _too_large(limits.max_request_body_bytes) from None
-            log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
-            raise _unavailable(flow, _describe(exc)) from None
-        async with resp:
-            await self._respond(flow, resp, receive, send)
-
-    async def _respond(self, flow: Flow, resp: aiohttp.ClientResponse, receive: Receive, send: Send) -> None:
-        hooks = flow.connection.hooks
-        flow.response.status = resp.status
-        flow.response.headers = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in resp.raw_headers
-            if name.decode("latin-1").lower() not in RESPONSE_DROP
-        ]
-        length = resp.headers.get("Content-Length")
-        if hooks.has_response_headers:
-            await hooks.response_headers(flow)
-        transformers: list[BodyTransformer] = (
-            await hooks.response_stream(flow) if hooks.has_response_stream else []
-        )
-        headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in flow.response.headers]
-        if length is not None and not transformers:
-            headers.append((b"content-length", length.encode()))
-        await send({"type": "http.response.start", "status": flow.response.status, "headers": headers})
-
-        # A watch, `logs -f` or chunked list only ends when the client leaves: notice that, and stop reading
-        # upstream. A body with a Content-Length ends by itself, so it needs no watcher task.
-        watcher = _DisconnectWatcher(receive) if length is None else None
-        try:
-            async for chunk in resp.content.iter_any():
-                for transformer in transformers:
-                    chunk = transformer.feed(chunk)
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    flow.response.bytes_sent += len(chunk)
-            tail = b""
-            for index, transformer in enumerate(transformers):
-                out = transformer.end()
-                for later in transformers[index + 1 :]:
-                    out = later.feed(out)
-                tail += out
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-            flow.response.bytes_sent += len(tail)
-        except asyncio.CancelledError:
-            if watcher is not None and watcher.fired:
-                raise ClientGone from None
-            raise
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            # The stream broke mid-body: the status line is gone already, so end the response abruptly
-            # (the client sees a truncated body, never a made-up success).
-            log.warning("upstream stream of %s broke: %s", flow.connection.name, exc)
-            raise ClientGone from None
-        finally:
-            if watcher is not None:
-                watcher.stop()
-
-    # -- WebSocket (exec, attach, port-forward) ---------------------------------------------------------
-
-    async def _websocket(self, flow: Flow, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        flow.request._disconnect_waiter = lambda: _until_websocket_disconnect(receive)
-        upstream = flow.connection.upstream
-        limits = flow.connection.limits
-        try:
-            impersonation = await self._admit(flow)
-            await self._prepare_upstream(flow, impersonation, keep_length=False)
-            holder: dict[str, Any] = {}
-            token = _handshake_body.set(holder)
-            try:
-                ws = await upstream.session.ws_connect(
-                    self._upstream_url(flow),
-                    protocols=subprotocols_for_upstream(flow.request.subprotocols),
-                    headers=flow.upstream_headers,
-                    autoping=True,
-                    autoclose=False,
-                    heartbeat=None,
-                    max_msg_size=limits.max_websocket_message_bytes,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10),
-                    **upstream.request_options,
-                )
-            except aiohttp.WSServerHandshakeError as exc:
-                if holder.get("status"):
-                    await self._relay_refusal(flow, holder, send)
-                    return
-                raise StatusError(
-                    502, f"the API server refused the WebSocket upgrade: {exc.message}"
-                ) from None
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise _unavailable(flow, _describe(exc)) from None
-            finally:
-                _handshake_body.reset(token)
-        except StatusError as error:
-            flow.error = error
-            flow.response.status = error.code
-            await send_status(send, error, websocket=True)
-            await self._audit(flow)
-            return
-        flow.response.status = 101
-        await send({"type": "websocket.accept", "subprotocol": ws.protocol})
-        session = Session(flow=flow, subprotocol=ws.protocol or "")
-        await self._relay(flow, session, ws, receive, send)
-
-    async def _relay_refusal(self, flow: Flow, holder: dict[str, Any], send: Send) -> None:
-        """Pass the API server's own refusal (e.g. 403 from RBAC) to the client, so kubectl prints it."""
-        status, body = holder["status"], holder.get("body", b"")
-        flow.response.status = status
-        headers = [(b"content-type", (holder.get("content_type") or "application/json").encode("latin-1"))]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
-        await self._audit(flow)
-
-    async def _relay(
-        self, flow: Flow, session: Session, ws: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send
-    ) -> None:
-        hooks = flow.connection.hooks
-        frame_hooks = hooks.has_frame_hooks
-        open_sessions = observe.OPEN_SESSIONS.labels(
-            flow.connection.name, flow.attributes.subresource or "other"
-        )
-        open_sessions.inc()
-        try:
-            await self._relay_session(flow, session, ws, receive, send, hooks, frame_hooks)
-        finally:
-            open_sessions.dec()
-
-    async def _relay_session(self, flow: Flow, session: Session, ws: aiohttp.ClientWebSocketResponse,
-                             receive: Receive, send: Send, hooks: Any, frame_hooks: bool) -> None:  # fmt: skip
-        if hooks.has_session_hooks:
-            await hooks.session_start(flow, session)
-        await self._audit(flow, "session_start", subprotocol=session.subprotocol)
-
-        async def through_hooks(direction: FrameDirection, payload: bytes, text: bool) -> bytes | None:
-            """The frame as the `kubegate_stream_frame` plugins left it, or None when one dropped it."""
-            frame = Frame(direction, payload, text=text)
-            await hooks.stream_frame(flow, session, frame)
-            for earlier in frame.before:  # held output of the same protocol: text frames on base64 ones
-                await send_to_client(earlier, text)
-            return None if frame.drop else frame.data
-
-        async def send_to_client(payload: bytes, text: bool) -> None:
-            session.bytes_from_upstream += len(payload)
-            # The server's send waits for the client's socket to drain: a client that stops reading stops
-            # us reading upstream, so nothing piles up here.
-            if text:
-                await send({"type": "websocket.send", "text": payload.decode()})
-            else:
-                await send({"type": "websocket.send", "bytes": payload})
-
-        async def flush() -> None:
-            """Give plugins holding output back the chance to send it (timer tick or end of stream)."""
-            session.flush_after = None
-            frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"", flush=True)
-            await hooks.stream_frame(flow, session, frame)
-            # A plugin sets `frame.text` when what it held is text frames (the base64 channel protocols).
-            for earlier in frame.before:
-                await send_to_client(earlier, frame.text)
-            if frame.data and not frame.drop:
-                await send_to_client(frame.data, frame.text)
-
-        async def client_to_upstream() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    session.close_code = message.get("code", 1000)
-                    return
-                data = message.get("bytes")
-                text = data is None
-                payload: bytes = data if data is not None else (message.get("text") or "").encode()
-                if frame_hooks:
-                    filtered = await through_hooks(FrameDirection.CLIENT_TO_UPSTREAM, payload, text)
-                    if filtered is None:
-                        continue
-                    payload = filtered
-                session.bytes_from_client += len(payload)
-                # send_* waits for the socket to drain: a slow API server slows the client down.
-                if text:
-                    await ws.send_str(payload.decode())
-                else:
-                    await ws.send_bytes(payload)
-
-        async def upstream_to_client() -> None:
-            while True:
-                if session.flush_after is not None:
-                    try:
-                        msg = await ws.receive(timeout=session.flush_after)
-                    except TimeoutError:
-                        await flush()
-                        continue
-                else:
-                    msg = await ws.receive()
-                if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                    text = msg.type is aiohttp.WSMsgType.TEXT
-                    payload = msg.data.encode() if text else msg.data
-                    if frame_hooks:
-                        filtered = await through_hooks(FrameDirection.UPSTREAM_TO_CLIENT, payload, text)
-                        if filtered is None:
-                            continue
-                        payload = filtered
-                    if payload or not frame_hooks:  # a plugin may hold a whole frame back
-                        await send_to_client(payload, text)
-                elif msg.type is aiohttp.WSMsgType.CLOSE:
-                    if frame_hooks:
-                        await flush()
-                    session.close_code = msg.data or 1000
-                    return
-                else:  # CLOSING, CLOSED, ERROR
-                    session.close_code = session.close_code or 1011
-                    return
-
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            for task in done:
-                if task.exception() is not None and not isinstance(task.exception(), asyncio.CancelledError):
-                    log.info("session %s ended with %r", flow.id, task.exception())
-        finally:
-            for task in tasks:
-                task.cancel()
-            code = session.close_code or 1000
-            if not ws.closed:
-                await ws.close(code=code if 1000 <= code < 5000 and code not in (1005, 1006) else 1000)
-            try:
-                await send({"type": "websocket.close", "code": code if code not in (1005, 1006) else 1000})
-            except Exception:  # the client may already be gone
-                pass
-            session.ended = time.time()
-            if hooks.has_session_hooks:
-                await hooks.session_end(flow, session)
-            await self._audit(
-                flow,
-                "session_end",
-                subprotocol=session.subprotocol,
-                bytes_from_client=session.bytes_from_client,
-                bytes_from_upstream=session.bytes_from_upstream,
-                close_code=session.close_code,
-            )
-
-
-class _BodyReader:
-    """Reads the request body from ASGI with a byte cap: whole (for plugins) or streamed (to upstream)."""
-
-    def __init__(self, receive: Receive, cap: int, sample_cap: int = 0):
-        self.receive, self.cap = receive, cap
-        self.received = 0
-        self.complete = False
-        self.too_large = False
-        self._first: bytes | None = None
-        # Size, hash and (when small) a copy of the body, for the audit event; computed as it passes.
-        self.digest = hashlib.sha256()
-        self.sample_cap = sample_cap
-        self.sample: bytearray | None = bytearray()
-
-    async def _next(self) -> bytes:
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        self.received += len(chunk)
-        if chunk:
-            self.digest.update(chunk)
-            if self.sample is not None:
-                self.sample = self.sample + chunk if self.received <= self.sample_cap else None
-        if not message.get("more_body", False):
-            self.complete = True
-        if self.received > self.cap:
-            self.too_large = True
-            raise BodyTooLarge
-        return chunk
-
-    async def first(self) -> bytes:
-        """The first piece of the body; most requests have their whole body in it."""
-        if self._first is None:
-            self._first = b"" if self.complete else await self._next()
-        return self._first
-
-    async def read_all(self) -> bytes:
-        try:
-            parts = [await self.first()]
-            while not self.complete:
-                parts.append(await self._next())
-        except BodyTooLarge:
-            raise _too_large(self.cap) from None
-        return b"".join(parts)
-
-    async def stream(self, first: bytes) -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        while not self.complete:
-            chunk = await self._next()
-            if chunk:
-                yield chunk
-
-    async def until_disconnect(self) -> None:
-        """After the whole body was read: return when the client disconnects."""
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    async def discard(self) -> None:
-        """Read and drop the rest of a refused request's body, so an HTTP/1.1 client that is still sending
-        can read the refusal; past twice the cap the connection is simply left to close."""
-        budget = 2 * self.cap
-        try:
-            while not self.complete and budget > 0:
-                message = await self.receive()
-                budget -= len(message.get("body", b""))
-                if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                    self.complete = True
-        except Exception:
-            self.complete = True
-
-
-async def _until_websocket_disconnect(receive: Receive) -> None:
-    """Before the upgrade is answered, the only message left to come is the client's disconnect."""
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-
-
-async def _drain(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            return
-
-
-class _DisconnectWatcher:
-    """Cancels the task streaming a response when the client disconnects.
-
-    One watcher per response instead of racing every chunk read against `receive()`.
-    """
-
-    def __init__(self, receive: Receive):
-        self.fired = False
-        self._owner = asyncio.current_task()
-        self._task = asyncio.ensure_future(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.fired = True
-        if self._owner is not None:
-            self._owner.cancel()
-
-    def stop(self) -> None:
-        self._task.cancel()
-        if self.fired and self._owner is not None:
-            self._owner.uncancel()
+def _client_gone(flow: Flow, gone: ClientGone) -> None:
+    """A client that left: 499 unless a status went out already (the response's own, then cut short)."""
+    flow.response.status = flow.response.status or 499
+    if gone.args:
+        flow.error = StatusError(499, str(gone), reason="ClientClosedRequest")
 
 
 @functools.lru_cache(maxsize=256)
 def _parsed_base_url(base_url: str) -> URL:
     """A connection's upstream URL, parsed once rather than on every request."""
     return URL(base_url)
-
-
-def _too_large(cap: int) -> StatusError:
-    return StatusError(413, f"the request body is larger than the limit of {cap} bytes")
-
-
-def _unavailable(flow: Flow, why: str) -> StatusError:
-    return StatusError(503, f'connection "{flow.connection.name}": the API server is unavailable ({why})')
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:200] + "…"
 
 
 def _denial_details(flow: Flow) -> dict[str, Any] | None:
