@@ -27,11 +27,13 @@ import base64
 import logging
 import re
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import regex
 
 from .forms import HEAD  # a known value form is located by its first HEAD characters, then verified
+from .starts import MatchStarts, StartIndex, match_starts
 from .text import ASSIGNMENT, TextMasker, masked_group
 
 rules_log = logging.getLogger("kubegate.masking")
@@ -55,6 +57,8 @@ class _Rules:
     partial: list[tuple[regex.Pattern[str] | None, int, regex.Pattern[str] | None]] = field(
         default_factory=list
     )
+    # Where the matches of each of `partial` can begin (starts.py).
+    starts: StartIndex = field(default_factory=lambda: StartIndex([]))
 
 
 _RULES: weakref.WeakKeyDictionary[TextMasker, _Rules] = weakref.WeakKeyDictionary()
@@ -71,7 +75,9 @@ def _rules(masker: TextMasker) -> _Rules:
         ]
     groups = [(p, masked_group(p)) for p in sources] + ([(ASSIGNMENT, 4)] if masker.assignments else [])
     partial = []
+    starts: list[MatchStarts | None] = []
     for pattern, group in groups:
+        starts.append(match_starts(pattern))
         try:
             compiled = _line_local(pattern.pattern, pattern.flags)
         except regex.error:  # a custom regex `re` takes and `regex` does not: its lines are held whole
@@ -80,9 +86,19 @@ def _rules(masker: TextMasker) -> _Rules:
             )
             compiled = None
         partial.append((compiled, group, _before_group(pattern, group)))
-    rules = _Rules(partial)
+    rules = _Rules(partial, StartIndex(starts))
     _RULES[masker] = rules
     return rules
+
+
+def _matches_at(pattern: regex.Pattern[str], line: str, positions: list[int]) -> Iterator[regex.Match[str]]:
+    """What `pattern.finditer(line, partial=True, overlapped=True)` finds, tried only at `positions` (the
+    only places its matches can begin; lookbehinds still see what precedes them). Empty matches are left
+    out: `_hold` does nothing with one (it would only end the search, at the end of the line)."""
+    for position in positions:
+        match = pattern.match(line, position, partial=True)
+        if match is not None and match.end() > match.start():
+            yield match
 
 
 def _line_local(source: str, flags: int) -> regex.Pattern[str]:
@@ -306,14 +322,23 @@ class StreamMasker:
         # own string: the regex package would otherwise copy all of `text` for each pattern).
         line_start = max(text.rfind("\n") + 1, min(self.open_from, length) - LOOKBEHIND)
         line = text[line_start:]
-        for pattern, group, before_group in _rules(self.masker).partial if line else ():
+        rules = _rules(self.masker)
+        where = rules.starts.candidates(line) if line else []
+        for (pattern, group, before_group), positions in (
+            zip(rules.partial, where, strict=True) if line else ()
+        ):
             if pattern is None:  # no partial matching for it: the whole unfinished line may be a match
                 keep_from = min(keep_from, line_start)
                 if len(line) >= self.min_hold and line_start < cut:
                     cut = marker_from = line_start
                 continue
             # Overlapped: a match may begin inside an earlier one (`password=x;password: ...` as one value).
-            for match in pattern.finditer(line, partial=True, overlapped=True):
+            matches = (
+                pattern.finditer(line, partial=True, overlapped=True)
+                if positions is None
+                else _matches_at(pattern, line, positions)
+            )
+            for match in matches:
                 if not match.partial and match.end() < len(line):
                     continue  # complete, and nothing after it can change it: masked by its span
                 keep_from = min(keep_from, line_start + match.start())
