@@ -61,7 +61,7 @@ def upstream_session(
     """The pooled aiohttp session a connection type gives the proxy: no time cut on bodies (watches, `logs -f`),
     bodies passed through as bytes (gzip stays gzip), no header invented for the client, no cookies kept, and
     the body of a refused WebSocket upgrade kept so the client sees the API server's own message."""
-    from .proxy import handshake_trace_config  # core.proxy imports this module
+    from .relay import handshake_trace_config  # core.relay imports (through proxy) this module
 
     return aiohttp.ClientSession(
         connector=connector,

@@ -67,7 +67,7 @@ from .relay import (
     relay_frames,
     send_refusal,
 )
-from .relay import handshake_trace_config as handshake_trace_config  # connections.py imports it from here
+from .relay import handshake_trace_config as handshake_trace_config  # kept importable from here
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
