@@ -242,3 +242,52 @@ def test_the_connections_page_shows_an_agent_tunnel(sandbox, browser, tmp_path_f
     finally:
         stack.agent.stop()
         stop_process(stack.gateway.process)
+
+
+def test_the_dialog_quotes_the_requesters_stated_reason(demo, browser):
+    """A caller's `Kubegate-Intent` (every MCP tool's `reason`) is shown to the reviewer, as text."""
+    import json
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    kubeconfig = yaml.safe_load(demo.kubeconfig.read_text())
+    context = next(c for c in kubeconfig["contexts"] if c["name"] == kubeconfig["current-context"])["context"]
+    cluster = next(c for c in kubeconfig["clusters"] if c["name"] == context["cluster"])["cluster"]
+    user = next(u for u in kubeconfig["users"] if u["name"] == context["user"])["user"]
+    tls = ssl.create_default_context(cafile=cluster.get("certificate-authority"))
+    if "certificate-authority-data" in cluster:
+        import base64
+
+        tls = ssl.create_default_context(
+            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+        )
+    reason = "rotating the config <b>after</b> incident 42"
+    request = urllib.request.Request(
+        f"{cluster['server']}/api/v1/namespaces/prod/configmaps/app-config", method="DELETE",
+        headers={"Authorization": f"Bearer {user['token']}", "Kubegate-Intent": reason.replace(" ", "%20")},
+    )  # fmt: skip
+    answer: dict = {}
+
+    def held_delete() -> None:
+        try:
+            with urllib.request.urlopen(request, context=tls, timeout=60) as response:
+                answer["status"] = response.status
+        except urllib.error.HTTPError as exc:
+            answer["status"], answer["body"] = exc.code, json.loads(exc.read())
+
+    thread = threading.Thread(target=held_delete)
+    thread.start()
+    page = log_in(browser, demo, "rita")
+    open_request(page, "app-config")
+    dialog = page.locator(".dialog")
+    dialog.get_by_text("stated reason").wait_for(timeout=20_000)
+    assert dialog.locator("q").inner_text() == reason  # as text: no <b> element made of it
+    assert dialog.locator("q b").count() == 0
+    page.get_by_role("button", name="Deny").click()
+    page.get_by_role("status").filter(has_text="denied").wait_for(timeout=20_000)
+    thread.join(30)
+    assert answer.get("status") == 403, answer
