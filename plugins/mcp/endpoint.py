@@ -132,6 +132,14 @@ class Endpoint:
             client=(str(client[0]), int(client[1]) if len(client) > 1 else 0),
             scheme=scope.get("scheme", "https"),
         )
+        if scope["method"] == "POST":
+            # The SDK reads a message whole, with no bound: read it here, bounded, and hand it on.
+            cap = body_cap(connection.limits.max_request_body_bytes)
+            body = await _read_bounded(receive, cap, flow_request.header("content-length"))
+            if body is None:
+                await _refuse(send, 413, "request_too_large", f"an MCP message is at most {cap} bytes")
+                return
+            receive = _replay(body, receive)
         await self.manager.handle_request({**scope, SCOPE_KEY: caller}, receive, send)
 
     async def _audit_refusal(self, connection: Connection, request: Request, answer: object) -> None:
@@ -182,6 +190,46 @@ class Endpoint:
             await connection.hooks.audit_event(audit.event(connection, call, outcome, error), connection)
         except Exception:
             log.exception("audit hook failed for an MCP tool call")
+
+
+def body_cap(max_request_body_bytes: int) -> int:
+    """The largest MCP message: an `apply` carries a manifest as large as a request body may be, escaped
+    into JSON (up to about twice its size), plus the JSON-RPC envelope."""
+    return 2 * max_request_body_bytes + 64 * 1024
+
+
+async def _read_bounded(receive: Any, cap: int, declared: str) -> bytes | None:
+    """The request's body, or None when it is (or says it is) larger than `cap`."""
+    if declared.isdigit() and int(declared) > cap:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client left: the SDK will notice too
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that gives `body` whole first, then whatever the client sends (its disconnect)."""
+    given = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        message: dict[str, Any] = await receive()
+        return message
+
+    return replayed
 
 
 def _identity(identity: Identity) -> dict[str, Any]:

@@ -307,6 +307,26 @@ def test_unauthenticated_and_wrong_connection_tokens_are_refused(gw, token, conn
         assert not token or token not in json.dumps(audit(gw))
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_an_oversized_mcp_message_is_refused_and_the_endpoint_stays_up(gw, declared):
+    from kubegate.plugins.mcp.endpoint import body_cap
+
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "Authorization": f"Bearer {AGENT[2]}"}  # fmt: skip
+    padding = "x" * (body_cap(3 * 1024 * 1024) + 1)  # the default limits.max_request_body_bytes
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"pad": padding}}
+    ).encode()
+    content = body if declared else (body[i : i + 65536] for i in range(0, len(body), 65536))
+    answer = httpx2.post(f"{gw.url}/mcp/sandbox", content=content, headers=headers, verify=context)
+    assert answer.status_code == 413 and answer.json()["error"] == "request_too_large"
+    small = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+    assert (
+        httpx2.post(f"{gw.url}/mcp/sandbox", json=small, headers=headers, verify=context).status_code == 200
+    )
+
+
 async def test_the_sdk_client_is_refused_too(gw):
     with pytest.raises(Exception):  # noqa: B017 - the SDK reports the 401 its own way
         async with agent(gw, token="not-a-token") as client:
