@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -274,10 +275,10 @@ async def serve_until_signal(
             # handlers take that re-raised signal, so a stop is an orderly exit rather than an interrupt.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
-            server = uvicorn.Server(uvicorn_config(gateway, tls, bind, app))
+            server = _UvicornServer(uvicorn_config(gateway, tls, bind, app), app)
             started[0] = lambda: server.started
             grace = gateway.settings.shutdown_grace_seconds
-            announcing = asyncio.ensure_future(_announce_stop(lambda: server.should_exit, app, grace))
+            announcing = asyncio.ensure_future(_announce_stop(server, app, grace))
             try:
                 await server.serve(sockets=[listener] if listener is not None else None)
             except SystemExit:
@@ -341,11 +342,28 @@ def shutdown_notice(open_kinds: list[str], grace_seconds: float, *, uvicorn: boo
     return "stopping: " + "; ".join(parts) + hint
 
 
-async def _announce_stop(stopping: Callable[[], bool], app: Reloadable, grace: float) -> None:
-    """Log `shutdown_notice` once the server begins to stop (uvicorn sets a flag; polled like uvicorn does)."""
-    while not stopping():  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server, noting what is open the moment a stop signal arrives: uvicorn closes WebSocket
+    sessions at once, so a look taken afterwards (the notice below polls) could miss them."""
+
+    def __init__(self, config: uvicorn.Config, app: Reloadable):
+        super().__init__(config)
+        self.reloadable = app
+        self.open_at_stop: list[str] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.open_at_stop is None:
+            self.open_at_stop = self.reloadable.open_kinds()
+        super().handle_exit(sig, frame)
+
+
+async def _announce_stop(server: _UvicornServer, app: Reloadable, grace: float) -> None:
+    """Log `shutdown_notice` once the server begins to stop (uvicorn sets a flag; polled like uvicorn does),
+    with what was open when the stop signal came."""
+    while not server.should_exit:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.05)
-    _log_notice(app.open_kinds(), grace, uvicorn=True)
+    open_kinds = server.open_at_stop if server.open_at_stop is not None else app.open_kinds()
+    _log_notice(open_kinds, grace, uvicorn=True)
 
 
 def _log_notice(open_kinds: list[str], grace: float, *, uvicorn: bool) -> None:

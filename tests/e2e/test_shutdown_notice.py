@@ -36,7 +36,7 @@ def notice(gateway) -> str:
 
 
 def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, tmp_path):
-    gateway = serve(sandbox, tmp_path, grace=20)
+    gateway = serve(sandbox, tmp_path, grace=8)
     streams = open_streams(gateway)
     session = Background(
         ["kubectl", "exec", "web", "-n", "prod", "--", "sh", "-c", "echo started; sleep 300"],
@@ -47,7 +47,7 @@ def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, 
         gateway.process.send_signal(signal.SIGTERM)
         line = notice(gateway)
         assert line.endswith(
-            "stopping: waiting up to 20 s for 2 open requests (1 logs -f, 1 watch) to end; "
+            "stopping: waiting up to 8 s for 2 open requests (1 logs -f, 1 watch) to end; "
             "closing 1 open session (1 exec); Ctrl-C again to stop now"
         ), line
         # What it says is what it does: the exec session ends now, while the streams go on (for the grace
