@@ -288,7 +288,11 @@ def test_an_approval_binds_the_exact_intent_and_survives_the_client_leaving(gw):
     first = kubectl(gw, "alice", "delete", "pod", "ghost-a", "-n", "prod")
     item = wait_pending(gw, "rita", name="ghost-a")
     first.send_signal(signal.SIGINT)  # the developer gives up waiting
-    first.wait(10)
+    try:
+        first.wait(10)
+    except subprocess.TimeoutExpired:  # kubectl was slow to act on it (seen once on a loaded machine):
+        first.kill()  # the client leaves all the same
+        first.wait(10)
     time.sleep(0.5)
     assert api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]["state"] == "pending"  # kept
     assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[1]["state"] == "approved"

@@ -200,9 +200,11 @@ def test_kubegate_login_then_kubectl_runs_through_the_exec_plugin(login_gateway,
     assert all(sorted(r["impersonate_groups"]) == ["oidc:developers", "oidc:oncall"] for r in records)
 
     # The token is cached for kubectl, stored only hashed by the gateway, never logged.
-    cached = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    # (the cache also remembers the last login's gateway for `kubegate approvals`: last-login.json)
+    token_file = next(p for p in (tmp_path / "cache").glob("*.json") if p.name != "last-login.json")
+    cached = json.loads(token_file.read_text())
     token = cached["token"]
-    assert oct((next((tmp_path / "cache").glob("*.json"))).stat().st_mode & 0o777) == "0o600"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     database = Path(login_gateway.config.parent / "state" / "kubegate.db")
     with sqlite3.connect(database) as db:
         rows = db.execute("select user, token_hash, method, provider from kubegate_tokens").fetchall()
