@@ -410,13 +410,21 @@ class Reloadable:
         gateway = self.current
         key = id(gateway)
         self.inflight[key] = self.inflight.get(key, 0) + 1
-        marker = object()  # this request's key in open_requests, for as long as it runs
+        marker = object()  # this request's key in open_requests, until its response is complete
         self.open_requests[id(marker)] = (scope["type"], scope.get("path"), scope.get("query_string"))
+
+        async def tracked_send(message: Any) -> None:
+            # A response's last part is on its way: the client may see it (and send a stop signal) before
+            # the application returns, so it no longer counts as open.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.open_requests.pop(id(marker), None)
+            await send(message)
+
         try:
-            await gateway(scope, receive, send)
+            await gateway(scope, receive, tracked_send if scope["type"] == "http" else send)
         finally:
             self.inflight[key] -= 1
-            del self.open_requests[id(marker)]
+            self.open_requests.pop(id(marker), None)
 
     def open_kinds(self) -> list[str]:
         """What the open requests are (`request_kind`), for the stop notice."""

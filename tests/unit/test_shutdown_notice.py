@@ -61,3 +61,32 @@ def test_grace_reaches_uvicorn_and_zero_means_now(grace, timeout):
     )
     config = uvicorn_config(SimpleNamespace(settings=settings), None, app=object())
     assert config.timeout_graceful_shutdown == timeout
+
+
+async def test_a_request_whose_response_is_sent_is_not_counted_as_open():
+    """The client has its whole response before the application returns; a stop signal it sends in that
+    moment must not be told of "1 open request" (a race the e2e stop test once hit)."""
+    from kubegate.core.server import Reloadable
+
+    seen_after_last_part: list[list[str]] = []
+
+    async def application(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        seen_while_streaming = reloadable.open_kinds()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        seen_after_last_part.append(seen_while_streaming)
+        seen_after_last_part.append(reloadable.open_kinds())
+
+    reloadable = Reloadable.__new__(Reloadable)
+    reloadable.current = application
+    reloadable.inflight = {}
+    reloadable.open_requests = {}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "path": "/k8s/c/api/v1/pods", "query_string": b""}
+    await reloadable(scope, None, send)
+    assert seen_after_last_part == [["request"], []]
+    assert reloadable.open_requests == {}
