@@ -35,6 +35,9 @@ class ObjectRules:
     env_name: re.Pattern[str]
     configmap_keys: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, name, key) globs
     scrub_text: Callable[[str], str] | None = None  # known values and detectors, for any other string
+    # Containers or env that are not lists go whole (a document); kept, and skipped, in a skeleton that
+    # records build around a JSON patch's value (records.py `_placed`), where a map stands for a list.
+    replace_unreadable: bool = True
 
     def __post_init__(self) -> None:
         self.marker_b64 = base64.b64encode(self.marker.encode()).decode()
@@ -44,7 +47,7 @@ def mask_document(doc: Any, rules: ObjectRules, resource_kind: str = "") -> bool
     """A response body: an object, a list, a Table or a watch event."""
     if not isinstance(doc, dict):
         return False
-    kind = doc.get("kind", "")
+    kind = _kind_of(doc, "")
     if kind == "Table" and isinstance(doc.get("rows"), list):
         changed = False
         for row in doc["rows"]:
@@ -59,15 +62,22 @@ def mask_document(doc: Any, rules: ObjectRules, resource_kind: str = "") -> bool
         for item in doc["items"]:
             changed |= mask_object(item, rules, item_kind)
         return changed
-    if kind == "WatchEvent" or (set(doc) == {"type", "object"} and isinstance(doc.get("object"), dict)):
+    if isinstance(doc.get("object"), dict) and (kind == "WatchEvent" or set(doc) == {"type", "object"}):
         return mask_document(doc["object"], rules, resource_kind)
-    return mask_object(doc, rules, resource_kind)
+    return mask_object(doc, rules, resource_kind)  # also a WatchEvent without an object: read as one
+
+
+def _kind_of(obj: dict[str, Any], default: str) -> str:
+    """An object's `kind`; one that is not a string (no API server sends one; clients cannot decode it)
+    counts as missing, so the object is masked as the resource's kind rather than as none."""
+    kind = obj.get("kind")
+    return kind if isinstance(kind, str) and kind else default
 
 
 def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
     if not isinstance(obj, dict):
         return False
-    kind = obj.get("kind") or default_kind
+    kind = _kind_of(obj, default_kind)
     changed = _mask_last_applied(obj, rules)
     if kind == "Secret":
         # Every value whatever its size or bytes (short, binary, 1 MiB): this does not depend on the known
@@ -127,8 +137,14 @@ def _mask_values(values: Any, marker: str) -> bool:
 def _mask_pod_spec(spec: dict[str, Any], rules: ObjectRules) -> bool:
     changed = False
     for list_name in CONTAINER_LISTS:
+        if not _readable_list(spec, list_name, rules):
+            changed |= rules.replace_unreadable
+            continue
         for container in spec.get(list_name) or []:
             if not isinstance(container, dict):
+                continue
+            if not _readable_list(container, "env", rules):
+                changed |= rules.replace_unreadable
                 continue
             for var in container.get("env") or []:
                 if isinstance(var, dict) and isinstance(var.get("value"), str) and var["value"]:
@@ -136,6 +152,17 @@ def _mask_pod_spec(spec: dict[str, Any], rules: ObjectRules) -> bool:
                         var["value"] = rules.marker
                         changed = True
     return changed
+
+
+def _readable_list(obj: dict[str, Any], key: str, rules: ObjectRules) -> bool:
+    """Whether obj[key] is absent, null or a list. Anything else (no API server sends one) cannot be read
+    item by item, so all of it goes, as a Secret's `data` that is not a map does; False then (also where
+    `rules` keep it: then it is only skipped)."""
+    if isinstance(obj.get(key), list) or obj.get(key) is None:
+        return True
+    if rules.replace_unreadable:
+        obj[key] = rules.marker
+    return False
 
 
 def _mask_configmap(obj: dict[str, Any], rules: ObjectRules) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 from kubegate.core import bodies
@@ -14,6 +15,8 @@ from kubegate.core.flow import Flow
 from . import records
 from .masker import record_masking
 from .objects import KIND_OF_RESOURCE
+
+log = logging.getLogger("kubegate.masking")
 
 
 def mask_body_for_record(flow: Flow, body: bytes) -> str:
@@ -31,7 +34,13 @@ def mask_body_for_record(flow: Flow, body: bytes) -> str:
     # A write's body is an object of the resource's kind; a DELETE's is DeleteOptions.
     write = flow.request.method.upper() in bodies.WRITE_METHODS
     kind = KIND_OF_RESOURCE.get(attrs.resource, "") if write else ""
-    masked = records.mask_record_document(doc, shape, rules, kind, attrs.namespace, attrs.name)
+    try:
+        masked = records.mask_record_document(doc, shape, rules, kind, attrs.namespace, attrs.name)
+    except Exception as exc:  # a body that was not masked is not shown: its size and hash are
+        log.warning("masking: a request body to %s could not be masked for records: %s: %s",
+                    flow.request.path, exc.__class__.__name__, str(exc)[:200])  # fmt: skip
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        return f"<{len(body)} bytes, not masked, sha256 {digest}…>"
     return json.dumps(masked, separators=(",", ":"))
 
 

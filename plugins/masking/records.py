@@ -229,10 +229,17 @@ def _placed(
         skeleton["kind"] = kind
     if segments[0] != "metadata":
         skeleton["metadata"] = {"namespace": namespace, "name": name}
-    mask_record_object(skeleton, rules, kind, partial=True)
+    # Read as maps, index-like segments made maps where the object has lists (containers, env): kept and
+    # skipped there. Read as lists, a container list or env that is not one goes whole, as in responses.
+    mask_record_object(skeleton, replace(rules, replace_unreadable=indexes), kind, partial=True)
     found: Any = skeleton
     for segment in segments:
-        found = found[0] if isinstance(found, list) else found[segment]
+        if isinstance(found, list) and found:
+            found = found[0]
+        elif isinstance(found, dict) and segment in found:
+            found = found[segment]
+        else:
+            return rules.marker  # a part on the way went whole: so did the value
     return found
 
 

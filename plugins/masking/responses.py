@@ -99,10 +99,13 @@ class JsonBody:
         resource_kind = KIND_OF_RESOURCE.get(self.flow.attributes.resource, "")
         # Never upstream's bytes, even when nothing changed: a client parser reading duplicate keys
         # first-wins, or escapes differently, would see something other than what was checked.
-        if self.render == YAML_FORM:
-            return to_yaml(self.masking.mask_doc(doc, resource_kind))
-        # The newline is the one the API server's encoder writes.
-        return self.masking.mask_json(doc, resource_kind) + b"\n"
+        try:
+            if self.render == YAML_FORM:
+                return to_yaml(self.masking.mask_doc(doc, resource_kind))
+            # The newline is the one the API server's encoder writes.
+            return self.masking.mask_json(doc, resource_kind) + b"\n"
+        except Exception as exc:  # whatever the cause, what was not masked does not go out
+            return withheld(self.masking, self.flow, unreadable(exc))
 
 
 class WatchLines:
@@ -123,7 +126,10 @@ class WatchLines:
             # Also an event split over lines or two events on one (client-go's decoder reads both): each
             # line is one event here, and what is not one is withheld.
             return withheld(self.masking, self.flow, "a watch event is not valid JSON") + b"\n"
-        return self.masking.mask_json(event, self.kind) + b"\n"  # re-serialized even when unchanged
+        try:
+            return self.masking.mask_json(event, self.kind) + b"\n"  # re-serialized even when unchanged
+        except Exception as exc:  # whatever the cause, what was not masked does not go out
+            return withheld(self.masking, self.flow, unreadable(exc)) + b"\n"
 
     def feed(self, chunk: bytes) -> bytes:
         if self.broken:
@@ -183,6 +189,13 @@ class Withhold:
 
     def end(self) -> bytes:
         return self.body
+
+
+def unreadable(exc: Exception) -> str:
+    """Why a document that parsed could not be masked: a shape the masker does not expect (no API server
+    sends one), or a fault of the masker's own. Either way the response is withheld, and the reason logged
+    in one line."""
+    return f"the masker could not read it ({exc.__class__.__name__}: {str(exc)[:200]})"
 
 
 def withheld(masking: Masking, flow: Flow, why: str) -> bytes:
