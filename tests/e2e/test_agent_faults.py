@@ -98,6 +98,7 @@ def restart_agent(stack: AgentStack, sandbox: Sandbox) -> None:
                               host_key=config["gateway_host_key"], token=None)  # fmt: skip
 
 
+@pytest.mark.needs_pods
 def test_agent_killed_mid_watch_and_mid_exec(sandbox, tmp_path):
     """SIGKILL of the agent: the open watch and exec end (with an error) instead of hanging; new requests get
     503 'no agent'; /readyz says so; the agent started again with its key alone restores service."""

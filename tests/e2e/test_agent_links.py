@@ -260,6 +260,7 @@ async def test_the_agent_sends_its_nonce_only_to_the_pinned_key(tmp_path: Path):
     assert json.loads(line) == {"link": nonce, "error": "the link's certificate is not the pinned host key"}
 
 
+@pytest.mark.needs_pods
 def test_kubectl_through_ssh_channels_when_links_are_off(sandbox, tmp_path: Path):
     ssh_port = free_port()
     config = agent_gateway_config(sandbox, tmp_path / "gateway", ssh_port)

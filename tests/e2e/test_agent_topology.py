@@ -141,6 +141,7 @@ def tcp_connects(host: str, port: int) -> bool:
     return False
 
 
+@pytest.mark.needs_pods
 def test_a_cluster_the_gateway_cannot_reach_is_served_through_the_agent(namespace, tmp_path):
     sandbox = start_sandbox_in(namespace, tmp_path / "sandbox")
     gateway = None

@@ -168,6 +168,7 @@ def test_secrets_are_masked_through_the_tunnel(stack):
     assert {base64.b64decode(v).decode() for v in doc["data"].values()} == {MARKER}
 
 
+@pytest.mark.needs_pods
 def test_exec_output_carrying_a_secret_value_is_masked(stack, sandbox):
     # No pattern knows `hunter2…`: the gateway knows the value from the Secrets it follows, through the
     # tunnel, as its own identity (the agent forwards no request that does not impersonate someone).
@@ -184,6 +185,7 @@ def test_exec_output_carrying_a_secret_value_is_masked(stack, sandbox):
     assert refused == []
 
 
+@pytest.mark.needs_pods
 def test_an_exec_session_through_the_tunnel_is_recorded_and_replayable(stack, tmp_path: Path):
     start = time.time() - 1
     word = f"recorded-{uuid.uuid4().hex[:8]}"
@@ -320,6 +322,7 @@ async def still_served(stack: AgentStack, rounds: int = 3) -> None:
         assert echo.stdout == "through\n", echo.stderr
 
 
+@pytest.mark.needs_pods
 async def test_a_stuck_http_stream_does_not_stall_the_connection_or_grow_memory(
     agent_gateway: AgentStack, sandbox: Sandbox, namespace: str
 ):
@@ -360,6 +363,7 @@ async def test_a_stuck_http_stream_does_not_stall_the_connection_or_grow_memory(
         writer.close()
 
 
+@pytest.mark.needs_pods
 async def test_a_stuck_exec_stream_does_not_stall_the_connection_or_grow_memory(agent_gateway: AgentStack):
     query = urlencode(
         [("command", "sh"), ("command", "-c"), ("command", "exec cat /dev/zero"), ("stdout", "true")]
@@ -393,6 +397,7 @@ async def test_a_stuck_exec_stream_does_not_stall_the_connection_or_grow_memory(
         assert received >= 50 * MB  # the stream still flows once the client reads again
 
 
+@pytest.mark.needs_pods
 def test_attach_through_the_tunnel(agent_gateway: AgentStack):
     """`kubectl attach` streams the container's output (the pod prints a line every second)."""
     attach = Background(["kubectl", "attach", "web", "-n", "prod"], agent_gateway.kubeconfig("alice"))
@@ -404,6 +409,7 @@ def test_attach_through_the_tunnel(agent_gateway: AgentStack):
         attach.stop()
 
 
+@pytest.mark.needs_pods
 def test_kubectl_run_interactive_attaches_through_the_tunnel(agent_gateway: AgentStack, namespace: str):
     """`kubectl run -it` creates a pod and attaches to its tty (attach with stdin, a pty)."""
     kubeconfig = agent_gateway.kubeconfig("alice")
@@ -421,6 +427,7 @@ def test_kubectl_run_interactive_attaches_through_the_tunnel(agent_gateway: Agen
         run_kubectl(kubeconfig, "delete", "pod", name, "-n", namespace, "--wait=false")
 
 
+@pytest.mark.needs_pods
 @pytest.mark.slow
 def test_watch_and_logs_follow_stay_open_past_90_seconds_through_the_tunnel(agent_gateway: AgentStack):
     """No time cut anywhere on the tunnel's path: a quiet watch and `logs -f` outlive 90 s."""

@@ -77,6 +77,7 @@ def kubegate(gw: Gateway, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60, check=True)  # fmt: skip
 
 
+@pytest.mark.needs_pods
 def test_audit_commands_one_line_per_kubectl_command(ran):
     lines = kubegate(ran, "audit", "commands").stdout.splitlines()
     # kubectl's dispatcher asks /version (without a session header) before each command: part of it, no line
@@ -94,6 +95,7 @@ def test_audit_commands_one_line_per_kubectl_command(ran):
     assert "ci-bot ran `kubectl delete` on sandbox → " in refused and refused.endswith("1 denied"), refused
 
 
+@pytest.mark.needs_pods
 def test_replay_user_lines_name_sessions_approvers_and_the_command_once(ran):
     walk = subprocess.run(
         [str(VENV_BIN / "kubegate"), "replay", "--user", "alice", "--since", "1h", "--speed", "1000",

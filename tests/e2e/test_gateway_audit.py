@@ -206,6 +206,7 @@ def test_bad_filters_get_one_line(audited):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.needs_pods
 def test_replay_walks_an_identitys_calls_and_sessions_in_order(audited):
     kc(audited, "get", "pods", "-n", "dev", user="ci-bot")
     kc(audited, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo walked-through-$((6*7))", user="ci-bot")

@@ -99,6 +99,7 @@ def test_ctrl_c_in_a_terminal_stops_the_demo_without_an_error(tmp_path):
     assert "error" not in rest, rest
 
 
+@pytest.mark.needs_pods
 def test_demo_starts_serves_kubectl_and_stops_cleanly(tmp_path):
     proc, output, port = start_demo(tmp_path)
     try:

@@ -29,6 +29,7 @@ def test_kubectl_over_http2(hypercorn_gateway):
     assert "web" in pods.stdout
 
 
+@pytest.mark.needs_pods
 def test_exec_and_port_forward(hypercorn_gateway):
     kubeconfig = hypercorn_gateway.kubeconfig("alice")
     proc = run_kubectl(kubeconfig, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo hi; exit 3")
@@ -45,6 +46,7 @@ def test_exec_and_port_forward(hypercorn_gateway):
         forward.stop()
 
 
+@pytest.mark.needs_pods
 async def test_backpressure_both_ways(hypercorn_gateway):
     from e2e import test_gateway_streams as streams
 

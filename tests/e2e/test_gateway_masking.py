@@ -105,6 +105,7 @@ def test_deployment_env_and_configmap_rule(masked):
     assert cm["data"]["DB_HOST"] == MARKER and cm["data"]["LOG_LEVEL"] == "info"
 
 
+@pytest.mark.needs_pods
 def test_logs_are_masked_by_value_and_pattern(masked):
     proc = kc(masked, "logs", "web", "-n", "prod", "--tail=3")
     assert f"db=postgres://app:{MARKER}@db:5432/app" in proc.stdout
@@ -112,6 +113,7 @@ def test_logs_are_masked_by_value_and_pattern(masked):
     assert_clean(masked, proc.stdout)
 
 
+@pytest.mark.needs_pods
 def test_logs_follow_is_masked_as_it_streams(masked):
     follow = subprocess.Popen(
         [str(VENV_BIN / "kubectl"), "logs", "-f", "web", "-n", "prod", "--tail=1"],
@@ -125,6 +127,7 @@ def test_logs_follow_is_masked_as_it_streams(masked):
     assert_clean(masked, *lines)
 
 
+@pytest.mark.needs_pods
 def test_exec_output_is_masked_even_for_a_plain_value(masked):
     env = kc(masked, "exec", "web", "-n", "prod", "--", "env")
     assert f"DB_PASSWORD={MARKER}" in env.stdout
@@ -215,6 +218,7 @@ def test_create_secret_from_literal_answer_is_masked(masked):
     assert name in kept
 
 
+@pytest.mark.needs_pods
 def test_interactive_exec_output_is_masked(masked):
     from kubetest import PtySession
 
@@ -234,6 +238,7 @@ def test_interactive_exec_output_is_masked(masked):
     assert_clean(masked)  # ...masked
 
 
+@pytest.mark.needs_pods
 def test_a_secret_split_across_exec_frames_is_still_masked(masked):
     # Two writes 50 ms apart arrive as two frames; the first ends inside the secret.
     script = "printf 'db password is hunter2-pr'; sleep 0.05; printf 'od-s3cret ok'; sleep 0.05; echo"

@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pytest
 from conftest import GATEWAY_USERS, PLUGIN_FIXTURE
 from kubetest import run_kubectl
 
@@ -85,6 +86,7 @@ def test_a_plugin_smuggling_an_impersonation_header_is_refused(gateway, sandbox)
     assert sandbox.requests_log(since) == []
 
 
+@pytest.mark.needs_pods
 def test_response_header_and_body_hooks(gateway):
     status, headers, body = request(gateway, "/k8s/guarded/api/v1/namespaces/prod/pods/web/log?tailLines=1")
     assert status == 200 and headers.get("X-Kubegate-Test") == "on"
@@ -115,6 +117,7 @@ def test_a_plugin_reading_the_body_does_not_lose_it(gateway):
     assert json.loads(body)["data"] == {"k": "v"}
 
 
+@pytest.mark.needs_pods
 def test_exec_frames_pass_through_the_frame_hook(gateway):
     guarded = gateway.kubeconfig("alice", connection="guarded")
     proc = run_kubectl(guarded, "exec", "web", "-n", "prod", "--", "echo", "my secret", check=True)
@@ -123,6 +126,7 @@ def test_exec_frames_pass_through_the_frame_hook(gateway):
     assert plain.stdout == "my secret\n"
 
 
+@pytest.mark.needs_pods
 def test_audit_events_reach_the_sink_with_fingerprints_not_tokens(gateway):
     guarded = gateway.kubeconfig("alice", connection="guarded")
     run_kubectl(guarded, "get", "pods", "-n", "prod", check=True)

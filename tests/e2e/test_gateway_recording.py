@@ -155,6 +155,7 @@ def interactive(gw, tmp_path_factory) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.needs_pods
 def test_interactive_exec_is_recorded_with_its_exit_status(interactive):
     assert interactive["printed"] == MARKER and interactive["rc"] == 3
     session = interactive["session"]
@@ -166,6 +167,7 @@ def test_interactive_exec_is_recorded_with_its_exit_status(interactive):
     assert session["ended"] >= session["started"] and session["recorded"]
 
 
+@pytest.mark.needs_pods
 def test_the_recording_is_asciicast_with_input_output_and_resizes(interactive):
     cast = parse_cast(interactive["cast"])
     assert cast.header["version"] == 2 and (cast.header["width"], cast.header["height"]) == (100, 30)
@@ -179,11 +181,13 @@ def test_the_recording_is_asciicast_with_input_output_and_resizes(interactive):
     assert times == sorted(times) and times[-1] > 0
 
 
+@pytest.mark.needs_pods
 def test_the_recording_was_stored_while_the_session_ran(interactive):
     assert f"the value is {MARKER}" in interactive["live"]  # before `exit 3` was typed
     assert "exit 3" not in interactive["live"]
 
 
+@pytest.mark.needs_pods
 def test_no_clear_secret_is_stored_anywhere(gw, interactive):
     assert f"the value is {MARKER}" in interactive["cast"]
     stored = stored_bytes(gw)
@@ -193,6 +197,7 @@ def test_no_clear_secret_is_stored_anywhere(gw, interactive):
     assert DB_PASSWORD not in interactive["transcript"]  # the control: the client never saw it either
 
 
+@pytest.mark.needs_pods
 def test_replay_shows_what_the_client_saw(interactive):
     out = io.StringIO()
     slept: list[float] = []
@@ -205,6 +210,7 @@ def test_replay_shows_what_the_client_saw(interactive):
     assert slept and all(0 <= s <= 2 for s in slept)
 
 
+@pytest.mark.needs_pods
 def test_sessions_list_and_replay_commands(gw, interactive, tmp_path):
     session_id = interactive["session"]["id"]
     table = kubegate(gw, "sessions", "list", "--user", "alice", "--since", "1h")
@@ -228,6 +234,7 @@ def test_sessions_list_and_replay_commands(gw, interactive, tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("kubegate: error: no session")
 
 
+@pytest.mark.needs_pods
 def test_non_tty_exec_is_recorded_too(gw, tmp_path):
     start = time.time() - 1
     script = "echo hello-recording; echo to-stderr >&2; echo pw=$DB_PASSWORD; exit 0"
@@ -242,6 +249,7 @@ def test_non_tty_exec_is_recorded_too(gw, tmp_path):
     assert DB_PASSWORD not in output
 
 
+@pytest.mark.needs_pods
 def test_a_failing_command_has_its_exit_code(gw):
     start = time.time() - 1
     proc = run_kubectl(gw.kubeconfig("alice", "rec"), "exec", "web", "-n", "prod", "--", "sh", "-c", "exit 7")
@@ -268,6 +276,7 @@ def test_port_forward_is_recorded_as_metadata_only(gw):
     assert kubegate(gw, "replay", session["id"]).returncode == 2  # nothing to play
 
 
+@pytest.mark.needs_pods
 def test_the_api_shows_sessions_to_their_owner_and_readers_only(gw, interactive):
     session_id = interactive["session"]["id"]
     alice, bob, ada = GATEWAY_USERS["alice"][1], GATEWAY_USERS["bob"][1], ADA[0]

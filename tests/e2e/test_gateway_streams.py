@@ -39,6 +39,7 @@ def kube_client(gateway):
     return client.CoreV1Api(client.ApiClient(config))
 
 
+@pytest.mark.needs_pods
 def test_python_client_rest_and_exec_over_v4(gateway):
     """The official client lists, and execs over v4.channel.k8s.io (its websocket-client transport)."""
     from kubernetes.stream import stream
@@ -69,6 +70,7 @@ def test_python_client_watch(gateway):
     assert ("ADDED", "web") in events
 
 
+@pytest.mark.needs_pods
 async def test_raw_websocket_base64_channel(gateway):
     """A non-Go client offering v4.base64.channel.k8s.io gets text frames with base64 payloads."""
     path = "/k8s/sandbox/api/v1/namespaces/prod/pods/web/exec?command=echo&command=b64-ok&stdout=true&stderr=true"
@@ -106,6 +108,7 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.needs_pods
 async def test_slow_reading_exec_client_does_not_grow_gateway_memory(gateway):
     """The pod writes as fast as it can; the client reads nothing for a while. Backpressure must stop the
     gateway reading upstream, so its memory stays flat instead of buffering the stream."""
@@ -135,6 +138,7 @@ async def test_slow_reading_exec_client_does_not_grow_gateway_memory(gateway):
         assert received >= 20 * MB  # the stream still flows once the client reads again
 
 
+@pytest.mark.needs_pods
 async def test_client_flooding_stdin_does_not_grow_gateway_memory(gateway):
     """The pod never reads its stdin; the client sends as fast as the gateway accepts."""
     query = urlencode([("command", "sleep"), ("command", "60"), ("stdin", "true"), ("stdout", "true")])
@@ -166,6 +170,7 @@ async def test_client_flooding_stdin_does_not_grow_gateway_memory(gateway):
         assert grown < 64 * MB, f"gateway grew by {grown / MB:.0f} MB buffering stdin"
 
 
+@pytest.mark.needs_pods
 def test_attach_through_the_gateway(gateway):
     """`kubectl attach` streams the container's output (the pod prints a line every second)."""
     attach = Background(["kubectl", "attach", "web", "-n", "prod"], gateway.kubeconfig("alice"))
@@ -176,6 +181,7 @@ def test_attach_through_the_gateway(gateway):
         attach.stop()
 
 
+@pytest.mark.needs_pods
 @pytest.mark.slow
 def test_watch_and_logs_follow_stay_open_past_90_seconds(gateway):
     """No response timeout anywhere on the path: a quiet watch and `logs -f` outlive 90 s."""
@@ -245,6 +251,7 @@ def test_python_client_port_forward_over_v4_channels(gateway):
         forward.close()
 
 
+@pytest.mark.needs_pods
 def test_kubectl_run_interactive_attaches_through_the_gateway(gateway):
     """`kubectl run -it` creates a pod and attaches to its tty (attach with stdin, a pty, resize)."""
     from kubetest import PtySession

@@ -65,6 +65,7 @@ def test_version_and_discovery(target: Target, kubectl: str):
         assert resource in proc.stdout
 
 
+@pytest.mark.needs_pods
 @pytest.mark.parametrize("kubectl", kubectl_binaries())
 def test_get_prints_server_side_tables(target: Target, kubectl: str):
     proc = run_kubectl(target.kubeconfig, "get", "pods", "-n", "prod", kubectl=kubectl, check=True)
@@ -185,6 +186,7 @@ def test_watch_sees_new_objects(target: Target, namespace: str):
         watch.stop()
 
 
+@pytest.mark.needs_pods
 def test_logs_tail_and_follow(target: Target):
     proc = target.kubectl("logs", "web", "-n", "prod", "--tail=2", check=True)
     assert len(proc.stdout.splitlines()) == 2
@@ -196,6 +198,7 @@ def test_logs_tail_and_follow(target: Target):
         follow.stop()
 
 
+@pytest.mark.needs_pods
 def test_exec_output_stdin_and_exit_codes(target: Target):
     proc = target.kubectl("exec", "web", "-n", "prod", "--", "echo", "hello", check=True)
     assert proc.stdout == "hello\n"
@@ -208,6 +211,7 @@ def test_exec_output_stdin_and_exit_codes(target: Target):
     assert proc.stdout == "line one\nline two\n"
 
 
+@pytest.mark.needs_pods
 def test_exec_interactive_tty(target: Target):
     session = PtySession(
         ["kubectl", "exec", "-it", "web", "-n", "prod", "--", "sh"], target.kubeconfig, rows=30, cols=100
@@ -227,6 +231,7 @@ def test_exec_interactive_tty(target: Target):
         session.close()
 
 
+@pytest.mark.needs_pods
 def test_cp_both_ways(target: Target, tmp_path: Path):
     local = tmp_path / "upload.txt"
     payload = f"copied {uuid.uuid4()}\n"

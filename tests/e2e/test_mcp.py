@@ -141,6 +141,7 @@ async def test_tools_are_listed_and_every_one_requires_a_reason(gw):
         assert "reason" in tool.input_schema["required"], tool.name
 
 
+@pytest.mark.needs_pods
 async def test_list_get_describe_and_logs_work(gw):
     async with agent(gw) as client:
         listed = await client.call_tool("list_resources", {"resource": "pods", "namespace": "prod",
@@ -414,6 +415,7 @@ async def test_a_name_with_odd_characters_is_encoded_and_stays_a_name(gw, own_sa
 # -- writes, exec, replay ------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_pods
 async def test_apply_scale_restart_and_exec_go_through_the_data_path(gw, own_sandbox):
     manifest = (
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: agent-notes\n  namespace: prod\ndata:\n  a: b\n"

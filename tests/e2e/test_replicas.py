@@ -104,6 +104,7 @@ def kubegate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "kubegate"), *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.needs_pods
 def test_two_replicas_share_approvals_grants_and_revocations(replicas, sandbox, tmp_path):
     from conftest import GATEWAY_USERS
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 from conftest import gateway_config, start_gateway
 from kubetest import Background
 
@@ -35,6 +36,7 @@ def notice(gateway) -> str:
     return lines[0]
 
 
+@pytest.mark.needs_pods
 def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, tmp_path):
     gateway = serve(sandbox, tmp_path, grace=8)
     streams = open_streams(gateway)
@@ -62,6 +64,7 @@ def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, 
             gateway.stop()
 
 
+@pytest.mark.needs_pods
 def test_second_ctrl_c_stops_without_waiting(sandbox, tmp_path):
     gateway = serve(sandbox, tmp_path, grace=600)
     streams = open_streams(gateway)

@@ -163,6 +163,7 @@ def test_an_auditor_sees_but_cannot_approve(demo, browser):
         held.kill()
 
 
+@pytest.mark.needs_pods
 def test_a_recorded_session_replays_in_the_browser(demo, browser):
     page = log_in(browser, demo, "rita")
     shell = kubectl_held(
