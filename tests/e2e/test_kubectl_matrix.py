@@ -21,6 +21,8 @@ import pytest
 import yaml
 from kubetest import Background, PtySession, kubectl_binaries, run_kubectl
 
+from kubegate.core.testing import wait_for
+
 
 @dataclass
 class Target:
@@ -188,6 +190,13 @@ def test_watch_sees_new_objects(target: Target, namespace: str):
 
 @pytest.mark.needs_pods
 def test_logs_tail_and_follow(target: Target):
+    # A fresh sandbox's pod may have written one line so far: wait for a third, then ask for two.
+    wait_for(
+        lambda: len(target.kubectl("logs", "web", "-n", "prod", check=True).stdout.splitlines()) >= 3,
+        "the web pod's third log line",
+        timeout=30,
+        interval=0.5,
+    )
     proc = target.kubectl("logs", "web", "-n", "prod", "--tail=2", check=True)
     assert len(proc.stdout.splitlines()) == 2
     follow = Background(["kubectl", "logs", "-f", "web", "-n", "prod", "--tail=1"], target.kubeconfig)
