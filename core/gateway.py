@@ -176,10 +176,14 @@ def _gateway_plugin_settings(
 
 
 def _default_url(settings: GatewaySettings) -> str:
-    host = settings.host
+    return url_for_address(settings, settings.host, settings.port)
+
+
+def url_for_address(settings: GatewaySettings, host: str, port: int) -> str:
+    """The URL clients use when `public_url` is not set: the listening address (localhost for a wildcard)."""
     if host in ("0.0.0.0", "::", ""):
         host = "localhost"
     if ":" in host:
         host = f"[{host}]"
     scheme = "https" if settings.tls.enabled else "http"
-    return f"{scheme}://{host}:{settings.port}"
+    return f"{scheme}://{host}:{port}"

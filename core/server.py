@@ -35,7 +35,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .config import check_readable, split_listen, worker_count
 from .errors import ConfigError
-from .gateway import Gateway
+from .gateway import Gateway, url_for_address
 from .tls import ensure_self_signed
 
 log = logging.getLogger("kubegate")
@@ -129,7 +129,10 @@ def run(gateway: Gateway, *, bind: str | None = None, announce: Callable[[str], 
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
     if bind is not None:
         # `listen` was checked with the config; `--bind` is checked here, before anything binds or forks.
-        check_address(bind, "--bind")
+        host, port = check_address(bind, "--bind")
+        if not gateway.settings.public_url:
+            # The URL printed, and put in kubeconfigs, is the one served: built from --bind, not `listen`.
+            gateway.public_url = url_for_address(gateway.settings, host, port)
     workers = worker_count(gateway.settings)
     if workers > 1:
         Supervisor(gateway, workers, bind, announce).run()
