@@ -10,6 +10,7 @@ config entry, with its plugin settings validated and its hook caller computed on
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,8 +193,10 @@ def build_registry(settings: GatewaySettings, config_path: Path, host: PluginHos
         for plugin_name, raw in conn.plugins.items():
             if plugin_name not in installed:
                 known = ", ".join(sorted(installed))
+                close = difflib.get_close_matches(plugin_name, sorted(installed), n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
-                    config_path, f"{key}.plugins.{plugin_name}", f"no such plugin (installed: {known})"
+                    config_path, f"{key}.plugins.{plugin_name}", f"no such plugin ({hint}installed: {known})"
                 )
             model = models.get(plugin_name)
             if model is None:

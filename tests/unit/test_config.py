@@ -38,7 +38,13 @@ def mutate(config: dict, dotted: str, value) -> dict:
         ),
         ("connections.prod.upstream.tokenfile", "x", "connections.prod.upstream.tokenfile", "unknown key"),
         ("connections.prod.type", "ssh", "connections.prod.type", "unknown connection type 'ssh'"),
-        ("connections.prod.plugins.nope", {}, "connections.prod.plugins.nope", "no such plugin"),
+        ("connections.prod.plugins.nope", {}, "connections.prod.plugins.nope", "no such plugin (installed: "),
+        (
+            "connections.prod.plugins.maskng",
+            {},
+            "connections.prod.plugins.maskng",
+            "no such plugin (did you mean 'masking'? installed: ",
+        ),
         (
             "connections.prod.plugins.static-tokens.tokens.0.sha256",
             "abc",
