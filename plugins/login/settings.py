@@ -69,7 +69,11 @@ class OIDCLoginProvider(TokenIssuer):
         if value is None:
             return None
         value = value.expanduser()
-        return value if value.is_absolute() else (_base_dir(info) / value).resolve()
+        value = value if value.is_absolute() else (_base_dir(info) / value).resolve()
+        # Read at every login (a rotated secret needs no restart), and once here: a missing or empty file
+        # is a one-line error when the config loads, not a failed login later.
+        _read_secret(value, "client_secret_file")
+        return value
 
     @field_validator("scopes")
     @classmethod

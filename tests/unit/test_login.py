@@ -247,6 +247,8 @@ SAML_PROVIDER = {
         ({"login": {"providers": [SAML_PROVIDER]}}, "plugins.login.providers.0.saml", "idp_certificate_file"),
         ({"login": {"providers": [OIDC_PROVIDER, OIDC_PROVIDER]}}, "plugins.login", "listed twice"),
         ({"login": {"providers": [{"type": "ldap", "name": "x"}]}}, "plugins.login.providers.0", "ldap"),
+        ({"login": {"providers": [{**OIDC_PROVIDER, "client_secret_file": "no-such-secret"}]}},
+         "plugins.login.providers.0.oidc.client_secret_file", "cannot read client_secret_file"),
     ],
 )  # fmt: skip
 def test_bad_login_settings_name_the_key(tmp_path, plugins, key, reason):
