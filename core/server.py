@@ -416,11 +416,21 @@ class Reloadable:
         marker = object()  # this request's key in open_requests, until its response is complete
         self.open_requests[id(marker)] = (scope["type"], scope.get("path"), scope.get("query_string"))
 
+        remaining: list[int] = []  # bytes of a Content-Length still to send, once the response started
+
         async def tracked_send(message: Any) -> None:
             # A response's last part is on its way: the client may see it (and send a stop signal) before
-            # the application returns, so it no longer counts as open.
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.open_requests.pop(id(marker), None)
+            # the application returns, so it no longer counts as open. The last part is the one that
+            # completes a Content-Length (Quart sends an empty `more_body: False` after it, a step later).
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-length" and value.isdigit():
+                        remaining.append(int(value))
+            elif message["type"] == "http.response.body":
+                if remaining:
+                    remaining[0] -= len(message.get("body", b""))
+                if not message.get("more_body", False) or (remaining and remaining[0] <= 0):
+                    self.open_requests.pop(id(marker), None)
             await send(message)
 
         try:

@@ -565,7 +565,8 @@ def start_gateway_process(
         try:
             ctx = ssl.create_default_context(cafile=str(ca_file))
             with urllib.request.urlopen(f"{url}/healthz", context=ctx, timeout=2) as resp:
-                if resp.status == 200:
+                # The whole answer, not only its status line: the request is over, for the gateway too.
+                if resp.status == 200 and resp.read() == b"ok":
                     return GatewayProcess(directory, url, path, ca_file, log, proc)
         except (OSError, ssl.SSLError):
             time.sleep(0.1)

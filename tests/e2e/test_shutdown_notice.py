@@ -4,10 +4,11 @@ with real kubectl streams open."""
 from __future__ import annotations
 
 import signal
+import uuid
 
 import pytest
 from conftest import gateway_config, start_gateway
-from kubetest import Background
+from kubetest import Background, run_kubectl
 
 from kubegate.core.testing import free_port, wait_for
 
@@ -18,11 +19,17 @@ def serve(sandbox, tmp_path, grace: float):
     return start_gateway(tmp_path / "gw", config)
 
 
-def open_streams(gateway) -> list[Background]:
+def open_streams(gateway, sandbox) -> list[Background]:
     kubeconfig = gateway.kubeconfig("alice")
     watch = Background(["kubectl", "get", "configmaps", "-n", "prod", "-w"], kubeconfig)
     logs = Background(["kubectl", "logs", "-f", "web", "-n", "prod", "--tail=1"], kubeconfig)
-    watch.read_until(r"app-config")
+    watch.read_until(r"app-config")  # the list's output: the watch request may not have been sent yet
+    # A change the watch prints proves its request is open at the gateway.
+    probe = f"probe-{uuid.uuid4().hex[:8]}"
+    run_kubectl(sandbox.kubeconfig, "create", "configmap", probe, "-n", "prod", check=True)
+    watch.read_until(probe)
+    # Other tests list prod's ConfigMaps.
+    run_kubectl(sandbox.kubeconfig, "delete", "configmap", probe, "-n", "prod", check=True)
     logs.read_until(r"postgres://")
     return [watch, logs]
 
@@ -39,7 +46,7 @@ def notice(gateway) -> str:
 @pytest.mark.needs_pods
 def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, tmp_path):
     gateway = serve(sandbox, tmp_path, grace=8)
-    streams = open_streams(gateway)
+    streams = open_streams(gateway, sandbox)
     session = Background(
         ["kubectl", "exec", "web", "-n", "prod", "--", "sh", "-c", "echo started; sleep 300"],
         gateway.kubeconfig("alice"),
@@ -67,7 +74,7 @@ def test_sigterm_with_open_streams_says_what_it_waits_for_and_how_long(sandbox, 
 @pytest.mark.needs_pods
 def test_second_ctrl_c_stops_without_waiting(sandbox, tmp_path):
     gateway = serve(sandbox, tmp_path, grace=600)
-    streams = open_streams(gateway)
+    streams = open_streams(gateway, sandbox)
     try:
         gateway.process.send_signal(signal.SIGINT)
         assert "waiting up to 600 s for 2 open requests" in notice(gateway)

@@ -90,3 +90,30 @@ async def test_a_request_whose_response_is_sent_is_not_counted_as_open():
     await reloadable(scope, None, send)
     assert seen_after_last_part == [["request"], []]
     assert reloadable.open_requests == {}
+
+
+async def test_a_response_whose_content_length_is_sent_is_not_counted_as_open():
+    """Quart sends a body of known length with `more_body: True`, then an empty last part a step later:
+    the client has it all at the first, so the request is done then."""
+    from kubegate.core.server import Reloadable
+
+    seen: list[list[str]] = []
+
+    async def application(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+        seen.append(reloadable.open_kinds())
+        await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+        seen.append(reloadable.open_kinds())
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    reloadable = Reloadable.__new__(Reloadable)
+    reloadable.current = application
+    reloadable.inflight = {}
+    reloadable.open_requests = {}
+
+    async def send(message):
+        pass
+
+    await reloadable({"type": "http", "path": "/healthz", "query_string": b""}, None, send)
+    assert seen == [["request"], []]
