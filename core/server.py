@@ -129,10 +129,15 @@ def run(gateway: Gateway, *, bind: str | None = None, announce: Callable[[str], 
     """Serve until SIGINT/SIGTERM. `announce` prints where to reach the gateway."""
     if bind is not None:
         # `listen` was checked with the config; `--bind` is checked here, before anything binds or forks.
-        host, port = check_address(bind, "--bind")
-        if not gateway.settings.public_url:
-            # The URL printed, and put in kubeconfigs, is the one served: built from --bind, not `listen`.
-            gateway.public_url = url_for_address(gateway.settings, host, port)
+        check_address(bind, "--bind")
+    host, port = check_address(bind or gateway.settings.listen)
+    if port == 0:
+        # "Any free port": chosen now, so that what is printed and put in kubeconfigs is what is served.
+        port = free_port(host)
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if bind is not None and not gateway.settings.public_url:
+        # The URL printed, and put in kubeconfigs, is the one served: built from --bind, not `listen`.
+        gateway.public_url = url_for_address(gateway.settings, host, port)
     workers = worker_count(gateway.settings)
     if workers > 1:
         Supervisor(gateway, workers, bind, announce).run()
@@ -176,6 +181,15 @@ def check_address(address: str, source: str = "listening address") -> tuple[str,
         return split_listen(address)
     except ValueError as exc:
         raise ConfigError(source, "", str(exc)) from None
+
+
+def free_port(host: str) -> int:
+    """A port the OS says is free on `host` now (for `listen: HOST:0`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def check_bind(bind: str) -> None:
