@@ -51,6 +51,7 @@ from run import (
     BenchError,
     Target,
     Upstream,
+    add_wait_quiet,
     cpu_seconds,
     free_port,
     gateway_token,
@@ -499,13 +500,7 @@ def main() -> int:
         help="also audit-db (fail-open and fail-closed) as before issue 15: written from a thread of the gateway "
         "(KUBEGATE_AUDIT_WRITER=thread), linger_ms 10",
     )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to use under 15%% of the CPUs",
-    )
+    add_wait_quiet(parser)
     args = parser.parse_args()
     command = ".venv/bin/python bench/audit.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="kubegate-bench-audit-"))

@@ -73,13 +73,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=4, help="seconds per cell")
     parser.add_argument("--without", default=",".join(PLUGINS), help="plugins to leave out, one at a time")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to use under 15%% of the CPUs",
-    )
+    bench.add_wait_quiet(parser)
     args = parser.parse_args()
     if args.wait_quiet:
         bench.say(f"busy share of other processes at start: {bench.wait_until_quiet(args.wait_quiet):.0%}")

@@ -294,6 +294,17 @@ def wait_until_quiet(limit_s: float, share: float = 0.15) -> float:
         say(f"machine busy ({100 * used:.0f} % CPU used by other processes); waiting for it to quiet down")
 
 
+def add_wait_quiet(parser: argparse.ArgumentParser) -> None:
+    """`--wait-quiet SECONDS`, shared by the benchmark scripts (see `wait_until_quiet`)."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for other processes to use under 15%% of the CPUs",
+    )
+
+
 def raise_fd_limit(want: int = 65536) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     for target in (want, hard):
@@ -1437,13 +1448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exec-runs", type=int, default=3)
     parser.add_argument("--watches", type=int, default=1000)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: requests,exec,watches")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other processes to use under 15%% of the CPUs",
-    )
+    add_wait_quiet(parser)
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/performance.md")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = parser.parse_args(argv)

@@ -66,8 +66,6 @@ def test_grace_reaches_uvicorn_and_zero_means_now(grace, timeout):
 async def test_a_request_whose_response_is_sent_is_not_counted_as_open():
     """The client has its whole response before the application returns; a stop signal it sends in that
     moment must not be told of "1 open request" (a race the e2e stop test once hit)."""
-    from kubegate.core.server import Reloadable
-
     seen_after_last_part: list[list[str]] = []
 
     async def application(scope, receive, send):
@@ -78,16 +76,10 @@ async def test_a_request_whose_response_is_sent_is_not_counted_as_open():
         seen_after_last_part.append(seen_while_streaming)
         seen_after_last_part.append(reloadable.open_kinds())
 
-    reloadable = Reloadable.__new__(Reloadable)
-    reloadable.current = application
-    reloadable.inflight = {}
-    reloadable.open_requests = {}
-
-    async def send(message):
-        pass
+    reloadable = bare_reloadable(application)
 
     scope = {"type": "http", "path": "/k8s/c/api/v1/pods", "query_string": b""}
-    await reloadable(scope, None, send)
+    await reloadable(scope, None, discard)
     assert seen_after_last_part == [["request"], []]
     assert reloadable.open_requests == {}
 
@@ -95,8 +87,6 @@ async def test_a_request_whose_response_is_sent_is_not_counted_as_open():
 async def test_a_response_whose_content_length_is_sent_is_not_counted_as_open():
     """Quart sends a body of known length with `more_body: True`, then an empty last part a step later:
     the client has it all at the first, so the request is done then."""
-    from kubegate.core.server import Reloadable
-
     seen: list[list[str]] = []
 
     async def application(scope, receive, send):
@@ -107,13 +97,22 @@ async def test_a_response_whose_content_length_is_sent_is_not_counted_as_open():
         seen.append(reloadable.open_kinds())
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    reloadable = bare_reloadable(application)
+
+    await reloadable({"type": "http", "path": "/healthz", "query_string": b""}, None, discard)
+    assert seen == [["request"], []]
+
+
+def bare_reloadable(application):
+    """A Reloadable serving `application` (no gateway: only its bookkeeping of open requests is used)."""
+    from kubegate.core.server import Reloadable
+
     reloadable = Reloadable.__new__(Reloadable)
     reloadable.current = application
     reloadable.inflight = {}
     reloadable.open_requests = {}
+    return reloadable
 
-    async def send(message):
-        pass
 
-    await reloadable({"type": "http", "path": "/healthz", "query_string": b""}, None, send)
-    assert seen == [["request"], []]
+async def discard(message):
+    pass
