@@ -133,7 +133,7 @@ def run(gateway: Gateway, *, bind: str | None = None, announce: Callable[[str], 
     host, port = check_address(bind or gateway.settings.listen)
     if port == 0:
         # "Any free port": chosen now, so that what is printed and put in kubeconfigs is what is served.
-        port = free_port(host)
+        port = _probe_bind(host, 0)
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if bind is not None and not gateway.settings.public_url:
         # The URL printed, and put in kubeconfigs, is the one served: built from --bind, not `listen`.
@@ -183,23 +183,21 @@ def check_address(address: str, source: str = "listening address") -> tuple[str,
         raise ConfigError(source, "", str(exc)) from None
 
 
-def free_port(host: str) -> int:
-    """A port the OS says is free on `host` now (for `listen: HOST:0`)."""
+def _probe_bind(host: str, port: int) -> int:
+    """Bind `host`:`port` for a moment and let go: the port the OS gave (a free one for port 0), or OSError
+    when it refuses (e.g. already in use)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-    return port
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        bound: int = probe.getsockname()[1]
+    return bound
 
 
 def check_bind(bind: str) -> None:
     """Fail early, with a one-line reason, when the address cannot be served: not HOST:PORT (ConfigError),
     or the OS refuses it (OSError, e.g. already in use)."""
-    host, port = check_address(bind)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    _probe_bind(*check_address(bind))
 
 
 async def _when_listening(
