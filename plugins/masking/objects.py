@@ -44,7 +44,12 @@ class ObjectRules:
 
 
 def mask_document(doc: Any, rules: ObjectRules, resource_kind: str = "") -> bool:
-    """A response body: an object, a list, a Table or a watch event."""
+    """A response body: an object, a list, a Table or a watch event.
+
+    Read the way its shape says, and — where that reading is not "one object of the path's kind" — also as
+    one object of the path's kind: a client that knows what it asked for reads it so whatever its `kind`
+    (the Python client's `read_namespaced_secret` takes `data` from `{"items": [], "data": {…}}`). A document
+    any API server sends has nothing there to mask (a list's own fields are apiVersion, kind, metadata)."""
     if not isinstance(doc, dict):
         return False
     kind = _kind_of(doc, "")
@@ -55,16 +60,35 @@ def mask_document(doc: Any, rules: ObjectRules, resource_kind: str = "") -> bool
                 changed |= mask_object(row["object"], rules, resource_kind)
             if isinstance(row, dict) and rules.scrub_text is not None and isinstance(row.get("cells"), list):
                 changed |= _scrub_list(row["cells"], rules.scrub_text)
-        return changed
+        return _mask_as_path_kind(doc, rules, resource_kind, "rows") | changed
     if isinstance(doc.get("items"), list) and (kind.endswith("List") or not kind):
         item_kind = kind[: -len("List")] if kind.endswith("List") and kind != "List" else resource_kind
         changed = False
         for item in doc["items"]:
             changed |= mask_object(item, rules, item_kind)
-        return changed
+        return _mask_as_path_kind(doc, rules, resource_kind, "items") | changed
     if isinstance(doc.get("object"), dict) and (kind == "WatchEvent" or set(doc) == {"type", "object"}):
-        return mask_document(doc["object"], rules, resource_kind)
-    return mask_object(doc, rules, resource_kind)  # also a WatchEvent without an object: read as one
+        changed = mask_document(doc["object"], rules, resource_kind)
+        return _mask_as_path_kind(doc, rules, resource_kind, "object") | changed
+    changed = mask_object(doc, rules, resource_kind)  # also a WatchEvent without an object: read as one
+    if resource_kind and _kind_of(doc, resource_kind) != resource_kind:
+        changed |= _mask_as_path_kind(doc, rules, resource_kind, "")
+    return changed
+
+
+def _mask_as_path_kind(doc: dict[str, Any], rules: ObjectRules, resource_kind: str, read: str) -> bool:
+    """Mask `doc`'s own fields (without `read`, the part already masked as what it is) as an object of the
+    path's kind."""
+    if not resource_kind:
+        return False
+    rest = {key: value for key, value in doc.items() if key != read}
+    rest["kind"] = resource_kind
+    if not mask_object(rest, rules, resource_kind):
+        return False
+    for key, value in rest.items():  # nested values were edited in place; top-level ones are put back
+        if key != "kind" and key != read:
+            doc[key] = value
+    return True
 
 
 def _kind_of(obj: dict[str, Any], default: str) -> str:

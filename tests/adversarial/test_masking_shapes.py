@@ -67,6 +67,18 @@ POD_ENV = [{"name": "DB_PASSWORD", "value": SECRET}]
             },
             "deployments",
         ),
+        # A client that knows what it asked for reads the document as that, whatever its shape says (the
+        # Python client's read_namespaced_secret takes `data` from a list): a list, Table, watch event or
+        # object of another kind on a Secret's or Pod's path is masked as one too (found by the property
+        # test below: before, `{"items": [], "data": …}` went out in clear).
+        ({"items": [], "data": {"password": SECRET_B64}}, "secrets"),
+        ({"kind": "SecretList", "items": [], "stringData": {"password": SECRET}}, "secrets"),
+        ({"kind": "List", "items": [], "data": {"password": SECRET_B64}}, "secrets"),
+        ({"kind": "Table", "rows": [], "data": {"password": SECRET_B64}}, "secrets"),
+        ({"kind": "WatchEvent", "type": "ADDED", "object": {}, "data": {"password": SECRET_B64}}, "secrets"),
+        ({"kind": "ConfigMap", "data": {"password": SECRET_B64}}, "secrets"),
+        ({"kind": "PodList", "items": [], "spec": {"containers": [{"name": "a", "env": POD_ENV}]}}, "pods"),
+        ({"kind": "Status", "spec": {"containers": [{"name": "a", "env": POD_ENV}]}}, "pods"),
         # A WatchEvent without an object is read as an object itself.
         (
             {
