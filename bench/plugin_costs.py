@@ -6,6 +6,11 @@ This is how issue 15's remaining gap was split (docs/performance.md, "What each 
 cost is what the chain gains when it is left out, measured seconds apart from the chain itself.
 
     .venv/bin/python bench/plugin_costs.py [--rounds 3] [--duration 4] [--without masking,audit-db,...]
+        [--baseline REV]
+
+With `--baseline REV` (a git revision), gateway-full also runs as the code at REV, beside the working tree's:
+what a change bought, measured in the same rounds (the old code is imported through its `.typecheck/` tree
+of links, so nothing is installed).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,12 +73,45 @@ def start_without(work: Path, full: bench.Target, plugin: str) -> bench.Target:
     return target
 
 
+def start_baseline(work: Path, full: bench.Target, revision: str) -> bench.Target:
+    """gateway-full's config served by the code at `revision` (git archive of it, imported through its
+    `.typecheck/` links), on a port and state directory of its own."""
+    repo = Path(__file__).resolve().parent.parent
+    source = work / "baseline-src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", revision], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise bench.BenchError(f"--baseline {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    if not (source / ".typecheck" / "kubegate").is_dir():
+        raise bench.BenchError(f"--baseline {revision}: no .typecheck/ tree at that revision")
+    text = (work / "gateway-full" / "kubegate.yaml").read_text()
+    port = bench.free_port()
+    gdir = work / "baseline"
+    gdir.mkdir()
+    config = re.sub(r"^listen: \S+", f"listen: 127.0.0.1:{port}", text, flags=re.M)
+    config = config.replace(str(work / "gateway-full" / "state"), str(gdir / "state"))
+    (gdir / "kubegate.yaml").write_text(config)
+    label = f"full at {revision}"
+    env = {**os.environ, "PYTHONPATH": str(source / ".typecheck")}  # the audit writer process inherits it
+    argv = [sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(gdir / "kubegate.yaml")]
+    proc = bench.PROCS.start(label, argv, gdir / "gateway.log", cwd=str(gdir), env=env)
+    target = bench.Target(
+        label, f"https://127.0.0.1:{port}/k8s/{bench.CONNECTION}", full.token, proc, masks=True
+    )
+    bench.wait_ready(label, proc, target.url(bench.POD_PATH), target.token, gdir / "gateway.log")
+    return target
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=4, help="seconds per cell")
     parser.add_argument("--without", default=",".join(PLUGINS), help="plugins to leave out, one at a time")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also run gateway-full as the code at this git revision"
+    )
     bench.add_wait_quiet(parser)
     args = parser.parse_args()
     if args.wait_quiet:
@@ -87,6 +126,8 @@ def main() -> int:
             "gateway": bench.start_gateway(work, up, label="gateway"),
             "gateway-full": bench.start_gateway(work, up, label="gateway-full", full=True),
         }
+        if args.baseline:
+            targets[f"full at {args.baseline}"] = start_baseline(work, targets["gateway-full"], args.baseline)
         for plugin in [p for p in args.without.split(",") if p]:
             targets[f"full without {plugin}"] = start_without(work, targets["gateway-full"], plugin)
         for round_ in range(args.rounds):

@@ -75,6 +75,85 @@ class HookCall(Protocol[T_co]):
     def get_hookimpls(self) -> list[pluggy.HookImpl]: ...
 
 
+class CountingPluginManager(pluggy.PluginManager):
+    """pluggy's manager, counting the changes to what is registered so that `HookSnapshot`s know when to look
+    again. Every registration goes through `register`/`unregister` (entry points and `set_blocked` too)."""
+
+    generation = 0
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self.generation += 1
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self.generation += 1
+
+    def add_hookspecs(self, module_or_class: Any) -> None:
+        try:
+            super().add_hookspecs(module_or_class)
+        finally:
+            self.generation += 1
+
+
+class HookSnapshot:
+    """Calls a hook's implementations as pluggy would — last registered first, each given the arguments it
+    names, None answers left out, the first answer only for a `firstresult` hook, an implementation's
+    exception raised as is — from a list taken once, instead of through pluggy on every call.
+
+    Why: the request path calls about ten hooks per request, and a pluggy call of a connection's subset
+    filters the implementations again and checks the arguments every time — about 5 µs a call against
+    0.5 µs here (issue 15). The list is taken again when the manager's `generation` moved (a plugin was
+    registered or removed). A hook with a wrapper implementation (`hookwrapper`/`wrapper`), or a manager that
+    does not count its changes, is called through pluggy, exactly as before."""
+
+    __slots__ = ("_caller", "_firstresult", "_generation", "_impls", "_pm")
+
+    def __init__(self, pm: pluggy.PluginManager, caller: Any):
+        self._caller = caller
+        self._pm = pm if isinstance(pm, CountingPluginManager) else None
+        spec = caller.spec
+        self._firstresult = bool(spec is not None and spec.opts.get("firstresult"))
+        self._generation = -1  # never a manager's: the first call takes the list
+        self._impls: tuple[tuple[Any, tuple[str, ...]], ...] | None = None
+
+    def _take(self, generation: int) -> None:
+        impls = self._caller.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            self._impls = None
+        else:  # pluggy calls the last of get_hookimpls() first
+            self._impls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+        self._generation = generation
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if self._pm is None:
+            return self._caller(**kwargs)
+        if self._generation != self._pm.generation:
+            self._take(self._pm.generation)
+        impls = self._impls
+        if impls is None:
+            return self._caller(**kwargs)
+        if self._firstresult:
+            for function, names in impls:
+                answer = function(*[kwargs[name] for name in names])
+                if answer is not None:
+                    return answer
+            return None
+        results = []
+        for function, names in impls:
+            answer = function(*[kwargs[name] for name in names])
+            if answer is not None:
+                results.append(answer)
+        return results
+
+    def get_hookimpls(self) -> list[pluggy.HookImpl]:
+        return list(self._caller.get_hookimpls())
+
+
 async def await_me_maybe(value: MaybeAwaitable[T]) -> T:
     """Await `value` when it is awaitable: hooks may be implemented with or without ``async``."""
     if inspect.isawaitable(value):
@@ -108,26 +187,42 @@ UNMASKED_ARGUMENT = "******"
 METRICS_SECONDS = 2.0  # per `kubegate_metrics` implementation
 
 
-def record_command(pm: pluggy.PluginManager, flow: Flow, argv: list[str]) -> list[str]:
-    """`kubegate_record_command`: the first plugin's rendering; with none, or one that fails, every argument
-    hidden (fail closed: a command line may hold a password)."""
-    try:
-        rendered = pm.hook.kubegate_record_command(flow=flow, argv=list(argv))
-    except Exception:
-        log.exception("record_command hook failed; the command line is recorded hidden")
-        rendered = None
-    return [UNMASKED_ARGUMENT for _ in argv] if rendered is None else list(rendered)
+class RecordHooks:
+    """The gateway-wide record hooks: called on every installed plugin whatever a connection enables (records
+    are masked everywhere); one instance per host, shared by its connections."""
 
+    def __init__(self, pm: pluggy.PluginManager):
+        self._body = HookSnapshot(pm, pm.hook.kubegate_record_body)
+        self._query = HookSnapshot(pm, pm.hook.kubegate_record_query)
+        self._command = HookSnapshot(pm, pm.hook.kubegate_record_command)
+        self._text = HookSnapshot(pm, pm.hook.kubegate_record_text)
 
-def record_text(pm: pluggy.PluginManager, flow: Flow, data: bytes) -> bytes:
-    """`kubegate_record_text`: the first plugin's rendering; with none, or one that fails, nothing (text
-    that cannot be masked is not stored)."""
-    try:
-        rendered = pm.hook.kubegate_record_text(flow=flow, data=data)
-    except Exception:
-        log.exception("record_text hook failed; the text is not stored")
-        rendered = None
-    return b"" if rendered is None else bytes(rendered)
+    def body(self, flow: Flow, body: bytes) -> str | None:
+        return cast("str | None", self._body(flow=flow, body=body))
+
+    def query(self, flow: Flow, query: str) -> str:
+        rendered = self._query(flow=flow, query=query)
+        return query if rendered is None else cast(str, rendered)
+
+    def command(self, flow: Flow, argv: list[str]) -> list[str]:
+        """`kubegate_record_command`: the first plugin's rendering; with none, or one that fails, every
+        argument hidden (fail closed: a command line may hold a password)."""
+        try:
+            rendered = self._command(flow=flow, argv=list(argv))
+        except Exception:
+            log.exception("record_command hook failed; the command line is recorded hidden")
+            rendered = None
+        return [UNMASKED_ARGUMENT for _ in argv] if rendered is None else list(rendered)
+
+    def text(self, flow: Flow, data: bytes) -> bytes:
+        """`kubegate_record_text`: the first plugin's rendering; with none, or one that fails, nothing (text
+        that cannot be masked is not stored)."""
+        try:
+            rendered = self._text(flow=flow, data=data)
+        except Exception:
+            log.exception("record_text hook failed; the text is not stored")
+            rendered = None
+        return b"" if rendered is None else bytes(rendered)
 
 
 @dataclass(frozen=True)
@@ -142,7 +237,7 @@ class PluginHost:
     """Owns the pluggy manager and knows which plugins exist."""
 
     def __init__(self, *, load_entry_points: bool = True, extra: Iterable[ModuleType | object] = ()):
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm = CountingPluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._origins: dict[str, str] = {}
         for entry in DEFAULT_PLUGINS:
@@ -159,6 +254,7 @@ class PluginHost:
         for plugin in extra:
             self.register(plugin, origin="extra")
         self.pm.check_pending()
+        self.records = RecordHooks(self.pm)
 
     def register(self, plugin: ModuleType | object, *, origin: str, name: str | None = None) -> str:
         name = name or getattr(plugin, "PLUGIN_NAME", None) or getattr(plugin, "__name__", None)
@@ -232,21 +328,20 @@ class PluginHost:
     def record_body(self, flow: Flow, body: bytes) -> str | None:
         """A request body as people may read it (audit, approvals), from the first plugin that renders it;
         called on every plugin, whatever the connection enables, since records are masked everywhere."""
-        return cast("str | None", self.pm.hook.kubegate_record_body(flow=flow, body=body))
+        return self.records.body(flow, body)
 
     def record_query(self, flow: Flow, query: str) -> str:
         """A query string as audit records carry it (an exec's command line masked), from the first plugin
         that renders it; as it is when none does. Called on every plugin, like `record_body`."""
-        rendered = self.pm.hook.kubegate_record_query(flow=flow, query=query)
-        return query if rendered is None else cast(str, rendered)
+        return self.records.query(flow, query)
 
     def record_command(self, flow: Flow, argv: list[str]) -> list[str]:
-        """An exec/attach command line as records keep it; see `record_command` (module level)."""
-        return record_command(self.pm, flow, argv)
+        """An exec/attach command line as records keep it; see `RecordHooks.command`."""
+        return self.records.command(flow, argv)
 
     def record_text(self, flow: Flow, data: bytes) -> bytes:
-        """Text as it may be stored (recordings); see `record_text` (module level)."""
-        return record_text(self.pm, flow, data)
+        """Text as it may be stored (recordings); see `RecordHooks.text`."""
+        return self.records.text(flow, data)
 
     def audit_fields(self, flow: Flow) -> dict[str, Any]:
         """The plugins' parts of a request's audit event, in registration order; the first plugin to give a
@@ -286,18 +381,27 @@ class PluginHost:
     def for_connection(self, enabled: Iterable[str], people: PeopleResolver | None = None) -> ConnectionHooks:
         """The hooks of a connection with `enabled` plugins; `people` finds authenticated identities'
         person keys (the config's `people` section; without one, the user name)."""
-        return ConnectionHooks(self.pm, frozenset(enabled), people or PeopleResolver())
+        return ConnectionHooks(self.pm, frozenset(enabled), people or PeopleResolver(), self.records)
 
 
 class ConnectionHooks:
     """The hooks of one connection: only its enabled plugins are called. Built once per config load."""
 
-    def __init__(self, pm: pluggy.PluginManager, enabled: frozenset[str], people: PeopleResolver):
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        enabled: frozenset[str],
+        people: PeopleResolver,
+        records: RecordHooks | None = None,
+    ):
         self.enabled = enabled
         self.people = people
-        self._pm = pm  # for the gateway-wide record hooks plugins reach from a flow
+        self._records = records or RecordHooks(pm)  # the gateway-wide record hooks plugins reach from a flow
         remove = [plugin for name, plugin in pm.list_name_plugin() if name not in enabled]
-        caller = pm.subset_hook_caller
+
+        def caller(name: str, remove: list[object]) -> Any:
+            return HookSnapshot(pm, pm.subset_hook_caller(name, remove))
+
         # Each typed with what its spec (hookspecs) returns.
         self._authenticate: HookCall[Identity | AuthFailure | None] = caller("kubegate_authenticate", remove)
         self._decide: HookCall[Decision | None] = caller("kubegate_decide", remove)
@@ -321,20 +425,19 @@ class ConnectionHooks:
 
     def record_body(self, flow: Flow, body: bytes) -> str | None:
         """`PluginHost.record_body` for plugins that hold a flow (records are masked on every connection)."""
-        return cast("str | None", self._pm.hook.kubegate_record_body(flow=flow, body=body))
+        return self._records.body(flow, body)
 
     def record_query(self, flow: Flow, query: str) -> str:
         """`PluginHost.record_query`, reachable from a flow."""
-        rendered = self._pm.hook.kubegate_record_query(flow=flow, query=query)
-        return query if rendered is None else cast(str, rendered)
+        return self._records.query(flow, query)
 
     def record_command(self, flow: Flow, argv: list[str]) -> list[str]:
         """`PluginHost.record_command`, reachable from a flow."""
-        return record_command(self._pm, flow, argv)
+        return self._records.command(flow, argv)
 
     def record_text(self, flow: Flow, data: bytes) -> bytes:
         """`PluginHost.record_text`, reachable from a flow."""
-        return record_text(self._pm, flow, data)
+        return self._records.text(flow, data)
 
     async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
         """The first plugin's answer; an identity comes with its person key resolved here, so the data path

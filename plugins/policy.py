@@ -300,6 +300,9 @@ class RuleIndex:
                     self._by_resource.setdefault(name, set()).add(i)
         self._all = tuple(range(len(rules)))
         self._candidates: dict[tuple[str, str], tuple[int, ...]] = {}
+        # The rules with a condition on the request object (read once: a private attribute of a pydantic
+        # model is a slow lookup on every request).
+        self.reading_object = frozenset(i for i, rule in enumerate(rules) if rule.match._reads_object)
 
     def candidates(self, verb: str, resource: str) -> tuple[int, ...]:
         key = (verb, resource)
@@ -468,10 +471,13 @@ def _evaluate_fast(settings: PolicySettings, req: Request) -> Outcome:
 
 def needs_body(settings: PolicySettings, req: Request) -> bool:
     """Whether some rule that could still decide has a condition on the request object."""
+    index = settings.index
+    reading = index.reading_object
+    if not reading:
+        return False
     rules = settings.rules
     return any(
-        rules[i].match._reads_object and _matches(rules[i].match, req)
-        for i in settings.index.candidates(req.verb, req.resource)
+        i in reading and _matches(rules[i].match, req) for i in index.candidates(req.verb, req.resource)
     )
 
 

@@ -17,7 +17,7 @@ from kubegate.core import hookspecs
 from kubegate.core.cli import add_plugin_commands
 from kubegate.core.cli import hookimpl as cli_hookimpl
 from kubegate.core.flow import Decision, Verdict
-from kubegate.core.plugins import UNMASKED_ARGUMENT, PluginHost, hookimpl, record_command, record_text
+from kubegate.core.plugins import UNMASKED_ARGUMENT, CountingPluginManager, PluginHost, RecordHooks, hookimpl
 from kubegate.core.proxy import _audit_data
 from kubegate.testing import make_connection, make_flow
 
@@ -25,8 +25,8 @@ EXEC = "/api/v1/namespaces/prod/pods/web/exec"
 EXEC_QUERY = "command=mysql&command=-pHUNTER2&container=db&stdout=true"
 
 
-def bare_pm() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+def bare_pm(manager: type[pluggy.PluginManager] = pluggy.PluginManager) -> pluggy.PluginManager:
+    pm = manager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
 
@@ -104,13 +104,16 @@ def test_a_failing_audit_fields_plugin_loses_its_part_not_the_event():
 # -- record renderings: fail closed ------------------------------------------------------------------------
 
 
-def test_without_a_masking_plugin_a_command_line_is_recorded_hidden_and_text_not_at_all():
+@pytest.mark.parametrize("manager", [pluggy.PluginManager, CountingPluginManager])
+def test_without_a_masking_plugin_a_command_line_is_recorded_hidden_and_text_not_at_all(manager):
     flow = make_flow("GET", EXEC, query=EXEC_QUERY, websocket=True)
-    assert record_command(bare_pm(), flow, ["mysql", "-pHUNTER2"]) == [UNMASKED_ARGUMENT, UNMASKED_ARGUMENT]
-    assert record_text(bare_pm(), flow, b"password: HUNTER2\n") == b""
+    records = RecordHooks(bare_pm(manager))
+    assert records.command(flow, ["mysql", "-pHUNTER2"]) == [UNMASKED_ARGUMENT, UNMASKED_ARGUMENT]
+    assert records.text(flow, b"password: HUNTER2\n") == b""
 
 
-def test_a_failing_record_plugin_hides_the_command_line_and_drops_the_text():
+@pytest.mark.parametrize("manager", [pluggy.PluginManager, CountingPluginManager])
+def test_a_failing_record_plugin_hides_the_command_line_and_drops_the_text(manager):
     class Failing:
         PLUGIN_NAME = "failing"
 
@@ -122,11 +125,11 @@ def test_a_failing_record_plugin_hides_the_command_line_and_drops_the_text():
         def kubegate_record_text(self, flow, data):
             raise RuntimeError("boom")
 
-    pm = bare_pm()
+    pm = bare_pm(manager)
     pm.register(Failing(), name="failing")
     flow = make_flow("GET", EXEC, query=EXEC_QUERY, websocket=True)
-    assert record_command(pm, flow, ["env", "DB_PASSWORD=HUNTER2"]) == [UNMASKED_ARGUMENT] * 2
-    assert record_text(pm, flow, b"HUNTER2") == b""
+    assert RecordHooks(pm).command(flow, ["env", "DB_PASSWORD=HUNTER2"]) == [UNMASKED_ARGUMENT] * 2
+    assert RecordHooks(pm).text(flow, b"HUNTER2") == b""
 
 
 def test_the_masking_plugin_masks_command_lines_and_text_reached_from_a_flow():
