@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from . import scanner
 from .forms import FormSet, KnownForms
 from .text import value_forms
 
@@ -191,7 +192,11 @@ class KnownIndex:
     part is rebuilt in a worker thread, and only when the delta grew past `DELTA_FORMS` or values were
     removed; a removed value stays masked until then (masking a little more for a moment is safe, less is
     not). Changes during a rebuild are folded into the next one, so a burst of events costs one rebuild. A
-    re-list that finds the same values (every broken or expired watch) rebuilds nothing."""
+    re-list that finds the same values (every broken or expired watch) rebuilds nothing.
+
+    Parts are published with their automata first; their Hyperscan literal databases (forms.py
+    `LiteralScan`, much faster to search, slow to compile) are compiled in a worker thread and published
+    when ready, if the part is still in use. Until then, the automata search: the same spans."""
 
     def __init__(self, publish: Callable[[KnownForms], None]):
         self.publish = publish
@@ -201,6 +206,7 @@ class KnownIndex:
         self.rebuilds = 0  # base rebuilds done in the worker thread (tests and diagnostics)
         self._rebuild: asyncio.Task[None] | None = None
         self._again = False
+        self._compile: asyncio.Task[None] | None = None
 
     def set_now(self, values: Iterable[str]) -> None:
         """Index exactly `values`, synchronously (start-up, tests)."""
@@ -208,6 +214,7 @@ class KnownIndex:
         self.base = FormSet.build(forms_of(self.base_values))
         self.delta, self.delta_values = FormSet.build(()), frozenset()
         self.publish(KnownForms([self.base]))
+        self._compile_literals()
 
     def update(self, values: Iterable[str]) -> None:
         """The values are now `values`. Call on the event loop."""
@@ -223,6 +230,39 @@ class KnownIndex:
             self.publish(KnownForms([self.base, self.delta]))
         if self.delta.size > DELTA_FORMS or not covered <= self.wanted:
             self._schedule()
+        elif added:
+            self._compile_literals()
+
+    def _compile_literals(self) -> None:
+        """Compile the literal databases of the parts in use that lack one, in a worker thread (with no
+        running loop — synchronous use — the automata serve)."""
+        if not scanner.available() or (self._compile is not None and not self._compile.done()):
+            return  # the running compilation looks again at the parts in use when it is done
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._compile = loop.create_task(self._compile_missing())
+
+    async def _compile_missing(self) -> None:
+        while True:
+            base, delta = self.base, self.delta
+            if base.literals is not None or not base.size:
+                if delta.literals is not None or not delta.size:
+                    return
+            try:
+                compiled = await asyncio.to_thread(_with_literals, base, delta)
+            except Exception:  # the automata keep serving: the same spans, slower
+                log.exception("masking: compiling the known values' literal database failed")
+                return
+            if compiled[0] is base and compiled[1] is delta:
+                return  # none can be built (a form with a NUL byte): the automata serve
+            if self.base is base:
+                self.base = compiled[0]
+            if self.delta is delta:
+                self.delta = compiled[1]
+            if self.base is compiled[0] or self.delta is compiled[1]:
+                self.publish(KnownForms([self.base, self.delta]))
 
     def _schedule(self) -> None:
         if self._rebuild is not None and not self._rebuild.done():
@@ -244,15 +284,21 @@ class KnownIndex:
             self.delta = FormSet.build(forms_of(self.delta_values))
             self.rebuilds += 1
             self.publish(KnownForms([self.base, self.delta]))
+            self._compile_literals()
             if not self._again:
                 return
 
     async def close(self) -> None:
-        if self._rebuild is not None:
-            self._rebuild.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._rebuild
+        for task in (self._rebuild, self._compile):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+def _with_literals(base: FormSet, delta: FormSet) -> tuple[FormSet, FormSet]:
+    return base.with_literals(), delta.with_literals()
 
 
 def _build_all(values: frozenset[str]) -> FormSet:
-    return FormSet.build(forms_of(values))
+    return FormSet.build(forms_of(values), literals=True)

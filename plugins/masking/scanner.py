@@ -30,6 +30,21 @@ def available() -> bool:
     return hyperscan is not None
 
 
+def literal_database(literals: Sequence[bytes]) -> Any:
+    """A block-mode database of `literals` (each one's id: its position), by Hyperscan's literal compiler,
+    which reports every occurrence of every literal. A NUL byte ends a literal there (forms.py avoids it)."""
+    assert hyperscan is not None
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(
+        expressions=list(literals),
+        ids=list(range(len(literals))),
+        elements=len(literals),
+        flags=0,
+        literal=True,
+    )
+    return database
+
+
 class Pattern:
     """One pattern: the regex that decides, which group is masked (0: the whole match), and `skip`: a match
     it says yes to is not masked (the assignment rule's non-secret names, see text.py)."""

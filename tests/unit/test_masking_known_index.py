@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from kubegate.plugins.masking import Masking, MaskingSettings
 from kubegate.plugins.masking import known as known_module
-from kubegate.plugins.masking.forms import FormSet, KnownForms
+from kubegate.plugins.masking.forms import FormSet, KnownForms, merged
 from kubegate.plugins.masking.known import forms_of
 from kubegate.plugins.masking.stream import StreamMasker
 from kubegate.plugins.masking.text import TextMasker
@@ -165,3 +165,72 @@ def test_parts_mask_what_one_automaton_masks(values, split, filler):
             while at >= 0:
                 assert any(start <= at and at + len(value) <= end for start, end in spans), (value, text)
                 at = text.find(value, at + 1)
+
+
+# -- Hyperscan literal databases (forms.py LiteralScan) ------------------------------------------------------
+
+
+def with_literals(parts: list[FormSet]) -> KnownForms:
+    known = KnownForms([part.with_literals() for part in parts])
+    assert known.literal
+    return known
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    forms=st.lists(st.text(alphabet="ab1", min_size=1, max_size=6), min_size=1, max_size=8, unique=True),
+    split=st.integers(min_value=0, max_value=8),
+    text=st.text(alphabet="ab1 ", max_size=40),
+)
+def test_literal_databases_give_the_automatons_spans(forms, split, text):
+    """Every occurrence of every form, overlapping ones merged: the same spans from Hyperscan as from the
+    automata (leftmost-longest plus the runs on), in one part or two."""
+    occurrences = [
+        (at, at + len(form)) for form in forms for at in range(len(text)) if text.startswith(form, at)
+    ]
+    expected = merged(occurrences)  # every occurrence, found by brute force; overlapping ones merged
+    for parts in ([forms], [forms[:split], forms[split:]]):
+        automata = KnownForms([FormSet.build(part) for part in parts])
+        literal = with_literals([FormSet.build(part) for part in parts])
+        assert automata.spans(text) == expected, (parts, text)
+        assert literal.spans(text) == expected, (parts, text)
+
+
+def test_a_form_inside_the_beginning_of_a_longer_one_is_found():
+    """pyahocorasick's leftmost-longest scan, used before, missed these (a known value in clear)."""
+    for known in (
+        KnownForms([FormSet.build({"b", "ab1", "1ab1"})]),
+        with_literals([FormSet.build({"b", "ab1", "1ab1"})]),
+    ):
+        assert known.spans("1ab") == [(2, 3)]
+    masker = TextMasker(MARKER, known=["db-password-1", "mydb-password-12"])
+    assert masker.mask("user=mydb-password-1") == f"user=my{MARKER}"
+    stream = StreamMasker(masker)
+    assert stream.feed(b"echo: mydb-password-1") + stream.flush() == f"echo: my{MARKER}".encode()
+
+
+def test_text_that_is_not_ascii_and_forms_with_a_nul_byte_are_searched_by_the_automata():
+    known = with_literals([FormSet.build({"hunter2", "héllo-secret"})])
+    # Not ASCII: character offsets are not byte offsets, so the automata search (and find the non-ASCII form).
+    assert known.spans("é hunter2 héllo-secret") == [(2, 9), (10, 22)]
+    assert known.spans("x hunter2 y") == [(2, 9)]
+    # Hyperscan's literal compiler would end "ab\0cd" at the NUL (and find every "ab"): no database.
+    nul = FormSet.build({"ab\0cd", "hunter2"}).with_literals()
+    assert nul.literals is None and not KnownForms([nul]).literal
+    assert KnownForms([nul]).spans("ab ab\0cd hunter2") == [(3, 8), (9, 16)]
+
+
+async def test_the_index_publishes_literal_databases_once_compiled_off_the_loop():
+    published: list[KnownForms] = []
+    index = known_module.KnownIndex(published.append)
+    index.update(BASE)  # the first listing: automata at once, the database compiled in a worker thread
+    assert published and not published[-1].literal
+    await index._compile
+    assert published[-1].literal and index.base.literals is not None
+    index.update(BASE | {"added-later-secret"})  # a delta: automata at once, then its database
+    assert not published[-1].literal
+    assert published[-1].spans("x added-later-secret y") == [(2, 20)]
+    await index._compile
+    assert published[-1].literal
+    assert published[-1].spans("x added-later-secret base-secret-0001-value y") == [(2, 20), (21, 43)]
+    await index.close()
