@@ -6,7 +6,7 @@ This is how issue 15's remaining gap was split (docs/performance.md, "What each 
 cost is what the chain gains when it is left out, measured seconds apart from the chain itself.
 
     .venv/bin/python bench/plugin_costs.py [--rounds 3] [--duration 4] [--without masking,audit-db,...]
-        [--baseline REV]
+        [--baseline REV] [--path /api/v1/namespaces/prod/pods]
 
 With `--baseline REV` (a git revision), gateway-full also runs as the code at REV, beside the working tree's:
 what a change bought, measured in the same rounds (the old code is imported through its `.typecheck/` tree
@@ -112,6 +112,11 @@ def main() -> int:
     parser.add_argument(
         "--baseline", metavar="REV", help="also run gateway-full as the code at this git revision"
     )
+    parser.add_argument(
+        "--path",
+        default=bench.POD_PATH,
+        help=f"what to GET (default: one Pod; the 500-Pod list: {bench.LIST_PATH})",
+    )
     bench.add_wait_quiet(parser)
     args = parser.parse_args()
     if args.wait_quiet:
@@ -139,7 +144,7 @@ def main() -> int:
                         pids["audit writer"] = child
                     before = {role: cpu_seconds(pid) for role, pid in pids.items()}
                     started = time.monotonic()
-                    out = bench.run_wrk(target.url(bench.POD_PATH), target.token, conc, args.duration)
+                    out = bench.run_wrk(target.url(args.path), target.token, conc, args.duration)
                     elapsed = time.monotonic() - started
                     requests = max(out["requests"], 1)
                     rps[name, conc] = [
