@@ -60,10 +60,9 @@ def upstream_session(
     connector: aiohttp.BaseConnector, limits: LimitSettings, **options: Any
 ) -> aiohttp.ClientSession:
     """The pooled aiohttp session a connection type gives the proxy: no time cut on bodies (watches, `logs -f`),
-    bodies passed through as bytes (gzip stays gzip), no header invented for the client, no cookies kept, and
-    the body of a refused WebSocket upgrade kept so the client sees the API server's own message."""
-    from .relay import handshake_trace_config  # core.relay imports (through proxy) this module
-
+    bodies passed through as bytes (gzip stays gzip), no header invented for the client, no cookies kept.
+    WebSocket upgrades go through a sibling on the same pool that keeps the body of a refused upgrade, so
+    the client sees the API server's own message (core/relay.py `websocket_session`)."""
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(
@@ -74,7 +73,6 @@ def upstream_session(
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[handshake_trace_config()],
         **options,
     )
 

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,10 +62,40 @@ async def _capture_refusal(
 
 
 def handshake_trace_config() -> aiohttp.TraceConfig:
-    """The trace each connection's aiohttp session carries, to keep a refused handshake's response."""
+    """The trace WebSocket upgrades go through (`websocket_session`), to keep a refused handshake's
+    response."""
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(_capture_refusal)
     return trace
+
+
+# A connection's session → its WebSocket sibling (gone with the session: a reload makes new sessions).
+_websocket_sessions: weakref.WeakKeyDictionary[aiohttp.ClientSession, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def websocket_session(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """The session a connection's WebSocket upgrades go through: `session`'s pool (its connector, not
+    owned: closing `session` closes both), timeout and default headers, plus the handshake trace.
+
+    Why apart: aiohttp makes a trace object per request and sends every tracing signal for each, so a trace
+    on the session every REST request uses cost each of them its price for the few upgrades that need it
+    (issue 15)."""
+    sibling = _websocket_sessions.get(session)
+    if sibling is None or sibling.closed:
+        sibling = aiohttp.ClientSession(
+            connector=session.connector,
+            connector_owner=False,
+            timeout=session.timeout,
+            auto_decompress=session.auto_decompress,
+            skip_auto_headers=session.skip_auto_headers,
+            headers=session.headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[handshake_trace_config()],
+        )
+        _websocket_sessions[session] = sibling
+    return sibling
 
 
 class WebSocketClient:
@@ -92,7 +123,7 @@ async def open_upstream(flow: Flow, url: URL) -> aiohttp.ClientWebSocketResponse
     refusal = HandshakeRefusal()
     token = _handshake_refusal.set(refusal)
     try:
-        ws: aiohttp.ClientWebSocketResponse = await upstream.session.ws_connect(
+        ws: aiohttp.ClientWebSocketResponse = await websocket_session(upstream.session).ws_connect(
             url,
             protocols=subprotocols_for_upstream(flow.request.subprotocols),
             headers=flow.upstream_headers,

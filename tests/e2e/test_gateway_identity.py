@@ -4,9 +4,11 @@ and nothing unauthenticated reaches the API server."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -88,6 +90,34 @@ def test_exec_denied_by_the_cluster_prints_the_api_servers_message(gateway):
     proc = run_kubectl(gateway.kubeconfig("bob"), "exec", "web", "-n", "prod", "--", "true")
     assert proc.returncode == 1
     assert 'pods "web" is forbidden: User "bob" cannot create resource "pods/exec"' in proc.stderr
+
+
+def test_a_refused_websocket_upgrade_carries_the_api_servers_status(gateway):
+    """The WebSocket attempt itself (not kubectl's SPDY retry) gets the API server's refusal as it was: the
+    handshake's trace that keeps it lives on a sibling session of the connection's pool (core/relay.py)."""
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Protocol": "v5.channel.k8s.io",
+    }
+    path = "/k8s/sandbox/api/v1/namespaces/prod/pods/web/exec?command=true&stdout=true"
+    # http.client sends the headers as given (urllib would replace Connection with "close": no upgrade)
+    url = urllib.parse.urlsplit(gateway.url)
+    conn = http.client.HTTPSConnection(
+        url.hostname, url.port, context=ssl.create_default_context(cafile=str(gateway.ca_file)), timeout=30
+    )
+    try:
+        conn.request("GET", path, headers={**headers, "Authorization": f"Bearer {GATEWAY_USERS['bob'][1]}"})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+    finally:
+        conn.close()
+    assert status == 403, body
+    status_object = json.loads(body)
+    assert status_object["kind"] == "Status" and status_object["reason"] == "Forbidden"
+    assert 'User "bob" cannot create resource "pods/exec"' in status_object["message"]
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", ""])
