@@ -87,7 +87,7 @@ def kubegate_startup(gateway: Gateway) -> None:
     for connection in gateway.connections:
         settings = connection.settings_for(PLUGIN_NAME)
         if isinstance(settings, MaskingSettings):
-            masking = Masking(settings)
+            masking = Masking(settings, connection.name)
             connection.state[PLUGIN_NAME] = masking
             k = settings.known_values
             if k.enabled:

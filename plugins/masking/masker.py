@@ -9,8 +9,10 @@ import re
 from typing import Any
 
 import orjson
+from prometheus_client import Gauge
 
 from kubegate.core.flow import Flow, Identity
+from kubegate.core.observe import REGISTRY
 
 from .forms import KnownForms
 from .known import KnownIndex, KnownSecrets
@@ -33,11 +35,22 @@ def env_name_rule(env_names: list[str], non_secret_names: list[str]) -> re.Patte
     return re.compile(rf"\A(?!(?-i:{allowed})\Z)[\s\S]*?(?:{secret})", re.I)
 
 
+# Set by each worker whenever its index of a connection's known values changes (no scrape needed).
+KNOWN_FORMS = Gauge("kubegate_masking_known_forms", "Forms of known Secret values a connection's masking searches "
+                    "for (raw, base64, URL-encoded…).", ["connection"], registry=REGISTRY,
+                    multiprocess_mode="livemin")  # fmt: skip
+KNOWN_LITERAL = Gauge("kubegate_masking_known_literal", "1 when every known value is searched by Hyperscan's "
+                      "literal database, 0 while (or where) the slower automaton searches.", ["connection"],
+                      registry=REGISTRY, multiprocess_mode="livemin")  # fmt: skip
+
+
 class Masking:
     """One connection's masking: rules, the current text masker, the known-values follower."""
 
-    def __init__(self, settings: MaskingSettings):
+    def __init__(self, settings: MaskingSettings, connection: str = ""):
+        """`connection`: the connection's name, for its gauges (none without one: records' default rules)."""
         self.settings = settings
+        self.connection = connection
         self.patterns = [*detector_patterns(settings.detectors), *custom_patterns(settings.patterns)]
         self.env_name = env_name_rule(settings.env_names, settings.non_secret_names)
         self.known: KnownSecrets | None = None
@@ -55,6 +68,9 @@ class Masking:
         self.known_index.update(values)
 
     def _use_known(self, forms: KnownForms) -> None:
+        if self.connection:
+            KNOWN_FORMS.labels(self.connection).set(sum(part.size for part in forms.parts))
+            KNOWN_LITERAL.labels(self.connection).set(1 if forms.literal or not forms else 0)
         s = self.settings
         self.text = TextMasker(s.marker, (), self.patterns, s.assignments, s.engine, known_forms=forms,
                                non_secret_names=s.non_secret_names)  # fmt: skip

@@ -234,3 +234,19 @@ async def test_the_index_publishes_literal_databases_once_compiled_off_the_loop(
     assert published[-1].literal
     assert published[-1].spans("x added-later-secret base-secret-0001-value y") == [(2, 20), (21, 43)]
     await index.close()
+
+
+async def test_a_connections_gauges_say_how_its_known_values_are_searched():
+    from kubegate.core.observe import REGISTRY
+
+    def sample(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"connection": "gauged"})
+
+    m = Masking(MaskingSettings(), "gauged")
+    assert sample("kubegate_masking_known_forms") == 0 and sample("kubegate_masking_known_literal") == 1
+    m.known_changed(BASE)  # the first listing, on the event loop: the automaton searches at once
+    assert sample("kubegate_masking_known_forms") == len(forms_of(BASE))
+    assert sample("kubegate_masking_known_literal") == 0
+    await m.known_index._compile
+    assert sample("kubegate_masking_known_literal") == 1
+    await m.known_index.close()
