@@ -30,16 +30,18 @@ def available() -> bool:
     return hyperscan is not None
 
 
-def literal_database(literals: Sequence[bytes]) -> Any:
+def literal_database(literals: Sequence[bytes], caseless: Sequence[bool] = ()) -> Any:
     """A block-mode database of `literals` (each one's id: its position), by Hyperscan's literal compiler,
-    which reports every occurrence of every literal. A NUL byte ends a literal there (forms.py avoids it)."""
+    which reports every occurrence of every literal; `caseless[i]`: literal i ignoring ASCII case. A NUL byte
+    ends a literal there (callers avoid it)."""
     assert hyperscan is not None
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    flags = [hyperscan.HS_FLAG_CASELESS if ignore else 0 for ignore in caseless] if caseless else 0
     database.compile(
         expressions=list(literals),
         ids=list(range(len(literals))),
         elements=len(literals),
-        flags=0,
+        flags=flags,
         literal=True,
     )
     return database

@@ -103,3 +103,15 @@ def test_a_stream_in_pieces_masks_what_the_whole_text_masks(size):
     out = b"".join(stream.feed(data[i : i + size]) for i in range(0, len(data), size)) + stream.end()
     assert out.decode() == MASKING.text.mask(text)
     assert "hunter22" not in out.decode() and "tok_abcdefgh" not in out.decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*PIECES, "é", "PaSsWoRd", "GHP_", "AWS", "Xox", "\u017f"]), max_size=30))
+def test_the_hyperscan_search_finds_the_automatons_starts(pieces):
+    """ASCII lines are searched by a Hyperscan literal database (exact and caseless literals), others by the
+    automata: the same candidates either way."""
+    line = "".join(pieces)
+    assert RULES.starts.database is not None
+    automata_only = StartIndex(RULES.starts.starts)
+    automata_only.database = None
+    assert RULES.starts.candidates(line) == automata_only.candidates(line), line
