@@ -38,10 +38,10 @@ class LiteralScan:
         if not scanner.available():
             return None
         literals = [form.encode() for form in forms if form and form.isascii()]
-        if any(b"\0" in literal for literal in literals):
-            return None
-        database = scanner.literal_database(literals) if literals else None
-        return cls(database, [len(literal) for literal in literals])
+        if not literals:
+            return cls(None, [])
+        database = scanner.literal_database(literals)
+        return None if database is None else cls(database, [len(literal) for literal in literals])
 
     def occurrences(self, data: bytes, found: list[tuple[int, int]]) -> None:
         """Append (start, end) of every occurrence of every form in `data` (ASCII) to `found`."""

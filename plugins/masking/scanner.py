@@ -30,11 +30,14 @@ def available() -> bool:
     return hyperscan is not None
 
 
-def literal_database(literals: Sequence[bytes], caseless: Sequence[bool] = ()) -> Any:
+def literal_database(literals: Sequence[bytes], caseless: Sequence[bool] = ()) -> Any | None:
     """A block-mode database of `literals` (each one's id: its position), by Hyperscan's literal compiler,
-    which reports every occurrence of every literal; `caseless[i]`: literal i ignoring ASCII case. A NUL byte
-    ends a literal there (callers avoid it)."""
+    which reports every occurrence of every literal; `caseless[i]`: literal i ignoring ASCII case. None when
+    a literal holds a NUL byte: the compiler would end it there (and find its beginning everywhere), so the
+    caller searches another way."""
     assert hyperscan is not None
+    if any(b"\0" in literal for literal in literals):
+        return None
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     flags = [hyperscan.HS_FLAG_CASELESS if ignore else 0 for ignore in caseless] if caseless else 0
     database.compile(

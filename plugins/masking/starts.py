@@ -58,11 +58,7 @@ class StartIndex:
         self._literals = [(len(literal), tuple(indexes)) for (_, literal), indexes in by_literal.items()]
         self.database: Any = None
         keys = list(by_literal)
-        if (
-            scanner.available()
-            and keys
-            and all(literal.isascii() and "\0" not in literal for _, literal in keys)
-        ):
+        if scanner.available() and keys and all(literal.isascii() for _, literal in keys):
             self.database = scanner.literal_database(
                 [literal.encode() for _, literal in keys], [ignore_case for ignore_case, _ in keys]
             )
