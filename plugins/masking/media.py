@@ -103,11 +103,25 @@ class Negotiated:
         return next((form for as_, form in self.forms_by_as if as_ == answered), self.form)
 
 
-# A pure function of the header (clients send the same few Accept headers over and over: its parse was a
-# third of masking's cost on a small GET, issue 15); bounded, as the header is the client's.
-@functools.lru_cache(maxsize=256)
+# Clients send the same few Accept headers over and over: their negotiation is remembered (its parse was a
+# third of masking's cost on a small GET, issue 15). The header is the client's: at most 256 of them, each
+# short, are kept; a long one is negotiated each time.
+CACHED_ACCEPT_CHARS = 512
+
+
 def negotiate(header: str, *, watch: bool) -> Negotiated:
     """Negotiate a masked response with the client's Accept (raises `NotAcceptable`)."""
+    if len(header) <= CACHED_ACCEPT_CHARS:
+        return _negotiate_cached(header, watch)
+    return _negotiate(header, watch)
+
+
+@functools.lru_cache(maxsize=256)
+def _negotiate_cached(header: str, watch: bool) -> Negotiated:
+    return _negotiate(header, watch)
+
+
+def _negotiate(header: str, watch: bool) -> Negotiated:
     if not header.strip():
         return Negotiated(JSON_FORM, "application/json", (("", JSON_FORM),))
     clauses = parse_accept(header)
@@ -156,7 +170,7 @@ def _most_specific_q(clauses: list[MediaRange], type_: str, subtype: str) -> flo
     return q
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)  # upstream's Content-Type: the API server's few
 def _as_param(content_type: str) -> str:
     """The `as` parameter of upstream's Content-Type (`Table`…), "" without one."""
     return _params(content_type).get("as", "")

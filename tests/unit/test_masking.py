@@ -615,3 +615,19 @@ def test_a_compression_bomb_or_corrupt_gzip_is_withheld_without_expanding_it():
     watch = WatchLines(m, flow("configmaps", verb="watch"), Decoder("gzip"))
     out = _run(watch, [bomb[:8192], bomb[8192:16384]])
     assert json.loads(out.splitlines()[0])["code"] == 502 and len(out) < 1000
+
+
+def test_accept_negotiations_are_remembered_only_for_short_headers():
+    """The client's Accept is a cache key: only short ones are kept (at most 256), a long one is negotiated
+    each time, with the same answer."""
+    from kubegate.plugins.masking import media
+
+    padded = "application/json, " + ", ".join(f"application/x-{i}" for i in range(80))
+    assert len(padded) > media.CACHED_ACCEPT_CHARS
+    before = media._negotiate_cached.cache_info().currsize
+    long_answer = media.negotiate(padded, watch=False)
+    assert media._negotiate_cached.cache_info().currsize == before
+    assert long_answer == media.negotiate("application/json", watch=False)
+    for i in range(300):
+        media.negotiate(f"application/json, application/x-{i}", watch=False)
+    assert media._negotiate_cached.cache_info().currsize <= 256
