@@ -112,7 +112,7 @@ def stored_from_files(paths: list[Path]) -> Any:
             for number, line in enumerate(f, 1):
                 try:
                     entry = json.loads(line)
-                    text = chain.canonical(entry["record"])
+                    text = chain.text_for_hash(entry["record"], entry["prev_hash"], entry["hash"])
                     yield chain.Stored(seq=int(entry["record"]["seq"]), text=text, prev_hash=entry["prev_hash"],
                                        hash=entry["hash"], signature=entry.get("signature", ""))  # fmt: skip
                 except (ValueError, KeyError, TypeError):

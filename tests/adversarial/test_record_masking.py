@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -208,3 +209,31 @@ def wait_pending(gw: Gateway, **expect: Any) -> dict[str, Any]:
                 return item
         time.sleep(0.2)
     raise AssertionError(f"no pending request like {expect}")
+
+
+def test_a_lone_surrogate_in_a_review_comment_stops_no_record(gw):
+    """A JSON `\\ud800` escape parses to a string UTF-8 cannot carry. A reviewer's comment holding one went
+    into the `approval.denied` audit event, which audit-db and audit-file then failed to write on every
+    retry: nothing after it was recorded (with `on_failure: closed`, every request refused). Now the record
+    is written with U+FFFD in its place, and the requests after it are recorded."""
+    held = subprocess.Popen(
+        [KUBECTL, "exec", "web", "-n", "prod", "--", "sh", "-c", "echo held surrogate"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"KUBECONFIG": str(gw.kubeconfig("alice", "masked")), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    try:
+        item = wait_pending(gw, resource="pods/exec")
+        status, answer = gateway_api(gw, "POST", f"/api/approvals/{item['id']}/deny", RITA[2],
+                                     {"comment": "no \ud800 way"})  # fmt: skip
+        assert status == 200 and answer["state"] == "denied", answer
+    finally:
+        _, err = held.communicate(timeout=30)
+    assert "denied by rita: no \ufffd way" in err
+    marker = f"after-surrogate-{int(time.time() * 1000) % 10**8}"
+    run_kubectl(gw.kubeconfig("alice", "masked"), "get", "configmap", marker, "-n", "default", check=False)
+    time.sleep(1.0)  # events are written once the response is out
+    audit_file = (gw.dir / "audit-sink.jsonl").read_text()  # the audit-file sink (chained lines)
+    with sqlite3.connect(gw.dir / "state" / "kubegate.db") as db:
+        rows = "\n".join(r[0] for r in db.execute("SELECT record FROM kubegate_audit_events"))
+    for kept in (audit_file, rows):
+        assert "no \ufffd way" in kept and marker in kept
