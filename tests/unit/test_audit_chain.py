@@ -251,3 +251,36 @@ def test_orjson_and_the_stdlib_write_plain_json_the_same(value):
         return  # lone surrogates: see test_a_lone_surrogate_does_not_stop_the_writer
     assert chain.canonical(value) == stdlib
     assert chain.is_canonical(json.loads(stdlib), stdlib)
+
+
+# -- the SQLite insert (the driver's own executemany) ----------------------------------------------------------
+
+
+def test_the_sqlite_insert_writes_every_column_of_the_table():
+    assert sorted(store.ROW_FIELDS) == sorted(store.AuditRow.__table__.columns.keys())
+
+
+def test_sqlite_writers_that_read_the_same_head_do_not_fork_the_chain(tmp_path, monkeypatch):
+    """Two writer processes (two workers) on one SQLite file can read the same head: the later insert
+    collides on `seq`, which the driver raises as its own IntegrityError; the batch is chained again after
+    the other writer's records, none lost, none twice."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    ours, theirs = Database(url), Database(url)
+    ours.create_tables()
+    real_columns_of = store.columns_of
+    interleaved: list[int] = []
+
+    def columns_of(record):
+        if not interleaved:  # our head is read, our rows not inserted: the other writer commits first
+            interleaved.append(1)
+            store.write(theirs, records(3, start=100), None)
+        return real_columns_of(record)
+
+    monkeypatch.setattr(store, "columns_of", columns_of)
+    store.write(ours, records(2), None)
+    monkeypatch.undo()
+    rows = ours.call(lambda s: s.exec(store.select(store.AuditRow).order_by(store.AuditRow.seq)).all())
+    assert [r.event_id for r in rows] == ["e100", "e101", "e102", "e0", "e1"]
+    assert ours.call(lambda s: store.verify(s)) == (5, None)
+    ours.close()
+    theirs.close()
