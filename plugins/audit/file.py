@@ -37,13 +37,18 @@ class FileSink(SinkWriter):
         super().__init__(settings)
         self.file_settings, self.path, self.signer = settings, path, signer
         self.seq, self.prev = last_link(path)
+        self._left = _file_state(path)  # the file as this sink left it (inode, size, mtime); None: absent
 
     def write(self, batch: list[dict[str, Any]]) -> None:
         # After a config reload two sinks of this file may live side by side for a while (the old one
-        # finishing its requests): each write continues from the file's own last line, under one lock.
+        # finishing its requests): each write continues from the file's own last line, under one lock. The
+        # line is read again only when the file is not as this sink left it, or was rotated away (reading it
+        # for every batch cost more CPU than the batch: up to 1 MB read and split each time).
         with _lock_for(self.path):
-            self.seq, self.prev = last_link(self.path)
+            if self._left is None or _file_state(self.path) != self._left:
+                self.seq, self.prev = last_link(self.path)
             self._append(batch)
+            self._left = _file_state(self.path)
 
     def _append(self, batch: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +86,14 @@ _FILE_LOCKS: dict[Path, threading.Lock] = {}  # per file, for the whole process 
 
 def _lock_for(path: Path) -> threading.Lock:
     return _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def last_link(path: Path) -> tuple[int, str]:

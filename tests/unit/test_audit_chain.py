@@ -284,3 +284,16 @@ def test_sqlite_writers_that_read_the_same_head_do_not_fork_the_chain(tmp_path, 
     assert ours.call(lambda s: store.verify(s)) == (5, None)
     ours.close()
     theirs.close()
+
+
+def test_two_file_sinks_of_one_file_keep_one_chain(tmp_path):
+    """After a reload the old sink (finishing its requests) and the new one write the same file, in turns,
+    through rotations: each continues from the other's last line, so the chain stays one."""
+    path = tmp_path / "audit.jsonl"
+    settings = AuditFileSettings(path=path, max_bytes=1024, keep=50)
+    old, new = FileSink(settings, path, None), FileSink(settings, path, None)
+    for turn, start in enumerate(range(0, 30, 2)):
+        (old if turn % 3 else new).write(records(2, start))
+    files = [*sorted(tmp_path.glob("audit.jsonl.*"), key=lambda p: -int(p.suffix[1:])), path]
+    assert len(files) > 3  # it rotated, under both sinks
+    assert chain.verify(stored_from_files(files), trust_first=True) == (30, None)
