@@ -255,6 +255,8 @@ class PluginHost:
             self.register(plugin, origin="extra")
         self.pm.check_pending()
         self.records = RecordHooks(self.pm)
+        self._audit_fields: tuple[tuple[Any, bool, str], ...] = ()
+        self._audit_fields_generation = -1  # never the manager's: the first call takes the list
 
     def register(self, plugin: ModuleType | object, *, origin: str, name: str | None = None) -> str:
         name = name or getattr(plugin, "PLUGIN_NAME", None) or getattr(plugin, "__name__", None)
@@ -348,20 +350,29 @@ class PluginHost:
         key keeps it. A plugin that fails contributes nothing to this event (logged): the event is still
         recorded."""
         fields: dict[str, Any] = {}
-        for impl in self.pm.hook.kubegate_audit_fields.get_hookimpls():  # registration order
+        for function, takes_flow, plugin_name in self._audit_field_impls():
             try:
-                part = cast("dict[str, Any] | None", impl.function(*[flow][: len(impl.argnames)]))
+                part = cast("dict[str, Any] | None", function(flow) if takes_flow else function())
             except Exception:
-                log.exception("kubegate_audit_fields of %s failed", impl.plugin_name)
+                log.exception("kubegate_audit_fields of %s failed", plugin_name)
                 continue
             for key, value in (part or {}).items():
                 if key in fields:
-                    log.error(
-                        "kubegate_audit_fields of %s gives %r again; kept the first", impl.plugin_name, key
-                    )
+                    log.error("kubegate_audit_fields of %s gives %r again; kept the first", plugin_name, key)
                     continue
                 fields[key] = value
         return fields
+
+    def _audit_field_impls(self) -> tuple[tuple[Any, bool, str], ...]:
+        """The `kubegate_audit_fields` implementations in registration order, taken again only when a plugin
+        was registered or removed (called on every audited request)."""
+        if self._audit_fields_generation != self.pm.generation:
+            self._audit_fields = tuple(
+                (impl.function, bool(impl.argnames), impl.plugin_name)
+                for impl in self.pm.hook.kubegate_audit_fields.get_hookimpls()
+            )
+            self._audit_fields_generation = self.pm.generation
+        return self._audit_fields
 
     def database_models(self) -> list[type[SQLModel]]:
         """The table classes every installed plugin stores (importing them declares their tables)."""

@@ -93,6 +93,26 @@ def test_a_plugin_cannot_overwrite_what_core_or_another_plugin_records():
     assert data["forger"] == "mine"
 
 
+class NoArguments:
+    PLUGIN_NAME = "no-arguments"
+
+    @hookimpl
+    def kubegate_audit_fields(self):
+        return {"constant": 1}
+
+
+def test_audit_fields_follow_plugins_registered_and_removed_after_the_first_event():
+    host = PluginHost(load_entry_points=False)
+    flow = make_flow(connection=make_connection(host=host))
+    assert "forger" not in host.audit_fields(flow)  # the implementations are remembered from here on
+    host.register(Forger(), origin="extra")
+    host.register(NoArguments(), origin="extra")  # an implementation may take no argument at all
+    fields = host.audit_fields(flow)
+    assert fields["forger"] == "mine" and fields["constant"] == 1
+    host.pm.unregister(name="forger")
+    assert "forger" not in host.audit_fields(flow) and host.audit_fields(flow)["constant"] == 1
+
+
 def test_a_failing_audit_fields_plugin_loses_its_part_not_the_event():
     host = PluginHost(load_entry_points=False, extra=[Broken()])
     flow = make_flow(connection=make_connection(host=host))
