@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -155,9 +155,14 @@ class PolicySettings(BaseModel):
     @property
     def index(self) -> RuleIndex:
         """The rules by verb and resource, built once per loaded config (the settings object)."""
-        if self._index is None:
-            self._index = RuleIndex(self.rules)
-        return self._index
+        # Through `__pydantic_private__`: `self._index` goes through BaseModel.__getattr__, about 5 µs a
+        # read, and the request path reads the index twice per request.
+        private = self.__pydantic_private__
+        assert private is not None  # the model has a private attribute
+        index = private.get("_index")
+        if index is None:
+            index = private["_index"] = RuleIndex(self.rules)
+        return cast(RuleIndex, index)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,6 +308,7 @@ class RuleIndex:
         # The rules with a condition on the request object (read once: a private attribute of a pydantic
         # model is a slow lookup on every request).
         self.reading_object = frozenset(i for i, rule in enumerate(rules) if rule.match._reads_object)
+        self.has_condition = tuple(rule.match._program is not None for rule in rules)
 
     def candidates(self, verb: str, resource: str) -> tuple[int, ...]:
         key = (verb, resource)
@@ -450,12 +456,13 @@ def _evaluate_fast(settings: PolicySettings, req: Request) -> Outcome:
     """`evaluate` over the index's candidates, without a trace."""
     dry: list[dict[str, str]] = []
     rules = settings.rules
-    for position in settings.index.candidates(req.verb, req.resource):
+    index = settings.index
+    for position in index.candidates(req.verb, req.resource):
         rule = rules[position]
         if not _matches(rule.match, req):
             continue
         failure, failure_status = "", 0
-        if rule.match._program is not None:
+        if index.has_condition[position]:
             matched, detail, status = _condition(rule.match, req)
             if matched is None and rule.matches_on_condition_error:
                 failure, failure_status = detail, status  # fail closed: the rule applies
