@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from kubegate.core.attributes import RequestAttributes
 from kubegate.core.bodies import Body, BodyError, decode_write_body
+from kubegate.core.config import private
 from kubegate.core.errors import StatusError
 from kubegate.core.flow import ApprovalSpec, Decision, Flow, Identity, Verdict
 from kubegate.core.plugins import hookimpl
@@ -155,14 +156,10 @@ class PolicySettings(BaseModel):
     @property
     def index(self) -> RuleIndex:
         """The rules by verb and resource, built once per loaded config (the settings object)."""
-        # Through `__pydantic_private__`: `self._index` goes through BaseModel.__getattr__, about 5 µs a
-        # read, and the request path reads the index twice per request.
-        private = self.__pydantic_private__
-        assert private is not None  # the model has a private attribute
-        index = private.get("_index")
+        index = cast("RuleIndex | None", private(self, "_index"))  # read twice per request: not self._index
         if index is None:
-            index = private["_index"] = RuleIndex(self.rules)
-        return cast(RuleIndex, index)
+            index = self._index = RuleIndex(self.rules)
+        return index
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from kubegate.core import hookimpl
+from kubegate.core.config import private
 from kubegate.core.flow import Flow, Identity
 
 PLUGIN_NAME = "static-tokens"
@@ -62,7 +63,8 @@ class StaticTokenSettings(BaseModel):
         return self
 
     def lookup(self, token: str) -> Identity | None:
-        return self._by_hash.get(hashlib.sha256(token.encode()).hexdigest())
+        by_hash: dict[str, Identity] = private(self, "_by_hash")  # on every request: not self._by_hash
+        return by_hash.get(hashlib.sha256(token.encode()).hexdigest())
 
 
 @hookimpl

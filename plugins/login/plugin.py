@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from kubegate.core.claims import TokenIssuer
-from kubegate.core.config import ConfigError
+from kubegate.core.config import ConfigError, private
 from kubegate.core.flow import AuthFailure, Flow, Identity
 from kubegate.core.plugins import hookimpl
 
@@ -121,7 +121,7 @@ async def kubegate_authenticate(flow: Flow) -> Identity | AuthFailure | None:
     if token is None or not token.startswith(TOKEN_PREFIX):
         return None
     settings: LoginConnectionSettings = flow.connection.settings_for(PLUGIN_NAME)
-    service: LoginService = settings._service  # attached at startup
+    service: LoginService = private(settings, "_service")  # attached at startup
     return await service.check(token, flow.connection.name, settings)
 
 

@@ -3,11 +3,12 @@ plus the GitHub Actions preset) and the size of the verified-token cache."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kubegate.core.claims import TokenIssuer
+from kubegate.core.config import private
 from kubegate.core.issuer_tokens import Verifier
 
 from .github import GITHUB_ACTIONS_ISSUER, GITHUB_KEPT_CLAIMS, GitHubActionsPreset
@@ -65,4 +66,4 @@ class OIDCSettings(BaseModel):
 
     @property
     def verifier(self) -> Verifier:
-        return self._verifier
+        return cast(Verifier, private(self, "_verifier"))  # on every request: not self._verifier

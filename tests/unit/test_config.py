@@ -131,3 +131,23 @@ def test_plugins_command_lists_where_enabled(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "static-tokens" in proc.stdout and "kubernetes" in proc.stdout
     assert "enabled on: prod" in proc.stdout
+
+
+def test_private_reads_a_models_private_attribute_as_attribute_access_would():
+    from pydantic import BaseModel, PrivateAttr
+
+    from kubegate.core.config import private
+
+    class Settings(BaseModel):
+        name: str = "x"
+        _built: dict = PrivateAttr(default_factory=dict)
+        _later: object = PrivateAttr(None)
+
+    settings = Settings()
+    settings._later = "set after validation"
+    assert private(settings, "_built") is settings._built
+    assert private(settings, "_later") == "set after validation"
+    with pytest.raises(AttributeError, match="no private attribute '_missing'"):
+        private(settings, "_missing")
+    with pytest.raises(AttributeError):
+        private(settings, "name")  # a field is not a private attribute
