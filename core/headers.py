@@ -7,6 +7,7 @@ impersonate, up to ``system:masters``.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 from .errors import StatusError
@@ -77,11 +78,18 @@ def client_headers_for_upstream(
     return out
 
 
+# What cannot go into a header value: control characters (they would end or split it) and unpaired
+# surrogates (a JSON "\ud800" escape in a token's claim parses to one; it has no UTF-8 form at all).
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _safe(value: str, what: str) -> str:
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _UNWRITABLE.search(value):
         # An identity that cannot be written as a header is refused rather than mangled.
         raise StatusError(
-            403, f"the authenticated {what} contains control characters and cannot be impersonated"
+            403,
+            f"the authenticated {what} contains control characters or unpaired surrogates and cannot be "
+            "impersonated",
         )
     return value
 
@@ -98,7 +106,7 @@ def impersonation_headers(identity: Identity) -> list[tuple[str, str]]:
     if identity.uid:
         out.append(("Impersonate-Uid", _safe(identity.uid, "uid")))
     for key, values in identity.extra.items():
-        header = "Impersonate-Extra-" + quote(key.lower(), safe="")
+        header = "Impersonate-Extra-" + quote(_safe(key, "extra key").lower(), safe="")
         out += [(header, _safe(value, "extra value")) for value in values]
     return out
 

@@ -95,6 +95,26 @@ def test_identity_with_control_characters_is_refused():
     assert info.value.code == 403
 
 
+@pytest.mark.parametrize(
+    "identity",
+    [
+        Identity(user="al\ud800ice"),  # a token's claim with a JSON "\ud800" escape
+        Identity(user="alice", groups=("dev", "o\udfffps")),
+        Identity(user="alice", uid="u-\ud83d"),
+        Identity(user="alice", extra={"scopes": ("a", "b\udc00")}),
+        Identity(user="alice", extra={"sc\ud800opes": ("a",)}),
+        Identity(user="alice", groups=("dev\x7f",)),
+    ],
+)
+def test_identity_that_has_no_header_form_is_refused_not_a_crash(identity):
+    """Unpaired surrogates cannot be written as UTF-8: a 403 with the reason, not an encoding error on the
+    way upstream (and control characters, as before)."""
+    with pytest.raises(StatusError) as info:
+        impersonation_headers(identity)
+    assert info.value.code == 403 and "cannot be impersonated" in info.value.message
+    assert impersonation_headers(Identity(user="José", groups=("开发",)))[1] == ("Impersonate-Group", "开发")
+
+
 @pytest.mark.parametrize("user", ["kubegate:gateway", "kubegate:anything"])
 def test_the_gateways_own_user_name_is_reserved(user):
     # An agent connection's gateway-own requests act as kubegate:gateway (RBAC may let it read Secrets):
