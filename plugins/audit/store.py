@@ -9,6 +9,7 @@ collide on insert and the later one retries — the chain never forks.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def columns_of(record: dict[str, Any]) -> dict[str, Any]:
     verdict = str(decision.get("verdict", "")) if decision else ""
     if data.get("auth_failure"):
         verdict = "unauthenticated"
-    return {
+    columns = {
         "time": record.get("time"),
         "kind": record.get("kind"),
         "connection": record.get("connection"),
@@ -102,6 +103,17 @@ def columns_of(record: dict[str, Any]) -> dict[str, Any]:
         "kubectl_command": data.get("kubectl_command", "") or "",
         "kubectl_session": data.get("kubectl_session", "") or "",
     }
+    for name, value in columns.items():
+        # PostgreSQL text cannot hold NUL, and a request path can (`/namespaces/a%00b`, before anyone
+        # authenticates); no database takes a lone surrogate (a token claim's JSON escape). One such row
+        # would fail its batch on every retry and stop the records behind it. The record keeps NUL (JSON
+        # writes it as an escape; chain.canonical replaces lone surrogates); its search column gets U+FFFD.
+        if isinstance(value, str) and _UNSTORABLE.search(value):
+            columns[name] = _UNSTORABLE.sub("\ufffd", value)
+    return columns
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def append(session: Session, records: list[dict[str, Any]], signer: chain.Signer | None) -> int:

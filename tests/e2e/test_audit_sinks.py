@@ -5,6 +5,7 @@ losing nothing; a webhook receiver that fails half the time still gets every eve
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
 import ssl
@@ -99,6 +100,62 @@ def test_ten_thousand_requests_make_ten_thousand_records(sandbox, tmp_path, data
 
     database = Database(database_url)
     assert database.call(lambda s: store.verify(s)) == (10_000, None)
+    database.close()
+
+
+def escaped_token(idp, subject: str) -> str:
+    """A token of `idp` whose payload is written with JSON escapes (`\\u0000`, `\\ud800`), as an IdP's JSON
+    encoder may write them (joserfc's own encoder cannot write a lone surrogate)."""
+    from joserfc import jws
+    from oidc_idp import RSA_KEY
+
+    now = int(time.time())
+    payload = {"iss": idp.url, "aud": idp.audience, "sub": subject, "iat": now, "exp": now + 600}
+    return jws.serialize_compact({"alg": "RS256", "kid": RSA_KEY.kid}, json.dumps(payload).encode(), RSA_KEY)
+
+
+@pytest.mark.parametrize("subject", ["al\x00ice", "al\ud800ice"])
+def test_a_user_name_no_column_can_hold_is_recorded_and_so_is_everything_after_it(
+    sandbox, tmp_path, database_url, subject
+):
+    """An IdP-signed token whose subject holds NUL or a lone surrogate (JSON `\\u0000`, `\\ud800`): the
+    gateway refuses to impersonate it (403), and audits the refusal. That record's `user` column was a string
+    PostgreSQL text (NUL) or no database (a lone surrogate) can hold: its batch failed on every retry and
+    audit-db recorded nothing after it (with `on_failure: closed`, every request refused). Now the column
+    holds U+FFFD, and the next request is recorded too."""
+    from oidc_idp import IdP
+
+    idp = IdP("kubegate-e2e")
+    config = gateway_config(sandbox, tmp_path, free_port())
+    plugins = config["connections"]["sandbox"]["plugins"]
+    plugins["oidc"] = {"issuers": [{"issuer": idp.url, "audiences": ["kubegate-e2e"]}]}
+    plugins["audit-db"] = {}
+    config["database"] = {"url": database_url}
+    gw = start_gateway(tmp_path, config)
+    try:
+        context = ssl.create_default_context(cafile=str(gw.ca_file))
+        host, port = gw.url.removeprefix("https://").rsplit(":", 1)
+        statuses = []
+        for token in (escaped_token(idp, subject), TOKEN):
+            connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+            connection.request("GET", "/k8s/sandbox/version", headers={"Authorization": f"Bearer {token}"})
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            statuses.append(response.status)
+        assert statuses == [403, 200]
+        assert settled_count(database_url, 2, timeout=15) == 2
+    finally:
+        stop_process(gw.process)
+        idp.close()
+    from kubegate.core.db import Database
+    from kubegate.plugins.audit import store
+
+    database = Database(database_url)
+    rows = database.call(lambda s: s.exec(store.select(store.AuditRow).order_by(store.AuditRow.seq)).all())
+    users = [r.user for r in rows if r.kind == "request"]
+    assert users[0].endswith("#al\ufffdice") and users[1:] == ["alice"]  # oidc prefixes the issuer
+    assert database.call(lambda s: store.verify(s))[1] is None
     database.close()
 
 

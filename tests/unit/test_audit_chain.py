@@ -297,3 +297,29 @@ def test_two_file_sinks_of_one_file_keep_one_chain(tmp_path):
     files = [*sorted(tmp_path.glob("audit.jsonl.*"), key=lambda p: -int(p.suffix[1:])), path]
     assert len(files) > 3  # it rotated, under both sinks
     assert chain.verify(stored_from_files(files), trust_first=True) == (30, None)
+
+
+def test_a_column_no_database_can_hold_does_not_stop_the_writer(database):
+    """A request path with `%00` (before anyone authenticates) puts NUL in the namespace and name, which
+    PostgreSQL text cannot hold; a lone surrogate in a user name (a token claim's JSON escape) goes into no
+    database. The batch failed on every retry, and nothing after it was recorded. Now the search columns hold
+    U+FFFD there, the record keeps what it can, and the chain verifies."""
+    bad = records(3)
+    bad[1]["data"]["attributes"].update(namespace="a\x00b", name="x\x00y", resource="pods\x00")
+    bad[1]["data"]["kubectl_command"] = "get\x00pods"
+    bad[2]["data"]["identity"]["user"] = "mal\ud800lory"
+    store.write(database, bad, None)
+    store.write(database, records(1, start=3), None)
+    rows = database.call(lambda s: s.exec(store.select(store.AuditRow).order_by(store.AuditRow.seq)).all())
+    assert len(rows) == 4
+    assert (rows[1].namespace, rows[1].name, rows[1].kubectl_command) == (
+        "a\ufffdb",
+        "x\ufffdy",
+        "get\ufffdpods",
+    )
+    assert '"namespace":"a\\u0000b"' in rows[1].record  # the record itself keeps the NUL, escaped
+    assert rows[2].user == "mal\ufffdlory"
+    assert database.call(lambda s: store.verify(s)) == (4, None)
+    # The columns are still checked against the record: an edited one is found.
+    sql(database, "UPDATE kubegate_audit_events SET namespace = 'prod' WHERE seq = 2")
+    assert problem(database).what == "modified"
