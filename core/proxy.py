@@ -315,6 +315,9 @@ class Proxy:
             )
             raise StatusError(401, "Unauthorized")
         flow.identity = answer
+        # Before any decision: an identity that cannot be written as headers is refused here, not after a
+        # policy or an approval hold (which would store it) saw it.
+        impersonation = impersonation_headers(answer)
         try:
             decision = await hooks.decide(flow)
         except (StatusError, ClientGone):  # a plugin reading the body of a client that left: not its failure
@@ -330,7 +333,7 @@ class Proxy:
                 raise ClientGone(LEFT_WHILE_HELD)
         if decision is not None and decision.verdict is Verdict.DENY:
             raise StatusError(403, decision.reason or "denied by policy", details=_denial_details(flow))
-        return impersonation_headers(answer)
+        return impersonation
 
     async def _hold(self, flow: Flow, decision: Decision) -> Decision:
         """Ask the approval plugins; anything but an answer of allow or deny refuses (fail closed)."""

@@ -119,7 +119,8 @@ def test_a_user_name_no_column_can_hold_is_recorded_and_so_is_everything_after_i
     sandbox, tmp_path, database_url, subject
 ):
     """An IdP-signed token whose subject holds NUL or a lone surrogate (JSON `\\u0000`, `\\ud800`): the
-    gateway refuses to impersonate it (403), and audits the refusal. That record's `user` column was a string
+    gateway refuses to impersonate it (403) before any policy or approval hold sees it, and audits the
+    refusal. That record's `user` column was a string
     PostgreSQL text (NUL) or no database (a lone surrogate) can hold: its batch failed on every retry and
     audit-db recorded nothing after it (with `on_failure: closed`, every request refused). Now the column
     holds U+FFFD, and the next request is recorded too."""
@@ -130,20 +131,24 @@ def test_a_user_name_no_column_can_hold_is_recorded_and_so_is_everything_after_i
     plugins = config["connections"]["sandbox"]["plugins"]
     plugins["oidc"] = {"issuers": [{"issuer": idp.url, "audiences": ["kubegate-e2e"]}]}
     plugins["audit-db"] = {}
+    # Every request of the IdP's users is held for approval: the refusal comes before any hold stores them.
+    plugins["policy"] = {"rules": [{"name": "hold-idp-users", "match": {"users": [f"{idp.url}#*"]},
+                                    "action": "approve", "approval": {"reviewer_groups": ["reviewers"]}}]}  # fmt: skip
+    plugins["approvals"] = {}
     config["database"] = {"url": database_url}
     gw = start_gateway(tmp_path, config)
     try:
         context = ssl.create_default_context(cafile=str(gw.ca_file))
         host, port = gw.url.removeprefix("https://").rsplit(":", 1)
-        statuses = []
+        answers = []
         for token in (escaped_token(idp, subject), TOKEN):
             connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
             connection.request("GET", "/k8s/sandbox/version", headers={"Authorization": f"Bearer {token}"})
             response = connection.getresponse()
-            response.read()
+            answers.append((response.status, response.read().decode()))
             connection.close()
-            statuses.append(response.status)
-        assert statuses == [403, 200]
+        assert [status for status, _ in answers] == [403, 200]
+        assert "cannot be impersonated" in answers[0][1]
         assert settled_count(database_url, 2, timeout=15) == 2
     finally:
         stop_process(gw.process)
