@@ -104,10 +104,10 @@ def columns_of(record: dict[str, Any]) -> dict[str, Any]:
         "kubectl_session": data.get("kubectl_session", "") or "",
     }
     for name, value in columns.items():
-        # PostgreSQL text cannot hold NUL, and a request path can (`/namespaces/a%00b`, before anyone
-        # authenticates); no database takes a lone surrogate (a token claim's JSON escape). One such row
-        # would fail its batch on every retry and stop the records behind it. The record keeps NUL (JSON
-        # writes it as an escape; chain.canonical replaces lone surrogates); its search column gets U+FFFD.
+        # PostgreSQL text cannot hold NUL, and a user name can (an IdP-signed token's subject `\u0000`, whose
+        # refusal is audited); no database takes a lone surrogate (`\ud800`). One such row would fail its
+        # batch on every retry and stop the records behind it. The record keeps NUL (JSON writes it as an
+        # escape; chain.canonical replaces lone surrogates); its search column gets U+FFFD.
         if isinstance(value, str) and _UNSTORABLE.search(value):
             columns[name] = _UNSTORABLE.sub("\ufffd", value)
     return columns
