@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # bench/run.py, next to this file: checkout_revision
 
 MEASURE = r"""
 import json, os, sys, time, uuid
@@ -61,19 +62,6 @@ print(json.dumps({"cpu_us": ((after.user - before.user) + (after.system - before
 """
 
 
-def checkout(revision: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", revision], capture_output=True
-    )
-    if archive.returncode != 0:
-        sys.exit(f"--baseline {revision}: {archive.stderr.decode().strip()}")
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    if not (into / ".typecheck" / "kubegate").is_dir():
-        sys.exit(f"--baseline {revision}: no .typecheck/ tree at that revision")
-    return into / ".typecheck"
-
-
 def measure(pythonpath: str | None, events: int, batch: int, work: Path) -> dict[str, float]:
     database = Path(tempfile.mkdtemp(dir=work)) / "audit.db"
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
@@ -96,7 +84,12 @@ def main() -> None:
         work = Path(scratch)
         contenders: dict[str, str | None] = {"working tree": None}
         for index, revision in enumerate(args.baseline):
-            contenders[f"at {revision}"] = str(checkout(revision, work / f"baseline-{index}"))
+            try:
+                contenders[f"at {revision}"] = str(
+                    bench.checkout_revision(revision, work / f"baseline-{index}")
+                )
+            except bench.BenchError as exc:
+                sys.exit(str(exc))
         results: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
         for round_no in range(args.rounds):
             for name, pythonpath in contenders.items():

@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,15 +75,7 @@ def start_without(work: Path, full: bench.Target, plugin: str) -> bench.Target:
 def start_baseline(work: Path, full: bench.Target, revision: str) -> bench.Target:
     """gateway-full's config served by the code at `revision` (git archive of it, imported through its
     `.typecheck/` links), on a port and state directory of its own."""
-    repo = Path(__file__).resolve().parent.parent
-    source = work / "baseline-src"
-    source.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", revision], capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise bench.BenchError(f"--baseline {revision}: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
-    if not (source / ".typecheck" / "kubegate").is_dir():
-        raise bench.BenchError(f"--baseline {revision}: no .typecheck/ tree at that revision")
+    imports = bench.checkout_revision(revision, work / "baseline-src")
     text = (work / "gateway-full" / "kubegate.yaml").read_text()
     port = bench.free_port()
     gdir = work / "baseline"
@@ -93,7 +84,7 @@ def start_baseline(work: Path, full: bench.Target, revision: str) -> bench.Targe
     config = config.replace(str(work / "gateway-full" / "state"), str(gdir / "state"))
     (gdir / "kubegate.yaml").write_text(config)
     label = f"full at {revision}"
-    env = {**os.environ, "PYTHONPATH": str(source / ".typecheck")}  # the audit writer process inherits it
+    env = {**os.environ, "PYTHONPATH": str(imports)}  # the audit writer process inherits it
     argv = [sys.executable, "-m", "kubegate.core.cli", "serve", "--config", str(gdir / "kubegate.yaml")]
     proc = bench.PROCS.start(label, argv, gdir / "gateway.log", cwd=str(gdir), env=env)
     target = bench.Target(

@@ -124,6 +124,19 @@ class BenchError(Exception):
     """A failure the user can act on: printed as one line, exit status 1."""
 
 
+def checkout_revision(revision: str, into: Path) -> Path:
+    """The tree of git `revision` extracted into `into`; returns its `.typecheck/` directory, through whose
+    links that revision's code imports as `kubegate` (a `--baseline` beside the working tree)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise BenchError(f"--baseline {revision}: {archive.stderr.decode().strip()}")
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    if not (into / ".typecheck" / "kubegate").is_dir():
+        raise BenchError(f"--baseline {revision}: no .typecheck/ tree at that revision")
+    return into / ".typecheck"
+
+
 def say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
