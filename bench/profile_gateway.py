@@ -1,7 +1,7 @@
 """Where the gateway spends its time on the small GET: py-spy samples `kubegate serve` under wrk load.
 
     .venv/bin/python bench/profile_gateway.py [--seconds 15] [--concurrency 32] [--path /api/v1/...] [--agent]
-        [--full]
+        [--full | --masking]
 
 Starts the stand-in upstream and a gateway (same config as bench/run.py), drives it with wrk, records with
 py-spy (installed into bench/.venv-mitm when missing; needs root or ptrace rights) and prints the functions
@@ -78,6 +78,9 @@ def main() -> int:
         help="the gateway-full contender: policy, approvals, masking, audit-db, recording on",
     )
     parser.add_argument(
+        "--masking", action="store_true", help="the static-tokens gateway with only the masking plugin added"
+    )
+    parser.add_argument(
         "--exec-mb", type=int, default=0, metavar="N", help="load: exec sessions of N MB of stdout, not wrk"
     )
     args = parser.parse_args()
@@ -94,7 +97,12 @@ def main() -> int:
     try:
         up = bench.start_upstream(work)
         gw = bench.start_gateway(
-            work, up, label="agent" if args.agent else "gateway", agent=args.agent, full=args.full
+            work,
+            up,
+            label="agent" if args.agent else "gateway",
+            agent=args.agent,
+            full=args.full,
+            masking=args.masking,
         )
         assert gw.proc is not None
         pids = {"gateway": gw.proc.pid}
