@@ -75,8 +75,21 @@ def observe(flow: Flow) -> None:
     """Count a finished request (or session) once."""
     verb = flow.attributes.verb or flow.request.method.lower()
     connection = flow.connection.name
-    REQUESTS.labels(connection, verb, decision_label(flow), str(flow.response.status)).inc()
-    LATENCY.labels(connection, verb).observe(flow.latency_ms / 1000)
+    key = (connection, verb, decision_label(flow), flow.response.status)
+    metrics = _REQUEST_METRICS.get(key)
+    if metrics is None:
+        metrics = _REQUEST_METRICS[key] = (
+            REQUESTS.labels(connection, verb, key[2], str(key[3])),
+            LATENCY.labels(connection, verb),
+        )
+    metrics[0].inc()
+    metrics[1].observe(flow.latency_ms / 1000)
+
+
+# Each request's counter and histogram, by their label values: `labels()` checks and locks on every call, half
+# of this per-request work. As bounded as prometheus-client's own children (methods outside the API's are
+# refused before a flow exists; decisions and status codes are few).
+_REQUEST_METRICS: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
 
 def is_stream(flow: Flow) -> bool:
