@@ -101,21 +101,43 @@ def last_link(path: Path) -> tuple[int, str]:
     for candidate in (path, path.with_name(f"{path.name}.1")):
         line = _last_line(candidate)
         if line:
-            entry = json.loads(line)
-            return int(entry["record"]["seq"]), str(entry["hash"])
+            try:
+                entry = json.loads(line.decode())
+                return int(entry["record"]["seq"]), str(entry["hash"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{candidate}: its last line is not an audit record ({type(exc).__name__}: {exc}), so the "
+                    "chain cannot go on from it; a write cut short leaves such a line: check the file, then "
+                    "move it aside"
+                ) from None
     return 0, chain.GENESIS
 
 
-def _last_line(path: Path) -> str:
+def _last_line(path: Path, block: int = 1 << 20) -> bytes:
+    """The file's last non-empty line, however long: read back from the end a block at a time until the
+    line's start. (Reading only the last megabyte misread a longer line — a request with a megabyte-long
+    User-Agent header makes one — and the gateway then refused to start.)"""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - (1 << 20)))
-            lines = f.read().splitlines()
+            end = f.seek(0, os.SEEK_END)
+            parts: list[bytes] = []  # the line's pieces, last first
+            while end > 0:
+                start = max(0, end - block)
+                f.seek(start)
+                chunk = f.read(end - start)
+                end = start
+                if not parts:
+                    chunk = chunk.rstrip(b"\r\n")  # the newline that ends the last line
+                    if not chunk:
+                        continue
+                newline = chunk.rfind(b"\n")
+                if newline >= 0:
+                    parts.append(chunk[newline + 1 :])
+                    break
+                parts.append(chunk)
+            return b"".join(reversed(parts))
     except OSError:
-        return ""
-    return lines[-1].decode() if lines else ""
+        return b""
 
 
 def stored_from_files(paths: list[Path]) -> Any:

@@ -9,6 +9,7 @@ import http.client
 import json
 import shutil
 import ssl
+import subprocess
 import tempfile
 import threading
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import GATEWAY_USERS, Gateway, free_port, gateway_config, start_gateway, stop_process
+from conftest import GATEWAY_USERS, VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
+from kubetest import run_kubectl
 from sqlalchemy import create_engine, text
 
 TOKEN = GATEWAY_USERS["alice"][1]
@@ -284,3 +286,43 @@ def test_a_webhook_receiver_that_fails_half_the_time_loses_nothing(sandbox, tmp_
     finally:
         stop_process(gw.process)
         server.shutdown()
+
+
+def test_an_audit_file_whose_last_record_is_megabytes_long_survives_a_restart(sandbox, tmp_path):
+    """A client that is not even authenticated sends a 1.5 MB User-Agent. The gateway refuses it (401) and
+    records the refusal with that header, one line of more than a megabyte. The restarted gateway used to
+    read only the file's last megabyte to find where the chain goes on, and then refused to start. Now it
+    starts, records on, and the file's chain verifies."""
+    config = gateway_config(sandbox, tmp_path, free_port())
+    config["connections"]["sandbox"]["plugins"]["audit-file"] = {}
+    audit = tmp_path / "audit.jsonl"
+    config["plugins"] = {"audit-file": {"path": str(audit)}}
+    gw = start_gateway(tmp_path, config)
+    try:
+        context = ssl.create_default_context(cafile=str(gw.ca_file))
+        host, port = gw.url.removeprefix("https://").split(":")
+        client = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+        client.request(
+            "GET", "/k8s/sandbox/api/v1/namespaces/default/pods", headers={"User-Agent": "k" * 1_500_000}
+        )
+        assert client.getresponse().status == 401
+        client.close()
+        deadline = time.monotonic() + 30
+        while not (audit.exists() and max(map(len, audit.read_bytes().splitlines()), default=0) > 1_500_000):
+            assert time.monotonic() < deadline, "the refusal was not recorded"
+            time.sleep(0.1)
+    finally:
+        stop_process(gw.process)
+    gw = start_gateway(tmp_path, config)  # raised here before: "plugins.audit-file: Expecting value"
+    try:
+        proc = run_kubectl(gw.kubeconfig("alice"), "get", "pods", "-n", "default")
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 30
+        while b'"kubectl_command":"kubectl get"' not in audit.read_bytes().splitlines()[-1]:
+            assert time.monotonic() < deadline, "the request after the restart was not recorded"
+            time.sleep(0.1)
+    finally:
+        stop_process(gw.process)
+    verify = subprocess.run([str(VENV_BIN / "kubegate"), "audit", "verify", "--file", str(audit)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -323,3 +323,48 @@ def test_a_column_no_database_can_hold_does_not_stop_the_writer(database):
     # The columns are still checked against the record: an edited one is found.
     sql(database, "UPDATE kubegate_audit_events SET namespace = 'prod' WHERE seq = 2")
     assert problem(database).what == "modified"
+
+
+def test_a_file_whose_last_record_is_longer_than_a_megabyte_goes_on_after_a_restart(tmp_path):
+    """A request's record can be longer than a megabyte (a User-Agent header that long is relayed and recorded).
+    The new sink of a restarted gateway read only the file's last megabyte to find where the chain goes on,
+    misread that line, and the gateway refused to start."""
+    path = tmp_path / "audit.jsonl"
+    settings = AuditFileSettings(path=path)
+    first = records(3)
+    first[1]["data"]["user_agent"] = "k" * 1_500_000
+    first[2]["data"]["user_agent"] = "curl/8 " + "\n" * 3 + "x" * 2_100_000  # newlines inside, escaped
+    FileSink(settings, path, None).write(first)
+    assert len(path.read_bytes().splitlines()[-1]) > 2_000_000
+    restarted = FileSink(settings, path, None)  # what the gateway's start does
+    assert restarted.seq == 3
+    restarted.write(records(2, start=3))
+    assert chain.verify(stored_from_files([path])) == (5, None)
+
+
+def test_a_last_line_that_is_no_record_is_named_in_one_line(tmp_path):
+    """A write cut short (a crash mid-line) leaves a last line that is no record: the chain cannot go on from
+    it, and the error says which file and why instead of a bare JSON error."""
+    path = tmp_path / "audit.jsonl"
+    FileSink(AuditFileSettings(path=path), path, None).write(records(2))
+    with path.open("ab") as out:
+        out.write(b'{"hash":"ab12", "prev_hash"')
+    with pytest.raises(
+        ValueError, match=r"audit.jsonl: its last line is not an audit record \(JSONDecodeError"
+    ):
+        FileSink(AuditFileSettings(path=path), path, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: b.replace(b"\x00", b"\n")), st.integers(min_value=1, max_value=9))
+def test_the_last_line_is_found_across_blocks_of_any_size(data, block):
+    """The backwards read gives what reading the whole file would, wherever the blocks' edges fall."""
+    import tempfile
+    from pathlib import Path
+
+    from kubegate.plugins.audit.file import _last_line
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "f"
+        path.write_bytes(data)
+        assert _last_line(path, block) == data.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
