@@ -36,6 +36,7 @@ from hypercorn.config import Config as HypercornConfig
 from .config import check_readable, split_listen, worker_count
 from .errors import ConfigError
 from .gateway import Gateway, url_for_address
+from .http1 import GatewayHttpToolsProtocol
 from .tls import ensure_self_signed
 
 log = logging.getLogger("kubegate")
@@ -96,7 +97,8 @@ def uvicorn_config(
         ssl_certfile=str(tls.cert) if tls else None,
         ssl_keyfile=str(tls.key) if tls else None,
         loop="none",  # the running loop (uvloop, see asyncio_run)
-        http="httptools",
+        # httptools, with the API server's limits on a request's head (431 past 1 MiB; 32 s to send it).
+        http=GatewayHttpToolsProtocol,
         # wsproto accepts kubectl's `SPDY/3.1+portforward.k8s.io` subprotocol and the
         # websocket.http.response extension; it stops reading a socket until the app took each message.
         ws="wsproto",

@@ -397,3 +397,51 @@ def test_what_the_gateway_decided_is_what_upstream_acts_on(gw, sandbox, request_
     }
     assert got[0]["acted"] == mine, (path, query)
     assert got[0]["raw_query"] == (record["query"] or "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the request head: no larger than the API server reads (Go's MaxHeaderBytes 1 MiB), before authentication
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def test_a_head_larger_than_the_api_server_reads_is_refused_before_anyone_decides(gw, sandbox):
+    since = last_id(sandbox)
+    host, port = URL(gw.url).host, URL(gw.url).port
+    ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    writer.write(f"GET /k8s/sandbox{PODS} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n".encode()
+                 + b"X-Padding: " + b"p" * (2 << 20) + b"\r\n\r\n")  # fmt: skip
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.startswith(b"content-length"))
+    )
+    doc = assert_status(int(head.split(b" ")[1]), await reader.readexactly(length), 431)
+    assert doc["reason"] == "RequestHeaderFieldsTooLarge"
+    writer.transport.abort()
+    assert received(sandbox, since) == []
+
+
+def test_an_endless_head_does_not_grow_the_gateway(gw):
+    """Before: 200 MB of one header line, sent without authentication, grew the gateway by 269 MB."""
+    import socket
+
+    import psutil
+
+    before = psutil.Process(gw.process.pid).memory_info().rss
+    host, port = URL(gw.url).host, URL(gw.url).port
+    ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+    sent = 0
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as s,
+    ):
+        s.sendall(b"GET /k8s/sandbox/api HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            while sent < 200 << 20:
+                s.sendall(b"a" * (1 << 20))
+                sent += 1 << 20
+        except OSError:  # refused and closed (or the socket's buffers full until the close)
+            pass
+    grown = psutil.Process(gw.process.pid).memory_info().rss - before
+    assert sent < 100 << 20, sent
+    assert grown < 30 << 20, grown

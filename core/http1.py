@@ -1,0 +1,112 @@
+"""The HTTP/1.1 server protocol: uvicorn's httptools protocol with the API server's limits on a request's
+header section, which uvicorn does not have.
+
+The API server (k8s.io/apiserver `SecureServingInfo.Serve`) runs Go's `http.Server` with `MaxHeaderBytes: 1 << 20`
+and `ReadHeaderTimeout: 32s`. Go reads at most `MaxHeaderBytes` + 4096 bytes of request line and headers,
+then answers 431; it closes a connection whose headers have not all arrived within the timeout. uvicorn
+with httptools has neither limit: a client that never ends its headers grew the gateway by the size of what
+it sent (200 MB sent, +269 MB resident), before any authentication, and a client that sends one byte now and
+then held its connection forever. This protocol counts the bytes received while a request's head is read
+and answers 431 (a Kubernetes Status; reads nothing more and closes) past Go's limit, and closes a connection whose head is
+not complete within the timeout, as the API server would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import STATUS_HEADERS, StatusError
+
+log = logging.getLogger("kubegate")
+
+# Go's http.Server: MaxHeaderBytes (the API server's 1 MiB) plus the 4096 bytes it allows on top.
+MAX_HEAD_BYTES = (1 << 20) + 4096
+HEAD_TIMEOUT_SECONDS = 32.0  # the API server's ReadHeaderTimeout
+# After a 431 the connection is closed this much later, reading nothing meanwhile: closing at once, with the
+# client's unread head in the socket, resets the connection and can take the answer with it (Go waits
+# 500 ms too, its `rstAvoidanceDelay`).
+CLOSE_DELAY_SECONDS = 0.5
+
+
+class GatewayHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, refusing a request head larger than the API server accepts (431) and
+    closing a connection whose head is not complete in `HEAD_TIMEOUT_SECONDS`."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout_seconds = HEAD_TIMEOUT_SECONDS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._reading_head = True  # until the parser has the whole request line and headers
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._reading_head:
+            # Counted by chunk: a chunk that also holds the start of the body counts whole (at most one
+            # read's worth above Go's exact count).
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse_head()
+                return
+            if self._head_timer is None:
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    self.head_timeout_seconds, self._head_timed_out
+                )
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head, self._head_bytes = True, 0  # the next request's head starts here
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse_head(self) -> None:
+        self._cancel_head_timer()
+        self._refused = True
+        self.transport.pause_reading()  # what the client still sends waits in its socket, not here
+        log.warning("refused a request from %s: its header section is larger than %d bytes (431)", self._peer(),
+                    self.max_head_bytes)  # fmt: skip
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A response is still going out on this connection (a pipelined request): nothing can be written
+            # between its bytes.
+            self.transport.close()
+            return
+        error = StatusError(431, f"the request's header section is larger than {self.max_head_bytes} bytes",
+                            reason="RequestHeaderFieldsTooLarge")  # fmt: skip
+        body = error.body()
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        head += [f"{name}: {value}\r\n".encode() for name, value in STATUS_HEADERS]
+        head += [f"content-length: {len(body)}\r\n".encode(), b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        # abort, not close: a TLS close would wait for the client's close_notify, reading (and dropping)
+        # whatever the client still sends meanwhile.
+        asyncio.get_running_loop().call_later(CLOSE_DELAY_SECONDS, self.transport.abort)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._reading_head and not self.transport.is_closing():
+            log.info("closed the connection of %s: no complete request head within %g s", self._peer(),
+                     self.head_timeout_seconds)  # fmt: skip
+            self.transport.abort()  # as Go does: no TLS goodbye to wait for from a client this slow

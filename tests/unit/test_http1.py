@@ -1,0 +1,114 @@
+"""core/http1.py: the gateway's HTTP/1.1 protocol reads a request's head as the API server does: up to 1 MiB
+(+ Go's 4096), past that 431 and the connection closed, before the app sees anything; a head that does not
+arrive within the timeout closes the connection; heads below the limit and slow bodies are served."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from kubegate.core.http1 import MAX_HEAD_BYTES, GatewayHttpToolsProtocol
+
+
+class QuickTimeout(GatewayHttpToolsProtocol):
+    head_timeout_seconds = 0.5
+
+
+@pytest.fixture
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
+    """uvicorn with the gateway's protocol (or `request.param`) on 127.0.0.1: (port, the scopes the app saw).
+    The app reads the body and answers with its size."""
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope)
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = str(size).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    protocol = getattr(request, "param", GatewayHttpToolsProtocol)
+    config = uvicorn.Config(
+        app, http=protocol, lifespan="off", log_config=None, access_log=False, loop="none"
+    )
+    served = uvicorn.Server(config)
+    task = asyncio.create_task(served.serve(sockets=[listener]))
+    while not served.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.01)
+    yield listener.getsockname()[1], seen
+    served.should_exit = served.force_exit = True
+    await task
+
+
+async def response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+    )
+    return int(head.split(b" ")[1]), await reader.readexactly(length)
+
+
+async def test_heads_up_to_the_api_servers_limit_are_served_one_after_another(server):
+    port, seen = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    big = b"x" * ((1 << 20) - 2048)  # a 1 MiB header section, as the API server still takes
+    for _ in range(2):  # keep-alive: each request's head is counted on its own
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: test\r\nX-Big: " + big + b"\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        assert await response(reader) == (200, b"5")
+    writer.close()
+    assert len(seen) == 2
+
+
+async def test_a_head_that_does_not_end_gets_431_and_the_app_never_sees_it(server):
+    port, seen = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # 64 MiB of one header, never ended: what the server does not read stays in the client's buffers.
+    writer.write(b"GET /k8s/x/api HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * (64 << 20))
+    status, body = await asyncio.wait_for(response(reader), 10)
+    assert status == 431
+    status_body = json.loads(body)
+    assert status_body["kind"] == "Status" and status_body["reason"] == "RequestHeaderFieldsTooLarge"
+    assert str(MAX_HEAD_BYTES) in status_body["message"]
+    assert writer.transport.get_write_buffer_size() > 32 << 20  # most of it was never read
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection is closed
+    assert seen == []
+
+
+@pytest.mark.parametrize("server", [QuickTimeout], indirect=True)
+async def test_a_head_sent_too_slowly_closes_the_connection_and_a_slow_body_does_not(server):
+    port, seen = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n")  # and the rest never comes
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed (or reset) within the timeout
+    assert seen == []
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\n\r\n")
+    for byte in b"body":  # the body over 1.2 s: only the head has a deadline
+        await asyncio.sleep(0.3)
+        writer.write(bytes([byte]))
+    assert await response(reader) == (200, b"4")
+    await asyncio.sleep(0.8)  # an idle keep-alive connection is not closed by the head timer
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert await response(reader) == (200, b"0")
+    writer.close()
