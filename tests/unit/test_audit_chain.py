@@ -326,7 +326,7 @@ def test_a_column_no_database_can_hold_does_not_stop_the_writer(database):
 
 
 def test_a_file_whose_last_record_is_longer_than_a_megabyte_goes_on_after_a_restart(tmp_path):
-    """A request's record can be longer than a megabyte (a User-Agent header that long is relayed and recorded).
+    """A request's record can be longer than a megabyte (a User-Agent of 600,000 double quotes, JSON-escaped).
     The new sink of a restarted gateway read only the file's last megabyte to find where the chain goes on,
     misread that line, and the gateway refused to start."""
     path = tmp_path / "audit.jsonl"
