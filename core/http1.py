@@ -1,14 +1,15 @@
 """The HTTP/1.1 server protocol: uvicorn's httptools protocol with the API server's limits on a request's
-header section, which uvicorn does not have.
+head (request line and headers), which uvicorn does not have.
 
-The API server (k8s.io/apiserver `SecureServingInfo.Serve`) runs Go's `http.Server` with `MaxHeaderBytes: 1 << 20`
-and `ReadHeaderTimeout: 32s`. Go reads at most `MaxHeaderBytes` + 4096 bytes of request line and headers,
-then answers 431; it closes a connection whose headers have not all arrived within the timeout. uvicorn
-with httptools has neither limit: a client that never ends its headers grew the gateway by the size of what
-it sent (200 MB sent, +269 MB resident), before any authentication, and a client that sends one byte now and
-then held its connection forever. This protocol counts the bytes received while a request's head is read
-and answers 431 (a Kubernetes Status; reads nothing more and closes) past Go's limit, and closes a connection whose head is
-not complete within the timeout, as the API server would.
+The API server (k8s.io/apiserver `SecureServingInfo.Serve`) runs Go's `http.Server` with
+`MaxHeaderBytes: 1 << 20` and `ReadHeaderTimeout: 32s`. Go reads at most `MaxHeaderBytes` + 4096 bytes of
+request line and headers, then answers 431; it closes a connection whose head has not all arrived within
+the timeout. uvicorn with httptools has neither limit: a client that never ended its headers grew the
+gateway by the size of what it sent (200 MB sent, +269 MB resident), before any authentication, and a
+client that sent one byte now and then held its connection forever. This protocol counts the bytes
+received while a request's head is read and, past Go's limit, answers 431 (a Kubernetes Status), reads
+nothing more and drops the connection; it drops a connection whose head is not complete within the
+timeout.
 """
 
 from __future__ import annotations
@@ -55,11 +56,16 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.max_head_bytes:
                 self._refuse_head()
                 return
-            if self._head_timer is None:
-                self._head_timer = asyncio.get_running_loop().call_later(
-                    self.head_timeout_seconds, self._head_timed_out
-                )
         super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The parser saw a request's first byte (also one that came in the chunk of the request before it):
+        # its head's time starts.
+        self._cancel_head_timer()
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self.head_timeout_seconds, self._head_timed_out
+        )
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
@@ -106,7 +112,16 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._reading_head and not self.transport.is_closing():
-            log.info("closed the connection of %s: no complete request head within %g s", self._peer(),
-                     self.head_timeout_seconds)  # fmt: skip
-            self.transport.abort()  # as Go does: no TLS goodbye to wait for from a client this slow
+        if not self._reading_head or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A client that sent part of its next request early (pipelining) while a response (a watch, a
+            # held request) goes out: Go reads the next request only after that response, so its time has
+            # not started yet.
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self.head_timeout_seconds, self._head_timed_out
+            )
+            return
+        log.info("closed the connection of %s: no complete request head within %g s", self._peer(),
+                 self.head_timeout_seconds)  # fmt: skip
+        self.transport.abort()  # as Go does: no TLS goodbye to wait for from a client this slow

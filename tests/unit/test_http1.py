@@ -29,6 +29,8 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[int, lis
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append(scope)
+        if scope["path"] == "/slow":  # a response that takes longer than the head timeout (a held request)
+            await asyncio.sleep(1.2)
         size, more = 0, True
         while more:
             message = await receive()
@@ -112,3 +114,15 @@ async def test_a_head_sent_too_slowly_closes_the_connection_and_a_slow_body_does
     writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
     assert await response(reader) == (200, b"0")
     writer.close()
+
+
+@pytest.mark.parametrize("server", [QuickTimeout], indirect=True)
+async def test_the_head_time_of_a_pipelined_request_starts_after_the_response_before_it(server):
+    """A client that sends the start of its next request while a slow response is still coming: the head
+    timer does not drop the connection (and the response) meanwhile; the head still has to come after."""
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\n")  # the second head unfinished
+    assert await asyncio.wait_for(response(reader), 5) == (200, b"0")
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # its head never came: dropped after all
