@@ -7,9 +7,9 @@ request line and headers, then answers 431; it closes a connection whose head ha
 the timeout. uvicorn with httptools has neither limit: a client that never ended its headers grew the
 gateway by the size of what it sent (200 MB sent, +269 MB resident), before any authentication, and a
 client that sent one byte now and then held its connection forever. This protocol counts the bytes
-received while a request's head is read and, past Go's limit, answers 431 (a Kubernetes Status), reads
-nothing more and drops the connection; it drops a connection whose head is not complete within the
-timeout.
+received of a request that are not its body (head, chunk framing, trailers) and, past Go's limit, answers
+431 (a Kubernetes Status) when the head is what went over, reads nothing more and drops the connection;
+it drops a connection whose head is not complete within the timeout.
 """
 
 from __future__ import annotations
@@ -49,14 +49,19 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._reading_head:
-            # Counted by chunk: a chunk that also holds the start of the body counts whole (at most one
-            # read's worth above Go's exact count).
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse_head()
-                return
+        # Every byte of a request that is not its body counts: the head, and also a chunked body's framing
+        # and trailers, which the parser keeps as headers too (an endless trailer grew the gateway as an
+        # endless header did). Counted by read, before the parser takes it: at most one read's worth of
+        # body above the exact count.
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse_head()
+            return
         super().data_received(data)
+
+    def on_body(self, body: bytes) -> None:
+        self._head_bytes = max(0, self._head_bytes - len(body))
+        super().on_body(body)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -92,12 +97,12 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self._refused = True
         self.transport.pause_reading()  # what the client still sends waits in its socket, not here
-        log.warning("refused a request from %s: its header section is larger than %d bytes (431)", self._peer(),
-                    self.max_head_bytes)  # fmt: skip
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A response is still going out on this connection (a pipelined request): nothing can be written
-            # between its bytes.
-            self.transport.close()
+        log.warning("refused a request from %s: its header section (or trailers) is larger than %d bytes",
+                    self._peer(), self.max_head_bytes)  # fmt: skip
+        if not self._reading_head or (self.cycle is not None and not self.cycle.response_complete):
+            # The request went to the app already (its trailers are what went over), or a response is still
+            # going out on this connection: no answer can be written in between. Dropped.
+            self.transport.abort()
             return
         error = StatusError(431, f"the request's header section is larger than {self.max_head_bytes} bytes",
                             reason="RequestHeaderFieldsTooLarge")  # fmt: skip

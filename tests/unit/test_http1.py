@@ -126,3 +126,31 @@ async def test_the_head_time_of_a_pipelined_request_starts_after_the_response_be
     assert await asyncio.wait_for(response(reader), 5) == (200, b"0")
     with contextlib.suppress(ConnectionResetError):
         assert await asyncio.wait_for(reader.read(), 5) == b""  # its head never came: dropped after all
+
+
+async def test_an_endless_trailer_drops_the_connection(server):
+    """A chunked body's trailers are headers too: past the limit the connection is dropped (no answer can
+    be written, the request went to the app already), instead of the parser keeping them."""
+    port, seen = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+    )
+    writer.write(b"a" * (64 << 20))
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert len(seen) == 1  # the request itself was passed on; its response never came
+
+
+async def test_a_large_body_is_not_counted_as_head(server):
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b"b" * (8 << 20)
+    writer.write(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    chunked = (
+        b"".join(b"%x\r\n%s\r\n" % (65536, b"c" * 65536) for _ in range(64)) + b"0\r\nX-Done: yes\r\n\r\n"
+    )
+    writer.write(b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert await asyncio.wait_for(response(reader), 10) == (200, str(len(body)).encode())
+    assert await asyncio.wait_for(response(reader), 10) == (200, str(64 * 65536).encode())
+    writer.close()
