@@ -9,7 +9,7 @@ Scopes:
 
 * **Gateway hooks** (connection types, plugin settings, routes, startup/shutdown) are called on every
   installed plugin.
-* **Connection hooks** (everything that receives a ``flow``) are called only on the plugins enabled on
+* **Connection hooks** (everything that receives a ``flow`` or a ``connection``) are called only on the plugins enabled on
   that flow's connection (``connections.NAME.plugins`` in the config). The per-connection plugin set is
   computed once per config load.
 
@@ -144,6 +144,20 @@ def kubegate_metrics(gateway: Gateway) -> Awaitable[None] | None:
     leaves its gauges as they were, and the scrape is answered anyway.
 
     :param gateway: the running gateway.
+    """
+
+
+@hookspec
+def kubegate_readiness(connection: Connection) -> str | None:
+    """Say why this plugin cannot serve ``connection`` now, in one line; None when it can.
+
+    A connection hook, called for each connection when ``GET /readyz`` checks (at most every two seconds),
+    on the plugins the connection enables. A connection with a problem counts as not ready, as one whose
+    API server does not answer; the replica is ready while any connection is. Answer from state the plugin
+    keeps (no network call here): the masking plugin, while it cannot follow the cluster's Secrets; an
+    audit sink that fails closed, while it cannot write. A plugin that raises counts as a problem.
+
+    :param connection: the connection checked.
     """
 
 

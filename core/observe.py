@@ -185,8 +185,19 @@ class Readiness:
         upstream_ok = not report["connections"] or any(r == "ok" for r in report["connections"].values())
         return report["database"] == "ok" and upstream_ok and self.gateway.running, report
 
+    @classmethod
+    async def _upstream(cls, connection: Any) -> str:
+        """ "ok", or why the connection cannot serve: its API server's answer first, then what its plugins
+        say (`kubegate_readiness`: the masking plugin that cannot follow the Secrets, a fail-closed audit
+        sink that cannot write)."""
+        answer = await cls._api_server(connection)
+        problems = connection.hooks.readiness(connection)
+        if answer != "ok":
+            problems.insert(0, answer)
+        return "; ".join(problems) or "ok"
+
     @staticmethod
-    async def _upstream(connection: Any) -> str:
+    async def _api_server(connection: Any) -> str:
         upstream = connection.upstream
         # A connection type that knows better (an agent tunnel: is an agent connected?) answers itself.
         readiness = getattr(upstream, "readiness", None)

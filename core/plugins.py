@@ -424,6 +424,7 @@ class ConnectionHooks:
         self._stream_frame: HookCall[None] = caller("kubegate_stream_frame", remove)
         self._session_end: HookCall[None] = caller("kubegate_session_end", remove)
         self._audit_event: HookCall[None] = caller("kubegate_audit_event", remove)
+        self._readiness: HookCall[str | None] = caller("kubegate_readiness", remove)
         # Hooks nobody implements on this connection are skipped on the hot path.
         self.has_upstream_request = bool(self._upstream_request.get_hookimpls())
         self.has_response_headers = bool(self._response_headers.get_hookimpls())
@@ -502,3 +503,12 @@ class ConnectionHooks:
     async def audit_event(self, event: AuditEvent, connection: Connection) -> None:
         for result in self._audit_event(event=event, connection=connection):
             await await_me_maybe(result)
+
+    def readiness(self, connection: Connection) -> list[str]:
+        """What the connection's plugins have against serving it now (`kubegate_readiness`), one line each;
+        a plugin that raises is a problem too (fail closed)."""
+        try:
+            return [str(answer) for answer in self._readiness(connection=connection) if answer is not None]
+        except Exception as exc:
+            log.exception("kubegate_readiness failed")
+            return [f"a plugin's readiness check failed: {exc.__class__.__name__}"]

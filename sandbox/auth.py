@@ -1,5 +1,6 @@
 """Who a sandbox request is: authentication (client certificate or token), impersonation headers
-like the API server, and the sandbox's tiny RBAC (members of `readonly` may only read).
+like the API server, and the sandbox's tiny RBAC (members of `readonly` may only read; members of `view`
+may read everything but Secrets, as with Kubernetes' built-in `view` ClusterRole).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ADMIN_USER = "kubegate-admin"
 GATEWAY_USER = "kubegate-gateway"
 READONLY_GROUP = "readonly"
 READONLY_VERBS = {"get", "list", "watch"}
+VIEW_GROUP = "view"
 
 
 @dataclass
@@ -60,9 +62,12 @@ def forbidden(
 
 
 def allowed(identity: Identity, verb: str, resource: str, group: str) -> bool:
-    """The sandbox's tiny RBAC: members of `readonly` may only read; everyone may ask who they are."""
+    """The sandbox's tiny RBAC: members of `readonly` may only read, members of `view` may read all but
+    Secrets; everyone may ask who they are."""
     if group in ("authentication.k8s.io", "authorization.k8s.io") and verb == "create":
         return True
+    if VIEW_GROUP in identity.groups:  # Kubernetes' `view` role: reads, and not Secrets
+        return verb in READONLY_VERBS and not (resource == "secrets" and group == "")
     if READONLY_GROUP in identity.groups:
         return verb in READONLY_VERBS
     return True

@@ -255,6 +255,14 @@ class SinkPlugin:
         return None
 
     @hookimpl
+    def kubegate_readiness(self, connection: Connection) -> str | None:
+        """Not ready while a fail-closed sink cannot write (its requests get 503 meanwhile)."""
+        sink = self.sink_of(connection)
+        if sink is None or not sink.fail_closed or sink.healthy:
+            return None
+        return f"{sink.name}: cannot write ({sink.last_error})"
+
+    @hookimpl
     async def kubegate_audit_event(self, event: AuditEvent, connection: Connection) -> None:
         sink = self.sink_of(connection)
         if sink is not None:

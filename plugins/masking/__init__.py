@@ -27,7 +27,7 @@ from kubegate.core.plugins import hookimpl
 from . import records, scanner, writes
 from .frames import mask_exec_frame
 from .known import KnownSecrets
-from .masker import Masking, env_name_rule
+from .masker import KNOWN_UP, Masking, env_name_rule
 from .recorded import (
     mask_body_for_record,
     mask_command_for_record,
@@ -41,6 +41,7 @@ from .responses import (
     WatchLines,
     Withhold,
     choose_response_mode,
+    holds_no_object_data,
     json_only,
     parse_json,
     prepare_upstream_request,
@@ -49,6 +50,7 @@ from .responses import (
 from .settings import DEFAULT_ENV_NAMES, PLUGIN_NAME, ConfigMapKeys, Exempt, KnownValues, MaskingSettings
 
 if TYPE_CHECKING:
+    from kubegate.core.connections import Connection
     from kubegate.core.gateway import Gateway
 
 __all__ = [
@@ -98,11 +100,39 @@ def kubegate_startup(gateway: Gateway) -> None:
 
 @hookimpl
 async def kubegate_decide(flow: Flow) -> Decision | None:
-    """Deny the writes that would read a masked Secret value back out (see `writes.py`)."""
+    """Refuse every request (503) while the known values may not be the cluster's (`known.py`,
+    `on_failure: closed`); deny the writes that would read a masked Secret value back out (`writes.py`)."""
     masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
     if masking is None or masking.exempt(flow.identity):
         return None
+    known = masking.known
+    if (
+        known is not None
+        and masking.settings.known_values.on_failure == "closed"
+        and not holds_no_object_data(flow)
+    ):
+        await known.gate()
     return await writes.decide(flow, (masking.settings.marker, masking.rules.marker_b64))
+
+
+@hookimpl
+def kubegate_metrics(gateway: Gateway) -> None:
+    for connection in gateway.connections:
+        masking = connection.state.get(PLUGIN_NAME)
+        if isinstance(masking, Masking) and masking.known is not None:
+            KNOWN_UP.labels(connection.name).set(0 if masking.known.problem else 1)
+
+
+@hookimpl
+def kubegate_readiness(connection: Connection) -> str | None:
+    """Not ready while known-value masking that fails closed cannot follow the cluster's Secrets."""
+    masking = connection.state.get(PLUGIN_NAME)
+    if not isinstance(masking, Masking) or masking.known is None:
+        return None
+    problem = masking.known.problem
+    if problem is None or masking.settings.known_values.on_failure != "closed":
+        return None
+    return f"masking: {problem}"
 
 
 @hookimpl

@@ -17,12 +17,15 @@ import base64
 import contextlib
 import json
 import logging
+import random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+
+from kubegate.core.errors import StatusError
 
 from . import scanner
 from .forms import FormSet, KnownForms
@@ -33,9 +36,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubegate.masking")
 RETRY_SECONDS = 5.0
+# How long a request waits, at start, for the first list of the Secrets (on_failure: closed).
+FIRST_LIST_SECONDS = 10.0
+# A watch asks the API server to end it after a random 5-10 minutes, as client-go's reflector does; a
+# watch that has sent nothing for that long plus this margin is taken for a dead connection and re-listed
+# (without it, a connection that died silently would leave the values stale for good).
+WATCH_SECONDS = (300, 600)
+WATCH_SILENCE_MARGIN = 60.0
+# A watch that ends sooner than this after it began is re-listed only after this long (no busy loop).
+MIN_WATCH_SECONDS = 1.0
+
+
+class WatchRefused(RuntimeError):
+    """The API server answered a watch with an error status: re-listing at once would only repeat it."""
 
 
 class KnownSecrets:
+    """Follows the Secrets of `namespaces` (all when empty): a list, then a watch from its version, again
+    whenever the watch ends. `problem` says, in one line, why the values it holds may not be the cluster's
+    (not listed yet, a list that failed, more values than `max_values`); None while they are."""
+
     def __init__(self, connection: Connection, namespaces: list[str], min_length: int, max_values: int,
                  max_value_bytes: int, on_change: Callable[[set[str]], None]):  # fmt: skip
         self.connection = connection
@@ -43,8 +63,45 @@ class KnownSecrets:
         self.min_length, self.max_values, self.max_value_bytes = min_length, max_values, max_value_bytes
         self.on_change = on_change
         self.by_secret: dict[str, set[str]] = {}
+        # Set once every namespace was tried (listed, or failed) at least once.
         self.ready = asyncio.Event()
+        self.lists = 0  # successful lists (tests and diagnostics)
+        self._failed: dict[str, str] = {}  # namespace -> why its last list (or watch) failed
+        self._unlisted: set[str] = set(self.namespaces)
+        self._over: int = 0  # distinct values found beyond max_values (not learned)
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def problem(self) -> str | None:
+        where = "the cluster" if self.namespaces == [""] else "namespaces " + ", ".join(self.namespaces)
+        if self._failed:
+            namespace, why = next(iter(self._failed.items()))
+            scope = f"namespace {namespace}" if namespace else "the cluster"
+            return f"cannot list and watch the Secrets of {scope} with the gateway's credential ({why})"
+        if self._unlisted:
+            return f"the Secrets of {where} are not listed yet"
+        if self._over:
+            return (
+                f"the Secrets of {where} hold {self.max_values + self._over} distinct values, more than "
+                f"known_values.max_values ({self.max_values}); {self._over} are not learned"
+            )
+        return None
+
+    async def gate(self) -> None:
+        """Refuse a request (503) while `problem` says the values may not be the cluster's; at start, wait
+        up to FIRST_LIST_SECONDS for the first list first (a request does not fail only for being early)."""
+        if not (self._failed or self._unlisted or self._over):
+            return
+        if not self.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), FIRST_LIST_SECONDS)
+        problem = self.problem
+        if problem is not None:
+            raise StatusError(
+                503,
+                f"masking on connection {self.connection.name} cannot mask the cluster's Secret values: "
+                f"{problem}; requests are refused until it can (masking.known_values.on_failure: closed)",
+            )
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(ns)) for ns in self.namespaces]
@@ -60,8 +117,10 @@ class KnownSecrets:
         out: set[str] = set()
         for values in self.by_secret.values():
             out |= values
-            if len(out) >= self.max_values:
-                break
+        # Longest first: a short value is the likeliest to be ordinary text as well.
+        self._over = max(0, len(out) - self.max_values)
+        if not self._over:
+            return out
         return set(sorted(out, key=len, reverse=True)[: self.max_values])
 
     def _extract(self, secret: dict[str, Any]) -> set[str]:
@@ -90,59 +149,108 @@ class KnownSecrets:
         return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
     def _changed(self) -> None:
+        over = self._over
         self.on_change(self.values())
+        if self._over and not over:
+            log.error("masking on %s: %s", self.connection.name, self.problem)
 
     def _url(self, namespace: str) -> str:
         base = self.connection.upstream.base_url
         return f"{base}/api/v1/namespaces/{namespace}/secrets" if namespace else f"{base}/api/v1/secrets"
 
     async def _follow(self, namespace: str) -> None:
-        upstream = self.connection.upstream
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                headers = [*upstream.credential_headers(), ("Accept", "application/json")]
-                async with upstream.session.get(self._url(namespace), headers=headers,
-                                                **upstream.request_options) as response:  # fmt: skip
-                    if response.status != 200:
-                        raise RuntimeError(f"listing secrets answered {response.status}")
-                    listing = json.loads(await response.read())
-                fresh = {self._key(s): self._extract(s) for s in listing.get("items") or []}
-                for key in [k for k in self.by_secret if _in(k, namespace)]:
-                    self.by_secret.pop(key)
-                self.by_secret.update(fresh)
-                self._changed()
-                self.ready.set()
-                version = (listing.get("metadata") or {}).get("resourceVersion", "")
-                await self._watch(namespace, version)
+                version = await self._list(namespace)
+                if self._failed.pop(namespace, None) is not None:
+                    log.warning("masking on %s: follows the Secrets again", self.connection.name)
+                self._tried(namespace)
+                began = loop.time()
+                try:
+                    await self._watch(namespace, version)
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    # A broken or silent connection, a line that is not JSON: the values held stay in
+                    # force while the Secrets are listed again, now.
+                    log.info("masking on %s: the Secrets' watch ended (%s); listing again",
+                             self.connection.name, _one_line(exc))  # fmt: skip
+                if loop.time() - began < MIN_WATCH_SECONDS:
+                    await asyncio.sleep(MIN_WATCH_SECONDS)
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the gateway may lack the RBAC, or the API server is down: retry
-                log.warning("masking on %s: cannot follow secrets (%s); retrying", self.connection.name, exc)
-                self.ready.set()  # do not hold anything back on it
+                first = namespace not in self._failed
+                self._failed[namespace] = _one_line(exc)
+                self._tried(namespace)
+                if first:
+                    log.warning("masking on %s: %s; retrying every %g s", self.connection.name, self.problem,
+                                RETRY_SECONDS)  # fmt: skip
             await asyncio.sleep(RETRY_SECONDS)
 
-    async def _watch(self, namespace: str, version: str) -> None:
+    def _tried(self, namespace: str) -> None:
+        self._unlisted.discard(namespace)
+        if not self._unlisted:
+            self.ready.set()
+
+    async def _list(self, namespace: str) -> str:
+        """List the namespace's Secrets and hold their values; the list's resourceVersion."""
         upstream = self.connection.upstream
         headers = [*upstream.credential_headers(), ("Accept", "application/json")]
-        params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true"}
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with upstream.session.get(self._url(namespace), headers=headers,
+                                        **upstream.request_options) as response:  # fmt: skip
+            if response.status != 200:
+                raise RuntimeError(f"listing Secrets answered {response.status}")
+            listing = json.loads(await response.read())
+        if not isinstance(listing, dict) or not isinstance(listing.get("items") or [], list):
+            raise RuntimeError("listing Secrets answered something that is not a list")
+        fresh = {self._key(s): self._extract(s) for s in listing.get("items") or [] if isinstance(s, dict)}
+        for key in [k for k in self.by_secret if _in(k, namespace)]:
+            self.by_secret.pop(key)
+        self.by_secret.update(fresh)
+        self.lists += 1
+        self._changed()
+        return str((listing.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def _watch(self, namespace: str, version: str) -> None:
+        """Apply the Secrets' changes from `version` until the watch ends (normally: after timeoutSeconds,
+        or an ERROR event such as 410 Gone for a version too old). WatchRefused: an error status."""
+        upstream = self.connection.upstream
+        headers = [*upstream.credential_headers(), ("Accept", "application/json")]
+        seconds = random.randint(*WATCH_SECONDS)
+        params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
+                  "timeoutSeconds": str(seconds)}  # fmt: skip
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=seconds + WATCH_SILENCE_MARGIN)
         async with upstream.session.get(self._url(namespace), headers=headers, params=params, timeout=timeout,
                                         **upstream.request_options) as response:  # fmt: skip
             if response.status != 200:
-                return
+                raise WatchRefused(f"watching Secrets answered {response.status}")
             async for line in response.content:
                 if not line.strip():
                     continue
                 event = json.loads(line)
-                secret = event.get("object") or {}
-                kind = event.get("type")
+                kind = event.get("type") if isinstance(event, dict) else None
+                secret = event.get("object") if isinstance(event, dict) else None
+                if kind == "ERROR":
+                    return  # the API server ends the watch after it: list again
+                if not isinstance(secret, dict):
+                    continue
                 if kind in ("ADDED", "MODIFIED"):
                     self.by_secret[self._key(secret)] = self._extract(secret)
                 elif kind == "DELETED":
                     self.by_secret.pop(self._key(secret), None)
                 else:
-                    continue
+                    continue  # BOOKMARK
                 self._changed()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return (
+        text
+        if isinstance(exc, (RuntimeError,)) and text
+        else f"{exc.__class__.__name__}: {text}".rstrip(": ")
+    )
 
 
 def _in(key: str, namespace: str) -> bool:

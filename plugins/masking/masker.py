@@ -42,6 +42,10 @@ KNOWN_FORMS = Gauge("kubegate_masking_known_forms", "Forms of known Secret value
 KNOWN_LITERAL = Gauge("kubegate_masking_known_literal", "1 when every known value is searched by Hyperscan's "
                       "literal database, 0 while (or where) the slower automaton searches.", ["connection"],
                       registry=REGISTRY, multiprocess_mode="livemin")  # fmt: skip
+# Set before each scrape (`kubegate_metrics`): what /readyz says of the follower, for alerts.
+KNOWN_UP = Gauge("kubegate_masking_known_values_up", "1 while a connection's masking follows the cluster's Secrets, "
+                 "0 while it cannot (the reason is in /readyz and the log).", ["connection"], registry=REGISTRY,
+                 multiprocess_mode="livemin")  # fmt: skip
 
 
 class Masking:

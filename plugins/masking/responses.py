@@ -39,6 +39,14 @@ def json_only(accept: str) -> str:
 PASS_PATHS = ("/openapi/", "/version", "/livez", "/readyz", "/healthz", "/api/", "/apis/")
 
 
+def holds_no_object_data(flow: Flow) -> bool:
+    """Whether the request is for one of the API server's own documents (PASS_PATHS), passed unmasked."""
+    path = flow.request.path
+    return not flow.attributes.is_resource_request and (
+        path in ("/api", "/apis") or path.startswith(PASS_PATHS)
+    )
+
+
 class Decoder:
     def __init__(self, encoding: str):
         self.z = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
@@ -267,12 +275,9 @@ def choose_response_mode(flow: Flow) -> None:
     content_type = next((v for k, v in headers if k.lower() == "content-type"), "").lower()
     encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "").lower()
     mode = "pass"
-    path = flow.request.path
     if flow.response.status in (101, 204, 304):
         mode = "pass"
-    elif not flow.attributes.is_resource_request and (
-        path in ("/api", "/apis") or path.startswith(PASS_PATHS)
-    ):
+    elif holds_no_object_data(flow):
         mode = "pass"
     elif encoding not in ("", "identity", "gzip", "deflate"):
         mode = "refuse"

@@ -33,6 +33,12 @@ class KnownValues(BaseModel):
     max_value_bytes: int = Field(
         4096, ge=16, le=1 << 20, description="Longer values (in bytes) are not learned."
     )
+    on_failure: Literal["closed", "open"] = Field(
+        "closed",
+        description="`closed`: while the gateway cannot follow the Secrets (no RBAC to list and watch them, "
+        "a failed list, more than max_values values), requests on the connection get 503 and /readyz says "
+        "why; `open`: requests go on, masked by structure, patterns and the values learned so far.",
+    )
 
 
 class Exempt(BaseModel):

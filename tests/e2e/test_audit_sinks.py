@@ -201,23 +201,25 @@ def test_a_fail_closed_database_that_goes_away_turns_requests_into_503_and_back(
         assert status == 503, "requests were still served with the audit store down"
         assert body["kind"] == "Status" and "audit store" in body["message"]
         assert all(one()[0] == 503 for _ in range(3))  # stays closed while the store is down
+        ready_status, report = asyncio.run(get_json(gw, "/readyz", prefix=""))
+        assert ready_status == 503 and report["connections"]["sandbox"].startswith("audit-db: cannot write")
         private_postgres.start()
         deadline = time.monotonic() + 30
         while one()[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert one()[0] == 200, "requests did not come back after the store did"
+        time.sleep(2.1)  # /readyz keeps a result for 2 s
+        assert asyncio.run(get_json(gw, "/readyz", prefix=""))[1]["connections"]["sandbox"] == "ok"
         # Nothing was lost: the refused requests' events were kept and written once it came back.
         assert settled_count(url, made) == made
     finally:
         stop_process(gw.process)
 
 
-async def get_json(gw: Gateway, path: str) -> tuple[int, dict]:
+async def get_json(gw: Gateway, path: str, prefix: str = "/k8s/sandbox") -> tuple[int, dict]:
     context = ssl.create_default_context(cafile=str(gw.ca_file))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        async with session.get(
-            f"{gw.url}/k8s/sandbox{path}", headers={"Authorization": f"Bearer {TOKEN}"}
-        ) as r:
+        async with session.get(f"{gw.url}{prefix}{path}", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
             return r.status, await r.json(content_type=None)
 
 

@@ -1,0 +1,222 @@
+"""The known-values follower (plugins/masking/known.py `KnownSecrets`) against an HTTP server that answers
+list and watch the way the API server does (a `SecretList`, then newline-delimited watch events), with the
+failures a real cluster has: a credential without the RBAC, a watch that ends, an ERROR event, a connection
+that goes silent, more values than `max_values`. What is promised: the follower says why its values may not
+be the cluster's (`problem`), `gate()` refuses with that reason, and it recovers without a busy loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kubegate.core.errors import StatusError
+from kubegate.plugins.masking import known as known_module
+from kubegate.plugins.masking.known import KnownSecrets
+
+
+def secret(name: str, value: str) -> dict[str, Any]:
+    return {"kind": "Secret", "metadata": {"name": name, "namespace": "prod"},
+            "data": {"v": base64.b64encode(value.encode()).decode()}}  # fmt: skip
+
+
+@dataclass
+class FakeSecrets:
+    """Serves /api/v1/secrets: `list_status`, `secrets`; a watch sends `events`, then does `watch_end`:
+    "close" (ends the response), "hold" (keeps it open, silent), "error" (an ERROR event, then holds)."""
+
+    url: str = ""
+    list_status: int = 200
+    watch_status: int = 200
+    list_delay: float = 0.0
+    secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    watch_end: str = "close"
+    lists: int = 0
+    watches: list[dict[str, str]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch") == "1":
+            self.watches.append(dict(request.query))
+            if self.watch_status != 200:
+                return web.json_response(
+                    {"kind": "Status", "code": self.watch_status}, status=self.watch_status
+                )
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for event in self.events:
+                await response.write(json.dumps(event).encode() + b"\n")
+            if self.watch_end == "error":
+                status = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
+                          "message": "too old resource version"}  # fmt: skip
+                await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
+            if self.watch_end in ("hold", "error"):
+                await asyncio.sleep(3600)
+            return response
+        self.lists += 1
+        await asyncio.sleep(self.list_delay)
+        if self.list_status != 200:
+            return web.json_response({"kind": "Status", "code": self.list_status}, status=self.list_status)
+        return web.json_response({"kind": "SecretList", "metadata": {"resourceVersion": str(self.lists)},
+                                  "items": list(self.secrets.values())})  # fmt: skip
+
+
+@pytest.fixture
+async def api(monkeypatch) -> AsyncIterator[FakeSecrets]:
+    # Fast retries, so that each test takes a fraction of a second; the ratios between them are kept.
+    monkeypatch.setattr(known_module, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(known_module, "MIN_WATCH_SECONDS", 0.05)
+    state = FakeSecrets()
+    app = web.Application()
+    app.router.add_get("/api/v1/secrets", state.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield state
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def follow(api: FakeSecrets) -> AsyncIterator[Any]:
+    session = aiohttp.ClientSession()
+    followers: list[KnownSecrets] = []
+
+    def start(max_values: int = 100, changes: list[set[str]] | None = None) -> KnownSecrets:
+        upstream = SimpleNamespace(base_url=api.url, session=session, request_options={},
+                                   credential_headers=lambda: [("Authorization", "Bearer gateway")])  # fmt: skip
+        connection = SimpleNamespace(name="prod", upstream=upstream)
+        follower = KnownSecrets(
+            connection, [], 6, max_values, 4096, (changes if changes is not None else []).append
+        )  # type: ignore[arg-type]
+        follower.start()
+        followers.append(follower)
+        return follower
+
+    yield start
+    for follower in followers:
+        await follower.close()
+    await session.close()
+
+
+async def until(condition: Any, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition was not met in time")
+
+
+async def test_a_refused_list_refuses_requests_with_the_reason_and_recovers(api, follow):
+    api.list_status = 403
+    follower = follow()
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    assert "listing Secrets answered 403" in (follower.problem or "")
+    with pytest.raises(StatusError) as refused:
+        await follower.gate()
+    assert refused.value.code == 503
+    assert (
+        "cannot list and watch the Secrets of the cluster with the gateway's credential"
+        in refused.value.message
+    )
+    assert "masking.known_values.on_failure: closed" in refused.value.message
+
+    api.list_status = 200
+    api.secrets["db"] = secret("db", "hunter2-password")
+    await until(lambda: follower.problem is None)
+    await follower.gate()
+    assert follower.values() == {"hunter2-password"}
+
+
+async def test_the_first_request_waits_for_the_first_list(api, follow):
+    api.list_delay = 0.3
+    api.secrets["db"] = secret("db", "hunter2-password")
+    follower = follow()
+    await follower.gate()  # neither refused for being early nor let through before the list
+    assert follower.lists == 1 and follower.values() == {"hunter2-password"}
+
+
+async def test_a_watch_that_ends_is_listed_again_and_stays_healthy(api, follow):
+    api.secrets["db"] = secret("db", "hunter2-password")
+    api.events = [{"type": "ADDED", "object": secret("new", "rotated-password")}]
+    changes: list[set[str]] = []
+    follower = follow(changes=changes)
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    problems = []
+
+    def sampled() -> bool:
+        problems.append(follower.problem)
+        return follower.lists >= 4
+
+    await until(sampled)
+    assert problems and all(problem is None for problem in problems)
+    assert {"hunter2-password", "rotated-password"} in changes  # the watch's event was applied
+    assert all(w["timeoutSeconds"].isdigit() and 300 <= int(w["timeoutSeconds"]) <= 600 for w in api.watches)
+    assert all(w["resourceVersion"] for w in api.watches)
+
+
+async def test_an_error_event_ends_the_watch_even_if_the_server_keeps_it_open(api, follow):
+    api.events = [{"type": "ADDED", "object": secret("new", "rotated-password")}]
+    api.watch_end = "error"
+    follower = follow()
+    await until(lambda: follower.lists >= 2)
+    assert follower.problem is None
+
+
+async def test_a_silent_watch_is_taken_for_a_dead_connection(api, follow, monkeypatch):
+    monkeypatch.setattr(known_module, "WATCH_SECONDS", (1, 1))
+    monkeypatch.setattr(known_module, "WATCH_SILENCE_MARGIN", 0.2)
+    api.watch_end = "hold"
+    api.secrets["db"] = secret("db", "hunter2-password")
+    follower = follow()
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    api.secrets["late"] = secret("late", "created-while-silent")
+    # The server neither ends the watch after timeoutSeconds nor sends anything: the follower lists again.
+    await until(lambda: "created-while-silent" in follower.values(), seconds=10)
+    assert follower.problem is None
+    assert api.watches[0]["timeoutSeconds"] == "1"
+
+
+async def test_a_refused_watch_is_a_problem_and_no_busy_loop(api, follow):
+    api.watch_status = 403
+    follower = follow()
+    await until(lambda: "watching Secrets answered 403" in (follower.problem or ""))
+    await asyncio.sleep(0.5)
+    assert follower.lists <= 5  # one list per retry (0.2 s here), not one per loop turn
+
+
+async def test_more_values_than_max_values_is_a_problem_until_they_fit(api, follow):
+    for i in range(5):
+        api.secrets[f"s{i}"] = secret(f"s{i}", f"value-{i}-" + "x" * i)
+    api.events = [{"type": "DELETED", "object": secret(f"s{i}", "")} for i in (0, 1)]
+    api.watch_end = "hold"
+    api.list_delay = 0.0
+    follower = follow(max_values=3)
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    await until(lambda: follower.problem is None)  # the watch's two deletions bring five values to three
+    assert follower.values() == {"value-2-xx", "value-3-xxx", "value-4-xxxx"}
+
+
+async def test_over_max_values_refuses_with_the_count(api, follow):
+    for i in range(5):
+        api.secrets[f"s{i}"] = secret(f"s{i}", f"value-{i}-" + "x" * i)
+    api.watch_end = "hold"
+    follower = follow(max_values=3)
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    await until(lambda: follower.problem is not None and "max_values" in follower.problem)
+    assert "hold 5 distinct values, more than known_values.max_values (3); 2 are not learned" in (
+        follower.problem or ""
+    )
+    assert follower.values() == {"value-2-xx", "value-3-xxx", "value-4-xxxx"}
+    with pytest.raises(StatusError) as refused:
+        await follower.gate()
+    assert refused.value.code == 503
