@@ -108,6 +108,7 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
     known = masking.known
     if (
         known is not None
+        and not known.healthy
         and masking.settings.known_values.on_failure == "closed"
         and not holds_no_object_data(flow)
     ):

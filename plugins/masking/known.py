@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubegate.masking")
 RETRY_SECONDS = 5.0
+RETRY_SOONEST = 1.0
 # How long a request waits, at start, for the first list of the Secrets (on_failure: closed).
 FIRST_LIST_SECONDS = 10.0
 # A watch asks the API server to end it after a random 5-10 minutes, as client-go's reflector does; a
@@ -70,6 +71,14 @@ class KnownSecrets:
         self._unlisted: set[str] = set(self.namespaces)
         self._over: int = 0  # distinct values found beyond max_values (not learned)
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by a refused request to try again before RETRY_SECONDS are up (at most every RETRY_SOONEST).
+        self._retry_now = asyncio.Event()
+        self._retry_asked = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """`problem` is None (cheaper: asked on every request)."""
+        return not (self._failed or self._unlisted or self._over)
 
     @property
     def problem(self) -> str | None:
@@ -90,13 +99,18 @@ class KnownSecrets:
     async def gate(self) -> None:
         """Refuse a request (503) while `problem` says the values may not be the cluster's; at start, wait
         up to FIRST_LIST_SECONDS for the first list first (a request does not fail only for being early)."""
-        if not (self._failed or self._unlisted or self._over):
+        if self.healthy:
             return
         if not self.ready.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), FIRST_LIST_SECONDS)
         problem = self.problem
         if problem is not None:
+            now = asyncio.get_running_loop().time()
+            if self._failed and now - self._retry_asked >= RETRY_SOONEST:
+                # The cause may be gone (an agent that reconnected, RBAC just granted): look now.
+                self._retry_asked = now
+                self._retry_now.set()
             raise StatusError(
                 503,
                 f"masking on connection {self.connection.name} cannot mask the cluster's Secret values: "
@@ -186,7 +200,9 @@ class KnownSecrets:
                 if first:
                     log.warning("masking on %s: %s; retrying every %g s", self.connection.name, self.problem,
                                 RETRY_SECONDS)  # fmt: skip
-            await asyncio.sleep(RETRY_SECONDS)
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), RETRY_SECONDS)
 
     def _tried(self, namespace: str) -> None:
         self._unlisted.discard(namespace)
@@ -200,7 +216,9 @@ class KnownSecrets:
         async with upstream.session.get(self._url(namespace), headers=headers,
                                         **upstream.request_options) as response:  # fmt: skip
             if response.status != 200:
-                raise RuntimeError(f"listing Secrets answered {response.status}")
+                raise RuntimeError(
+                    f"listing Secrets answered {response.status}{await _status_message(response)}"
+                )
             listing = json.loads(await response.read())
         if not isinstance(listing, dict) or not isinstance(listing.get("items") or [], list):
             raise RuntimeError("listing Secrets answered something that is not a list")
@@ -224,7 +242,9 @@ class KnownSecrets:
         async with upstream.session.get(self._url(namespace), headers=headers, params=params, timeout=timeout,
                                         **upstream.request_options) as response:  # fmt: skip
             if response.status != 200:
-                raise WatchRefused(f"watching Secrets answered {response.status}")
+                raise WatchRefused(
+                    f"watching Secrets answered {response.status}{await _status_message(response)}"
+                )
             async for line in response.content:
                 if not line.strip():
                     continue
@@ -242,6 +262,20 @@ class KnownSecrets:
                 else:
                     continue  # BOOKMARK
                 self._changed()
+
+
+async def _status_message(response: aiohttp.ClientResponse) -> str:
+    """ ": " and the message of the `Status` an error answer carries (the API server's RBAC denial names the
+    user and the verb it lacks), at most 300 characters; "" when it has none."""
+    try:
+        status = json.loads(await response.content.read(64 * 1024))
+        message = status.get("message") if isinstance(status, dict) else None
+    except Exception:
+        return ""
+    if not isinstance(message, str) or not message.strip():
+        return ""
+    line = message.strip().splitlines()[0]
+    return f": {line[:300]}"
 
 
 def _one_line(exc: BaseException) -> str:

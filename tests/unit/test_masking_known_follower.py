@@ -37,6 +37,7 @@ class FakeSecrets:
     list_status: int = 200
     watch_status: int = 200
     list_delay: float = 0.0
+    list_message: str = ""
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     watch_end: str = "close"
@@ -64,7 +65,8 @@ class FakeSecrets:
         self.lists += 1
         await asyncio.sleep(self.list_delay)
         if self.list_status != 200:
-            return web.json_response({"kind": "Status", "code": self.list_status}, status=self.list_status)
+            status = {"kind": "Status", "code": self.list_status, "message": self.list_message}
+            return web.json_response(status, status=self.list_status)
         return web.json_response({"kind": "SecretList", "metadata": {"resourceVersion": str(self.lists)},
                                   "items": list(self.secrets.values())})  # fmt: skip
 
@@ -220,3 +222,27 @@ async def test_over_max_values_refuses_with_the_count(api, follow):
     with pytest.raises(StatusError) as refused:
         await follower.gate()
     assert refused.value.code == 503
+
+
+async def test_a_refused_request_makes_the_follower_look_again_sooner(api, follow, monkeypatch):
+    monkeypatch.setattr(known_module, "RETRY_SECONDS", 60.0)  # longer than this test may take
+    api.list_status = 403
+    follower = follow()
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    api.list_status = 200  # the RBAC was just granted
+    with pytest.raises(StatusError):
+        await follower.gate()
+    await until(lambda: follower.problem is None)
+    await follower.gate()
+    assert api.lists == 2
+
+
+async def test_the_reason_carries_the_api_servers_message(api, follow):
+    api.list_status = 403
+    api.list_message = 'secrets is forbidden: User "gw" cannot list resource "secrets" in API group ""'
+    follower = follow()
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    assert follower.problem == (
+        "cannot list and watch the Secrets of the cluster with the gateway's credential (listing Secrets "
+        'answered 403: secrets is forbidden: User "gw" cannot list resource "secrets" in API group "")'
+    )
