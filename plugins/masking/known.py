@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -44,6 +44,8 @@ FIRST_LIST_SECONDS = 10.0
 # (without it, a connection that died silently would leave the values stale for good).
 WATCH_SECONDS = (300, 600)
 WATCH_SILENCE_MARGIN = 60.0
+# The longest watch event read (etcd keeps objects up to 1.5 MiB; the event adds little to its Secret).
+MAX_EVENT_BYTES = 16 << 20
 # A watch that ends sooner than this after it began is re-listed only after this long (no busy loop).
 MIN_WATCH_SECONDS = 1.0
 
@@ -245,7 +247,7 @@ class KnownSecrets:
                 raise WatchRefused(
                     f"watching Secrets answered {response.status}{await _status_message(response)}"
                 )
-            async for line in response.content:
+            async for line in _lines(response.content):
                 if not line.strip():
                     continue
                 event = json.loads(line)
@@ -262,6 +264,25 @@ class KnownSecrets:
                 else:
                     continue  # BOOKMARK
                 self._changed()
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The watch's lines, however long (up to MAX_EVENT_BYTES): aiohttp's own line reader refuses lines over
+    twice its read buffer (512 KiB), and a Secret's event is as large as the Secret (up to about 1.5 MB).
+    ValueError past the bound."""
+    buffer = bytearray()
+    searched = 0  # buffer[:searched] holds no newline
+    async for chunk in content.iter_any():
+        buffer += chunk
+        while (end := buffer.find(b"\n", searched)) >= 0:
+            yield bytes(buffer[:end])
+            del buffer[: end + 1]
+            searched = 0
+        searched = len(buffer)
+        if searched > MAX_EVENT_BYTES:
+            raise ValueError(f"a watch event longer than {MAX_EVENT_BYTES} bytes")
+    if buffer:
+        yield bytes(buffer)
 
 
 async def _status_message(response: aiohttp.ClientResponse) -> str:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import ssl
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -120,3 +123,36 @@ def test_on_failure_open_lets_requests_through_masked_by_structure(blind):
     doc = yaml.safe_load(run_kubectl(kubeconfig, "get", "secret", "db-credentials", "-n", "prod", "-o", "yaml",
                                      check=True).stdout)  # fmt: skip
     assert doc["data"] and {base64.b64decode(v).decode() for v in doc["data"].values()} == {MARKER}
+
+
+def test_a_secret_larger_than_a_read_buffer_keeps_the_follower_watching(blind, sandbox, tmp_path):
+    # An 800 KB Secret's watch event is one line longer than aiohttp's line limit (512 KiB); the follower must
+    # read on (no re-list: the watch that carried it is still open) and learn the next Secret from it.
+    plain, seeing = blind.kubeconfig("alice", "sandbox"), blind.kubeconfig("alice", "seeing")
+    run_kubectl(seeing, "get", "pods", "-n", "dev", check=True)  # the follower has listed
+    since = max((r["id"] for r in sandbox.requests_log()), default=0)
+    name, value = f"large-{uuid.uuid4().hex[:8]}", f"after-large-{secrets.token_hex(8)}"
+    (tmp_path / "v").write_text(secrets.token_hex(300_000))
+    try:
+        run_kubectl(plain, "create", "secret", "generic", name, "-n", "dev", f"--from-file=v={tmp_path / 'v'}",
+                    check=True)  # fmt: skip
+        run_kubectl(plain, "create", "secret", "generic", f"{name}-next", "-n", "dev", f"--from-literal=v={value}",
+                    check=True)  # fmt: skip
+        run_kubectl(
+            plain, "create", "configmap", name, "-n", "dev", f"--from-literal=note=is {value}", check=True
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            got = run_kubectl(
+                seeing, "get", "configmap", name, "-n", "dev", "-o", "jsonpath={.data.note}", check=True
+            )
+            if got.stdout == f"is {MARKER}" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert got.stdout == f"is {MARKER}"
+        lists = [r for r in sandbox.requests_log(since) if r["path"] == "/api/v1/secrets"
+                 and "watch" not in r["query"]]  # fmt: skip
+        assert lists == [], "the follower listed the Secrets again: its watch broke"
+    finally:
+        for kind, what in (("secret", name), ("secret", f"{name}-next"), ("configmap", name)):
+            run_kubectl(plain, "delete", kind, what, "-n", "dev", check=False)

@@ -246,3 +246,18 @@ async def test_the_reason_carries_the_api_servers_message(api, follow):
         "cannot list and watch the Secrets of the cluster with the gateway's credential (listing Secrets "
         'answered 403: secrets is forbidden: User "gw" cannot list resource "secrets" in API group "")'
     )
+
+
+async def test_an_event_longer_than_aiohttps_line_limit_keeps_the_watch(api, follow):
+    # aiohttp's line reader refuses lines over 512 KiB: a Secret of 1 MiB used to break the watch (and, as
+    # a failure, refuse requests) every time it changed.
+    api.events = [
+        {"type": "ADDED", "object": secret("big", "b" * (1 << 20))},
+        {"type": "ADDED", "object": secret("after", "learned-after-the-big-one")},
+    ]
+    api.watch_end = "hold"
+    changes: list[set[str]] = []
+    follower = follow(changes=changes)
+    await until(lambda: "learned-after-the-big-one" in follower.values())
+    await asyncio.sleep(0.2)
+    assert api.lists == 1 and follower.problem is None
