@@ -29,14 +29,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import hypercorn.protocol
 import uvicorn
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h2 import H2Protocol
 
 from .config import check_readable, split_listen, worker_count
 from .errors import ConfigError
 from .gateway import Gateway, url_for_address
-from .http1 import GatewayHttpToolsProtocol
+from .http1 import MAX_HEAD_BYTES, GatewayHttpToolsProtocol
 from .tls import ensure_self_signed
 
 log = logging.getLogger("kubegate")
@@ -76,6 +78,11 @@ def hypercorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = 
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.websocket_max_message_size = gateway.settings.limits.max_websocket_message_bytes
+    # The API server's head limit (Go's MaxHeaderBytes, 1 MiB) on both protocols, not h11's 16 KiB and h2's
+    # 64 KiB: a request with a large token works through either server as it does against the API server.
+    # (HTTP/2: Go's serverConn.maxHeaderListSize, MaxHeaderBytes plus 32 bytes for each of 10 fields.)
+    config.h11_max_incomplete_size = MAX_HEAD_BYTES
+    config.h2_max_header_list_size = (1 << 20) + 10 * 32
     # Watches and `logs -f` are quiet for long stretches: no read timeout on the client side.
     config.read_timeout = None
     config.keep_alive_timeout = 75
@@ -84,6 +91,22 @@ def hypercorn_config(gateway: Gateway, tls: TLSFiles | None, bind: str | None = 
     config.include_server_header = False
     config.graceful_timeout = gateway.settings.shutdown_grace_seconds
     return config
+
+
+class _H2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2, with its header list limit from the first request on. h2 gives its HPACK decoder
+    MAX_HEADER_LIST_SIZE only once the client has acknowledged the server's SETTINGS, and kubectl sends its
+    first request before that: a head over h2's default 64 KiB got GOAWAY ENHANCE_YOUR_CALM where Go's
+    server, which applies its limit at once, takes 1 MiB."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection.decoder.max_header_list_size = self.config.h2_max_header_list_size
+
+
+def _use_gateway_h2() -> None:
+    """Serve HTTP/2 with `_H2Protocol`: Hypercorn's ProtocolWrapper looks the class up in its package."""
+    hypercorn.protocol.H2Protocol = _H2Protocol  # type: ignore[misc]
 
 
 def uvicorn_config(
@@ -277,6 +300,7 @@ async def serve_until_signal(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop_serving)
             config = hypercorn_config(gateway, tls, f"fd://{listener.fileno()}" if listener else bind)
+            _use_gateway_h2()
             if listener is not None:
                 # Hypercorn has no "started" flag; with the socket already listening, serving follows the
                 # lifespan startup at once.
