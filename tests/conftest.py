@@ -80,6 +80,19 @@ class Gateway(testing.GatewayProcess):
         path.write_text(yaml.safe_dump(doc))
         return path
 
+    def get(self, path: str) -> tuple[int, str]:
+        """GET one of the gateway's own paths (`/readyz`, `/metrics`) over its TLS: status and body."""
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", context=context, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `needs_pods` run a process in a sandbox pod (exec, logs, attach, cp, port-forward, a

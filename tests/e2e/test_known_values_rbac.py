@@ -8,10 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import ssl
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -53,15 +50,6 @@ def blind(sandbox, tmp_path_factory) -> Iterator[Gateway]:
     stop_process(gw.process)
 
 
-def get(gw: Gateway, path: str) -> tuple[int, str]:
-    context = ssl.create_default_context(cafile=str(gw.ca_file))
-    try:
-        with urllib.request.urlopen(f"{gw.url}{path}", context=context, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def test_kubectl_is_refused_with_the_reason(blind):
     proc = run_kubectl(blind.kubeconfig("alice", "blind"), "get", "pods", "-n", "prod", check=False)
     assert proc.returncode == 1
@@ -92,7 +80,7 @@ def test_discovery_still_answers(blind):
 
 
 def test_readyz_names_the_connection_and_why(blind):
-    status, body = get(blind, "/readyz")
+    status, body = blind.get("/readyz")
     report = json.loads(body)
     # Another connection (the suite's `sandbox`) serves: the replica stays in the load balancer.
     assert status == 200 and report["ready"]
@@ -105,7 +93,7 @@ def test_readyz_names_the_connection_and_why(blind):
 
 
 def test_metrics_show_the_follower_down(blind):
-    text = get(blind, "/metrics")[1]
+    text = blind.get("/metrics")[1]
     assert 'kubegate_masking_known_values_up{connection="blind"} 0.0' in text
     assert 'kubegate_masking_known_values_up{connection="blind-open"} 0.0' in text
     assert 'kubegate_masking_known_values_up{connection="seeing"} 1.0' in text

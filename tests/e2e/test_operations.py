@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import VENV_BIN, Gateway, free_port, gateway_config, start_gateway, stop_process
+from conftest import VENV_BIN, free_port, gateway_config, start_gateway, stop_process
 from kubetest import run_kubectl, wait_for
-
-
-def get(gw: Gateway, path: str) -> tuple[int, str]:
-    context = ssl.create_default_context(cafile=str(gw.ca_file))
-    try:
-        with urllib.request.urlopen(f"{gw.url}{path}", context=context, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -57,8 +45,8 @@ def observed(sandbox, tmp_path_factory):
 
 
 def test_health_and_readiness(observed):
-    assert get(observed, "/healthz") == (200, "ok")
-    status, body = get(observed, "/readyz")
+    assert observed.get("/healthz") == (200, "ok")
+    status, body = observed.get("/readyz")
     report = json.loads(body)
     assert status == 200 and report["ready"] and report["database"] == "ok"
     assert report["connections"]["sandbox"] == "ok"
@@ -66,7 +54,7 @@ def test_health_and_readiness(observed):
 
 
 def test_metrics_show_a_kubectl_sessions_traffic(observed):
-    before = metric(get(observed, "/metrics")[1], "kubegate_requests_total", connection="sandbox", verb="list",
+    before = metric(observed.get("/metrics")[1], "kubegate_requests_total", connection="sandbox", verb="list",
                     decision="none", code="200") or 0  # fmt: skip
     for _ in range(3):
         run_kubectl(observed.kubeconfig("alice"), "get", "pods", "-n", "prod", check=True)
@@ -76,7 +64,7 @@ def test_metrics_show_a_kubectl_sessions_traffic(observed):
                                   "HOME": str(observed.dir)})  # fmt: skip
 
     def open_streams() -> float:
-        return metric(get(observed, "/metrics")[1], "kubegate_open_streams", connection="sandbox") or 0
+        return metric(observed.get("/metrics")[1], "kubegate_open_streams", connection="sandbox") or 0
 
     try:
         wait_for(lambda: open_streams() >= 1, "the watch in kubegate_open_streams", timeout=15)
@@ -85,7 +73,7 @@ def test_metrics_show_a_kubectl_sessions_traffic(observed):
         watch.wait(10)
 
     def settled() -> str | None:  # the watch ended, and the audit writer (batches of 50 ms) caught up
-        text = get(observed, "/metrics")[1]
+        text = observed.get("/metrics")[1]
         streams = metric(text, "kubegate_open_streams", connection="sandbox")
         written = metric(text, "kubegate_audit_written_events", sink="audit-db") or 0
         return text if streams == 0 and written >= 3 else None
@@ -103,7 +91,7 @@ def test_metrics_show_a_kubectl_sessions_traffic(observed):
     assert metric(text, "kubegate_audit_sink_up", sink="audit-db") == 1
     denied = run_kubectl(observed.kubeconfig("alice", token="not-a-token-00000000"), "get", "pods")
     assert denied.returncode != 0
-    text = get(observed, "/metrics")[1]
+    text = observed.get("/metrics")[1]
     assert metric(
         text, "kubegate_requests_total", connection="sandbox", decision="unauthenticated", code="401"
     )
