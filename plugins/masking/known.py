@@ -46,6 +46,8 @@ WATCH_SECONDS = (300, 600)
 WATCH_SILENCE_MARGIN = 60.0
 # The longest watch event read (etcd keeps objects up to 1.5 MiB; the event adds little to its Secret).
 MAX_EVENT_BYTES = 16 << 20
+# Secrets per list request (client-go's reflector lists 500 at a time too).
+LIST_PAGE = 500
 # A watch that ends sooner than this after it began is re-listed only after this long (no busy loop).
 MIN_WATCH_SECONDS = 1.0
 
@@ -92,11 +94,15 @@ class KnownSecrets:
         if self._unlisted:
             return f"the Secrets of {where} are not listed yet"
         if self._over:
-            return (
-                f"the Secrets of {where} hold {self.max_values + self._over} distinct values, more than "
-                f"known_values.max_values ({self.max_values}); {self._over} are not learned"
-            )
+            return self._over_message()
         return None
+
+    def _over_message(self) -> str:
+        where = "the cluster" if self.namespaces == [""] else "namespaces " + ", ".join(self.namespaces)
+        return (
+            f"the Secrets of {where} hold {self.max_values + self._over} distinct values, more than "
+            f"known_values.max_values ({self.max_values}); {self._over} are not learned"
+        )
 
     async def gate(self) -> None:
         """Refuse a request (503) while `problem` says the values may not be the cluster's; at start, wait
@@ -168,30 +174,34 @@ class KnownSecrets:
         over = self._over
         self.on_change(self.values())
         if self._over and not over:
-            log.error("masking on %s: %s", self.connection.name, self.problem)
+            log.error("masking on %s: %s", self.connection.name, self._over_message())
 
     def _url(self, namespace: str) -> str:
         base = self.connection.upstream.base_url
         return f"{base}/api/v1/namespaces/{namespace}/secrets" if namespace else f"{base}/api/v1/secrets"
 
     async def _follow(self, namespace: str) -> None:
+        """client-go's reflector, for one namespace: list (in pages), then watch from the list's version;
+        a watch that ends (its timeoutSeconds, a broken or silent connection) is watched again from the last
+        version seen, and only an ERROR event (410 Gone: the version is too old) costs a new list."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                version = await self._list(namespace)
+                version: str | None = await self._list(namespace)
                 if self._failed.pop(namespace, None) is not None:
                     log.warning("masking on %s: follows the Secrets again", self.connection.name)
                 self._tried(namespace)
-                began = loop.time()
-                try:
-                    await self._watch(namespace, version)
-                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    # A broken or silent connection, a line that is not JSON: the values held stay in
-                    # force while the Secrets are listed again, now.
-                    log.info("masking on %s: the Secrets' watch ended (%s); listing again",
-                             self.connection.name, _one_line(exc))  # fmt: skip
-                if loop.time() - began < MIN_WATCH_SECONDS:
-                    await asyncio.sleep(MIN_WATCH_SECONDS)
+                while version is not None:
+                    began = loop.time()
+                    try:
+                        version = await self._watch(namespace, version)
+                    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                        # A broken or silent connection, a line that is not JSON: watch again from the
+                        # last version seen; the values held stay in force meanwhile.
+                        log.info("masking on %s: the Secrets' watch ended (%s); watching again",
+                                 self.connection.name, _one_line(exc))  # fmt: skip
+                    if loop.time() - began < MIN_WATCH_SECONDS:
+                        await asyncio.sleep(MIN_WATCH_SECONDS)
                 continue
             except asyncio.CancelledError:
                 raise
@@ -212,29 +222,42 @@ class KnownSecrets:
             self.ready.set()
 
     async def _list(self, namespace: str) -> str:
-        """List the namespace's Secrets and hold their values; the list's resourceVersion."""
+        """List the namespace's Secrets, LIST_PAGE at a time (one consistent snapshot: the API server's
+        continue token carries its version), and hold their values; the list's resourceVersion. Pages keep
+        each parse short: the event loop serves requests between them."""
         upstream = self.connection.upstream
         headers = [*upstream.credential_headers(), ("Accept", "application/json")]
-        async with upstream.session.get(self._url(namespace), headers=headers,
-                                        **upstream.request_options) as response:  # fmt: skip
-            if response.status != 200:
-                raise RuntimeError(
-                    f"listing Secrets answered {response.status}{await _status_message(response)}"
-                )
-            listing = json.loads(await response.read())
-        if not isinstance(listing, dict) or not isinstance(listing.get("items") or [], list):
-            raise RuntimeError("listing Secrets answered something that is not a list")
-        fresh = {self._key(s): self._extract(s) for s in listing.get("items") or [] if isinstance(s, dict)}
+        fresh: dict[str, set[str]] = {}
+        token = ""
+        while True:
+            params = {"limit": str(LIST_PAGE), **({"continue": token} if token else {})}
+            async with upstream.session.get(self._url(namespace), headers=headers, params=params,
+                                            **upstream.request_options) as response:  # fmt: skip
+                if response.status != 200:
+                    raise RuntimeError(
+                        f"listing Secrets answered {response.status}{await _status_message(response)}"
+                    )
+                listing = json.loads(await response.read())
+            if not isinstance(listing, dict) or not isinstance(listing.get("items") or [], list):
+                raise RuntimeError("listing Secrets answered something that is not a list")
+            for item in listing.get("items") or []:
+                if isinstance(item, dict):
+                    fresh[self._key(item)] = self._extract(item)
+            meta: dict[str, Any] = listing["metadata"] if isinstance(listing.get("metadata"), dict) else {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                break
         for key in [k for k in self.by_secret if _in(k, namespace)]:
             self.by_secret.pop(key)
         self.by_secret.update(fresh)
         self.lists += 1
         self._changed()
-        return str((listing.get("metadata") or {}).get("resourceVersion", ""))
+        return str(meta.get("resourceVersion", ""))
 
-    async def _watch(self, namespace: str, version: str) -> None:
-        """Apply the Secrets' changes from `version` until the watch ends (normally: after timeoutSeconds,
-        or an ERROR event such as 410 Gone for a version too old). WatchRefused: an error status."""
+    async def _watch(self, namespace: str, version: str) -> str | None:
+        """Apply the Secrets' changes from `version` until the watch ends; the last version seen, to watch
+        again from, or None after an ERROR event (410 Gone for a version too old: list again). WatchRefused:
+        an error status."""
         upstream = self.connection.upstream
         headers = [*upstream.credential_headers(), ("Accept", "application/json")]
         seconds = random.randint(*WATCH_SECONDS)
@@ -254,9 +277,13 @@ class KnownSecrets:
                 kind = event.get("type") if isinstance(event, dict) else None
                 secret = event.get("object") if isinstance(event, dict) else None
                 if kind == "ERROR":
-                    return  # the API server ends the watch after it: list again
+                    return None  # the API server ends the watch after it: list again
                 if not isinstance(secret, dict):
                     continue
+                meta = secret.get("metadata")
+                seen = meta.get("resourceVersion") if isinstance(meta, dict) else None
+                if isinstance(seen, str) and seen:
+                    version = seen  # BOOKMARK events carry only this
                 if kind in ("ADDED", "MODIFIED"):
                     self.by_secret[self._key(secret)] = self._extract(secret)
                 elif kind == "DELETED":
@@ -264,6 +291,7 @@ class KnownSecrets:
                 else:
                     continue  # BOOKMARK
                 self._changed()
+        return version
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

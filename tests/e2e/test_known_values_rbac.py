@@ -99,10 +99,14 @@ def test_metrics_show_the_follower_down(blind):
     assert 'kubegate_masking_known_values_up{connection="seeing"} 1.0' in text
 
 
-def test_a_connection_that_follows_the_secrets_serves(blind):
+def test_a_connection_that_follows_the_secrets_serves(blind, sandbox):
     proc = run_kubectl(blind.kubeconfig("alice", "seeing"), "get", "secret", "db-credentials", "-n", "prod",
                        "-o", "jsonpath={.metadata.name}", check=True)  # fmt: skip
     assert proc.stdout == "db-credentials"
+    # As client-go's reflector: the list in pages of 500, then a watch from the list's version.
+    followed = [r for r in sandbox.requests_log() if r["path"] == "/api/v1/secrets"]
+    assert any("limit=500" in r["query"] and "watch" not in r["query"] for r in followed)
+    assert any("watch=1" in r["query"] and "resourceVersion=" in r["query"] for r in followed)
 
 
 def test_on_failure_open_lets_requests_through_masked_by_structure(blind):

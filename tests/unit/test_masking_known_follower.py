@@ -23,15 +23,18 @@ from kubegate.plugins.masking import known as known_module
 from kubegate.plugins.masking.known import KnownSecrets
 
 
-def secret(name: str, value: str) -> dict[str, Any]:
-    return {"kind": "Secret", "metadata": {"name": name, "namespace": "prod"},
+def secret(name: str, value: str, version: int = 0) -> dict[str, Any]:
+    return {"kind": "Secret", "metadata": {"name": name, "namespace": "prod", "resourceVersion": str(version)},
             "data": {"v": base64.b64encode(value.encode()).decode()}}  # fmt: skip
 
 
 @dataclass
 class FakeSecrets:
-    """Serves /api/v1/secrets: `list_status`, `secrets`; a watch sends `events`, then does `watch_end`:
-    "close" (ends the response), "hold" (keeps it open, silent), "error" (an ERROR event, then holds)."""
+    """Serves /api/v1/secrets as the API server does: a list in pages of `limit` (its continue token holds
+    the snapshot's version), and a watch from a resourceVersion that sends every change after it, then the
+    changes as they happen, until `watch_end`: "close" (the response ends after the backlog, as at
+    timeoutSeconds), "live" (stays open and sends new changes), "dead" (the backlog, then silence, as over
+    a connection that died), "error" (an ERROR 410 event after the backlog, then silence)."""
 
     url: str = ""
     list_status: int = 200
@@ -39,36 +42,71 @@ class FakeSecrets:
     list_delay: float = 0.0
     list_message: str = ""
     secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    version: int = 1
     watch_end: str = "close"
-    lists: int = 0
+    lists: int = 0  # lists begun (a list of several pages counts once)
+    pages: list[dict[str, str]] = field(default_factory=list)
     watches: list[dict[str, str]] = field(default_factory=list)
+
+    def put(self, name: str, value: str) -> None:
+        self.version += 1
+        kind = "MODIFIED" if name in self.secrets else "ADDED"
+        self.secrets[name] = secret(name, value, self.version)
+        self.changes.append((self.version, {"type": kind, "object": self.secrets[name]}))
+
+    def delete(self, name: str) -> None:
+        self.version += 1
+        gone = {**self.secrets.pop(name)}
+        gone["metadata"] = {**gone["metadata"], "resourceVersion": str(self.version)}
+        self.changes.append((self.version, {"type": "DELETED", "object": gone}))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") == "1":
-            self.watches.append(dict(request.query))
-            if self.watch_status != 200:
-                return web.json_response(
-                    {"kind": "Status", "code": self.watch_status}, status=self.watch_status
-                )
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            await response.prepare(request)
-            for event in self.events:
-                await response.write(json.dumps(event).encode() + b"\n")
-            if self.watch_end == "error":
-                status = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
-                          "message": "too old resource version"}  # fmt: skip
-                await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
-            if self.watch_end in ("hold", "error"):
-                await asyncio.sleep(3600)
-            return response
-        self.lists += 1
+            return await self._watch(request)
+        self.pages.append(dict(request.query))
+        token = request.query.get("continue", "")
+        if not token:
+            self.lists += 1
         await asyncio.sleep(self.list_delay)
         if self.list_status != 200:
             status = {"kind": "Status", "code": self.list_status, "message": self.list_message}
             return web.json_response(status, status=self.list_status)
-        return web.json_response({"kind": "SecretList", "metadata": {"resourceVersion": str(self.lists)},
-                                  "items": list(self.secrets.values())})  # fmt: skip
+        offset, _, version = token.partition(":")
+        start, version = int(offset or 0), version or str(self.version)
+        limit = int(request.query.get("limit", "0") or 0) or len(self.secrets)
+        names = sorted(self.secrets)[start : start + limit]
+        meta = {"resourceVersion": version}
+        if start + limit < len(self.secrets):
+            meta["continue"] = f"{start + limit}:{version}"
+        return web.json_response({"kind": "SecretList", "metadata": meta,
+                                  "items": [self.secrets[n] for n in names]})  # fmt: skip
+
+    async def _watch(self, request: web.Request) -> web.StreamResponse:
+        self.watches.append(dict(request.query))
+        if self.watch_status != 200:
+            return web.json_response({"kind": "Status", "code": self.watch_status}, status=self.watch_status)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        sent = int(request.query.get("resourceVersion") or 0)
+
+        async def send_backlog() -> None:
+            nonlocal sent
+            for version, event in [c for c in self.changes if c[0] > sent]:
+                await response.write(json.dumps(event).encode() + b"\n")
+                sent = version
+
+        await send_backlog()
+        if self.watch_end == "error":
+            status = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
+                      "message": "too old resource version"}  # fmt: skip
+            await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
+        if self.watch_end in ("dead", "error"):
+            await asyncio.sleep(3600)
+        while self.watch_end == "live":
+            await asyncio.sleep(0.01)
+            await send_backlog()
+        return response
 
 
 @pytest.fixture
@@ -133,7 +171,7 @@ async def test_a_refused_list_refuses_requests_with_the_reason_and_recovers(api,
     assert "masking.known_values.on_failure: closed" in refused.value.message
 
     api.list_status = 200
-    api.secrets["db"] = secret("db", "hunter2-password")
+    api.put("db", "hunter2-password")
     await until(lambda: follower.problem is None)
     await follower.gate()
     assert follower.values() == {"hunter2-password"}
@@ -141,33 +179,51 @@ async def test_a_refused_list_refuses_requests_with_the_reason_and_recovers(api,
 
 async def test_the_first_request_waits_for_the_first_list(api, follow):
     api.list_delay = 0.3
-    api.secrets["db"] = secret("db", "hunter2-password")
+    api.put("db", "hunter2-password")
     follower = follow()
     await follower.gate()  # neither refused for being early nor let through before the list
     assert follower.lists == 1 and follower.values() == {"hunter2-password"}
 
 
-async def test_a_watch_that_ends_is_listed_again_and_stays_healthy(api, follow):
-    api.secrets["db"] = secret("db", "hunter2-password")
-    api.events = [{"type": "ADDED", "object": secret("new", "rotated-password")}]
+async def test_the_list_is_read_in_pages_of_one_snapshot(api, follow):
+    for i in range(1_200):
+        api.put(f"s{i:04}", f"value-number-{i:04}")
+    follower = follow(max_values=2_000)
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    assert len(follower.values()) == 1_200 and follower.problem is None
+    assert [page.get("limit") for page in api.pages] == ["500", "500", "500"]
+    assert [page.get("continue", "") for page in api.pages] == [
+        "",
+        f"500:{api.version}",
+        f"1000:{api.version}",
+    ]
+    await until(lambda: len(api.watches) >= 1)
+    assert api.lists == 1 and api.watches[0]["resourceVersion"] == str(api.version)
+
+
+async def test_a_watch_that_ends_is_watched_again_from_the_last_version(api, follow):
+    # client-go's reflector: the end of a watch (its timeoutSeconds) costs a new watch, not a new list.
+    api.put("db", "hunter2-password")
     changes: list[set[str]] = []
     follower = follow(changes=changes)
     await asyncio.wait_for(follower.ready.wait(), 5)
+    api.put("new", "rotated-password")
     problems = []
 
     def sampled() -> bool:
         problems.append(follower.problem)
-        return follower.lists >= 4
+        return len(api.watches) >= 4
 
     await until(sampled)
     assert problems and all(problem is None for problem in problems)
     assert {"hunter2-password", "rotated-password"} in changes  # the watch's event was applied
+    assert api.lists == 1
+    assert api.watches[-1]["resourceVersion"] == str(api.version)
     assert all(w["timeoutSeconds"].isdigit() and 300 <= int(w["timeoutSeconds"]) <= 600 for w in api.watches)
-    assert all(w["resourceVersion"] for w in api.watches)
 
 
-async def test_an_error_event_ends_the_watch_even_if_the_server_keeps_it_open(api, follow):
-    api.events = [{"type": "ADDED", "object": secret("new", "rotated-password")}]
+async def test_an_error_event_lists_again_even_if_the_server_keeps_the_watch_open(api, follow):
+    api.put("db", "hunter2-password")
     api.watch_end = "error"
     follower = follow()
     await until(lambda: follower.lists >= 2)
@@ -177,14 +233,15 @@ async def test_an_error_event_ends_the_watch_even_if_the_server_keeps_it_open(ap
 async def test_a_silent_watch_is_taken_for_a_dead_connection(api, follow, monkeypatch):
     monkeypatch.setattr(known_module, "WATCH_SECONDS", (1, 1))
     monkeypatch.setattr(known_module, "WATCH_SILENCE_MARGIN", 0.2)
-    api.watch_end = "hold"
-    api.secrets["db"] = secret("db", "hunter2-password")
+    api.watch_end = "dead"
+    api.put("db", "hunter2-password")
     follower = follow()
-    await asyncio.wait_for(follower.ready.wait(), 5)
-    api.secrets["late"] = secret("late", "created-while-silent")
-    # The server neither ends the watch after timeoutSeconds nor sends anything: the follower lists again.
+    await until(lambda: len(api.watches) >= 1)  # the watch is open, and silent from here on
+    api.put("late", "created-while-silent")
+    # The server neither ends the watch after timeoutSeconds nor sends anything: the follower watches
+    # again from the last version it saw, and gets the change it missed.
     await until(lambda: "created-while-silent" in follower.values(), seconds=10)
-    assert follower.problem is None
+    assert follower.problem is None and api.lists == 1
     assert api.watches[0]["timeoutSeconds"] == "1"
 
 
@@ -198,23 +255,23 @@ async def test_a_refused_watch_is_a_problem_and_no_busy_loop(api, follow):
 
 async def test_more_values_than_max_values_is_a_problem_until_they_fit(api, follow):
     for i in range(5):
-        api.secrets[f"s{i}"] = secret(f"s{i}", f"value-{i}-" + "x" * i)
-    api.events = [{"type": "DELETED", "object": secret(f"s{i}", "")} for i in (0, 1)]
-    api.watch_end = "hold"
-    api.list_delay = 0.0
+        api.put(f"s{i}", f"value-{i}-" + "x" * i)
+    api.watch_end = "live"
     follower = follow(max_values=3)
     await asyncio.wait_for(follower.ready.wait(), 5)
+    assert "more than known_values.max_values (3)" in (follower.problem or "")
+    api.delete("s0")
+    api.delete("s1")
     await until(lambda: follower.problem is None)  # the watch's two deletions bring five values to three
     assert follower.values() == {"value-2-xx", "value-3-xxx", "value-4-xxxx"}
 
 
 async def test_over_max_values_refuses_with_the_count(api, follow):
     for i in range(5):
-        api.secrets[f"s{i}"] = secret(f"s{i}", f"value-{i}-" + "x" * i)
-    api.watch_end = "hold"
+        api.put(f"s{i}", f"value-{i}-" + "x" * i)
+    api.watch_end = "live"
     follower = follow(max_values=3)
     await asyncio.wait_for(follower.ready.wait(), 5)
-    await until(lambda: follower.problem is not None and "max_values" in follower.problem)
     assert "hold 5 distinct values, more than known_values.max_values (3); 2 are not learned" in (
         follower.problem or ""
     )
@@ -251,13 +308,10 @@ async def test_the_reason_carries_the_api_servers_message(api, follow):
 async def test_an_event_longer_than_aiohttps_line_limit_keeps_the_watch(api, follow):
     # aiohttp's line reader refuses lines over 512 KiB: a Secret of 1 MiB used to break the watch (and, as
     # a failure, refuse requests) every time it changed.
-    api.events = [
-        {"type": "ADDED", "object": secret("big", "b" * (1 << 20))},
-        {"type": "ADDED", "object": secret("after", "learned-after-the-big-one")},
-    ]
-    api.watch_end = "hold"
-    changes: list[set[str]] = []
-    follower = follow(changes=changes)
+    api.watch_end = "live"
+    follower = follow()
+    await asyncio.wait_for(follower.ready.wait(), 5)
+    api.put("big", "b" * (1 << 20))
+    api.put("after", "learned-after-the-big-one")
     await until(lambda: "learned-after-the-big-one" in follower.values())
-    await asyncio.sleep(0.2)
-    assert api.lists == 1 and follower.problem is None
+    assert api.lists == 1 and len(api.watches) == 1 and follower.problem is None
