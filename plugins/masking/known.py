@@ -1,9 +1,10 @@
 """Known secret values: the gateway lists and watches the cluster's Secrets with its own credential and
 masks exact occurrences of their values in text and bodies — as CI systems mask registered secrets.
 
-A value is known from the moment the watch event that carries it arrives (a full re-list follows any
-broken watch). Memory is bounded: at most `max_values` values of at most `max_value_bytes` bytes each, of
-at least `min_length` characters (shorter ones would mask common words). Binary values (not UTF-8: a
+A value is known from the moment the watch event that carries it arrives (a watch that ends is watched
+again from the last version seen; a list follows an ERROR event). Memory is bounded: at most `max_values`
+values of at most `max_value_bytes` bytes each, of at least `min_length` characters (shorter ones would mask
+common words); more values than that is a `problem`, which refuses requests where `on_failure` is closed. Binary values (not UTF-8: a
 keystore, a DER key) are learned too, as their bytes decoded with `surrogateescape` — the way text output
 is read (`TextMasker.mask_bytes`) — so their raw bytes in logs or exec output are masked, and their base64
 and URL-encoded forms anywhere. Secret objects themselves are masked by structure, whatever their values'
@@ -40,15 +41,15 @@ RETRY_SOONEST = 1.0
 # How long a request waits, at start, for the first list of the Secrets (on_failure: closed).
 FIRST_LIST_SECONDS = 10.0
 # A watch asks the API server to end it after a random 5-10 minutes, as client-go's reflector does; a
-# watch that has sent nothing for that long plus this margin is taken for a dead connection and re-listed
-# (without it, a connection that died silently would leave the values stale for good).
+# watch that has sent nothing for that long plus this margin is taken for a dead connection and watched
+# again (without it, a connection that died silently would leave the values stale for good).
 WATCH_SECONDS = (300, 600)
 WATCH_SILENCE_MARGIN = 60.0
 # The longest watch event read (etcd keeps objects up to 1.5 MiB; the event adds little to its Secret).
 MAX_EVENT_BYTES = 16 << 20
 # Secrets per list request (client-go's reflector lists 500 at a time too).
 LIST_PAGE = 500
-# A watch that ends sooner than this after it began is re-listed only after this long (no busy loop).
+# A watch that ends sooner than this after it began is watched again only after this long (no busy loop).
 MIN_WATCH_SECONDS = 1.0
 
 
@@ -57,9 +58,9 @@ class WatchRefused(RuntimeError):
 
 
 class KnownSecrets:
-    """Follows the Secrets of `namespaces` (all when empty): a list, then a watch from its version, again
-    whenever the watch ends. `problem` says, in one line, why the values it holds may not be the cluster's
-    (not listed yet, a list that failed, more values than `max_values`); None while they are."""
+    """Follows the Secrets of `namespaces` (all when empty) as client-go's reflector does (`_follow`).
+    `problem` says, in one line, why the values it holds may not be the cluster's (not listed yet, a list
+    or watch that failed, more values than `max_values`); None while they are."""
 
     def __init__(self, connection: Connection, namespaces: list[str], min_length: int, max_values: int,
                  max_value_bytes: int, on_change: Callable[[set[str]], None]):  # fmt: skip
@@ -86,21 +87,23 @@ class KnownSecrets:
 
     @property
     def problem(self) -> str | None:
-        where = "the cluster" if self.namespaces == [""] else "namespaces " + ", ".join(self.namespaces)
         if self._failed:
             namespace, why = next(iter(self._failed.items()))
             scope = f"namespace {namespace}" if namespace else "the cluster"
             return f"cannot list and watch the Secrets of {scope} with the gateway's credential ({why})"
         if self._unlisted:
-            return f"the Secrets of {where} are not listed yet"
+            return f"the Secrets of {self._where} are not listed yet"
         if self._over:
             return self._over_message()
         return None
 
+    @property
+    def _where(self) -> str:
+        return "the cluster" if self.namespaces == [""] else "namespaces " + ", ".join(self.namespaces)
+
     def _over_message(self) -> str:
-        where = "the cluster" if self.namespaces == [""] else "namespaces " + ", ".join(self.namespaces)
         return (
-            f"the Secrets of {where} hold {self.max_values + self._over} distinct values, more than "
+            f"the Secrets of {self._where} hold {self.max_values + self._over} distinct values, more than "
             f"known_values.max_values ({self.max_values}); {self._over} are not learned"
         )
 
@@ -383,7 +386,7 @@ class KnownIndex:
     part is rebuilt in a worker thread, and only when the delta grew past `DELTA_FORMS` or values were
     removed; a removed value stays masked until then (masking a little more for a moment is safe, less is
     not). Changes during a rebuild are folded into the next one, so a burst of events costs one rebuild. A
-    re-list that finds the same values (every broken or expired watch) rebuilds nothing.
+    re-list that finds the same values (after an expired watch version) rebuilds nothing.
 
     Parts are published with their automata first; their Hyperscan literal databases (forms.py
     `LiteralScan`, much faster to search, slow to compile) are compiled in a worker thread and published
