@@ -273,47 +273,59 @@ class KnownSecrets:
                 raise WatchRefused(
                     f"watching Secrets answered {response.status}{await _status_message(response)}"
                 )
-            async for line in _lines(response.content):
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind = event.get("type") if isinstance(event, dict) else None
-                secret = event.get("object") if isinstance(event, dict) else None
-                if kind == "ERROR":
-                    return None  # the API server ends the watch after it: list again
-                if not isinstance(secret, dict):
-                    continue
-                meta = secret.get("metadata")
-                seen = meta.get("resourceVersion") if isinstance(meta, dict) else None
-                if isinstance(seen, str) and seen:
-                    version = seen  # BOOKMARK events carry only this
-                if kind in ("ADDED", "MODIFIED"):
-                    self.by_secret[self._key(secret)] = self._extract(secret)
-                elif kind == "DELETED":
-                    self.by_secret.pop(self._key(secret), None)
-                else:
-                    continue  # BOOKMARK
-                self._changed()
+            # One recomputation of the values per chunk read, not per event: a burst of events (a namespace
+            # deleted, many Helm releases) arrives in few chunks, and the events of one chunk are applied
+            # in one turn of the event loop anyway, so no request sees the values in between.
+            async for lines in _line_batches(response.content):
+                changed = False
+                try:
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        kind = event.get("type") if isinstance(event, dict) else None
+                        secret = event.get("object") if isinstance(event, dict) else None
+                        if kind == "ERROR":
+                            return None  # the API server ends the watch after it: list again
+                        if not isinstance(secret, dict):
+                            continue
+                        meta = secret.get("metadata")
+                        seen = meta.get("resourceVersion") if isinstance(meta, dict) else None
+                        if isinstance(seen, str) and seen:
+                            version = seen  # BOOKMARK events carry only this
+                        if kind in ("ADDED", "MODIFIED"):
+                            self.by_secret[self._key(secret)] = self._extract(secret)
+                        elif kind == "DELETED":
+                            self.by_secret.pop(self._key(secret), None)
+                        else:
+                            continue  # BOOKMARK
+                        changed = True
+                finally:
+                    if changed:
+                        self._changed()
         return version
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The watch's lines, however long (up to MAX_EVENT_BYTES): aiohttp's own line reader refuses lines over
-    twice its read buffer (512 KiB), and a Secret's event is as large as the Secret (up to about 1.5 MB).
-    ValueError past the bound."""
+async def _line_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The watch's lines, a list per chunk read, however long a line (up to MAX_EVENT_BYTES): aiohttp's own
+    line reader refuses lines over twice its read buffer (512 KiB), and a Secret's event is as large as the
+    Secret (up to about 1.5 MB). ValueError past the bound."""
     buffer = bytearray()
     searched = 0  # buffer[:searched] holds no newline
     async for chunk in content.iter_any():
         buffer += chunk
-        while (end := buffer.find(b"\n", searched)) >= 0:
-            yield bytes(buffer[:end])
-            del buffer[: end + 1]
-            searched = 0
+        lines, start = [], 0
+        while (end := buffer.find(b"\n", max(start, searched))) >= 0:
+            lines.append(bytes(buffer[start:end]))
+            start = end + 1
+        del buffer[:start]  # once per chunk: a chunk of many lines is not shifted once per line
         searched = len(buffer)
+        if lines:
+            yield lines
         if searched > MAX_EVENT_BYTES:
             raise ValueError(f"a watch event longer than {MAX_EVENT_BYTES} bytes")
     if buffer:
-        yield bytes(buffer)
+        yield [bytes(buffer)]
 
 
 async def _status_message(response: aiohttp.ClientResponse) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubegate.core.errors import StatusError
 from kubegate.plugins.masking import known as known_module
@@ -308,3 +310,50 @@ async def test_an_event_longer_than_aiohttps_line_limit_keeps_the_watch(api, fol
     api.put("after", "learned-after-the-big-one")
     await until(lambda: "learned-after-the-big-one" in follower.values())
     assert api.lists == 1 and len(api.watches) == 1 and follower.problem is None
+
+
+async def test_a_burst_of_events_recomputes_the_values_once_per_chunk(api, follow):
+    # Recomputing the values costs milliseconds with thousands of them: once per event, a burst of events
+    # (a namespace deleted) held the event loop for seconds.
+    api.watch_end = "live"
+    changes: list[set[str]] = []
+    follower = follow(max_values=1_000, changes=changes)
+    await until(lambda: len(api.watches) >= 1)
+    before = len(changes)
+    for i in range(300):  # all at once: the live watch sends them in one write
+        api.put(f"burst-{i:03}", f"burst-value-{i:03}")
+    await until(lambda: len(follower.values()) == 300)
+    assert len(changes) - before < 30
+
+
+class Chunks:
+    """An aiohttp StreamReader's `iter_any`, over given chunks."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.chunks = chunks
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(max_size=6).map(lambda b: b.replace(b"\n", b"")), max_size=8),
+    st.lists(st.integers(min_value=0, max_value=80), max_size=10),
+    st.booleans(),
+)
+def test_line_batches_split_as_lines_whatever_the_chunks(lines, cuts, trailing_newline):
+    data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+    points = sorted({min(c, len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+    async def read() -> list[bytes]:
+        return [
+            line for batch in [b async for b in known_module._line_batches(Chunks(chunks))] for line in batch
+        ]
+
+    expected = data.split(b"\n")
+    if expected and expected[-1] == b"":
+        expected.pop()
+    assert asyncio.run(read()) == expected
