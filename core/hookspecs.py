@@ -9,9 +9,9 @@ Scopes:
 
 * **Gateway hooks** (connection types, plugin settings, routes, startup/shutdown) are called on every
   installed plugin.
-* **Connection hooks** (everything that receives a ``flow`` or a ``connection``) are called only on the plugins enabled on
-  that flow's connection (``connections.NAME.plugins`` in the config). The per-connection plugin set is
-  computed once per config load.
+* **Connection hooks** (everything that receives a ``flow`` or a ``connection``) are called only on the
+  plugins enabled on that connection (``connections.NAME.plugins`` in the config). The per-connection
+  plugin set is computed once per config load.
 
 Failure rule: an exception in ``kubegate_authenticate`` or ``kubegate_decide`` denies the request
 (fail closed); an exception in a transformer ends that response.
