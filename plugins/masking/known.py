@@ -1,14 +1,14 @@
 """Known secret values: the gateway lists and watches the cluster's Secrets with its own credential and
 masks exact occurrences of their values in text and bodies — as CI systems mask registered secrets.
 
-A value is known from the moment the watch event that carries it arrives (a watch that ends is watched
-again from the last version seen; a list follows an ERROR event). Memory is bounded: at most `max_values`
-values of at most `max_value_bytes` bytes each, of at least `min_length` characters (shorter ones would mask
-common words); more values than that is a `problem`, which refuses requests where `on_failure` is closed. Binary values (not UTF-8: a
-keystore, a DER key) are learned too, as their bytes decoded with `surrogateescape` — the way text output
-is read (`TextMasker.mask_bytes`) — so their raw bytes in logs or exec output are masked, and their base64
-and URL-encoded forms anywhere. Secret objects themselves are masked by structure, whatever their values'
-size or bytes (`objects.py`); this is for the same values showing up elsewhere.
+A value is known from the moment the watch event that carries it arrives (a watch that ends is watched again
+from the last version seen; a list follows an ERROR event). Memory is bounded: at most `max_values` values of
+at most `max_value_bytes` bytes each, of at least `min_length` characters (shorter ones would mask common
+words); more values than that is a `problem`, which refuses requests where `on_failure` is closed. Binary
+values (not UTF-8: a keystore, a DER key) are learned too, as their bytes decoded with `surrogateescape` — the
+way text output is read (`TextMasker.mask_bytes`) — so their raw bytes in logs or exec output are masked, and
+their base64 and URL-encoded forms anywhere. Secret objects themselves are masked by structure, whatever their
+values' size or bytes (`objects.py`); this is for the same values showing up elsewhere.
 """
 
 from __future__ import annotations
@@ -51,10 +51,6 @@ MAX_EVENT_BYTES = 16 << 20
 LIST_PAGE = 500
 # A watch that ends sooner than this after it began is watched again only after this long (no busy loop).
 MIN_WATCH_SECONDS = 1.0
-
-
-class WatchRefused(RuntimeError):
-    """The API server answered a watch with an error status: re-listing at once would only repeat it."""
 
 
 class KnownSecrets:
@@ -259,8 +255,8 @@ class KnownSecrets:
 
     async def _watch(self, namespace: str, version: str) -> str | None:
         """Apply the Secrets' changes from `version` until the watch ends; the last version seen, to watch
-        again from, or None after an ERROR event (410 Gone for a version too old: list again). WatchRefused:
-        an error status."""
+        again from, or None after an ERROR event (410 Gone for a version too old: list again). RuntimeError for
+        an error status: not caught by `_follow`'s watch-again path, so it backs off instead of looping."""
         upstream = self.connection.upstream
         headers = [*upstream.credential_headers(), ("Accept", "application/json")]
         seconds = random.randint(*WATCH_SECONDS)
@@ -270,7 +266,7 @@ class KnownSecrets:
         async with upstream.session.get(self._url(namespace), headers=headers, params=params, timeout=timeout,
                                         **upstream.request_options) as response:  # fmt: skip
             if response.status != 200:
-                raise WatchRefused(
+                raise RuntimeError(
                     f"watching Secrets answered {response.status}{await _status_message(response)}"
                 )
             # One recomputation of the values per chunk read, not per event: a burst of events (a namespace
@@ -345,9 +341,7 @@ async def _status_message(response: aiohttp.ClientResponse) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return (
-        text
-        if isinstance(exc, (RuntimeError,)) and text
-        else f"{exc.__class__.__name__}: {text}".rstrip(": ")
+        text if isinstance(exc, RuntimeError) and text else f"{exc.__class__.__name__}: {text}".rstrip(": ")
     )
 
 
