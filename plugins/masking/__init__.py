@@ -94,7 +94,7 @@ def kubegate_startup(gateway: Gateway) -> None:
             k = settings.known_values
             if k.enabled:
                 masking.known = KnownSecrets(connection, k.namespaces, k.min_length, k.max_values,
-                                             k.max_value_bytes, masking.known_changed)  # fmt: skip
+                                             k.max_value_bytes, masking.known_values_changed)  # fmt: skip
                 masking.known.start()
 
 

@@ -67,9 +67,14 @@ class Masking:
         self.known_index.set_now(values)
 
     def known_changed(self, values: set[str]) -> None:
-        """The cluster's Secrets changed: new values are masked at once, the rest is reindexed off the
+        """The known values are now `values`: new ones are masked at once, the rest is reindexed off the
         event loop (see `KnownIndex`)."""
         self.known_index.update(values)
+
+    def known_values_changed(self, added: set[str], removed: set[str]) -> None:
+        """The cluster's Secrets changed (the follower's `on_change`): as `known_changed`, told only what
+        changed."""
+        self.known_index.change(added, removed)
 
     def _use_known(self, forms: KnownForms) -> None:
         if self.connection:

@@ -545,7 +545,7 @@ def test_last_applied_with_duplicate_keys_is_re_serialized():
 def test_known_values_learned_whatever_their_bytes_and_masked_in_text():
     from kubegate.plugins.masking.known import KnownSecrets
 
-    known = KnownSecrets(SimpleNamespace(), [], 6, 100, 64, lambda values: None)  # type: ignore[arg-type]
+    known = KnownSecrets(SimpleNamespace(), [], 6, 100, 64, lambda added, removed: None)  # type: ignore[arg-type]
     binary = b"\x00\xff\xfe\x80keystore"
     secret = {"data": {"bin": base64.b64encode(binary).decode(), "short": "eA==",
                        "big": base64.b64encode(b"y" * 65).decode(), "multi": base64.b64encode(b'a"b\nc-line\n').decode()}}  # fmt: skip

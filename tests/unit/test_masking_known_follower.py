@@ -134,12 +134,22 @@ async def follow(api: FakeSecrets) -> AsyncIterator[Any]:
     followers: list[KnownSecrets] = []
 
     def start(max_values: int = 100, changes: list[set[str]] | None = None) -> KnownSecrets:
+        """A follower of `api`; `changes` gets the values learned after each change it reports."""
         upstream = SimpleNamespace(base_url=api.url, session=session, request_options={},
                                    credential_headers=lambda: [("Authorization", "Bearer gateway")])  # fmt: skip
         connection = SimpleNamespace(name="prod", upstream=upstream)
-        follower = KnownSecrets(
-            connection, [], 6, max_values, 4096, (changes if changes is not None else []).append
-        )  # type: ignore[arg-type]
+        told: set[str] = set()
+
+        def on_change(added: set[str], removed: set[str]) -> None:
+            # What it reports are changes: nothing added twice, nothing removed that was not there.
+            assert not added & told and removed <= told
+            told.difference_update(removed)
+            told.update(added)
+            assert told == follower.values()
+            if changes is not None:
+                changes.append(set(told))
+
+        follower = KnownSecrets(connection, [], 6, max_values, 4096, on_change)  # type: ignore[arg-type]
         follower.start()
         followers.append(follower)
         return follower
@@ -324,6 +334,82 @@ async def test_a_burst_of_events_recomputes_the_values_once_per_chunk(api, follo
         api.put(f"burst-{i:03}", f"burst-value-{i:03}")
     await until(lambda: len(follower.values()) == 300)
     assert len(changes) - before < 30
+
+
+async def test_a_change_reports_only_what_changed(api, follow):
+    # With thousands of values, going over all of them for every Secret event held the event loop for
+    # milliseconds; the follower now reports what came and went, and nothing for an event that changes no
+    # value (a label, an annotation, a value shorter than min_length).
+    for i in range(200):
+        api.put(f"s{i:03}", f"steady-value-{i:03}")
+    api.watch_end = "live"
+    changes: list[set[str]] = []
+    follower = follow(max_values=1_000, changes=changes)
+    reported: list[tuple[set[str], set[str]]] = []
+    told = follower.on_change
+
+    def spy(added: set[str], removed: set[str]) -> None:
+        reported.append((set(added), set(removed)))
+        told(added, removed)
+
+    follower.on_change = spy
+    await until(lambda: len(api.watches) >= 1)
+    assert len(reported) == 1 and len(reported[0][0]) == 200  # the list
+    reported.clear()
+    api.put("s007", "rotated-value-007")
+    await until(lambda: "rotated-value-007" in follower.values())
+    assert reported == [({"rotated-value-007"}, {"steady-value-007"})]
+    api.put("s008", "steady-value-008")  # MODIFIED, the same value
+    api.put("s009", "short")  # below min_length: steady-value-009 goes, nothing comes
+    await until(lambda: "steady-value-009" not in follower.values())
+    assert reported[1:] == [(set(), {"steady-value-009"})]
+    api.put("copy", "steady-value-010")  # a second Secret holding a value held already
+    api.delete("s010")  # one of the two holders goes: the value stays
+    api.put("marker", "after-the-copy-went")
+    await until(lambda: "after-the-copy-went" in follower.values())
+    assert reported[2:] == [({"after-the-copy-went"}, set())] and "steady-value-010" in follower.values()
+    assert len(follower.values()) == 200
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d"]),  # which Secret
+            st.frozensets(st.sampled_from(["v-one", "v-two", "v-three", "v-four!", "v-five!!"]), max_size=3),
+            st.booleans(),  # report the changes after this step
+        ),
+        max_size=25,
+    ),
+    st.integers(min_value=1, max_value=6),
+)
+def test_reported_changes_add_up_to_the_values_held(steps, max_values):
+    # Whatever the order of changes and reports, and across max_values both ways: what the follower has
+    # reported is exactly `values()`, which is every value some Secret holds (or the longest max_values).
+    told: set[str] = set()
+
+    def on_change(added: set[str], removed: set[str]) -> None:
+        assert not added & removed and not added & told and removed <= told
+        told.difference_update(removed)
+        told.update(added)
+
+    follower = KnownSecrets(SimpleNamespace(name="c"), [], 1, max_values, 64, on_change)  # type: ignore[arg-type]
+    follower._tried("")  # as if listed: `problem` is then only about max_values
+    held: dict[str, frozenset[str]] = {}
+    for key, values, report in steps:
+        follower._hold(key, values)
+        held[key] = values
+        if report:
+            follower._changed()
+            every = set().union(*held.values())
+            learned = follower.values()
+            assert told == learned <= every
+            if len(every) <= max_values:
+                assert learned == every and follower.problem is None
+            else:
+                assert len(learned) == max_values
+                assert min(map(len, learned)) >= max(map(len, every - learned))
+                assert f"{len(every) - max_values} are not learned" in (follower.problem or "")
 
 
 class Chunks:
