@@ -34,7 +34,8 @@ MAX_HANDSHAKE_ERROR_BODY = 64 * 1024
 
 @dataclass(slots=True)
 class HandshakeRefusal:
-    """The API server's answer to an upgrade it refused (RBAC's 403, a 404…): relayed as it is."""
+    """The API server's answer to an upgrade it refused (RBAC's 403, a 404…): relayed as it is. Only an
+    error status is (`open_upstream`): any other answer is the response to a plain request, unmasked."""
 
     status: int = 0
     content_type: str = ""
@@ -136,8 +137,16 @@ async def open_upstream(flow: Flow, url: URL) -> aiohttp.ClientWebSocketResponse
         )
         return ws
     except aiohttp.WSServerHandshakeError as exc:
-        if refusal.status:
+        if refusal.status >= 400:
             return refusal
+        if refusal.status:
+            # Not a refusal: the API server answered as to a plain request (a GET of an object, a list, a
+            # log). Its body went through none of the response hooks (masking): it is never passed on.
+            raise StatusError(
+                502,
+                f"the API server answered the WebSocket upgrade with HTTP {refusal.status} instead of "
+                "switching protocols; its answer is not passed on",
+            ) from None
         raise StatusError(502, f"the API server refused the WebSocket upgrade: {exc.message}") from None
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise unavailable(flow, describe_error(exc)) from None

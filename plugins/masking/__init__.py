@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from kubegate.core.flow import BodyTransformer, Decision, Flow, Frame, Session
+from kubegate.core.flow import BodyTransformer, Decision, Flow, Frame, Session, Verdict
 from kubegate.core.plugins import hookimpl
 
 from . import records, scanner, writes
-from .frames import mask_exec_frame
+from .frames import WEBSOCKET_REFUSAL, is_pod_session, mask_exec_frame
 from .known import KnownSecrets
 from .masker import KNOWN_UP, Masking, env_name_rule
 from .recorded import (
@@ -105,6 +105,10 @@ async def kubegate_decide(flow: Flow) -> Decision | None:
     masking: Masking | None = flow.connection.state.get(PLUGIN_NAME)
     if masking is None or masking.exempt(flow.identity):
         return None
+    if flow.request.websocket and not is_pod_session(flow):
+        # The API server streams watches, logs and proxied answers over a WebSocket too (WatchServer,
+        # StreamObject, the upgrade-aware proxy); only exec/attach output is masked frame by frame.
+        return Decision(Verdict.DENY, f"masking: {WEBSOCKET_REFUSAL}", plugin="masking")
     known = masking.known
     if (
         known is not None

@@ -11,13 +11,31 @@ from .masker import masking_of
 from .settings import PLUGIN_NAME
 from .stream import ChannelMaskers
 
+# The WebSocket sessions a masked connection serves: a pod's exec and attach (their output masked here) and
+# port-forward (its data is not masked, see masking.md).
+POD_SESSIONS = ("exec", "attach", "portforward")
+WEBSOCKET_REFUSAL = (
+    "on this connection a WebSocket is served for a pod's exec, attach and port-forward only: the API "
+    "server would stream anything else over it (a watch, a log, a proxied answer) where it is not masked; "
+    "send it as a plain HTTP request"
+)
+
+
+def is_pod_session(flow: Flow) -> bool:
+    a = flow.attributes
+    return a.api_group == "" and a.resource == "pods" and a.subresource in POD_SESSIONS
+
 
 def mask_exec_frame(flow: Flow, session: Session, frame: Frame) -> None:
-    """Mask one frame of exec/attach output in place (held, dropped or rewritten); other frames pass."""
+    """Mask one frame of exec/attach output in place (held, dropped or rewritten); port-forward frames
+    pass; a frame of any other session is dropped (never served: `kubegate_decide` refuses them)."""
     masking = masking_of(flow)
     if masking is None or frame.direction != FrameDirection.UPSTREAM_TO_CLIENT:
         return
-    if flow.attributes.subresource not in ("exec", "attach"):
+    if not is_pod_session(flow):
+        frame.drop = True  # nothing goes out unread
+        return
+    if flow.attributes.subresource == "portforward":
         return
     # One streaming masker per output channel for the whole session (stream.py): a secret split across
     # frames is held until it is complete, or until no frame came for `exec_hold_ms` (then it goes out as

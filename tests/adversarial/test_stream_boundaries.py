@@ -44,7 +44,7 @@ def masking(**settings: int) -> Masking:
 
 def session_for(protocol: str, **settings: int) -> tuple[SimpleNamespace, SimpleNamespace]:
     flow = SimpleNamespace(connection=SimpleNamespace(state={"masking": masking(**settings)}), state={},
-                           attributes=SimpleNamespace(subresource="exec"))  # fmt: skip
+                           attributes=SimpleNamespace(api_group="", resource="pods", subresource="exec"))  # fmt: skip
     return flow, SimpleNamespace(subprotocol=protocol, state={}, flush_after=None)
 
 

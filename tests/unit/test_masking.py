@@ -246,7 +246,7 @@ def test_base64_channel_frames_are_masked_too():
 
     m = masking()
     flow_ = SimpleNamespace(connection=SimpleNamespace(state={"masking": m}), state={},
-                            attributes=SimpleNamespace(subresource="exec"))  # fmt: skip
+                            attributes=SimpleNamespace(api_group="", resource="pods", subresource="exec"))  # fmt: skip
     session = SimpleNamespace(subprotocol="v4.base64.channel.k8s.io", state={})
     frame = Frame(FrameDirection.UPSTREAM_TO_CLIENT, b"1" + base64.b64encode(b"pw=hunter2-x\n"), text=True)
     kubegate_stream_frame(flow_, session, frame)
