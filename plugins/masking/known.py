@@ -397,7 +397,8 @@ def text_values(values: Iterable[str]) -> tuple[set[str], set[str]]:
     """Known values as `TextMasker` takes them, and the binary ones it cannot take.
 
     A value with characters JSON escapes (a quote, a backslash, a newline of a PEM key) is also given in
-    its escaped form, since the value pass runs over serialized JSON text. A binary value is given as its
+    its escaped form, since the value pass runs over serialized JSON text; a multi-line one also as a
+    terminal prints it (CR LF). A binary value is given as its
     base64 forms (standard and URL-safe, padded or not) and URL-encoding, and its raw form (which
     `value_forms` cannot encode) is returned apart, to be searched as it is."""
     plain: set[str] = set()
@@ -408,10 +409,13 @@ def text_values(values: Iterable[str]) -> tuple[set[str], set[str]]:
         except UnicodeEncodeError:
             binary.add(value)
             continue
-        plain.add(value)
-        escaped = orjson.dumps(value)[1:-1].decode()
-        if escaped != value:
-            plain.add(escaped)
+        # A terminal (tty: true, kubectl exec -t, a tty container's log) writes each newline as CR LF (the
+        # line discipline's onlcr): a multi-line value (a PEM key) comes out in that form.
+        for form in (value, value.replace("\n", "\r\n")) if "\n" in value else (value,):
+            plain.add(form)
+            escaped = orjson.dumps(form)[1:-1].decode()
+            if escaped != form:
+                plain.add(escaped)
     for value in binary:
         raw = value.encode("utf-8", "surrogateescape")
         forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}

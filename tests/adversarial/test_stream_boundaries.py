@@ -6,6 +6,7 @@ masked gateway sees the marker, never the secret nor its first characters."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import os
@@ -271,3 +272,49 @@ def test_exec_hold_from_trades_the_first_characters_for_keystroke_echo():
             kubegate_stream_frame(flow, session, frame)
             out += b"".join(data[1:] for data in [*frame.before, *([] if frame.drop else [frame.data])])
         assert out == first + MARKER.encode() + b"\n", out
+
+
+async def exec_stdout(gw: Gateway, script: str, tty: bool) -> bytes:
+    """stdout of `sh -c script` in prod/web through the masked connection (v5 binary frames)."""
+    import ssl
+    from urllib.parse import urlencode
+
+    from conftest import GATEWAY_USERS
+    from websockets.asyncio.client import connect
+
+    query = urlencode([("command", "sh"), ("command", "-c"), ("command", script), ("stdout", "true"),
+                       ("tty", "true" if tty else "false")])  # fmt: skip
+    url = gw.url.replace("https://", "wss://") + f"/k8s/masked/api/v1/namespaces/prod/pods/web/exec?{query}"
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    alice = {"Authorization": f"Bearer {GATEWAY_USERS['alice'][1]}"}
+    stdout = b""
+    async with connect(url, subprotocols=["v5.channel.k8s.io"], ssl=context, additional_headers=alice) as ws:
+        async for message in ws:
+            if isinstance(message, bytes) and message[:1] == b"\x01":
+                stdout += message[1:]
+    return stdout
+
+
+@pytest.mark.needs_pods
+async def test_a_multiline_secret_printed_on_a_terminal_is_masked(masked):
+    # With tty=true the pod's pty writes each newline as CR LF (onlcr): a PEM-like value then matched no
+    # form of itself, and its lines went out in clear (red team, 2026-12-08).
+    lines = [f"kubegate-tty-{os.getpid()}-line-{i}-{'Q' * 40}" for i in range(4)]
+    value = "\n".join(lines)
+    name = f"tty-value-{os.getpid()}"
+    plain = masked.kubeconfig("alice", "sandbox")
+    run_kubectl(
+        plain, "create", "secret", "generic", name, "-n", "dev", f"--from-literal=key={value}", check=True
+    )
+    script = "printf '" + "\\n".join(lines) + "\\n'"
+    try:
+        for _ in range(50):  # the follower learns the value from its watch
+            control = await exec_stdout(masked, script, tty=False)
+            if MARKER.encode() in control:
+                break
+            await asyncio.sleep(0.2)
+        assert control == f"{MARKER}\n".encode()
+        out = await exec_stdout(masked, script, tty=True)
+        assert out == f"{MARKER}\r\n".encode()
+    finally:
+        run_kubectl(plain, "delete", "secret", name, "-n", "dev")

@@ -145,6 +145,20 @@ def test_the_first_lines_of_a_multiline_known_value_wait_for_the_rest(first_line
     assert s.feed(rest.encode()) + s.end() == f"{MARKER}\nafter\n".encode()
 
 
+@pytest.mark.parametrize("first_lines", [0, 1, 3])
+def test_a_multiline_known_value_printed_on_a_terminal_is_masked(first_lines):
+    # A pty writes each newline as CR LF (onlcr): `kubectl exec -t … cat tls.key`, a tty container's log.
+    # The key's own lines matched no rule, so they went out in clear (red team, 2026-12-08).
+    s = StreamMasker(MASKING.text)
+    lines = PEM.split("\n")
+    head = "log line\r\n" + "\r\n".join(lines[:first_lines]) + ("\r\n" if first_lines else "")
+    rest = "\r\n".join(lines[first_lines:]) + "\r\nafter\r\n"
+    out = s.feed(head.encode()) + s.feed(rest.encode()) + s.end()
+    assert out == f"log line\r\n{MARKER}\r\nafter\r\n".encode()
+    # and where the whole text is at hand (a ConfigMap that holds the key as a terminal printed it)
+    assert MASKING.text.mask("v=" + PEM.replace("\n", "\r\n") + ".") == f"v={MARKER}."
+
+
 def test_complete_lines_go_out_at_once_and_an_unfinished_one_up_to_a_possible_secret():
     s = StreamMasker(MASKING.text)
     assert s.feed(b"one\ntwo\n") == b"one\ntwo\n"  # logs -f stays live
