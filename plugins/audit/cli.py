@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from kubegate.core.cli import add_config_argument, add_output_argument, hookimpl
+from kubegate.core.terminal import escape_controls
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -130,7 +132,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             except (DatabaseError, SQLAlchemyError) as exc:
                 raise CLIError(f"cannot read the audit store: {str(exc).splitlines()[0]}") from None
         if problem is not None:
-            print(f"BROKEN after {checked} intact records: {problem}")
+            print(escape_controls(f"BROKEN after {checked} intact records: {problem}"))
             return 1
         print(f"intact: {checked} records" + (f"; head {head[0]} {head[1]}" if head else ""))
         if head:
@@ -156,10 +158,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(items, indent=2, default=str))
     elif args.audit_command == "commands":
         for group in items:
-            print(describe_command(group))
+            print(escape_controls(describe_command(group)))
     else:
         for record in items:
-            print(describe_event(record))
+            print(escape_controls(describe_event(record)))
     return 0
 
 
@@ -214,7 +216,7 @@ def describe_target(data: dict[str, Any]) -> str:
         what += f" -n {namespace}"
     command = data.get("command")
     if command and isinstance(command, list) and verb in ("exec", "attach"):
-        what += ": " + " ".join(map(str, command))
+        what += ": " + shlex.join(map(str, command))
     return what
 
 

@@ -4,11 +4,13 @@ audit store in order, and each recorded exec/attach session played where it happ
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from kubegate.core.db import Database
+from kubegate.core.terminal import escape_controls
 
 from . import store
 from .cli import describe_event
@@ -29,7 +31,7 @@ def walk(audit_db: Database, sessions_db: Database, user: str, since: float, *, 
     events = audit_db.call(lambda s: store.search(s, store.Filters(user=user, since=since), limit=100_000))
     played = 0
     for record in events:
-        print(describe_event(record), file=err, flush=True)
+        print(escape_controls(describe_event(record)), file=err, flush=True)
         if record["kind"] != "session_start":
             continue
         request_id = record["request_id"]
@@ -41,11 +43,10 @@ def walk(audit_db: Database, sessions_db: Database, user: str, since: float, *, 
         try:
             text = read_cast(sessions_db, session, recording_settings)
         except RecordingMissing as exc:
-            print(f"  (recording {session.id} is missing: {exc})", file=err)
+            print(escape_controls(f"  (recording {session.id} is missing: {exc})"), file=err)
             continue
-        print(
-            f"  ── session {session.id}: {' '.join(session.command) or session.kind} ──", file=err, flush=True
-        )
+        what = shlex.join(session.command) or session.kind
+        print(escape_controls(f"  ── session {session.id}: {what} ──"), file=err, flush=True)
         play(text, out, speed=speed, max_wait=max_wait, sleep=sleep or time.sleep)
         print(f"\r\n  ── end of session {session.id} (exit {session.exit_code}) ──", file=err, flush=True)
         played += 1

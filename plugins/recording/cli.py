@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from kubegate.core.cli import add_config_argument, add_output_argument, hookimpl
+from kubegate.core.terminal import escape_controls
 
 if TYPE_CHECKING:
     from .store import SessionRecord
@@ -98,7 +100,7 @@ def _exit(record: SessionRecord) -> str:
 def _what(record: SessionRecord) -> str:
     if record.kind == "portforward":
         return f"ports {record.ports}"
-    return " ".join(record.command) or record.kind
+    return shlex.join(record.command) or record.kind
 
 
 def cmd_sessions_list(args: argparse.Namespace) -> int:
@@ -139,8 +141,10 @@ def cmd_sessions_list(args: argparse.Namespace) -> int:
     for r in records:
         pod = f"{r.namespace}/{r.pod}" + (f" ({r.container})" if r.container else "")
         print(
-            f"{r.id:<15} {_when(r.started):<19} {_duration(r):<9} {r.user:<20} {r.connection:<12} "
-            f"{r.kind:<11} {pod:<30} {_exit(r):<4} {_what(r)}"
+            escape_controls(
+                f"{r.id:<15} {_when(r.started):<19} {_duration(r):<9} {r.user:<20} {r.connection:<12} "
+                f"{r.kind:<11} {pod:<30} {_exit(r):<4} {_what(r)}"
+            )
         )
     return 0
 
@@ -221,7 +225,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 raise CLIError(f"cannot write {args.export}: {exc.strerror}") from None
             print(f"wrote {args.export} ({len(text.splitlines()) - 1} events)", file=sys.stderr)
         return 0
-    print(describe(record), file=sys.stderr, flush=True)
+    print(escape_controls(describe(record)), file=sys.stderr, flush=True)
     out: Any = sys.stdout
     if hasattr(out, "reconfigure"):
         out.reconfigure(errors="replace")
@@ -229,7 +233,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         play(text, out, speed=speed, max_wait=max_wait or None)
     except CastError as exc:
         raise CLIError(f"the recording of {record.id} is damaged: {exc}") from None
-    print("\r\n" + ending(record), file=sys.stderr, flush=True)
+    print("\r\n" + escape_controls(ending(record)), file=sys.stderr, flush=True)
     return 0
 
 

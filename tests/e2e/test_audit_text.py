@@ -112,7 +112,7 @@ def test_replay_user_lines_name_sessions_approvers_and_the_command_once(ran):
     approved = [line for line in lines if " approval.approved " in line]
     assert len(approved) == 2 and all(line.endswith("approved by rita") for line in approved), approved
     assert any(" delete pods web-0 -n prod " in line for line in approved), approved
-    assert any(" exec pods web -n prod: sh -c echo exec-ran " in line for line in approved), approved
+    assert any(" exec pods web -n prod: sh -c 'echo exec-ran' " in line for line in approved), approved
     requested = next(line for line in lines if " approval.requested " in line)
     assert requested.endswith("held by rule prod-pod-deletes"), requested
     # Non-resource calls say which path they were.

