@@ -359,6 +359,7 @@ def parse_request(method: str, path: str, query: str) -> RequestAttributes:
         raise RequestRefused(405, f"the method {method!r} is not allowed")
     info = RequestAttributes(path=path, verb=method.lower())
     _resource_info(info, method, path)
+    _refuse_kubelet_sessions(info)
     if info.is_proxy:
         # The API server passes req.URL.RawQuery on to the pod/service/node and reads nothing from it.
         info.canonical_query = query
@@ -418,6 +419,29 @@ def _resource_info(info: RequestAttributes, method: str, path: str) -> None:
         info.name = current[1]
     if len(current) >= 1:
         info.resource = current[0]
+
+
+# The kubelet's own API paths that run something in a container or open a session to it
+# (pkg/kubelet/server/server.go: InstallDebuggingHandlers), in lower case.
+KUBELET_SESSION_PATHS = frozenset({"exec", "attach", "portforward", "run", "checkpoint"})
+
+
+def _refuse_kubelet_sessions(info: RequestAttributes) -> None:
+    """Refuse `nodes/NAME/proxy/{exec,attach,portForward,run,checkpoint}/…` (403): the kubelet's own exec,
+    reached as a proxied GET or POST on the node. The API server checks only `nodes/proxy` for it; the
+    gateway's exec rules (`pods/exec`, `commands`), approvals, output masking and recording are all bound to
+    the pod routes and would see none of it. (Compared in any letter case: go-restful matches exactly, a
+    wider refusal costs nothing.)"""
+    if info.resource != "nodes" or info.api_group or not info.name or not info.is_proxy:
+        return
+    rest = info.parts[3:] if info.subresource == "proxy" else info.parts[2:]
+    if rest and rest[0].lower() in KUBELET_SESSION_PATHS:
+        raise RequestRefused(
+            403,
+            f"the kubelet's {rest[0]} through nodes/proxy is refused by the gateway: it runs in a container "
+            "past every rule, approval, masking and recording bound to pods/exec, attach and port-forward; "
+            "use those",
+        )
 
 
 def _split_path(path: str) -> list[str]:

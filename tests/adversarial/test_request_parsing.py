@@ -274,6 +274,50 @@ async def test_path_escapes_are_refused(gw, sandbox, path):
     assert received(sandbox, since) == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/nodes/node-1/proxy/exec/prod/web/app?command=sh&stdin=1&tty=1"),
+        ("POST", "/api/v1/nodes/node-1/proxy/run/prod/web/app?cmd=cat+/run/secrets/token"),
+        ("GET", "/api/v1/nodes/node-1:10250/proxy/attach/prod/web/app?stdout=1"),
+        ("GET", "/api/v1/nodes/node-1/proxy/portForward/prod/web?port=5432"),
+        ("POST", "/api/v1/nodes/node-1/proxy/checkpoint/prod/web/app"),
+        ("GET", "/api/v1/nodes/node-1/proxy/%65xec/prod/web/app?command=sh"),  # the kubelet reads it decoded
+        ("GET", "/api/v1/proxy/nodes/node-1/exec/prod/web/app?command=sh"),
+    ],
+)
+async def test_the_kubelets_own_exec_through_nodes_proxy_is_refused(gw, sandbox, method, path):
+    """The API server checks only `nodes/proxy` for these and the kubelet runs them (red team, 2026-12-08):
+    a shell in a pod past `pods/exec` rules, `commands`, approvals, exec masking and recording."""
+    since = last_id(sandbox)
+    target, _, query = path.partition("?")
+    status, body = await send(gw, target, query, method=method, connection="plain")
+    doc = assert_status(status, body, 403)
+    assert "through nodes/proxy is refused by the gateway" in doc["message"]
+    assert received(sandbox, since) == []
+    status, _ = await exec_ws_path(gw, path)
+    assert status == 403 and received(sandbox, since) == []
+
+
+async def test_the_rest_of_nodes_proxy_is_passed_on(gw, sandbox):
+    since = last_id(sandbox)
+    await send(gw, "/api/v1/nodes/node-1/proxy/metrics", connection="plain")
+    assert [r["path"] for r in received(sandbox, since)] == ["/api/v1/nodes/node-1/proxy/metrics"]
+
+
+async def exec_ws_path(gateway: Gateway, path: str) -> tuple[int, bytes]:
+    """A WebSocket upgrade of `path` on the `plain` connection, as a web terminal would open it."""
+    url = URL(f"{gateway.url.replace('https://', 'wss://')}/k8s/plain{path}", encoded=True)
+    ctx = ssl.create_default_context(cafile=str(gateway.ca_file))
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url, protocols=["v5.channel.k8s.io"], ssl=ctx,
+                                          headers={"Authorization": f"Bearer {ALICE}"}):  # fmt: skip
+                return 101, b""
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status, b""
+
+
 async def test_a_fragment_in_the_target_is_refused_or_cut_before_anyone_reads_it(gw, sandbox):
     """Go keeps a `#` in a request path where URL libraries cut a fragment: the gateway refuses it, or the
     HTTP server has cut it before the gateway read the path (then upstream gets the same cut path)."""

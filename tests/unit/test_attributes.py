@@ -369,3 +369,38 @@ def test_booleans_the_two_go_decoders_disagree_on_are_refused(path, key):
     """EqualFold folds U+017F to `s`, ToLower (the fallback, and older API servers) does not."""
     assert refused("GET", path, f"{key}=fal%C5%BFe") == 400
     assert getattr(parse_request("GET", path, f"{key}=FALSE"), key) is False
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/nodes/n1/proxy/exec/prod/web/app",
+        "/api/v1/nodes/n1/proxy/Exec/prod/web/app",
+        "/api/v1/nodes/n1/proxy/attach/prod/web/app",
+        "/api/v1/nodes/n1/proxy/portForward/prod/web",
+        "/api/v1/nodes/n1/proxy/run/prod/web/app",
+        "/api/v1/nodes/n1/proxy/checkpoint/prod/web/app",
+        "/api/v1/nodes/n1:10250/proxy/exec/prod/web/app",
+        "/api/v1/proxy/nodes/n1/exec/prod/web/app",
+    ],
+)
+def test_the_kubelets_sessions_through_nodes_proxy_are_refused(path):
+    with pytest.raises(RequestRefused) as refused:
+        parse_request("GET", path, "command=sh")
+    assert refused.value.code == 403
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/nodes/n1/proxy/metrics",
+        "/api/v1/nodes/n1/proxy/containerLogs/prod/web/app",  # logs: masked as a node's content
+        "/api/v1/nodes/n1/proxy",
+        "/api/v1/nodes/exec/proxy/stats",  # a node named exec
+        "/api/v1/namespaces/prod/pods/web/proxy/exec/x",  # a pod's own HTTP path
+        "/api/v1/namespaces/prod/services/exec/proxy/run",
+        "/apis/example.com/v1/nodes/n1/proxy/exec/a/b/c",  # not the core group's nodes
+    ],
+)
+def test_other_proxy_paths_are_not(path):
+    assert parse_request("GET", path, "").is_proxy
