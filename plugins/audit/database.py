@@ -40,7 +40,8 @@ class AuditDbSettings(SinkSettings, SigningSettings):
     )
     readers: list[str] = Field(
         default_factory=lambda: ["kubegate:auditors"],
-        description="Groups that may read everyone's events through the API; others see their own.",
+        description="Groups that may read everyone's events through the API (on the connections where "
+        "the caller is in one of them); others see their own.",
     )
 
 

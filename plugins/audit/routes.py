@@ -6,8 +6,9 @@
     GET /api/audit/export?…same filters…                JSON lines with chain fields
     GET /api/audit/verify                               the chain's state (readers only)
 
-Callers authenticate with a bearer token a connection with `audit-db` accepts. Members of the `readers`
-groups see every event of those connections; anyone else sees only their own.
+Callers authenticate with a bearer token a connection with `audit-db` accepts. On each connection that
+accepts it, members of the `readers` groups see every event and anyone else only their own; they see no
+event of a connection that does not accept the token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
 
-from kubegate.core.flow import Identity
 from kubegate.core.routes import caller_identities, json_response
 from kubegate.core.since import parse_since
 
@@ -60,17 +60,22 @@ def make_blueprint(gateway: Gateway, plugin: str) -> Blueprint:
             filters = filters_from(request.args)
         except (ValueError, TypeError) as exc:
             return json_response({"error": str(exc)}, 400)
-        readers = set(settings_of(gateway).readers)
-        reader_on = [name for name, identity in who.items() if readers & set(identity.groups)]
         if filters.connection and filters.connection not in who:
             return json_response({"error": f"no access to connection {filters.connection!r}"}, 403)
-        if not reader_on or (filters.connection and filters.connection not in reader_on):
-            identities: list[Identity] = list(who.values())
-            mine = identities[0].user
-            if filters.user and filters.user != mine:
-                return json_response({"error": "only auditors may read other users' events"}, 403)
-            filters.user = mine
-        return filters, sink, bool(reader_on)
+        # Per connection that accepts the token: every event where the caller is in `readers`, their own
+        # elsewhere; nothing of a connection that does not accept it. The query narrows, not the answer, so
+        # that `limit` counts only what the caller may see.
+        readers = set(settings_of(gateway).readers)
+        reader = any(readers & set(identity.groups) for identity in who.values())
+        filters.readable = {
+            name: None if readers & set(identity.groups) else identity.user
+            for name, identity in who.items()
+            if not filters.connection or name == filters.connection
+        }
+        scoped_users = set(filters.readable.values())
+        if filters.user and None not in scoped_users and filters.user not in scoped_users:
+            return json_response({"error": "only auditors may read other users' events"}, 403)
+        return filters, sink, reader
 
     def limit() -> int:
         try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Index, Text, insert
+from sqlalchemy import ColumnElement, Index, Text, and_, false, insert, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Column, Field, Session, SQLModel, col, select
 
@@ -201,10 +201,28 @@ class Filters:
     command: str | None = None  # a substring of the kubectl command line
     session: str | None = None  # a Kubectl-Session id
     seq: int | None = None  # one record
+    # What the reader may see, by connection: None, every event there; a user name, only that user's events.
+    # Connections not in it: nothing. Left None (no narrowing) only by who reads the database itself (the CLI).
+    readable: dict[str, str | None] | None = None
+
+
+def _readable(readable: dict[str, str | None]) -> Any:
+    """The condition that keeps a row within `readable` (in the query, so `limit` counts only rows the reader
+    may see)."""
+    everything = [name for name, user in readable.items() if user is None]
+    conditions: list[ColumnElement[bool]] = [col(AuditRow.connection).in_(everything)] if everything else []
+    conditions += [
+        and_(col(AuditRow.connection) == name, col(AuditRow.user) == user)
+        for name, user in readable.items()
+        if user
+    ]
+    return or_(*conditions) if conditions else false()
 
 
 def _query(filters: Filters) -> Any:
     query = select(AuditRow)
+    if filters.readable is not None:
+        query = query.where(_readable(filters.readable))
     for column in ("user", "connection", "verb", "resource", "namespace", "decision", "kind"):
         value = getattr(filters, column)
         if value:

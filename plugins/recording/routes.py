@@ -65,10 +65,16 @@ def make_blueprint(gateway: Gateway, recorder: Recorder, plugin: str, *, readers
         except ValueError:
             return json_response({"error": "limit must be a number"}, 400)
         wanted = request.args.get("connection")
-        names = [n for n in who if not wanted or n == wanted]
+        # Narrowed in the query (`limit` counts only sessions the caller may see): every session of the
+        # connections where they are a reader, their own on the others that accept their token.
+        readable = {
+            name: None if may_read_all(identity) else identity.user
+            for name, identity in who.items()
+            if not wanted or name == wanted
+        }
         user = request.args.get("user") or None
         records = await database.run(
-            lambda s: store.list_sessions(s, user=user, since=since, connections=names, limit=limit)
+            lambda s: store.list_sessions(s, user=user, since=since, readable=readable, limit=limit)
         )
         items = [r.public() for r in records if visible(r, who[r.connection])]
         return json_response({"items": items})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text
+from sqlalchemy import JSON, Column, ColumnElement, Text, and_, false, or_
 from sqlmodel import Field, Session, SQLModel, col, select
 
 EXEC, ATTACH, PORTFORWARD = "exec", "attach", "portforward"
@@ -92,9 +92,11 @@ def list_sessions(
     user: str | None = None,
     since: float | None = None,
     connections: list[str] | None = None,
+    readable: dict[str, str | None] | None = None,
     limit: int = 200,
 ) -> list[SessionRecord]:
-    """Newest first."""
+    """Newest first. `readable`, what a reader may see by connection: None, every session there; a user name,
+    only theirs; connections not in it, nothing (in the query, so that `limit` counts only those)."""
     query = select(SessionRecord).order_by(col(SessionRecord.started).desc()).limit(limit)
     if user:
         query = query.where(SessionRecord.user == user)
@@ -102,6 +104,17 @@ def list_sessions(
         query = query.where(col(SessionRecord.started) >= since)
     if connections is not None:
         query = query.where(col(SessionRecord.connection).in_(connections))
+    if readable is not None:
+        everything = [name for name, owner in readable.items() if owner is None]
+        conditions: list[ColumnElement[bool]] = (
+            [col(SessionRecord.connection).in_(everything)] if everything else []
+        )
+        conditions += [
+            and_(col(SessionRecord.connection) == name, col(SessionRecord.user) == owner)
+            for name, owner in readable.items()
+            if owner
+        ]
+        query = query.where(or_(*conditions) if conditions else false())
     return list(session.exec(query).all())
 
 
