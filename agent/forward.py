@@ -18,6 +18,8 @@ from typing import IO, Any
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from kubegate.core.headers import as_read_upstream
+
 log = logging.getLogger("kubegate.agent")
 
 
@@ -63,12 +65,13 @@ class RequestLog:
 def check_impersonation(headers: CIMultiDictProxy[str], allow_system: list[str]) -> tuple[str, list[str]]:
     """The user and groups the request impersonates; :class:`Refused` unless exactly one user is named and
     no ``system:`` user or group is outside the allow-list."""
-    users = headers.getall("Impersonate-User", [])
+    # Judged as the API server reads them (spaces and tabs around a value dropped), whatever parsed them.
+    users = [as_read_upstream(user) for user in headers.getall("Impersonate-User", [])]
     if len(users) != 1 or not users[0].strip():
         raise Refused(403, "Forbidden", "kubegate agent: refusing a request that does not impersonate exactly "
                       "one user (the gateway must name the caller)")  # fmt: skip
     user = users[0]
-    groups = headers.getall("Impersonate-Group", [])
+    groups = [as_read_upstream(group) for group in headers.getall("Impersonate-Group", [])]
 
     def allowed(name: str) -> bool:
         return not name.startswith("system:") or any(fnmatch.fnmatchcase(name, p) for p in allow_system)

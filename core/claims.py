@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubegate.core.flow import AuthFailure, Identity
+from kubegate.core.headers import names_system_identity
 
 ASYMMETRIC_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
@@ -114,9 +115,9 @@ class TokenIssuer(BaseModel):
             raise ValueError("audiences: at least one non-empty audience is required")
         if self.claim_mappings.username.prefix is None:
             self.claim_mappings.username.prefix = f"{self.issuer}#"
-        if self.claim_mappings.username.prefix.startswith("system:"):
+        if names_system_identity(self.claim_mappings.username.prefix):
             raise ValueError("claim_mappings.username.prefix must not start with system:")
-        if self.claim_mappings.groups.prefix.startswith("system:"):
+        if names_system_identity(self.claim_mappings.groups.prefix):
             raise ValueError("claim_mappings.groups.prefix must not start with system:")
         return self
 
@@ -141,7 +142,9 @@ def map_identity(entry: TokenIssuer, claims: dict[str, Any], method: str) -> Ide
     if not isinstance(subject, str) or not subject:
         return AuthFailure(f"missing claim {mappings.username.claim}")
     user = (mappings.username.prefix or "") + subject
-    if user.startswith("system:"):
+    # On the name as the API server will read it (`" system:admin"` arrives as `system:admin`); the spaces
+    # themselves are refused where the headers are built.
+    if names_system_identity(user):
         return AuthFailure(f"user name {user!r} is not allowed")
     groups: list[str] = []
     kept = {c: claims[c] for c in entry.keep_claims if c in claims}
@@ -149,17 +152,17 @@ def map_identity(entry: TokenIssuer, claims: dict[str, Any], method: str) -> Ide
     if preset_groups is not None:
         groups = list(dict.fromkeys(preset_groups))
         for group in groups:
-            if group.startswith("system:"):  # the preset's config refuses these; never granted anyway
+            if names_system_identity(group):  # the preset's config refuses these; never granted anyway
                 return AuthFailure(f"group {group!r} is not allowed")
     elif mappings.groups.claim in claims:
         raw = _claim_strings(claims[mappings.groups.claim])
         if raw is None:
             return AuthFailure(f"claim {mappings.groups.claim} must be a string or a list of strings")
         for group in raw:
-            if group.startswith("system:"):
+            if names_system_identity(group):
                 return AuthFailure(f"group {group!r} is not allowed")
             mapped = mappings.groups.prefix + group
-            if mapped.startswith("system:"):
+            if names_system_identity(mapped):
                 return AuthFailure(f"group {mapped!r} is not allowed")
             if mapped not in groups:
                 groups.append(mapped)

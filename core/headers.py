@@ -81,6 +81,22 @@ def client_headers_for_upstream(
 # What cannot go into a header value: control characters (they would end or split it) and unpaired
 # surrogates (a JSON "\ud800" escape in a token's claim parses to one; it has no UTF-8 form at all).
 _UNWRITABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+# What the API server's HTTP parser drops around a header value (Go's net/textproto: readMIMEHeader's
+# TrimLeft(v, " \t") and trim() of the line; the agent's parser, llhttp, does the same).
+_HEADER_SPACE = " \t"
+
+
+def as_read_upstream(value: str) -> str:
+    """`value` as the API server reads it back from a header: without leading and trailing spaces and tabs.
+
+    A check on a name the gateway will send as an ``Impersonate-*`` value (``system:``, ``kubegate:``) must
+    look at this form: `" system:masters"` arrives as `system:masters`."""
+    return value.strip(_HEADER_SPACE)
+
+
+def names_system_identity(name: str) -> bool:
+    """Whether the API server would read `name`, sent as a user or group, as a Kubernetes `system:` one."""
+    return as_read_upstream(name).startswith("system:")
 
 
 def _safe(value: str, what: str) -> str:
@@ -91,17 +107,33 @@ def _safe(value: str, what: str) -> str:
             f"the authenticated {what} contains control characters or unpaired surrogates and cannot be "
             "impersonated",
         )
+    if as_read_upstream(value) != value:
+        # The API server would act on another name than the one policy, approvals and audit saw (and
+        # `" system:masters"` on a system group). Refused, not trimmed: a claim that differs from a name
+        # only by spaces is not that name's owner.
+        raise StatusError(
+            403,
+            f"the authenticated {what} {value!r} begins or ends with a space or tab, which the API server "
+            "would drop: it cannot be impersonated",
+        )
     return value
 
 
 def impersonation_headers(identity: Identity) -> list[tuple[str, str]]:
     """``Impersonate-*`` headers for the caller: one ``Impersonate-Group`` per group (the API server adds
-    ``system:authenticated`` itself), ``Impersonate-Uid`` and ``Impersonate-Extra-<key>`` when known."""
-    if identity.user.startswith(RESERVED_USER_PREFIX):
+    ``system:authenticated`` itself), ``Impersonate-Uid`` and ``Impersonate-Extra-<key>`` when known.
+
+    Every value must reach the API server as it is here (`_safe`); the checks on names run on that form."""
+    user = _safe(identity.user, "user name")
+    if not user:
+        # The API server impersonates only a non-empty Impersonate-User (buildImpersonationRequests'
+        # `hasUser`): without one the request would run as the gateway's own credential.
+        raise StatusError(403, "the authenticated identity has an empty user name and cannot be impersonated")
+    if user.startswith(RESERVED_USER_PREFIX):
         # The gateway's own requests on a connection without a gateway credential (an agent connection)
         # act as `kubegate:gateway`; no caller may be that user.
-        raise StatusError(403, f"the user name {identity.user!r} is reserved for the gateway itself")
-    out = [("Impersonate-User", _safe(identity.user, "user name"))]
+        raise StatusError(403, f"the user name {user!r} is reserved for the gateway itself")
+    out = [("Impersonate-User", user)]
     out += [("Impersonate-Group", _safe(group, "group")) for group in identity.groups]
     if identity.uid:
         out.append(("Impersonate-Uid", _safe(identity.uid, "uid")))

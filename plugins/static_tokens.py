@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from kubegate.core import hookimpl
 from kubegate.core.config import private
 from kubegate.core.flow import Flow, Identity
+from kubegate.core.headers import names_system_identity
 
 PLUGIN_NAME = "static-tokens"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -40,7 +41,7 @@ class StaticToken(BaseModel):
     @classmethod
     def _no_system_groups(cls, groups: list[str]) -> list[str]:
         for group in groups:
-            if group.startswith("system:"):
+            if names_system_identity(group):
                 raise ValueError(f"group {group!r}: system: groups cannot be granted by a token")
         return groups
 

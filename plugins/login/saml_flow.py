@@ -19,6 +19,8 @@ from onelogin.saml2.idp_metadata_parser import OneLogin_Saml2_IdPMetadataParser
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
 from onelogin.saml2.utils import OneLogin_Saml2_Utils
 
+from kubegate.core.headers import names_system_identity
+
 from .oidc_flow import LoginError
 from .settings import SAMLLoginProvider
 
@@ -171,12 +173,12 @@ class SAMLLogin:
             provider.username_prefix if provider.username_prefix is not None else f"{self.idp_entity_id}#"
         )
         user = prefix + name
-        if user.startswith("system:"):
+        if names_system_identity(user):  # as the API server reads it: spaces around it dropped
             raise LoginError(f"user name {user!r} is not allowed")
         groups: list[str] = []
         for group in attributes.get(provider.groups_attribute) or []:
             mapped = provider.groups_prefix + group
-            if group.startswith("system:") or mapped.startswith("system:"):
+            if names_system_identity(group) or names_system_identity(mapped):
                 raise LoginError(f"group {group!r} is not allowed")
             if mapped not in groups:
                 groups.append(mapped)

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from kubegate.core.claims import TokenIssuer
+from kubegate.core.headers import names_system_identity
 
 PROVIDER_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HOUR = 3600
@@ -127,7 +128,7 @@ class SAMLLoginProvider(BaseModel):
         if self.idp_metadata_file is None and not all(explicit):
             raise ValueError("give idp_metadata_file, or idp_entity_id + idp_sso_url + idp_certificate_file")
         for prefix in (self.username_prefix or "", self.groups_prefix):
-            if prefix.startswith("system:"):
+            if names_system_identity(prefix):
                 raise ValueError("prefixes must not start with system:")
         from .saml_flow import read_idp  # python3-saml loads xmlsec: only when SAML is configured
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kubegate.core.headers import names_system_identity
+
 GITHUB_ACTIONS_ISSUER = "https://token.actions.githubusercontent.com"
 GITHUB_ACTIONS_GROUP = "github-actions"
 GITHUB_KEPT_CLAIMS = (
@@ -61,7 +63,7 @@ class GitHubRule(BaseModel):
         if not self.match.repository_id and not self.match.repository_owner_id:
             raise ValueError("a rule must match repository_id or repository_owner_id (names can be reused)")
         for group in self.groups:
-            if group.startswith("system:"):
+            if names_system_identity(group):
                 raise ValueError(f"group {group!r}: system: groups cannot be granted")
         return self
 

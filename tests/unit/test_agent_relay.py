@@ -15,8 +15,9 @@ from typing import Any
 import httptools
 import pytest
 from kubetest import wait_for_async
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from kubegate.agent.forward import RequestLog
+from kubegate.agent.forward import Refused, RequestLog, check_impersonation
 from kubegate.agent.relay import Forwarder, RelayProtocol
 from kubegate.connections.kubernetes import KubernetesUpstream, TokenSource
 from kubegate.core.config import LimitSettings
@@ -362,8 +363,19 @@ async def test_a_target_that_is_not_a_path_is_refused(relay, standin, target):
         b"Impersonate-User: alice\r\nImpersonate-User: bob\r\n",
         b"Impersonate-User: system:admin\r\n",
         b"Impersonate-User: alice\r\nImpersonate-Group: system:masters\r\n",
+        b"Impersonate-User:  system:admin \r\n",
+        b"Impersonate-User: alice\r\nImpersonate-Group: \tsystem:masters\r\n",
+        b"Impersonate-User:   \r\n",
     ],
-    ids=["nobody", "two-users", "system-user", "system-group"],
+    ids=[
+        "nobody",
+        "two-users",
+        "system-user",
+        "system-group",
+        "spaced-system-user",
+        "spaced-system-group",
+        "blank-user",
+    ],
 )
 async def test_impersonation_is_checked_before_anything_is_sent(relay, standin, who):
     forwarder, log = relay
@@ -448,3 +460,19 @@ async def test_requests_after_a_connection_close_request_are_dropped(relay, stan
     await asyncio.wait_for(fake.closed.wait(), 5)
     assert [s.path for s in standin.requests] == ["/prefix/a"]
     assert responses(bytes(fake.out)) == [(200, b"ok GET /prefix/a 0")]
+
+
+@pytest.mark.parametrize(
+    "who",
+    [
+        [("Impersonate-User", " system:admin")],
+        [("Impersonate-User", "alice"), ("Impersonate-Group", " system:masters")],
+        [("Impersonate-User", "alice"), ("Impersonate-Group", "\tsystem:masters")],
+    ],
+    ids=["system-user", "system-group", "system-group-tab"],
+)
+def test_impersonation_is_judged_as_the_api_server_reads_it_whatever_parsed_the_headers(who):
+    # The agent's own parser drops the spaces already; the check does not rely on it.
+    with pytest.raises(Refused) as info:
+        check_impersonation(CIMultiDictProxy(CIMultiDict(who)), [])
+    assert info.value.status == 403

@@ -49,6 +49,29 @@ def test_claims_that_would_name_nobody_or_a_system_group_are_refused(claims):
     )
 
 
+AS_IS = {"username": {"claim": "email", "prefix": ""}, "groups": {"prefix": ""}}
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {**CLAIMS, "email": "a@x", "groups": [" system:masters"]},
+        {**CLAIMS, "email": "a@x", "groups": ["\tsystem:masters"]},
+        {**CLAIMS, "email": " system:admin"},
+    ],
+    ids=["group-leading-space", "group-leading-tab", "user-leading-space"],
+)
+def test_a_system_name_behind_spaces_is_refused_as_the_api_server_would_read_it(claims):
+    """The API server reads `" system:masters"` from Impersonate-Group as `system:masters`: the check is on
+    that form, with the documented reason."""
+    refused = map_identity(
+        TokenIssuer(issuer=ISSUER, audiences=["kubegate"], claim_mappings=AS_IS), claims, "oidc"
+    )
+    assert (
+        isinstance(refused, AuthFailure) and "system:" in refused.reason and "not allowed" in refused.reason
+    )
+
+
 @pytest.mark.parametrize("url", ["http://idp.example", "ftp://idp.example", "https://", "idp.example"])
 def test_only_https_or_loopback_http_is_fetched(url):
     with pytest.raises(ValueError, match="must be an https URL"):

@@ -125,6 +125,41 @@ def test_the_gateways_own_user_name_is_reserved(user):
     assert impersonation_headers(Identity(user="kubegate-fan"))[0] == ("Impersonate-User", "kubegate-fan")
 
 
+@pytest.mark.parametrize(
+    "identity",
+    [
+        Identity(user="alice", groups=(" system:masters",)),  # Go reads the group system:masters
+        Identity(user="alice", groups=("system:masters ",)),
+        Identity(user=" kubegate:gateway"),  # Go reads the gateway's own user
+        Identity(user="alice "),  # policy, people and audit would see another name than RBAC
+        Identity(user=" "),  # Go reads no user at all: the gateway's own credential would act
+        Identity(user="alice", uid=" u-1"),
+        Identity(user="alice", extra={"scopes": ("a", "b ")}),
+    ],
+    ids=["group-lead", "group-trail", "reserved-user", "user-trail", "user-blank", "uid", "extra-value"],
+)
+def test_a_name_the_api_server_would_read_without_its_spaces_is_refused(identity):
+    """Go's net/textproto drops spaces and tabs around a header value: the API server would act as
+    another identity than the one the gateway checked, decided on and audited."""
+    with pytest.raises(StatusError) as info:
+        impersonation_headers(identity)
+    assert info.value.code == 403
+    assert "space" in info.value.message or "reserved" in info.value.message
+    # Spaces inside a name reach the API server as they are.
+    assert impersonation_headers(Identity(user="Alice Smith", groups=("a b",)))[:2] == [
+        ("Impersonate-User", "Alice Smith"),
+        ("Impersonate-Group", "a b"),
+    ]
+
+
+def test_an_empty_user_name_is_refused_not_sent_as_no_impersonation():
+    # buildImpersonationRequests impersonates only a non-empty Impersonate-User: an empty one would run
+    # the request as the gateway's own credential.
+    with pytest.raises(StatusError) as info:
+        impersonation_headers(Identity(user="", groups=("dev",)))
+    assert info.value.code == 403 and "empty user name" in info.value.message
+
+
 def test_last_check_refuses_surviving_client_headers():
     credential = [("Authorization", "Bearer gateway")]
     imp = [("Impersonate-User", "alice")]
