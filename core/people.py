@@ -10,7 +10,8 @@ The gateway-wide `people` section says how an identity's person key is found, fi
 1. `map`: an explicit person → identity patterns list. A pattern is matched, case-insensitively, against
    both ``METHOD:USER`` (e.g. ``static-tokens:alice``, ``login:oidc:https://idp#alice``, ``oidc:…``) and
    the bare user name; ``*`` matches any run of characters, ``?`` one character. A pattern of one person
-   that could match an identity another person's pattern matches is refused when the config loads.
+   that could match an identity another person's pattern matches is refused when the config loads. An
+   exchanged gateway token is matched with the method of the credential it was exchanged from.
 2. `claims`: the first listed claim the identity carries (kept by its authentication plugin, e.g. the
    `oidc` plugin's `keep_claims`) with a non-empty string value. An ``email`` claim is not used when the
    token says ``email_verified: false``.
@@ -46,6 +47,23 @@ ONE: Token = ("?",)
 # "Any method, then a colon": what precedes a user name in the METHOD:USER form.
 ANY_METHOD_PREFIX: list[Token] = [STAR, ("=", ":")]
 MAX_CACHED = 10_000
+# A gateway token minted by `POST /login/exchange` is the identity it was exchanged from under another
+# method: the login plugin names it `login:exchange` and writes the original method into this claim (its
+# own record; it replaces any claim of that name). It is matched as the original, so it is that person:
+# matched as `login:exchange:USER`, a pattern could make it a person of its own, who approves the
+# requests its owner made with the credential it came from.
+EXCHANGED_METHOD = "login:exchange"
+EXCHANGED_FROM_CLAIM = "exchanged_from"
+
+
+def matched_method(identity: Identity) -> str:
+    """The method a pattern sees in ``METHOD:USER``: the identity's own, or for an exchanged token the
+    method of the credential it was exchanged from."""
+    if identity.method == EXCHANGED_METHOD:
+        original = identity.claims.get(EXCHANGED_FROM_CLAIM)
+        if isinstance(original, str) and original:
+            return original
+    return identity.method
 
 
 def normalize(text: str) -> str:
@@ -128,7 +146,8 @@ class PeopleSettings(BaseModel):
         default_factory=dict,
         description="Person key → identity patterns, each matched case-insensitively against `METHOD:USER` "
         "and the bare user name (`*` and `?` wildcards), e.g. `alice@example.com: [static-tokens:alice, "
-        "login:*alice@example.com]`. Checked first. No identity may be matched by two persons' patterns.",
+        "'*:https://idp.example.com#alice']`. An exchanged gateway token is matched with the method of the "
+        "credential it was exchanged from. Checked first. No identity may be matched by two persons' patterns.",
     )
     claims: list[str] = Field(
         default_factory=list,
@@ -160,6 +179,11 @@ class PeopleSettings(BaseModel):
                     raise ValueError(f"{person!r}: an identity pattern must not be empty")
                 if "[" in pattern or "]" in pattern:
                     raise ValueError(f"{person!r}: {pattern!r}: only * and ? are wildcards ([...] is not)")
+                if normalize(pattern).startswith(EXCHANGED_METHOD + ":"):
+                    raise ValueError(
+                        f"{person!r}: {pattern!r}: an exchanged token is matched as the identity it was "
+                        "exchanged from (e.g. oidc:USER or static-tokens:USER): name that one"
+                    )
         entries = [(person, pattern) for person, patterns in value.items() for pattern in patterns]
         for index, (person_a, pattern_a) in enumerate(entries):
             for person_b, pattern_b in entries[index + 1 :]:
@@ -196,7 +220,7 @@ class PeopleResolver:
     def person_of(self, identity: Identity) -> str:
         """The person key of `identity`: mapped, else from a claim, else its user name (normalized) — or ""
         (no person) when `user_fallback` is off."""
-        mapped = self._from_map(identity.method, identity.user)
+        mapped = self._from_map(matched_method(identity), identity.user)
         if mapped is not None:
             return mapped
         claimed = self._from_claims(identity.claims)

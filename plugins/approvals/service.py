@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
-from kubegate.core.people import PeopleResolver, normalize, person_key
+from kubegate.core.people import EXCHANGED_FROM_CLAIM, PeopleResolver, normalize, person_key
 
 from . import store
 
@@ -305,6 +305,8 @@ class ApprovalService:
             now = time.time()
             entry = {"reviewer": reviewer.user, "person": person_key(reviewer), "method": reviewer.method,
                      "comment": comment[:1000], "at": now}  # fmt: skip
+            if reviewer.claims.get(EXCHANGED_FROM_CLAIM):  # found again as the identity it came from
+                entry[EXCHANGED_FROM_CLAIM] = reviewer.claims[EXCHANGED_FROM_CLAIM]
             if approve:
                 approvals = [*record.approvals, entry]
                 values: dict[str, Any] = {"approvals": approvals}
@@ -403,8 +405,10 @@ class ApprovalService:
                 raise ReviewError(409, "you already approved this request; another reviewer must")
             approver_persons = {approver_person(approval)}
             if people is not None:
+                claims = {k: approval[k] for k in (EXCHANGED_FROM_CLAIM,) if approval.get(k)}
                 approver_persons.add(people.person_of(Identity(user=approval["reviewer"],
-                                                               method=str(approval.get("method", "")))))  # fmt: skip
+                                                               method=str(approval.get("method", "")),
+                                                               claims=claims)))  # fmt: skip
             if person in approver_persons - {""}:
                 raise ReviewError(
                     409, f"you already approved this request as {approval['reviewer']} (the same person, "

@@ -20,6 +20,7 @@ from sqlmodel import Session, col
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuthFailure, Identity, token_fingerprint
+from kubegate.core.people import EXCHANGED_FROM_CLAIM
 
 from . import store
 from .oidc_flow import LoginError, OIDCLogin
@@ -210,7 +211,8 @@ class LoginService:
         self, identity: Identity, connection: str, description: str
     ) -> tuple[str, dict[str, Any]]:
         fields = identity_fields(identity, connection)
-        fields["claims"] = {**fields["claims"], "exchanged_from": identity.method}
+        # The original method, for people (core.people.matched_method) and audit.
+        fields["claims"] = {**fields["claims"], EXCHANGED_FROM_CLAIM: identity.method}
         fields["method"] = "exchange"
         token, record = await self.db.run(
             lambda s: store.mint_token(

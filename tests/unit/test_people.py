@@ -67,6 +67,47 @@ def test_the_map_comes_first_then_claims_then_the_user_name():
     assert people.person_of(ident("Erin")) == people.person_of(ident("erin", "oidc")) == "erin"
 
 
+@pytest.mark.parametrize("user_fallback", [True, False])
+def test_an_exchanged_token_is_the_person_of_the_identity_it_was_exchanged_from(user_fallback):
+    """`/login/exchange` keeps the user and names the original method in `exchanged_from`: a METHOD:USER
+    pattern of the original matches the exchanged token too, so it cannot review as a person of its own."""
+    people = resolver(map={"alice@example.com": ["static-tokens:alice", "static-tokens:alice-admin"]},
+                      user_fallback=user_fallback)  # fmt: skip
+    exchanged = ident("alice-admin", "login:exchange", exchanged_from="static-tokens", provider="sandbox")
+    assert people.person_of(exchanged) == people.person_of(ident("alice-admin")) == "alice@example.com"
+    # Only the exchange's own method reads the claim: a kept IdP claim of that name changes nothing.
+    assert (
+        people.person_of(ident("alice-admin", "oidc", exchanged_from="static-tokens")) != "alice@example.com"
+    )
+
+
+def test_a_pattern_for_the_exchange_method_is_refused():
+    with pytest.raises(ValidationError, match="matched as the identity it was exchanged from"):
+        PeopleSettings.model_validate({"map": {"ci": ["LOGIN:Exchange:github:*"]}})
+
+
+def test_the_documented_map_gives_alice_one_person_through_every_credential():
+    """docs/identity.md's `people` example, as written: her static token, her IdP user through `oidc` and
+    through `kubegate login`, and gateway tokens exchanged for the first two."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[2] / "docs" / "identity.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if b.startswith("people:"))
+    people = PeopleResolver(PeopleSettings.model_validate(yaml.safe_load(block)["people"]))
+    user = "https://idp.example.com#alice"
+    for identity in [
+        ident("alice"),
+        ident(user, "oidc"),
+        ident(user, "login:oidc"),
+        ident("alice", "login:exchange", exchanged_from="static-tokens"),
+        ident(user, "login:exchange", exchanged_from="oidc"),
+    ]:
+        assert people.person_of(identity) == "alice@example.com", identity
+
+
 def test_an_unverified_email_names_nobody():
     people = resolver(claims=["email"])
     assert people.person_of(ident("u1", "oidc", email="alice@example.com", email_verified=False)) == "u1"
@@ -250,6 +291,17 @@ def test_without_the_user_fallback_an_unnamed_identity_has_no_person_and_may_not
         ApprovalService._check_reviewer(record(), nobody, people)
     assert caught.value.status == 403 and "has no person key" in caught.value.message
     ApprovalService._check_reviewer(record(), people.resolve(ident("bob")), people)
+
+
+def test_an_exchanged_approval_is_found_again_as_the_identity_it_came_from():
+    # Approved through a gateway token exchanged from the static alice-admin, before the reload that
+    # linked alice-admin and alice-ops: alice-ops is the same person, not a second reviewer.
+    entry = {"reviewer": "alice-admin", "person": "alice-admin", "method": "login:exchange",
+             "exchanged_from": "static-tokens", "comment": "", "at": 0}  # fmt: skip
+    now_linked = resolver(map={"alice@example.com": ["static-tokens:alice-admin", "static-tokens:alice-ops"]})
+    held = record("bob", "bob", min_approvals=2, approvals=[entry])
+    with pytest.raises(ReviewError, match="already approved this request as alice-admin"):
+        ApprovalService._check_reviewer(held, now_linked.resolve(ident("alice-ops")), now_linked)
 
 
 def test_a_people_section_changed_since_the_request_was_held_cannot_split_the_requester():
