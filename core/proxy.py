@@ -16,7 +16,8 @@ Every request is one `Flow` through the same pipeline (docs/architecture.md, "Th
     relay     exec/attach/port-forward WebSocket (core/relay.py)  `_session`
     record    metrics and the flow's one audit event              `_record`
 
-`_http` and `_websocket` run these steps and end in `_record`, once, whatever happened.
+`_http` and `_websocket` run these steps and end in `_record`, once, whatever happened; a request refused
+in `flow` gets its audit event from `__call__` (`_refused_flow`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import aiohttp
 from yarl import URL
 
 from . import observe
-from .attributes import RequestRefused, parse_request, path_unescape
+from .attributes import RequestAttributes, RequestRefused, parse_request, path_unescape
 from .errors import STATUS_HEADERS, StatusError
 from .flow import (
     AuditEvent,
@@ -157,11 +158,14 @@ class Proxy:
         try:
             flow = self._make_flow(scope, websocket)
         except StatusError as error:
+            refused = self._refused_flow(scope, websocket, error)
             if websocket:
                 await receive()  # websocket.connect
             else:
                 await drain(receive)
             await send_status(send, error, websocket=websocket)
+            if refused is not None:
+                await self._deliver(refused, self._audit_event(refused, "request"))
             return
         observe.REQUEST_ID.set(flow.id)  # log lines of this request carry its id
         if websocket:
@@ -266,33 +270,38 @@ class Proxy:
             raise StatusError(
                 404, f'connection "{name}" not found', details={"name": name, "kind": "connections"}
             )
-        raw_query = scope.get("query_string", b"").decode("latin-1")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        method = "GET" if websocket else scope["method"]
+        request = _request(scope, websocket, raw_rest)
         try:
             # Read as the API server reads it (Go's PathUnescape, ParseQuery, RequestInfo); a request it
             # could read differently is refused here, before anyone decides on it.
-            attributes = parse_request(method, path_unescape(raw_rest), raw_query)
+            attributes = parse_request(request.method, path_unescape(raw_rest), request.raw_query)
         except RequestRefused as exc:
             raise StatusError(exc.code, str(exc)) from None
         except ValueError as exc:
             raise StatusError(404, str(exc)) from None
-        client = scope.get("client") or ("", 0)
-        request = Request(
-            method=method,
-            path=raw_rest,
-            # What upstream receives and the audit records: the values the gateway decided on, re-encoded.
-            query=attributes.canonical_query,
-            raw_query=raw_query,
-            headers=headers,
-            scheme=scope.get("scheme", "https"),
-            client_addr=str(client[0]),
-            websocket=websocket,
-            subprotocols=list(scope.get("subprotocols") or []),
-        )
+        # What upstream receives and the audit records: the values the gateway decided on, re-encoded.
+        request.query = attributes.canonical_query
         return Flow(
             connection=connection, request=request, attributes=attributes, intent=stated_intent(request)
         )
+
+    def _refused_flow(self, scope: Scope, websocket: bool, error: StatusError) -> Flow | None:
+        """The flow of a request refused while it was read (a path, method or query the gateway will not
+        read, 400/404/405), for its audit event — when the path names a connection that audits. A request
+        for no connection has no audit store to go to (nothing was authenticated, decided or sent).
+
+        Not authenticated (the refusal does not wait for it): the event names the credential by its
+        fingerprint. No metrics: their labels would take whatever method the client made up."""
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        name, _, tail = raw_path[len(PREFIX) :].partition(b"/")
+        connection = self.registry.get(name.decode("latin-1"))
+        if connection is None or not connection.hooks.has_audit:
+            return None
+        # The path as sent: it may be what was refused (a dot segment, an escape, bytes that are not ASCII).
+        request = _request(scope, websocket, "/" + tail.decode("latin-1"))
+        flow = Flow(connection=connection, request=request, attributes=RequestAttributes(path=request.path))
+        flow.error, flow.response.status = error, error.code
+        return flow
 
     async def _admit(self, flow: Flow, client: BodyReader | WebSocketClient) -> list[tuple[str, str]]:
         """Authenticate and decide (and hold, when the decision asks for approval); return the impersonation
@@ -538,6 +547,22 @@ class Proxy:
         return record
 
 
+def _request(scope: Scope, websocket: bool, path: str) -> Request:
+    """The client's request as ASGI gave it, its query not yet read (`query` empty)."""
+    client = scope.get("client") or ("", 0)
+    return Request(
+        method="GET" if websocket else scope["method"],
+        path=path,
+        query="",
+        raw_query=scope.get("query_string", b"").decode("latin-1"),
+        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+        scheme=scope.get("scheme", "https"),
+        client_addr=str(client[0]),
+        websocket=websocket,
+        subprotocols=list(scope.get("subprotocols") or []),
+    )
+
+
 def _client_gone(flow: Flow, gone: ClientGone) -> None:
     """A client that left: 499 unless a status went out already (the response's own, then cut short)."""
     flow.response.status = flow.response.status or 499
@@ -604,6 +629,9 @@ def _audit_data(flow: Flow, fields: dict[str, Any], **extra: Any) -> dict[str, A
     data["error"] = flow.error.message if flow.error else None
     if flow.auth_failure:
         data["auth_failure"] = flow.auth_failure
+    if identity is None:
+        # Who tried, when no identity was established (a credential refused, or a request refused before
+        # authentication): the credential's fingerprint, never the credential.
         authorization = flow.request.header("authorization")
         if authorization:
             data["credential"] = token_fingerprint(flow.request.bearer_token or authorization)

@@ -228,7 +228,7 @@ async def test_field_selector_names_are_read_as_go_reads_them(gw, sandbox):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def send_raw(gateway: Gateway, method: str, target: str) -> tuple[int, bytes]:
+def send_raw(gateway: Gateway, method: str, target: str, user_agent: str = "") -> tuple[int, bytes]:
     """http.client sends the method and target exactly as given (aiohttp upper-cases methods)."""
     ctx = ssl.create_default_context(cafile=str(gateway.ca_file))
     url = URL(gateway.url)
@@ -236,6 +236,8 @@ def send_raw(gateway: Gateway, method: str, target: str) -> tuple[int, bytes]:
     try:
         conn.putrequest(method, target, skip_accept_encoding=True)
         conn.putheader("Authorization", f"Bearer {ALICE}")
+        if user_agent:
+            conn.putheader("User-Agent", user_agent)
         conn.putheader("Content-Length", "0")
         conn.endheaders()
         resp = conn.getresponse()
@@ -332,6 +334,28 @@ async def test_a_fragment_in_the_target_is_refused_or_cut_before_anyone_reads_it
     else:
         assert_status(status, body, 400)
         assert records == []
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "code"),
+    [
+        ("GET", "/k8s/sandbox/api/v1/namespaces/prod/../kube-system/secrets", 400),
+        ("TRACE", "/k8s/sandbox/api/v1/namespaces/prod/pods", 405),
+        ("GET", "/k8s/sandbox/api/v1/namespaces/prod/pods?limit=1;watch=1", 400),
+    ],
+    ids=["path", "method", "query"],
+)
+async def test_a_request_refused_while_it_is_read_is_audited(gw, sandbox, method, target, code):
+    """Refused before authentication, before anyone decided: still one audit event, as every request on a
+    connection (a caller cannot probe the gateway's parser without a trace)."""
+    user_agent = f"refused-audited-{method}-{code}-{next(COUNTER)}"
+    since = last_id(sandbox)
+    status, body = send_raw(gw, method, target, user_agent)
+    assert_status(status, body, code)
+    assert received(sandbox, since) == []
+    record = decided(gw, user_agent)
+    assert record is not None, "no audit event"
+    assert record["status"] == code and record["method"] == method and record["identity"] is None
 
 
 async def test_a_plus_in_a_path_is_a_plus(gw, sandbox):

@@ -97,6 +97,7 @@ async def call(
     path: str,
     *,
     token: str | None = ALICE_TOKEN,
+    query: str = "",
     headers: dict[str, str] | None = None,
     body: list[bytes] | None = None,
     unfinished: bool = False,
@@ -116,7 +117,7 @@ async def call(
         "scheme": "https",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": raw_headers,
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 443),
@@ -222,6 +223,69 @@ async def test_no_or_unknown_token_is_a_401_status(served, token, why):
     if token:  # the audit names the credential by fingerprint, never by value
         assert event["credential"] == "sha256:" + hashlib.sha256(token.encode()).hexdigest()
         assert token not in json.dumps(event)
+
+
+# -- 400/404/405: refused while the request is read -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "code", "message"),
+    [
+        ("GET", "/k8s/prod/api/v1/namespaces/dev/../kube-system/secrets", "", 400, "dot segment"),
+        ("GET", "/k8s/prod/api/v1/namespaces/dev/%2e%2e/secrets", "", 400, "encoded separator"),
+        ("TRACE", PODS, "", 405, "TRACE"),
+        ("GET", PODS, "limit=1;watch=1", 400, ";"),
+    ],
+    ids=["dot-segment", "encoded-dot", "method", "query"],
+)
+async def test_a_request_refused_while_it_is_read_leaves_one_audit_event(
+    served, method, path, query, code, message
+):
+    """Refused before authentication and before anyone decides: the event says what was sent, how it was
+    refused and by whose credential (its fingerprint), as for a 401."""
+    gateway, guard = served
+    answer = await call(gateway, method, path, query=query)
+    assert answer.status == code and message in answer.kubernetes_status()["message"], answer
+    (event,) = guard.requests()
+    assert event["status"] == code and message in event["error"]
+    assert event["method"] == method and event["path"] == path.removeprefix("/k8s/prod")
+    assert event["identity"] is None and event["decision"] is None and "auth_failure" not in event
+    assert event["credential"] == "sha256:" + hashlib.sha256(ALICE_TOKEN.encode()).hexdigest()
+    if query:
+        assert event["raw_query"] == query and event["query"] == ""
+
+
+async def test_a_websocket_refused_while_it_is_read_leaves_one_audit_event(served):
+    gateway, guard = served
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "wss",
+        "path": "/k8s/prod/api/v1/namespaces/dev/pods/web/exec",
+        "raw_path": b"/k8s/prod/api/v1/namespaces/dev/pods/web/exec",
+        "query_string": b"command=sh;stdin=true", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 443),
+        "headers": [(b"authorization", f"Bearer {ALICE_TOKEN}".encode())], "subprotocols": ["v5.channel.k8s.io"],
+    }  # fmt: skip
+    messages = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(gateway(scope, receive, send), 10)
+    assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 400
+    (event,) = guard.requests()
+    assert (
+        event["status"] == 400 and event["raw_query"] == "command=sh;stdin=true" and event["identity"] is None
+    )
+
+
+async def test_a_request_for_no_connection_is_refused_and_recorded_nowhere(served):
+    gateway, guard = served
+    answer = await call(gateway, "GET", "/k8s/nope/api/v1/pods")
+    assert_status(answer, 404, "NotFound", 'connection "nope" not found')
+    assert guard.requests() == []
 
 
 # -- 403: a policy denial --------------------------------------------------------------------------------
