@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from quart import Response, jsonify, request
 
 from .attributes import RequestAttributes
+from .errors import StatusError
 from .flow import AuthFailure, Flow, Identity
 from .flow import Request as FlowRequest
+from .headers import impersonation_headers
 
 if TYPE_CHECKING:
     from .connections import Connection
@@ -48,9 +50,17 @@ async def authenticate_caller(connection: Connection) -> Identity | AuthFailure 
     # Not an API path: policy and audit see a non-resource request.
     flow = Flow(connection=connection, request=flow_request, attributes=RequestAttributes(path=request.path))
     try:
-        return await connection.hooks.authenticate(flow)
+        answer = await connection.hooks.authenticate(flow)
     except Exception:
         return AuthFailure("authentication failed")
+    if isinstance(answer, Identity):
+        try:
+            # An identity the data path refuses (one the API server would read as another name, a
+            # `kubegate:` user) reviews, exchanges and reads nothing either.
+            impersonation_headers(answer)
+        except StatusError as error:
+            return AuthFailure(error.message)
+    return answer
 
 
 def unauthorized() -> Response:

@@ -2,7 +2,8 @@
 spaces and tabs around a header value, so a claim `" system:masters"` would be read as `system:masters`,
 and a user claim `" "` as no `Impersonate-User` at all — the request then runs as the gateway's own
 credential. A real gateway whose `oidc` issuer maps the e-mail and the IdP's groups as they are (no
-prefixes, common in Kubernetes OIDC setups) in front of the sandbox, which parses headers as Go does."""
+prefixes, common in Kubernetes OIDC setups) in front of the sandbox, which parses headers as Go does; the
+gateway's own APIs (`/api/approvals`) judge callers the same way."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def gw(sandbox, idp: IdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             }
         ]
     }
+    config["connections"]["sandbox"]["plugins"]["approvals"] = {}
     g = start_gateway(directory, config)
     yield g
     stop_process(g.process)
@@ -71,3 +73,16 @@ def test_a_user_name_the_api_server_would_read_differently_is_refused(gw, sandbo
     status, _ = gateway_api(gw, "GET", SECRETS, idp.mint(email="mallory@example.com", groups=["dev"]))
     assert status in (200, 403)  # RBAC's answer, not the gateway's
     assert [r["impersonate_user"] for r in sandbox.requests_log(since)] == ["mallory@example.com"]
+
+
+def test_an_identity_the_data_path_refuses_cannot_use_the_gateways_apis_either(gw, idp):
+    """`/api/approvals` acts without impersonation: `"mallory@example.com "` would be a user (and a person)
+    of its own there, while the API server knows only `mallory@example.com`."""
+    status, answer = gateway_api(
+        gw, "GET", "/api/approvals", idp.mint(email="mallory@example.com ", groups=["dev"])
+    )
+    assert status == 401, answer
+    status, answer = gateway_api(
+        gw, "GET", "/api/approvals", idp.mint(email="mallory@example.com", groups=["dev"])
+    )
+    assert status == 200, answer
