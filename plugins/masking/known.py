@@ -398,11 +398,13 @@ def text_values(values: Iterable[str]) -> tuple[set[str], set[str]]:
 
     A value with characters JSON escapes (a quote, a backslash, a newline of a PEM key) is also given in
     its escaped form, since the value pass runs over serialized JSON text; a multi-line one also as a
-    terminal prints it (CR LF). A binary value is given as its
-    base64 forms (standard and URL-safe, padded or not) and URL-encoding, and its raw form (which
-    `value_forms` cannot encode) is returned apart, to be searched as it is."""
+    terminal prints it (CR LF) and as a terminal sends it (bare CR). A binary value is given as its
+    base64 forms (standard and URL-safe, padded or not) and URL-encoding. The second set holds the forms
+    searched only as they are (`value_forms` does not encode them): a binary value's raw form, which it
+    cannot encode, and a multi-line value's bare-CR form."""
     plain: set[str] = set()
     binary: set[str] = set()
+    as_is: set[str] = set()
     for value in values:
         try:
             value.encode("utf-8")
@@ -416,17 +418,22 @@ def text_values(values: Iterable[str]) -> tuple[set[str], set[str]]:
             escaped = orjson.dumps(form)[1:-1].decode()
             if escaped != form:
                 plain.add(escaped)
+        if "\n" in value:
+            # ... and a terminal sends a paste's newlines (and Enter) as CR: a key pasted into
+            # `kubectl exec -it` reaches stdin, and a recording's typed input, in that form. Only typed input
+            # holds it, never encoded: the one form, not its JSON, base64 or URL forms.
+            as_is.add(value.replace("\n", "\r"))
     for value in binary:
         raw = value.encode("utf-8", "surrogateescape")
         forms = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
         plain |= forms | {form.rstrip("=") for form in forms} | {quote(raw, safe="")}
-    return plain, binary
+    return plain, binary | as_is
 
 
 def forms_of(values: Iterable[str]) -> set[str]:
     """Every form of `values` a text masker searches for (see `text_values` and `value_forms`)."""
-    plain, binary = text_values(values)
-    return {form for value in plain for form in value_forms(value)} | binary
+    plain, as_is = text_values(values)
+    return {form for value in plain for form in value_forms(value)} | as_is
 
 
 # Above this many forms in the delta part, the base part is rebuilt (about 4 forms per value).

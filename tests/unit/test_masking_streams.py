@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubegate.plugins.masking import Masking, MaskingSettings, Text
+from kubegate.plugins.masking.known import forms_of
 from kubegate.plugins.masking.stream import StreamMasker, secret_spans
 
 MARKER = "<masked by kubegate>"
@@ -157,6 +158,27 @@ def test_a_multiline_known_value_printed_on_a_terminal_is_masked(first_lines):
     assert out == f"log line\r\n{MARKER}\r\nafter\r\n".encode()
     # and where the whole text is at hand (a ConfigMap that holds the key as a terminal printed it)
     assert MASKING.text.mask("v=" + PEM.replace("\n", "\r\n") + ".") == f"v={MARKER}."
+
+
+@pytest.mark.parametrize("first_lines", [0, 1, 3])
+def test_a_multiline_known_value_sent_by_a_terminal_is_masked(first_lines):
+    # A terminal sends a paste's newlines (and Enter) as CR: a key pasted into `kubectl exec -it` reaches
+    # stdin so, and the recording's typed input kept it in clear (red team, 2026-12-08).
+    s = StreamMasker(MASKING.text)
+    lines = PEM.split("\n")
+    head = "cat > key.pem\r" + "\r".join(lines[:first_lines]) + ("\r" if first_lines else "")
+    rest = "\r".join(lines[first_lines:]) + "\r\x04"
+    out = s.feed(head.encode()) + s.feed(rest.encode()) + s.end()
+    assert out == f"cat > key.pem\r{MARKER}\r\x04".encode()
+    assert MASKING.text.mask("v=" + PEM.replace("\n", "\r") + ".") == f"v={MARKER}."
+
+
+def test_the_bare_cr_form_is_one_form_more_per_multiline_value():
+    # Only typed input holds it: its JSON, base64 and URL forms are not searched (each would be one more
+    # form for every multi-line value in the cluster).
+    with_bare_cr = [form for form in forms_of({PEM}) if "\r" in form.replace("\r\n", "")]
+    assert with_bare_cr == [PEM.replace("\n", "\r")]
+    assert not any("\r" in form for form in forms_of({SPACED}))  # a one-line value has no terminal forms
 
 
 def test_complete_lines_go_out_at_once_and_an_unfinished_one_up_to_a_possible_secret():
