@@ -18,7 +18,8 @@ an unfinished line before any match in progress (a keystroke's echo, most of the
 
 The emitted text stays in a bounded context (the original bytes, not the masked ones) so that a secret whose
 beginning had to go out — the exec/attach timer (`flush`) sends what is held after `exec_hold_ms` — is still
-masked from where the stream stands once the rest arrives.
+masked from where the stream stands once the rest arrives. A stream that is stored (a session recording)
+has no timer and ends with `close`, which hides a secret still in progress instead of sending its beginning.
 """
 
 from __future__ import annotations
@@ -257,16 +258,37 @@ class StreamMasker:
         self.context, self.swallowing, self.open_from = "", False, 0
         return out
 
-    def _emit(self, pending: bytes, final: bool) -> bytes:
+    def close(self) -> bytes:
+        """The end of a stream that is stored (a session recording): everything held, masked, and what was
+        held as the possible beginning of a secret — a known value's first lines, a match still open — is
+        replaced by the marker, never kept as a prefix (`end` sends it as far as it came)."""
+        out = ""
+        if self.pending:
+            text, spans = self._scan(self.pending)
+            emitted_upto = len(self.context)
+            cut, _, marker_from = self._hold(text, spans, emitted_upto)
+            if cut < len(text):
+                out = self._masked(text, spans, emitted_upto, marker_from) + self.masker.marker
+            else:
+                out = self._masked(text, spans, emitted_upto, len(text))
+        self.pending, self.context, self.swallowing, self.open_from = b"", "", False, 0
+        return out.encode("utf-8", "surrogateescape")
+
+    def _scan(self, pending: bytes) -> tuple[str, list[tuple[int, int]]]:
+        """What went out (the context) and `pending` as one text, and the secrets' spans in it."""
         text = self.context + pending.decode("utf-8", "surrogateescape")
-        emitted_upto = len(self.context)  # text[:emitted_upto] went out already
-        length = len(text)
         # What went out is searched again only from where a match may still be open (plus a lookbehind's
         # worth): a match cannot cross into the new text from further back.
-        scan_from = max(0, min(self.open_from, emitted_upto) - LOOKBEHIND)
+        scan_from = max(0, min(self.open_from, len(self.context)) - LOOKBEHIND)
         spans = secret_spans(self.masker, text[scan_from:])
         if scan_from:
             spans = [(start + scan_from, end + scan_from) for start, end in spans]
+        return text, spans
+
+    def _emit(self, pending: bytes, final: bool) -> bytes:
+        text, spans = self._scan(pending)
+        emitted_upto = len(self.context)  # text[:emitted_upto] went out already
+        length = len(text)
         cut, keep_from, marker_from = self._hold(text, spans, emitted_upto)
         if final:
             cut = length

@@ -181,6 +181,24 @@ def test_the_bare_cr_form_is_one_form_more_per_multiline_value():
     assert not any("\r" in form for form in forms_of({SPACED}))  # a one-line value has no terminal forms
 
 
+def test_close_hides_a_secret_still_in_progress_where_end_sends_it_as_far_as_it_came():
+    # A stored stream (a recording) keeps no prefix of a secret: most of a private key is worth nearly as
+    # much as all of it.
+    first_lines = "\n".join(PEM.split("\n")[:-1]) + "\n"
+    for held, stored in [
+        (f"ok\n{first_lines}", f"ok\n{MARKER}"),  # a known value but for its last line
+        (f"token: {GITHUB[:20]}", f"token: {MARKER}"),  # a detector's match, still open
+        (f"x password={ASSIGNED}", f"x password={MARKER}"),  # complete at the end: masked as one pass would
+        ("ok\n$ ", "ok\n$ "),  # nothing held: as it is
+    ]:
+        s = StreamMasker(MASKING.text)
+        assert s.feed(held.encode()) + s.close() == stored.encode()
+        assert not s.holding and s.context == ""
+    s = StreamMasker(MASKING.text)
+    body = PEM.split("\n")[1].encode()
+    assert body in s.feed(first_lines.encode()) + s.end()  # `end` (logs, the exec timer): as it came
+
+
 def test_complete_lines_go_out_at_once_and_an_unfinished_one_up_to_a_possible_secret():
     s = StreamMasker(MASKING.text)
     assert s.feed(b"one\ntwo\n") == b"one\ntwo\n"  # logs -f stays live
