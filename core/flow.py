@@ -201,7 +201,7 @@ class Flow:
     error: StatusError | None = None
     # Set by a plugin that masks what this flow sends the client (the response, a session's output): the
     # built-in masking plugin, unless the caller is exempt. A recording stores such output as relayed and
-    # masks any other output itself (kubegate_record_text), so False is always the safe reading.
+    # masks any other output itself (kubegate_record_stream), so False is always the safe reading.
     output_masked: bool = False
     # The caller's stated reason (`Kubegate-Intent`, see `stated_intent`): shown to reviewers and recorded,
     # never an input to a decision.

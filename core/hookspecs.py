@@ -350,16 +350,34 @@ def kubegate_record_command(flow: Flow, argv: list[str]) -> list[str] | None:
 
 @hookspec(firstresult=True)
 def kubegate_record_text(flow: Flow, data: bytes) -> bytes | None:
-    """Mask text that is stored — a session recording's typed input, and output no plugin masked on its way
-    to the client (see ``flow.output_masked``).
+    """Mask a text that is stored whole — a caller's stated reason (``Kubegate-Intent``) in approvals and
+    audit events, an agent's text in MCP audit records.
 
     A gateway hook like ``kubegate_record_body``: called on every installed plugin, a plain function, the
     first non-None answer wins. With no answer (or a failing plugin) the text is not stored. The built-in
     `masking` plugin answers with the known values and patterns masked by the connection's masking, or its
     default rules where the connection has none.
 
+    :param flow: the request the text came with.
+    :param data: the bytes to store.
+    """
+
+
+@hookspec(firstresult=True)
+def kubegate_record_stream(flow: Flow) -> BodyTransformer | None:
+    """A masker for one stream that is stored as it runs — a session recording's typed input, or a channel
+    of output no plugin masked on its way to the client (see ``flow.output_masked``).
+
+    A gateway hook like ``kubegate_record_body``: called on every installed plugin, a plain function, the
+    first non-None answer wins; the recorder asks for one per stream. ``feed`` gets the stream's bytes as
+    they come (cut anywhere: a keystroke, a frame) and returns what may be stored now, masked; it holds
+    back what could still become part of a secret, so that a secret is masked wherever the stream is cut.
+    ``end`` returns what is held, masked, with a secret still in progress hidden. With no answer (or a
+    failing plugin, from its failure on) nothing of the stream is stored. The built-in `masking` plugin
+    answers with a stream masker of the connection's masking, or its default rules where the connection
+    has none.
+
     :param flow: the session's upgrade request.
-    :param data: the bytes to store (may end in the middle of a line).
     """
 
 

@@ -196,6 +196,7 @@ class RecordHooks:
         self._query = HookSnapshot(pm, pm.hook.kubegate_record_query)
         self._command = HookSnapshot(pm, pm.hook.kubegate_record_command)
         self._text = HookSnapshot(pm, pm.hook.kubegate_record_text)
+        self._stream = HookSnapshot(pm, pm.hook.kubegate_record_stream)
 
     def body(self, flow: Flow, body: bytes) -> str | None:
         return cast("str | None", self._body(flow=flow, body=body))
@@ -223,6 +224,40 @@ class RecordHooks:
             log.exception("record_text hook failed; the text is not stored")
             rendered = None
         return b"" if rendered is None else bytes(rendered)
+
+    def stream(self, flow: Flow) -> BodyTransformer:
+        """`kubegate_record_stream`: the first plugin's stream masker; with none, or one that fails, a
+        stream of which nothing is stored."""
+        try:
+            stream = cast("BodyTransformer | None", self._stream(flow=flow))
+        except Exception:
+            log.exception("record_stream hook failed; the stream is not stored")
+            stream = None
+        return GuardedRecordStream(stream)
+
+
+class GuardedRecordStream:
+    """A plugin's record stream masker, failing closed: nothing is stored without one, and nothing more once
+    it failed (what it holds is lost with it; what follows could be the rest of a secret it held)."""
+
+    def __init__(self, stream: BodyTransformer | None):
+        self.stream = stream
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._call(chunk, end=False)
+
+    def end(self) -> bytes:
+        return self._call(b"", end=True)
+
+    def _call(self, chunk: bytes, end: bool) -> bytes:
+        if self.stream is None:
+            return b""
+        try:
+            return bytes(self.stream.end() if end else self.stream.feed(chunk))
+        except Exception:
+            log.exception("record stream failed; the rest of the stream is not stored")
+            self.stream = None
+            return b""
 
 
 @dataclass(frozen=True)
@@ -342,8 +377,12 @@ class PluginHost:
         return self.records.command(flow, argv)
 
     def record_text(self, flow: Flow, data: bytes) -> bytes:
-        """Text as it may be stored (recordings); see `RecordHooks.text`."""
+        """Text as it may be stored (a stated reason); see `RecordHooks.text`."""
         return self.records.text(flow, data)
+
+    def record_stream(self, flow: Flow) -> BodyTransformer:
+        """A masker for a stream that is stored (recordings); see `RecordHooks.stream`."""
+        return self.records.stream(flow)
 
     def audit_fields(self, flow: Flow) -> dict[str, Any]:
         """The plugins' parts of a request's audit event, in registration order; the first plugin to give a
@@ -450,6 +489,10 @@ class ConnectionHooks:
     def record_text(self, flow: Flow, data: bytes) -> bytes:
         """`PluginHost.record_text`, reachable from a flow."""
         return self._records.text(flow, data)
+
+    def record_stream(self, flow: Flow) -> BodyTransformer:
+        """`PluginHost.record_stream`, reachable from a flow."""
+        return self._records.stream(flow)
 
     async def authenticate(self, flow: Flow) -> Identity | AuthFailure | None:
         """The first plugin's answer; an identity comes with its person key resolved here, so the data path

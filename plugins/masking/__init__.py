@@ -29,6 +29,7 @@ from .frames import WEBSOCKET_REFUSAL, is_pod_session, mask_exec_frame
 from .known import KnownSecrets
 from .masker import KNOWN_UP, Masking, env_name_rule
 from .recorded import (
+    RecordedStream,
     mask_body_for_record,
     mask_command_for_record,
     mask_query_for_record,
@@ -63,6 +64,7 @@ __all__ = [
     "KnownValues",
     "Masking",
     "MaskingSettings",
+    "RecordedStream",
     "Text",
     "WatchLines",
     "Withhold",
@@ -188,6 +190,11 @@ def kubegate_record_command(flow: Flow, argv: list[str]) -> list[str]:
 @hookimpl
 def kubegate_record_text(flow: Flow, data: bytes) -> bytes:
     return mask_text_for_record(flow, data)
+
+
+@hookimpl
+def kubegate_record_stream(flow: Flow) -> RecordedStream:
+    return RecordedStream(flow)
 
 
 @hookimpl

@@ -1,6 +1,6 @@
-"""What records keep of a request (approvals, audit, session recordings): its body, command line, query
-and typed text, masked by the connection's rules, or the default rules where the connection does not mask
-(`records.py` masks each shape)."""
+"""What records keep of a request (approvals, audit, session recordings): its body, command line, query,
+stated text and a session's streams, masked by the connection's rules, or the default rules where the
+connection does not mask (`records.py` masks each shape)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from kubegate.core.flow import Flow
 from . import records
 from .masker import record_masking
 from .objects import KIND_OF_RESOURCE
+from .stream import StreamMasker
 
 log = logging.getLogger("kubegate.masking")
 
@@ -76,6 +77,32 @@ def mask_query_for_record(flow: Flow, query: str) -> str | None:
 
 
 def mask_text_for_record(flow: Flow, data: bytes) -> bytes:
-    """Text as it may be stored (session recordings: typed input, output of exempt callers): masked by
-    known values and patterns with the connection's masking, or the default rules where it has none."""
+    """Text as it may be stored whole (a stated reason): masked by known values and patterns with the
+    connection's masking, or the default rules where it has none."""
     return record_masking(flow).text.mask_bytes(data)
+
+
+class RecordedStream:
+    """One stream of a session as its recording keeps it (typed input, a channel of output no plugin masked
+    for the client): a `StreamMasker` of the record masking, so a secret is masked wherever the stream is
+    cut — a keystroke, a frame, a flush of the recording. What could still become part of a secret is held
+    (at most the stream masker's bound); at the end it is masked, a secret in progress hidden whole
+    (`StreamMasker.close`). The known values in use are the connection's as they are at each feed."""
+
+    def __init__(self, flow: Flow):
+        self.flow = flow
+        masking = record_masking(flow)
+        self.stream = StreamMasker(masking.text, masking.settings.max_secret_bytes)
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._current()
+        return self.stream.feed(chunk)
+
+    def end(self) -> bytes:
+        self._current()
+        return self.stream.close()
+
+    def _current(self) -> None:
+        text = record_masking(self.flow).text
+        if text is not self.stream.masker:  # the known values changed
+            self.stream.use(text)

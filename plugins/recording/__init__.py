@@ -199,7 +199,7 @@ class RecordingConnectionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     record_input: bool = Field(
-        True, description="Record what is typed (stdin) as `i` events, masked line by line."
+        True, description="Record what is typed (stdin) as `i` events, masked as one stream."
     )
     portforward: bool = Field(
         True,
@@ -384,7 +384,7 @@ async def kubegate_session_start(flow: Flow, session: Session) -> None:
     recording = Recording(
         record,
         storage,
-        mask=lambda data: hooks.record_text(flow, data),
+        masked_stream=lambda: hooks.record_stream(flow),
         mask_output=not flow.output_masked,
         record_input=settings.record_input,
         max_buffer_bytes=recorder.max_buffer_bytes,

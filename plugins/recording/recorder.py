@@ -9,9 +9,10 @@ never the session. A failed write is logged, counted, and marks the recording in
 
 What reaches storage is masked: output has been through the masking plugin when it is enabled for this
 caller (the recording hook runs last); otherwise — no masking plugin, an exempt caller, or a base64
-protocol the masking plugin does not read — and for typed input, the text is masked here with
-``mask_text_for_record``, line by line so that a secret split across frames (or typed one key at a time) is
-seen whole.
+protocol the masking plugin does not read — and for typed input, each stream (stdin, stdout, stderr) goes
+through a stream masker of its own (``kubegate_record_stream``), which holds back what could still become
+part of a secret: a secret is masked however the stream is cut (keystrokes, frames, flush ticks, lines of
+any length), and one still in progress when the session ends is hidden.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session as DBSession
 
-from kubegate.core.flow import Frame, FrameDirection, Session
+from kubegate.core.flow import BodyTransformer, Frame, FrameDirection, Session
 
 from . import frames, store
 from .cast import CastWriter
@@ -37,18 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubegate.recording")
 
 MAX_STATUS_BYTES = 64 * 1024  # a Status document is small; more is not worth keeping
-MAX_INPUT_LINE = 1024  # typed input waits for Enter up to this much (a secret is shorter)
-MAX_OUTPUT_CARRY = 4096  # unmasked output waits for its line end up to this much
-LINE_ENDS = (b"\n", b"\r")
 DROP_FACTOR = 8  # buffered events are dropped past this many times max_buffer_bytes (see relieve)
 STALL_SECONDS = 5.0
 
-Masker = Callable[[bytes], bytes]
-
-
-def _cut_at_line_end(data: bytes) -> int:
-    """Index just after the last line end in `data` (0 when there is none)."""
-    return max(data.rfind(end) for end in LINE_ENDS) + 1
+# A new masked stream for stored text (`kubegate_record_stream`): one per stream recorded unmasked.
+MaskedStreamFactory = Callable[[], BodyTransformer]
 
 
 class Recording:
@@ -59,7 +53,7 @@ class Recording:
         record: store.SessionRecord,
         storage: Storage | None,
         *,
-        mask: Masker,
+        masked_stream: MaskedStreamFactory,
         mask_output: bool,
         record_input: bool,
         max_buffer_bytes: int,
@@ -67,7 +61,7 @@ class Recording:
     ) -> None:
         self.record = record
         self.storage = storage
-        self.mask, self.mask_output, self.record_input = mask, mask_output, record_input
+        self.masked_stream, self.mask_output, self.record_input = masked_stream, mask_output, record_input
         self.max_buffer_bytes = max_buffer_bytes
         self.clock = clock
         self.t0 = clock()
@@ -81,8 +75,8 @@ class Recording:
         self.write_errors = 0
         self.dropped_bytes = 0
         self.status = bytearray()
-        self.input_line = b""
-        self.output_carry: dict[int, bytes] = {}
+        self.input_stream: BodyTransformer | None = None  # typed input, masked
+        self.output_streams: dict[int, BodyTransformer] = {}  # output no plugin masked, per channel
         self.initial_size: tuple[int, int] | None = None
         self.finished = False
         self.stall_seconds = STALL_SECONDS
@@ -110,13 +104,13 @@ class Recording:
             return
         channel, payload = split
         if channel == frames.STDIN and self.record_input and payload:
-            line = self.input_line + payload
-            cut = _cut_at_line_end(line)
-            if len(line) - cut > MAX_INPUT_LINE:
-                cut = len(line)
-            if cut:
-                self.writer.input(self.now(), self.mask(line[:cut]))
-            self.input_line = line[cut:]
+            # Each frame's input is an event at its time: a keystroke, a paste, or what a later key
+            # released (the rest of a secret, masked) — the stream holds what could still be a secret.
+            if self.input_stream is None:
+                self.input_stream = self.masked_stream()
+            typed = self.input_stream.feed(payload)
+            if typed:
+                self.writer.input(self.now(), typed)
         elif channel == frames.RESIZE:
             for width, height in frames.parse_resize(payload):
                 if self.initial_size is None:
@@ -132,14 +126,12 @@ class Recording:
         if channel in (frames.STDOUT, frames.STDERR) and payload:
             # The masking plugin reads binary frames only: base64-protocol output is masked here.
             if self.mask_output or text:
-                held = self.output_carry.pop(channel, b"") + payload
-                cut = _cut_at_line_end(held)
-                if len(held) - cut > MAX_OUTPUT_CARRY:
-                    cut = len(held)
-                if cut:
-                    self._output(channel, self.mask(held[:cut]))
-                if cut < len(held):
-                    self.output_carry[channel] = held[cut:]
+                stream = self.output_streams.get(channel)
+                if stream is None:
+                    stream = self.output_streams[channel] = self.masked_stream()
+                shown = stream.feed(payload)
+                if shown:
+                    self._output(channel, shown)
             else:
                 self._output(channel, payload)
         elif channel == frames.STATUS and len(self.status) < MAX_STATUS_BYTES:
@@ -148,13 +140,6 @@ class Recording:
 
     def _output(self, channel: int, data: bytes) -> None:
         self.writer.output(self.now(), data, "stderr" if channel == frames.STDERR else "stdout")
-
-    def _release_output(self) -> None:
-        """Output held for its line end goes out (a prompt without a newline, say): at each flush tick."""
-        for channel, held in sorted(self.output_carry.items()):
-            if held:
-                self._output(channel, self.mask(held))
-        self.output_carry.clear()
 
     def _check_size(self) -> None:
         """The last safety net (frames of both directions arriving while a write stalls): past
@@ -191,12 +176,10 @@ class Recording:
 
     # -- storage ----------------------------------------------------------------------------------------
 
-    async def flush(self, *, tick: bool = False) -> None:
-        """Write what is buffered. A tick also releases output held for its line end, so that at most one
-        interval of output is ever only in memory."""
+    async def flush(self) -> None:
+        """Write what is buffered. What the streams hold as a possible secret stays held (at most a stream
+        masker's bound each): cut here, a secret would be whole in neither part."""
         async with self.lock:
-            if tick:
-                self._release_output()
             await self._write()
 
     async def _write(self) -> None:
@@ -225,10 +208,14 @@ class Recording:
             return
         self.finished = True
         t = self.now()
-        if self.input_line:
-            self.writer.input(t, self.mask(self.input_line))
-            self.input_line = b""
-        self._release_output()
+        if self.input_stream is not None:
+            typed = self.input_stream.end()
+            if typed:
+                self.writer.input(t, typed)
+        for channel, stream in sorted(self.output_streams.items()):
+            shown = stream.end()
+            if shown:
+                self._output(channel, shown)
         if self.storage is not None:
             self.writer.finish(t)
         await self.flush()
@@ -289,7 +276,7 @@ class Recorder:
     async def _flush_all(self) -> None:
         busy = [r for r in self.open.values() if not r.lock.locked()]
         if busy:
-            await asyncio.gather(*(r.flush(tick=True) for r in busy))
+            await asyncio.gather(*(r.flush() for r in busy))
 
     async def begin(self, recording: Recording) -> None:
         record = recording.record

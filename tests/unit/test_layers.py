@@ -130,6 +130,8 @@ def test_without_a_masking_plugin_a_command_line_is_recorded_hidden_and_text_not
     records = RecordHooks(bare_pm(manager))
     assert records.command(flow, ["mysql", "-pHUNTER2"]) == [UNMASKED_ARGUMENT, UNMASKED_ARGUMENT]
     assert records.text(flow, b"password: HUNTER2\n") == b""
+    stream = records.stream(flow)  # a recording's stream: nothing of it is stored
+    assert stream.feed(b"password: HUNTER2\n") == b"" and stream.end() == b""
 
 
 @pytest.mark.parametrize("manager", [pluggy.PluginManager, CountingPluginManager])
@@ -152,6 +154,46 @@ def test_a_failing_record_plugin_hides_the_command_line_and_drops_the_text(manag
     assert RecordHooks(pm).text(flow, b"HUNTER2") == b""
 
 
+@pytest.mark.parametrize("manager", [pluggy.PluginManager, CountingPluginManager])
+def test_a_record_stream_that_fails_stores_nothing_from_then_on(manager):
+    class Failing:
+        PLUGIN_NAME = "failing"
+
+        def __init__(self) -> None:
+            self.fed = 0
+
+        def feed(self, chunk):
+            self.fed += 1
+            if self.fed == 2:
+                raise RuntimeError("boom")
+            return chunk
+
+        def end(self):
+            return b"HUNTER2"  # what it held: lost with it
+
+        @hookimpl
+        def kubegate_record_stream(self, flow):
+            return self
+
+    class FailingHook:
+        PLUGIN_NAME = "failing-hook"
+
+        @hookimpl
+        def kubegate_record_stream(self, flow):
+            raise RuntimeError("boom")
+
+    flow = make_flow("GET", EXEC, query=EXEC_QUERY, websocket=True)
+    pm = bare_pm(manager)
+    pm.register(Failing(), name="failing")
+    stream = RecordHooks(pm).stream(flow)
+    assert stream.feed(b"ls\r") == b"ls\r"
+    assert [stream.feed(b"HUNTER"), stream.feed(b"2\r"), stream.end()] == [b"", b"", b""]
+    pm = bare_pm(manager)
+    pm.register(FailingHook(), name="failing-hook")
+    stream = RecordHooks(pm).stream(flow)
+    assert stream.feed(b"HUNTER2\r") == b"" and stream.end() == b""
+
+
 def test_the_masking_plugin_masks_command_lines_and_text_reached_from_a_flow():
     flow = make_flow("GET", EXEC, query=EXEC_QUERY, websocket=True)
     hooks = flow.connection.hooks
@@ -159,6 +201,10 @@ def test_the_masking_plugin_masks_command_lines_and_text_reached_from_a_flow():
     assert hooks.record_command(flow, ["ls", "-l"]) == ["ls", "-l"]
     assert "HUNTER2" not in hooks.record_query(flow, EXEC_QUERY)
     assert hooks.record_query(flow, "container=db") == "container=db"
+    # A recording's stream: a secret typed key by key is held until it is whole, and stored masked.
+    stream = hooks.record_stream(flow)
+    typed = b"".join(stream.feed(bytes([key])) for key in b"export DB_PASSWORD=HUNTER2\r") + stream.end()
+    assert b"HUNTER" not in typed and typed.startswith(b"export DB_PASSWORD=") and typed.endswith(b"\r")
 
 
 def test_masking_marks_the_flows_output_masked_except_for_an_exempt_caller():

@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 from moto.server import ThreadedMotoServer
-from recordings import fake_session, status_frame
+from recordings import MaskedStream, fake_session, status_frame
 
 from kubegate.core.config import ConfigError
 from kubegate.core.db import Database, default_url
@@ -100,10 +100,6 @@ def fake_gateway(settings: RecordingSettings, database: Database, tmp_path: Path
         settings=SimpleNamespace(state_dir=tmp_path),
         config_path=tmp_path / "k.yaml",
     )
-
-
-def mask(data: bytes) -> bytes:
-    return data.replace(b"hunter2-s3cret", b"<masked>")
 
 
 def closed_port() -> int:
@@ -188,13 +184,13 @@ async def test_a_session_recorded_to_s3_replays_from_its_row(endpoint, bucket, d
     recorder = recorder_of(gateway)  # the storage the plugin picks for these settings
     assert isinstance(recorder.storage, S3Storage)
     record = new_record(recorder.storage)
-    recording = Recording(record, recorder.storage, mask=mask, mask_output=False, record_input=True,
+    recording = Recording(record, recorder.storage, masked_stream=MaskedStream, mask_output=False, record_input=True,
                           max_buffer_bytes=1024)  # fmt: skip
     await recorder.begin(recording)
     recording.on_frame(Frame(UP, b'\x04{"Width":120,"Height":40}'))
     for i in range(12):  # one flush tick each: twelve parts, plus the last one at the end
         recording.on_frame(Frame(DOWN, f"\x01line {i}\r\n".encode()))
-        await recording.flush(tick=True)
+        await recording.flush()
     recording.on_frame(Frame(UP, b"\x00echo hunter2-s3cret\r"))
     recording.on_frame(Frame(DOWN, status_frame(3)))
     await recorder.end(fake_session(), recording)
@@ -225,7 +221,7 @@ async def test_a_failing_s3_marks_the_recording_incomplete_and_the_session_goes_
     storage = S3Storage(settings)
     recorder = Recorder(database, storage, flush_interval=0.5, max_buffer_bytes=1024)
     record = new_record(storage)
-    recording = Recording(record, storage, mask=mask, mask_output=False, record_input=True,
+    recording = Recording(record, storage, masked_stream=MaskedStream, mask_output=False, record_input=True,
                           max_buffer_bytes=1024)  # fmt: skip
     await recorder.begin(recording)
     with caplog.at_level(logging.WARNING, logger="kubegate.recording"):
@@ -271,11 +267,11 @@ async def test_kubegate_replay_reads_an_s3_recording_with_the_configs_settings(
     storage = S3Storage(S3Settings.model_validate(s3, context={"base_dir": tmp_path}))
     recorder = Recorder(database, storage, flush_interval=0.5, max_buffer_bytes=1024)
     record = new_record(storage)
-    recording = Recording(record, storage, mask=mask, mask_output=False, record_input=True,
+    recording = Recording(record, storage, masked_stream=MaskedStream, mask_output=False, record_input=True,
                           max_buffer_bytes=1024)  # fmt: skip
     await recorder.begin(recording)
     recording.on_frame(Frame(DOWN, b"\x01hello from s3\r\n"))
-    await recording.flush(tick=True)
+    await recording.flush()
     await recorder.end(fake_session(), recording)
     database.close()
 
