@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import socket
 import ssl
@@ -303,3 +304,44 @@ def test_the_api_shows_sessions_to_their_owner_and_readers_only(gw, interactive)
         assert api(gw, path, None)[0] == 401
     assert api(gw, "/api/sessions/s-000000000000", alice)[0] == 404
     assert api(gw, "/api/sessions?since=yesterday", alice)[0] == 400
+
+
+@pytest.mark.needs_pods
+def test_a_secret_key_pasted_into_exec_it_is_not_stored_in_clear(gw, tmp_path):
+    # A terminal sends a paste's newlines as CR: the recording's typed input kept a multi-line Secret value
+    # (a private key) in clear, line by line, while its echo (CR LF) was masked (red team, 2026-12-08).
+    lines = [f"kubegate-paste-{os.getpid()}-line-{i}-{'Q' * 40}" for i in range(4)]
+    name = f"paste-value-{os.getpid()}"
+    plain = gw.kubeconfig("alice", "sandbox")
+    run_kubectl(plain, "create", "secret", "generic", name, "-n", "dev", "--from-literal=key=" + "\n".join(lines),
+                check=True)  # fmt: skip
+    try:
+        script = "printf '" + "\\n".join(lines) + "\\n'"
+        for _ in range(50):  # the follower learns the value from its watch
+            control = run_kubectl(gw.kubeconfig("alice", "rec"), "exec", "web", "-n", "prod", "--", "sh", "-c",
+                                  script).stdout  # fmt: skip
+            if MARKER in control:
+                break
+            time.sleep(0.2)
+        assert control == f"{MARKER}\n"
+        start = time.time() - 1
+        pty = TranscriptPty(["kubectl", "exec", "-it", "web", "-n", "prod", "--", "sh"],
+                            gw.kubeconfig("alice", "rec"))  # fmt: skip
+        try:
+            pty.expect(r"# ", timeout=30)  # raw mode: what is sent reaches kubectl as a terminal's bytes
+            pty.send("cat >/dev/null\r")
+            pty.send("\r".join(lines) + "\r")  # the paste
+            pty.send("\x04")
+            pty.expect(r"# ", timeout=30)
+            pty.send("exit\r")
+            pty.wait(30)
+        finally:
+            pty.close()
+        session = wait_session(gw, start, user="alice", command=["sh"])
+        cast = export(gw, session["id"], tmp_path)
+        typed = "".join(data for _, code, data in parse_cast(cast).events if code == "i")
+        assert f"cat >/dev/null\r{MARKER}\r\x04" in typed
+        assert not any(line in cast for line in lines)
+        assert not any(line.encode() in stored_bytes(gw) for line in lines)
+    finally:
+        run_kubectl(plain, "delete", "secret", name, "-n", "dev")
