@@ -23,6 +23,13 @@ API server and a Python parser could read the same bytes differently, the body i
 - Protobuf: `kubegate.core.protobuf.decode_body(strict=True)`: a kind without a schema, or any field
   number the schema lacks, is refused by name.
 - Every body must be an object (a JSON patch: a list of operation objects); empty bodies are refused.
+- JSON patch pointers (`path`, `from`) must be RFC 6901 pointers that the API server's JSON patch library
+  (gopkg.in/evanphx/json-patch.v4, handlers/patch.go `applyJSPatch`) reads as RFC 6901 does: it splits a
+  pointer on `/` and drops the first piece whatever it is, so `x/data/password` is `/data/password` there
+  while a condition or masking reading it as a pointer sees no `/data`. Refused: a pointer that does not
+  start with `/`, the empty pointer (the whole document to RFC 6901 and v5, an error to v4), an empty
+  reference token (`/spec//x`: v5 reads it as the token before it), and a `~` not followed by `0` or `1`
+  (invalid to RFC 6901, a literal `~` to Go). `json_patch_problem` says why, for the gateway's own 400.
 """
 
 from __future__ import annotations
@@ -108,6 +115,9 @@ def decode_write_body(method: str, content_type: str, body: bytes) -> Body:
     if shape == "json-patch":
         if not isinstance(doc, list) or not all(isinstance(op, dict) for op in doc):
             raise BodyError("a JSON patch must be a list of operation objects")
+        problem = pointer_problem(doc)
+        if problem:
+            raise BodyError(problem)
     elif not isinstance(doc, dict):
         what = "object" if shape == "object" else "patch"
         raise BodyError(f"the {what} must be a JSON object, not {_json_type(doc)}")
@@ -150,6 +160,59 @@ def patch_media_type(content_type: str) -> str:
             f"the patch type {value!r} is not supported - accepted: {', '.join(PATCH_MEDIA_TYPES)}", 415
         )
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON patch pointers, as gopkg.in/evanphx/json-patch reads them
+# ---------------------------------------------------------------------------------------------------------
+
+JSON_PATCH = "application/json-patch+json"
+_INVALID_ESCAPE = re.compile(r"~(?![01])")
+
+
+def pointer_problem(ops: list[Any]) -> str | None:
+    """Why a JSON patch's pointers could be read differently by the API server and by a condition or
+    masking (see the module docstring), or None. Non-string pointers are left to the readers: Go fails the
+    operation, and conditions and masking fail closed on them."""
+    for index, op in enumerate(ops):
+        if not isinstance(op, dict):
+            continue
+        for key in ("path", "from"):
+            pointer = op.get(key)
+            if not isinstance(pointer, str):
+                continue
+            where = f"the JSON patch's {key} {pointer!r} (operation {index})"
+            if pointer == "":
+                return (
+                    f"{where} is empty: RFC 6901 reads it as the whole document, the API server's JSON "
+                    "patch library as no path; name the field"
+                )
+            if not pointer.startswith("/"):
+                read_as = "/" + pointer.partition("/")[2]
+                return (
+                    f"{where} does not start with '/': the API server's JSON patch library drops its first "
+                    f"segment and would read it as {read_as!r}; send an RFC 6901 pointer"
+                )
+            if "//" in pointer or pointer.endswith("/"):
+                return f"{where} has an empty segment, which JSON patch libraries read differently"
+            if _INVALID_ESCAPE.search(pointer):
+                return f"{where} has a '~' that is not '~0' or '~1' (RFC 6901 refuses it, Go keeps it)"
+    return None
+
+
+def json_patch_problem(content_type: str, body: bytes) -> str | None:
+    """`pointer_problem` of a PATCH body when `content_type` (the first Content-Type value, as the API server
+    reads it) makes it a JSON patch; None for anything else, and for a body that is not a JSON list of
+    objects (the readers that judge bodies refuse those themselves)."""
+    try:
+        if patch_media_type(content_type) != JSON_PATCH:
+            return None
+        ops = decode_json(body)
+    except BodyError:
+        return None
+    if not isinstance(ops, list):
+        return None
+    return pointer_problem(ops)
 
 
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"

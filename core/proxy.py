@@ -32,6 +32,7 @@ from yarl import URL
 
 from . import observe
 from .attributes import RequestAttributes, RequestRefused, parse_request, path_unescape
+from .bodies import JSON_PATCH, json_patch_problem
 from .errors import STATUS_HEADERS, StatusError
 from .flow import (
     AuditEvent,
@@ -327,6 +328,7 @@ class Proxy:
         # Before any decision: an identity that cannot be written as headers is refused here, not after a
         # policy or an approval hold (which would store it) saw it.
         impersonation = impersonation_headers(answer)
+        await self._refuse_ambiguous_json_patch(flow)
         try:
             decision = await hooks.decide(flow)
         except (StatusError, ClientGone):  # a plugin reading the body of a client that left: not its failure
@@ -343,6 +345,20 @@ class Proxy:
         if decision is not None and decision.verdict is Verdict.DENY:
             raise StatusError(403, decision.reason or "denied by policy", details=_denial_details(flow))
         return impersonation
+
+    async def _refuse_ambiguous_json_patch(self, flow: Flow) -> None:
+        """A JSON patch whose pointers the API server's patch library reads otherwise than RFC 6901
+        (`x/data/password` is `/data/password` there) is refused with 400 before any plugin judges it: a
+        condition or masking reading it as a pointer would judge another field (core/bodies.py)."""
+        request = flow.request
+        if request.method != "PATCH" or request.websocket:
+            return
+        content_types = request.header_values("content-type")
+        if not content_types or not content_types[0].startswith(JSON_PATCH):
+            return  # the API server reads the first value (Header.Get)
+        problem = json_patch_problem(content_types[0], await request.read_body())
+        if problem:
+            raise StatusError(400, problem)
 
     async def _hold(self, flow: Flow, decision: Decision) -> Decision:
         """Ask the approval plugins; anything but an answer of allow or deny refuses (fail closed)."""

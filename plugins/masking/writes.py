@@ -31,9 +31,11 @@ VALUE_POINTERS = ("/data", "/stringData")
 
 
 def _reads_values(pointer: Any) -> bool:
-    if not isinstance(pointer, str):
-        return True  # not a pointer the patch library would accept either: do not guess
-    return pointer == "" or any(pointer == root or pointer.startswith(root + "/") for root in VALUE_POINTERS)
+    if not isinstance(pointer, str) or not pointer.startswith("/"):
+        # Not a pointer the patch library reads as RFC 6901 does (it drops the first segment of
+        # `x/data/password`; the body reader refuses those): do not guess
+        return True
+    return any(pointer == root or pointer.startswith(root + "/") for root in VALUE_POINTERS)
 
 
 def reading_op(ops: Any) -> str | None:

@@ -196,6 +196,19 @@ async def test_a_patch_that_makes_a_pod_privileged_is_refused(gw, sandbox, targe
     assert stored is not None and "securityContext" not in stored["spec"]["containers"][0]
 
 
+async def test_a_json_patch_pointer_the_api_server_reads_otherwise_is_refused(gw, sandbox, target):
+    """gopkg.in/evanphx/json-patch.v4 (the API server's) drops a pointer's first segment: `x/spec/...` is
+    /spec/... there, while `op.path.startsWith('/spec')` (the rule's condition) is false. Refused with 400."""
+    since = last_id(sandbox)
+    ops = [{"op": "add", "path": "x/spec/containers/0/securityContext", "value": {"privileged": True}}]
+    code, answer = await send(
+        gw, "PATCH", f"{PODS}/{target}", "application/json-patch+json", json.dumps(ops).encode()
+    )
+    assert code == 400 and "drops its first segment" in answer["message"], answer
+    assert "'/spec/containers/0/securityContext'" in answer["message"]
+    assert writes_to(sandbox, since, target) == []
+
+
 async def test_real_kubectl_run_privileged_is_denied_and_the_audit_says_why(gw, sandbox):
     since = last_id(sandbox)
     code, out = kc(gw, "run", "adv-kubectl-priv", "--image=busybox", "--privileged", "--", "sleep", "1")

@@ -4,10 +4,12 @@ patch.go, sigs.k8s.io/json, sigs.k8s.io/yaml on goyaml.v2, gogo-protobuf)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kubegate.core import protobuf
-from kubegate.core.bodies import BodyError, decode_write_body
+from kubegate.core.bodies import BodyError, decode_write_body, json_patch_problem
 
 POD = b'{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"c"}]}}'
 
@@ -182,6 +184,53 @@ def test_patch_documents_are_what_the_condition_sees():
 )
 def test_bad_patches_are_refused(content_type, body, why):
     assert why in str(refused("PATCH", content_type, body))
+
+
+# JSON patch pointers the API server's library (gopkg.in/evanphx/json-patch.v4: findObject splits on "/" and
+# drops the first piece; decodePatchKey replaces ~1 and ~0 and keeps any other "~") reads otherwise than
+# RFC 6901, which conditions (`op.path.startsWith('/spec')`) and masking (`/data`) rely on.
+AMBIGUOUS_POINTERS = [
+    ('{"op":"add","path":"x/spec/hostPID","value":true}', "drops its first segment", "'/spec/hostPID'"),
+    ('{"op":"add","path":"spec/hostPID","value":true}', "drops its first segment", "'/hostPID'"),
+    ('{"op":"copy","from":"x/data/password","path":"/metadata/annotations/a"}', "from 'x/data/password'", ""),
+    ('{"op":"test","path":"x/data/password","value":"aHVudGVyMg=="}', "does not start with '/'", ""),
+    ('{"op":"test","path":"","value":{}}', "is empty", ""),
+    ('{"op":"move","from":"","path":"/a"}', "is empty", ""),
+    ('{"op":"add","path":"/spec//hostPID","value":true}', "empty segment", ""),
+    ('{"op":"add","path":"/metadata/labels/","value":"a"}', "empty segment", ""),
+    ('{"op":"add","path":"/metadata/annotations/a~2b","value":"a"}', "'~'", ""),
+    ('{"op":"add","path":"/metadata/annotations/a~","value":"a"}', "'~'", ""),
+]
+
+
+@pytest.mark.parametrize(("op", "why", "read_as"), AMBIGUOUS_POINTERS)
+def test_json_patch_pointers_go_reads_otherwise_are_refused(op, why, read_as):
+    body = f'[{{"op":"add","path":"/metadata/labels/a","value":"b"}},{op}]'.encode()
+    error = refused("PATCH", "application/json-patch+json", body)
+    assert why in str(error) and read_as in str(error) and "(operation 1)" in str(error)
+    assert error.status == 400
+    assert json_patch_problem("application/json-patch+json; charset=utf-8", body) == str(error)
+
+
+@pytest.mark.parametrize(
+    "pointer",
+    ["/spec/hostPID", "/metadata/annotations/example.com~1a", "/metadata/annotations/a~0b", "/spec/containers/-",
+     "/data/01"],
+)  # fmt: skip
+def test_rfc_6901_pointers_pass(pointer):
+    body = json.dumps(
+        [{"op": "add", "path": pointer, "value": 1}, {"op": "copy", "from": pointer, "path": "/a"}]
+    )
+    assert decode_write_body("PATCH", "application/json-patch+json", body.encode()).doc[0]["path"] == pointer
+    assert json_patch_problem("application/json-patch+json", body.encode()) is None
+
+
+def test_json_patch_problem_only_judges_json_patches():
+    ops = b'[{"op":"add","path":"x/spec/hostPID","value":true}]'
+    assert json_patch_problem("application/merge-patch+json", ops) is None
+    assert json_patch_problem("", ops) is None
+    # unreadable: the readers that judge bodies refuse it themselves
+    assert json_patch_problem("application/json-patch+json", b"[{") is None
 
 
 # --- protobuf -----------------------------------------------------------------------------------------

@@ -631,3 +631,24 @@ def test_accept_negotiations_are_remembered_only_for_short_headers():
     for i in range(300):
         media.negotiate(f"application/json, application/x-{i}", watch=False)
     assert media._negotiate_cached.cache_info().currsize <= 256
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        # the API server's JSON patch library drops the first segment: these read /data/password
+        [{"op": "copy", "from": "x/data/password", "path": "/metadata/annotations/leak"}],
+        [{"op": "move", "from": "data/password", "path": "/type"}],
+        [{"op": "test", "path": "x/data/password", "value": "aHVudGVyMg=="}],
+        [{"op": "test", "path": "", "value": {}}],
+    ],
+)
+def test_a_json_patch_reading_a_secret_value_through_a_non_rfc_pointer_is_refused(ops):
+    from kubegate.core.bodies import BodyError, decode_write_body
+    from kubegate.plugins.masking.writes import reading_op
+
+    assert reading_op(ops) is not None  # the masking check, were it given the operations as they are
+    with pytest.raises(BodyError, match="JSON patch's"):  # and the body reader refuses them first
+        decode_write_body("PATCH", "application/json-patch+json", json.dumps(ops).encode())
+    fine = [{"op": "copy", "from": "/metadata/labels/a", "path": "/metadata/annotations/b"}]
+    assert reading_op(fine) is None

@@ -304,6 +304,37 @@ def test_conditions_see_content_and_patch_types():
     assert evaluate(settings_, patch).action == "allow"
 
 
+# docs/policy.md's condition for rules that judge JSON patches too
+DOCS_JSON_PATCH_CONDITION = (
+    "request.patchType == 'json-patch' ? object.exists(op, op.path.startsWith('/spec')) : "
+    "has(object.spec) && has(object.spec.containers) && object.spec.containers.exists(c, "
+    "has(c.securityContext) && has(c.securityContext.privileged) && c.securityContext.privileged)"
+)
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        # gopkg.in/evanphx/json-patch.v4 drops the first segment: the API server sets /spec/...hostPID
+        b'[{"op":"add","path":"x/spec/template/spec/hostPID","value":true}]',
+        b'[{"op":"add","path":"/metadata/labels/a","value":"b"},'
+        b'{"op":"move","from":"x/spec/paused","path":"x/spec/template/spec/hostPID"}]',
+        b'[{"op":"add","path":"","value":{"spec":{"template":{"spec":{"hostPID":true}}}}}]',
+    ],
+)
+def test_a_json_patch_pointer_the_api_server_reads_otherwise_cannot_pass_a_path_condition(ops):
+    rule = {"name": "spec-changes", "action": "deny", "match": {"verbs": ["patch"], "resources": ["deployments"],
+                                                                "condition": DOCS_JSON_PATCH_CONDITION}}  # fmt: skip
+    settings_ = PolicySettings.model_validate({"default": "allow", "rules": [rule]})
+    request_ = req(verb="patch", resource="deployments", body=ops, content_type="application/json-patch+json")
+    outcome = evaluate(settings_, request_)
+    assert (outcome.action, outcome.rule.name) == ("deny", "spec-changes"), outcome.trace
+    assert "the request body could not be read: the JSON patch's" in outcome.condition_error
+    rfc = b'[{"op":"add","path":"/metadata/labels/a","value":"b"}]'
+    assert evaluate(settings_, req(verb="patch", resource="deployments", body=rfc,
+                                   content_type="application/json-patch+json")).action == "allow"  # fmt: skip
+
+
 def test_requests_without_an_object_see_null():
     """Reads, deletes and exec carry no object (as in ValidatingAdmissionPolicy): their body is never read."""
     rule = {"name": "r", "match": {"condition": "object == null"}, "action": "deny"}
