@@ -126,6 +126,51 @@ class RequestAttributes:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Writes that may create the object
+# ---------------------------------------------------------------------------------------------------------
+
+# A server-side apply creates the object when it is missing (handlers/patch.go: apply patches set
+# forceAllowCreate); PATCH reads the first Content-Type cut at ";".
+APPLY_PATCH_TYPES = frozenset({"application/apply-patch+yaml", "application/apply-patch+cbor"})
+# Built-in resources whose registry strategy answers AllowCreateOnUpdate() false (kubernetes
+# pkg/registry/*/*/strategy.go, apiextensions-apiserver's CRD and custom resource strategies): a PUT of a
+# missing one is a 404. Every other resource may be created by a PUT — services, endpoints, events,
+# limitranges, RBAC roles and bindings, leases, runtimeclasses… (their strategies say true) and any the
+# gateway does not know: a custom resource cannot be told from an aggregated API's by its path, and an
+# aggregated API server may create on update. Only resources whose strategy was read are listed here.
+NO_CREATE_ON_UPDATE = frozenset(
+    {("", r) for r in ("pods", "configmaps", "secrets", "namespaces", "nodes", "serviceaccounts",
+                       "persistentvolumeclaims", "persistentvolumes", "replicationcontrollers",
+                       "resourcequotas", "podtemplates")}
+    | {("apps", r) for r in ("deployments", "statefulsets", "daemonsets", "replicasets")}
+    | {("batch", r) for r in ("jobs", "cronjobs")}
+    | {("networking.k8s.io", r) for r in ("ingresses", "networkpolicies", "ingressclasses")}
+    | {("autoscaling", "horizontalpodautoscalers"), ("policy", "poddisruptionbudgets"),
+       ("storage.k8s.io", "storageclasses"), ("scheduling.k8s.io", "priorityclasses"),
+       ("discovery.k8s.io", "endpointslices"), ("apiextensions.k8s.io", "customresourcedefinitions")}
+    | {("admissionregistration.k8s.io", r)
+       for r in ("validatingwebhookconfigurations", "mutatingwebhookconfigurations")}
+)  # fmt: skip
+
+
+def may_create(attrs: RequestAttributes, content_types: list[str]) -> bool:
+    """Whether the API server may create the object although the request's verb is `patch` or `update`:
+    a server-side apply, or a PUT of a resource whose strategy allows create on update. The API server then
+    also authorizes the verb `create` (handlers/patch.go and update.go, `createAuthorizerAttributes`) and
+    runs admission as CREATE; whether it does depends on whether the object exists, which the gateway
+    cannot know. `content_types`: every Content-Type value (the API server reads the first; any apply
+    type among them counts, to fail closed)."""
+    if not attrs.is_resource_request or attrs.is_proxy:
+        return False  # a proxied PUT or PATCH goes to a container, not to an object
+    if attrs.verb == "patch":
+        return any(value.split(";")[0].strip().lower() in APPLY_PATCH_TYPES for value in content_types)
+    if attrs.verb == "update":
+        # A subresource's PUT too: its store keeps the resource's strategy (fail closed where it may create)
+        return (attrs.api_group, attrs.resource) not in NO_CREATE_ON_UPDATE
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
 # net/url
 # ---------------------------------------------------------------------------------------------------------
 

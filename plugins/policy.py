@@ -11,19 +11,25 @@ only when everything else matched, and reads the request body only then — deco
 A condition that cannot be evaluated (an evaluation error, a body that cannot be read) fails closed for
 `deny` and `approve` rules: the rule applies and its message says why (`on_condition_error`, default
 `match` for them, `no_match` for `allow` rules).
+
+A request that may create its object without the verb `create` — a server-side apply, a PUT of a resource
+the API server creates on update (`kubegate.core.attributes.may_create`) — is evaluated twice, as `create`
+and as its own verb, and the stricter outcome decides (deny > approve > allow; on a tie, the `create`
+reading's): the API server authorizes and admits it as a create when the object is missing, which the gateway
+cannot know.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from kubegate.core.attributes import RequestAttributes
+from kubegate.core.attributes import RequestAttributes, may_create
 from kubegate.core.bodies import Body, BodyError, decode_write_body
 from kubegate.core.config import private
 from kubegate.core.errors import StatusError
@@ -183,6 +189,9 @@ class Request:
     body: bytes | None = None  # None: not read (yet)
     method: str = ""  # the HTTP method; "" → the one the verb implies (create POST, update PUT, patch PATCH)
     content_type: str = ""  # the request's first Content-Type value
+    # The API server may create the object though the verb is patch or update (a server-side apply, a PUT
+    # of a resource created on update: `may_create`): rules for `create` judge it too.
+    creates: bool = False
     _decoded: tuple[bytes | None, Body | BodyError | None] | None = field(
         default=None, repr=False, compare=False
     )
@@ -199,6 +208,8 @@ class Outcome:
     condition_error: str = ""
     # 415 when that was a body in a media type the gateway does not read (client-go retries CBOR as JSON)
     condition_error_status: int = 0
+    # "create" when the request may create its object and its reading as a create decided; else ""
+    as_verb: str = ""
 
 
 def _any_glob(patterns: list[str], value: str) -> bool:
@@ -416,11 +427,49 @@ def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str, int]:
     return bool(result), f"condition {'true' if result else 'false'}", 0
 
 
+ACTION_RANK = {"allow": 0, "approve": 1, "deny": 2}
+
+
+def creating(req: Request) -> Request | None:
+    """The request read as the `create` it may be (see `Request.creates`); None when it is no more than its
+    verb."""
+    if not req.creates or req.verb == "create":
+        return None
+    # The body stays what it is (an apply patch, a whole object): read as the method sent it
+    return replace(req, verb="create", method=req.method or BODY_VERBS.get(req.verb, ""))
+
+
 def evaluate(settings: PolicySettings, req: Request, *, explain: bool = True) -> Outcome:
     """The rules against one request, in order. Pure (no I/O): the caller has read the body if needed.
     With `explain` (``kubegate policy check``) every rule is tried and the trace says why each did or did
     not match; without it (the request path) only the index's candidates are tried and there is no trace —
-    the same outcome either way."""
+    the same outcome either way.
+
+    A request that may create its object (`Request.creates`) is evaluated as `create` and as its own verb;
+    the stricter outcome decides, the `create` reading's on a tie (see the module docstring)."""
+    as_create = creating(req)
+    if as_create is None:
+        return _evaluate_one(settings, req, explain)
+    created = _evaluate_one(settings, as_create, explain)
+    req._decoded = as_create._decoded  # decoded once for both readings
+    own = _evaluate_one(settings, req, explain)
+    created.as_verb = "create"
+    chosen = created if ACTION_RANK[created.action] >= ACTION_RANK[own.action] else own
+    dry_run = created.dry_run + [entry for entry in own.dry_run if entry not in created.dry_run]
+    trace: list[str] = []
+    if explain:
+        why = "an apply patch" if req.verb == "patch" else f"a PUT of {req.resource}"
+        trace = [
+            f"as create ({why} creates the object when it is missing):",
+            *(f"  {line}" for line in created.trace),
+            f"as {req.verb}:",
+            *(f"  {line}" for line in own.trace),
+            f"the stricter decides: {chosen.action} as {chosen.as_verb or req.verb}",
+        ]
+    return replace(chosen, dry_run=dry_run, trace=trace)
+
+
+def _evaluate_one(settings: PolicySettings, req: Request, explain: bool) -> Outcome:
     if not explain:
         return _evaluate_fast(settings, req)
     dry: list[dict[str, str]] = []
@@ -474,14 +523,21 @@ def _evaluate_fast(settings: PolicySettings, req: Request) -> Outcome:
 
 
 def needs_body(settings: PolicySettings, req: Request) -> bool:
-    """Whether some rule that could still decide has a condition on the request object."""
+    """Whether some rule that could still decide has a condition on the request object (also as the
+    `create` a request may be)."""
     index = settings.index
     reading = index.reading_object
     if not reading:
         return False
     rules = settings.rules
+    readings = [req]
+    as_create = creating(req)
+    if as_create is not None:
+        readings.append(as_create)
     return any(
-        i in reading and _matches(rules[i].match, req) for i in index.candidates(req.verb, req.resource)
+        i in reading and _matches(rules[i].match, each)
+        for each in readings
+        for i in index.candidates(each.verb, each.resource)
     )
 
 
@@ -516,7 +572,14 @@ def request_from_flow(flow: Flow) -> Request:
     assert flow.identity is not None
     # The command exactly as the API server will decode it (every value, in order, blanks kept).
     command = list(attrs.command)
-    return request_from_attributes(flow.identity, attrs, flow.request.path, command, flow.request.body)
+    req = request_from_attributes(flow.identity, attrs, flow.request.path, command, flow.request.body)
+    req.method = flow.request.method.upper()
+    content_types = flow.request.header_values("content-type")
+    # Go's Header.Get reads the first Content-Type; two of them could be read either way: joined, they are
+    # no media type at all and the body is refused
+    req.content_type = ", ".join(content_types)
+    req.creates = may_create(attrs, content_types)
+    return req
 
 
 def decision_for(outcome: Outcome, connection: str) -> Decision:
@@ -540,6 +603,8 @@ def decision_for(outcome: Outcome, connection: str) -> Decision:
             window_seconds=rule.approval.window_seconds or 0,
         )
         message = outcome.condition_error or rule.message or f"policy rule {rule.name} requires approval"
+        if outcome.as_verb:  # reviewers see the verb patch or update: say what else it may do
+            message += " (judged as a create too: this request creates the object when it is missing)"
         return Decision(Verdict.NEEDS_APPROVAL, message, rule.name, PLUGIN_NAME, approval=spec)
     return Decision(Verdict.ALLOW, rule.message, rule.name, PLUGIN_NAME)
 
@@ -564,15 +629,15 @@ def kubegate_audit_fields(flow: Flow) -> dict[str, Any]:
 async def kubegate_decide(flow: Flow) -> Decision | None:
     settings: PolicySettings = flow.connection.settings_for(PLUGIN_NAME)
     req = request_from_flow(flow)
-    req.method = flow.request.method.upper()
-    # Go's Header.Get reads the first Content-Type; two of them could be read either way: joined, they are
-    # no media type at all and the body is refused
-    req.content_type = ", ".join(flow.request.header_values("content-type"))
     if req.body is None and not flow.request.websocket and needs_body(settings, req):
         req.body = await flow.request.read_body()
     outcome = evaluate(settings, req, explain=False)
-    if outcome.dry_run:
-        flow.state[PLUGIN_NAME] = {"dry_run": outcome.dry_run}
+    if outcome.dry_run or outcome.as_verb:
+        # The audit event's `policy`: what dry-run rules would have done, and `as_verb: create` when the
+        # request was decided as the create it may be
+        flow.state[PLUGIN_NAME] = {"dry_run": outcome.dry_run} | (
+            {"as_verb": outcome.as_verb} if outcome.as_verb else {}
+        )
         for entry in outcome.dry_run:
             log.info("policy dry run on %s: rule %s would %s %s %s for %s", flow.connection.name,
                      entry["rule"], entry["action"], req.verb, req.path, req.identity.user)  # fmt: skip

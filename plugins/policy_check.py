@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from kubegate.core import bodies, protobuf
-from kubegate.core.attributes import parse_request, path_unescape
+from kubegate.core.attributes import may_create, parse_request, path_unescape
 from kubegate.core.flow import Identity
 
 from .policy import Outcome, PolicySettings, Request, evaluate, request_from_attributes
@@ -174,6 +174,7 @@ def build_request(identity: Identity, argv: list[str], body: bytes | None, conte
     req = request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), attrs.command, body)
     req.method = method
     req.content_type = content_type or guess_content_type(method, body)
+    req.creates = may_create(attrs, [req.content_type])
     return req
 
 
@@ -186,6 +187,8 @@ def describe(req: Request, outcome: Outcome) -> list[str]:
         what += f" in namespace {req.namespace}"
     if req.command:
         what += f" running {shlex.join(req.command)}"
+    if req.creates:
+        what += " — may create the object: rules for create judge it too"
     lines = [
         f"request:  {what} ({req.path})",
         f"as:       {who.user} (groups: {', '.join(who.groups) or 'none'}; method: {who.method or '-'})",
@@ -231,8 +234,11 @@ def check(
             "name": req.name,
             "path": req.path,
             "command": req.command,
+            # may create its object without the verb create: rules for create judge it too
+            "creates": req.creates,
         },
         "decision": outcome.action,
+        "as_verb": outcome.as_verb,
         "rule": outcome.rule.name if outcome.rule else None,
         "dry_run": outcome.dry_run,
         "trace": outcome.trace,

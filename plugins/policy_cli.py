@@ -46,7 +46,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot read {args.body}: {exc.strerror}") from None
     try:
         request = list(args.request)
-        result = check(settings, identity, request[1:] if request[:1] == ["--"] else request, body)
+        argv = request[1:] if request[:1] == ["--"] else request
+        result = check(settings, identity, argv, body, args.content_type)
     except CheckError as exc:
         raise CLIError(str(exc)) from None
     text: list[str] = result.pop("text")
@@ -117,6 +118,9 @@ def kubegate_cli_commands(subparsers: argparse._SubParsersAction[argparse.Argume
     pcheck.add_argument("--method", default="", help="authentication method, e.g. oidc or login:oidc")
     pcheck.add_argument("--claim", action="append", default=[], help="NAME=VALUE of a kept claim (repeat)")
     pcheck.add_argument("--body", help="file with the request body (for conditions on `object`)")
+    pcheck.add_argument("--content-type", default="",
+                        help="the body's Content-Type (default: guessed as kubectl would send it); "
+                        "application/apply-patch+yaml for a server-side apply")  # fmt: skip
     add_output_argument(pcheck)
     pcheck.add_argument("request", nargs=argparse.REMAINDER, help="-- kubectl ... | -- METHOD /path")
     pcheck.set_defaults(func=cmd_policy_check)

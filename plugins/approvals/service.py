@@ -1,7 +1,9 @@
 """Holding requests until reviewers decide, and the reviewers' actions.
 
 A held request is bound to its exact intent: connection, identity (user and groups), verb, resource, the
-full path and query as sent, the SHA-256 of the body and the exec command. The same intent retried
+full path and query as sent, the SHA-256 of the body and the exec command — and, for a request that may
+create its object without the verb create (a server-side apply, a PUT the API server creates on), that it
+may: approving a merge patch never releases the same bytes sent as an apply that creates. The same intent retried
 attaches to the same approval request, so a client that gave up and retries proceeds once it is
 approved; any other request needs its own approval.
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from kubegate.core.attributes import may_create
 from kubegate.core.db import Database
 from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
 from kubegate.core.people import EXCHANGED_FROM_CLAIM, PeopleResolver, normalize, person_key
@@ -65,8 +68,11 @@ def intent_of(flow: Flow, body: bytes) -> Intent:
     assert flow.identity is not None
     # The canonical query is what upstream receives, so an approval binds exactly what will run.
     path = flow.request.path + (f"?{flow.request.query}" if flow.request.query else "")
+    # Only when true, so the intents of every other request (and their approvals) stay as they were
+    creates = {"creates": True} if may_create(attrs, flow.request.header_values("content-type")) else {}
     return Intent(
-        {
+        creates
+        | {
             "connection": flow.connection.name,
             "user": flow.identity.user,
             "groups": sorted(flow.identity.groups),

@@ -8,6 +8,7 @@ from kubegate.core.attributes import (
     RequestRefused,
     encode_query,
     go_bool,
+    may_create,
     parse_query,
     parse_request,
     path_unescape,
@@ -404,3 +405,36 @@ def test_the_kubelets_sessions_through_nodes_proxy_are_refused(path):
 )
 def test_other_proxy_paths_are_not(path):
     assert parse_request("GET", path, "").is_proxy
+
+
+# -- writes that may create their object (handlers/patch.go forceAllowCreate, update.go AllowCreateOnUpdate) --
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content_types", "creates"),
+    [
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/apply-patch+yaml"], True),
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/apply-patch+yaml; charset=utf-8"], True),
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/apply-patch+cbor"], True),
+        # two Content-Types: Go reads the first; any apply type among them counts (fail closed)
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/merge-patch+json", "application/apply-patch+yaml"],
+         True),
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/merge-patch+json"], False),
+        ("PATCH", "/api/v1/namespaces/dev/pods/p", ["application/strategic-merge-patch+json"], False),
+        ("PATCH", "/api/v1/namespaces/dev/pods/p/proxy/x", ["application/apply-patch+yaml"], False),
+        ("PUT", "/apis/rbac.authorization.k8s.io/v1/namespaces/dev/rolebindings/b", [], True),
+        ("PUT", "/apis/rbac.authorization.k8s.io/v1/clusterroles/r", [], True),
+        ("PUT", "/apis/coordination.k8s.io/v1/namespaces/dev/leases/l", [], True),
+        ("PUT", "/api/v1/namespaces/dev/services/s", [], True),
+        ("PUT", "/api/v1/namespaces/dev/endpoints/s", [], True),
+        ("PUT", "/apis/example.com/v1/namespaces/dev/widgets/w", [], True),  # a CRD or an aggregated API
+        ("PUT", "/api/v1/namespaces/dev/pods/p", [], False),
+        ("PUT", "/apis/apps/v1/namespaces/dev/deployments/d", [], False),
+        ("PUT", "/apis/apps/v1/namespaces/dev/deployments/d/scale", [], False),
+        ("PUT", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/w", [], False),
+        ("POST", "/api/v1/namespaces/dev/pods", [], False),  # a create is a create already
+        ("GET", "/api/v1/namespaces/dev/services/s", [], False),
+    ],
+)  # fmt: skip
+def test_may_create(method, path, content_types, creates):
+    assert may_create(parse_request(method, path, ""), content_types) is creates

@@ -257,6 +257,33 @@ def test_an_approval_intent_names_the_request_as_the_policy_does(method, path, q
         req.verb, req.resource, req.namespace, req.name, req.command)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "content_type", "creates"),
+    [
+        ("PATCH", "/api/v1/namespaces/prod/pods/web", "application/apply-patch+yaml", True),
+        ("PATCH", "/api/v1/namespaces/prod/pods/web", "application/merge-patch+json", False),
+        (
+            "PUT",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/prod/rolebindings/b",
+            "application/json",
+            True,
+        ),
+        ("PUT", "/api/v1/namespaces/prod/configmaps/c", "application/json", False),
+    ],
+)
+def test_an_approval_intent_binds_whether_the_request_may_create(method, path, content_type, creates):
+    """An approval of a merge patch must not release the same bytes sent as an apply that creates."""
+    from kubegate.plugins.approvals.service import intent_of
+    from kubegate.plugins.policy import request_from_flow
+
+    flow = make_flow(method, path, headers=[("content-type", content_type)])
+    assert request_from_flow(flow).creates is creates
+    assert intent_of(flow, b"{}").fields.get("creates", False) is creates
+    other = "application/merge-patch+json" if content_type.startswith("application/apply") else content_type
+    same_bytes = make_flow(method, path, headers=[("content-type", other)])
+    assert (intent_of(flow, b"{}").hash == intent_of(same_bytes, b"{}").hash) is (other == content_type)
+
+
 # -- metrics -----------------------------------------------------------------------------------------------
 
 

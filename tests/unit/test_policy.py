@@ -374,3 +374,122 @@ def test_names_hold_every_port_of_a_proxied_object(resource, name, held):
     )  # fmt: skip
     outcome = evaluate(policy, req(verb="get", resource=resource, name=name))
     assert (outcome.action == "deny") is held
+
+
+# -- requests that create without the verb create --------------------------------------------------------
+# A server-side apply creates the object when it is missing (handlers/patch.go: forceAllowCreate, the create
+# authorized with createAuthorizerAttributes, admission as CREATE), and so does a PUT of a resource whose
+# strategy allows create on update (handlers/update.go). The gateway cannot know whether the object exists:
+# rules for `create` judge such requests too, and the stricter reading decides.
+
+CREATES = PolicySettings.model_validate({
+    "default": "allow",
+    "rules": [
+        {"name": "patches-are-fine", "action": "allow", "match": {"verbs": ["patch"], "resources": ["pods"]}},
+        {"name": "no-privileged-pods", "action": "deny", "message": "privileged pods are not allowed",
+         "match": {"verbs": ["create"], "resources": ["pods"], "condition": PRIVILEGED}},
+        {"name": "new-rolebindings-need-review", "action": "approve",
+         "match": {"verbs": ["create"], "resources": ["rolebindings"]}, "approval": {"reviewer_groups": ["sre"]}},
+        {"name": "rolebinding-changes", "action": "approve",
+         "match": {"verbs": ["update"], "resources": ["rolebindings"]}, "approval": {"reviewer_groups": ["leads"]}},
+        {"name": "who-creates", "action": "deny",
+         "match": {"verbs": ["create"], "resources": ["services", "widgets", "deployments/scale", "configmaps"],
+                   "condition": "request.verb == 'create' && request.patchType != 'json-patch'"}},
+    ],
+})  # fmt: skip
+APPLY = "application/apply-patch+yaml"
+BINDING = (
+    b'{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"RoleBinding","metadata":{"name":"me-admin"},'
+    b'"roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"admin"},'
+    b'"subjects":[{"kind":"User","name":"alice"}]}'
+)
+
+
+def built(method: str, path: str, body: bytes | None = None, content_type: str = "") -> Request:
+    from kubegate.plugins.policy_check import build_request
+
+    return build_request(ALICE, [method, path], body, content_type)
+
+
+@pytest.mark.parametrize("content_type", [APPLY, "application/apply-patch+yaml; charset=utf-8"])
+def test_a_server_side_apply_that_creates_a_privileged_pod_is_denied(content_type):
+    req_ = built("PATCH", "/api/v1/namespaces/dev/pods/p?fieldManager=kubectl", PRIV_YAML, content_type)
+    assert req_.creates
+    outcome = evaluate(CREATES, req_)
+    assert (outcome.action, outcome.rule.name, outcome.as_verb) == ("deny", "no-privileged-pods", "create")
+    assert evaluate(CREATES, req_, explain=False).rule.name == "no-privileged-pods"  # the request path too
+    # the same patch as a strategic merge patch cannot create: the allow rule for patches decides
+    smp = built("PATCH", "/api/v1/namespaces/dev/pods/p", PRIV_JSON, "application/strategic-merge-patch+json")
+    assert not smp.creates and evaluate(CREATES, smp).rule.name == "patches-are-fine"
+
+
+def test_a_put_that_may_create_a_rolebinding_is_held_like_a_post():
+    path = "/apis/rbac.authorization.k8s.io/v1/namespaces/prod/rolebindings"
+    post = evaluate(CREATES, built("POST", path, BINDING))
+    put = evaluate(CREATES, built("PUT", f"{path}/me-admin", BINDING))
+    assert (post.action, post.rule.name) == ("approve", "new-rolebindings-need-review")
+    # both readings hold it; on a tie the create reading's rule asks, and reviewers are told why
+    assert (put.action, put.rule.name, put.as_verb) == ("approve", "new-rolebindings-need-review", "create")
+    assert "creates the object when it is missing" in decision_for(put, "prod").reason
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "creates"),
+    [
+        ("PUT", "/api/v1/namespaces/dev/services/web", True),  # svcStrategy: AllowCreateOnUpdate true
+        ("PUT", "/apis/example.com/v1/namespaces/dev/widgets/w", True),  # unknown: may be aggregated
+        ("PUT", "/api/v1/namespaces/dev/configmaps/c", False),  # its strategy says false: 404
+        ("PUT", "/apis/apps/v1/namespaces/dev/deployments/web/scale", False),
+        ("PUT", "/api/v1/namespaces/dev/services/web/proxy/x", False),  # to the service's pods
+        ("POST", "/api/v1/namespaces/dev/services", False),  # a create already
+    ],
+)
+def test_which_puts_are_judged_as_creates_too(method, path, creates):
+    req_ = built(method, path, b'{"kind":"X"}', "application/json")
+    assert req_.creates is creates
+    outcome = evaluate(CREATES, req_)
+    assert (outcome.rule.name if outcome.rule else None) == (
+        "who-creates" if creates or method == "POST" else None
+    )
+
+
+def test_the_stricter_reading_decides_and_conditions_see_the_verb_of_their_reading():
+    # an allow rule for patches above: the create reading's deny still decides
+    req_ = built("PATCH", "/api/v1/namespaces/dev/pods/p", PRIV_YAML, APPLY)
+    assert evaluate(CREATES, req_).action == "deny"
+    # a benign applied pod: both readings allow; nothing was held or denied
+    benign = built(
+        "PATCH", "/api/v1/namespaces/dev/pods/p", b"kind: Pod\nspec:\n  containers:\n  - name: c\n", APPLY
+    )
+    assert evaluate(CREATES, benign).action == "allow"
+    seen = PolicySettings.model_validate({"rules": [
+        {"name": "verb", "action": "deny", "match": {"condition": "request.verb == 'patch' && request.patchType == 'apply-patch'"}}]})  # fmt: skip
+    assert evaluate(seen, req_).rule.name == "verb"  # the patch reading still sees `patch`
+
+
+def test_policy_check_explains_both_readings(tmp_path):
+    from kubegate.plugins.policy_check import check
+
+    result = check(CREATES, ALICE, ["PATCH", "/api/v1/namespaces/dev/pods/p"], PRIV_YAML, APPLY)
+    assert (result["decision"], result["rule"], result["as_verb"]) == ("deny", "no-privileged-pods", "create")
+    assert result["request"]["creates"] is True
+    text = "\n".join(result["text"])
+    assert "may create the object: rules for create judge it too" in text
+    assert "as create (an apply patch creates the object when it is missing):" in text
+    assert "as patch:" in text and "patches-are-fine: matched → allow" in text
+    assert "the stricter decides: deny as create" in text
+    (tmp_path / "pod.yaml").write_bytes(PRIV_YAML)
+    args = [
+        "--as",
+        "alice",
+        "--body",
+        str(tmp_path / "pod.yaml"),
+        "--",
+        "PATCH",
+        "/api/v1/namespaces/prod/pods/p",
+    ]
+    proc = policy_check(tmp_path, "--content-type", APPLY, *args)  # kubectl apply --server-side
+    assert "decision: deny by rule no-privileged" in proc.stdout, proc.stdout + proc.stderr
+    assert "as create (an apply patch" in proc.stdout
+    assert "by rule no-privileged" not in policy_check(tmp_path, *args).stdout  # guessed: strategic merge
+

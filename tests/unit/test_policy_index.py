@@ -14,6 +14,7 @@ from kubegate.plugins.policy import (
     Request,
     _matches,
     _mismatch,
+    creating,
     evaluate,
     needs_body,
 )
@@ -77,12 +78,13 @@ def requests(draw: st.DrawFn) -> Request:
         name=draw(st.sampled_from(["web", "db-0", ""])),
         body=body,
         content_type="application/json-patch+json" if body and body.startswith(b"[") else "application/json",
+        creates=draw(st.booleans()),  # may create its object: also read as a create
     )
 
 
 def outcome_of(o):
     return (o.rule.name if o.rule else None, o.action, o.reason, o.dry_run, o.condition_error,
-            o.condition_error_status)  # fmt: skip
+            o.condition_error_status, o.as_verb)  # fmt: skip
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -92,7 +94,10 @@ def test_the_indexed_evaluation_decides_as_the_explained_one(policy: PolicySetti
     fast = evaluate(policy, request, explain=False)
     assert outcome_of(fast) == outcome_of(explained), explained.trace
     assert fast.trace == []
-    reads = any(r.match._reads_object and _mismatch(r.match, request) is None for r in policy.rules)
+    readings = [request] + ([creating(request)] if creating(request) else [])
+    reads = any(
+        r.match._reads_object and _mismatch(r.match, each) is None for r in policy.rules for each in readings
+    )
     assert needs_body(policy, request) == reads
 
 
