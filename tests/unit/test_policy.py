@@ -493,3 +493,35 @@ def test_policy_check_explains_both_readings(tmp_path):
     assert "as create (an apply patch" in proc.stdout
     assert "by rule no-privileged" not in policy_check(tmp_path, *args).stdout  # guessed: strategic merge
 
+
+def documented_no_privileged_pods() -> PolicySettings:
+    """docs/policy.md's first example, its `no-privileged-pods` rule, as written there."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    rules = yaml.safe_load(block.group(1))["connections"]["prod"]["plugins"]["policy"]["rules"]
+    [rule] = [r for r in rules if r["name"] == "no-privileged-pods"]
+    return PolicySettings.model_validate({"default": "allow", "rules": [rule]})
+
+
+@pytest.mark.parametrize(
+    ("method", "content_type", "body", "denied"),
+    [
+        ("POST", "application/yaml", PRIV_YAML, True),
+        ("POST", "application/yaml", b"kind: Pod\nspec:\n  containers: [{name: c}]\n"
+                                     b"  initContainers: [{name: i, securityContext: {privileged: true}}]\n", True),
+        ("PATCH", APPLY, PRIV_YAML, True),  # kubectl apply --server-side of a new pod
+        ("PATCH", APPLY, b"kind: Pod\nmetadata: {labels: {a: b}}\n", False),  # an apply of labels only
+        ("POST", "application/yaml", b"kind: Pod\nspec:\n  containers: [{name: c}]\n", False),
+    ],
+)  # fmt: skip
+def test_the_documented_privileged_pod_rule(method, content_type, body, denied):
+    path = "/api/v1/namespaces/dev/pods" + ("/p" if method == "PATCH" else "")
+    outcome = evaluate(documented_no_privileged_pods(), built(method, path, body, content_type))
+    assert (outcome.action == "deny") is denied, outcome.trace
+    assert outcome.condition_error == ""  # the condition judged each of them
