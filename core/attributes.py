@@ -162,11 +162,18 @@ def may_create(attrs: RequestAttributes, content_types: list[str]) -> bool:
     type among them counts, to fail closed)."""
     if not attrs.is_resource_request or attrs.is_proxy:
         return False  # a proxied PUT or PATCH goes to a container, not to an object
-    if attrs.verb == "patch":
+    return verb_may_create(attrs.verb, attrs.api_group, attrs.resource, content_types)
+
+
+def verb_may_create(verb: str, api_group: str, resource: str, content_types: list[str]) -> bool:
+    """`may_create` from a resource request's verb, API group and resource (without subresource)."""
+    if not resource:
+        return False
+    if verb == "patch":
         return any(value.split(";")[0].strip().lower() in APPLY_PATCH_TYPES for value in content_types)
-    if attrs.verb == "update":
+    if verb == "update":
         # A subresource's PUT too: its store keeps the resource's strategy (fail closed where it may create)
-        return (attrs.api_group, attrs.resource) not in NO_CREATE_ON_UPDATE
+        return (api_group, resource) not in NO_CREATE_ON_UPDATE
     return False
 
 

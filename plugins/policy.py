@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 import celpy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from kubegate.core.attributes import RequestAttributes, may_create
+from kubegate.core.attributes import RequestAttributes, verb_may_create
 from kubegate.core.bodies import Body, BodyError, decode_write_body
 from kubegate.core.config import private
 from kubegate.core.errors import StatusError
@@ -188,13 +188,20 @@ class Request:
     command: list[str] = field(default_factory=list)
     body: bytes | None = None  # None: not read (yet)
     method: str = ""  # the HTTP method; "" → the one the verb implies (create POST, update PUT, patch PATCH)
-    content_type: str = ""  # the request's first Content-Type value
-    # The API server may create the object though the verb is patch or update (a server-side apply, a PUT
-    # of a resource created on update: `may_create`): rules for `create` judge it too.
-    creates: bool = False
+    content_type: str = ""  # the request's Content-Type values, joined by ", " when several
     _decoded: tuple[bytes | None, Body | BodyError | None] | None = field(
         default=None, repr=False, compare=False
     )
+
+    @property
+    def creates(self) -> bool:
+        """The API server may create the object though the verb is patch or update (a server-side apply, a
+        PUT of a resource created on update: `kubegate.core.attributes.may_create`): rules for `create`
+        judge it too. Derived from the request's own facts, so no caller can forget it."""
+        resource, _, subresource = self.resource.partition("/")
+        if subresource == "proxy":
+            return False  # to a container, not to an object
+        return verb_may_create(self.verb, self.api_group, resource, self.content_type.split(","))
 
 
 @dataclass
@@ -578,7 +585,6 @@ def request_from_flow(flow: Flow) -> Request:
     # Go's Header.Get reads the first Content-Type; two of them could be read either way: joined, they are
     # no media type at all and the body is refused
     req.content_type = ", ".join(content_types)
-    req.creates = may_create(attrs, content_types)
     return req
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from kubegate.core import bodies, protobuf
-from kubegate.core.attributes import may_create, parse_request, path_unescape
+from kubegate.core.attributes import parse_request, path_unescape
 from kubegate.core.flow import Identity
 
 from .policy import Outcome, PolicySettings, Request, evaluate, request_from_attributes
@@ -174,7 +174,6 @@ def build_request(identity: Identity, argv: list[str], body: bytes | None, conte
     req = request_from_attributes(identity, attrs, path + (f"?{query}" if query else ""), attrs.command, body)
     req.method = method
     req.content_type = content_type or guess_content_type(method, body)
-    req.creates = may_create(attrs, [req.content_type])
     return req
 
 

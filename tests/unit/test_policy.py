@@ -525,3 +525,15 @@ def test_the_documented_privileged_pod_rule(method, content_type, body, denied):
     outcome = evaluate(documented_no_privileged_pods(), built(method, path, body, content_type))
     assert (outcome.action == "deny") is denied, outcome.trace
     assert outcome.condition_error == ""  # the condition judged each of them
+
+
+def test_a_request_built_by_hand_knows_it_may_create():
+    """`creates` comes from the request's own verb, resource and Content-Type: no caller can forget it."""
+    apply = Request(identity=ALICE, verb="patch", resource="pods", namespace="dev", name="p", body=PRIV_YAML,
+                    method="PATCH", content_type=f"application/merge-patch+json, {APPLY}")  # fmt: skip
+    assert apply.creates and evaluate(CREATES, apply).rule.name == "no-privileged-pods"
+    put = Request(identity=ALICE, verb="update", api_group="rbac.authorization.k8s.io", resource="rolebindings",
+                  namespace="prod", name="me-admin", body=BINDING, method="PUT")  # fmt: skip
+    assert put.creates and evaluate(CREATES, put).rule.name == "new-rolebindings-need-review"
+    proxied = Request(identity=ALICE, verb="update", resource="services/proxy", namespace="dev", name="web")
+    assert not proxied.creates

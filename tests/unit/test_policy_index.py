@@ -77,8 +77,10 @@ def requests(draw: st.DrawFn) -> Request:
         namespace=draw(st.sampled_from(NAMESPACES)),
         name=draw(st.sampled_from(["web", "db-0", ""])),
         body=body,
-        content_type="application/json-patch+json" if body and body.startswith(b"[") else "application/json",
-        creates=draw(st.booleans()),  # may create its object: also read as a create
+        # an apply patch (of a patch) or a PUT of a resource created on update is read as a create too
+        content_type="application/json-patch+json"
+        if body and body.startswith(b"[")
+        else draw(st.sampled_from(["application/json", "application/apply-patch+yaml"])),
     )
 
 
