@@ -351,8 +351,8 @@ class Proxy:
         (`x/data/password` is `/data/password` there) is refused with 400 before any plugin judges it: a
         condition or masking reading it as a pointer would judge another field (core/bodies.py)."""
         request = flow.request
-        if request.method != "PATCH" or request.websocket:
-            return
+        if request.method != "PATCH" or request.websocket or flow.attributes.is_proxy:
+            return  # a proxied body is the container's, not a patch the API server applies
         content_types = request.header_values("content-type")
         if not content_types or not content_types[0].startswith(JSON_PATCH):
             return  # the API server reads the first value (Header.Get)

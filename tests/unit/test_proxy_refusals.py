@@ -305,6 +305,27 @@ async def test_policy_deny_is_a_403_status_naming_the_reason(served):
     }
 
 
+# -- 400: a JSON patch whose pointers the API server reads otherwise ---------------------------------------
+
+
+async def test_a_json_patch_pointer_the_api_server_reads_otherwise_is_a_400_status_before_any_decision(
+    served,
+):
+    gateway, guard = served
+    ops = b'[{"op":"copy","from":"x/data/password","path":"/metadata/annotations/leak"}]'
+    headers = {"content-type": "application/json-patch+json"}
+    answer = await call(
+        gateway, "PATCH", "/k8s/prod/api/v1/namespaces/dev/secrets/db", headers=headers, body=[ops]
+    )
+    assert_status(answer, 400, "BadRequest", "the JSON patch's from 'x/data/password' (operation 0) does not")
+    (event,) = guard.requests()
+    assert event["status"] == 400 and event["decision"] is None  # no plugin was asked
+    # through pods/proxy the body is the container's: passed on (to an upstream that is not there: 503)
+    proxied = await call(gateway, "PATCH", "/k8s/prod/api/v1/namespaces/dev/pods/web/proxy/x", headers=headers,
+                         body=[ops])  # fmt: skip
+    assert proxied.status == 503
+
+
 # -- 413: a body over max_request_body_bytes -------------------------------------------------------------
 
 
