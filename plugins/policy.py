@@ -15,8 +15,8 @@ A condition that cannot be evaluated (an evaluation error, a body that cannot be
 A request that may create its object without the verb `create` — a server-side apply, a PUT of a resource
 the API server creates on update (`kubegate.core.attributes.may_create`) — is evaluated twice, as `create`
 and as its own verb, and the stricter outcome decides (deny > approve > allow; on a tie, the `create`
-reading's): the API server authorizes and admits it as a create when the object is missing, which the gateway
-cannot know.
+reading's): the API server authorizes and admits it as a create when the object is missing, which the
+gateway cannot know.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A held request is bound to its exact intent: connection, identity (user and groups), verb, resource, the
 full path and query as sent, the SHA-256 of the body and the exec command — and, for a request that may
 create its object without the verb create (a server-side apply, a PUT the API server creates on), that it
-may: approving a merge patch never releases the same bytes sent as an apply that creates. The same intent retried
-attaches to the same approval request, so a client that gave up and retries proceeds once it is
+may: approving a merge patch never releases the same bytes sent as an apply that creates. The same intent
+retried attaches to the same approval request, so a client that gave up and retries proceeds once it is
 approved; any other request needs its own approval.
 
 Waiting is a poll of the database (every `POLL_SECONDS`), woken at once by an approval given through the
