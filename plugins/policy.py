@@ -64,6 +64,7 @@ class RuleMatch(BaseModel):
     _program: Any = PrivateAttr(None)
     _reads_object: bool = PrivateAttr(False)
     _reads_patch_type: bool = PrivateAttr(False)
+    _reads_name: bool = PrivateAttr(False)
 
     @field_validator("verbs")
     @classmethod
@@ -87,6 +88,8 @@ class RuleMatch(BaseModel):
                 word in self.condition for word in ("object", "contentType", "patchType")
             )
             self._reads_patch_type = "patchType" in self.condition
+            # on a create the API server names the request after the object (see `cel_activation`)
+            self._reads_name = "name" in self.condition
         return self
 
 
@@ -323,6 +326,7 @@ class RuleIndex:
         # The rules with a condition on the request object (read once: a private attribute of a pydantic
         # model is a slow lookup on every request).
         self.reading_object = frozenset(i for i, rule in enumerate(rules) if rule.match._reads_object)
+        self.reading_name = frozenset(i for i, rule in enumerate(rules) if rule.match._reads_name)
         self.has_condition = tuple(rule.match._program is not None for rule in rules)
 
     def candidates(self, verb: str, resource: str) -> tuple[int, ...]:
@@ -377,6 +381,15 @@ def cel_activation(req: Request, body: Body | None = None) -> dict[str, Any]:
     `request.patchType` its patch type (`json-patch`, `merge-patch`, `strategic-merge-patch`,
     `apply-patch`; "" for a whole object)."""
     who = req.identity
+    name, namespace = req.name, req.namespace
+    if _named_by_body(req) and body is not None and body.shape == "object":
+        # handlers/create.go: a create's admission attributes carry the object's name (and a Namespace's
+        # namespace is its name), where the path has none
+        meta = body.doc.get("metadata") if isinstance(body.doc, dict) else None
+        found = meta.get("name") if isinstance(meta, dict) else None
+        name = found if isinstance(found, str) else ""
+        if req.resource == "namespaces" and not req.api_group and not namespace:
+            namespace = name
     return {
         "request": {
             "verb": req.verb,
@@ -386,8 +399,8 @@ def cel_activation(req: Request, body: Body | None = None) -> dict[str, Any]:
                 "resource": req.resource.split("/")[0],
             },
             "subResource": req.resource.partition("/")[2],
-            "namespace": req.namespace,
-            "name": req.name,
+            "namespace": namespace,
+            "name": name,
             "path": req.path,
             "userInfo": {"username": who.user, "groups": list(who.groups), "uid": who.uid},
             "contentType": body.media_type if body else "",
@@ -414,7 +427,7 @@ def _condition(match: RuleMatch, req: Request) -> tuple[bool | None, str, int]:
     """(True/False, why, 0) when the condition evaluated; (None, why not, HTTP status of a body error or
     0) when it could not be."""
     body: Body | None = None
-    if match._reads_object:
+    if match._reads_object or (match._reads_name and _named_by_body(req)):
         try:
             body = request_body(req)
         except BodyError as exc:
@@ -534,7 +547,7 @@ def needs_body(settings: PolicySettings, req: Request) -> bool:
     `create` a request may be)."""
     index = settings.index
     reading = index.reading_object
-    if not reading:
+    if not reading and not (index.reading_name and req.verb == "create" and not req.name):
         return False
     rules = settings.rules
     readings = [req]
@@ -542,10 +555,16 @@ def needs_body(settings: PolicySettings, req: Request) -> bool:
     if as_create is not None:
         readings.append(as_create)
     return any(
-        i in reading and _matches(rules[i].match, each)
+        (i in reading or (i in index.reading_name and _named_by_body(each)))
+        and _matches(rules[i].match, each)
         for each in readings
         for i in index.candidates(each.verb, each.resource)
     )
+
+
+def _named_by_body(req: Request) -> bool:
+    """A create without a name in its path: the API server takes the name from the object."""
+    return req.verb == "create" and not req.name
 
 
 CONNECT_SUBRESOURCES = {"pods/exec", "pods/attach", "pods/portforward"}

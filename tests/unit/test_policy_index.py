@@ -98,7 +98,10 @@ def test_the_indexed_evaluation_decides_as_the_explained_one(policy: PolicySetti
     assert fast.trace == []
     readings = [request] + ([creating(request)] if creating(request) else [])
     reads = any(
-        r.match._reads_object and _mismatch(r.match, each) is None for r in policy.rules for each in readings
+        (r.match._reads_object or (r.match._reads_name and each.verb == "create" and not each.name))
+        and _mismatch(r.match, each) is None
+        for r in policy.rules
+        for each in readings
     )
     assert needs_body(policy, request) == reads
 
