@@ -169,6 +169,7 @@ class Stored:
     hash: str
     signature: str = ""
     columns: dict[str, Any] | None = None  # searchable copies of fields, which must agree with the text
+    malformed: str = ""  # why the store's own form of the record is not as written (an audit file's line)
 
 
 @dataclass
@@ -197,13 +198,22 @@ def verify(records: Iterable[Stored], signer: Signer | None = None, *, head: tup
         if expected_seq is None:
             expected_seq = record.seq if trust_first else 1
             expected_prev = record.prev_hash if trust_first else GENESIS
+        if record.malformed:
+            return checked, Problem(record.seq, "modified", record.malformed)
         try:
             content = json.loads(record.text)
         except ValueError:
             return checked, Problem(record.seq, "modified", "its content is not the JSON that was written")
         written_seq = content.get("seq") if isinstance(content, dict) else None
-        if link(record.prev_hash, record.text) != record.hash or not is_canonical(content, record.text):
+        if link(record.prev_hash, record.text) != record.hash:
             return checked, Problem(record.seq, "modified", "its content does not match its hash")
+        if not is_canonical(content, record.text):
+            # The hashed text, but a reader may take it differently (a duplicate key: first or last wins).
+            return checked, Problem(
+                record.seq,
+                "modified",
+                "its text is not canonical JSON (a duplicate key, a space or an escape)",
+            )
         if written_seq != record.seq:
             return checked, Problem(
                 record.seq,

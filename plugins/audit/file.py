@@ -142,17 +142,43 @@ def _last_line(path: Path, block: int = 1 << 20) -> bytes:
 
 
 def stored_from_files(paths: list[Path]) -> Any:
-    """The chain records of the files, oldest first (give rotated files oldest first: F.2 F.1 F)."""
+    """The chain records of the files, oldest first (give rotated files oldest first: F.2 F.1 F).
+
+    Each record's text is the literal text of the line, not the parsed record written again: a duplicate key
+    (which a reader that keeps the first occurrence takes for the record), a space or an escape must not
+    pass as intact because parsing and writing again happens to restore the hashed text. A line must be
+    exactly as `FileSink` writes it; any other shape is yielded with the reason, which `verify` reports as
+    "modified"."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="\n") as f:
             for number, line in enumerate(f, 1):
-                try:
-                    entry = json.loads(line)
-                    text = chain.text_for_hash(entry["record"], entry["prev_hash"], entry["hash"])
-                    yield chain.Stored(seq=int(entry["record"]["seq"]), text=text, prev_hash=entry["prev_hash"],
-                                       hash=entry["hash"], signature=entry.get("signature", ""))  # fmt: skip
-                except (ValueError, KeyError, TypeError):
-                    yield chain.Stored(seq=-number, text=line, prev_hash="", hash="")
+                yield _stored_from_line(line.removesuffix("\n"), f"{path} line {number}", number)
+
+
+_LINE_KEYS = ["hash", "prev_hash", "record", "signature"]  # as `FileSink._append` writes them, in order
+
+
+def _stored_from_line(line: str, where: str, number: int) -> chain.Stored:
+    try:
+        pairs = json.loads(line, object_pairs_hook=lambda pairs: pairs)  # every key, duplicates too
+        entry = dict(pairs)
+        seq = int(dict(entry["record"])["seq"])
+    except (ValueError, KeyError, TypeError):
+        return chain.Stored(seq=-number, text=line, prev_hash="", hash="",
+                            malformed=f"{where} is not an audit record")  # fmt: skip
+    if [key for key, _ in pairs] != _LINE_KEYS:
+        return chain.Stored(seq=seq, text="", prev_hash="", hash="",
+                            malformed=f"{where} has other keys than hash, prev_hash, record, signature, "
+                            "or one twice")  # fmt: skip
+    chain_hash, prev_hash, signature = (str(entry[key]) for key in ("hash", "prev_hash", "signature"))
+    head = f'{{"hash":"{chain_hash}","prev_hash":"{prev_hash}","record":'  # as `FileSink._append` writes
+    tail = f',"signature":"{signature}"}}'
+    if not (line.startswith(head) and line.endswith(tail)):
+        return chain.Stored(seq=seq, text="", prev_hash="", hash="",
+                            malformed=f"{where} is not written as the sink writes it (a space or an escape)")  # fmt: skip
+    # The record's text as it stands in the file: `verify` hashes it and checks that it is canonical.
+    text = line[len(head) : len(line) - len(tail)]
+    return chain.Stored(seq=seq, text=text, prev_hash=prev_hash, hash=chain_hash, signature=signature)
 
 
 def make_sink(gateway: Gateway, settings: AuditFileSettings | None) -> FileSink:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -162,6 +163,77 @@ def test_file_sink_chain_continues_across_rotation_and_restart(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "kubegate.core.cli", "audit", "verify", "--file", *map(str, files)],
                          capture_output=True, text=True)  # fmt: skip
     assert cli.returncode == 1 and "modified" in cli.stdout, cli.stdout + cli.stderr
+
+
+def signed_file(tmp_path) -> tuple[Path, list[str]]:
+    path = tmp_path / "audit.jsonl"
+    FileSink(AuditFileSettings(path=path), path, chain.Signer("hmac-sha256", KEY)).write(records(3))
+    return path, path.read_text().splitlines(keepends=True)
+
+
+def verify_file(path: Path, lines: list[str]) -> chain.Problem | None:
+    path.write_text("".join(lines))
+    return chain.verify(stored_from_files([path]), chain.Signer("hmac-sha256", KEY))[1]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # A first occurrence in the record: a first-wins reader (Fluent Bit, grep) sees alice; the parsed
+        # record (last wins), written again, is the signed text.
+        lambda line: line.replace('"data":{', '"data":{"identity":{"user":"alice","groups":["admins"]},', 1),
+        lambda line: line.replace('"kind":"request"', '"kind":"request","kind":"request"', 1),
+        lambda line: line.replace('"kind":"request"', '"kind": "request"', 1),  # a space
+        lambda line: line.replace('"kind":"request"', '"kind":"requ\\u0065st"', 1),  # an escape
+    ],
+    ids=["duplicate-key-first", "duplicate-key", "space", "escape"],
+)
+def test_a_signed_file_record_whose_text_is_not_canonical_is_modified(tmp_path, edit):
+    """`verify --file` hashed the parsed record written again, not the line's text: a duplicate key, a space
+    or an escape passed as intact, even signed (red team). Now the line's own record text is checked."""
+    path, lines = signed_file(tmp_path)
+    assert verify_file(path, lines) is None
+    lines[1] = edit(lines[1])
+    found = verify_file(path, lines)
+    assert found is not None and (found.seq, found.what) == (2, "modified")
+
+
+def test_a_rehashed_record_with_a_duplicate_key_is_not_canonical(tmp_path):
+    """Without signing, whoever recomputes the last record's hash over a text with a duplicate key still gets
+    "modified": the text is not the canonical form of what it parses to."""
+    path = tmp_path / "audit.jsonl"
+    FileSink(AuditFileSettings(path=path), path, None).write(records(2))
+    lines = path.read_text().splitlines(keepends=True)
+    entry = json.loads(lines[1])
+    record = chain.canonical(entry["record"])
+    forged = record.replace('"data":{', '"data":{"identity":{"user":"alice","groups":["admins"]},', 1)
+    digest = chain.link(entry["prev_hash"], forged)
+    lines[1] = f'{{"hash":"{digest}","prev_hash":"{entry["prev_hash"]}","record":{forged},"signature":""}}\n'
+    path.write_text("".join(lines))
+    found = chain.verify(stored_from_files([path]))[1]
+    assert found is not None and (found.seq, found.what) == (2, "modified")
+    assert "not canonical JSON (a duplicate key" in found.detail
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda line, fake: '{"record":' + fake + "," + line[1:],  # a second "record", first
+        lambda line, fake: line[:-2] + ',"note":"checked"}\n',  # a key the sink never writes
+        lambda line, fake: line.replace('","prev_hash"', '", "prev_hash"', 1),  # a space between keys
+        lambda line, fake: line.replace("\n", "\r\n"),
+    ],
+    ids=["record-twice", "extra-key", "space", "crlf"],
+)
+def test_a_file_line_not_written_as_the_sink_writes_is_modified(tmp_path, edit):
+    path, lines = signed_file(tmp_path)
+    fake = json.dumps(json.loads(lines[1])["record"] | {"kind": "approval.approved"})
+    lines[1] = edit(lines[1], fake)
+    found = verify_file(path, lines)
+    assert found is not None and (found.seq, found.what) == (2, "modified"), found
+    cli = subprocess.run([sys.executable, "-m", "kubegate.core.cli", "audit", "verify", "--file", str(path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 1 and "record 2: modified" in cli.stdout, cli.stdout + cli.stderr
 
 
 # -- the canonical text: orjson writes it; records the stdlib wrote still verify -------------------------------
