@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -80,15 +81,58 @@ class SinkFailure(RuntimeError):
 
 
 def make_record(event: AuditEvent) -> dict[str, Any]:
-    """The stored form of an event, before the store adds its chain position (`seq`)."""
+    """The stored form of an event, before the store adds its chain position (`seq`): the same in every sink,
+    with caller-chosen text cut to `FIELD_MAX_CHARS` (`bounded`)."""
     return {
         "id": event.id,
         "time": event.time,
         "kind": event.kind,
         "connection": event.connection,
         "request_id": event.flow_id,
-        "data": event.data,
+        "data": bounded(event.data),
     }
+
+
+# Text a caller chooses freely, before any authentication (a 401 is recorded with its path, query and
+# User-Agent): a request head may be 1 MiB, and one such event was megabytes of JSON, which a webhook receiver
+# refused (413) and which stopped delivery for everyone. Bodies are bounded by `limits.audit_body_bytes`, a
+# stated intent by its own limit; identities come from verified credentials.
+FIELD_MAX_CHARS = 4096
+CALLER_TEXT = ("path", "query", "raw_query", "user_agent", "kubectl_command", "kubectl_session", "source",
+               "error", "auth_failure")  # fmt: skip
+CALLER_TEXT_WITHIN = {"attributes": None, "decision": ("reason",)}  # None: every string in it
+
+
+def bounded(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each caller-chosen text longer than `FIELD_MAX_CHARS` cut to that many characters; for each
+    field cut, `data.truncated[NAME]` keeps its length in characters and the SHA-256 of its UTF-8 (NAME is
+    `user_agent`, or `attributes.name` within). `data` itself is not changed (other hooks read the event)."""
+    cuts: dict[str, dict[str, Any]] = {}
+
+    def cut(name: str, value: str) -> str:
+        cuts[name] = {
+            "length": len(value),
+            "sha256": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest(),
+        }
+        return value[:FIELD_MAX_CHARS]
+
+    def too_long(value: Any) -> bool:
+        return isinstance(value, str) and len(value) > FIELD_MAX_CHARS
+
+    changed: dict[str, Any] = {}  # copies of what is cut (most events: nothing, and no copy)
+    for key, value in data.items():
+        if key in CALLER_TEXT and too_long(value):
+            changed[key] = cut(key, value)
+        elif key in CALLER_TEXT_WITHIN and isinstance(value, dict):
+            names = CALLER_TEXT_WITHIN[key]
+            long = [
+                name for name, item in value.items() if too_long(item) and (names is None or name in names)
+            ]
+            if long:
+                changed[key] = {**value, **{name: cut(f"{key}.{name}", value[name]) for name in long}}
+    if not changed:
+        return data
+    return {**data, **changed, "truncated": cuts}
 
 
 class SinkWriter:

@@ -1,6 +1,6 @@
 """The `audit-webhook` plugin: audit events POSTed in batches to a collector (a SIEM, Loki, Splunk HEC…).
 
-Events are first appended to a spool on local disk (segment files under `state_dir`), then a sender posts
+Events are first appended to a spool on local disk (segment files under `state_dir`, JSON lines in UTF-8), then a sender posts
 them in batches, oldest first, retrying failures with backoff (1 s … 60 s) for as long as it takes: the
 memory used is one batch, a receiver that is down loses nothing, and the spool survives a restart. Delivery
 is at least once — after a crash mid-batch a batch may come twice; each event carries a unique `id`.
@@ -11,7 +11,6 @@ The spool is bounded (`max_spool_bytes`); when it is full the sink counts as fai
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ from pydantic import Field
 
 from kubegate.core.config import WebhookURL
 
+from . import chain
 from .sink import SinkPlugin, SinkSettings, SinkWriter
 
 if TYPE_CHECKING:
@@ -62,7 +62,9 @@ class Spool:
         return sum(p.stat().st_size for p in self.segments())
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in records).encode()
+        # UTF-8 as it is (the canonical text, as the chain's sinks write it): ASCII escapes made a byte 0xFF of
+        # a User-Agent six bytes, and lone surrogates, large integers and other keys are handled as there.
+        data = "".join(chain.canonical(r) + "\n" for r in records).encode()
         if self.size() + len(data) > self.max_bytes:
             raise OSError(f"the spool is full ({self.max_bytes} bytes): the receiver is not taking events")
         with self.lock:
@@ -85,7 +87,8 @@ class Spool:
             if len(segments) == 1:
                 (self.directory / f"{int(segments[0].stem) + 1}.jsonl").touch()
             path = segments[0]
-            return path, path.read_text(encoding="utf-8").splitlines()
+            # Split at "\n" only: `splitlines` also splits at U+2028, U+0085…, which JSON leaves unescaped.
+            return path, path.read_bytes().decode().split("\n")[:-1]
 
 
 class WebhookSink(SinkWriter):
