@@ -59,6 +59,9 @@ AUDIT_DROPPED = Gauge("kubegate_audit_dropped_events", "Audit events a sink drop
                       ["sink"], registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
 AUDIT_WRITTEN = Gauge("kubegate_audit_written_events", "Audit events a sink wrote since start.", ["sink"],
                       registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
+AUDIT_DEAD_LETTER = Gauge("kubegate_audit_dead_letter_events", "Audit events a sink's receiver refused since "
+                          "start, kept in its dead-letter file (audit-webhook).", ["sink"], registry=REGISTRY,
+                          multiprocess_mode="sum")  # fmt: skip
 AUDIT_HEALTHY = Gauge("kubegate_audit_sink_up", "1 while a sink writes, 0 while its writes fail.", ["sink"],
                       registry=REGISTRY, multiprocess_mode="livemin")  # fmt: skip
 # How often each worker publishes its sinks' gauges (another worker may answer the scrape).
@@ -106,6 +109,8 @@ def publish_sink_gauges(gateway: Gateway) -> None:
             AUDIT_DROPPED.labels(value.name).set(value.dropped)
             AUDIT_WRITTEN.labels(value.name).set(value.written)
             AUDIT_HEALTHY.labels(value.name).set(1 if value.healthy else 0)
+            if hasattr(value, "dead_lettered"):
+                AUDIT_DEAD_LETTER.labels(value.name).set(value.dead_lettered)
 
 
 async def publish_forever(current: Callable[[], Gateway]) -> None:

@@ -167,6 +167,11 @@ class SinkWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"audit sink {self.name}")
 
+    def problem(self) -> str | None:
+        """What an operator must clear although the sink writes (audit-webhook: events its receiver refused,
+        kept aside); None: nothing."""
+        return None
+
     async def submit(self, event: AuditEvent) -> None:
         if len(self.queue) >= self.settings.queue_max:
             self.queue.popleft()
@@ -300,11 +305,15 @@ class SinkPlugin:
 
     @hookimpl
     def kubegate_readiness(self, connection: Connection) -> str | None:
-        """Not ready while a fail-closed sink cannot write (its requests get 503 meanwhile)."""
+        """Not ready while a fail-closed sink cannot write (its requests get 503 meanwhile), or has a problem
+        an operator must clear (`SinkWriter.problem`: requests go on, since their events are written)."""
         sink = self.sink_of(connection)
-        if sink is None or not sink.fail_closed or sink.healthy:
+        if sink is None or not sink.fail_closed:
             return None
-        return f"{sink.name}: cannot write ({sink.last_error})"
+        if not sink.healthy:
+            return f"{sink.name}: cannot write ({sink.last_error})"
+        problem = sink.problem()
+        return f"{sink.name}: {problem}" if problem else None
 
     @hookimpl
     async def kubegate_audit_event(self, event: AuditEvent, connection: Connection) -> None:

@@ -290,33 +290,40 @@ def test_a_webhook_receiver_that_fails_half_the_time_loses_nothing(sandbox, tmp_
         server.shutdown()
 
 
-def test_an_audit_file_whose_last_record_is_megabytes_long_survives_a_restart(sandbox, tmp_path):
+def unauthenticated(gw: Gateway, user_agent: str) -> int:
+    """A request without a token and with `user_agent` (sent as latin-1 bytes: 0xFF is a byte Go reads)."""
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    host, port = gw.url.removeprefix("https://").split(":")
+    client = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    client.request("GET", "/k8s/sandbox/api/v1/namespaces/default/pods", headers={"User-Agent": user_agent})
+    status = client.getresponse().status
+    client.close()
+    return status
+
+
+def test_an_audit_file_records_a_megabyte_user_agent_cut_and_goes_on_after_a_restart(sandbox, tmp_path):
     """A client that is not even authenticated sends a User-Agent of 600,000 double quotes: a head the API
-    server would read (under 1 MiB), which JSON writes as 1.2 MB. The gateway refuses it (401) and records
-    the refusal with that header, one line of more than a megabyte. The restarted gateway used to read only
-    the file's last megabyte to find where the chain goes on, and then refused to start. Now it starts,
-    records on, and the file's chain verifies."""
+    server would read (under 1 MiB), which JSON wrote as 1.2 MB, one line the restarted gateway misread (it
+    refused to start). The record now keeps 4,096 characters of it, with its length and hash (the long
+    last line is still read right: test_audit_chain); the restarted gateway records on, and the file's
+    chain verifies."""
     config = gateway_config(sandbox, tmp_path, free_port())
     config["connections"]["sandbox"]["plugins"]["audit-file"] = {}
     audit = tmp_path / "audit.jsonl"
     config["plugins"] = {"audit-file": {"path": str(audit)}}
     gw = start_gateway(tmp_path, config)
     try:
-        context = ssl.create_default_context(cafile=str(gw.ca_file))
-        host, port = gw.url.removeprefix("https://").split(":")
-        client = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
-        client.request(
-            "GET", "/k8s/sandbox/api/v1/namespaces/default/pods", headers={"User-Agent": '"' * 600_000}
-        )
-        assert client.getresponse().status == 401
-        client.close()
+        assert unauthenticated(gw, '"' * 600_000) == 401
         deadline = time.monotonic() + 30
-        while not (audit.exists() and max(map(len, audit.read_bytes().splitlines()), default=0) > 1_100_000):
+        while not (audit.exists() and audit.read_bytes().strip()):
             assert time.monotonic() < deadline, "the refusal was not recorded"
             time.sleep(0.1)
+        line = audit.read_bytes().splitlines()[-1]
+        assert len(line) < 16 * 1024
+        assert json.loads(line)["record"]["data"]["truncated"]["user_agent"]["length"] == 600_000
     finally:
         stop_process(gw.process)
-    gw = start_gateway(tmp_path, config)  # raised here before: "plugins.audit-file: Expecting value"
+    gw = start_gateway(tmp_path, config)  # the chain goes on from the last line
     try:
         proc = run_kubectl(gw.kubeconfig("alice"), "get", "pods", "-n", "default")
         assert proc.returncode == 0, proc.stderr
@@ -329,3 +336,86 @@ def test_an_audit_file_whose_last_record_is_megabytes_long_survives_a_restart(sa
     verify = subprocess.run([str(VENV_BIN / "kubegate"), "audit", "verify", "--file", str(audit)],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+class PickyReceiver(BaseHTTPRequestHandler):
+    """Refuses a body over 1 MiB with 413 (nginx's client_max_body_size, aiohttp's client_max_size), and,
+    like a WAF, a batch holding a User-Agent with U+00FF with 400; remembers what it took."""
+
+    accepted: list[dict] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        if length > 1 << 20:
+            status = 413
+        else:
+            events = json.loads(self.rfile.read(length))["events"]
+            refused = any("\xff" in ((e.get("data") or {}).get("user_agent") or "") for e in events)
+            status = 400 if refused else 200
+            if not refused:
+                type(self).accepted += events
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def readyz(gw: Gateway) -> tuple[int, dict]:
+    context = ssl.create_default_context(cafile=str(gw.ca_file))
+    host, port = gw.url.removeprefix("https://").split(":")
+    client = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    client.request("GET", "/readyz")
+    response = client.getresponse()
+    answer = response.status, json.loads(response.read())
+    client.close()
+    return answer
+
+
+def test_unauthenticated_requests_a_webhook_receiver_refuses_do_not_stop_anyones_delivery(sandbox, tmp_path):
+    """Requests without a token, each with a 1 MB User-Agent of 0xFF bytes: their records were 6 MB of JSON
+    each, which the receiver refused (413) on every retry; no later event of anyone was delivered, and with
+    `on_failure: closed` four of them filled a 16 MiB spool: every caller got 503 (red team). Now each
+    record is small, the receiver refuses these (400) one by one, they are kept in the dead-letter file,
+    alice's requests go on and are delivered, and /readyz names the dead letters until they are moved away."""
+    PickyReceiver.accepted = []
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), PickyReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = gateway_config(sandbox, tmp_path, free_port())
+    config["connections"]["sandbox"]["plugins"]["audit-webhook"] = {}
+    spool = tmp_path / "spool"
+    config["plugins"] = {"audit-webhook": {"url": f"http://127.0.0.1:{server.server_port}/events",
+                                           "retry_seconds": 0.1, "on_failure": "closed", "linger_ms": 0,
+                                           "max_spool_bytes": 16 << 20, "spool_dir": str(spool)}}  # fmt: skip
+    gw = start_gateway(tmp_path, config)
+    try:
+        for _ in range(4):
+            assert unauthenticated(gw, "\xff" * 1_000_000) == 401
+        for _ in range(3):
+            status, _ = asyncio.run(get_json(gw, "/api/v1/namespaces/default/pods"))
+            assert status == 200
+        deadline = time.monotonic() + 30
+        while (
+            sum(1 for e in PickyReceiver.accepted if (e["data"].get("identity") or {}).get("user") == "alice")
+            < 3
+        ):
+            assert time.monotonic() < deadline, (
+                f"alice's requests were not delivered: {PickyReceiver.accepted}"
+            )
+            time.sleep(0.2)
+        dead = [json.loads(line) for line in (spool / "dead-letter.jsonl").read_text().splitlines()]
+        assert len(dead) == 4 and all(
+            e["data"]["truncated"]["user_agent"]["length"] == 1_000_000 for e in dead
+        )
+        time.sleep(2.1)  # /readyz answers are reused for 2 s
+        status, report = readyz(gw)
+        assert status == 503 and "the receiver refused audit events" in report["connections"]["sandbox"]
+        (spool / "dead-letter.jsonl").rename(tmp_path / "dead-letter-seen.jsonl")
+        time.sleep(2.1)
+        assert readyz(gw)[0] == 200
+    finally:
+        stop_process(gw.process)
+        server.shutdown()

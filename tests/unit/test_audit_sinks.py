@@ -1,5 +1,6 @@
 """What every audit sink records of caller-chosen text (cut to a bound, with its length and hash), and how
-audit-webhook delivers: a real aiohttp receiver (its default body limit, 1 MiB), the spool on disk."""
+audit-webhook delivers what its receiver refuses: a real aiohttp receiver (its default body limit, 1 MiB),
+the spool on disk, dead letters and the readiness they report."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import hashlib
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 
 import pytest
 from aiohttp import web
 
 from kubegate.core.flow import AuditEvent
-from kubegate.plugins.audit import chain
+from kubegate.plugins.audit import chain, webhook
 from kubegate.plugins.audit.file import AuditFileSettings, FileSink, stored_from_files
 from kubegate.plugins.audit.sink import FIELD_MAX_CHARS, make_record
 from kubegate.plugins.audit.webhook import AuditWebhookSettings, Spool, WebhookSink
@@ -122,6 +124,10 @@ async def settled(check: Callable[[], bool], seconds: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def readiness(sink: WebhookSink) -> str | None:
+    return webhook.PLUGIN.kubegate_readiness(SimpleNamespace(state={"audit-webhook": sink}))  # type: ignore[arg-type]
+
+
 async def test_an_unauthenticated_huge_user_agent_does_not_stop_delivery(receiver, tmp_path):
     """A 401's record with a 300 KB User-Agent of 0xFF was 1.8 MB of JSON: the receiver refused it (413) on
     every retry and no later event of anyone was delivered, the sink still healthy (red team). Now it is
@@ -137,3 +143,46 @@ async def test_an_unauthenticated_huge_user_agent_does_not_stop_delivery(receive
     await sink.close(1)
     assert taker.ids() == [big.id, later.id]
     assert taker.events[0]["data"]["truncated"]["user_agent"]["length"] == 300_000
+
+
+async def test_an_event_the_receiver_refuses_goes_to_dead_letters_and_delivery_goes_on(receiver, tmp_path):
+    """A receiver that refuses one event (a WAF's 403, a 400 or 413 for what it holds) refused its batch on
+    every retry, and nothing after it was delivered. Now the batch is sent again one event per request; the
+    event refused alone is kept in the dead-letter file, counted, and a fail-closed sink reports it as not
+    ready (requests go on) until an operator moves the file away. A receiver that refuses everything (a wrong
+    token) sends nothing there: the events wait in the spool until it takes them."""
+    taker, url = receiver
+    settings = AuditWebhookSettings(
+        url=url, retry_seconds=0.05, linger_ms=0, post_batch=10, on_failure="closed"
+    )
+    spool = tmp_path / "spool"
+    sink = WebhookSink(settings, spool)
+    taker.answer = lambda events: 403  # everything, for a while
+    sink.start()
+    events = [event(n, user_agent="<script>" if n == 3 else "kubectl") for n in range(6)]
+    for item in events:
+        await sink.submit(item)
+    await asyncio.sleep(0.5)
+    assert taker.ids() == [] and not list(spool.glob("dead-letter*")) and readiness(sink) is None
+    taker.answer = lambda events: (
+        403 if any(e["data"].get("user_agent") == "<script>" for e in events) else 200
+    )
+    await settled(lambda: len(taker.ids()) == 5)
+    assert taker.ids() == [e.id for e in events if e.data["user_agent"] != "<script>"]
+    dead = (spool / "dead-letter.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in dead] == [events[3].id]
+    assert sink.dead_lettered == 1 and sink.healthy
+    sink.gate()  # requests go on: the event is kept
+    problem = readiness(sink)
+    assert (
+        problem is not None
+        and "refused audit events" in problem
+        and str(spool / "dead-letter.jsonl") in problem
+    )
+    after = event(9)
+    await sink.submit(after)
+    await settled(lambda: after.id in taker.ids())
+    assert after.id in taker.ids()
+    (spool / "dead-letter.jsonl").rename(tmp_path / "looked-at.jsonl")  # what the operator does
+    assert readiness(sink) is None
+    await sink.close(1)
