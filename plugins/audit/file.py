@@ -116,8 +116,8 @@ def last_link(path: Path) -> tuple[int, str]:
 def _last_line(path: Path, block: int = 1 << 20) -> bytes:
     """The file's last non-empty line, however long: read back from the end a block at a time until the
     line's start. (Reading only the last megabyte misread a longer line, and the gateway then refused to
-    start. A refused request's record makes one: a User-Agent of 600,000 double quotes is a head the API
-    server reads, and JSON writes it as 1.2 MB.)"""
+    start. A refused request's record made one, before caller-chosen text was bounded: a User-Agent of
+    600,000 double quotes is a head the API server reads, and JSON wrote it as 1.2 MB.)"""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)

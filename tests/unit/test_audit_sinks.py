@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 from aiohttp import web
 
+from kubegate.core import observe
 from kubegate.core.flow import AuditEvent
 from kubegate.plugins.audit import chain, webhook
 from kubegate.plugins.audit.file import AuditFileSettings, FileSink, stored_from_files
@@ -172,6 +173,10 @@ async def test_an_event_the_receiver_refuses_goes_to_dead_letters_and_delivery_g
     dead = (spool / "dead-letter.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in dead] == [events[3].id]
     assert sink.dead_lettered == 1 and sink.healthy
+    observe.publish_sink_gauges(SimpleNamespace(extensions={"audit-webhook": sink}))  # type: ignore[arg-type]
+    assert (
+        observe.REGISTRY.get_sample_value("kubegate_audit_dead_letter_events", {"sink": "audit-webhook"}) == 1
+    )
     sink.gate()  # requests go on: the event is kept
     problem = readiness(sink)
     assert (
