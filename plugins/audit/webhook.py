@@ -101,8 +101,11 @@ class Spool:
             if len(segments) == 1:
                 (self.directory / f"{int(segments[0].stem) + 1}.jsonl").touch()
             path = segments[0]
-            # Split at "\n" only: `splitlines` also splits at U+2028, U+0085…, which JSON leaves unescaped.
-            return path, path.read_bytes().decode().split("\n")[:-1]
+            # Split at "\n" only (`splitlines` also splits at U+2028, U+0085…, which JSON leaves unescaped), as
+            # bytes: a line a crash cut short has no "\n" (its event was never spooled whole) and may end
+            # inside a character. Undecodable bytes are replaced: the receiver refuses such a line on its own.
+            lines = path.read_bytes().split(b"\n")
+            return path, [line.decode(errors="replace") for line in lines[:-1]]
 
     def dead_letter(self, line: str) -> None:
         """Keep an event the receiver refused (as it was spooled: one JSON line, ready to be sent again)."""

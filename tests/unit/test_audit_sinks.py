@@ -81,6 +81,8 @@ def test_the_spool_is_utf8_one_line_per_event(tmp_path):
     spool = Spool(tmp_path / "spool", 1 << 30)
     spool.append([{"id": "a", "data": {"user_agent": "\xff" * 1000, "note": "one\u2028two\x85three"}}])
     assert spool.size() < 2100  # two bytes each in UTF-8; six escaped
+    with open(spool.segments()[-1], "ab") as out:
+        out.write('{"id":"cut short by a crash","ua":"\xff'.encode()[:-1])  # inside a character
     found = spool.oldest()
     assert found is not None and [json.loads(line)["id"] for line in found[1]] == ["a"]
 
