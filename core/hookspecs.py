@@ -312,7 +312,8 @@ def kubegate_record_body(flow: Flow, body: bytes) -> str | None:
     masked (Kubernetes protobuf bodies decoded first), or a size-and-hash note when it cannot parse it.
 
     :param flow: the request (its connection's masking settings apply when it has any).
-    :param body: the whole body (only bodies up to ``limits.audit_body_bytes`` are offered).
+    :param body: the whole body (audit offers those up to ``limits.audit_body_bytes``; approvals
+        every body they hold, and show reviewers the rendering whole).
     """
 
 

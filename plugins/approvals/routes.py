@@ -1,7 +1,8 @@
 """The reviewers' JSON API (also what the web UI will use).
 
     GET  /api/approvals[?state=pending|approved|denied|expired|used|all]   requests the caller may see
-    GET  /api/approvals/ID
+                                      (each body's start: `body_preview`, `body_truncated`)
+    GET  /api/approvals/ID            one request, with its whole (masked) `body` and its `media_type`
     POST /api/approvals/ID/approve   {"comment": "..."}
     POST /api/approvals/ID/deny      {"comment": "..."}
     GET  /api/grants[?all=1]          time-window grants: the caller's own and those they may revoke
@@ -63,7 +64,7 @@ def make_blueprint(gateway: Gateway, service: ApprovalService, plugin: str) -> B
         records = await service.db.run(
             lambda s: store.list_approvals(s, states=states, connections=list(who))
         )
-        items = [r.public() for r in records if visible(r, who[r.connection], observers(r.connection))]
+        items = [r.listed() for r in records if visible(r, who[r.connection], observers(r.connection))]
         return json_response({"items": items})
 
     async def one(approval_id: str) -> tuple[store.ApprovalRecord | None, Identity | Response]:

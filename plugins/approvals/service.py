@@ -1,11 +1,16 @@
 """Holding requests until reviewers decide, and the reviewers' actions.
 
 A held request is bound to its exact intent: connection, identity (user and groups), verb, resource, the
-full path and query as sent, the SHA-256 of the body and the exec command — and, for a request that may
-create its object without the verb create (a server-side apply, a PUT the API server creates on), that it
-may: approving a merge patch never releases the same bytes sent as an apply that creates. The same intent
+full path and query as sent, the SHA-256 of the body, the body's media type as the API server reads it
+(the same bytes are another change as a merge patch than as a strategic merge patch), the exec command,
+and the rule that held it with what that rule asked of reviewers — and, for a request that may create its
+object without the verb create (a server-side apply, a PUT the API server creates on), that it may:
+approving a merge patch never releases the same bytes sent as an apply that creates. The same intent
 retried attaches to the same approval request, so a client that gave up and retries proceeds once it is
 approved; any other request needs its own approval.
+
+Reviewers are shown the whole body (masked), never a cut of it: a body whose masked rendering is too long
+to show whole is refused before it is held (413).
 
 Waiting is a poll of the database (every `POLL_SECONDS`), woken at once by an approval given through the
 same process: an approval given on another replica releases the request within `POLL_SECONDS`.
@@ -23,9 +28,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from kubegate.core import bodies
 from kubegate.core.attributes import may_create
 from kubegate.core.db import Database
-from kubegate.core.flow import AuditEvent, Decision, Flow, Identity, Verdict
+from kubegate.core.errors import StatusError
+from kubegate.core.flow import ApprovalSpec, AuditEvent, Decision, Flow, Identity, Verdict
 from kubegate.core.people import EXCHANGED_FROM_CLAIM, PeopleResolver, normalize, person_key
 
 from . import store
@@ -36,7 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubegate.approvals")
 POLL_SECONDS = 0.5
 REPEAT_SECONDS = 30.0
-PREVIEW_BYTES = 1024
+# How much longer than the request body cap the masked rendering shown to reviewers may be: JSON rendered
+# again escapes non-ASCII text (up to 3x), protobuf and YAML aliases expand further.
+SHOWN_BODY_FACTOR = 4
 
 
 class ReviewError(Exception):
@@ -63,12 +72,33 @@ def authorized_verb(verb: str, resource: str) -> str:
     return "create" if resource in CONNECT_SUBRESOURCES else verb
 
 
-def intent_of(flow: Flow, body: bytes) -> Intent:
+def bound_media_type(flow: Flow, body: bytes) -> str:
+    """The body's media type as the API server will read it, which the intent binds: the patch type of a
+    PATCH (handlers/patch.go picks JSON, merge, strategic-merge or apply from the Content-Type alone), the
+    serializer of a POST/PUT/DELETE body (JSON, YAML, protobuf; parameters ignored); "" without a body.
+    Raises BodyError (415, as the API server answers) for a type it would refuse, or for two Content-Type
+    headers (which one counts could differ between hops). A body the API server does not decode (a
+    pod's, through `proxy`; exec/attach/port-forward) binds its Content-Type as sent."""
+    if not body:
+        return ""
+    content_type = ", ".join(flow.request.header_values("content-type"))
+    attrs = flow.attributes
+    if not attrs.is_resource_request or attrs.is_proxy or attrs.resource_path in CONNECT_SUBRESOURCES:
+        return content_type
+    method = flow.request.method.upper()
+    if method == "PATCH":
+        return bodies.patch_media_type(content_type)
+    if method in ("POST", "PUT", "DELETE"):
+        return bodies.object_media_type(content_type)
+    return content_type  # a GET's body: the API server reads none
+
+
+def intent_of(flow: Flow, body: bytes, media_type: str, decision: Decision) -> Intent:
     attrs = flow.attributes
     assert flow.identity is not None
     # The canonical query is what upstream receives, so an approval binds exactly what will run.
     path = flow.request.path + (f"?{flow.request.query}" if flow.request.query else "")
-    # Only when true, so the intents of every other request (and their approvals) stay as they were
+    # Whether it may create its object: a key only when it may
     creates = {"creates": True} if may_create(attrs, flow.request.header_values("content-type")) else {}
     return Intent(
         creates
@@ -82,10 +112,22 @@ def intent_of(flow: Flow, body: bytes) -> Intent:
             "name": attrs.name,
             "path": path,
             "body_sha256": hashlib.sha256(body).hexdigest(),
+            "media_type": media_type,
             # The command exactly as the API server will decode it (every value, in order, blanks kept).
             "command": list(attrs.command),
+            # What reviewers were asked under: a reload that renames the rule or changes whom it asks (or
+            # how many) makes its open approvals release nothing; the request is held again under the new one.
+            "rule": decision.rule,
+            "approval": _requirement(decision.approval),
         }
     )
+
+
+def _requirement(spec: ApprovalSpec | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return {"reviewer_groups": sorted(spec.reviewer_groups), "min_approvals": spec.min_approvals,
+            "scope": spec.scope, "window_seconds": spec.window_seconds}  # fmt: skip
 
 
 def _masked_path(flow: Flow, path: str) -> str:
@@ -98,14 +140,21 @@ def _masked_path(flow: Flow, path: str) -> str:
     return path if masked == query else f"{route}?{masked}"
 
 
-def _body_preview(flow: Flow, body: bytes) -> str:
-    """The body as reviewers see it (`kubegate_record_body`: masked); only its size and hash when no plugin
-    renders it — a body is never shown as it came."""
+def _shown_body(flow: Flow, body: bytes) -> str:
+    """The whole body as reviewers see it (`kubegate_record_body`: masked); only its size and hash when no
+    plugin renders it — a body is never shown as it came. Never cut: an approval binds every byte of the
+    body, so a reviewer shown only its start could approve what comes after the cut unseen."""
     rendered = flow.connection.hooks.record_body(flow, body)
     if rendered is None:
         digest = hashlib.sha256(body).hexdigest()[:16]
         rendered = f"<{len(body)} bytes, not decoded, sha256 {digest}…>" if body else ""
-    return rendered[:PREVIEW_BYTES]
+    bound = SHOWN_BODY_FACTOR * flow.connection.limits.max_request_body_bytes
+    if len(rendered) > bound:
+        raise StatusError(
+            413, f"the request body is too large to show reviewers whole ({len(rendered)} characters "
+            f"masked, at most {bound}), so it cannot be approved: send it in smaller requests"
+        )  # fmt: skip
+    return rendered
 
 
 def _stated_intent(flow: Flow) -> str:
@@ -147,6 +196,7 @@ def _summary(record: store.ApprovalRecord) -> dict[str, Any]:
         "namespace": record.namespace,
         "name": record.name,
         "path": record.path,
+        "media_type": record.media_type,
         "command": record.command,
         "intent": record.intent,
         "state": record.state,
@@ -179,7 +229,14 @@ class ApprovalService:
                                                                 "user": identity.user, "path": flow.request.path})  # fmt: skip
                 return Decision(Verdict.ALLOW, f"within grant {grant.id}", decision.rule, "approvals")
         body = b"" if flow.request.websocket else await flow.request.read_body()
-        intent = intent_of(flow, body)
+        try:
+            media_type = bound_media_type(flow, body)
+        except bodies.BodyError as exc:
+            # The API server would refuse it too (415): answered now, as the policy answers a condition
+            # that needed this body, rather than asking a reviewer to approve what cannot run.
+            flow.decision = Decision(Verdict.DENY, str(exc), decision.rule, "approvals")
+            raise StatusError(exc.status, str(exc)) from None
+        intent = intent_of(flow, body, media_type, decision)
         record = await self.db.run(lambda s: store.find_open(s, intent.hash))
         if record is None:
             # kubectl retries a refused exec/attach/port-forward WebSocket at once over SPDY; that retry
@@ -189,7 +246,11 @@ class ApprovalService:
                 flow.state["approval"] = {"approval_id": refused.id}
                 return await self._outcome(flow, refused, decision.rule)
         if record is None:
-            record = self._new_record(flow, decision, intent, body, identity)
+            try:
+                record = self._new_record(flow, decision, intent, body, identity)
+            except StatusError as exc:
+                flow.decision = Decision(Verdict.DENY, exc.message, decision.rule, "approvals")
+                raise
             await self.db.run(lambda s: store.add(s, record))
             log.info("approval %s: %s %s held for %s (rule %s)", record.id, record.verb, record.path,
                      record.requester, record.rule)  # fmt: skip
@@ -227,7 +288,8 @@ class ApprovalService:
             # Reviewers and the audit see the path and command masked; the intent hash binds them in clear.
             path=_masked_path(flow, fields["path"]),
             body_sha256=fields["body_sha256"],
-            body_preview=_body_preview(flow, body),
+            media_type=fields["media_type"],
+            body=_shown_body(flow, body),
             command=flow.connection.hooks.record_command(flow, fields["command"]),
             kubectl_command=flow.kubectl_command,
             intent=_stated_intent(flow),
@@ -308,6 +370,8 @@ class ApprovalService:
             if record is None:
                 raise ReviewError(404, f"no approval request {approval_id}")
             self._check_reviewer(record, reviewer, self._people(record.connection))
+            if approve:
+                self._check_approvable(record)
             now = time.time()
             entry = {"reviewer": reviewer.user, "person": person_key(reviewer), "method": reviewer.method,
                      "comment": comment[:1000], "at": now}  # fmt: skip
@@ -371,6 +435,22 @@ class ApprovalService:
         hooks = getattr(connection, "hooks", None)
         people = getattr(hooks, "people", None)
         return people if isinstance(people, PeopleResolver) else None
+
+    @staticmethod
+    def _check_approvable(record: store.ApprovalRecord) -> None:
+        """Refuse to approve what reviewers could not see whole or what can release nothing: a record held
+        before approvals bound the body's media type (its intent no longer matches any request) or one
+        whose stored body was cut (records made before whole bodies were kept). Denying them is fine."""
+        if record.media_type is None:
+            raise ReviewError(
+                409, f"approval request {record.id} was held before approvals bound the body's media type: "
+                "it can release no request; deny it, and the requester's retry is held anew"
+            )  # fmt: skip
+        if record.body_truncated:
+            raise ReviewError(
+                409, f"the body of approval request {record.id} was stored cut, so nobody can see what it "
+                "approves; deny it, and the requester's retry is held anew with the whole body"
+            )  # fmt: skip
 
     @staticmethod
     def _check_reviewer(

@@ -15,6 +15,7 @@ from kubegate.core.db import Revocable
 
 PENDING, APPROVED, DENIED, EXPIRED, USED = "pending", "approved", "denied", "expired", "used"
 OPEN_STATES = (PENDING, APPROVED)  # a retry of the same intent attaches to these
+PREVIEW_CHARS = 1024  # of a body, in lists (one request's answer has it whole)
 
 
 class ApprovalRecord(SQLModel, table=True):
@@ -40,7 +41,14 @@ class ApprovalRecord(SQLModel, table=True):
     name: str = ""
     path: str = ""  # path and query, exactly as sent
     body_sha256: str = ""
-    body_preview: str = ""  # the first KiB of the body, for the reviewer (masked once masking exists)
+    # The body's media type as the API server reads it (the patch type of a PATCH), bound by the intent.
+    # None on records held before it was bound: their intent matches no request now, and they cannot be
+    # approved (service._check_approvable).
+    media_type: str | None = Field(default="", nullable=True)
+    body: str = ""  # the whole body, masked, as reviewers are shown it
+    # The stored body is not the whole body: only on records from before whole bodies were kept (a
+    # first-KiB preview); they cannot be approved.
+    body_truncated: bool = False
     command: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     kubectl_command: str = ""
     # Why the requester says it asks (`Kubegate-Intent`, an MCP tool's `reason`), masked: shown to reviewers,
@@ -62,9 +70,19 @@ class ApprovalRecord(SQLModel, table=True):
     version: int = 0
 
     def public(self) -> dict[str, Any]:
+        """The record as reviewers get it (`GET /api/approvals/ID`): with the whole body."""
         data = self.model_dump()
         data.pop("intent_hash")
         data.pop("version")
+        return data
+
+    def listed(self) -> dict[str, Any]:
+        """The record in a list: its body's first `PREVIEW_CHARS` as `body_preview`, and `body_truncated`
+        when that is not the whole body (the record itself has it)."""
+        data = self.public()
+        body = data.pop("body")
+        data["body_preview"] = body[:PREVIEW_CHARS]
+        data["body_truncated"] = self.body_truncated or len(body) > PREVIEW_CHARS
         return data
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from kubegate.core import hookspecs
 from kubegate.core.cli import add_plugin_commands
 from kubegate.core.cli import hookimpl as cli_hookimpl
-from kubegate.core.flow import Decision, Verdict
+from kubegate.core.flow import Decision, Flow, Verdict
 from kubegate.core.plugins import UNMASKED_ARGUMENT, CountingPluginManager, PluginHost, RecordHooks, hookimpl
 from kubegate.core.proxy import _audit_data
 from kubegate.testing import make_connection, make_flow
@@ -252,7 +253,7 @@ def test_an_approval_intent_names_the_request_as_the_policy_does(method, path, q
 
     flow = make_flow(method, path, query=query, websocket=method == "GET" and "/exec" in path)
     req = request_from_flow(flow)
-    fields = intent_of(flow, b"").fields
+    fields = intent_of(flow, b"", "", Decision(Verdict.NEEDS_APPROVAL, rule="r")).fields
     assert (fields["verb"], fields["resource"], fields["namespace"], fields["name"], fields["command"]) == (
         req.verb, req.resource, req.namespace, req.name, req.command)  # fmt: skip
 
@@ -273,15 +274,20 @@ def test_an_approval_intent_names_the_request_as_the_policy_does(method, path, q
 )
 def test_an_approval_intent_binds_whether_the_request_may_create(method, path, content_type, creates):
     """An approval of a merge patch must not release the same bytes sent as an apply that creates."""
-    from kubegate.plugins.approvals.service import intent_of
+    from kubegate.plugins.approvals.service import bound_media_type, intent_of
     from kubegate.plugins.policy import request_from_flow
+
+    def intent(flow: Flow) -> Any:
+        return intent_of(
+            flow, b"{}", bound_media_type(flow, b"{}"), Decision(Verdict.NEEDS_APPROVAL, rule="r")
+        )
 
     flow = make_flow(method, path, headers=[("content-type", content_type)])
     assert request_from_flow(flow).creates is creates
-    assert intent_of(flow, b"{}").fields.get("creates", False) is creates
+    assert intent(flow).fields.get("creates", False) is creates
     other = "application/merge-patch+json" if content_type.startswith("application/apply") else content_type
     same_bytes = make_flow(method, path, headers=[("content-type", other)])
-    assert (intent_of(flow, b"{}").hash == intent_of(same_bytes, b"{}").hash) is (other == content_type)
+    assert (intent(flow).hash == intent(same_bytes).hash) is (other == content_type)
 
 
 # -- metrics -----------------------------------------------------------------------------------------------

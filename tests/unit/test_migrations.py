@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -81,4 +82,41 @@ def test_a_database_made_before_migrations_is_adopted(url):
     assert "no schema revision" in database.schema_state()
     assert database.upgrade() == (None, head_revision())
     assert database.schema_state() == "current" and builtin_diffs(database) == []
+    database.close()
+
+
+def test_approval_records_from_before_media_types_load_and_say_what_they_lack(url):
+    """0006: the first-KiB `body_preview` becomes `body`, marked `body_truncated` where it may have been cut;
+    `media_type` stays NULL (held before it was bound). Both kinds load; neither can be approved."""
+    import asyncio
+
+    from kubegate.core.flow import Identity
+    from kubegate.plugins.approvals import store
+    from kubegate.plugins.approvals.service import ApprovalService, ReviewError
+
+    at_revision(url, "0005")
+    database = Database(url)
+    insert = text(
+        "INSERT INTO kubegate_approvals (id, intent_hash, connection, rule, reason, requester, requester_person,"
+        " requester_groups, requester_method, requester_claims, verb, resource, namespace, name, path,"
+        " body_sha256, body_preview, command, kubectl_command, intent, reviewer_groups, min_approvals, scope,"
+        " window_seconds, state, created_at, expires_at, approvals, version) VALUES (:id, 'h', 'c', 'r', '',"
+        " 'alice', '', '[]', '', '{}', 'patch', 'deployments', 'prod', 'web', '/p', 'sha', :preview, '[]', '',"
+        " '', '[\"sre\"]', 1, 'once', 0, 'pending', :now, :expires, '[]', 0)"
+    )
+    now = time.time()
+    with database.engine.begin() as connection:
+        for approval_id, preview in [("short", '{"spec":{}}'), ("cut", "x" * 1024)]:
+            connection.execute(
+                insert, {"id": approval_id, "preview": preview, "now": now, "expires": now + 600}
+            )
+    database.upgrade()
+    records = {r.id: r for r in database.call(lambda s: store.list_approvals(s))}
+    assert (records["short"].body, records["short"].body_truncated) == ('{"spec":{}}', False)
+    assert (records["cut"].body, records["cut"].body_truncated) == ("x" * 1024, True)
+    assert {r.media_type for r in records.values()} == {None}
+    rita = Identity(user="rita", groups=("sre",), method="static-tokens", person="rita")
+    for approval_id in records:
+        with pytest.raises(ReviewError, match=r"can release no request|stored cut"):
+            asyncio.run(ApprovalService(database, {}).review(approval_id, rita, True, ""))
     database.close()
