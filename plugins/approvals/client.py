@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -60,8 +61,46 @@ def describe(item: dict[str, Any]) -> list[str]:
         )
     if item.get("denial"):
         lines.append(f"denied:     by {item['denial']['reviewer']}: {item['denial'].get('comment', '')}")
-    if item.get("body_preview"):
-        lines.append(f"body:       {item['body_preview'][:300]}")
+    return lines + body_lines(item)
+
+
+# What a media type makes of the same bytes: the reviewer approves one reading, not the bytes alone.
+READINGS = {
+    "application/strategic-merge-patch+json": "strategic merge patch: lists of known keys are merged by key",
+    "application/merge-patch+json": "JSON merge patch (RFC 7386): every list given replaces the whole list",
+    "application/json-patch+json": "JSON patch (RFC 6902): the operations in order",
+    "application/apply-patch+yaml": "server-side apply: the fields this manager owns",
+    "application/json": "the whole object, JSON",
+    "application/yaml": "the whole object, YAML (shown as JSON)",
+    "application/vnd.kubernetes.protobuf": "the whole object, protobuf (shown as JSON)",
+}
+
+
+def body_lines(item: dict[str, Any]) -> list[str]:
+    """The request's body as the record keeps it, whole (masked), pretty-printed when it is JSON, with its
+    media type; a body the record does not hold whole says so (such records cannot be approved)."""
+    lines = []
+    media_type = item.get("media_type", "")
+    if media_type is None:
+        lines.append(
+            "body type:  not recorded (held before approvals bound it: this request cannot be approved)"
+        )
+    elif media_type:
+        reading = READINGS.get(media_type)
+        lines.append(f"body type:  {media_type}" + (f" ({reading})" if reading else ""))
+    body = item.get("body", item.get("body_preview", ""))
+    if item.get("body_truncated"):
+        lines.append("body:       CUT: only the start below is stored; this request cannot be approved")
+    elif "body" not in item and body:
+        lines.append("body:       MAY BE CUT: an older gateway shows only the first 1024 characters")
+    if body:
+        try:
+            # ASCII only: a terminal control or bidi character in a value cannot hide or reorder a line
+            body = json.dumps(json.loads(body), indent=2)
+        except ValueError:
+            body = "".join(c if c.isprintable() or c == "\n" else f"\\u{ord(c):04x}" for c in body)
+        lines.append("body:")
+        lines += ["  " + line for line in body.splitlines()]
     return lines
 
 

@@ -55,6 +55,9 @@ POLICY = {
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "ttl_seconds": 10}},
         {"name": "secret-writes", "match": {"verbs": ["create"], "resources": ["secrets"], "namespaces": ["prod"]},
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"]}},
+        {"name": "prod-deployment-patches", "match": {"verbs": ["patch"], "resources": ["deployments"],
+                                                       "namespaces": ["prod"]},
+         "action": "approve", "approval": {"reviewer_groups": ["reviewers"]}},
         {"name": "prod-exec", "match": {"resources": ["pods/exec"], "namespaces": ["prod"]},
          "action": "approve", "approval": {"reviewer_groups": ["reviewers"], "scope": "window", "window_seconds": 600}},
     ],
@@ -458,4 +461,84 @@ def test_reviewers_see_a_held_body_masked_even_when_kubectl_sent_protobuf(gw):
     assert set(preview["data"]) == {"pw"} and "topsecret-value-77" not in item["body_preview"]
     assert "dG9wc2VjcmV0LXZhbHVlLTc3" not in item["body_preview"]  # nor its base64
     api(gw, "POST", f"/api/approvals/{item['id']}/deny", "rita", {"comment": "no"})
+    finish(held)
+
+
+def rollout(sandbox: Sandbox, name: str, **annotations: str) -> None:
+    """A Deployment in prod with an app container (hardened) and a sidecar, made past the gateway."""
+    manifest = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "prod", "annotations": annotations},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [
+                     {"name": "app", "image": "busybox:1", "command": ["sleep", "3600"],
+                      "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}},
+                     {"name": "security-agent", "image": "busybox:1", "command": ["sleep", "3600"]}]}}},
+    }  # fmt: skip
+    run_kubectl(sandbox.kubeconfig, "apply", "-f", "-", input=json.dumps(manifest), check=True)
+
+
+def containers(sandbox: Sandbox, name: str) -> list[dict[str, Any]]:
+    got = run_kubectl(sandbox.kubeconfig, "get", "deployment", name, "-n", "prod", "-o", "json", check=True)
+    return json.loads(got.stdout)["spec"]["template"]["spec"]["containers"]
+
+
+def test_an_approved_strategic_patch_does_not_release_the_same_bytes_as_a_merge_patch(gw, own_sandbox):
+    """The same bytes are another change as a JSON merge patch: the container list replaced whole."""
+    rollout(own_sandbox, "bump")
+    bump = json.dumps(
+        {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "busybox:2"}]}}}}
+    )
+    first = kubectl(gw, "alice", "patch", "deployment", "bump", "-n", "prod", "--type=strategic", "-p", bump)
+    item = wait_pending(gw, "rita", name="bump")
+    first.kill()  # the developer leaves; the reviewer approves "bump app's image" as shown
+    first.wait(10)
+    shown = api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]
+    assert shown["media_type"] == "application/strategic-merge-patch+json" and json.loads(shown["body"]) == (
+        json.loads(bump))  # fmt: skip
+    assert "strategic merge patch" in cli(gw, "rita", "show", item["id"])
+    assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[1]["state"] == "approved"
+    # The same bytes as a merge patch: a request of its own, held for review — not released.
+    merge = kubectl(gw, "alice", "patch", "deployment", "bump", "-n", "prod", "--type=merge", "-p", bump)
+    other = wait_pending(gw, "rita", name="bump", state="pending", media_type="application/merge-patch+json")
+    assert other["id"] != item["id"]
+    assert [c["name"] for c in containers(own_sandbox, "bump")] == ["app", "security-agent"]
+    api(gw, "POST", f"/api/approvals/{other['id']}/deny", "rita", {"comment": "that drops the sidecar"})
+    code, _, err = finish(merge)
+    assert code == 1 and "denied by rita: that drops the sidecar" in err
+    # The approved strategic patch itself still goes through, once.
+    code, _, err = finish(kubectl(gw, "alice", "patch", "deployment", "bump", "-n", "prod", "--type=strategic",
+                                  "-p", bump))  # fmt: skip
+    assert code == 0, err
+    assert [(c["name"], c["image"]) for c in containers(own_sandbox, "bump")] == [
+        ("app", "busybox:2"), ("security-agent", "busybox:1")]  # fmt: skip
+
+
+def cli(gw: Gateway, user: str, *args: str) -> str:
+    done = subprocess.run(
+        [KUBEGATE, "approvals", *args, "--token", PEOPLE[user][1], "--gateway", gw.url, "--connection", "sandbox",
+         "--certificate-authority", str(gw.ca_file)], capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_reviewers_see_the_whole_body_they_approve(gw, own_sandbox):
+    """A long, benign note first and the privileged container after it: reviewers see all of it (they were
+    shown its first 1024 characters, 300 in `kubegate approvals show`, cut without a mark)."""
+    rollout(own_sandbox, "noted")
+    note = "Routine image bump requested in ticket OPS-1234, reviewed by the team; " * 16
+    doc = {"metadata": {"annotations": {"change-note": note}},
+           "spec": {"template": {"spec": {"containers": [
+               {"name": "app", "image": "busybox:3", "securityContext": {"privileged": True}}]}}}}  # fmt: skip
+    held = kubectl(gw, "alice", "patch", "deployment", "noted", "-n", "prod", "-p", json.dumps(doc))
+    listed = wait_pending(gw, "rita", name="noted")
+    assert (
+        listed["body_truncated"] is True and "privileged" not in listed["body_preview"]
+    )  # a list: the start
+    shown = api(gw, "GET", f"/api/approvals/{listed['id']}", "rita")[1]
+    assert json.loads(shown["body"]) == doc and shown["body_truncated"] is False
+    text = cli(gw, "rita", "show", listed["id"])
+    assert '"privileged": true' in text and text.count("OPS-1234") == 16, text
+    api(gw, "POST", f"/api/approvals/{listed['id']}/deny", "rita", {"comment": "no privileged containers"})
     finish(held)

@@ -187,6 +187,29 @@ function isOwn(r) {
   return r.requester === me.user || (Boolean(me.person) && r.requester_person === me.person);
 }
 
+// What a media type makes of the same bytes: the reviewer approves one reading, not the bytes alone.
+const READINGS = {
+  "application/strategic-merge-patch+json": "strategic merge patch: lists of known keys are merged by key",
+  "application/merge-patch+json": "JSON merge patch (RFC 7386): every list given replaces the whole list",
+  "application/json-patch+json": "JSON patch (RFC 6902): the operations in order",
+  "application/apply-patch+yaml": "server-side apply: the fields this manager owns",
+  "application/json": "the whole object, JSON",
+  "application/yaml": "the whole object, YAML (shown as JSON)",
+  "application/vnd.kubernetes.protobuf": "the whole object, protobuf (shown as JSON)",
+};
+
+// The record's body, pretty-printed when it is JSON; control, format (bidi) and separator characters shown
+// as escapes, so that none can hide or reorder what the reviewer reads.
+function shownBody(r) {
+  let text = r.body ?? r.body_preview ?? "";
+  try {
+    text = JSON.stringify(JSON.parse(text), null, 2);
+  } catch (_) {
+    /* not JSON: shown as stored */
+  }
+  return text.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) => (c === "\n" ? c : `\\u${c.codePointAt(0).toString(16).padStart(4, "0")}`));
+}
+
 function renderApproval(r, status) {
   const own = isOwn(r);
   const canReview = !own && r.state === "pending" && (me.groups || []).some((g) => (r.reviewer_groups || []).includes(g));
@@ -232,9 +255,27 @@ function renderApproval(r, status) {
     ),
   );
   const parts = [facts];
-  if (r.body_preview) {
-    parts.push(el("details", { open: true }, el("summary", { text: "Request body (masked)" }), el("pre", { text: r.body_preview })));
+  // What cannot be approved: a body the record does not hold whole, or a record from before the body's
+  // media type was bound (it can release no request). The gateway refuses approving them too.
+  const unapprovable = r.body_truncated
+    ? "The body was stored cut (a request held by an older gateway): nobody can see what it would approve. Deny it; the requester's retry is held anew."
+    : r.media_type === null
+      ? "This request was held before approvals bound the body's media type: it can release no request. Deny it; the requester's retry is held anew."
+      : "";
+  const body = shownBody(r);
+  if (body) {
+    const lines = body.split("\n").length;
+    parts.push(
+      el(
+        "details",
+        { open: true, class: "body" },
+        el("summary", { text: `Request body (masked, ${r.body_truncated ? "CUT: only its start" : `whole: ${lines} line${lines === 1 ? "" : "s"}`})` }),
+        r.media_type ? el("p", {}, "Sent as ", el("code", { text: r.media_type }), READINGS[r.media_type] ? ` — ${READINGS[r.media_type]}` : "") : null,
+        el("pre", { text: body }),
+      ),
+    );
   }
+  if (unapprovable) parts.push(el("p", { class: "note" }, unapprovable));
   if (own && r.state === "pending") {
     parts.push(el("p", { class: "note" }, "This is your own request: another reviewer has to decide it."));
   } else if (canReview) {
@@ -262,7 +303,7 @@ function renderApproval(r, status) {
       el(
         "div",
         { class: "buttons" },
-        el("button", { type: "submit", class: "approve", onclick: decide(true) }, "Approve"),
+        unapprovable ? null : el("button", { type: "submit", class: "approve", onclick: decide(true) }, "Approve"),
         el("button", { type: "button", class: "deny", onclick: decide(false) }, "Deny"),
       ),
     );
