@@ -493,16 +493,21 @@ def test_an_approved_strategic_patch_does_not_release_the_same_bytes_as_a_merge_
     item = wait_pending(gw, "rita", name="bump")
     first.kill()  # the developer leaves; the reviewer approves "bump app's image" as shown
     first.wait(10)
-    shown = api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]
-    assert shown["media_type"] == "application/strategic-merge-patch+json" and json.loads(shown["body"]) == (
-        json.loads(bump))  # fmt: skip
-    assert "strategic merge patch" in cli(gw, "rita", "show", item["id"])
     assert api(gw, "POST", f"/api/approvals/{item['id']}/approve", "rita", {})[1]["state"] == "approved"
     # The same bytes as a merge patch: a request of its own, held for review — not released.
     merge = kubectl(gw, "alice", "patch", "deployment", "bump", "-n", "prod", "--type=merge", "-p", bump)
-    other = wait_pending(gw, "rita", name="bump", state="pending", media_type="application/merge-patch+json")
-    assert other["id"] != item["id"]
+    time.sleep(2)
+    assert merge.poll() is None, finish(merge)
     assert [c["name"] for c in containers(own_sandbox, "bump")] == ["app", "security-agent"]
+    other = wait_pending(gw, "rita", name="bump", state="pending")
+    assert other["id"] != item["id"] and other["media_type"] == "application/merge-patch+json"
+    # What the reviewer approved, as shown: the strategic merge patch of those bytes.
+    shown = api(gw, "GET", f"/api/approvals/{item['id']}", "rita")[1]
+    assert shown["media_type"] == "application/strategic-merge-patch+json"
+    assert json.loads(shown["body"]) == json.loads(bump)
+    assert "strategic merge patch: lists of known keys are merged by key" in cli(
+        gw, "rita", "show", item["id"]
+    )
     api(gw, "POST", f"/api/approvals/{other['id']}/deny", "rita", {"comment": "that drops the sidecar"})
     code, _, err = finish(merge)
     assert code == 1 and "denied by rita: that drops the sidecar" in err
@@ -533,12 +538,11 @@ def test_reviewers_see_the_whole_body_they_approve(gw, own_sandbox):
                {"name": "app", "image": "busybox:3", "securityContext": {"privileged": True}}]}}}}  # fmt: skip
     held = kubectl(gw, "alice", "patch", "deployment", "noted", "-n", "prod", "-p", json.dumps(doc))
     listed = wait_pending(gw, "rita", name="noted")
-    assert (
-        listed["body_truncated"] is True and "privileged" not in listed["body_preview"]
-    )  # a list: the start
-    shown = api(gw, "GET", f"/api/approvals/{listed['id']}", "rita")[1]
-    assert json.loads(shown["body"]) == doc and shown["body_truncated"] is False
     text = cli(gw, "rita", "show", listed["id"])
     assert '"privileged": true' in text and text.count("OPS-1234") == 16, text
+    shown = api(gw, "GET", f"/api/approvals/{listed['id']}", "rita")[1]
+    assert json.loads(shown["body"]) == doc and shown["body_truncated"] is False
+    # A list shows each body's start, and says so.
+    assert listed["body_truncated"] is True and "privileged" not in listed["body_preview"]
     api(gw, "POST", f"/api/approvals/{listed['id']}/deny", "rita", {"comment": "no privileged containers"})
     finish(held)

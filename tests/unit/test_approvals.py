@@ -165,7 +165,7 @@ async def test_a_body_too_large_to_show_whole_is_refused_before_it_is_held(servi
     flow = patch(SMP, privileged_after_a_long_note())
     flow.connection.limits = LimitSettings(max_request_body_bytes=256)  # shown bodies: up to 4 x 256
     with pytest.raises(StatusError) as caught:
-        await service.hold(flow, held())
+        await asyncio.wait_for(service.hold(flow, held()), 5)  # (held, it would wait for a reviewer)
     assert caught.value.code == 413 and "too large to show reviewers whole" in caught.value.message
     assert flow.decision is not None and flow.decision.verdict is Verdict.DENY
     assert await service.db.run(lambda s: store.list_approvals(s)) == []
@@ -174,7 +174,7 @@ async def test_a_body_too_large_to_show_whole_is_refused_before_it_is_held(servi
 async def test_a_patch_type_the_api_server_refuses_is_answered_415_not_held(service):
     flow = patch("application/json")
     with pytest.raises(StatusError) as caught:
-        await service.hold(flow, held())
+        await asyncio.wait_for(service.hold(flow, held()), 5)  # (held, it would wait for a reviewer)
     assert caught.value.code == 415 and "patch type" in caught.value.message
     assert await service.db.run(lambda s: store.list_approvals(s)) == []
 
