@@ -148,6 +148,18 @@ def test_yaml_alias_bomb_is_bounded():
     assert "nested too deeply" in str(refused("POST", "application/yaml", b"a: &x [*x]\n"))
 
 
+def test_yaml_aliases_of_a_large_value_are_bounded_by_what_they_expand_to():
+    # Few nodes, many bytes: 20 aliases of a 500 KB value stay one object when parsed, and were 10 MB of
+    # JSON (10,000 of them, 5 GB) when masked, recorded or sent on (found 2026-12-08).
+    big = "v" * 500_000
+    body = f"metadata: {{name: x, annotations: {{a: &v {big}}}}}\nitems: [{', '.join(['*v'] * 20)}]\n"
+    assert "aliases expand to more than 4194304 characters" in str(
+        refused("POST", "application/yaml", body.encode())
+    )
+    fine = f"a: &v {'w' * 1000}\nb: [{', '.join(['*v'] * 100)}]\n"
+    assert len(decode_write_body("POST", "application/yaml", fine.encode()).doc["b"]) == 100
+
+
 def test_yaml_small_aliases_and_key_conversion_are_read():
     doc = decode_write_body(
         "POST", "application/yaml", b"env: &e [{name: A, value: b}]\ninit: *e\nyes: 1\n8080: port\n"
