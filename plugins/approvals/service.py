@@ -144,6 +144,18 @@ def _shown_body(flow: Flow, body: bytes) -> str:
     """The whole body as reviewers see it (`kubegate_record_body`: masked); only its size and hash when no
     plugin renders it — a body is never shown as it came. Never cut: an approval binds every byte of the
     body, so a reviewer shown only its start could approve what comes after the cut unseen."""
+    attrs = flow.attributes
+    method = flow.request.method.upper()
+    if (body and method in ("POST", "PUT", "PATCH") and attrs.is_resource_request and not attrs.is_proxy
+            and attrs.resource_path not in CONNECT_SUBRESOURCES):  # fmt: skip
+        # A body the API server decodes and the gateway cannot (a duplicate key, invalid JSON): reviewers
+        # would approve bytes they were shown only as a size and a hash, which the API server reads its way.
+        try:
+            bodies.decode_write_body(method, flow.request.header("content-type"), body)
+        except bodies.BodyError as exc:
+            raise StatusError(
+                exc.status, f"the request body cannot be shown to reviewers, so it cannot be approved: {exc}"
+            ) from None
     rendered = flow.connection.hooks.record_body(flow, body)
     if rendered is None:
         digest = hashlib.sha256(body).hexdigest()[:16]

@@ -171,6 +171,24 @@ async def test_a_body_too_large_to_show_whole_is_refused_before_it_is_held(servi
     assert await service.db.run(lambda s: store.list_approvals(s)) == []
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ('{"spec":{"replicas":1},"spec":{"replicas":0}}', "duplicate key"),
+        ('{"spec": {"replicas": 1}', "not valid JSON"),
+    ],
+)
+async def test_a_body_the_gateway_cannot_show_is_refused_not_held(service, body, why):
+    # The reviewer would have been shown "<N bytes, not decoded, sha256 …>" and approved bytes the API
+    # server reads its own way (found 2026-12-08).
+    flow = patch(SMP, body)
+    with pytest.raises(StatusError) as caught:
+        await asyncio.wait_for(service.hold(flow, held()), 5)  # (held, it would wait for a reviewer)
+    assert caught.value.code == 400 and "cannot be shown to reviewers" in caught.value.message
+    assert why in caught.value.message
+    assert await service.db.run(lambda s: store.list_approvals(s)) == []
+
+
 async def test_a_patch_type_the_api_server_refuses_is_answered_415_not_held(service):
     flow = patch("application/json")
     with pytest.raises(StatusError) as caught:
