@@ -102,7 +102,7 @@ def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
     if not isinstance(obj, dict):
         return False
     kind = _kind_of(obj, default_kind)
-    changed = _mask_last_applied(obj, rules)
+    changed = _mask_last_applied(obj, rules, kind)
     if kind == "Secret":
         # Every value whatever its size or bytes (short, binary, 1 MiB): this does not depend on the known
         # values. A `data` that is not a map (no API server sends one; a proxy or aggregated API might)
@@ -209,7 +209,11 @@ def _mask_configmap(obj: dict[str, Any], rules: ObjectRules) -> bool:
     return changed
 
 
-def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules) -> bool:
+def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules, kind: str) -> bool:
+    """The last-applied annotation of `obj` (of `kind`), masked as the object it says it is *and* as an
+    object of `obj`'s kind, namespace and name: kubectl writes it without the namespace when that came from
+    the kubeconfig's context (`create configmap --save-config` sets it only with `-n`), so a
+    `configmap_keys` rule for the object's namespace must match the annotation too."""
     annotations = _dig(obj, "metadata", "annotations")
     if not isinstance(annotations, dict) or not isinstance(annotations.get(LAST_APPLIED), str):
         return False
@@ -222,6 +226,12 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules) -> bool:
         annotations[LAST_APPLIED] = rules.marker  # cannot see inside (kubectl writes an object): nothing goes
         return True
     mask_object(applied, rules)
+    meta = obj.get("metadata")
+    namespace, name = meta.get("namespace"), meta.get("name")
+    for reading in {_kind_of(applied, kind), kind} - {""}:
+        mask_object_as(applied, rules, reading, namespace, name)
+    if '"env"' in original:
+        mask_env_anywhere(applied, rules)
     # Always the re-serialization of what was inspected: with duplicate keys in the annotation a client's
     # parser could otherwise read another value than the one checked here (kubectl writes it this way too).
     rewritten = json.dumps(applied, separators=(",", ":")) + "\n"
@@ -229,6 +239,58 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules) -> bool:
         annotations[LAST_APPLIED] = rewritten
         return True
     return False
+
+
+_ABSENT = object()
+
+
+def mask_object_as(obj: dict[str, Any], rules: ObjectRules, kind: str, namespace: Any, name: Any) -> bool:
+    """`mask_object` of `obj` read as an object of `kind` in `namespace` named `name` (each where it is a
+    non-empty string; else `obj`'s own), whatever `obj` says; what it says is put back afterwards."""
+    meta = obj.get("metadata", _ABSENT)
+    if meta is _ABSENT or meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        return mask_object(obj, rules, kind)  # read as is (a metadata no API server sends)
+    saved = [(obj, "kind", obj.get("kind", _ABSENT)), (obj, "metadata", obj.get("metadata", _ABSENT))]
+    saved += [(meta, key, meta.get(key, _ABSENT)) for key in ("namespace", "name")]
+    obj["kind"], obj["metadata"] = kind, meta
+    for key, value in (("namespace", namespace), ("name", name)):
+        if isinstance(value, str) and value:
+            meta[key] = value
+    try:
+        return mask_object(obj, rules, kind)
+    finally:
+        for where, key, value in reversed(saved):
+            if value is _ABSENT:
+                where.pop(key, None)
+            else:
+                where[key] = value
+
+
+def mask_env_anywhere(node: Any, rules: ObjectRules, partial: bool = False) -> bool:
+    """Every `env` list, wherever it is (a custom resource's pod template, a ControllerRevision's `data`, a
+    patch): values of secret-named variables, and with `partial` (a patch) values whose name is not there
+    to judge. Whether it changed anything."""
+    changed = False
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                for var in value:
+                    if not isinstance(var, dict) or "value" not in var or var["value"] == rules.marker:
+                        continue
+                    var_name = var.get("name")
+                    secret_name = isinstance(var_name, str) and bool(rules.env_name.search(var_name))
+                    if secret_name or (partial and not isinstance(var_name, str)):
+                        var["value"] = rules.marker
+                        changed = True
+            if isinstance(value, dict | list):
+                changed |= mask_env_anywhere(value, rules, partial)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict | list):
+                changed |= mask_env_anywhere(item, rules, partial)
+    return changed
 
 
 def _no_constant(name: str) -> Any:

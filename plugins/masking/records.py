@@ -29,7 +29,7 @@ from urllib.parse import quote, unquote_plus
 
 from kubegate.core import bodies
 
-from .objects import ObjectRules, _scrub_strings, mask_object
+from .objects import ObjectRules, _scrub_strings, mask_env_anywhere, mask_object_as
 
 Shape: TypeAlias = bodies.Shape
 SECRET_FIELDS = ("data", "stringData", "binaryData")
@@ -57,21 +57,36 @@ def mask_record_document(
     if isinstance(doc, list):
         # Not what this shape holds (the API server refuses it): masked as operations and as objects both.
         doc = mask_json_patch(doc, rules, resource_kind, namespace, name)
-    return mask_record_object(doc, rules, resource_kind, partial=shape != "object")
+    return mask_record_object(
+        doc, rules, resource_kind, partial=shape != "object", namespace=namespace, name=name
+    )
 
 
-def mask_record_object(doc: Any, rules: ObjectRules, resource_kind: str, *, partial: bool = False) -> Any:
+def mask_record_object(
+    doc: Any,
+    rules: ObjectRules,
+    resource_kind: str,
+    *,
+    partial: bool = False,
+    namespace: str = "",
+    name: str = "",
+) -> Any:
     """An object (or a `List` of them, nested at any depth) masked as the resource's kind and its own.
 
     :param partial: a patch: env entries that carry a value but no name (the name is in the stored object,
         not visible here) are masked too.
+    :param namespace: the request's namespace: the object is masked as named by its own metadata *and* as
+        in this namespace (a create without `-n`, a merge patch, name none: the API server takes them from
+        the path).
+    :param name: the request's object name, likewise.
     """
     if isinstance(doc, list):
-        return [mask_record_object(item, rules, resource_kind, partial=partial) for item in doc]
+        return [mask_record_object(item, rules, resource_kind, partial=partial, namespace=namespace, name=name)
+                for item in doc]  # fmt: skip
     if not isinstance(doc, dict):
         return _scrub_value(doc, rules)
     structure = replace(rules, scrub_text=None)
-    _mask_structure(doc, structure, resource_kind, partial)
+    _mask_structure(doc, structure, resource_kind, partial, namespace, name)
     _mask_container_commands(doc, rules)
     if rules.scrub_text is not None:
         _scrub_strings(doc, rules.scrub_text)
@@ -103,7 +118,9 @@ def _same(text: str) -> str:
     return text
 
 
-def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str, partial: bool) -> None:
+def _mask_structure(
+    obj: dict[str, Any], rules: ObjectRules, resource_kind: str, partial: bool, namespace: str, name: str
+) -> None:
     kind_field = obj.get("kind")
     own_kind = kind_field if isinstance(kind_field, str) else ""
     items = obj.get("items")
@@ -112,12 +129,14 @@ def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str,
         for index, item in enumerate(items):
             if isinstance(item, dict):
                 for kind in {item_kind, resource_kind} - {""} or {""}:
-                    _mask_structure(item, rules, kind, partial)
+                    _mask_structure(item, rules, kind, partial, namespace, name)
             else:
                 items[index] = _scrub_value(item, rules)
     kinds = {own_kind, resource_kind} - {""} or {""}
     for kind in kinds:
-        _mask_as(obj, rules, kind)
+        mask_object_as(obj, rules, kind, "", "")  # as the body names itself
+        if namespace or name:
+            mask_object_as(obj, rules, kind, namespace, name)  # and where the request puts it
     if "Secret" in kinds:
         # The API server refuses a Secret whose data is not a map, but the record is written all the same;
         # fields a Secret does not have (dropped there) may hold a copy of a value (a YAML alias): masked.
@@ -126,40 +145,7 @@ def _mask_structure(obj: dict[str, Any], rules: ObjectRules, resource_kind: str,
                 obj[section] = rules.marker
             elif section not in SECRET_FIELDS and section not in SECRET_OTHER_FIELDS:
                 obj[section] = _all_masked(obj[section], rules.marker)
-    _mask_env_anywhere(obj, rules, partial)
-
-
-def _mask_as(obj: dict[str, Any], rules: ObjectRules, kind: str) -> None:
-    """`mask_object` with `kind` in force whatever the object says (put back afterwards)."""
-    had_kind, own = "kind" in obj, obj.get("kind")
-    obj["kind"] = kind
-    try:
-        mask_object(obj, rules, kind)
-    finally:
-        if had_kind:
-            obj["kind"] = own
-        else:
-            del obj["kind"]
-
-
-def _mask_env_anywhere(node: Any, rules: ObjectRules, partial: bool) -> None:
-    """Every `env` list, wherever it is (a custom resource's pod template, a patch): values of secret-named
-    variables, and in a patch values whose name is not there to judge."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "env" and isinstance(value, list):
-                for var in value:
-                    if not isinstance(var, dict) or "value" not in var:
-                        continue
-                    var_name = var.get("name")
-                    secret_name = isinstance(var_name, str) and bool(rules.env_name.search(var_name))
-                    if secret_name or (partial and not isinstance(var_name, str)):
-                        var["value"] = rules.marker
-            if isinstance(value, dict | list):
-                _mask_env_anywhere(value, rules, partial)
-    elif isinstance(node, list):
-        for item in node:
-            _mask_env_anywhere(item, rules, partial)
+    mask_env_anywhere(obj, rules, partial)
 
 
 def mask_json_patch(
@@ -168,10 +154,12 @@ def mask_json_patch(
     """A JSON patch (RFC 6902): each operation's `value` masked where it lands. `op`, `path` and `from` are
     kept (scrubbed by value like any text); a Secret's values are all masked (its annotations may echo its data)."""
     if not isinstance(ops, list):
-        return mask_record_object(ops, rules, resource_kind, partial=True)
+        return mask_record_object(ops, rules, resource_kind, partial=True, namespace=namespace, name=name)
     for index, op in enumerate(ops):
         if not isinstance(op, dict):
-            ops[index] = mask_record_object(op, rules, resource_kind, partial=True)
+            ops[index] = mask_record_object(
+                op, rules, resource_kind, partial=True, namespace=namespace, name=name
+            )
             continue
         for key in list(op):
             if key == "value":
@@ -196,8 +184,8 @@ def _mask_patch_value(path: Any, value: Any, rules: ObjectRules, kind: str, name
         return _all_masked(value, rules.marker)  # the API server refuses it; nothing of it is kept
     if kind == "Secret":
         return _all_masked(value, rules.marker)  # data, stringData, or an annotation that may echo them
-    if not segments:
-        return mask_record_object(value, rules, kind, partial=True)  # the whole object replaced
+    if not segments:  # the whole object replaced
+        return mask_record_object(value, rules, kind, partial=True, namespace=namespace, name=name)
     if segments[0] in ("kind", "apiVersion"):
         return _scrub_value(value, rules)
     # A skeleton object of the kind with the value where the pointer puts it, masked by the object rules
@@ -231,7 +219,8 @@ def _placed(
         skeleton["metadata"] = {"namespace": namespace, "name": name}
     # Read as maps, index-like segments made maps where the object has lists (containers, env): kept and
     # skipped there. Read as lists, a container list or env that is not one goes whole, as in responses.
-    mask_record_object(skeleton, replace(rules, replace_unreadable=indexes), kind, partial=True)
+    placed_rules = replace(rules, replace_unreadable=indexes)
+    mask_record_object(skeleton, placed_rules, kind, partial=True, namespace=namespace, name=name)
     found: Any = skeleton
     for segment in segments:
         if isinstance(found, list) and found:

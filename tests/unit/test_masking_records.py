@@ -339,3 +339,38 @@ def test_json_patch_index_like_segments_are_read_as_map_keys_too():
     m = masking(configmap_keys=[{"keys": ["*"]}])
     ops = [{"op": "add", "path": "/data/0", "value": CLEAR}, {"op": "add", "path": "/data/-", "value": CLEAR}]
     assert CLEAR not in record(ops, "configmaps", content_type=JSON_PATCH, masked=m)
+
+
+# -- ConfigMap keys where the request, not the body, names the object ---------------------------------------
+
+HOOK_RULE = {"namespaces": "prod", "names": "app-*", "keys": ["*_URL"]}
+
+
+@pytest.mark.parametrize(
+    ("method", "content_type", "name", "body"),
+    [
+        # `kubectl create configmap app-hooks --from-literal=SLACK_URL=…` without -n: the namespace is the path's
+        ("POST", "application/json", "", {"kind": "ConfigMap", "apiVersion": "v1",
+                                          "metadata": {"name": "app-hooks"}, "data": {"SLACK_URL": CLEAR}}),
+        # `kubectl patch cm app-hooks -p '{"data":{…}}'`, `kubectl edit`, server-side apply: no metadata at all
+        ("PATCH", STRATEGIC, "app-hooks", {"data": {"SLACK_URL": CLEAR}}),
+        ("PATCH", MERGE, "app-hooks", {"data": {"SLACK_URL": CLEAR}}),
+        ("PATCH", APPLY, "app-hooks", {"apiVersion": "v1", "kind": "ConfigMap", "data": {"SLACK_URL": CLEAR}}),
+        ("PUT", "application/json", "app-hooks", {"kind": "ConfigMap", "data": {"SLACK_URL": CLEAR}}),
+        # a last-applied annotation in a patch: masked as the ConfigMap the request is for
+        ("PATCH", MERGE, "app-hooks", {"metadata": {"annotations": {
+            "kubectl.kubernetes.io/last-applied-configuration": json.dumps(
+                {"kind": "ConfigMap", "data": {"SLACK_URL": CLEAR}})}}}),
+        ("PATCH", JSON_PATCH, "app-hooks", [{"op": "add", "path": "/data", "value": {"SLACK_URL": CLEAR}}]),
+    ],
+)  # fmt: skip
+def test_configmap_keys_use_the_requests_namespace_and_name_where_the_body_has_none(
+    method, content_type, name, body
+):
+    masked = masking(configmap_keys=[HOOK_RULE])
+    shown = record(body, "configmaps", method=method, content_type=content_type, name=name, masked=masked)
+    assert CLEAR not in shown, shown
+    assert MARKER in shown
+    elsewhere = record(body, "configmaps", method=method, content_type=content_type, name=name,
+                       namespace="staging", masked=masked)  # fmt: skip
+    assert CLEAR in elsewhere  # the rule is for prod only: not a mask-everything
