@@ -38,6 +38,9 @@ class ObjectRules:
     # Containers or env that are not lists go whole (a document); kept, and skipped, in a skeleton that
     # records build around a JSON patch's value (records.py `_placed`), where a map stands for a list.
     replace_unreadable: bool = True
+    # While a response body is masked (`Masking._mask`): the ids of the env lists of the document's own pod
+    # templates that were read, so that any other env list can be noticed cheaply (`mask_env_anywhere`).
+    env_lists: set[int] | None = None
 
     def __post_init__(self) -> None:
         self.marker_b64 = base64.b64encode(self.marker.encode()).decode()
@@ -170,6 +173,8 @@ def _mask_pod_spec(spec: dict[str, Any], rules: ObjectRules) -> bool:
             if not _readable_list(container, "env", rules):
                 changed |= rules.replace_unreadable
                 continue
+            if rules.env_lists is not None and isinstance(container.get("env"), list):
+                rules.env_lists.add(id(container["env"]))
             for var in container.get("env") or []:
                 if isinstance(var, dict) and isinstance(var.get("value"), str) and var["value"]:
                     if rules.env_name.search(str(var.get("name", ""))):
@@ -225,13 +230,17 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules, kind: str) -> bo
     if not isinstance(applied, dict):
         annotations[LAST_APPLIED] = rules.marker  # cannot see inside (kubectl writes an object): nothing goes
         return True
-    mask_object(applied, rules)
     meta = obj.get("metadata")
     namespace, name = meta.get("namespace"), meta.get("name")
-    for reading in {_kind_of(applied, kind), kind} - {""}:
-        mask_object_as(applied, rules, reading, namespace, name)
-    if '"env"' in original:
-        mask_env_anywhere(applied, rules)
+    env_lists, rules.env_lists = rules.env_lists, None  # not the document's own: they are in a string
+    try:
+        mask_object(applied, rules)
+        for reading in {_kind_of(applied, kind), kind} - {""}:
+            mask_object_as(applied, rules, reading, namespace, name)
+        if '"env"' in original:
+            mask_env_anywhere(applied, rules)
+    finally:
+        rules.env_lists = env_lists
     # Always the re-serialization of what was inspected: with duplicate keys in the annotation a client's
     # parser could otherwise read another value than the one checked here (kubectl writes it this way too).
     rewritten = json.dumps(applied, separators=(",", ":")) + "\n"

@@ -75,3 +75,46 @@ def test_last_applied_of_another_namespace_or_name_is_not_masked_by_the_rule():
     out = json.loads(served(masking, doc, "configmaps"))
     assert out["data"]["SLACK_URL"] == HOOK
     assert json.loads(out["metadata"]["annotations"][LAST_APPLIED])["data"]["SLACK_URL"] == HOOK
+
+
+# -- env lists outside the pod templates the masker knows ------------------------------------------------------
+
+TEMPLATE = {"metadata": {"labels": {"app": "db"}},
+            "spec": {"containers": [{"name": "db", "image": "postgres",
+                                     "env": [{"name": "DB_PASSWORD", "value": ENV_VALUE},
+                                             {"name": "PGDATA", "value": "/var/lib/pg"}]}]}}  # fmt: skip
+# What the StatefulSet and DaemonSet controllers store (history.go / controller_history.go: the template as a
+# strategic-merge patch, `$patch: replace`); `kubectl rollout history statefulset/db --revision=1` prints it.
+REVISION = {"kind": "ControllerRevision", "apiVersion": "apps/v1",
+            "metadata": {"name": "db-7d9f8b6c5", "namespace": "prod"}, "revision": 1,
+            "data": {"spec": {"template": {"$patch": "replace", **TEMPLATE}}}}  # fmt: skip
+CUSTOM = {"kind": "Workflow", "apiVersion": "argoproj.io/v1alpha1", "metadata": {"name": "w", "namespace": "prod"},
+          "spec": {"templates": [{"name": "main", "container": {"image": "x", "env": TEMPLATE["spec"][
+              "containers"][0]["env"]}}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resource", "doc"),
+    [
+        ("controllerrevisions", REVISION),
+        ("controllerrevisions", {"kind": "ControllerRevisionList", "apiVersion": "apps/v1", "metadata": {},
+                                 "items": [{k: v for k, v in REVISION.items() if k != "kind"}]}),
+        ("controllerrevisions", {"type": "ADDED", "object": REVISION}),
+        ("workflows", CUSTOM),
+        # a pod template the masker reads (counted twice: as its own kind and the path's) beside one it does not
+        ("deployments", {"kind": "Rollout", "metadata": {"name": "r"}, "spec": {
+            "template": TEMPLATE, "canary": {"analysis": {"env": TEMPLATE["spec"]["containers"][0]["env"]}}}}),
+        # the last-applied annotation of a custom resource
+        ("workflows", {**CUSTOM, "spec": {}, "metadata": {"name": "w", "annotations": {
+            LAST_APPLIED: json.dumps(CUSTOM)}}}),
+    ],
+)  # fmt: skip
+def test_env_values_are_masked_by_name_in_any_env_list(resource, doc):
+    masking = Masking(MaskingSettings())
+    out = served(masking, json.loads(json.dumps(doc)), resource)
+    assert ENV_VALUE not in out
+    assert "/var/lib/pg" in out  # only values of secret-looking names
+    if doc.get("type") is None:
+        return
+    watch = WatchLines(masking, flow(resource, "watch"), None)
+    assert ENV_VALUE not in (watch.feed(orjson.dumps(doc) + b"\n") + watch.end()).decode()
