@@ -26,6 +26,16 @@ KIND_OF_RESOURCE = {
     "cronjobs": "CronJob", "podtemplates": "PodTemplate", "replicationcontrollers": "ReplicationController",
 }  # fmt: skip
 NO_POD_SPEC = frozenset({"Secret", "ConfigMap", "TokenRequest"})
+# A Go struct's `Value` field as the API server's refusals print it (in a Status `message`): cmp.Diff's
+# `Value: "…"` (ValidatePodUpdate's "pod updates may not change fields other than …" diff; multi-line
+# values as a `"""` block or `strings.Join({…}, "\n")`) and %#v's `Value:"…"` (field.Invalid of a whole
+# template: ValidateImmutableField's "field is immutable"). Every one is masked, whatever the `Name` before
+# it: cmp leaves out fields it elides ("... // 1 identical field"), and the structs that have a `Value`
+# (EnvVar, HTTPHeader, Sysctl, Toleration) say nothing a refusal needs.
+GO_VALUE_FIELD = re.compile(
+    r'(\bValue:[ \t]*)(?:"""\n[\s\S]*?"""|strings\.Join\(\{[\s\S]*?\}, "(?:[^"\\\n]|\\.)*"\)'
+    r'|"(?:[^"\\\n]|\\.)*")'
+)
 CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 
 
@@ -118,6 +128,8 @@ def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
                 changed = True
     elif kind == "ConfigMap":
         changed |= _mask_configmap(obj, rules)
+    elif kind == "Status":
+        changed |= _mask_status_messages(obj, rules)
     elif kind == "TokenRequest":
         status = obj.get("status")
         if isinstance(status, dict) and status.get("token"):
@@ -128,6 +140,23 @@ def mask_object(obj: Any, rules: ObjectRules, default_kind: str = "") -> bool:
             changed |= _mask_pod_spec(spec, rules)
     if rules.scrub_text is not None:
         changed |= _scrub_strings(obj, rules.scrub_text)
+    return changed
+
+
+def _mask_status_messages(status: dict[str, Any], rules: ObjectRules) -> bool:
+    """A Status's `message` and `details.causes[].message`: the Go `Value` fields they quote (GO_VALUE_FIELD)."""
+    changed = False
+    causes = _dig(status, "details", "causes")
+    for holder in [status, *(causes if isinstance(causes, list) else [])]:
+        if (
+            isinstance(holder, dict)
+            and isinstance(holder.get("message"), str)
+            and "Value:" in holder["message"]
+        ):
+            masked = GO_VALUE_FIELD.sub(lambda m: f'{m.group(1)}"{rules.marker}"', holder["message"])
+            if masked != holder["message"]:
+                holder["message"] = masked
+                changed = True
     return changed
 
 

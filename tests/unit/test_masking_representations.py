@@ -5,6 +5,7 @@ server's own refusal messages, and response headers. Each test fails on the code
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -118,3 +119,91 @@ def test_env_values_are_masked_by_name_in_any_env_list(resource, doc):
         return
     watch = WatchLines(masking, flow(resource, "watch"), None)
     assert ENV_VALUE not in (watch.feed(orjson.dumps(doc) + b"\n") + watch.end()).decode()
+
+
+# -- the API server's refusals quoting a pod template --------------------------------------------------------
+
+FORBIDDEN = (
+    'Pod "web" is invalid: spec: Forbidden: pod updates may not change fields other than '
+    "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,"
+    "`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` "
+    "(allow it to be set to 1 if it was previously negative)\n"
+)
+# ValidatePodUpdate (kubernetes pkg/apis/core/validation/validation.go) appends cmp.Diff(oldPod.Spec,
+# mungedPodSpec) to that message; cmp prints changed entries whole and neighbouring fields as context.
+POD_DIFF_COMPACT = FORBIDDEN + (  # a resources change: the env list beside it, elided to one line
+    "  core.PodSpec{\n  \tContainers: []core.Container{\n  \t\t{\n  \t\t\t... // 6 identical fields\n"
+    "  \t\t\tEnvFrom: nil,\n"
+    f'  \t\t\tEnv:     {{{{Name: "DB_PASSWORD", Value: "{ENV_VALUE}"}}, {{Name: "PGDATA", Value: "/pg"}}}},\n'
+    "  \t\t\tResources: core.ResourceRequirements{\n"
+    '- \t\t\t\tRequests: core.ResourceList{s"memory": {s: "10Gi"}},\n'
+    '+ \t\t\t\tRequests: core.ResourceList{s"memory": {s: "2Gi"}},\n'
+    "  \t\t\t},\n  \t\t},\n  \t},\n  \t... // 28 identical fields\n  }\n"
+)
+POD_DIFF_LINES = FORBIDDEN + (  # the env entry itself changed: name and value on lines of their own
+    "  core.PodSpec{\n  \tContainers: []core.Container{\n  \t\t{\n  \t\t\tEnv: []core.EnvVar{\n"
+    "  \t\t\t\t{\n"
+    '  \t\t\t\t\tName:      "DB_PASSWORD",\n'
+    f'- \t\t\t\t\tValue:     "{ENV_VALUE}",\n'
+    f'+ \t\t\t\t\tValue:     "{ENV_VALUE}-new",\n'
+    "  \t\t\t\t\tValueFrom: nil,\n  \t\t\t\t},\n"
+    f'- \t\t\t\t{{Name: "API_KEY", Value: "{ENV_VALUE}-k"}},\n'  # a removed entry, printed whole
+    "  \t\t\t},\n  \t\t},\n  \t},\n  }\n"
+)
+# cmp prints a removed or inserted string of four lines or more as a """ block (report_reflect.go
+# formatString) and a changed multi-line string as strings.Join of its lines (report_slices.go).
+POD_DIFF_MULTILINE = FORBIDDEN + (
+    "  \t\t\tEnv: []core.EnvVar{\n  \t\t\t\t{\n  \t\t\t\t\tName: \"TLS_KEY\",\n"
+    '- \t\t\t\t\tValue: """\n'
+    "- \t\t\t\t\t-----BEGIN FAKE KEY-----\n"
+    f"- \t\t\t\t\t{ENV_VALUE}\n- \t\t\t\t\t{ENV_VALUE}\n"
+    "- \t\t\t\t\t-----END FAKE KEY-----\n"
+    '- \t\t\t\t\t"""\n'
+    "  \t\t\t\t},\n"
+    "  \t\t\t\t{\n  \t\t\t\t\tName: \"CERT\",\n"
+    "  \t\t\t\t\tValue: strings.Join({\n"
+    f'- \t\t\t\t\t\t"{ENV_VALUE}",\n'
+    '+ \t\t\t\t\t\t"other",\n'
+    '  \t\t\t\t\t}, "\\n"),\n'
+    "  \t\t\t\t},\n  \t\t\t},\n"
+)
+# ValidateJobSpecUpdate → ValidateImmutableField → field.Invalid(path, newVal): field.Error.ErrorBody prints a
+# struct BadValue with %#v (apimachinery pkg/util/validation/field/errors.go), the whole template.
+JOB_IMMUTABLE = (
+    'Job.batch "migrate" is invalid: spec.template: Invalid value: core.PodTemplateSpec{ObjectMeta:'
+    'v1.ObjectMeta{Name:"", Labels:map[string]string{"job-name":"migrate"}}, Spec:core.PodSpec{'
+    'Containers:[]core.Container{core.Container{Name:"migrate", Image:"app:2", '
+    f'Env:[]core.EnvVar{{core.EnvVar{{Name:"DB_PASSWORD", Value:"{ENV_VALUE}", '
+    'ValueFrom:(*core.EnvVarSource)(nil)}, core.EnvVar{Name:"HOST", Value:"db\\"1\\"", '
+    "ValueFrom:(*core.EnvVarSource)(nil)}}}}, RestartPolicy:\"Never\"}}: field is immutable"
+)
+
+
+def status(message: str, kind: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": "Invalid", "code": 422,
+            "details": {"name": "x", "kind": kind,
+                        "causes": [{"reason": "FieldValueInvalid", "field": "spec",
+                                    "message": message.split(": ", 1)[1]}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resource", "message"),
+    [("pods", POD_DIFF_COMPACT), ("pods", POD_DIFF_LINES), ("pods", POD_DIFF_MULTILINE), ("jobs", JOB_IMMUTABLE)],
+    ids=["cmp-compact", "cmp-lines", "cmp-multiline", "go-syntax"],
+)
+def test_value_fields_quoted_in_the_api_servers_refusals_are_masked(resource, message):
+    """`kubectl patch pod web --dry-run=server -p …` (422) or re-applying a Job whose template changed: the
+    refusal quotes the pod template, env values included, that a GET of the object masks."""
+    masking = Masking(MaskingSettings())
+    out = json.loads(served(masking, status(message, "Pod"), resource))
+    for text in (out["message"], out["details"]["causes"][0]["message"]):
+        assert ENV_VALUE not in text, text
+        assert "/pg" not in text and "db\\\"1" not in text  # every Value, whatever its name
+        assert re.search(r'Name:\s*"(DB_PASSWORD|TLS_KEY)"', text)  # names are kept
+        assert re.search(rf'Value:\s*"{MARKER}"', text)
+    assert out["message"][:60] == message[:60]  # the reason itself is kept
+    # A watch's ERROR event carries a Status too
+    watch = WatchLines(masking, flow(resource, "watch"), None)
+    event = {"type": "ERROR", "object": status(message, "Pod")}
+    assert ENV_VALUE not in (watch.feed(orjson.dumps(event) + b"\n") + watch.end()).decode()
