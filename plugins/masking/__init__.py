@@ -44,6 +44,7 @@ from .responses import (
     choose_response_mode,
     holds_no_object_data,
     json_only,
+    mask_response_headers,
     parse_json,
     prepare_upstream_request,
     response_transformer,
@@ -159,6 +160,7 @@ def kubegate_upstream_request(flow: Flow) -> None:
 
 @hookimpl
 def kubegate_response_headers(flow: Flow) -> None:
+    mask_response_headers(flow)
     choose_response_mode(flow)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zlib
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -262,6 +264,54 @@ def _serves_objects(flow: Flow) -> bool:
         and not attributes.is_streaming_subresource
         and attributes.subresource not in ("log", "proxy")
     )
+
+
+# The API server's own Content-Type is one of its serializers' media types: only its parameters are text to
+# mask (a known value equal to `application/json` must not make every answer undecodable). A pod's or a
+# service's own (`…/proxy/…`) is masked whole like any other header.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+/[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+
+def mask_response_headers(flow: Flow) -> None:
+    """Every response header value from upstream masked by the text rules (known values, detectors,
+    assignments), before the mode is chosen from them: a pod's or service's own server behind `…/proxy/`
+    sends any header it likes (`Location: …?token=…`), admission webhooks and `messageExpression`s reach
+    clients as `Warning`. A `Set-Cookie` keeps its name and attributes, never its value (the API server sets
+    no cookie; a proxied one is the pod's). Names, order and framing are kept: the marker holds no CR or LF.
+
+    Cheap when nothing matches (the common case): the values are masked joined, one pass; one by one only
+    when that pass changed something, or when custom patterns (which may anchor at a value's start) are set."""
+    masking = masking_of(flow)
+    if masking is None:
+        return
+    headers = flow.response.headers
+    if not headers:
+        return
+    mask = masking.text.mask
+    if not masking.settings.patterns and not any(k.lower() == "set-cookie" for k, _ in headers):
+        joined = "\n".join(_as_text(v) for _, v in headers)
+        if mask(joined) == joined:
+            return
+    proxied = flow.attributes.subresource == "proxy"
+    for index, (name, value) in enumerate(headers):
+        lname = name.lower()
+        text = _as_text(value)
+        if lname == "set-cookie":
+            cookie, semicolon, attributes = text.partition(";")
+            cookie_name, equals, _ = cookie.partition("=")
+            masked = (mask(cookie_name) + equals + quote(masking.settings.marker, safe="") if equals
+                      else mask(cookie)) + semicolon + mask(attributes)  # fmt: skip
+        elif lname == "content-type" and not proxied and (media := _MEDIA_TYPE.match(text)):
+            masked = text[: media.end()] + mask(text[media.end() :])
+        else:
+            masked = mask(text)
+        if masked != text:
+            headers[index] = (name, masked.encode("utf-8", "surrogateescape").decode("latin-1"))
+
+
+def _as_text(value: str) -> str:
+    """A header value as text: its bytes (the host reads them as latin-1) as UTF-8, as a known value is."""
+    return value if value.isascii() else value.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def choose_response_mode(flow: Flow) -> None:

@@ -4,10 +4,12 @@ server's own refusal messages, and response headers. Each test fails on the code
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -153,14 +155,14 @@ POD_DIFF_LINES = FORBIDDEN + (  # the env entry itself changed: name and value o
 # cmp prints a removed or inserted string of four lines or more as a """ block (report_reflect.go
 # formatString) and a changed multi-line string as strings.Join of its lines (report_slices.go).
 POD_DIFF_MULTILINE = FORBIDDEN + (
-    "  \t\t\tEnv: []core.EnvVar{\n  \t\t\t\t{\n  \t\t\t\t\tName: \"TLS_KEY\",\n"
+    '  \t\t\tEnv: []core.EnvVar{\n  \t\t\t\t{\n  \t\t\t\t\tName: "TLS_KEY",\n'
     '- \t\t\t\t\tValue: """\n'
     "- \t\t\t\t\t-----BEGIN FAKE KEY-----\n"
     f"- \t\t\t\t\t{ENV_VALUE}\n- \t\t\t\t\t{ENV_VALUE}\n"
     "- \t\t\t\t\t-----END FAKE KEY-----\n"
     '- \t\t\t\t\t"""\n'
     "  \t\t\t\t},\n"
-    "  \t\t\t\t{\n  \t\t\t\t\tName: \"CERT\",\n"
+    '  \t\t\t\t{\n  \t\t\t\t\tName: "CERT",\n'
     "  \t\t\t\t\tValue: strings.Join({\n"
     f'- \t\t\t\t\t\t"{ENV_VALUE}",\n'
     '+ \t\t\t\t\t\t"other",\n'
@@ -175,7 +177,7 @@ JOB_IMMUTABLE = (
     'Containers:[]core.Container{core.Container{Name:"migrate", Image:"app:2", '
     f'Env:[]core.EnvVar{{core.EnvVar{{Name:"DB_PASSWORD", Value:"{ENV_VALUE}", '
     'ValueFrom:(*core.EnvVarSource)(nil)}, core.EnvVar{Name:"HOST", Value:"db\\"1\\"", '
-    "ValueFrom:(*core.EnvVarSource)(nil)}}}}, RestartPolicy:\"Never\"}}: field is immutable"
+    'ValueFrom:(*core.EnvVarSource)(nil)}}}}, RestartPolicy:"Never"}}: field is immutable'
 )
 
 
@@ -189,7 +191,12 @@ def status(message: str, kind: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("resource", "message"),
-    [("pods", POD_DIFF_COMPACT), ("pods", POD_DIFF_LINES), ("pods", POD_DIFF_MULTILINE), ("jobs", JOB_IMMUTABLE)],
+    [
+        ("pods", POD_DIFF_COMPACT),
+        ("pods", POD_DIFF_LINES),
+        ("pods", POD_DIFF_MULTILINE),
+        ("jobs", JOB_IMMUTABLE),
+    ],
     ids=["cmp-compact", "cmp-lines", "cmp-multiline", "go-syntax"],
 )
 def test_value_fields_quoted_in_the_api_servers_refusals_are_masked(resource, message):
@@ -199,7 +206,7 @@ def test_value_fields_quoted_in_the_api_servers_refusals_are_masked(resource, me
     out = json.loads(served(masking, status(message, "Pod"), resource))
     for text in (out["message"], out["details"]["causes"][0]["message"]):
         assert ENV_VALUE not in text, text
-        assert "/pg" not in text and "db\\\"1" not in text  # every Value, whatever its name
+        assert "/pg" not in text and 'db\\"1' not in text  # every Value, whatever its name
         assert re.search(r'Name:\s*"(DB_PASSWORD|TLS_KEY)"', text)  # names are kept
         assert re.search(rf'Value:\s*"{MARKER}"', text)
     assert out["message"][:60] == message[:60]  # the reason itself is kept
@@ -207,3 +214,89 @@ def test_value_fields_quoted_in_the_api_servers_refusals_are_masked(resource, me
     watch = WatchLines(masking, flow(resource, "watch"), None)
     event = {"type": "ERROR", "object": status(message, "Pod")}
     assert ENV_VALUE not in (watch.feed(orjson.dumps(event) + b"\n") + watch.end()).decode()
+
+
+# -- response headers -------------------------------------------------------------------------------------------
+
+KNOWN = "hunter2-prod-s3cret"  # a value the connection learned from its Secrets
+
+
+def header_flow(headers: list[tuple[str, str]], subresource: str = "proxy", **settings: Any) -> Any:
+    """The response to `GET …/pods/web/proxy/` (or another subresource) on a masked connection, as the
+    response-headers hook sees it."""
+    masking = Masking(MaskingSettings.model_validate(settings))
+    masking.set_known({KNOWN})
+    attributes = SimpleNamespace(resource="pods", verb="get", subresource=subresource, is_resource_request=True,
+                                 is_streaming_subresource=False)  # fmt: skip
+    return SimpleNamespace(
+        attributes=attributes, state={}, identity=None, upstream_headers=[],
+        connection=SimpleNamespace(name="c", state={"masking": masking}),
+        request=SimpleNamespace(path="/api/v1/namespaces/prod/pods/web/proxy/", websocket=False),
+        response=SimpleNamespace(status=200, headers=list(headers)),
+    )  # fmt: skip
+
+
+def test_response_header_values_are_masked_names_and_framing_kept():
+    from kubegate.plugins.masking import kubegate_response_headers
+
+    f = header_flow([
+        ("Content-Type", "application/json"),
+        ("X-Upstream-Token", KNOWN),
+        ("Location", f"https://db.example.invalid/?token={KNOWN}&next=%2F"),
+        ("Link", f"<https://x.invalid/{base64.b64encode(KNOWN.encode()).decode()}>; rel=next"),
+        ("Warning", f'299 - "admission webhook \\"audit\\": password={"plain-" + "pw1234"} seen"'),
+        ("X-Url-Encoded", quote(f"a {KNOWN}", safe="")),
+        ("X-Utf8", f"é {KNOWN}".encode().decode("latin-1")),  # as the host reads raw bytes
+        ("Set-Cookie", "session=opaque-pod-session; Path=/; HttpOnly"),
+        ("X-Plain", "nothing to see"),
+    ])  # fmt: skip
+    kubegate_response_headers(f)
+    out = dict(f.response.headers)
+    assert [name for name, _ in f.response.headers] == ["Content-Type", "X-Upstream-Token", "Location", "Link",
+                                                        "Warning", "X-Url-Encoded", "X-Utf8", "Set-Cookie",
+                                                        "X-Plain"]  # fmt: skip
+    text = "\n".join(out.values())
+    assert (
+        KNOWN not in text and "pw1234" not in text and base64.b64encode(KNOWN.encode()).decode() not in text
+    )
+    assert quote(KNOWN, safe="") not in text
+    assert out["X-Upstream-Token"] == MARKER
+    assert out["Location"] == f"https://db.example.invalid/?token={MARKER}&next=%2F"
+    assert out["X-Utf8"] == f"é {MARKER}".encode().decode("latin-1")
+    # the pod's cookie goes with its name and attributes, never its value
+    assert out["Set-Cookie"] == f"session={quote(MARKER, safe='')}; Path=/; HttpOnly"
+    assert out["X-Plain"] == "nothing to see" and out["Content-Type"] == "application/json"
+    assert not any(c in value for value in out.values() for c in "\r\n\x00")
+    for _, value in f.response.headers:
+        value.encode("latin-1")  # as the host sends it
+
+
+def test_the_api_servers_content_type_stays_a_media_type_a_pods_is_masked_whole():
+    from kubegate.plugins.masking import kubegate_response_headers
+
+    # A Secret whose value is a media type must not make every API answer undecodable.
+    own = header_flow([("Content-Type", f"application/json;charset=utf-8;x={KNOWN}")], subresource="")
+    own.connection.state["masking"].set_known({KNOWN, "application/json"})
+    kubegate_response_headers(own)
+    assert own.response.headers == [("Content-Type", f"application/json;charset=utf-8;x={MARKER}")]
+    proxied = header_flow([("Content-Type", f"text/{KNOWN}")])
+    kubegate_response_headers(proxied)
+    assert KNOWN not in str(proxied.response.headers)
+
+
+def test_headers_of_an_exempt_caller_or_an_unmasked_connection_pass():
+    from kubegate.plugins.masking import kubegate_response_headers
+
+    f = header_flow([("X-Upstream-Token", KNOWN)])
+    f.state["masking"] = {"exempt": True}
+    kubegate_response_headers(f)
+    assert f.response.headers == [("X-Upstream-Token", KNOWN)]
+
+
+def test_custom_patterns_are_applied_to_each_header_value_on_its_own():
+    from kubegate.plugins.masking import kubegate_response_headers
+
+    # Anchored at a value's start: a joined pass would see only the first header's start.
+    f = header_flow([("X-A", "fine"), ("X-B", "tok_abcdef123")], patterns=["^tok_[a-z0-9]+"])
+    kubegate_response_headers(f)
+    assert f.response.headers == [("X-A", "fine"), ("X-B", MARKER)]
