@@ -259,7 +259,7 @@ def _mask_last_applied(obj: dict[str, Any], rules: ObjectRules, kind: str) -> bo
     if not isinstance(applied, dict):
         annotations[LAST_APPLIED] = rules.marker  # cannot see inside (kubectl writes an object): nothing goes
         return True
-    meta = obj.get("metadata")
+    meta = obj["metadata"]  # a map: the annotations are in it
     namespace, name = meta.get("namespace"), meta.get("name")
     env_lists, rules.env_lists = rules.env_lists, None  # not the document's own: they are in a string
     try:
