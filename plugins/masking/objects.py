@@ -315,8 +315,8 @@ def mask_env_anywhere(node: Any, rules: ObjectRules, partial: bool = False) -> b
         for key, value in node.items():
             if key == "env" and isinstance(value, list):
                 for var in value:
-                    if not isinstance(var, dict) or "value" not in var or var["value"] == rules.marker:
-                        continue
+                    if not isinstance(var, dict) or var.get("value") in (None, "", rules.marker):
+                        continue  # nothing to hide
                     var_name = var.get("name")
                     secret_name = isinstance(var_name, str) and bool(rules.env_name.search(var_name))
                     if secret_name or (partial and not isinstance(var_name, str)):

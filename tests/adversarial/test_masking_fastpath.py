@@ -17,15 +17,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubegate.plugins.masking import JsonBody, Masking, MaskingSettings, WatchLines
-from kubegate.plugins.masking.objects import LAST_APPLIED, mask_document, restore_identifiers, scrub_document
+from kubegate.plugins.masking.objects import (
+    LAST_APPLIED,
+    mask_document,
+    mask_env_anywhere,
+    restore_identifiers,
+    scrub_document,
+)
 
 KNOWN = "s3cret-known-value"
 MARKER = "<masked by kubegate>"
 
 
 def reference_mask_json(m: Masking, doc: Any, resource_kind: str) -> bytes:
-    """`Masking.mask_json` before issue 15: mask, then serialize the masked document again."""
+    """`Masking.mask_json` before issue 15: mask, then serialize the masked document again. (Since red team
+    masking2 the structure pass also masks env lists anywhere: walked here always, in the masker only when
+    its count says a list was not read — the outcome must be the same.)"""
     mask_document(doc, m.structure_rules, resource_kind)
+    mask_env_anywhere(doc, m.structure_rules)
     text = orjson.dumps(doc).decode()
     scrubbed = m.text.mask(text)
     if scrubbed is text or scrubbed == text:
@@ -36,6 +45,7 @@ def reference_mask_json(m: Masking, doc: Any, resource_kind: str) -> bytes:
         if isinstance(doc, str):
             return orjson.dumps(m.text.mask(doc))
         mask_document(doc, m.rules, resource_kind)
+        mask_env_anywhere(doc, m.rules)
         scrub_document(doc, m.text.mask)
         return orjson.dumps(doc)
     restore_identifiers(masked, doc)
