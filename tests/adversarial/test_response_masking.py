@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import ssl
 import time
 from collections.abc import Iterator
@@ -49,13 +50,45 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["SANDBOX_LISTEN_PORT_8000"])
 """
 
 
+# A pod's own server that puts the known value in response headers (and its body).
+HEADERS_SERVER = """
+import http.server, os
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ('{"password":"%s"}' % os.environ["LEAK"]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Upstream-Token", os.environ["LEAK"])
+        self.send_header("Location", "https://db.example.invalid/?token=" + os.environ["LEAK"])
+        self.send_header("Warning", '299 - "echo %s"' % os.environ["LEAK"])
+        self.send_header("Set-Cookie", "session=%s; Path=/; HttpOnly" % os.environ["LEAK"])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["SANDBOX_LISTEN_PORT_8000"])), Handler).serve_forever()
+"""
+HOOKS = f"app-hooks-{SUFFIX}"
+HOOK_URL = "https://hooks.example.invalid/services/T0k3nInTheUrlPath"
+CONFIGMAP_KEYS = [{"namespaces": NS, "names": "app-hooks-*", "keys": ["*_URL"]}]
+
+
 @pytest.fixture(scope="module")
 def masked(sandbox, tmp_path_factory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("gw-response-masking")
     config = gateway_config(sandbox, directory, free_port())
     plain = config["connections"]["sandbox"]
     config["connections"]["masked"] = {"upstream": dict(plain["upstream"]),
-                                       "plugins": {"static-tokens": plain["plugins"]["static-tokens"], "masking": {}}}  # fmt: skip
+                                       "plugins": {"static-tokens": plain["plugins"]["static-tokens"],
+                                                   "masking": {"configmap_keys": CONFIGMAP_KEYS}}}  # fmt: skip
+    # `kubectl create configmap --save-config` in a context whose namespace is dev, without -n: kubectl writes
+    # the last-applied annotation without metadata.namespace (create_configmap.go: only with -n).
+    in_dev = directory / "admin-in-dev"
+    shutil.copy(sandbox.kubeconfig, in_dev)
+    run_kubectl(in_dev, "config", "set-context", "--current", f"--namespace={NS}", check=True)
+    run_kubectl(in_dev, "create", "configmap", HOOKS, f"--from-literal=SLACK_URL={HOOK_URL}",
+                "--from-literal=MODE=fast", "--save-config", check=True)  # fmt: skip
     files = directory / "values"
     files.mkdir()
     for name, data in (("one", ONE_BYTE), ("bin", BINARY), ("big", BIG)):
@@ -71,13 +104,24 @@ def masked(sandbox, tmp_path_factory) -> Iterator[Gateway]:
                                     "ports": [{"name": "web", "containerPort": 8000}]}]}}  # fmt: skip
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dup-keys", "namespace": NS},
                "spec": {"selector": {"app": "dup-keys"}, "ports": [{"name": "http", "port": 80, "targetPort": "web"}]}}  # fmt: skip
-    apply(sandbox.kubeconfig, cm, pod, service)
+    headers_pod = {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "hdr-leak", "namespace": NS, "labels": {"app": "hdr-leak"}},
+                   "spec": {"containers": [{"name": "server", "image": "python:3.11",
+                                            "command": ["python3", "-c", HEADERS_SERVER],
+                                            "env": [{"name": "LEAK", "value": DB_PASSWORD}],
+                                            "ports": [{"name": "web", "containerPort": 8000}]}]}}  # fmt: skip
+    headers_service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hdr-leak", "namespace": NS},
+                       "spec": {"selector": {"app": "hdr-leak"},
+                                "ports": [{"name": "http", "port": 80, "targetPort": "web"}]}}  # fmt: skip
+    apply(sandbox.kubeconfig, cm, pod, service, headers_pod, headers_service)
     gw = start_gateway(directory, config)
     # The known-values follower has listed the Secrets (DB_PASSWORD is one) and the pod's server is up.
     wait_for(lambda: b"fine" in get(gw, f"/api/v1/namespaces/{NS}/pods/dup-keys/proxy/", "sandbox")[2],
              what="the pod's server")  # fmt: skip
     wait_for(lambda: DB_PASSWORD.encode() not in get(gw, f"/api/v1/namespaces/{NS}/configmaps/{IDENTIFIERS}")[2],
              what="the known values")  # fmt: skip
+    wait_for(lambda: b"password" in get(gw, f"/api/v1/namespaces/{NS}/pods/hdr-leak/proxy/", "sandbox")[2],
+             what="the headers pod's server")  # fmt: skip
     yield gw
     stop_process(gw.process)
 
@@ -219,3 +263,57 @@ def test_kubectl_still_works_through_the_masked_connection(masked):
     assert "big:" in secret
     watch = run_kubectl(kubeconfig(masked), "get", "secrets", "-n", NS, "-w", "--request-timeout=2s")
     assert ODD in watch.stdout
+
+
+# -- beside the object: the last-applied annotation, response headers (red team masking2) ---------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/api/v1/namespaces/{NS}/configmaps/{HOOKS}", f"/api/v1/namespaces/{NS}/configmaps",
+     f"/api/v1/namespaces/{NS}/configmaps?watch=true&timeoutSeconds=1"],
+)  # fmt: skip
+def test_configmap_keys_in_a_last_applied_annotation_without_a_namespace_are_masked(masked, path):
+    _, _, control = get(masked, path, "sandbox")
+    assert HOOK_URL.encode() in control  # the annotation kubectl wrote carries the value
+    status, _, body = get(masked, path)
+    assert status == 200 and HOOK_URL.encode() not in body, body[:400]
+    docs = [json.loads(line) for line in body.splitlines() if line.strip()]
+    objects = [d.get("object", d) for d in docs]
+    objects = [i for o in objects for i in (o.get("items") or [o])]
+    (cm,) = [o for o in objects if o["metadata"]["name"] == HOOKS]
+    applied = json.loads(cm["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"])
+    assert applied["data"] == {"SLACK_URL": MARKER, "MODE": "fast"} and "namespace" not in applied["metadata"]
+
+
+@pytest.mark.parametrize("route", ["pods/hdr-leak/proxy/", "services/hdr-leak:80/proxy/"])
+def test_response_headers_of_a_pods_own_server_do_not_carry_a_known_value(masked, route):
+    path = f"/api/v1/namespaces/{NS}/{route}"
+    _, control, _ = get_with_headers(masked, path, "sandbox")
+    assert DB_PASSWORD in control["x-upstream-token"]  # the pod really sent it
+    status, headers, body = get_with_headers(masked, path)
+    assert status == 200 and DB_PASSWORD.encode() not in body
+    clear = {name: value for name, value in headers.items() if DB_PASSWORD in value}
+    assert not clear, f"response headers carry the known value in clear: {clear}"
+    assert headers["x-upstream-token"] == MARKER
+    assert headers["location"] == f"https://db.example.invalid/?token={MARKER}"
+    assert headers["set-cookie"].startswith("session=") and headers["set-cookie"].endswith(
+        "; Path=/; HttpOnly"
+    )
+
+
+def get_with_headers(gw: Gateway, path: str, connection: str = "masked") -> tuple[int, dict[str, str], bytes]:
+    """(status, response headers by lower-case name, body) of a GET through the gateway as alice, redirects not
+    followed."""
+    import asyncio
+
+    async def fetch() -> tuple[int, dict[str, str], bytes]:
+        context = ssl.create_default_context(cafile=str(gw.ca_file))
+        async with aiohttp.ClientSession() as session:
+            url = URL(f"{gw.url}/k8s/{connection}{path}", encoded=True)
+            async with session.get(url, headers={"Authorization": f"Bearer {ALICE}"}, ssl=context,
+                                   allow_redirects=False) as response:  # fmt: skip
+                headers = {name.lower(): value for name, value in response.headers.items()}
+                return response.status, headers, await response.read()
+
+    return asyncio.run(fetch())
