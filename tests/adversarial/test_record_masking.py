@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -52,7 +53,11 @@ def gw(sandbox, tmp_path_factory) -> Iterator[Gateway]:
               "testplugin": {"audit_file": str(directory / "audit.jsonl")}}  # fmt: skip
     config["connections"]["masked"] = {
         "upstream": dict(plain["upstream"]),
-        "plugins": {"static-tokens": plain["plugins"]["static-tokens"], "masking": {}, **stores},
+        "plugins": {
+            "static-tokens": plain["plugins"]["static-tokens"],
+            "masking": {"configmap_keys": [{"namespaces": "dev", "names": "app-rec-*", "keys": ["*_URL"]}]},
+            **stores,
+        },
     }
     # Without masking on the connection, records are masked with the default rules all the same.
     config["connections"]["unmasked"] = {
@@ -124,6 +129,29 @@ def test_every_patch_type_and_server_side_apply_of_a_secret_stays_masked(gw, san
     assert name in kept  # the stores hold these requests
     # The JSON patch is shown, its value masked.
     assert f'[{{\\"op\\":\\"add\\",\\"path\\":\\"/data/j\\",\\"value\\":\\"{MARKER}\\"}}]' in kept
+    assert_absent(kept, *clear.values())
+
+
+def test_configmap_keys_are_masked_where_the_request_not_the_body_names_the_configmap(gw, tmp_path):
+    """alice's kubeconfig context has namespace dev and kubectl runs without -n: the create's body names no
+    namespace, a patch's names nothing; the masked connection's `configmap_keys` rule for dev applies."""
+    in_dev = tmp_path / "alice-in-dev"
+    shutil.copy(gw.kubeconfig("alice", "masked"), in_dev)
+    run_kubectl(in_dev, "config", "set-context", "--current", "--namespace=dev", check=True)
+    name = f"app-rec-{int(time.time() * 1000) % 10**8}"
+    clear = {kind: f"https://hooks.example.invalid/{kind}-Clear-9wq" for kind in ("create", "smp", "merge")}
+    run_kubectl(in_dev, "create", "configmap", name, f"--from-literal=SLACK_URL={clear['create']}",
+                "--save-config", check=True)  # fmt: skip
+    run_kubectl(in_dev, "patch", "configmap", name, "-p", json.dumps({"data": {"HOOK_URL": clear["smp"]}}),
+                check=True)  # fmt: skip
+    run_kubectl(in_dev, "patch", "configmap", name, "--type=merge",
+                "-p", json.dumps({"data": {"MERGE_URL": clear["merge"]}}), check=True)  # fmt: skip
+    # The cluster got every value: the requests went through as sent.
+    proc = run_kubectl(gw.kubeconfig("alice", "sandbox"), "get", "configmap", name, "-n", "dev", "-o", "json",
+                       check=True)  # fmt: skip
+    assert set(json.loads(proc.stdout)["data"].values()) == set(clear.values())
+    kept = stored(gw)
+    assert name in kept  # the stores hold these requests
     assert_absent(kept, *clear.values())
 
 
