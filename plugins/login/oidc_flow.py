@@ -6,7 +6,6 @@ JWKS cache, claims, mappings), so the identity a person gets is the same either 
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -63,27 +62,22 @@ class OIDCLogin:
             self._discovery, self._discovered_at = document, time.monotonic()
         return self._discovery
 
-    async def authorization_url(self) -> tuple[str, dict[str, str]]:
-        """The URL to send the browser to, and the secrets to keep until the callback."""
+    async def authorization_url(self, state: str, *, nonce: str, pkce_verifier: str) -> str:
+        """The URL to send the browser to; `nonce` and `pkce_verifier` must be known again at the callback."""
         endpoints = await self._endpoints()
-        kept = {
-            "state": secrets.token_urlsafe(24),
-            "nonce": secrets.token_urlsafe(24),
-            "pkce_verifier": secrets.token_urlsafe(48),
-        }
         params = {
             **self.provider.authorize_params,
             "response_type": "code",
             "client_id": self.provider.client_id,
             "redirect_uri": self.redirect_uri,
             "scope": " ".join(self.provider.scopes),
-            "state": kept["state"],
-            "nonce": kept["nonce"],
-            "code_challenge": create_s256_code_challenge(kept["pkce_verifier"]),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": create_s256_code_challenge(pkce_verifier),
             "code_challenge_method": "S256",
         }
         endpoint = endpoints["authorization_endpoint"]
-        return f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(params)}", kept
+        return f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(params)}"
 
     async def finish(self, code: str, *, nonce: str, pkce_verifier: str) -> Identity:
         endpoints = await self._endpoints()

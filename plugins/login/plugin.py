@@ -35,7 +35,7 @@ PLUGIN_NAME = "login"
 def kubegate_database_models() -> list[type[SQLModel]]:
     from . import store
 
-    return [store.TokenRecord, store.LoginRequest, store.SeenAssertion]
+    return [store.TokenRecord, store.LoginRequest, store.SeenAssertion, store.LoginKey]
 
 
 log = logging.getLogger("kubegate.login")

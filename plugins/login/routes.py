@@ -130,10 +130,8 @@ def make_blueprint(gateway: Gateway, service: LoginService) -> Blueprint:
         if not service.settings.providers:
             return _error(501, "this gateway has no login providers (plugins.login in its config)")
         description = str(body.get("description", ""))[:200]
-        try:
-            login = await service.start_cli_login(challenge, connection, description)
-        except store.TooManyLogins:
-            return _error(503, "too many logins are waiting; try again in a minute")
+        # Stores nothing (a signed ticket): any number of starts from anyone refuses no one.
+        login = await service.start_cli_login(challenge, connection, description)
         return json_response(
             {
                 "login_id": login.id,

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from onelogin.saml2.auth import OneLogin_Saml2_Auth
+from onelogin.saml2.authn_request import OneLogin_Saml2_Authn_Request
 from onelogin.saml2.errors import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
 from onelogin.saml2.idp_metadata_parser import OneLogin_Saml2_IdPMetadataParser
 from onelogin.saml2.settings import OneLogin_Saml2_Settings
@@ -126,11 +127,20 @@ class SAMLLogin:
         xml = self.settings.get_sp_metadata()
         return xml.decode() if isinstance(xml, bytes) else str(xml)
 
-    def authorization_url(self, relay_state: str) -> tuple[str, str]:
-        """The IdP URL carrying a new AuthnRequest, and that request's ID."""
+    def authorization_url(self, relay_state: str, request_id: str) -> str:
+        """The IdP URL carrying a new AuthnRequest with this ID (derived from the login: nothing is stored
+        until the response comes)."""
+
+        class AuthnRequest(OneLogin_Saml2_Authn_Request):  # type: ignore[misc]
+            def _generate_request_id(self) -> str:
+                return request_id
+
         auth = OneLogin_Saml2_Auth(self._request_data(), self.settings)
-        url = auth.login(return_to=relay_state)
-        return url, auth.get_last_request_id()
+        auth.authn_request_class = AuthnRequest
+        url: str = auth.login(return_to=relay_state)
+        if auth.get_last_request_id() != request_id:
+            raise LoginError("the SAML toolkit did not use the login's request ID")  # fails closed
+        return url
 
     def finish(self, form: dict[str, str], request_id: str) -> tuple[dict[str, Any], str, float]:
         """Validate the posted Response; returns (identity fields, assertion ID, replay-guard expiry)."""

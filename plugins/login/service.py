@@ -2,7 +2,8 @@
 
 One instance per gateway (made at startup), shared by the routes and by every connection that accepts
 gateway tokens. All state that must survive a restart or be seen by another replica is in the database;
-the only memory state is a short-lived cache of token checks (`revocation_check_seconds`).
+the only memory state is a short-lived cache of token checks (`revocation_check_seconds`). A login is a
+signed ticket (``tickets``) until the identity provider answers: starting one stores nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import store
 from .oidc_flow import LoginError, OIDCLogin
 from .saml_flow import SAMLLogin
 from .settings import LoginConnectionSettings, LoginSettings, OIDCLoginProvider
+from .tickets import BadTicket, LoginTicket, TicketSigner
 
 log = logging.getLogger("kubegate.login")
 
@@ -55,6 +57,7 @@ class LoginService:
                 self.saml[provider.name] = SAMLLogin(provider, self.public_url)
         self._checks: dict[str, tuple[float, store.TokenRecord | None]] = {}
         self._lookups: dict[str, asyncio.Future[store.TokenRecord | None]] = {}
+        self._tickets: TicketSigner | None = None
 
     async def close(self) -> None:
         for login in self.oidc.values():
@@ -62,45 +65,49 @@ class LoginService:
 
     # -- the CLI half ------------------------------------------------------------------------------------
 
+    async def tickets(self) -> TicketSigner:
+        if self._tickets is None:
+            self._tickets = TicketSigner(await self.db.run(store.login_key))
+        return self._tickets
+
     async def start_cli_login(
         self, code_challenge: str, connection: str | None, description: str
-    ) -> store.LoginRequest:
-        return await self.db.run(
-            lambda s: store.new_login(
-                s,
-                verifier_hash=code_challenge,
-                connection=connection,
-                description=description,
-                ttl=self.settings.login_timeout_seconds,
-            )
-        )
+    ) -> LoginTicket:
+        """A new login: a signed ticket, nothing stored (starting one needs no credential)."""
+        signer = await self.tickets()
+        return signer.new_login(code_challenge, connection, description, self.settings.login_timeout_seconds)
+
+    async def _ticket(self, login_id: str) -> LoginTicket | None:
+        try:
+            return (await self.tickets()).open_login(login_id)
+        except BadTicket:
+            return None
 
     async def collect(self, login_id: str, code_verifier: str) -> tuple[str, dict[str, Any]]:
-        """Hand the CLI its token once the browser half is done. Raises LoginError (status, message)."""
-        login = await self.db.run(lambda s: store.get_login(s, login_id))
+        """Hand the CLI its token once the browser half is done. Raises CollectError (status, message)."""
+        ticket = await self._ticket(login_id)
         challenge = hashlib.sha256(code_verifier.encode()).hexdigest()
-        if login is None or not hmac.compare_digest(login.verifier_hash, challenge):
+        if ticket is None or not hmac.compare_digest(ticket.code_challenge, challenge):
             raise CollectError(404, "no such login")
-        if login.status == store.FAILED:
+        login = await self.db.run(lambda s: store.get_login(s, ticket.key))
+        if login is not None and login.status in (store.FAILED, store.REFUSED):
             raise CollectError(403, login.error or "the login failed")
-        if login.status == store.ISSUED:
+        if login is not None and login.status == store.ISSUED:
             raise CollectError(410, "the token of this login was already collected")
-        if login.expires_at < time.time():
+        if ticket.expires_at < time.time():
             raise CollectError(410, "the login expired: run kubegate login again")
-        if login.status == store.PENDING:
+        if login is None:
             raise CollectError(202, "waiting for the browser")
-        return await self.db.run(lambda s: self._issue(s, login_id))
+        return await self.db.run(lambda s: self._issue(s, ticket.key))
 
-    def _issue(self, session: Session, login_id: str) -> tuple[str, dict[str, Any]]:
+    def _issue(self, session: Session, key: str) -> tuple[str, dict[str, Any]]:
         # Only one collector may turn an authenticated login into a token, even across replicas.
         changed = session.execute(
             update(store.LoginRequest)
-            .where(
-                col(store.LoginRequest.id) == login_id, col(store.LoginRequest.status) == store.AUTHENTICATED
-            )
+            .where(col(store.LoginRequest.id) == key, col(store.LoginRequest.status) == store.AUTHENTICATED)
             .values(status=store.ISSUED)
         )
-        login = store.get_login(session, login_id)
+        login = store.get_login(session, key)
         if changed.rowcount != 1 or login is None or login.identity is None:  # type: ignore[attr-defined]
             raise CollectError(410, "the token of this login was already collected")
         token, record = store.mint_token(
@@ -117,93 +124,121 @@ class LoginService:
 
     # -- the browser half --------------------------------------------------------------------------------
 
-    async def pending_login(self, login_id: str) -> store.LoginRequest:
-        login = await self.db.run(lambda s: store.get_login(s, login_id))
-        if login is None:
+    async def pending_login(self, login_id: str) -> LoginTicket:
+        ticket = await self._ticket(login_id)
+        if ticket is None:
             raise LoginError("this login link is not known: start again with kubegate login")
-        if login.expires_at < time.time():
+        if ticket.expires_at < time.time():
             raise LoginError("this login link expired: start again with kubegate login")
-        if login.status != store.PENDING:
+        if await self.db.run(lambda s: store.get_login(s, ticket.key)) is not None:
             raise LoginError("this login was already completed")
-        return login
+        return ticket
 
     async def begin(self, login_id: str, provider: str) -> str:
-        """Where to send the browser to log in at `provider`."""
-        login = await self.pending_login(login_id)
+        """Where to send the browser to log in at `provider`. Stores nothing: what the answer is checked
+        against (`state`, `nonce`, PKCE verifier, SAML request ID) comes back in it or is derived from it."""
+        ticket = await self.pending_login(login_id)
+        signer = await self.tickets()
         if provider in self.oidc:
-            url, kept = await self.oidc[provider].authorization_url()
-            login.state, login.nonce, login.pkce_verifier = (
-                kept["state"],
-                kept["nonce"],
-                kept["pkce_verifier"],
+            state = signer.oidc_state(ticket, provider)
+            return await self.oidc[provider].authorization_url(
+                state, nonce=signer.derive("oidc-nonce", state), pkce_verifier=signer.derive("pkce", state)
             )
-        elif provider in self.saml:
-            url, request_id = self.saml[provider].authorization_url(login.id)
-            login.saml_request_id = request_id
-        else:
-            raise LoginError(f"no login provider {provider!r}")
-        login.provider = provider
-        await self.db.run(lambda s: store.save(s, login))
-        return url
+        if provider in self.saml:
+            return self.saml[provider].authorization_url(ticket.id, signer.saml_request_id(ticket, provider))
+        raise LoginError(f"no login provider {provider!r}")
 
     async def finish_oidc(self, state: str, code: str, error: str) -> dict[str, Any]:
-        login = await self.db.run(lambda s: store.login_by_state(s, state)) if state else None
-        if login is None and error:
+        signer = await self.tickets()
+        try:
+            ticket, provider = signer.open_oidc_state(state) if state else (None, "")
+        except BadTicket:
+            ticket, provider = None, ""
+        if ticket is None and error:
             raise LoginError(f"the identity provider refused the login: {error}")
-        if login is None or login.status != store.PENDING or login.provider not in self.oidc:
+        if ticket is None or provider not in self.oidc:
             raise LoginError("this login is not known or already completed: start again with kubegate login")
-        if login.expires_at < time.time():
+        if ticket.expires_at < time.time():
             raise LoginError("this login expired: start again with kubegate login")
-        login.state = None  # the state is good for one callback only
+        if await self.db.run(lambda s: store.get_login(s, ticket.key)) is not None:
+            raise LoginError("this login is not known or already completed: start again with kubegate login")
         try:
             if error:
                 raise LoginError(f"the identity provider refused the login: {error}")
-            identity = await self.oidc[login.provider].finish(
-                code, nonce=login.nonce, pkce_verifier=login.pkce_verifier
+            identity = await self.oidc[provider].finish(
+                code, nonce=signer.derive("oidc-nonce", state), pkce_verifier=signer.derive("pkce", state)
             )
         except LoginError as exc:
-            await self._fail(login, str(exc))
+            await self._refuse(ticket, provider, str(exc))
             raise
-        return await self._authenticated(login, identity_fields(identity, login.provider))
+        return await self._authenticated(ticket, provider, identity_fields(identity, provider))
 
     async def finish_saml(self, provider: str, form: dict[str, str]) -> dict[str, Any]:
         saml = self.saml.get(provider)
         if saml is None:
             raise LoginError(f"no SAML provider {provider!r}")
-        login = await self.pending_login(form.get("RelayState", ""))
-        if login.provider != provider:
-            raise LoginError("this login was not started at this identity provider")
+        ticket = await self.pending_login(form.get("RelayState", ""))
+        request_id = (await self.tickets()).saml_request_id(ticket, provider)
         try:
-            fields, assertion_id, guard_until = saml.finish(form, login.saml_request_id)
+            # A response must answer the AuthnRequest this login sent to this provider (`InResponseTo`).
+            fields, assertion_id, guard_until = saml.finish(form, request_id)
             fresh = await self.db.run(
                 lambda s: store.remember_assertion(s, assertion_id, provider, guard_until)
             )
             if not fresh:
                 raise LoginError("this SAML assertion was already used (replay refused)")
         except LoginError as exc:
-            await self._fail(login, str(exc))
+            await self._refuse(ticket, provider, str(exc))
             raise
         fields["provider"] = provider
-        return await self._authenticated(login, fields)
+        return await self._authenticated(ticket, provider, fields)
 
     async def abandon(self, login_id: str, reason: str) -> None:
-        """Fail a login by id (its token can no longer be collected)."""
-        login = await self.db.run(lambda s: store.get_login(s, login_id))
-        if login is not None:
-            await self._fail(login, reason)
+        """Fail an authenticated login by id (its token can no longer be collected)."""
+        ticket = await self._ticket(login_id)
+        if ticket is None:
+            return
+        key = ticket.key
 
-    async def _fail(self, login: store.LoginRequest, reason: str) -> None:
-        log.warning("login %s at %s failed: %s", login.id[:8], login.provider, reason)
-        login.status, login.error = store.FAILED, reason
-        await self.db.run(lambda s: store.save(s, login))
+        def fail(session: Session) -> None:
+            login = store.get_login(session, key)
+            if login is not None and login.status == store.AUTHENTICATED:
+                login.status, login.error, login.identity = store.FAILED, reason, None
+                session.add(login)
 
-    async def _authenticated(self, login: store.LoginRequest, fields: dict[str, Any]) -> dict[str, Any]:
-        login.status, login.identity, login.saml_request_id = store.AUTHENTICATED, fields, ""
-        login.nonce = login.pkce_verifier = ""
-        await self.db.run(lambda s: store.save(s, login))
-        log.info("login %s: %s authenticated at %s", login.id[:8], fields["user"], login.provider)
+        log.warning("login %s failed: %s", key[:8], reason)
+        await self.db.run(fail)
+
+    def _row(self, ticket: LoginTicket, provider: str, status: str) -> store.LoginRequest:
+        return store.LoginRequest(
+            id=ticket.key,
+            verifier_hash=ticket.code_challenge,
+            user_code=ticket.user_code,
+            connection=ticket.connection,
+            description=ticket.description,
+            created_at=time.time(),
+            expires_at=ticket.expires_at,
+            status=status,
+            provider=provider,
+        )
+
+    async def _refuse(self, ticket: LoginTicket, provider: str, reason: str) -> None:
+        log.warning("login %s at %s failed: %s", ticket.key[:8], provider, reason)
+        row = self._row(ticket, provider, store.REFUSED)
+        row.error = reason
+        await self.db.run(lambda s: store.record_login(s, row))
+
+    async def _authenticated(
+        self, ticket: LoginTicket, provider: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        row = self._row(ticket, provider, store.AUTHENTICATED)
+        row.identity = fields
+        if not await self.db.run(lambda s: store.record_login(s, row)):
+            # Another callback for this login got there first (a replay, or a second tab).
+            raise LoginError("this login was already completed")
+        log.info("login %s: %s authenticated at %s", ticket.key[:8], fields["user"], provider)
         # Where the browser goes next: the web UI collects its own logins; the CLI's show a page.
-        return {**fields, "login_id": login.id, "started_by": login.description}
+        return {**fields, "login_id": ticket.id, "started_by": ticket.description}
 
     # -- exchange, checks, revocation --------------------------------------------------------------------
 

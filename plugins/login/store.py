@@ -17,13 +17,14 @@ from kubegate.core.db import Revocable
 
 TOKEN_PREFIX = "kgt_"
 TOKEN_SHAPE = re.compile(r"^kgt_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
-PENDING, AUTHENTICATED, ISSUED, FAILED = "pending", "authenticated", "issued", "failed"
-# Starting a login needs no credential, so the number waiting at once is capped (rows stay small anyway).
-MAX_PENDING_LOGINS = 10_000
-
-
-class TooManyLogins(Exception):
-    pass
+AUTHENTICATED, ISSUED, FAILED = "authenticated", "issued", "failed"
+# A login the identity provider (or the gateway, on its answer) refused before anyone authenticated. Anyone
+# can make one (start a login, send the callback an error), so they are capped, oldest dropped first: a
+# dropped one only leaves its CLI waiting until the login expires. FAILED rows (a login that authenticated
+# and was then abandoned) are never dropped.
+REFUSED = "refused"
+MAX_REFUSED_LOGINS = 10_000
+LOGIN_KEY_ID = "login-tickets"
 
 
 def token_hash(token: str) -> str:
@@ -50,7 +51,8 @@ class TokenRecord(Revocable, table=True):
 
 
 class LoginRequest(SQLModel, table=True):
-    """A `kubegate login` waiting for its browser half. Expires after the login timeout."""
+    """A `kubegate login` the identity provider has answered (a login waiting for its browser half is a
+    signed ticket, not a row: see ``tickets``). Its id is the ticket's key; it expires with the ticket."""
 
     __tablename__ = "kubegate_login_requests"
 
@@ -61,14 +63,26 @@ class LoginRequest(SQLModel, table=True):
     description: str = ""
     created_at: float = 0.0
     expires_at: float = 0.0
-    status: str = PENDING
+    status: str = AUTHENTICATED
     provider: str = ""
-    state: str | None = Field(default=None, index=True)  # OAuth `state` of the provider round trip
+    # Unused since the round trip is stateless (tickets); kept so the schema needs no migration.
+    state: str | None = Field(default=None, index=True)
     nonce: str = ""
     pkce_verifier: str = ""
     saml_request_id: str = ""
     identity: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str = ""
+
+
+class LoginKey(SQLModel, table=True):
+    """The HMAC key login tickets are signed with: made by the first gateway that needs it, shared by every
+    replica through the database (a ticket started on one is good on all)."""
+
+    __tablename__ = "kubegate_login_keys"
+
+    id: str = Field(primary_key=True)
+    key: str  # hex, 256 bits
+    created_at: float = 0.0
 
 
 class SeenAssertion(SQLModel, table=True):
@@ -164,39 +178,51 @@ def revoke_tokens(
 # -- logins ------------------------------------------------------------------------------------------------
 
 
-def new_login(
-    session: Session, *, verifier_hash: str, connection: str | None, description: str, ttl: float
-) -> LoginRequest:
-    now = time.time()
-    waiting = session.exec(
-        select(func.count()).select_from(LoginRequest).where(LoginRequest.expires_at > now)
-    ).one()
-    if waiting >= MAX_PENDING_LOGINS:
-        raise TooManyLogins
-    alphabet = "BCDFGHJKLMNPQRSTVWXZ"  # no vowels: no words; no look-alike digits
-    code = "".join(secrets.choice(alphabet) for _ in range(8))
-    login = LoginRequest(
-        id=secrets.token_urlsafe(18),
-        verifier_hash=verifier_hash,
-        user_code=f"{code[:4]}-{code[4:]}",
-        connection=connection,
-        description=description[:200],
-        created_at=now,
-        expires_at=now + ttl,
-    )
-    session.add(login)
-    # Old requests are dropped as new ones come: the table stays small without a janitor.
+def login_key(session: Session) -> bytes:
+    """The ticket key, made now when there is none; a replica that made it a moment ago wins."""
+    row = session.get(LoginKey, LOGIN_KEY_ID)
+    if row is None:
+        session.add(LoginKey(id=LOGIN_KEY_ID, key=secrets.token_hex(32), created_at=time.time()))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+        row = session.get(LoginKey, LOGIN_KEY_ID)
+        assert row is not None
+    return bytes.fromhex(row.key)
+
+
+def _drop_expired(session: Session, now: float) -> None:
+    # Old rows are dropped as new ones come: the table stays small without a janitor.
     for old in session.exec(select(LoginRequest).where(LoginRequest.expires_at < now - 3600)).all():
         session.delete(old)
-    return login
+
+
+def record_login(session: Session, login: LoginRequest) -> bool:
+    """Store a login the identity provider has answered; False when this login already has a row (it was
+    completed or refused before: each login ends once, also across replicas)."""
+    now = time.time()
+    _drop_expired(session, now)
+    if login.status == REFUSED:
+        refused = select(LoginRequest).where(LoginRequest.status == REFUSED)
+        count = session.exec(select(func.count()).select_from(refused.subquery())).one()
+        if count >= MAX_REFUSED_LOGINS:
+            oldest = refused.order_by(col(LoginRequest.created_at)).limit(count - MAX_REFUSED_LOGINS + 1)
+            for old in session.exec(oldest).all():
+                session.delete(old)
+    if session.get(LoginRequest, login.id) is not None:
+        return False
+    session.add(login)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return False
+    return True
 
 
 def get_login(session: Session, login_id: str) -> LoginRequest | None:
     return session.get(LoginRequest, login_id)
-
-
-def login_by_state(session: Session, state: str) -> LoginRequest | None:
-    return session.exec(select(LoginRequest).where(LoginRequest.state == state)).first()
 
 
 def save(session: Session, record: SQLModel) -> None:

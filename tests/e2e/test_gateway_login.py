@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import http.client
 import json
 import os
 import re
@@ -381,7 +382,8 @@ def test_unsolicited_saml_response_is_refused(login_gateway, saml_idp):
         {"SAMLResponse": saml_idp.response(request, "alice"), "RelayState": login.id},
     )
     # It answers no request this login made (the login was not even started at the IdP).
-    assert status == 400 and "not started at this identity provider" in page
+    assert status == 400 and "InResponseTo" in page
+    assert login.collect()[0] == 403
     login = CLILogin(login_gateway)
     Browser(login_gateway.ca_file).open(f"{login_gateway.url}/login/start/corp-saml?request={login.id}")
     status, _, page = Browser(login_gateway.ca_file).open(
@@ -433,6 +435,36 @@ def test_cli_login_api_errors(login_gateway):
         f"{login_gateway.url}/login/start/nope?request={login.id}"
     )
     assert status == 400 and "no login provider" in page
+
+
+def test_a_flood_of_unauthenticated_login_starts_stores_nothing_and_locks_no_one_out(login_gateway, provider):
+    # Red team: every credential-less `POST /login/cli` stored a waiting login, and past 10,000 of them the
+    # gateway answered every `kubegate login` (and `kubegate credential` logging in again) 503 for ten
+    # minutes. A start is now a signed ticket: the flood stores nothing, and a person still logs in.
+    host, _, port = login_gateway.url.removeprefix("https://").partition(":")
+    connection = http.client.HTTPSConnection(
+        host, int(port), context=ssl.create_default_context(cafile=str(login_gateway.ca_file))
+    )
+    body = json.dumps({"code_challenge": "f" * 64, "description": "flood"})
+    statuses = []
+    for _ in range(1000):
+        connection.request("POST", "/login/cli", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        statuses.append(response.status)
+    connection.close()
+    assert set(statuses) == {200}
+    database = Path(login_gateway.config.parent / "state" / "kubegate.db")
+    with sqlite3.connect(database) as db:
+        (stored,) = db.execute(
+            "select count(*) from kubegate_login_requests where description = 'flood'"
+        ).fetchone()
+    assert stored == 0
+    login = CLILogin(login_gateway)
+    page = oidc_browser_login(login_gateway, provider, login.url, login.code)
+    assert "Logged in as" in page, page
+    status, body = login.collect()
+    assert status == 200 and body["user"] == f"{provider.url}#alice"
 
 
 def test_ci_token_is_used_directly_or_exchanged_for_a_connection_bound_token(login_gateway, provider):

@@ -4,6 +4,7 @@ exec-credential client and config validation."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetest import base_config, run_kubegate
+from sqlmodel import select
 
 from kubegate.core.db import Database
 from kubegate.core.flow import AuthFailure, Identity
 from kubegate.plugins.login import client, store
+from kubegate.plugins.login.oidc_flow import LoginError
 from kubegate.plugins.login.service import CollectError, LoginService
 from kubegate.plugins.login.settings import LoginConnectionSettings, LoginSettings
 
@@ -116,13 +119,13 @@ async def test_cli_login_hands_out_one_token_to_the_holder_of_the_verifier(datab
     with pytest.raises(CollectError) as pending:
         await svc.collect(login.id, verifier)
     assert pending.value.status == 202
-    await svc._authenticated(login, dict(ALICE))
+    await svc._authenticated(login, "corp", dict(ALICE))
     token, summary = await svc.collect(login.id, verifier)
     assert token.startswith("kgt_") and summary["user"] == ALICE["user"] and summary["connection"] is None
     with pytest.raises(CollectError) as again:
         await svc.collect(login.id, verifier)
     assert again.value.status == 410
-    row = await database.run(lambda s: store.get_login(s, login.id))
+    row = await database.run(lambda s: store.get_login(s, login.key))
     assert row.identity is None  # nothing about the person stays behind
 
 
@@ -382,13 +385,88 @@ def test_login_and_oidc_prefixes_that_could_collide_stop_the_start(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-async def test_waiting_logins_are_capped(database, monkeypatch):
-    monkeypatch.setattr(store, "MAX_PENDING_LOGINS", 3)
-    svc = service(database, login_timeout_seconds=600)
-    for _ in range(3):
-        await svc.start_cli_login("a" * 64, None, "")
-    with pytest.raises(store.TooManyLogins):
-        await svc.start_cli_login("a" * 64, None, "")
+def login_rows(database: Database) -> int:
+    return database.call(lambda s: len(s.exec(select(store.LoginRequest)).all()))
+
+
+async def test_unauthenticated_login_starts_store_nothing_and_refuse_no_one(database):
+    # Starting a login needs no credential: a flood of starts used to fill a gateway-wide cap of waiting
+    # logins (10,000) and answer everyone's `kubegate login` 503 for the login timeout (red team).
+    svc = service(database, token_ttl_seconds=3600, login_timeout_seconds=600)
+    for _ in range(12_000):
+        await svc.start_cli_login("a" * 64, None, "flood")
+    assert login_rows(database) == 0
+    verifier = "v" * 40
+    login = await svc.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, "mine")
+    assert (await svc.pending_login(login.id)).user_code == login.user_code
+    await svc._authenticated(login, "corp", dict(ALICE))
+    token, summary = await svc.collect(login.id, verifier)
+    assert token.startswith("kgt_") and summary["user"] == ALICE["user"]
+
+
+async def test_refused_logins_are_capped_oldest_first_and_authenticated_ones_kept(database, monkeypatch):
+    # A refusal (the IdP's error redirect, a bad SAML response) is stored so the waiting CLI learns of it, and
+    # anyone can cause one: they are capped, and dropping one only leaves its CLI waiting.
+    monkeypatch.setattr(store, "MAX_REFUSED_LOGINS", 5)
+    svc = service(database, token_ttl_seconds=3600, login_timeout_seconds=600)
+    verifier = "v" * 40
+    mine = await svc.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, "mine")
+    await svc._authenticated(mine, "corp", dict(ALICE))
+    refused = []
+    for i in range(20):
+        login = await svc.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, f"n{i}")
+        await svc._refuse(login, "corp", "the identity provider refused the login: access_denied")
+        refused.append(login)
+    assert login_rows(database) == 1 + 5
+    with pytest.raises(CollectError) as newest:
+        await svc.collect(refused[-1].id, verifier)
+    assert newest.value.status == 403 and "access_denied" in newest.value.message
+    with pytest.raises(CollectError) as oldest:
+        await svc.collect(refused[0].id, verifier)
+    assert oldest.value.status == 202  # dropped: that CLI waits until its login expires
+    token, _ = await svc.collect(mine.id, verifier)  # the authenticated login was not pushed out
+    assert token.startswith("kgt_")
+
+
+async def test_login_tickets_cannot_be_forged_or_altered(database):
+    svc = service(database, token_ttl_seconds=3600, login_timeout_seconds=600)
+    verifier = "v" * 40
+    login = await svc.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, "cli")
+    other = service(Database(f"sqlite:///{database.url.split('///')[1]}.other"), login_timeout_seconds=600)
+    other.db.create_tables()
+    forged = await other.start_cli_login(hashlib.sha256(b"attacker").hexdigest(), None, "kubegate web UI")
+    raw = base64.urlsafe_b64decode(login.id + "=" * (-len(login.id) % 4))
+    # The same MAC over a payload whose challenge (who may collect) is the attacker's.
+    swapped = raw.replace(login.code_challenge.encode(), hashlib.sha256(b"attacker").hexdigest().encode())
+    altered = base64.urlsafe_b64encode(swapped).rstrip(b"=").decode()
+    respelled = login.id[:10] + "!!!!" + login.id[10:]  # base64 skips the "!": the same bytes
+    for bad in (forged.id, altered, respelled, login.id[:-2], "", "not a ticket", "A" * 5000):
+        with pytest.raises(LoginError, match="not known"):
+            await svc.pending_login(bad)
+        with pytest.raises(CollectError) as unknown:
+            await svc.collect(bad, "attacker")
+        assert unknown.value.status == 404
+    # A second replica on the same database signs and reads the same tickets.
+    replica = service(database, login_timeout_seconds=600)
+    assert (await replica.pending_login(login.id)).key == login.key
+
+
+async def test_each_login_ends_once_and_expired_tickets_are_refused(database):
+    svc = service(database, token_ttl_seconds=3600, login_timeout_seconds=600)
+    verifier = "v" * 40
+    login = await svc.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, "cli")
+    await svc._authenticated(login, "corp", dict(ALICE))
+    with pytest.raises(LoginError, match="already completed"):
+        await svc._authenticated(login, "corp", {**ALICE, "user": "https://idp#mallory"})
+    with pytest.raises(LoginError, match="already completed"):
+        await svc.pending_login(login.id)
+    expired = service(database, login_timeout_seconds=-1)
+    old = await expired.start_cli_login(hashlib.sha256(verifier.encode()).hexdigest(), None, "cli")
+    with pytest.raises(LoginError, match="expired"):
+        await svc.pending_login(old.id)
+    with pytest.raises(CollectError) as gone:
+        await svc.collect(old.id, verifier)
+    assert gone.value.status == 410
 
 
 def test_kubectls_credential_plugin_loads_no_server_code():
