@@ -57,6 +57,9 @@ AUDIT_QUEUE = Gauge("kubegate_audit_queue_depth", "Audit events waiting to be wr
                     registry=REGISTRY, multiprocess_mode="livesum")  # fmt: skip
 AUDIT_DROPPED = Gauge("kubegate_audit_dropped_events", "Audit events a sink dropped (queue full) since start.",
                       ["sink"], registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
+AUDIT_UNRECORDED = Gauge("kubegate_audit_unrecorded_events", "Events of requests without an identity a sink "
+                         "counted instead of queueing (it could not write, or its queue was half full) since "
+                         "start.", ["sink"], registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
 AUDIT_WRITTEN = Gauge("kubegate_audit_written_events", "Audit events a sink wrote since start.", ["sink"],
                       registry=REGISTRY, multiprocess_mode="sum")  # fmt: skip
 AUDIT_DEAD_LETTER = Gauge("kubegate_audit_dead_letter_events", "Audit events a sink's receiver refused since "
@@ -108,6 +111,8 @@ def publish_sink_gauges(gateway: Gateway) -> None:
             AUDIT_QUEUE.labels(value.name).set(len(value.queue))
             AUDIT_DROPPED.labels(value.name).set(value.dropped)
             AUDIT_WRITTEN.labels(value.name).set(value.written)
+            if hasattr(value, "unrecorded"):
+                AUDIT_UNRECORDED.labels(value.name).set(value.unrecorded)
             AUDIT_HEALTHY.labels(value.name).set(1 if value.healthy else 0)
             if hasattr(value, "dead_lettered"):
                 AUDIT_DEAD_LETTER.labels(value.name).set(value.dead_lettered)

@@ -2,8 +2,16 @@
 
 A request never waits for a fail-open sink. A fail-closed sink makes the request that produced an event
 wait until the event is written (after its response went out: the client is not slowed), and while the
-sink cannot write, new requests are refused with 503 (`gate`) until a retry succeeds. Events are never
-dropped by a failed write: a failed batch is retried, in order, with backoff up to one second (only a queue past `queue_max` drops its oldest event, loudly).
+sink cannot write, or its queue is full, new requests are refused with 503 (`gate`). Events are never
+dropped by a failed write: a failed batch is retried, in order, with backoff up to one second.
+
+Nothing waits on a sink that cannot write: a failed write fails the future of every queued event (the
+events stay queued), and a submit while the sink fails queues its event without a future. The queue is
+bounded by events (`queue_max`) and by their estimated size (`queue_max_bytes`); past either, the oldest
+event not being written is dropped, loudly, and its future failed. The events of requests without an
+identity (401s and requests refused before authentication, which anyone can send) are not queued while the
+sink fails or its queue is half full: they are counted per connection and source address, and that summary
+is written as one `unrecorded` event once the sink writes again (docs/audit.md).
 """
 
 from __future__ import annotations
@@ -68,6 +76,12 @@ class SinkSettings(BaseModel):
     )
     batch_max: int = Field(500, ge=1, le=100_000, description="Most events written in one batch.")
     queue_max: int = Field(100_000, ge=1, le=10_000_000, description="Events waiting at most.")
+    queue_max_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        le=1 << 40,
+        description="Estimated size of the events waiting, at most (their text, plus a fixed overhead each).",
+    )
     # 50 ms, not 10 (issue 15): a transaction costs far more than an event (audit-db on SQLite: about 1.5-2 ms
     # of CPU per transaction against about 0.1 ms per event), and at a thousand requests a second 10 ms made
     # batches of about ten. A fail-closed request waits at most this much longer, after its response went out.
@@ -135,6 +149,34 @@ def bounded(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, **changed, "truncated": cuts}
 
 
+# What an event costs in memory beyond its text (the dicts, the tuple in the queue): an estimate, as the size
+# is; what matters is that an event of long text counts as long.
+EVENT_OVERHEAD_BYTES = 512
+# What a request waiting for its event (fail-closed) holds: its task, flow and headers (tens of KB measured).
+# Counted in the queue's size while it waits, so that `queue_max_bytes` bounds the requests held too.
+WAITING_REQUEST_BYTES = 32 << 10
+# Sources kept per connection in the summary of unrecorded events; the others are counted together.
+UNRECORDED_SOURCES_MAX = 1000
+UNRECORDED_SOURCE_CHARS = 256
+
+
+def estimated_size(value: Any) -> int:
+    """A cheap estimate of a record's size in bytes: the length of its text (keys included), 8 per other
+    value. Records are the JSON-like data of `make_record`, with caller text already cut."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(key) + estimated_size(item) for key, item in value.items() if isinstance(key, str))
+    if isinstance(value, list | tuple):
+        return sum(estimated_size(item) for item in value)
+    return 8
+
+
+def unauthenticated(event: AuditEvent) -> bool:
+    """A request event without an identity: a 401, or a request refused before authentication."""
+    return event.kind == "request" and event.data.get("identity") is None
+
+
 class SinkWriter:
     """Subclasses implement `write(batch)` (may block: it runs in a thread) and may override `start`."""
 
@@ -142,13 +184,23 @@ class SinkWriter:
 
     def __init__(self, settings: SinkSettings):
         self.settings = settings
-        self.queue: collections.deque[tuple[dict[str, Any], asyncio.Future[None] | None]] = (
+        # (record, future of the request waiting for it or None, estimated size)
+        self.queue: collections.deque[tuple[dict[str, Any], asyncio.Future[None] | None, int]] = (
             collections.deque()
         )
+        self.queued_bytes = 0
         self.healthy = True
         self.last_error = ""
         self.written = 0
         self.dropped = 0
+        # Events of requests without an identity not queued (the sink failed or its queue was half full):
+        # counted per connection and source until written as `unrecorded` events.
+        self.unrecorded = 0
+        self._unrecorded: dict[str, dict[str, int]] = {}
+        self._unrecorded_since = 0.0
+        # How many events at the head of the queue the writer is writing now: never dropped meanwhile (the
+        # writer removes its batch from the head when the write succeeds).
+        self._in_flight = 0
         # Set while the batch at the head of the queue has failed before: a failure may hide a write that
         # did happen (lost after the commit), which a sink that can tell skips (audit-db: by event id).
         self.retrying = False
@@ -172,29 +224,146 @@ class SinkWriter:
         kept aside); None: nothing."""
         return None
 
+    @property
+    def full(self) -> bool:
+        return (
+            len(self.queue) >= self.settings.queue_max or self.queued_bytes >= self.settings.queue_max_bytes
+        )
+
+    @property
+    def half_full(self) -> bool:
+        return (
+            len(self.queue) * 2 >= self.settings.queue_max
+            or self.queued_bytes * 2 >= self.settings.queue_max_bytes
+        )
+
     async def submit(self, event: AuditEvent) -> None:
-        if len(self.queue) >= self.settings.queue_max:
-            self.queue.popleft()
-            self.dropped += 1
-            log.error("audit sink %s: queue full (%d events), dropped the oldest", self.name, len(self.queue))
+        if unauthenticated(event) and (not self.healthy or self.half_full):
+            # Anyone can send these, as fast as the gateway answers: while the sink cannot keep them, they
+            # must neither hold memory nor push out the events of requests that were let through.
+            self._count_unrecorded(event)
+            return
+        record = make_record(event)
+        size = EVENT_OVERHEAD_BYTES + estimated_size(record["data"])
         future: asyncio.Future[None] | None = None
-        if self.fail_closed:
+        if self.fail_closed and self.healthy:
             future = asyncio.get_running_loop().create_future()
-        self.queue.append((make_record(event), future))
+            size += WAITING_REQUEST_BYTES
+        self._make_room(size)
+        self.queue.append((record, future, size))
+        self.queued_bytes += size
         self._wakeup.set()
         if future is not None:
-            # Resolved when written, or at the first failed attempt (the event stays queued for retry).
+            # Resolved when written, or failed at the first failed write or when the queue drops the event
+            # (a failed event stays queued for retry).
             with contextlib.suppress(Exception):
                 await future
 
+    def _make_room(self, size: int) -> None:
+        """Drop the oldest events not being written until one of `size` fits (one past the bounds is kept
+        when only the batch being written is left)."""
+        dropped = 0
+        while self._in_flight < len(self.queue) and (
+            len(self.queue) >= self.settings.queue_max
+            or self.queued_bytes + size > self.settings.queue_max_bytes
+        ):
+            _, future, record_size = self.queue[self._in_flight]
+            del self.queue[self._in_flight]
+            self.queued_bytes -= record_size
+            dropped += 1
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError("audit queue full: the event was dropped"))
+        if dropped:
+            self.dropped += dropped
+            # Logged at the first drop and then at every 1,000th: under a flood, a line per event would
+            # flood the log as well.
+            if self.dropped == dropped or self.dropped // 1000 != (self.dropped - dropped) // 1000:
+                log.error(
+                    "audit sink %s: queue full (%d events, about %d bytes), dropped the oldest (%d since start)",
+                    self.name, len(self.queue), self.queued_bytes, self.dropped,
+                )  # fmt: skip
+
+    def _count_unrecorded(self, event: AuditEvent) -> None:
+        if not self._unrecorded:
+            self._unrecorded_since = event.time
+        self.unrecorded += 1
+        sources = self._unrecorded.setdefault(event.connection, {})
+        source = str(event.data.get("source") or "")[:UNRECORDED_SOURCE_CHARS]
+        if source not in sources and len(sources) >= UNRECORDED_SOURCES_MAX:
+            source = "other"
+        sources[source] = sources.get(source, 0) + 1
+        if self.unrecorded == 1 or self.unrecorded % 10_000 == 0:
+            log.error(
+                "audit sink %s: %s, the events of requests without an identity are counted, not queued "
+                "(%d since start)",
+                self.name, "cannot write" if not self.healthy else "queue half full", self.unrecorded,
+            )  # fmt: skip
+
+    def _queue_unrecorded_summary(self) -> None:
+        """Queue what was counted instead of recorded, one `unrecorded` event per connection."""
+        summary, self._unrecorded = self._unrecorded, {}
+        for connection, sources in summary.items():
+            data = {
+                "reason": "the sink could not write or its queue was half full: requests without an "
+                "identity were counted per source address, not recorded one by one",
+                "since": self._unrecorded_since,
+                "requests": sum(sources.values()),
+                "sources": sources,
+            }
+            event = AuditEvent(
+                kind="unrecorded", flow_id="", connection=connection, time=time.time(), data=data
+            )
+            record = make_record(event)
+            size = EVENT_OVERHEAD_BYTES + estimated_size(data)
+            self._make_room(size)
+            self.queue.append((record, None, size))
+            self.queued_bytes += size
+
+    def _fail_waiting(self) -> None:
+        """Fail the future of every queued event: their requests end (their events stay queued, without
+        the size of a waiting request)."""
+        if not any(future is not None for _, future, _ in self.queue):
+            return
+        kept: collections.deque[tuple[dict[str, Any], asyncio.Future[None] | None, int]] = collections.deque()
+        for record, future, size in self.queue:
+            if future is not None:
+                if not future.done():
+                    future.set_exception(RuntimeError(self.last_error))
+                size -= WAITING_REQUEST_BYTES
+            kept.append((record, None, size))
+        self.queue = kept
+        self.queued_bytes = sum(size for _, _, size in kept)
+
     def gate(self) -> None:
-        """Refuse new requests while a fail-closed sink cannot write."""
-        if self.fail_closed and not self.healthy:
+        """Refuse new requests while a fail-closed sink cannot write or its queue is full."""
+        if not self.fail_closed:
+            return
+        if not self.healthy:
             raise StatusError(
                 503,
                 f"the audit store ({self.name}) cannot record requests: {self.last_error}; requests are "
                 "refused until it can",
             )
+        if self.full:
+            raise StatusError(
+                503,
+                f"the audit store ({self.name}) has {len(self.queue)} events waiting to be written; requests "
+                "are refused until it catches up",
+            )
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """The records at the head of the queue: at most `batch_max`, and at most half of `queue_max_bytes`
+        (but one), since the batch being written cannot be dropped to make room."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for record, _, record_size in self.queue:
+            if len(batch) >= self.settings.batch_max or (
+                batch and (size + record_size) * 2 > self.settings.queue_max_bytes
+            ):
+                break
+            batch.append(record)
+            size += record_size
+        return batch
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -208,10 +377,12 @@ class SinkWriter:
             if len(self.queue) < self.settings.batch_max and self.settings.linger_ms and not self._closing:
                 # A transaction per event costs far more than the event: let a few arrive first.
                 await asyncio.sleep(self.settings.linger_ms / 1000)
-            batch = [self.queue[i] for i in range(min(len(self.queue), self.settings.batch_max))]
+            batch = self._next_batch()
+            self._in_flight = len(batch)
             try:
-                await asyncio.to_thread(self.write, [record for record, _ in batch])
+                await asyncio.to_thread(self.write, batch)
             except Exception as exc:
+                self._in_flight = 0
                 first_failure = self.healthy
                 self.healthy = False
                 self.last_error = (
@@ -222,9 +393,7 @@ class SinkWriter:
                 self.retrying = True
                 if first_failure:
                     log.error("audit sink %s cannot write: %s", self.name, self.last_error)
-                for _, future in batch:
-                    if future is not None and not future.done():
-                        future.set_exception(RuntimeError(self.last_error))
+                self._fail_waiting()
                 if self._closing and time.monotonic() > self._deadline:
                     log.error("audit sink %s: %d events not written at shutdown", self.name, len(self.queue))
                     return
@@ -237,9 +406,13 @@ class SinkWriter:
             self.healthy, self.last_error = True, ""
             self.written += len(batch)
             for _ in batch:
-                _, future = self.queue.popleft()
+                _, future, size = self.queue.popleft()
+                self.queued_bytes -= size
                 if future is not None and not future.done():
                     future.set_result(None)
+            self._in_flight = 0
+            if self._unrecorded and not self.half_full:
+                self._queue_unrecorded_summary()
 
     async def close(self, drain_seconds: float = 10.0) -> None:
         """Write what is queued (for up to `drain_seconds` while the sink fails), then stop."""
