@@ -351,15 +351,18 @@ class SinkWriter:
                 "are refused until it catches up",
             )
 
+    @property
+    def batch_bytes_max(self) -> int:
+        """Estimated size of a batch at most (but one event): half the queue's, since the batch being written
+        cannot be dropped to make room. A sink that stores batches whole in a bounded space lowers it."""
+        return self.settings.queue_max_bytes // 2
+
     def _next_batch(self) -> list[dict[str, Any]]:
-        """The records at the head of the queue: at most `batch_max`, and at most half of `queue_max_bytes`
-        (but one), since the batch being written cannot be dropped to make room."""
+        """The records at the head of the queue: at most `batch_max` and `batch_bytes_max` (but one)."""
         batch: list[dict[str, Any]] = []
-        size = 0
+        size, size_max = 0, self.batch_bytes_max
         for record, _, record_size in self.queue:
-            if len(batch) >= self.settings.batch_max or (
-                batch and (size + record_size) * 2 > self.settings.queue_max_bytes
-            ):
+            if len(batch) >= self.settings.batch_max or (batch and size + record_size > size_max):
                 break
             batch.append(record)
             size += record_size

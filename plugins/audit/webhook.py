@@ -142,6 +142,13 @@ class WebhookSink(SinkWriter):
         self._sender: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def batch_bytes_max(self) -> int:
+        # A batch goes into the spool whole or not at all: one larger than the spool never fitted, and the sink
+        # failed for good (a burst of 401s with long headers did it to a 1 MiB spool). An eighth: the estimate
+        # counts characters, and UTF-8 takes up to four bytes for one.
+        return min(super().batch_bytes_max, self.hook_settings.max_spool_bytes // 8)
+
     def write(self, batch: list[dict[str, Any]]) -> None:
         self.spool.append(batch)  # in the writer's thread
         self._loop.call_soon_threadsafe(self._spooled.set)

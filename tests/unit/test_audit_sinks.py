@@ -148,6 +148,26 @@ async def test_an_unauthenticated_huge_user_agent_does_not_stop_delivery(receive
     assert taker.events[0]["data"]["truncated"]["user_agent"]["length"] == 300_000
 
 
+async def test_a_burst_of_long_events_fits_a_small_spool_batch_by_batch(receiver, tmp_path):
+    """A batch goes into the spool whole: 500 events with three 4,096-character fields of bytes 0x80-0xFF
+    (8 KB each in UTF-8) were one batch of 12 MB, larger than a 1 MiB spool, refused as 'the spool is full'
+    on every retry while the spool was empty — the sink failed for good (fail-closed: 503 for everyone).
+    Now a batch takes at most an eighth of the spool by estimate, and every event is delivered."""
+    taker, url = receiver
+    sink = WebhookSink(
+        AuditWebhookSettings(url=url, retry_seconds=0.05, max_spool_bytes=1 << 20), tmp_path / "spool"
+    )
+    sink.start()
+    long = "\x80" * 5000
+    burst = [event(n, user_agent=long, kubectl_command=long, kubectl_session=long) for n in range(300)]
+    for e in burst:  # fail-open: nothing waits, so all are queued before the writer takes its first batch
+        await sink.submit(e)
+    await settled(lambda: len(taker.events) == len(burst), seconds=60)
+    await sink.close(1)
+    assert taker.ids() == [e.id for e in burst]
+    assert sink.last_error == ""
+
+
 async def test_an_event_the_receiver_refuses_goes_to_dead_letters_and_delivery_goes_on(receiver, tmp_path):
     """A receiver that refuses one event (a WAF's 403, a 400 or 413 for what it holds) refused its batch on
     every retry, and nothing after it was delivered. Now the batch is sent again one event per request; the
