@@ -427,6 +427,11 @@ class SinkWriter:
                 await asyncio.wait_for(self._task, drain_seconds + 5)
             except TimeoutError:
                 self._task.cancel()
+        if self._unrecorded:  # the sink never wrote again: the log is all that is left of them
+            log.error(
+                "audit sink %s: stopped with requests without an identity counted, not recorded: %s",
+                self.name, {connection: sum(sources.values()) for connection, sources in self._unrecorded.items()},
+            )  # fmt: skip
 
 
 class SinkPlugin:
