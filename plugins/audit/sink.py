@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubegate.core.errors import ConfigError, StatusError
@@ -160,9 +161,19 @@ UNRECORDED_SOURCES_MAX = 1000
 UNRECORDED_SOURCE_CHARS = 256
 
 
+def record_size(data: dict[str, Any]) -> int:
+    """A record's size in bytes as JSON (orjson: about 1.7 µs for a request's record, on the event loop of
+    every audited request), or `estimated_size` for data orjson refuses (a lone surrogate)."""
+    try:
+        return len(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))
+    except (TypeError, orjson.JSONEncodeError):
+        return estimated_size(data)
+
+
 def estimated_size(value: Any) -> int:
-    """A cheap estimate of a record's size in bytes: the length of its text (keys included), 8 per other
-    value. Records are the JSON-like data of `make_record`, with caller text already cut."""
+    """An estimate of a record's size in bytes: the length of its text (keys included), 8 per other value.
+    Records are the JSON-like data of `make_record`, with caller text already cut. (A walk in Python: about
+    7 µs for a request's record, four times orjson's serialization, so `record_size` tries that first.)"""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
@@ -244,7 +255,7 @@ class SinkWriter:
             self._count_unrecorded(event)
             return
         record = make_record(event)
-        size = EVENT_OVERHEAD_BYTES + estimated_size(record["data"])
+        size = EVENT_OVERHEAD_BYTES + record_size(record["data"])
         future: asyncio.Future[None] | None = None
         if self.fail_closed and self.healthy:
             future = asyncio.get_running_loop().create_future()
@@ -314,7 +325,7 @@ class SinkWriter:
                 kind="unrecorded", flow_id="", connection=connection, time=time.time(), data=data
             )
             record = make_record(event)
-            size = EVENT_OVERHEAD_BYTES + estimated_size(data)
+            size = EVENT_OVERHEAD_BYTES + record_size(data)
             self._make_room(size)
             self.queue.append((record, None, size))
             self.queued_bytes += size

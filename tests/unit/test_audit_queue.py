@@ -20,6 +20,7 @@ from kubegate.plugins.audit.sink import (
     SinkSettings,
     SinkWriter,
     estimated_size,
+    record_size,
 )
 
 
@@ -228,3 +229,8 @@ async def test_requests_waiting_for_their_events_count_in_the_queue_size():
 
 def test_the_size_estimate_counts_text_and_keys():
     assert estimated_size({"ab": "xyz", "n": 1, "l": ["pq", None]}) == 2 + 3 + 1 + 8 + 1 + 2 + 8
+    # The size counted for the queue is the JSON's, and the walk's where orjson refuses the data
+    assert record_size({"ab": "x" * 5000}) == len('{"ab":""}') + 5000
+    assert record_size({"ab": "lone \ud800 " + "x" * 5000}) == estimated_size(
+        {"ab": "lone \ud800 " + "x" * 5000}
+    )
