@@ -121,33 +121,37 @@ CALLER_TEXT_WITHIN = {"attributes": None, "decision": ("reason",)}  # None: ever
 def bounded(data: dict[str, Any]) -> dict[str, Any]:
     """`data` with each caller-chosen text longer than `FIELD_MAX_CHARS` cut to that many characters; for each
     field cut, `data.truncated[NAME]` keeps its length in characters and the SHA-256 of its UTF-8 (NAME is
-    `user_agent`, or `attributes.name` within). `data` itself is not changed (other hooks read the event)."""
-    cuts: dict[str, dict[str, Any]] = {}
-
-    def cut(name: str, value: str) -> str:
-        cuts[name] = {
-            "length": len(value),
-            "sha256": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest(),
-        }
-        return value[:FIELD_MAX_CHARS]
-
-    def too_long(value: Any) -> bool:
-        return isinstance(value, str) and len(value) > FIELD_MAX_CHARS
-
-    changed: dict[str, Any] = {}  # copies of what is cut (most events: nothing, and no copy)
-    for key, value in data.items():
-        if key in CALLER_TEXT and too_long(value):
-            changed[key] = cut(key, value)
-        elif key in CALLER_TEXT_WITHIN and isinstance(value, dict):
-            names = CALLER_TEXT_WITHIN[key]
-            long = [
-                name for name, item in value.items() if too_long(item) and (names is None or name in names)
-            ]
-            if long:
-                changed[key] = {**value, **{name: cut(f"{key}.{name}", value[name]) for name in long}}
-    if not changed:
+    `user_agent`, or `attributes.name` within). `data` itself is not changed (other hooks read the event).
+    Runs for every audited request: the common case (nothing long) is a few lookups, no copy."""
+    long = [key for key in CALLER_TEXT if _too_long(data.get(key))]
+    within = {
+        key: [name for name, item in inner.items() if _too_long(item) and (names is None or name in names)]
+        for key, names in CALLER_TEXT_WITHIN.items()
+        if isinstance(inner := data.get(key), dict)
+    }
+    if not long and not any(within.values()):
         return data
+    cuts: dict[str, dict[str, Any]] = {}
+    changed: dict[str, Any] = {key: _cut(cuts, key, data[key]) for key in long}
+    for key, names in within.items():
+        if names:
+            changed[key] = {
+                **data[key],
+                **{name: _cut(cuts, f"{key}.{name}", data[key][name]) for name in names},
+            }
     return {**data, **changed, "truncated": cuts}
+
+
+def _too_long(value: Any) -> bool:
+    return value.__class__ is str and len(value) > FIELD_MAX_CHARS
+
+
+def _cut(cuts: dict[str, dict[str, Any]], name: str, value: str) -> str:
+    cuts[name] = {
+        "length": len(value),
+        "sha256": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest(),
+    }
+    return value[:FIELD_MAX_CHARS]
 
 
 # What an event costs in memory beyond its text (the dicts, the tuple in the queue): an estimate, as the size
