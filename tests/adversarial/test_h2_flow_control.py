@@ -1,0 +1,228 @@
+"""An HTTP/2 client that opens no flow-control window holds its responses upstream (red team, 2026-12-08).
+
+With `server: hypercorn`, a client whose SETTINGS say INITIAL_WINDOW_SIZE=0 (or that never returns the
+connection's window) and that asked for large lists had the gateway read them whole into memory: Hypercorn's
+sender pops 0 bytes from a stream without window, and its stream buffer released the application after
+any short pop, so `send` never waited (10 streams of a 65 MB list: 135 -> 767 MB resident, the upstream
+wrote 649 MB). Go's server blocks the handler until its frame is written, on the same window; the gateway
+now does too (core/server.py `_FlowControlledStreamBuffer`): the upstream stalls once the socket buffers
+between it and the gateway are full, and the response completes, intact, when the client opens its window.
+
+No sandbox: a stand-in API server counts what it managed to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+from aiohttp import web
+from conftest import Gateway, free_port, start_gateway, stop_process
+
+TOKEN = "h2-window-token-0123456789abcdef"
+STREAMS = 3
+CHUNK = 64 * 1024
+# A ConfigMap list of 65 MB, the red team's.
+LIST = (
+    b'{"kind":"ConfigMapList","apiVersion":"v1","metadata":{},"items":['
+    + b",".join(b'{"metadata":{"name":"c%07d"},"data":{"k":"%s"}}' % (i, b"x" * 600) for i in range(100_000))
+    + b"]}"
+)
+PATH = "/k8s/c/api/v1/configmaps"
+# What may sit between the stand-in and a stalled stream: the loopback socket buffers (Linux autotunes them,
+# up to 4 MB sending and 32 MB receiving by default; 7 MB a stream were measured), aiohttp's read buffer
+# and one chunk in the gateway. Half the list; without the fix, all of it.
+HELD_PER_STREAM = len(LIST) // 2
+MAX_WINDOW = 2**31 - 1
+ALICE = {"user": "alice", "groups": ["developers"], "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
+
+
+class ListServer:
+    """Answers every GET with LIST in CHUNK writes, each awaited (aiohttp waits for the socket to drain),
+    and counts the bytes written."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        assert ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = len(LIST)
+        response.content_type = "application/json"
+        await response.prepare(request)
+        for start in range(0, len(LIST), CHUNK):
+            await response.write(LIST[start : start + CHUNK])
+            self.written += len(LIST[start : start + CHUNK])
+        return response
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, ListServer]]:
+    api = ListServer()
+    directory = tmp_path_factory.mktemp("gw-h2-window")
+    (directory / "upstream-token").write_text("upstream")
+    config = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "state_dir": str(directory / "state"),
+        "server": "hypercorn",
+        "connections": {
+            "c": {
+                "upstream": {"server": api.url, "token_file": str(directory / "upstream-token")},
+                "plugins": {"static-tokens": {"tokens": [ALICE]}},
+            }
+        },
+    }
+    gateway = start_gateway(directory, config)
+    yield gateway, api
+    stop_process(gateway.process)
+    api.stop()
+
+
+def resident_mb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+class H2Client:
+    """A raw HTTP/2 client over TLS that grants only the flow-control window it is told to."""
+
+    def __init__(self, gw: Gateway, initial_window: int) -> None:
+        host, port = gw.url.removeprefix("https://").split(":")
+        context = ssl.create_default_context(cafile=str(gw.ca_file))
+        context.set_alpn_protocols(["h2"])
+        self.sock = context.wrap_socket(
+            socket.create_connection((host, int(port)), timeout=30), server_hostname=host
+        )
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window}
+        )
+        self.conn.initiate_connection()
+        self.flush()
+        self.status: dict[int, str] = {}
+        self.bodies: dict[int, Any] = {}  # sha256 objects
+        self.received: dict[int, int] = {}
+        self.ended: set[int] = set()
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def get(self, path: str) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        host = self.sock.server_hostname or ""
+        headers = [(":method", "GET"), (":scheme", "https"), (":authority", host), (":path", path),
+                   ("authorization", f"Bearer {TOKEN}")]  # fmt: skip
+        self.conn.send_headers(stream_id, headers, end_stream=True)
+        self.flush()
+        self.bodies[stream_id] = hashlib.sha256()
+        self.received[stream_id] = 0
+        return stream_id
+
+    def read_until(self, done: Callable[[], bool]) -> None:
+        """Handles frames until `done()` holds; DATA is counted and hashed, not acknowledged."""
+        while not done():
+            data = self.sock.recv(65536)
+            assert data, "the gateway closed the connection"
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.status[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    self.bodies[event.stream_id].update(event.data)
+                    self.received[event.stream_id] += len(event.data)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError(f"stream {event.stream_id} reset: {event.error_code!r}")
+            self.flush()
+
+    def open_windows(self) -> None:
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: MAX_WINDOW})
+        self.conn.increment_flow_control_window(MAX_WINDOW - self.conn.inbound_flow_control_window)
+        self.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until_still(api: ListServer, ceiling: int) -> int:
+    """The stand-in's count once it stopped moving (or reached `ceiling`, all it had to write)."""
+    last, still = -1, 0
+    for _ in range(120):
+        time.sleep(0.25)
+        if api.written == last:
+            still += 1
+            if still == 4:
+                break
+        else:
+            last, still = api.written, 0
+        if api.written >= ceiling:
+            break
+    return api.written
+
+
+@pytest.mark.parametrize(
+    "closed",
+    [
+        # SETTINGS INITIAL_WINDOW_SIZE=0: every stream starts without window.
+        "stream",
+        # Streams may take 2 GB each, but the connection's 65,535 bytes are never given back.
+        "connection",
+    ],
+)
+def test_a_client_without_window_holds_the_upstream_not_the_gateway(stack, closed):
+    gw, api = stack
+    before_rss = resident_mb(gw.process.pid)
+    before_written = api.written
+    client = H2Client(gw, 0 if closed == "stream" else MAX_WINDOW)
+    try:
+        streams = [client.get(PATH) for _ in range(STREAMS)]
+        client.read_until(lambda: len(client.status) == STREAMS)
+        assert set(client.status.values()) == {"200"}
+        written = wait_until_still(api, before_written + STREAMS * len(LIST)) - before_written
+        grown = resident_mb(gw.process.pid) - before_rss
+        assert sum(client.received.values()) <= 65_535  # the client got no more than it allowed
+        assert written <= STREAMS * HELD_PER_STREAM, (
+            f"the upstream wrote {written} bytes for {STREAMS} streams the client opened no window for"
+        )
+        assert grown < 64, f"the gateway grew {grown} MB holding responses for a client without window"
+
+        client.open_windows()
+        client.read_until(lambda: client.ended >= set(streams))
+        expected = hashlib.sha256(LIST).hexdigest()
+        for stream_id in streams:
+            assert client.received[stream_id] == len(LIST)
+            assert client.bodies[stream_id].hexdigest() == expected
+    finally:
+        client.close()
