@@ -8,7 +8,8 @@ wrote 649 MB). Go's server blocks the handler until its frame is written, on the
 now does too (core/server.py `_FlowControlledStreamBuffer`): the upstream stalls once the socket buffers
 between it and the gateway are full, and the response completes, intact, when the client opens its window.
 
-No sandbox: a stand-in API server counts what it managed to write.
+WebSockets over HTTP/2 (extended CONNECT, which Hypercorn offers) go through the same buffer: an exec's output
+waits for the window too. No sandbox: a stand-in API server counts what it managed to write.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import h2.settings
 import pytest
 from aiohttp import web
 from conftest import Gateway, free_port, start_gateway, stop_process
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 TOKEN = "h2-window-token-0123456789abcdef"
 STREAMS = 3
@@ -41,6 +43,8 @@ LIST = (
     + b"]}"
 )
 PATH = "/k8s/c/api/v1/configmaps"
+OUTPUT = bytes(range(256)) * (64 * 1024 * 1024 // 256)  # an exec's stdout, 64 MB
+EXEC = "/k8s/c/api/v1/namespaces/prod/pods/web/exec?command=cat&stdout=true"
 # What may sit between the stand-in and a stalled stream: the loopback socket buffers (Linux autotunes them,
 # up to 4 MB sending and 32 MB receiving by default; 7 MB a stream were measured), aiohttp's read buffer
 # and one chunk in the gateway. Half the list; without the fix, all of it.
@@ -65,6 +69,7 @@ class ListServer:
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
+        app.router.add_route("GET", "/api/v1/namespaces/prod/pods/web/exec", self._exec)
         app.router.add_route("GET", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
@@ -81,6 +86,16 @@ class ListServer:
             await response.write(LIST[start : start + CHUNK])
             self.written += len(LIST[start : start + CHUNK])
         return response
+
+    async def _exec(self, request: web.Request) -> web.WebSocketResponse:
+        """A pod's exec that writes OUTPUT on stdout, a CHUNK a message, each awaited."""
+        ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io",))
+        await ws.prepare(request)
+        for start in range(0, len(OUTPUT), CHUNK):
+            await ws.send_bytes(b"\x01" + OUTPUT[start : start + CHUNK])
+            self.written += CHUNK
+        await ws.close()
+        return ws
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
@@ -135,6 +150,7 @@ class H2Client:
         self.bodies: dict[int, Any] = {}  # sha256 objects
         self.received: dict[int, int] = {}
         self.ended: set[int] = set()
+        self.websockets: dict[int, bytearray] = {}  # what came on each WebSocket's stream
 
     def flush(self) -> None:
         self.sock.sendall(self.conn.data_to_send())
@@ -150,6 +166,21 @@ class H2Client:
         self.received[stream_id] = 0
         return stream_id
 
+    def websocket(self, path: str, protocol: str) -> int:
+        """A WebSocket over HTTP/2 (RFC 8441's extended CONNECT, which Hypercorn's SETTINGS offer)."""
+        self.read_until(lambda: bool(self.conn.remote_settings.enable_connect_protocol))
+        stream_id = self.conn.get_next_available_stream_id()
+        host = self.sock.server_hostname or ""
+        headers = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                   (":authority", host), (":path", path), ("sec-websocket-version", "13"),
+                   ("sec-websocket-protocol", protocol), ("authorization", f"Bearer {TOKEN}")]  # fmt: skip
+        self.conn.send_headers(stream_id, headers)
+        self.flush()
+        self.bodies[stream_id] = hashlib.sha256()
+        self.received[stream_id] = 0
+        self.websockets[stream_id] = bytearray()
+        return stream_id
+
     def read_until(self, done: Callable[[], bool]) -> None:
         """Handles frames until `done()` holds; DATA is counted and hashed, not acknowledged."""
         while not done():
@@ -161,6 +192,8 @@ class H2Client:
                 elif isinstance(event, h2.events.DataReceived):
                     self.bodies[event.stream_id].update(event.data)
                     self.received[event.stream_id] += len(event.data)
+                    if event.stream_id in self.websockets:
+                        self.websockets[event.stream_id] += event.data
                 elif isinstance(event, h2.events.StreamEnded):
                     self.ended.add(event.stream_id)
                 elif isinstance(event, h2.events.StreamReset):
@@ -224,5 +257,38 @@ def test_a_client_without_window_holds_the_upstream_not_the_gateway(stack, close
         for stream_id in streams:
             assert client.received[stream_id] == len(LIST)
             assert client.bodies[stream_id].hexdigest() == expected
+    finally:
+        client.close()
+
+
+def websocket_payload(stream: bytes) -> bytes:
+    """The data messages' payloads in a server's WebSocket frames, up to its close."""
+    frames = FrameProtocol(client=True, extensions=[])
+    frames.receive_bytes(stream)
+    payload = bytearray()
+    for frame in frames.received_frames():
+        if frame.opcode is Opcode.CLOSE:
+            break
+        payload += frame.payload
+    return bytes(payload)
+
+
+def test_a_websocket_over_http2_without_window_holds_the_upstream(stack):
+    # The same buffer carries a WebSocket's messages: an exec's output waits for the window too.
+    gw, api = stack
+    before_written = api.written
+    client = H2Client(gw, 0)
+    try:
+        stream_id = client.websocket(EXEC, "v5.channel.k8s.io")
+        client.read_until(lambda: stream_id in client.status)
+        assert client.status[stream_id] == "200"
+        written = wait_until_still(api, before_written + len(OUTPUT)) - before_written
+        assert written <= len(OUTPUT) // 2, f"the pod wrote {written} bytes to a client without window"
+
+        client.open_windows()
+        client.read_until(lambda: stream_id in client.ended)
+        messages = websocket_payload(bytes(client.websockets[stream_id]))
+        stdout = b"".join(messages[i + 1 : i + 1 + CHUNK] for i in range(0, len(messages), CHUNK + 1))
+        assert stdout == OUTPUT
     finally:
         client.close()
