@@ -110,6 +110,16 @@ class _H2Protocol(H2Protocol):
         super().__init__(*args, **kwargs)
         self.connection.decoder.max_header_list_size = self.config.h2_max_header_list_size
 
+    async def _close_stream(self, stream_id: int) -> None:
+        await super()._close_stream(stream_id)
+        # A stream reset by the client, or on a connection that closed, is never written again: release a
+        # `send` waiting for its window (the application is told of the disconnect; its further sends are
+        # dropped). Hypercorn leaves the buffer to its sender, which on a closed connection has stopped:
+        # the application, and the connection's task group with it, would wait forever.
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None:
+            await buffer.close()
+
 
 class _FlowControlledStreamBuffer(StreamBuffer):
     """Hypercorn's buffer between an HTTP/2 stream's application and its sender, which releases the

@@ -26,6 +26,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -59,6 +60,7 @@ class ListServer:
 
     def __init__(self) -> None:
         self.written = 0
+        self.finished = 0  # responses over, written to the end or cut off
         self.loop = asyncio.new_event_loop()
         self.port = free_port()
         ready = threading.Event()
@@ -81,11 +83,14 @@ class ListServer:
         response = web.StreamResponse()
         response.content_length = len(LIST)
         response.content_type = "application/json"
-        await response.prepare(request)
-        for start in range(0, len(LIST), CHUNK):
-            await response.write(LIST[start : start + CHUNK])
-            self.written += len(LIST[start : start + CHUNK])
-        return response
+        try:
+            await response.prepare(request)
+            for start in range(0, len(LIST), CHUNK):
+                await response.write(LIST[start : start + CHUNK])
+                self.written += len(LIST[start : start + CHUNK])
+            return response
+        finally:
+            self.finished += 1
 
     async def _exec(self, request: web.Request) -> web.WebSocketResponse:
         """A pod's exec that writes OUTPUT on stdout, a CHUNK a message, each awaited."""
@@ -259,6 +264,33 @@ def test_a_client_without_window_holds_the_upstream_not_the_gateway(stack, close
             assert client.bodies[stream_id].hexdigest() == expected
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("leaving", ["reset", "close"])
+def test_a_client_that_leaves_releases_what_waited_for_its_window(stack, leaving):
+    # A stream reset (RST_STREAM) or a connection closed while `send` waits for the window: that `send` is
+    # released, so the response's task ends (and the connection's with it) instead of waiting forever.
+    gw, api = stack
+    before_written, before_finished = api.written, api.finished
+    client = H2Client(gw, 0)
+    try:
+        streams = [client.get(PATH) for _ in range(STREAMS)]
+        client.read_until(lambda: len(client.status) == STREAMS)
+        wait_until_still(api, before_written + STREAMS * len(LIST))
+        assert api.finished == before_finished  # all three are waiting for the window
+        if leaving == "reset":
+            for stream_id in streams:
+                client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            client.flush()
+    finally:
+        if leaving == "close":
+            client.close()
+    for _ in range(240):
+        if api.finished == before_finished + STREAMS:
+            break
+        time.sleep(0.25)
+    assert api.finished == before_finished + STREAMS, "a response for a client that left is still waiting"
+    client.close()
 
 
 def websocket_payload(stream: bytes) -> bytes:
