@@ -547,7 +547,7 @@ def needs_body(settings: PolicySettings, req: Request) -> bool:
     `create` a request may be)."""
     index = settings.index
     reading = index.reading_object
-    if not reading and not (index.reading_name and req.verb == "create" and not req.name):
+    if not reading and not index.reading_name:
         return False
     rules = settings.rules
     readings = [req]

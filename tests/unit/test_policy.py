@@ -574,3 +574,12 @@ def test_a_create_whose_name_cannot_be_read_fails_closed():
     request = req(verb="create", name="", body=b"{not json", content_type="application/json")
     outcome = evaluate(policy, request)
     assert outcome.action == "deny" and "could not be read" in outcome.reason
+
+
+def test_the_create_reading_of_a_nameless_apply_reads_the_body_for_its_name():
+    # Found by the index's hypothesis test: the first check looked only at the request's own verb (patch).
+    from kubegate.plugins.policy import needs_body
+
+    policy = named_pod_policy('request.name == "web"')
+    request = req(verb="patch", name="", content_type="application/apply-patch+yaml")
+    assert needs_body(policy, request)
