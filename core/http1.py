@@ -81,6 +81,22 @@ class GatewayHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._reading_head, self._head_bytes = True, 0  # the next request's head starts here
 
+    def on_response_complete(self) -> None:
+        # `self.cycle` is the request just answered unless a pipelined one came after it, which it could only
+        # once this one's body ended.
+        cycle = self.cycle
+        body_unread = cycle is not None and cycle.response_complete and cycle.more_body
+        super().on_response_complete()
+        if body_unread and not self._refused:
+            # The app answered without reading the request's body to its end (a refusal past its read
+            # budget, core/httpbody.py): uvicorn would go on parsing and dropping the rest, forever for an
+            # endless body. Go's server closes such a connection instead (after at most 256 KiB): read
+            # nothing more, and close once the answer had time to leave.
+            self._refused = True
+            self._cancel_head_timer()
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(CLOSE_DELAY_SECONDS, self.transport.abort)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)

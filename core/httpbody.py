@@ -145,12 +145,21 @@ class BodyReader:
                 request.body_sample = bytes(self.sample)
 
 
-async def drain(receive: Receive) -> None:
-    """Read a refused request's body to its end (or the client's disconnect)."""
-    while True:
+# How much of a refused request's body is read and dropped when nothing else bounds it (a request for no
+# connection): Go's `maxPostHandlerReadBytes`, what net/http discards of an unread body before it closes the
+# connection instead.
+DRAIN_BYTES = 256 * 1024
+
+
+async def drain(receive: Receive, budget: int = DRAIN_BYTES) -> bool:
+    """Read and drop a refused request's body, at most `budget` bytes of it (then the connection is left to
+    close: core/http1.py). True when the body (or the client) ended within the budget."""
+    while budget > 0:
         message = await receive()
         if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            return
+            return True
+        budget -= len(message.get("body", b""))
+    return False
 
 
 class DisconnectWatcher:

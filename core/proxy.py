@@ -134,10 +134,15 @@ def split_path(raw_path: bytes) -> tuple[str, str]:
     return name_text, path
 
 
-async def send_status(send: Send, error: StatusError, *, websocket: bool = False) -> None:
+async def send_status(
+    send: Send, error: StatusError, *, websocket: bool = False, close: bool = False
+) -> None:
+    """Answer with `error`'s Status; `close` (HTTP/1.x only) says the connection closes after it."""
     body = error.body()
     headers = [(k.encode(), v.encode()) for k, v in STATUS_HEADERS]
     headers.append((b"content-length", str(len(body)).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     if websocket:
         # Refusing before accept: Hypercorn sends this as a real HTTP response, which kubectl prints.
         await send({"type": "websocket.http.response.start", "status": error.code, "headers": headers})
@@ -160,11 +165,14 @@ class Proxy:
             flow = self._make_flow(scope, websocket)
         except StatusError as error:
             refused = self._refused_flow(scope, websocket, error)
+            ended = True
             if websocket:
                 await receive()  # websocket.connect
             else:
-                await drain(receive)
-            await send_status(send, error, websocket=websocket)
+                ended = await drain(receive)
+            # A body left unread past the drain's budget: the connection closes after the answer
+            # (core/http1.py; Hypercorn's h11 does the same) rather than reading the rest.
+            await send_status(send, error, websocket=websocket, close=not ended and _http1(scope))
             if refused is not None:
                 await self._deliver(refused, self._audit_event(refused, "request"))
             return
@@ -175,16 +183,16 @@ class Proxy:
             streams = observe.OPEN_STREAMS.labels(flow.connection.name)
             streams.inc()
             try:
-                await self._http(flow, receive, send)
+                await self._http(flow, receive, send, _http1(scope))
             finally:
                 streams.dec()
         else:
-            await self._http(flow, receive, send)
+            await self._http(flow, receive, send, _http1(scope))
 
     # -- the two pipelines ---------------------------------------------------------------------------
 
-    async def _http(self, flow: Flow, receive: Receive, send: Send) -> None:
-        """REST: admit → hold → prepare → forward → record."""
+    async def _http(self, flow: Flow, receive: Receive, send: Send, http1: bool = True) -> None:
+        """REST: admit → hold → prepare → forward → record. `http1`: the request came over HTTP/1.x."""
         limits = flow.connection.limits
         cap = limits.max_request_body_bytes
         body = BodyReader(receive, cap, limits.audit_body_bytes if flow.connection.hooks.has_audit else 0)
@@ -210,7 +218,8 @@ class Proxy:
                 await body.discard()
             if flow.response.status == 0:
                 flow.response.status = error.code
-                await send_status(send, error)
+                # A body left unread past `discard`'s budget: the connection closes after the answer.
+                await send_status(send, error, close=not body.complete and http1)
         except RelayedError as relayed:
             flow.response.status = relayed.status
             headers = [
@@ -577,6 +586,11 @@ def _request(scope: Scope, websocket: bool, path: str) -> Request:
         websocket=websocket,
         subprotocols=list(scope.get("subprotocols") or []),
     )
+
+
+def _http1(scope: Scope) -> bool:
+    """The request came over HTTP/1.x, where `connection: close` is a header (HTTP/2 forbids it)."""
+    return scope.get("http_version", "1.1") in ("1.0", "1.1")
 
 
 def _client_gone(flow: Flow, gone: ClientGone) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -222,3 +223,93 @@ def test_a_refused_exec_upgrade_prints_the_api_servers_reason(gateway, agent_gat
         assert result.returncode != 0
         assert 'User "bob" cannot create resource "pods/exec"' in result.stderr, result.stderr
         assert "502" not in result.stderr and "refused the WebSocket upgrade" not in result.stderr
+
+
+# -- a refused request's body is read only so far, then the connection closes (Go: 256 KiB) ----------------
+
+ENDLESS_REFUSALS = {
+    # A request for no connection: refused before anything knows a body cap.
+    "no connection, chunked": (
+        b"POST /k8s/nope/api/v1/namespaces/prod/configmaps HTTP/1.1\r\nHost: gw\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"%x\r\n%s\r\n" % (65536, b"a" * 65536),
+        404,
+    ),
+    # A body declared larger than the cap, without a token: 413 before authentication.
+    "declared too large": (
+        b"POST /k8s/sandbox/api/v1/namespaces/prod/configmaps HTTP/1.1\r\nHost: gw\r\n"
+        b"Content-Length: 1000000000000000\r\n\r\n",
+        b"a" * 65536,
+        413,
+    ),
+}
+
+
+async def send_until_closed(gateway, head: bytes, piece: bytes, most: int) -> tuple[int, bytes]:
+    """Over TLS: send `head`, then `piece` again and again until the gateway closes the connection or `most`
+    bytes were sent. (How many were sent, what the gateway answered meanwhile.)"""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", URL(gateway.url).port, ssl=client_ssl(gateway), server_hostname="127.0.0.1"
+    )
+    answer = bytearray()
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while data := await reader.read(65536):
+                answer.extend(data)
+
+    reading = asyncio.create_task(read())
+    sent = 0
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        writer.write(head)
+        while sent < most:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+    if sent < most:
+        await asyncio.wait_for(reading, 30)  # the answer, up to the close
+    reading.cancel()
+    writer.close()
+    return sent, bytes(answer)
+
+
+@pytest.mark.parametrize("case", ENDLESS_REFUSALS)
+async def test_a_refused_requests_endless_body_is_not_read_on(gateway, case):
+    """Before, the gateway read (and dropped) such a body for as long as the client sent it: 2.3 GB in 10 s
+    on one connection, without a token, slowing every other request. Now it reads a bounded part (the
+    drain's 256 KiB, or twice the body cap), answers with `connection: close`, and closes: what the client
+    gets to send is that plus the sockets' buffers, far below the 128 MiB this client would send."""
+    head, piece, code = ENDLESS_REFUSALS[case]
+    sent, answer = await asyncio.wait_for(send_until_closed(gateway, head, piece, 128 << 20), 120)
+    assert sent < 64 << 20, f"the gateway read {sent} bytes of a refused body"
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 %d " % code), answer[:200]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    assert json.loads(body)["kind"] == "Status"
+
+
+async def test_a_keep_alive_connection_goes_on_after_requests_with_bodies(gateway, sandbox):
+    """Only a body left unread closes the connection: a body the gateway took (forwarded, or refused within
+    its read budget) leaves the connection open for the next request."""
+    opened: list[object] = []
+
+    async def on_open(*_: object) -> None:
+        opened.append(None)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_open)
+    headers = {"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "keepalive-cm"}, "data": {"a": "b"}}
+    url = f"{gateway.url}/k8s/sandbox/api/v1/namespaces/prod/configmaps"
+    connector = aiohttp.TCPConnector(limit=1, ssl=client_ssl(gateway))
+    statuses = []
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
+        for body in (json.dumps(cm), b"not json", None):
+            method = "GET" if body is None else "POST"
+            async with session.request(method, url, headers=headers, data=body) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+                assert "close" not in resp.headers.get("Connection", "").lower()
+    assert statuses[2] == 200, statuses
+    assert len(opened) == 1, statuses  # one connection served all three

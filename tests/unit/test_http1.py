@@ -31,6 +31,10 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[int, lis
         seen.append(scope)
         if scope["path"] == "/slow":  # a response that takes longer than the head timeout (a held request)
             await asyncio.sleep(1.2)
+        if scope["path"] == "/refuse":  # an answer that leaves the body unread (and says nothing of closing)
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"7")]})
+            await send({"type": "http.response.body", "body": b"refused"})
+            return
         size, more = 0, True
         while more:
             message = await receive()
@@ -154,3 +158,57 @@ async def test_a_large_body_is_not_counted_as_head(server):
     assert await asyncio.wait_for(response(reader), 10) == (200, str(len(body)).encode())
     assert await asyncio.wait_for(response(reader), 10) == (200, str(64 * 65536).encode())
     writer.close()
+
+
+async def keep_sending(writer: asyncio.StreamWriter, piece: bytes, most: int) -> int:
+    """Send `piece` until the server closes the connection, or `most` bytes were sent; how many were sent."""
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < most:
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("head", "piece"),
+    [
+        (b"POST /refuse HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000000000\r\n\r\n", b"a" * 65536),
+        (b"POST /refuse HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n",
+         b"%x\r\n%s\r\n" % (65536, b"a" * 65536)),
+    ],
+    ids=["content-length", "chunked"],
+)  # fmt: skip
+async def test_a_body_left_unread_by_the_answer_closes_the_connection(server, head, piece):
+    """An app that answers without reading the body to its end (a refusal past its read budget, or an API
+    server that answered before it read the body): the answer reaches the client and the connection
+    closes, instead of uvicorn parsing and dropping the rest of a body declared endless (Go closes such a
+    connection too). What the client gets to send before is bounded by the socket buffers, far below the
+    256 MiB this client would send."""
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    answer = asyncio.create_task(response(reader))
+    sent = await asyncio.wait_for(keep_sending(writer, piece, 256 << 20), 30)
+    assert sent < 64 << 20
+    assert await asyncio.wait_for(answer, 10) == (413, b"refused")
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_a_keep_alive_connection_goes_on_after_a_body_that_was_read(server):
+    """Only a body left unread closes the connection: requests whose body was read keep it, also when the
+    next request came before the answer (pipelined)."""
+    port, seen = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunked = b"5\r\nhello\r\n0\r\n\r\n"
+    writer.write(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nabc"
+                 b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)  # fmt: skip
+    assert await asyncio.wait_for(response(reader), 10) == (200, b"3")
+    assert await asyncio.wait_for(response(reader), 10) == (200, b"5")
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert await asyncio.wait_for(response(reader), 10) == (200, b"0")
+    writer.close()
+    assert len(seen) == 3

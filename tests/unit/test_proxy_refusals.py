@@ -84,6 +84,7 @@ class Answer:
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    unread: int = field(default=0, compare=False)  # pieces of the request body the app never took
 
     def kubernetes_status(self) -> dict[str, Any]:
         assert self.headers.get("content-type") == "application/json", self.headers
@@ -102,6 +103,7 @@ async def call(
     body: list[bytes] | None = None,
     unfinished: bool = False,
     leave: asyncio.Event | None = None,
+    http_version: str = "1.1",
 ) -> Answer:
     """One HTTP request to the ASGI `app`, with the body in the given pieces (the last one announcing
     more when `unfinished`); with `leave`, the client disconnects (``http.disconnect``) once the body is
@@ -112,7 +114,7 @@ async def call(
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
-        "http_version": "1.1",
+        "http_version": http_version,
         "method": method,
         "scheme": "https",
         "path": path,
@@ -146,6 +148,7 @@ async def call(
                 done.set()
 
     await asyncio.wait_for(app(scope, receive, send), 30)
+    answer.unread = len(pieces)
     return answer
 
 
@@ -286,6 +289,49 @@ async def test_a_request_for_no_connection_is_refused_and_recorded_nowhere(serve
     answer = await call(gateway, "GET", "/k8s/nope/api/v1/pods")
     assert_status(answer, 404, "NotFound", 'connection "nope" not found')
     assert guard.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "code"),
+    [
+        ("/k8s/nope/api/v1/namespaces/dev/configmaps", {}, 404),  # before anything knows a body cap
+        ("/k8s/prod/api/v1/namespaces/dev/configmaps", {"content-length": str(10**15)}, 413),
+    ],
+)
+@pytest.mark.parametrize("http_version", ["1.1", "2"])
+async def test_a_refused_requests_body_is_read_only_so_far_then_the_connection_closes(
+    served, path, headers, code, http_version
+):
+    """A refused request's body was read to its end: an endless one for ever, on one connection, without a
+    token. Now at most Go's 256 KiB (a request for no connection) or twice the body cap (a refusal that
+    knows the cap) are read, and over HTTP/1.x the answer says `connection: close` (core/http1.py closes
+    it; HTTP/2 has no such header)."""
+    gateway, _ = served
+    piece = b"a" * 65536
+    answer = await call(
+        gateway,
+        "POST",
+        path,
+        token=None,
+        headers=headers,
+        body=[piece] * 100,
+        unfinished=True,
+        http_version=http_version,
+    )
+    assert answer.status == code and answer.kubernetes_status()["code"] == code
+    assert (100 - answer.unread) * len(piece) <= max(256 * 1024, 2 * BODY_CAP) + len(piece)
+    assert answer.headers.get("connection") == ("close" if http_version == "1.1" else None)
+
+
+async def test_a_refused_requests_body_read_to_its_end_keeps_the_connection(served):
+    gateway, _ = served
+    body = [b'{"kind": "Pod"}', b"x" * 100]
+    answer = await call(gateway, "POST", "/k8s/nope/api/v1/namespaces/dev/pods", body=body)
+    assert answer.status == 404 and answer.unread == 0
+    assert "connection" not in answer.headers
+    answer = await call(gateway, "POST", PODS, token="not-a-known-token", body=body)
+    assert answer.status == 401 and answer.unread == 0
+    assert "connection" not in answer.headers
 
 
 # -- 403: a policy denial --------------------------------------------------------------------------------
