@@ -162,16 +162,37 @@ async def drain(receive: Receive, budget: int = DRAIN_BYTES) -> bool:
     return False
 
 
-class DisconnectWatcher:
-    """Cancels the task streaming a response when the client disconnects.
+# A request's disconnect watcher starts this long after its upstream request: most REST requests are over
+# before, and pay for a timer instead of a task (docs/performance.md, "Client disconnects"). A client that
+# resets a stream at once (HTTP/2 rapid reset) holds its upstream request at most this long.
+WATCH_AFTER_SECONDS = 0.05
 
-    One watcher per response instead of racing every chunk read against `receive()`.
+
+class DisconnectWatcher:
+    """Cancels the task forwarding a request (waiting for its upstream response, or streaming the response
+    body) when the client disconnects: Go cancels the handler's context then.
+
+    One watcher per request instead of racing every read against `receive()`. It must start only once the
+    request body was read whole (nothing else may call `receive()` meanwhile). With `delay`, the task that
+    waits for the disconnect starts that much later, and not at all when the request ends before.
     """
 
-    def __init__(self, receive: Receive):
+    __slots__ = ("_owner", "_receive", "_task", "_timer", "fired")
+
+    def __init__(self, receive: Receive, delay: float = 0.0):
         self.fired = False
+        self._receive = receive
         self._owner = asyncio.current_task()
-        self._task = asyncio.ensure_future(self._watch(receive))
+        self._task: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._watch(self._receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -181,15 +202,26 @@ class DisconnectWatcher:
             self._owner.cancel()
 
     def stop(self) -> None:
-        self._task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
         if self.fired and self._owner is not None:
             self._owner.uncancel()
 
 
-async def respond(flow: Flow, resp: aiohttp.ClientResponse, receive: Receive, send: Send) -> None:
+async def respond(
+    flow: Flow,
+    resp: aiohttp.ClientResponse,
+    receive: Receive,
+    send: Send,
+    watcher: DisconnectWatcher | None = None,
+) -> None:
     """Send the API server's response to the client: headers through `kubegate_response_headers`, the body
     chunk by chunk through the `kubegate_response_stream` transformers. Raises ClientGone when the client
-    left, or the upstream stream broke, after the status line went out."""
+    left (noticed by `watcher`, the caller's, or one of its own for a response with no length), or the
+    upstream stream broke, after the status line went out; the upstream connection is then closed, not
+    returned to the pool half-read."""
     hooks = flow.connection.hooks
     flow.response.status = resp.status
     flow.response.headers = [
@@ -208,9 +240,11 @@ async def respond(flow: Flow, resp: aiohttp.ClientResponse, receive: Receive, se
         headers.append((b"content-length", length.encode()))
     await send({"type": "http.response.start", "status": flow.response.status, "headers": headers})
 
-    # A watch, `logs -f` or chunked list only ends when the client leaves: notice that, and stop reading
-    # upstream. A body with a Content-Length ends by itself, so it needs no watcher task.
-    watcher = DisconnectWatcher(receive) if length is None else None
+    # A watch, `logs -f` or chunked list only ends when the client leaves: notice that at once, and stop
+    # reading upstream. A body with a Content-Length ends by itself: the caller's delayed watcher covers it.
+    own = watcher is None and length is None
+    if own:
+        watcher = DisconnectWatcher(receive)
     try:
         async for chunk in resp.content.iter_any():
             for transformer in transformers:
@@ -227,6 +261,7 @@ async def respond(flow: Flow, resp: aiohttp.ClientResponse, receive: Receive, se
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         flow.response.bytes_sent += len(tail)
     except asyncio.CancelledError:
+        resp.close()  # the rest of the body is for nobody: the connection goes, not back to the pool
         if watcher is not None and watcher.fired:
             raise ClientGone from None
         raise
@@ -236,5 +271,5 @@ async def respond(flow: Flow, resp: aiohttp.ClientResponse, receive: Receive, se
         log.warning("upstream stream of %s broke: %s", flow.connection.name, exc)
         raise ClientGone from None
     finally:
-        if watcher is not None:
+        if own and watcher is not None:
             watcher.stop()

@@ -48,9 +48,11 @@ from .flow import (
 )
 from .headers import check_upstream_headers, client_headers_for_upstream, impersonation_headers
 from .httpbody import (
+    WATCH_AFTER_SECONDS,
     BodyReader,
     BodyTooLarge,
     ClientGone,
+    DisconnectWatcher,
     Receive,
     Scope,
     Send,
@@ -95,6 +97,8 @@ PREFIX = b"/k8s/"
 FORBIDDEN_ENCODINGS = (b"%2f", b"%5c", b"%2e", b"%00", b"%25")
 # The audit event's `error` for a client that left while its request was held for approval.
 LEFT_WHILE_HELD = "the client went away while waiting for approval"
+# ... and while its upstream request waited for the API server's answer.
+LEFT_BEFORE_RESPONSE = "the client went away before the API server answered"
 
 
 class RelayedError(Exception):
@@ -414,40 +418,56 @@ class Proxy:
     async def _forward(self, flow: Flow, data: Any, body: BodyReader, receive: Receive, send: Send) -> None:
         """Send the request upstream (`data`: the buffered body, or the body streaming from the client) and
         its response to the client."""
+        # A client that leaves cancels the upstream request, as in Go (a reset stream or a closed connection
+        # cancels the handler's context), while it waits for the response headers or reads the body. Only
+        # once the request body was read whole: until then the body reader notices the disconnect itself.
+        watcher = DisconnectWatcher(receive, WATCH_AFTER_SECONDS) if body.complete else None
         upstream = flow.connection.upstream
         limits = flow.connection.limits
         try:
-            async with asyncio.timeout(limits.upstream_response_timeout_seconds):
-                resp = await upstream.session.request(
-                    flow.request.method,
-                    self._upstream_url(flow),
-                    headers=flow.upstream_headers,
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                    **upstream.request_options,
-                )
-        except BodyTooLarge:
-            raise too_large(limits.max_request_body_bytes) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise unavailable(
-                flow, f"no connection within {limits.upstream_connect_timeout_seconds:g} s"
-            ) from None
-        except TimeoutError:
-            raise StatusError(
-                504, f'connection "{flow.connection.name}": the API server did not answer in time'
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            # aiohttp wraps what the body stream raised (the cap, the client leaving) in a ClientOSError:
-            # the body reader knows which it was, and neither is the cluster's doing.
-            if body.too_large:
+            try:
+                async with asyncio.timeout(limits.upstream_response_timeout_seconds):
+                    resp = await upstream.session.request(
+                        flow.request.method,
+                        self._upstream_url(flow),
+                        headers=flow.upstream_headers,
+                        data=data,
+                        allow_redirects=False,
+                        compress=None,
+                        **upstream.request_options,
+                    )
+            except BodyTooLarge:
                 raise too_large(limits.max_request_body_bytes) from None
-            if body.client_gone:
+            except aiohttp.ConnectionTimeoutError:
+                raise unavailable(
+                    flow, f"no connection within {limits.upstream_connect_timeout_seconds:g} s"
+                ) from None
+            except TimeoutError:
+                raise StatusError(
+                    504, f'connection "{flow.connection.name}": the API server did not answer in time'
+                ) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                # aiohttp wraps what the body stream raised (the cap, the client leaving) in a ClientOSError:
+                # the body reader knows which it was, and neither is the cluster's doing.
+                if body.too_large:
+                    raise too_large(limits.max_request_body_bytes) from None
+                if body.client_gone:
+                    raise ClientGone from None
+                log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
+                raise unavailable(flow, describe_error(exc)) from None
+            async with resp:
+                await respond(flow, resp, receive, send, watcher)
+        except asyncio.CancelledError:
+            # aiohttp closed the upstream connection of a request cancelled before its headers; `respond`
+            # closes one cancelled mid-body.
+            if watcher is None or not watcher.fired:
+                raise
+            if flow.response.status:  # the status line went out: a response cut short
                 raise ClientGone from None
-            log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
-            raise unavailable(flow, describe_error(exc)) from None
-        async with resp:
-            await respond(flow, resp, receive, send)
+            raise ClientGone(LEFT_BEFORE_RESPONSE) from None
+        finally:
+            if watcher is not None:
+                watcher.stop()
 
     async def _refuse_spdy(self, flow: Flow, impersonation: list[tuple[str, str]]) -> None:
         """Answer an upgrade to SPDY, which ASGI cannot take over.

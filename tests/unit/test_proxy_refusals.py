@@ -24,6 +24,7 @@ from kubegate.core import hookimpl
 from kubegate.core.flow import AuditEvent, Decision, Flow, Verdict
 from kubegate.core.gateway import Gateway
 from kubegate.core.plugins import PluginHost
+from kubegate.core.proxy import LEFT_BEFORE_RESPONSE
 
 try:
     from kubegate import testing
@@ -605,3 +606,142 @@ async def test_client_leaving_a_request_the_approvals_plugin_holds(tmp_path):
         assert [record.id for record in await pending()] == [held[0].id]  # still there for the reviewers
     finally:
         await gateway.stop()
+
+
+# -- a client that leaves cancels its upstream request (Go cancels the handler's context) -------------------
+
+BIG_BODY = 256 << 20  # what the upstream declares for `/big`: the gateway must not read it all for nobody
+
+
+@dataclass
+class Upstream:
+    """An API server on a raw socket, for what a client's leaving does to its upstream request: `.../silent`
+    never answers; `.../big` answers 200 with a Content-Length of `BIG_BODY` and sends it slowly enough to
+    be cut off; anything else gets a small JSON answer naming its path. Counts what it saw."""
+
+    requests: int = 0
+    open: int = 0
+    closed: int = 0
+    big_sent: int = 0
+    big_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                path = head.split(b" ")[1]
+                if path.endswith(b"/silent"):
+                    await reader.read()  # until the gateway closes the connection
+                    return
+                if path.endswith(b"/big"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % BIG_BODY)  # fmt: skip
+                    while self.big_sent < BIG_BODY:
+                        writer.write(b"b" * 65536)
+                        await writer.drain()
+                        self.big_sent += 65536
+                        self.big_started.set()
+                        await asyncio.sleep(0)
+                    continue
+                body = json.dumps({"path": path.decode()}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            self.closed += 1
+            writer.close()
+
+
+@pytest.fixture
+async def upstream_served(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Guard, Upstream]]:
+    """A gateway in this process whose connection `live` points at an `Upstream`; its response timeout is
+    longer than any test here waits, so only the client's leaving can end a request early."""
+    upstream = Upstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    guard = Guard()
+    (tmp_path / "upstream-token").write_text("gateway-credential")
+    plugins = {
+        "static-tokens": testing.static_tokens({"alice": (ALICE_TOKEN, ["developers"])}),
+        Guard.PLUGIN_NAME: {},
+    }
+    config = {
+        "listen": "127.0.0.1:0",
+        "state_dir": str(tmp_path / "state"),
+        "limits": {"upstream_response_timeout_seconds": 300},
+        "connections": {
+            "live": {
+                "upstream": {
+                    "server": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                    "token_file": str(tmp_path / "upstream-token"),
+                },
+                "plugins": plugins,
+            }
+        },
+    }
+    path = tmp_path / "kubegate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = Gateway.from_config(path, plugins=PluginHost(load_entry_points=False, extra=[guard]))
+    await gateway.start()
+    try:
+        yield gateway, guard, upstream
+    finally:
+        await gateway.stop()
+        server.close()
+
+
+LIVE_PODS = "/k8s/live/api/v1/namespaces/dev/pods"
+
+
+async def test_clients_that_leave_at_once_cancel_their_upstream_requests(upstream_served):
+    """HTTP/2 rapid reset (CVE-2023-44487): a stream reset right after its HEADERS is an `http.disconnect`
+    waiting in the request's queue (Hypercorn never cancels the app). Each such request used to keep its
+    upstream request running to its end: 2,700 reset streams made 2,296 concurrent upstream requests. Now
+    each is cancelled (its upstream connection closed) and recorded as the client having left."""
+    gateway, guard, upstream = upstream_served
+    gone = asyncio.Event()
+    gone.set()
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(call(gateway, "GET", f"{LIVE_PODS}/silent", leave=gone) for _ in range(50))), 20
+    )
+    assert answers == [Answer()] * 50  # nobody is there to hear an answer
+    await wait_for_async(lambda: upstream.open == 0, "every upstream request to be closed", timeout=10)
+    events = guard.requests()
+    assert len(events) == 50
+    assert {(e["status"], e["error"]) for e in events} == {(499, LEFT_BEFORE_RESPONSE)}
+
+
+async def test_a_client_leaving_while_the_api_server_thinks_cancels_the_upstream_request(upstream_served):
+    gateway, guard, upstream = upstream_served
+    leave = asyncio.Event()
+    request = asyncio.create_task(call(gateway, "GET", f"{LIVE_PODS}/silent", leave=leave))
+    await wait_for_async(lambda: upstream.requests == 1, "the request to reach the API server", timeout=10)
+    leave.set()
+    assert await asyncio.wait_for(request, 10) == Answer()
+    await wait_for_async(lambda: upstream.closed == 1, "the upstream connection to be closed", timeout=10)
+    (event,) = guard.requests()
+    assert event["status"] == 499 and event["error"] == LEFT_BEFORE_RESPONSE
+
+
+async def test_a_client_leaving_mid_body_stops_a_response_with_a_length(upstream_served):
+    """A body with a Content-Length used to be read to its end for a client that was gone (a 1.6 GB of
+    responses read for nobody); its upstream connection is now closed, not returned to the pool half-read,
+    and the next request gets its own answer."""
+    gateway, guard, upstream = upstream_served
+    leave = asyncio.Event()
+    request = asyncio.create_task(call(gateway, "GET", f"{LIVE_PODS}/big", leave=leave))
+    await asyncio.wait_for(upstream.big_started.wait(), 10)
+    leave.set()
+    answer = await asyncio.wait_for(request, 30)
+    assert answer.status == 200 and len(answer.body) < BIG_BODY
+    await wait_for_async(lambda: upstream.closed == 1, "the upstream connection to be closed", timeout=10)
+    assert upstream.big_sent < BIG_BODY
+    (event,) = guard.requests()
+    assert event["status"] == 200 and event["bytes"] < BIG_BODY  # the status went out; the body was cut
+
+    answer = await call(gateway, "GET", f"{LIVE_PODS}/next")
+    assert answer.status == 200 and json.loads(answer.body) == {"path": "/api/v1/namespaces/dev/pods/next"}
