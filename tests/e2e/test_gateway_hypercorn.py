@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -10,8 +11,8 @@ import ssl
 import urllib.request
 
 import pytest
-from conftest import free_port, gateway_config, start_gateway, stop_process
-from kubetest import Background, run_kubectl
+from conftest import GATEWAY_USERS, free_port, gateway_config, start_gateway, stop_process
+from kubetest import Background, run_kubectl, wait_for_async
 
 # A bearer token of 200 KB (a SAML- or group-laden token can be large): the API server takes a head of up to
 # 1 MiB, over HTTP/1.1 and HTTP/2 alike (Go's MaxHeaderBytes), and so must the gateway.
@@ -77,3 +78,75 @@ def test_a_head_as_large_as_the_api_server_takes_over_http1(hypercorn_gateway):
     context.set_alpn_protocols(["http/1.1"])
     with urllib.request.urlopen(request, context=context, timeout=30) as response:
         assert response.status == 200 and json.loads(response.read())["gitVersion"]
+
+
+class SilentUpstream:
+    """An API server that reads requests and never answers: each request holds its connection open until
+    the gateway closes it. Counts requests and connections still open."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.open = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            await reader.read()  # until the gateway closes the connection
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+def rapid_reset(gateway, path: str, token: str, streams: int) -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, `streams` times, on one connection."""
+    import h2.config
+    import h2.connection
+
+    context = ssl.create_default_context(cafile=str(gateway.ca_file))
+    context.set_alpn_protocols(["h2"])
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as s:
+        assert s.selected_alpn_protocol() == "h2"
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        connection.initiate_connection()
+        for _ in range(streams):
+            stream = connection.get_next_available_stream_id()
+            headers = [(":method", "GET"), (":scheme", "https"), (":authority", "127.0.0.1"),
+                       (":path", path), ("authorization", f"Bearer {token}")]  # fmt: skip
+            connection.send_headers(stream, headers, end_stream=True)
+            connection.reset_stream(stream)
+            s.sendall(connection.data_to_send())
+
+
+async def test_reset_streams_cancel_their_upstream_requests(sandbox, tmp_path):
+    """Streams reset right after their HEADERS kept their upstream requests running to the end (2,700
+    streams made 2,296 concurrent upstream requests): Hypercorn only queues `http.disconnect` on a reset.
+    Now each upstream request is cancelled (its connection closed) while the API server has not answered,
+    as Go cancels a handler's context on RST_STREAM."""
+    upstream = SilentUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    silent = {
+        "upstream": {
+            "server": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+            "token_file": str(tmp_path / "upstream-token"),
+        },
+    }
+    config = gateway_config(sandbox, tmp_path, free_port(), extra_connections={"silent": silent})
+    silent["plugins"] = config["connections"]["sandbox"]["plugins"]
+    config["server"] = "hypercorn"
+    config["limits"]["upstream_response_timeout_seconds"] = 300  # only the client's leaving ends a request
+    gw = await asyncio.to_thread(start_gateway, tmp_path, config)
+    try:
+        alice = GATEWAY_USERS["alice"][1]
+        await asyncio.to_thread(rapid_reset, gw, "/k8s/silent/api/v1/namespaces/dev/pods", alice, 300)
+        await wait_for_async(
+            lambda: upstream.requests > 0, "reset streams to reach the API server", timeout=30
+        )
+        await wait_for_async(lambda: upstream.open == 0, "every upstream request to be cancelled", timeout=30)
+    finally:
+        stop_process(gw.process)
+        server.close()
