@@ -175,7 +175,7 @@ class Proxy:
             else:
                 ended = await drain(receive)
             # A body left unread past the drain's budget: the connection closes after the answer
-            # (core/http1.py; Hypercorn's h11 does the same) rather than reading the rest.
+            # (core/http1.py) rather than reading the rest.
             await send_status(send, error, websocket=websocket, close=not ended and _http1(scope))
             if refused is not None:
                 await self._deliver(refused, self._audit_event(refused, "request"))
