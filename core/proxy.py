@@ -455,6 +455,8 @@ class Proxy:
                     raise ClientGone from None
                 log.warning("upstream of %s unavailable: %s", flow.connection.name, exc)
                 raise unavailable(flow, describe_error(exc)) from None
+            if watcher is None and body.complete:  # a streamed body, whole now: watch the response
+                watcher = DisconnectWatcher(receive, WATCH_AFTER_SECONDS)
             async with resp:
                 await respond(flow, resp, receive, send, watcher)
         except asyncio.CancelledError:

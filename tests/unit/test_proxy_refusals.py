@@ -745,3 +745,19 @@ async def test_a_client_leaving_mid_body_stops_a_response_with_a_length(upstream
 
     answer = await call(gateway, "GET", f"{LIVE_PODS}/next")
     assert answer.status == 200 and json.loads(answer.body) == {"path": "/api/v1/namespaces/dev/pods/next"}
+
+
+async def test_a_client_leaving_mid_body_stops_the_response_to_a_streamed_request(upstream_served):
+    """A request body that streamed upstream (more than its first piece): the client is watched once the
+    body was sent whole, for the response's body too."""
+    gateway, guard, upstream = upstream_served
+    leave = asyncio.Event()
+    body = [b'{"kind": "Pod", ', b'"apiVersion": "v1"}']
+    request = asyncio.create_task(call(gateway, "PUT", f"{LIVE_PODS}/big", body=body, leave=leave))
+    await asyncio.wait_for(upstream.big_started.wait(), 10)
+    leave.set()
+    answer = await asyncio.wait_for(request, 30)
+    assert answer.status == 200 and len(answer.body) < BIG_BODY
+    await wait_for_async(lambda: upstream.closed == 1, "the upstream connection to be closed", timeout=10)
+    (event,) = guard.requests()
+    assert event["status"] == 200 and event["bytes"] < BIG_BODY
