@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -10,11 +11,13 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 
 try:
     from kubegate.testing import wait_for, wait_for_async
@@ -150,6 +153,39 @@ class PtySession:
             self.proc.kill()
             self.proc.wait(5)
         os.close(self.master)
+
+
+class ThreadedApp:
+    """An aiohttp application on 127.0.0.1, served from a thread of its own: a stand-in API server or pod
+    for what the sandbox does not do (upgrading a watch, a huge list written chunk by chunk). Subclasses add
+    their routes in `routes`; `url` is where it listens."""
+
+    def __init__(self) -> None:
+        from kubegate.core.testing import free_port
+
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        assert ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def routes(self, app: web.Application) -> None:
+        """Add the application's routes (a subclass's)."""
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        self.routes(app)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 class Background:

@@ -14,11 +14,9 @@ waits for the window too. No sandbox: a stand-in API server counts what it manag
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ import h2.settings
 import pytest
 from aiohttp import web
 from conftest import Gateway, free_port, start_gateway, stop_process
+from kubetest import ThreadedApp
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 TOKEN = "h2-window-token-0123456789abcdef"
@@ -54,30 +53,18 @@ MAX_WINDOW = 2**31 - 1
 ALICE = {"user": "alice", "groups": ["developers"], "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
 
 
-class ListServer:
+class ListServer(ThreadedApp):
     """Answers every GET with LIST in CHUNK writes, each awaited (aiohttp waits for the socket to drain),
     and counts the bytes written."""
 
     def __init__(self) -> None:
         self.written = 0
         self.finished = 0  # responses over, written to the end or cut off
-        self.loop = asyncio.new_event_loop()
-        self.port = free_port()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        assert ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/api/v1/namespaces/prod/pods/web/exec", self._exec)
         app.router.add_route("GET", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self.loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
@@ -101,10 +88,6 @@ class ListServer:
             self.written += CHUNK
         await ws.close()
         return ws
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")

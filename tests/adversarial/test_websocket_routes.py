@@ -22,7 +22,6 @@ import http.client
 import json
 import os
 import ssl
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import GATEWAY_USERS, Gateway, free_port, gateway_config, start_gateway, stop_process
+from kubetest import ThreadedApp
 
 from kubegate.sandbox.seed import DB_PASSWORD
 
@@ -124,28 +124,16 @@ def test_a_handshake_answered_as_a_plain_request_is_never_passed_on(gw, path):
 # -- An API server that upgrades watches and logs, as the Go code does (the sandbox does not).
 
 
-class UpgradingApiServer:
+class UpgradingApiServer(ThreadedApp):
     """Serves a watch of Secrets (one JSON event per text message) and a pod's log (`binary.k8s.io` or
     `base64.binary.k8s.io`) over a WebSocket, and counts the requests it got."""
 
     def __init__(self) -> None:
         self.requests: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.port = free_port()
-        ready = threading.Event()
-        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
-        assert ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("GET", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self.loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path_qs)
@@ -165,9 +153,6 @@ class UpgradingApiServer:
             await ws.close()
             return ws
         return web.json_response({"kind": "Status", "code": 404}, status=404)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")
